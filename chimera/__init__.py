@@ -1,0 +1,5 @@
+"""chimera: distributed, real-time, multimodal data collection on Trio."""
+
+from ._version import __version__
+
+__all__ = ["__version__"]

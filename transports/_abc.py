@@ -1,0 +1,202 @@
+"""The interfaces of the data plane: :class:`Transport`, :class:`Outlet`, :class:`Inlet`.
+
+Every backend implements these three classes with the same semantics; the
+conformance suite in ``tests/transports`` pins them.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Union
+
+import trio
+
+if TYPE_CHECKING:
+    from ._stats import Stats
+
+#: A frame: any object supporting the buffer protocol (bytes, bytearray,
+#: memoryview, a C-contiguous numpy array...).
+Frame = Union[bytes, bytearray, memoryview]  # noqa: UP007  (kept readable on 3.10)
+
+#: What :meth:`Outlet.send` accepts: one bytes-like object, or a sequence of them.
+Message = Union[bytes, bytearray, memoryview, Sequence[Frame]]  # noqa: UP007
+
+#: Default bound on the size of one frame, in bytes (256 MiB).
+DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
+
+#: Default time :meth:`Outlet.aclose` waits for inlets to acknowledge the end of stream.
+DEFAULT_CLOSE_TIMEOUT = 10.0
+
+
+class Delivery(enum.Enum):
+    """How a link delivers messages; chosen by the inlet when it connects.
+
+    ``RELIABLE``
+        Lossless and in order. At most ``capacity`` messages are buffered on
+        the link; while it is full, :meth:`Outlet.send` waits (backpressure).
+    ``LATEST``
+        Real time. The link keeps the newest ``capacity`` messages; older ones
+        are dropped and counted in :attr:`Stats.messages_dropped`.
+        :meth:`Outlet.send` never waits on a ``LATEST`` link.
+    """
+
+    RELIABLE = "reliable"
+    LATEST = "latest"
+
+
+class Outlet(trio.abc.AsyncResource):
+    """The sending end of a stream: fans each message out to every connected inlet.
+
+    Made by :meth:`Transport.bind`. Use it as an async context manager, or call
+    :meth:`aclose` when done: closing ends the stream for every inlet.
+    """
+
+    __slots__ = ()
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """The concrete address inlets connect to (a port 0 resolved to the real port)."""
+
+    @property
+    @abstractmethod
+    def stats(self) -> Stats:
+        """A snapshot of the counters: totals and one :class:`LinkStats` per link ever connected.
+
+        ``messages_sent`` counts messages accepted by :meth:`send`, whatever the
+        number of links; per link, the messages put on that link.
+        ``messages_dropped`` counts the messages ``LATEST`` links dropped.
+        """
+
+    @abstractmethod
+    async def send(self, message: Message) -> None:
+        """Send one message to every connected inlet.
+
+        *message* is a bytes-like object or a sequence of them (its frames). The
+        frames are not copied: the caller must not change a buffer after
+        passing it.
+
+        Waits while a ``RELIABLE`` link is full. If cancelled, the message has
+        been put on every ``RELIABLE`` link or on none. A message sent while no
+        inlet is connected reaches nobody (and is still counted as sent).
+
+        Raises:
+            trio.ClosedResourceError: the outlet is closed, or is closed while
+                this call waits.
+            TypeError: a frame is not bytes-like.
+            ValueError: a frame is not C-contiguous, is larger than the
+                outlet's ``max_frame_size``, or the message has no frames.
+        """
+
+    @abstractmethod
+    async def wait_for_inlets(self, count: int = 1) -> None:
+        """Return once at least *count* inlets are connected.
+
+        Raises:
+            trio.ClosedResourceError: the outlet is closed.
+        """
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """End the stream.
+
+        Every inlet receives every message sent to it under ``RELIABLE``, then
+        :exc:`trio.EndOfChannel`. Returns once every inlet has acknowledged the
+        end of stream (its endpoint has taken in everything, whether or not the
+        application has read it yet), or after ``close_timeout`` seconds, which
+        is logged and then ends the remaining links abruptly. If cancelled, the
+        outlet is closed abruptly. Closing a closed outlet does nothing.
+        """
+
+
+class Inlet(trio.abc.AsyncResource):
+    """The receiving end of one link to an :class:`Outlet`.
+
+    Made by :meth:`Transport.connect`. ``async for frames in inlet:`` receives
+    until the end of stream.
+    """
+
+    __slots__ = ()
+
+    @property
+    @abstractmethod
+    def stats(self) -> Stats:
+        """A snapshot of the counters of this inlet's link.
+
+        ``messages_received`` counts messages returned by :meth:`receive`;
+        ``messages_dropped`` counts every message of the stream this link
+        dropped (``LATEST`` only), on either side.
+        """
+
+    @abstractmethod
+    async def receive(self) -> list[memoryview]:
+        """Receive the next message: its frames, in order.
+
+        Raises:
+            trio.EndOfChannel: the outlet closed the stream and every message
+                has been received.
+            trio.BrokenResourceError: the link broke (the outlet vanished, or
+                spoke something that is not this protocol); the messages that
+                arrived before are received first.
+            trio.ClosedResourceError: this inlet is closed.
+        """
+
+    def __aiter__(self) -> Inlet:
+        return self
+
+    async def __anext__(self) -> list[memoryview]:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close this inlet. The outlet forgets the link; others are unaffected."""
+
+
+class Transport(ABC):
+    """Makes endpoints of one backend. Get one with :func:`transports.get`."""
+
+    #: The backend's name, as given to :func:`transports.get`.
+    name: str
+    #: The URL schemes this backend accepts.
+    schemes: tuple[str, ...]
+
+    @abstractmethod
+    async def bind(
+        self,
+        address: str,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    ) -> Outlet:
+        """Make an :class:`Outlet` listening on *address*.
+
+        Raises:
+            ValueError: *address* is malformed or not one of this backend's.
+            OSError: the address cannot be bound (in use, no permission...).
+        """
+
+    @abstractmethod
+    async def connect(
+        self,
+        address: str,
+        *,
+        delivery: Delivery = Delivery.RELIABLE,
+        capacity: int = 8,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> Inlet:
+        """Make an :class:`Inlet` connected to the outlet at *address*.
+
+        Returns once the outlet counts the link: a message sent after this
+        returns reaches the inlet.
+
+        Raises:
+            ValueError: *address* is malformed, *capacity* is not a positive
+                integer, or *delivery* is not a :class:`Delivery`.
+            OSError: nothing listens at *address*, or the connection failed.
+            trio.BrokenResourceError: the peer does not speak this protocol.
+        """

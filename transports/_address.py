@@ -1,0 +1,69 @@
+"""Parsing and checking addresses and connection arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._abc import Delivery
+from ._framing import MAX_CAPACITY
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed address. ``host``/``port`` for network schemes, ``path`` otherwise."""
+
+    scheme: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.path or self.scheme == "memory":
+            return f"{self.scheme}://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+#: Schemes whose address is host:port; the others take a path (or a name).
+_NETWORK_SCHEMES = {"tcp", "nng+tcp"}
+
+
+def parse_address(address: str, schemes: tuple[str, ...] | None = None) -> Address:
+    """Split *address* into its parts.
+
+    Raises:
+        ValueError: *address* is not a string of the form ``scheme://...``, its
+            scheme is not in *schemes*, or its host/port/path is malformed.
+    """
+    if not isinstance(address, str) or "://" not in address:
+        raise ValueError(f"an address looks like 'tcp://127.0.0.1:5555', not {address!r}")
+    scheme, rest = address.split("://", 1)
+    if schemes is not None and scheme not in schemes:
+        known = ", ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"address {address!r}: this transport takes {known}")
+    if scheme == "memory":
+        return Address(scheme, path=rest)
+    if scheme not in _NETWORK_SCHEMES:
+        if not rest.startswith("/") or "\0" in rest:
+            raise ValueError(
+                f"address {address!r}: the path must be absolute, e.g. {scheme}:///tmp/x"
+            )
+        return Address(scheme, path=rest)
+    host, sep, port_text = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"address {address!r}: expected {scheme}://HOST:PORT (PORT 0 for any)")
+    return Address(scheme, host=host, port=int(port_text))
+
+
+def check_connect_args(delivery: Delivery, capacity: int) -> None:
+    """Raises ValueError unless *delivery* and *capacity* are valid for a link."""
+    if not isinstance(delivery, Delivery):
+        raise ValueError(f"delivery must be Delivery.RELIABLE or Delivery.LATEST, not {delivery!r}")
+    if (
+        isinstance(capacity, bool)
+        or not isinstance(capacity, int)
+        or not (1 <= capacity <= MAX_CAPACITY)
+    ):
+        raise ValueError(f"capacity must be an integer from 1 to {MAX_CAPACITY}, not {capacity!r}")

@@ -1,0 +1,266 @@
+"""The wire protocol of the networked backends, and its byte-stream framing.
+
+A link starts with a handshake: the inlet sends ``HELLO`` (magic, version,
+delivery, capacity), the outlet answers ``WELCOME`` (magic, version) once it
+counts the link. Then records, each starting with a one-byte kind; integers
+are little-endian:
+
+========  =========  ====================================================
+kind      direction  body
+========  =========  ====================================================
+MESSAGE   out -> in  u64 sequence, u32 frame count *n*, *n* x u64 lengths,
+                     then the frames' bytes
+END       out -> in  u64 next sequence number (messages put on the link)
+CREDIT    in -> out  u32 messages taken in, u64 messages the inlet dropped
+ACK       in -> out  u64 messages the inlet dropped (end of stream taken in)
+========  =========  ====================================================
+
+On a byte stream (tcp) the frames follow their header directly; on a message
+transport (nng) each frame is a message of its own after the header message.
+Anything else -- a wrong magic, an unknown kind, a frame count or length over
+the limits, a stream cut inside a record -- is a :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import trio
+
+from ._abc import Delivery
+
+MAGIC = b"\x89TRP"
+VERSION = 1
+
+#: Most frames one message may have.
+MAX_FRAMES = 4096
+#: Largest capacity a link may ask for.
+MAX_CAPACITY = 1 << 20
+
+KIND_MESSAGE = 1
+KIND_END = 2
+KIND_CREDIT = 3
+KIND_ACK = 4
+
+_HELLO = struct.Struct("<4sHBI")
+_WELCOME = struct.Struct("<4sH")
+_MESSAGE = struct.Struct("<BQI")
+_END = struct.Struct("<BQ")
+_CREDIT = struct.Struct("<BIQ")
+_ACK = struct.Struct("<BQ")
+#: The fixed part of each kind of record, after its kind byte.
+_BODIES = {
+    KIND_MESSAGE: struct.Struct("<QI"),
+    KIND_END: struct.Struct("<Q"),
+    KIND_CREDIT: struct.Struct("<IQ"),
+    KIND_ACK: struct.Struct("<Q"),
+}
+_DELIVERY_CODES = {Delivery.RELIABLE: 0, Delivery.LATEST: 1}
+_DELIVERIES = {code: delivery for delivery, code in _DELIVERY_CODES.items()}
+
+#: Frames up to this size are joined with their headers into one write, and
+#: copied out of the receive buffer; larger ones travel as they are.
+SMALL_FRAME = 64 * 1024
+
+HELLO_SIZE = _HELLO.size
+WELCOME_SIZE = _WELCOME.size
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not this protocol."""
+
+
+# --- handshake -------------------------------------------------------------------
+
+
+def encode_hello(delivery: Delivery, capacity: int) -> bytes:
+    return _HELLO.pack(MAGIC, VERSION, _DELIVERY_CODES[delivery], capacity)
+
+
+def decode_hello(data: bytes | memoryview) -> tuple[Delivery, int]:
+    """Raises ProtocolError unless *data* is a valid HELLO."""
+    if len(data) != _HELLO.size:
+        raise ProtocolError(f"handshake of {len(data)} bytes, expected {_HELLO.size}")
+    magic, version, code, capacity = _HELLO.unpack(data)
+    _check_magic(magic, version)
+    if code not in _DELIVERIES:
+        raise ProtocolError(f"unknown delivery code {code}")
+    if not 1 <= capacity <= MAX_CAPACITY:
+        raise ProtocolError(f"capacity {capacity} out of range 1..{MAX_CAPACITY}")
+    return _DELIVERIES[code], capacity
+
+
+def encode_welcome() -> bytes:
+    return _WELCOME.pack(MAGIC, VERSION)
+
+
+def decode_welcome(data: bytes | memoryview) -> None:
+    """Raises ProtocolError unless *data* is a valid WELCOME."""
+    if len(data) != _WELCOME.size:
+        raise ProtocolError(f"handshake answer of {len(data)} bytes, expected {_WELCOME.size}")
+    _check_magic(*_WELCOME.unpack(data))
+
+
+def _check_magic(magic: bytes, version: int) -> None:
+    if magic != MAGIC:
+        raise ProtocolError(f"not a transports peer (magic {magic!r})")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}")
+
+
+# --- records ---------------------------------------------------------------------
+
+
+def encode_message_header(seq: int, frames: list[memoryview]) -> bytes:
+    count = len(frames)
+    return _MESSAGE.pack(KIND_MESSAGE, seq, count) + struct.pack(
+        f"<{count}Q", *[f.nbytes for f in frames]
+    )
+
+
+def encode_end(next_seq: int) -> bytes:
+    return _END.pack(KIND_END, next_seq)
+
+
+def encode_credit(count: int, dropped: int) -> bytes:
+    return _CREDIT.pack(KIND_CREDIT, count, dropped)
+
+
+def encode_ack(dropped: int) -> bytes:
+    return _ACK.pack(KIND_ACK, dropped)
+
+
+def body_struct(kind: int) -> struct.Struct:
+    """The layout of the fixed part of a record of *kind*, after its kind byte."""
+    try:
+        return _BODIES[kind]
+    except KeyError:
+        raise ProtocolError(f"unknown record kind {kind}") from None
+
+
+def decode_lengths(count: int, data: bytes | memoryview, max_frame_size: int) -> tuple[int, ...]:
+    """The frame lengths of a MESSAGE header; checks them against the limits."""
+    lengths = struct.unpack(f"<{count}Q", data)
+    for length in lengths:
+        if length > max_frame_size:
+            raise ProtocolError(f"frame of {length} bytes over the limit of {max_frame_size}")
+    return lengths
+
+
+def check_frame_count(count: int) -> None:
+    if not 1 <= count <= MAX_FRAMES:
+        raise ProtocolError(f"message of {count} frames (1..{MAX_FRAMES} allowed)")
+
+
+# --- byte streams ----------------------------------------------------------------
+
+
+def encode_messages(batch: list[tuple[int, list[memoryview], int]]) -> list[bytes | memoryview]:
+    """The buffers to write, in order, for a batch of (seq, frames, nbytes).
+
+    Headers and small frames are joined into as few buffers as possible; large
+    frames are passed through as they are (no copy).
+    """
+    buffers: list[bytes | memoryview] = []
+    joined: list[bytes | memoryview] = []
+    for seq, frames, _ in batch:
+        joined.append(encode_message_header(seq, frames))
+        for frame in frames:
+            if frame.nbytes <= SMALL_FRAME:
+                joined.append(frame)
+            else:
+                buffers.append(b"".join(joined))
+                joined.clear()
+                buffers.append(frame)
+    if joined:
+        buffers.append(b"".join(joined))
+    return buffers
+
+
+class StreamReader:
+    """Reads records from a connected socket, with as few copies as it can.
+
+    Small pieces go through one reusable buffer; a frame larger than
+    :data:`SMALL_FRAME` is received straight into a buffer of its own
+    (``recv_into``).
+    """
+
+    def __init__(
+        self, sock: trio.socket.SocketType, max_frame_size: int, buffer_size: int = 256 * 1024
+    ) -> None:
+        self._sock = sock
+        self._max_frame_size = max_frame_size
+        self._buffer = bytearray(buffer_size)
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+
+    async def _fill(self, count: int) -> bool:
+        """Have at least *count* bytes buffered; False on end of file before any byte."""
+        if self._end - self._start >= count:
+            return True
+        if len(self._buffer) - self._start < count:
+            held = self._end - self._start
+            self._view[:held] = self._view[self._start : self._end]
+            self._start, self._end = 0, held
+        while self._end - self._start < count:
+            received = await self._sock.recv_into(self._view[self._end :])
+            if not received:
+                if self._end == self._start:
+                    return False
+                raise ProtocolError("the stream ended inside a record")
+            self._end += received
+        return True
+
+    async def read_exact(self, count: int) -> memoryview:
+        """The next *count* bytes (``count`` <= buffer size), valid until the next read."""
+        if not await self._fill(count):
+            raise ProtocolError("the stream ended inside a record")
+        start = self._start
+        self._start += count
+        return self._view[start : start + count]
+
+    async def read_large(self, count: int) -> memoryview:
+        """The next *count* bytes, in a buffer of their own."""
+        out = bytearray(count)
+        view = memoryview(out)
+        held = min(count, self._end - self._start)
+        view[:held] = self._view[self._start : self._start + held]
+        self._start += held
+        got = held
+        while got < count:
+            received = await self._sock.recv_into(view[got:])
+            if not received:
+                raise ProtocolError("the stream ended inside a frame")
+            got += received
+        return view
+
+    async def read_handshake(self, size: int) -> memoryview:
+        if not await self._fill(size):
+            raise ProtocolError("the peer closed the connection during the handshake")
+        return await self.read_exact(size)
+
+    async def read_record(self) -> tuple[int, tuple[int, ...], list[memoryview]] | None:
+        """The next record as (kind, fixed integers, frames), or None at end of file.
+
+        Raises:
+            ProtocolError: the bytes are not a valid record.
+        """
+        if not await self._fill(1):
+            return None
+        kind = self._buffer[self._start]
+        self._start += 1
+        body = body_struct(kind)
+        fixed = body.unpack(await self.read_exact(body.size))
+        if kind != KIND_MESSAGE:
+            return kind, fixed, []
+        count = fixed[1]
+        check_frame_count(count)
+        lengths = decode_lengths(count, await self.read_exact(8 * count), self._max_frame_size)
+        frames = []
+        for length in lengths:
+            if length <= SMALL_FRAME:
+                frames.append(memoryview(bytes(await self.read_exact(length))))
+            else:
+                frames.append(await self.read_large(length))
+        return kind, fixed, frames

@@ -1,0 +1,224 @@
+"""The two halves of a link, shared by every backend.
+
+A link joins one outlet to one inlet. Its outlet half, :class:`_LinkQueue`,
+holds the messages :meth:`Outlet.send` put on the link and not yet
+transmitted; its inlet half, :class:`_InletBuffer`, holds the messages that
+arrived and that the application has not received yet. Between them, the
+inlet grants *credit*: the outlet transmits a message only while fewer than
+``capacity`` messages it transmitted are uncredited.
+
+- ``RELIABLE``: the inlet returns a credit when the application receives a
+  message, and ``send`` waits while ``pending + in flight`` reaches
+  ``capacity``. So at most ``capacity`` messages are buffered on the link, in
+  total, wherever they are.
+- ``LATEST``: the inlet returns a credit as soon as a message arrives and keeps
+  only the newest ``capacity`` messages; the outlet keeps only the newest
+  ``capacity`` messages it could not transmit yet. Both sides count what they
+  drop; the inlet tells the outlet its count with every credit.
+
+Sequence numbers (one per message put on the link, from 0) let the inlet count
+the messages the outlet dropped, and the end-of-stream record carries the next
+sequence number so that drops at the very end are counted too.
+
+Nothing here does I/O: a backend moves messages from one half to the other.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import trio
+
+from ._abc import Delivery
+from ._framing import ProtocolError
+from ._stats import _Counters
+
+
+class _LinkQueue:
+    """The outlet half of a link."""
+
+    def __init__(self, counters: _Counters, on_change: Callable[[], None] | None = None) -> None:
+        self.counters = counters
+        self.delivery = counters.delivery
+        self.capacity = counters.capacity
+        #: (sequence number, frames, size in bytes) of messages not yet transmitted.
+        self.pending: deque[tuple[int, list[memoryview], int]] = deque()
+        #: Messages transmitted and not yet credited by the inlet.
+        self.in_flight = 0
+        self.next_seq = 0
+        #: Set by the outlet's close: transmit everything regardless of credit, then end.
+        self.closing = False
+        #: Set once the inlet has acknowledged the end of stream, or the link broke.
+        self.done = trio.Event()
+        self._own_dropped = 0
+        self._parked = trio.lowlevel.ParkingLot()
+        self._on_change = on_change
+
+    def has_room(self) -> bool:
+        """Whether :meth:`put` keeps the link within its bound without dropping."""
+        if self.delivery is Delivery.LATEST:
+            return True
+        return len(self.pending) + self.in_flight < self.capacity
+
+    def put(self, frames: list[memoryview], nbytes: int) -> None:
+        """Put a message on the link (never waits; LATEST drops the oldest pending)."""
+        self.pending.append((self.next_seq, frames, nbytes))
+        self.next_seq += 1
+        self.counters.messages_sent += 1
+        self.counters.bytes_sent += nbytes
+        if self.delivery is Delivery.LATEST and len(self.pending) > self.capacity:
+            self.pending.popleft()
+            self._own_dropped += 1
+            self.counters.messages_dropped += 1
+        self._changed()
+
+    def can_transmit(self) -> bool:
+        return bool(self.pending) and (self.closing or self.in_flight < self.capacity)
+
+    def take(self, limit: int) -> list[tuple[int, list[memoryview], int]]:
+        """Take up to *limit* messages that credit allows to transmit now."""
+        batch = []
+        while len(batch) < limit and self.can_transmit():
+            batch.append(self.pending.popleft())
+            self.in_flight += 1
+        return batch
+
+    def credit(self, count: int, inlet_dropped: int) -> None:
+        """The inlet took in *count* messages and has dropped *inlet_dropped* in all.
+
+        Raises:
+            ProtocolError: the inlet credits more than was transmitted.
+        """
+        if count > self.in_flight or inlet_dropped < 0:
+            raise ProtocolError(f"credit for {count} messages, {self.in_flight} in flight")
+        self.in_flight -= count
+        self.counters.messages_dropped = self._own_dropped + inlet_dropped
+        self._changed()
+
+    def close(self) -> None:
+        """Start ending the stream: flush regardless of credit, then end."""
+        self.closing = True
+        self._changed()
+
+    async def wait_changed(self) -> None:
+        """Wait until something is put, credited, or the link starts closing."""
+        await self._parked.park()
+
+    def _changed(self) -> None:
+        self._parked.unpark_all()
+        if self._on_change is not None:
+            self._on_change()
+
+
+class _InletBuffer:
+    """The inlet half of a link, and the receive logic of every inlet.
+
+    *on_credit* is called (synchronously) whenever credit is owed to the
+    outlet; the backend then calls :meth:`take_credit` and sends it.
+    """
+
+    def __init__(self, counters: _Counters, on_credit: Callable[[], None]) -> None:
+        self.counters = counters
+        self.delivery = counters.delivery
+        self.capacity = counters.capacity
+        self._on_credit = on_credit
+        self._messages: deque[tuple[list[memoryview], int]] = deque()
+        self._expected_seq = 0
+        self._gap_dropped = 0
+        self._own_dropped = 0
+        self._credit_owed = 0
+        self._ended = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._waiters = trio.lowlevel.ParkingLot()
+
+    # --- the backend's side -------------------------------------------------
+
+    def deliver(self, seq: int, frames: list[memoryview], nbytes: int) -> None:
+        """A message arrived.
+
+        Raises:
+            ProtocolError: the sequence number went back, the stream had ended,
+                or a RELIABLE link overflowed its capacity.
+        """
+        if self._ended or seq < self._expected_seq:
+            raise ProtocolError(f"message {seq} out of order (expected {self._expected_seq})")
+        self._gap_dropped += seq - self._expected_seq
+        self._expected_seq = seq + 1
+        self._messages.append((frames, nbytes))
+        if self.delivery is Delivery.LATEST:
+            if len(self._messages) > self.capacity:
+                self._messages.popleft()
+                self._own_dropped += 1
+            self._owe_credit()
+        elif len(self._messages) > self.capacity:
+            raise ProtocolError(f"the outlet overflowed a link of capacity {self.capacity}")
+        self._count_dropped()
+        self._waiters.unpark_all()
+
+    def end(self, next_seq: int) -> None:
+        """The outlet ended the stream after putting *next_seq* messages on the link.
+
+        Raises:
+            ProtocolError: *next_seq* is lower than a sequence number seen.
+        """
+        if next_seq < self._expected_seq:
+            raise ProtocolError(f"end of stream at {next_seq} after {self._expected_seq}")
+        self._gap_dropped += next_seq - self._expected_seq
+        self._expected_seq = next_seq
+        self._ended = True
+        self._count_dropped()
+        self._waiters.unpark_all()
+
+    def fail(self, error: BaseException) -> None:
+        """The link broke: receive the messages that arrived, then raise *error*."""
+        if not self._ended and self._error is None:
+            self._error = error
+        self._waiters.unpark_all()
+
+    def close(self) -> None:
+        self._closed = True
+        self._waiters.unpark_all()
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    @property
+    def own_dropped(self) -> int:
+        return self._own_dropped
+
+    def take_credit(self) -> int:
+        owed, self._credit_owed = self._credit_owed, 0
+        return owed
+
+    # --- the application's side ---------------------------------------------
+
+    async def receive(self) -> list[memoryview]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("this inlet is closed")
+            if self._messages:
+                frames, nbytes = self._messages.popleft()
+                self.counters.messages_received += 1
+                self.counters.bytes_received += nbytes
+                if self.delivery is Delivery.RELIABLE:
+                    self._owe_credit()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return frames
+            if self._ended:
+                raise trio.EndOfChannel
+            if self._error is not None:
+                raise trio.BrokenResourceError(str(self._error)) from self._error
+            await self._waiters.park()
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _owe_credit(self) -> None:
+        self._credit_owed += 1
+        self._on_credit()
+
+    def _count_dropped(self) -> None:
+        self.counters.messages_dropped = self._gap_dropped + self._own_dropped

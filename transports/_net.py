@@ -1,0 +1,249 @@
+"""Outlets and inlets that talk the wire protocol over a :class:`_Conduit`.
+
+The tcp and nng backends differ only in their conduit (how records cross)
+and in how an outlet accepts connections; everything else is here.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from functools import partial
+
+import trio
+
+from ._abc import Delivery, Inlet
+from ._background import _Background, first_completed
+from ._framing import (
+    HELLO_SIZE,
+    KIND_ACK,
+    KIND_CREDIT,
+    KIND_END,
+    KIND_MESSAGE,
+    WELCOME_SIZE,
+    ProtocolError,
+    decode_hello,
+    decode_welcome,
+    encode_ack,
+    encode_credit,
+    encode_end,
+    encode_hello,
+    encode_welcome,
+)
+from ._link import _InletBuffer, _LinkQueue
+from ._outlet import _OutletBase
+from ._stats import Stats, _Counters, _inlet_stats
+
+log = logging.getLogger("transports")
+
+#: How long either side waits for the other's half of the handshake.
+HANDSHAKE_TIMEOUT = 10.0
+#: Most messages an outlet writes to a link in one go.
+BATCH = 64
+
+#: What a broken link raises below the protocol: reported, never propagated.
+_LINK_ERRORS = (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+Record = tuple[int, tuple[int, ...], list[memoryview]]
+
+
+class _Conduit(ABC):
+    """One connection, carrying records of the wire protocol."""
+
+    #: The other end, as a printable address.
+    peer: str
+
+    @abstractmethod
+    async def send_messages(self, batch: list[tuple[int, list[memoryview], int]]) -> None:
+        """Write MESSAGE records for (seq, frames, nbytes) in *batch*."""
+
+    @abstractmethod
+    async def send_record(self, data: bytes) -> None:
+        """Write one encoded handshake or fixed-size record."""
+
+    @abstractmethod
+    async def receive_handshake(self, size: int) -> bytes:
+        """Read the peer's handshake of *size* bytes. Raises ProtocolError otherwise."""
+
+    @abstractmethod
+    async def receive_record(self) -> Record | None:
+        """Read the next record, or None when the peer closed the connection."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close the connection (at once; must not block)."""
+
+
+async def _close_conduit(conduit: _Conduit) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await conduit.aclose()
+        except Exception:  # already broken: nothing more to release
+            log.debug("closing %s", conduit.peer, exc_info=True)
+
+
+class _NetOutlet(_OutletBase):
+    """An outlet serving each connected inlet from its background tasks."""
+
+    def __init__(
+        self, address: str, max_frame_size: int, close_timeout: float, background: _Background
+    ) -> None:
+        super().__init__(address, max_frame_size, close_timeout)
+        self._background = background
+
+    async def _serve_link(self, conduit: _Conduit) -> None:
+        """Handshake with a new connection, then run its link until it ends."""
+        link = None
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                delivery, capacity = decode_hello(await conduit.receive_handshake(HELLO_SIZE))
+            if self._closed:
+                return
+            link = self._new_link(conduit.peer, delivery, capacity)
+            await conduit.send_record(encode_welcome())
+            log.debug(
+                "%s: inlet %s connected (%s, %d)",
+                self._address,
+                conduit.peer,
+                delivery.value,
+                capacity,
+            )
+            await first_completed(
+                partial(self._transmit, link, conduit), partial(self._take_credit, link, conduit)
+            )
+        except trio.TooSlowError:
+            log.warning("%s: %s did not complete the handshake", self._address, conduit.peer)
+        except _LINK_ERRORS as exc:
+            log.warning("%s: link to %s ended: %s", self._address, conduit.peer, exc or repr(exc))
+        finally:
+            if link is not None:
+                self._drop_link(link)
+            await _close_conduit(conduit)
+
+    async def _transmit(self, link: _LinkQueue, conduit: _Conduit) -> None:
+        while True:
+            batch = link.take(BATCH)
+            if batch:
+                await conduit.send_messages(batch)
+            elif link.closing and not link.pending:
+                await conduit.send_record(encode_end(link.next_seq))
+                await trio.sleep_forever()  # until the inlet acknowledges
+            else:
+                await link.wait_changed()
+
+    async def _take_credit(self, link: _LinkQueue, conduit: _Conduit) -> None:
+        while True:
+            record = await conduit.receive_record()
+            if record is None:
+                log.debug("%s: inlet %s left", self._address, conduit.peer)
+                return
+            kind, fixed, _ = record
+            if kind == KIND_CREDIT:
+                link.credit(*fixed)
+            elif kind == KIND_ACK and link.closing:
+                link.credit(0, fixed[0])
+                return
+            else:
+                raise ProtocolError(f"unexpected record of kind {kind} from an inlet")
+
+    async def _shutdown(self) -> None:
+        await self._background.aclose()
+        await self._release()
+
+    @abstractmethod
+    async def _release(self) -> None:
+        """Release the listening resources (after every task has stopped)."""
+
+
+class _NetInlet(Inlet):
+    """An inlet whose background tasks read records and send credit."""
+
+    def __init__(self, conduit: _Conduit, background: _Background, counters: _Counters) -> None:
+        self._conduit = conduit
+        self._background = background
+        self._credit_due = trio.lowlevel.ParkingLot()
+        self._buffer = _InletBuffer(counters, self._credit_due.unpark_all)
+        self._ack_due = False
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, conduit: _Conduit, address: str, delivery: Delivery, capacity: int
+    ) -> _NetInlet:
+        """Handshake over *conduit* and start the inlet's tasks.
+
+        Raises:
+            trio.BrokenResourceError: the peer does not speak the protocol, or
+                did not answer within :data:`HANDSHAKE_TIMEOUT`.
+        """
+        try:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await conduit.send_record(encode_hello(delivery, capacity))
+                    decode_welcome(await conduit.receive_handshake(WELCOME_SIZE))
+            except ProtocolError as exc:
+                raise trio.BrokenResourceError(f"{address}: {exc}") from exc
+            except trio.TooSlowError as exc:
+                raise trio.BrokenResourceError(f"{address}: no answer to the handshake") from exc
+            background = await _Background.open(f"inlet from {address}")
+        except BaseException:
+            await _close_conduit(conduit)
+            raise
+        inlet = cls(conduit, background, _Counters(address, delivery, capacity))
+        background.start_soon(inlet._run)
+        return inlet
+
+    @property
+    def stats(self) -> Stats:
+        return _inlet_stats(self._buffer.counters)
+
+    async def receive(self) -> list[memoryview]:
+        return await self._buffer.receive()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._buffer.close()
+        await self._background.aclose()
+
+    async def _run(self) -> None:
+        peer = self._buffer.counters.peer
+        try:
+            await first_completed(self._take_in, self._give_credit)
+        except _LINK_ERRORS as exc:
+            log.warning("inlet from %s: link broken: %s", peer, exc or repr(exc))
+            self._buffer.fail(exc)
+        finally:
+            await _close_conduit(self._conduit)
+
+    async def _take_in(self) -> None:
+        buffer = self._buffer
+        while True:
+            record = await self._conduit.receive_record()
+            if record is None:
+                if buffer.ended:
+                    return
+                raise trio.BrokenResourceError("the outlet went away without ending the stream")
+            kind, fixed, frames = record
+            if kind == KIND_MESSAGE:
+                buffer.deliver(fixed[0], frames, sum(frame.nbytes for frame in frames))
+            elif kind == KIND_END:
+                buffer.end(fixed[0])
+                self._ack_due = True
+                self._credit_due.unpark_all()
+            else:
+                raise ProtocolError(f"unexpected record of kind {kind} from an outlet")
+
+    async def _give_credit(self) -> None:
+        buffer = self._buffer
+        while True:
+            count = buffer.take_credit()
+            if count:
+                await self._conduit.send_record(encode_credit(count, buffer.own_dropped))
+            elif self._ack_due:
+                self._ack_due = False
+                await self._conduit.send_record(encode_ack(buffer.own_dropped))
+            else:
+                await self._credit_due.park()

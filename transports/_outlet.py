@@ -1,0 +1,170 @@
+"""What every outlet shares: fan-out, backpressure, closing, counters."""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import Callable
+
+import trio
+
+from ._abc import Delivery, Message, Outlet
+from ._link import _LinkQueue
+from ._stats import Stats, _Counters, _outlet_stats
+
+log = logging.getLogger("transports")
+
+
+def _as_frames(message: Message, max_frame_size: int) -> tuple[list[memoryview], int]:
+    """The frames of *message* as flat byte views, and their total size.
+
+    Raises:
+        TypeError: a frame is not bytes-like.
+        ValueError: no frames, a frame not C-contiguous, or one over *max_frame_size*.
+    """
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        parts = [message]
+    else:
+        try:
+            parts = list(message)
+        except TypeError:
+            parts = [message]  # a numpy array or another buffer object
+    if not parts:
+        raise ValueError("a message needs at least one frame")
+    frames = []
+    total = 0
+    for part in parts:
+        try:
+            view = memoryview(part)
+        except TypeError:
+            raise TypeError(
+                f"a frame must be bytes-like (bytes, bytearray, memoryview, numpy array), "
+                f"not {type(part).__name__}"
+            ) from None
+        if not view.c_contiguous:
+            raise ValueError("a frame must be C-contiguous (use numpy.ascontiguousarray)")
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        if view.nbytes > max_frame_size:
+            raise ValueError(f"frame of {view.nbytes} bytes over max_frame_size={max_frame_size}")
+        frames.append(view)
+        total += view.nbytes
+    return frames, total
+
+
+class _OutletBase(Outlet):
+    """An outlet's links and the rules of sending; backends add binding and I/O."""
+
+    def __init__(self, address: str, max_frame_size: int, close_timeout: float) -> None:
+        self._address = address
+        self._max_frame_size = max_frame_size
+        self._close_timeout = close_timeout
+        self._links: list[_LinkQueue] = []
+        self._history: list[_Counters] = []
+        self._messages_sent = 0
+        self._bytes_sent = 0
+        self._closed = False
+        #: Woken when a link gets room, a link goes away, or the outlet closes.
+        self._room = trio.lowlevel.ParkingLot()
+        #: Woken when an inlet connects, or the outlet closes.
+        self._inlets_changed = trio.lowlevel.ParkingLot()
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def stats(self) -> Stats:
+        return _outlet_stats(self._messages_sent, self._bytes_sent, self._history)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._links)} inlets"
+        return f"<{type(self).__name__} {self._address} {state}>"
+
+    async def send(self, message: Message) -> None:
+        frames, nbytes = _as_frames(message, self._max_frame_size)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the outlet is closed")
+            if all(link.has_room() for link in self._links):
+                break
+            await self._room.park()
+        # No checkpoint from here on: the message reaches every link, or none.
+        for link in self._links:
+            link.put(frames, nbytes)
+        self._messages_sent += 1
+        self._bytes_sent += nbytes
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_for_inlets(self, count: int = 1) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while len(self._links) < count:
+            if self._closed:
+                raise trio.ClosedResourceError("the outlet is closed")
+            await self._inlets_changed.park()
+        if self._closed:
+            raise trio.ClosedResourceError("the outlet is closed")
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _new_link(
+        self,
+        peer: str,
+        delivery: Delivery,
+        capacity: int,
+        on_change: Callable[[], None] | None = None,
+    ) -> _LinkQueue:
+        """Make a link to a new inlet and count it (it receives what is sent from now on).
+
+        *on_change* is called whenever the link changes (a message put or
+        credited, the link closing).
+        """
+
+        def changed() -> None:
+            self._room.unpark_all()
+            if on_change is not None:
+                on_change()
+
+        counters = _Counters(peer, delivery, capacity)
+        link = _LinkQueue(counters, changed)
+        self._history.append(counters)
+        self._links.append(link)
+        self._inlets_changed.unpark_all()
+        return link
+
+    def _drop_link(self, link: _LinkQueue) -> None:
+        """Forget a link that ended (acknowledged, closed by its inlet, or broken)."""
+        if link in self._links:
+            self._links.remove(link)
+        link.done.set()
+        self._room.unpark_all()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._room.unpark_all()
+        self._inlets_changed.unpark_all()
+        links = list(self._links)
+        for link in links:
+            link.close()
+        try:
+            with trio.move_on_after(self._close_timeout) as waiting:
+                for link in links:
+                    await link.done.wait()
+            if waiting.cancelled_caught:
+                late = sum(not link.done.is_set() for link in links)
+                log.warning(
+                    "%s: %d inlet(s) did not acknowledge the end of stream within %.1f s; "
+                    "their links are cut",
+                    self._address,
+                    late,
+                    self._close_timeout,
+                )
+        finally:
+            await self._shutdown()
+
+    @abstractmethod
+    async def _shutdown(self) -> None:
+        """Release the backend's resources; must finish even when cancelled."""

@@ -1,0 +1,189 @@
+"""The ``tcp`` backend: Trio socket streams, over TCP or Unix sockets.
+
+``tcp://HOST:PORT`` (port 0 picks a free port) and ``unix:///PATH``. Between
+processes on one host, Unix sockets are the faster choice.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket as stdlib_socket
+
+import trio
+
+from ._abc import (
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_MAX_FRAME_SIZE,
+    Delivery,
+    Inlet,
+    Outlet,
+    Transport,
+)
+from ._address import Address, check_connect_args, parse_address
+from ._background import _Background
+from ._framing import StreamReader, encode_messages
+from ._net import _Conduit, _NetInlet, _NetOutlet
+
+log = logging.getLogger("transports")
+
+#: Socket buffer size asked for on both sides (the kernel may give less).
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        name = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(name, tuple):
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return name or "unix-peer"
+
+
+def _tune(sock: trio.socket.SocketType) -> None:
+    for option in (stdlib_socket.SO_SNDBUF, stdlib_socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError:  # not allowed: keep the default
+            pass
+
+
+class _StreamConduit(_Conduit):
+    def __init__(self, stream: trio.SocketStream, max_frame_size: int) -> None:
+        self._stream = stream
+        self._reader = StreamReader(stream.socket, max_frame_size)
+        self.peer = _peer_name(stream)
+
+    async def send_messages(self, batch: list[tuple[int, list[memoryview], int]]) -> None:
+        for buffer in encode_messages(batch):
+            await self._stream.send_all(buffer)
+
+    async def send_record(self, data: bytes) -> None:
+        await self._stream.send_all(data)
+
+    async def receive_handshake(self, size: int) -> bytes:
+        return bytes(await self._reader.read_handshake(size))
+
+    async def receive_record(self):
+        return await self._reader.read_record()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _TcpOutlet(_NetOutlet):
+    def __init__(
+        self,
+        address: str,
+        max_frame_size: int,
+        close_timeout: float,
+        background: _Background,
+        listener: trio.SocketListener,
+        unix_path: str | None,
+    ) -> None:
+        super().__init__(address, max_frame_size, close_timeout, background)
+        self._listener = listener
+        self._unix_path = unix_path
+
+    async def _accept_forever(self) -> None:
+        while True:
+            try:
+                stream = await self._listener.accept()
+            except OSError as exc:  # out of file descriptors, or similar: retry soon
+                log.warning("%s: accept failed: %s", self._address, exc)
+                await trio.sleep(0.1)
+                continue
+            _tune(stream.socket)
+            self._background.start_soon(
+                self._serve_link, _StreamConduit(stream, self._max_frame_size)
+            )
+
+    async def _release(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._listener.aclose()
+        if self._unix_path is not None:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+
+
+async def _listen(address: Address) -> tuple[trio.socket.SocketType, str, str | None]:
+    """A listening socket for *address*, the concrete address, and the Unix path if any."""
+    if address.scheme == "unix":
+        sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        try:
+            await sock.bind(address.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, str(address), address.path
+    infos = await trio.socket.getaddrinfo(
+        address.host, address.port, type=stdlib_socket.SOCK_STREAM, flags=stdlib_socket.AI_PASSIVE
+    )
+    if not infos:
+        raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {address.host}")
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = trio.socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+        await sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
+    return sock, str(Address("tcp", host=address.host, port=port)), None
+
+
+class TcpTransport(Transport):
+    """Length-prefixed multi-frame messages over TCP (``tcp://``) or Unix sockets (``unix://``)."""
+
+    name = "tcp"
+    schemes = ("tcp", "unix")
+
+    async def bind(
+        self,
+        address: str,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    ) -> Outlet:
+        parsed = parse_address(address, self.schemes)
+        sock, concrete, unix_path = await _listen(parsed)
+        try:
+            sock.listen(128)
+            _tune(sock)
+            listener = trio.SocketListener(sock)
+            background = await _Background.open(f"outlet {concrete}")
+        except BaseException:
+            sock.close()
+            if unix_path is not None:
+                os.unlink(unix_path)
+            raise
+        outlet = _TcpOutlet(
+            concrete, max_frame_size, close_timeout, background, listener, unix_path
+        )
+        background.start_soon(outlet._accept_forever)
+        return outlet
+
+    async def connect(
+        self,
+        address: str,
+        *,
+        delivery: Delivery = Delivery.RELIABLE,
+        capacity: int = 8,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> Inlet:
+        check_connect_args(delivery, capacity)
+        parsed = parse_address(address, self.schemes)
+        if parsed.scheme == "unix":
+            stream = await trio.open_unix_socket(parsed.path)
+        else:
+            stream = await trio.open_tcp_stream(parsed.host, parsed.port)
+        _tune(stream.socket)
+        return await _NetInlet.open(
+            _StreamConduit(stream, max_frame_size), str(parsed), delivery, capacity
+        )
