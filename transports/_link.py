@@ -144,16 +144,17 @@ class _InletBuffer:
         """
         if self._ended or seq < self._expected_seq:
             raise ProtocolError(f"message {seq} out of order (expected {self._expected_seq})")
+        full = len(self._messages) >= self.capacity
+        if full and self.delivery is Delivery.RELIABLE:
+            raise ProtocolError(f"the outlet overflowed a link of capacity {self.capacity}")
         self._gap_dropped += seq - self._expected_seq
         self._expected_seq = seq + 1
+        if full:
+            self._messages.popleft()
+            self._own_dropped += 1
         self._messages.append((frames, nbytes))
         if self.delivery is Delivery.LATEST:
-            if len(self._messages) > self.capacity:
-                self._messages.popleft()
-                self._own_dropped += 1
             self._owe_credit()
-        elif len(self._messages) > self.capacity:
-            raise ProtocolError(f"the outlet overflowed a link of capacity {self.capacity}")
         self._count_dropped()
         self._waiters.unpark_all()
 

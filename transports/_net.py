@@ -213,8 +213,11 @@ class _NetInlet(Inlet):
         try:
             await first_completed(self._take_in, self._give_credit)
         except _LINK_ERRORS as exc:
-            log.warning("inlet from %s: link broken: %s", peer, exc or repr(exc))
-            self._buffer.fail(exc)
+            if self._buffer.ended:  # only the acknowledgement was lost
+                log.debug("inlet from %s: after the end of stream: %r", peer, exc)
+            else:
+                log.warning("inlet from %s: link broken: %s", peer, exc or repr(exc))
+                self._buffer.fail(exc)
         finally:
             await _close_conduit(self._conduit)
 

@@ -1,10 +1,13 @@
-"""The ``nng`` backend: pynng Pair1 sockets.
+"""The ``nng`` backend: pynng sockets.
 
-``nng+tcp://HOST:PORT`` and ``nng+ipc:///PATH``. The outlet listens on a
-polyamorous Pair1 socket and talks to each inlet over its own pipe; each
-inlet dials with a Pair1 socket of its own. Records are nng messages: a
-MESSAGE is a header message followed by one message per frame. pynng sends
-only ``bytes``, so each frame is copied once on the way out.
+``nng+tcp://HOST:PORT`` and ``nng+ipc:///PATH``. Each link is a pair of
+Pair1 sockets of its own: the outlet's address is a Rep0 socket where an
+inlet asks for a link, and gets the port (or path) of a Pair1 socket the
+outlet opened for it alone. (Pair1's polyamorous mode would serve every
+inlet from one socket, but it is deprecated and, measured here, drops
+messages when a pipe is busy.) Records are nng messages: a MESSAGE is a
+header message followed by one message per frame. pynng sends only
+``bytes``, so each frame is copied once on the way out.
 
 nng's ``asend`` returning does not mean delivered: as on every backend, the
 outlet's close waits for each inlet's acknowledgement of the end of stream.
@@ -13,8 +16,8 @@ outlet's close waits for each inlet's acknowledgement of the end of stream.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -33,6 +36,7 @@ from ._address import Address, check_connect_args, parse_address
 from ._background import _Background
 from ._framing import (
     KIND_MESSAGE,
+    MAGIC,
     MAX_FRAMES,
     ProtocolError,
     body_struct,
@@ -40,7 +44,7 @@ from ._framing import (
     decode_lengths,
     encode_message_header,
 )
-from ._net import Record, _Conduit, _NetInlet, _NetOutlet
+from ._net import HANDSHAKE_TIMEOUT, Record, _Conduit, _NetInlet, _NetOutlet
 
 log = logging.getLogger("transports")
 
@@ -111,58 +115,8 @@ async def _send_messages(
             )
 
 
-class _PipeConduit(_Conduit):
-    """The outlet's side of one pipe; its incoming messages arrive through *inbox*."""
-
-    def __init__(
-        self, pipe: pynng.Pipe, inbox: trio.MemoryReceiveChannel[bytes], max_frame_size: int
-    ) -> None:
-        self._pipe = pipe
-        self._inbox = inbox
-        self._max_frame_size = max_frame_size
-        try:
-            self.peer = f"nng+{pipe.remote_address}"
-        except pynng.NNGException:
-            self.peer = f"nng-pipe-{pipe.id}"
-
-    async def _send(self, data: bytes) -> None:
-        try:
-            await self._pipe.asend(data)
-        except pynng.NNGException as exc:
-            raise trio.BrokenResourceError(f"{self.peer}: {exc}") from exc
-
-    async def _next(self) -> bytes | None:
-        try:
-            return await self._inbox.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return None
-
-    async def send_messages(self, batch: list[tuple[int, list[memoryview], int]]) -> None:
-        await _send_messages(self._send, batch)
-
-    async def send_record(self, data: bytes) -> None:
-        await self._send(data)
-
-    async def receive_handshake(self, size: int) -> bytes:
-        data = await self._next()
-        if data is None or len(data) != size:
-            raise ProtocolError("not a transports handshake")
-        return data
-
-    async def receive_record(self) -> Record | None:
-        return await _read_record(self._next, self._max_frame_size)
-
-    async def aclose(self) -> None:
-        self._inbox.close()
-        try:
-            self._pipe.close()
-        except pynng.NNGException:
-            pass
-        await trio.lowlevel.checkpoint()
-
-
 class _SocketConduit(_Conduit):
-    """An inlet's Pair1 socket, dialed to one outlet."""
+    """One end of a link: a Pair1 socket with (at most) one peer."""
 
     def __init__(self, socket: pynng.Pair1, peer: str, max_frame_size: int) -> None:
         self._socket = socket
@@ -211,61 +165,103 @@ def _call_soon(token: trio.lowlevel.TrioToken, fn: Callable[..., object], *args:
         pass
 
 
+def _pair_socket(max_frame_size: int) -> pynng.Pair1:
+    """A Pair1 socket that closes itself when its peer goes away.
+
+    Closing ends a pending receive (as end of file), so a vanished peer is
+    noticed at once; nng would otherwise wait for it to come back.
+    """
+    socket = pynng.Pair1(recv_max_size=_recv_max_size(max_frame_size))
+    token = trio.lowlevel.current_trio_token()
+    socket.add_post_pipe_remove_cb(lambda pipe: _call_soon(token, socket.close))
+    return socket
+
+
+#: What an inlet asks the outlet's Rep0 socket for, and the answer's prefix.
+_LINK_REQUEST = MAGIC + b"link?"
+_LINK_ANSWER = MAGIC + b"link="
+
+
 class _NngOutlet(_NetOutlet):
     def __init__(
         self,
-        address: str,
+        address: Address,
         max_frame_size: int,
         close_timeout: float,
         background: _Background,
-        socket: pynng.Pair1,
+        socket: pynng.Rep0,
     ) -> None:
-        super().__init__(address, max_frame_size, close_timeout, background)
+        super().__init__(str(address), max_frame_size, close_timeout, background)
+        self._parsed = address
         self._socket = socket
-        #: Per live pipe, where the dispatcher puts the messages it receives from it.
-        self._inboxes: dict[int, trio.MemorySendChannel[bytes]] = {}
-        #: Every pipe ever served (a pipe id is not reused for a new link).
-        self._seen: set[int] = set()
-        token = trio.lowlevel.current_trio_token()
-        socket.add_post_pipe_remove_cb(lambda pipe: _call_soon(token, self._pipe_gone, pipe.id))
+        self._links_opened = itertools.count(1)
 
-    def _pipe_gone(self, pipe_id: int) -> None:
-        inbox = self._inboxes.pop(pipe_id, None)
-        if inbox is not None:
-            inbox.close()
-
-    async def _dispatch_forever(self) -> None:
-        """Route each incoming message to its pipe's link; a new pipe is a new inlet."""
+    async def _answer_forever(self) -> None:
+        """Open a Pair1 socket for each inlet that asks, and serve the link on it."""
         while True:
             try:
-                message = await self._socket.arecv_msg()
+                request = await self._socket.arecv()
             except pynng.Closed:
                 return
-            pipe = message.pipe
-            if pipe is None:
-                continue
-            inbox = self._inboxes.get(pipe.id)
-            if inbox is None:
-                if pipe.id in self._seen:
-                    continue  # a pipe whose link already ended
-                self._seen.add(pipe.id)
-                inbox, link_side = trio.open_memory_channel[bytes](math.inf)
-                self._inboxes[pipe.id] = inbox
-                self._background.start_soon(
-                    self._serve_link, _PipeConduit(pipe, link_side, self._max_frame_size)
+            if request != _LINK_REQUEST:
+                log.warning(
+                    "%s: a peer that is not a transports inlet asked for a link", self._address
                 )
+                await self._socket.asend(b"error: not a transports request")
+                continue
+            if self._parsed.scheme == "nng+ipc":
+                where = f"{self._parsed.path}.{next(self._links_opened)}"
+                url = f"ipc://{where}"
+            else:
+                host = f"[{self._parsed.host}]" if ":" in self._parsed.host else self._parsed.host
+                url = f"tcp://{host}:0"
+            socket = _pair_socket(self._max_frame_size)
             try:
-                inbox.send_nowait(message.bytes)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._inboxes.pop(pipe.id, None)  # the link ended
+                listener = socket.listen(url)
+                if self._parsed.scheme == "nng+tcp":
+                    where = str(listener.local_address).rsplit(":", 1)[1]
+            except pynng.NNGException as exc:
+                socket.close()
+                log.warning("%s: cannot open a link: %s", self._address, exc)
+                await self._socket.asend(b"error: " + str(exc).encode())
+                continue
+            conduit = _SocketConduit(socket, f"nng-link-{where}", self._max_frame_size)
+            self._background.start_soon(self._serve_link, conduit)
+            await self._socket.asend(_LINK_ANSWER + where.encode())
 
     async def _release(self) -> None:
         self._socket.close()
         await trio.lowlevel.checkpoint()
 
 
+def _link_url(parsed: Address, answer: bytes) -> str:
+    """The URL of the Pair1 socket the outlet opened for this inlet.
+
+    Raises:
+        ProtocolError: the answer is not the outlet's.
+    """
+    if not answer.startswith(_LINK_ANSWER):
+        raise ProtocolError(f"not a transports outlet (answer {answer[:40]!r})")
+    where = answer[len(_LINK_ANSWER) :].decode("utf-8", "replace")
+    if parsed.scheme == "nng+ipc":
+        if not where.startswith(parsed.path + "."):
+            raise ProtocolError(f"link path {where!r} outside {parsed.path!r}")
+        return f"ipc://{where}"
+    if not where.isdigit() or not 0 < int(where) < 65536:
+        raise ProtocolError(f"link port {where!r} is not a port")
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    return f"tcp://{host}:{where}"
+
+
+async def _dial(socket: pynng.Socket, url: str, address: str) -> None:
+    try:
+        await trio.to_thread.run_sync(partial(socket.dial, url, block=True))
+    except pynng.NNGException as exc:
+        raise _os_error(exc, address) from exc
+
+
 class NngTransport(Transport):
-    """The wire protocol over nng (pynng) Pair1 sockets: ``nng+tcp://`` and ``nng+ipc://``."""
+    """The wire protocol over nng (pynng) sockets: ``nng+tcp://`` and ``nng+ipc://``."""
 
     name = "nng"
     schemes = ("nng+tcp", "nng+ipc")
@@ -278,7 +274,7 @@ class NngTransport(Transport):
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> Outlet:
         parsed = parse_address(address, self.schemes)
-        socket = pynng.Pair1(polyamorous=True, recv_max_size=_recv_max_size(max_frame_size))
+        socket = pynng.Rep0(recv_max_size=1024)
         try:
             try:
                 listener = socket.listen(_nng_url(parsed))
@@ -292,8 +288,8 @@ class NngTransport(Transport):
         except BaseException:
             socket.close()
             raise
-        outlet = _NngOutlet(str(parsed), max_frame_size, close_timeout, background, socket)
-        background.start_soon(outlet._dispatch_forever)
+        outlet = _NngOutlet(parsed, max_frame_size, close_timeout, background, socket)
+        background.start_soon(outlet._answer_forever)
         return outlet
 
     async def connect(
@@ -306,15 +302,19 @@ class NngTransport(Transport):
     ) -> Inlet:
         check_connect_args(delivery, capacity)
         parsed = parse_address(address, self.schemes)
-        socket = pynng.Pair1(recv_max_size=_recv_max_size(max_frame_size))
-        token = trio.lowlevel.current_trio_token()
-        # The outlet vanished: close the socket, so that a pending receive ends.
-        socket.add_post_pipe_remove_cb(lambda pipe: _call_soon(token, socket.close))
+        with pynng.Req0(recv_max_size=1024) as request:
+            await _dial(request, _nng_url(parsed), address)
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await request.asend(_LINK_REQUEST)
+                    url = _link_url(parsed, await request.arecv())
+            except trio.TooSlowError as exc:
+                raise trio.BrokenResourceError(f"{address}: no answer to the handshake") from exc
+            except ProtocolError as exc:
+                raise trio.BrokenResourceError(f"{address}: {exc}") from exc
+        socket = _pair_socket(max_frame_size)
         try:
-            await trio.to_thread.run_sync(partial(socket.dial, _nng_url(parsed), block=True))
-        except pynng.NNGException as exc:
-            socket.close()
-            raise _os_error(exc, address) from exc
+            await _dial(socket, url, address)
         except BaseException:
             socket.close()
             raise

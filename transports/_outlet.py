@@ -22,13 +22,16 @@ def _as_frames(message: Message, max_frame_size: int) -> tuple[list[memoryview],
         TypeError: a frame is not bytes-like.
         ValueError: no frames, a frame not C-contiguous, or one over *max_frame_size*.
     """
-    if isinstance(message, (bytes, bytearray, memoryview)):
-        parts = [message]
-    else:
+    try:
+        parts: list = [memoryview(message)]  # one bytes-like object: a single frame
+    except TypeError:
         try:
             parts = list(message)
         except TypeError:
-            parts = [message]  # a numpy array or another buffer object
+            raise TypeError(
+                f"a message is a bytes-like object or a sequence of them, "
+                f"not {type(message).__name__}"
+            ) from None
     if not parts:
         raise ValueError("a message needs at least one frame")
     frames = []

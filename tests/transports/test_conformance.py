@@ -1,0 +1,353 @@
+"""The rules every backend follows, pinned once and run on each of them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+import transports
+from transports import Delivery
+
+
+async def receive_all(inlet: transports.Inlet) -> list[list[bytes]]:
+    """Every message until the end of stream, frames as bytes."""
+    return [[bytes(frame) for frame in frames] async for frames in inlet]
+
+
+def payload(index: int, size: int) -> bytes:
+    """A frame whose content tells which message it belongs to."""
+    stamp = index.to_bytes(4, "little")
+    return (stamp * (size // 4 + 1))[:size]
+
+
+async def test_lossless_in_order_with_mixed_sizes(address):
+    sizes = [0, 1, 1000, 65536, 65537, 1 << 20, 6_200_000, 64 << 20, 3]
+    messages = [[b"h%d" % i, payload(i, size)] for i, size in enumerate(sizes)]
+    messages.append([b"many frames"] + [payload(i, i * 100) for i in range(50)])
+    with trio.fail_after(60):
+        async with (
+            await transports.bind(address) as outlet,
+            await transports.connect(outlet.address, capacity=2) as inlet,
+        ):
+            async with trio.open_nursery() as nursery:
+
+                async def produce():
+                    for message in messages:
+                        await outlet.send(message)
+                    await outlet.aclose()
+
+                nursery.start_soon(produce)
+                received = await receive_all(inlet)
+    assert received == messages
+    assert inlet.stats.messages_received == len(messages)
+    assert inlet.stats.bytes_received == sum(len(f) for m in messages for f in m)
+    assert inlet.stats.messages_dropped == 0
+
+
+async def test_one_bytes_object_and_numpy_arrays_are_messages(address):
+    np = pytest.importorskip("numpy")
+    image = np.arange(2 * 3 * 4, dtype=np.uint16).reshape(2, 3, 4)
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            inlet = await transports.connect(outlet.address)
+            await outlet.send(b"just bytes")
+            await outlet.send([b"header", image])
+            assert await inlet.receive() == [b"just bytes"]
+            header, data = await inlet.receive()
+            assert bytes(header) == b"header"
+            restored = np.frombuffer(data, dtype=np.uint16).reshape(2, 3, 4)
+            assert (restored == image).all()
+            await inlet.aclose()
+
+
+async def test_fan_out_reaches_every_inlet(address):
+    count = 40
+    with trio.fail_after(20):
+        async with await transports.bind(address) as outlet:
+            inlets = [await transports.connect(outlet.address, capacity=3) for _ in range(3)]
+            await outlet.wait_for_inlets(3)
+            results: dict[int, list[list[bytes]]] = {}
+            async with trio.open_nursery() as nursery:
+                for index, inlet in enumerate(inlets):
+
+                    async def consume(index=index, inlet=inlet):
+                        results[index] = await receive_all(inlet)
+
+                    nursery.start_soon(consume)
+                for i in range(count):
+                    await outlet.send([b"%d" % i, payload(i, 5000)])
+                await outlet.aclose()
+    expected = [[b"%d" % i, payload(i, 5000)] for i in range(count)]
+    assert results == {0: expected, 1: expected, 2: expected}
+    stats = outlet.stats
+    assert stats.messages_sent == count
+    assert stats.bytes_sent == sum(len(f) for m in expected for f in m)
+    assert [link.messages_sent for link in stats.links] == [count] * 3
+    assert [link.capacity for link in stats.links] == [3] * 3
+
+
+async def test_latest_keeps_the_newest_and_counts_the_rest(address):
+    capacity, count = 3, 200
+    with trio.fail_after(20):
+        async with await transports.bind(address) as outlet:
+            latest = await transports.connect(
+                outlet.address, delivery=Delivery.LATEST, capacity=capacity
+            )
+            # A LATEST link never makes send wait, even while nobody reads.
+            for i in range(count):
+                await outlet.send(b"%d" % i)
+            await outlet.aclose()
+            received = [int(bytes(frames[0])) async for frames in latest]
+    assert received == list(range(count - capacity, count))
+    assert latest.stats.messages_received == capacity
+    assert latest.stats.messages_dropped == count - capacity
+    (link,) = outlet.stats.links
+    assert link.delivery is Delivery.LATEST
+    assert link.messages_sent == count
+    assert link.messages_dropped == count - capacity
+    assert outlet.stats.messages_dropped == count - capacity
+
+
+async def test_latest_link_does_not_slow_a_reliable_one(address):
+    with trio.fail_after(20):
+        async with await transports.bind(address) as outlet:
+            reliable = await transports.connect(outlet.address, capacity=2)
+            stalled = await transports.connect(outlet.address, delivery=Delivery.LATEST, capacity=1)
+            async with trio.open_nursery() as nursery:
+                got: list[list[bytes]] = []
+
+                async def consume():
+                    got.extend(await receive_all(reliable))
+
+                nursery.start_soon(consume)
+                for i in range(100):
+                    await outlet.send(b"%d" % i)
+                await outlet.aclose()
+            assert [int(m[0]) for m in got] == list(range(100))
+            assert [bytes(f) for f in await stalled.receive()] == [b"99"]
+            with pytest.raises(trio.EndOfChannel):
+                await stalled.receive()
+
+
+async def test_reliable_link_applies_backpressure(address):
+    capacity = 4
+    sent = 0
+    with trio.fail_after(20):
+        async with await transports.bind(address) as outlet:
+            inlet = await transports.connect(outlet.address, capacity=capacity)
+            async with trio.open_nursery() as nursery:
+
+                async def produce():
+                    nonlocal sent
+                    for i in range(100):
+                        await outlet.send(b"%d" % i)
+                        sent += 1
+
+                nursery.start_soon(produce)
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                assert sent == capacity  # the link is full: send waits
+                for expected in range(3):
+                    assert await inlet.receive() == [b"%d" % expected]
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    assert sent == capacity + expected + 1
+                nursery.cancel_scope.cancel()
+            await inlet.aclose()
+
+
+async def test_close_delivers_everything_then_end_of_channel(address):
+    capacity = 5
+    with trio.fail_after(20):
+        outlet = await transports.bind(address)
+        inlet = await transports.connect(outlet.address, capacity=capacity)
+        for i in range(capacity):
+            await outlet.send([b"%d" % i, payload(i, 100_000)])
+        # The inlet has read nothing yet; close returns once its endpoint took everything in.
+        await outlet.aclose()
+        for i in range(capacity):
+            assert [bytes(f) for f in await inlet.receive()] == [b"%d" % i, payload(i, 100_000)]
+        for _ in range(2):
+            with pytest.raises(trio.EndOfChannel):
+                await inlet.receive()
+        await inlet.aclose()
+    assert outlet.stats.links[0].messages_sent == capacity
+
+
+async def test_closed_endpoints_raise_closed_resource_error(address):
+    with trio.fail_after(10):
+        outlet = await transports.bind(address)
+        inlet = await transports.connect(outlet.address, capacity=1)
+        await outlet.send(b"fills the link")
+        async with trio.open_nursery() as nursery:
+
+            async def blocked_send():
+                with pytest.raises(trio.ClosedResourceError):
+                    await outlet.send(b"waits for room")
+
+            async def blocked_receive(other):
+                with pytest.raises(trio.ClosedResourceError):
+                    await other.receive()
+
+            other = await transports.connect(outlet.address)
+            nursery.start_soon(blocked_send)
+            nursery.start_soon(blocked_receive, other)
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            await other.aclose()  # wakes blocked_receive
+            await outlet.aclose()  # wakes blocked_send
+        with pytest.raises(trio.ClosedResourceError):
+            await outlet.send(b"after close")
+        with pytest.raises(trio.ClosedResourceError):
+            await outlet.wait_for_inlets(1)
+        await outlet.aclose()  # closing twice is fine
+        await inlet.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await inlet.receive()
+        await inlet.aclose()
+
+
+async def test_inlet_leaving_frees_the_outlet(address):
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            leaving = await transports.connect(outlet.address, capacity=1)
+            staying = await transports.connect(outlet.address, capacity=100)
+            await outlet.wait_for_inlets(2)
+            await outlet.send(b"0")  # fills `leaving`
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outlet.send, b"1")  # waits for `leaving`
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                await leaving.aclose()
+            await outlet.send(b"2")
+            await outlet.aclose()
+            assert await receive_all(staying) == [[b"0"], [b"1"], [b"2"]]
+
+
+async def test_wait_for_inlets_and_late_inlets(address):
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            await outlet.send(b"before anyone listens")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outlet.wait_for_inlets, 2)
+                first = await transports.connect(outlet.address)
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                assert nursery.child_tasks  # still waiting for the second
+                second = await transports.connect(outlet.address)
+            await outlet.send(b"after")
+            await outlet.aclose()
+            assert await receive_all(first) == [[b"after"]]
+            assert await receive_all(second) == [[b"after"]]
+        assert outlet.stats.messages_sent == 2
+
+
+async def test_cancelled_receive_leaves_the_inlet_usable(address):
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            inlet = await transports.connect(outlet.address)
+            with trio.move_on_after(0.05) as scope:
+                await inlet.receive()
+            assert scope.cancelled_caught
+            await outlet.send(b"still here")
+            assert await inlet.receive() == [b"still here"]
+            await inlet.aclose()
+
+
+async def test_bad_arguments_are_rejected(address):
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            for capacity in (0, -1, 1.5, True):
+                with pytest.raises(ValueError, match="capacity"):
+                    await transports.connect(outlet.address, capacity=capacity)
+            with pytest.raises(ValueError, match="delivery"):
+                await transports.connect(outlet.address, delivery="latest")
+            with pytest.raises(ValueError, match="at least one frame"):
+                await outlet.send([])
+            with pytest.raises(TypeError, match="bytes-like"):
+                await outlet.send(["text"])
+            np = pytest.importorskip("numpy")
+            with pytest.raises(ValueError, match="C-contiguous"):
+                await outlet.send(np.zeros((4, 4))[:, 1])
+
+
+async def test_frame_over_the_outlets_maximum_is_refused(address):
+    with trio.fail_after(10):
+        async with await transports.bind(address, max_frame_size=1000) as outlet:
+            with pytest.raises(ValueError, match="max_frame_size"):
+                await outlet.send([b"ok", bytes(1001)])
+            assert outlet.stats.messages_sent == 0
+
+
+async def test_frame_over_an_inlets_maximum_breaks_only_that_link(address, caplog):
+    with trio.fail_after(20):
+        async with await transports.bind(address) as outlet:
+            small = await transports.connect(outlet.address, max_frame_size=100_000)
+            large = await transports.connect(outlet.address)
+            await outlet.send(b"fits")
+            await outlet.send(bytes(100_001))
+            await outlet.send(b"after")
+            assert await small.receive() == [b"fits"]
+            if address.startswith("memory"):
+                pytest.skip("one process: the outlet's limit is the only one")
+            with pytest.raises(trio.BrokenResourceError):
+                await small.receive()
+            await outlet.aclose()
+            assert [len(m[0]) for m in await receive_all(large)] == [4, 100_001, 5]
+            await small.aclose()
+
+
+async def test_connecting_to_nothing_raises_oserror(address):
+    with trio.fail_after(10):
+        outlet = await transports.bind(address)
+        gone = outlet.address
+        await outlet.aclose()
+        with pytest.raises(OSError):
+            await transports.connect(gone)
+
+
+async def test_address_in_use_raises_oserror(address):
+    if address.endswith(":0"):
+        pytest.skip("port 0 binds a fresh port each time")
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            with pytest.raises(OSError):
+                await transports.bind(outlet.address)
+
+
+def test_unknown_backend_names_the_known_ones():
+    with pytest.raises(ValueError, match="'memory', 'tcp', 'nng'"):
+        transports.get("zeromq")
+    for name in ("memory", "tcp", "nng"):
+        assert transports.get(name).name == name
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "127.0.0.1:80",
+        "tcp://",
+        "tcp://host",
+        "tcp://host:99999",
+        "tcp://:80",
+        "unix://relative",
+        "smtp://x:1",
+        None,
+    ],
+)
+async def test_malformed_addresses_raise_value_error(bad):
+    with pytest.raises(ValueError):
+        await transports.bind(bad)
+    with pytest.raises(ValueError):
+        await transports.connect(bad)
+
+
+async def test_logs_name_the_outlet(net_address, caplog):
+    caplog.set_level(logging.DEBUG, logger="transports")
+    with trio.fail_after(10):
+        async with await transports.bind(net_address) as outlet:
+            inlet = await transports.connect(outlet.address, delivery=Delivery.LATEST)
+            await outlet.wait_for_inlets(1)
+        await inlet.aclose()
+    assert any(
+        outlet.address in r.getMessage() and "latest" in r.getMessage() for r in caplog.records
+    )

@@ -1,0 +1,208 @@
+"""Properties of the byte-stream framing (the tcp backend's wire format)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import transports
+from transports._framing import (
+    KIND_END,
+    KIND_MESSAGE,
+    MAX_FRAMES,
+    SMALL_FRAME,
+    ProtocolError,
+    StreamReader,
+    encode_end,
+    encode_messages,
+    encode_welcome,
+)
+
+frames_strategy = st.lists(
+    st.one_of(
+        st.binary(max_size=64),
+        st.integers(0, 3 * SMALL_FRAME).map(lambda n: bytes([n % 251]) * n),
+    ),
+    min_size=1,
+    max_size=6,
+)
+messages_strategy = st.lists(frames_strategy, max_size=12)
+fast = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def encode(messages: list[list[bytes]], first_seq: int = 0) -> bytes:
+    batch = [
+        (first_seq + i, [memoryview(f) for f in frames], sum(map(len, frames)))
+        for i, frames in enumerate(messages)
+    ]
+    return b"".join(bytes(buffer) for buffer in encode_messages(batch))
+
+
+def record_ends(messages: list[list[bytes]]) -> list[int]:
+    """The byte offset where each encoded message ends."""
+    ends, total = [], 0
+    for i, frames in enumerate(messages):
+        total += len(encode([frames], i))
+        ends.append(total)
+    return ends
+
+
+async def read_stream(data: bytes, chunks: list[int], max_frame_size: int) -> list:
+    """Write *data* into a socket pair in pieces of *chunks* sizes; read records back."""
+    left, right = trio.socket.socketpair()
+    records = []
+    error = None
+    with left, right:
+
+        async def write():
+            position, sizes = 0, iter(chunks)
+            while position < len(data):
+                size = max(1, next(sizes, len(data)))
+                position += await left.send(data[position : position + size])
+            left.shutdown(trio.socket.SHUT_WR)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            reader = StreamReader(right, max_frame_size, buffer_size=SMALL_FRAME * 2)
+            try:
+                while (record := await reader.read_record()) is not None:
+                    records.append(record)
+            except ProtocolError as exc:
+                error = exc
+    if error is not None:
+        raise error
+    return records
+
+
+@fast
+@given(messages=messages_strategy, chunks=st.lists(st.integers(1, 200_000), max_size=20))
+def test_any_messages_round_trip_whatever_the_chunking(messages, chunks):
+    data = encode(messages) + encode_end(len(messages))
+    records = trio.run(read_stream, data, chunks, 1 << 20)
+    assert [kind for kind, _, _ in records] == [KIND_MESSAGE] * len(messages) + [KIND_END]
+    assert [fixed[0] for _, fixed, _ in records] == [*range(len(messages)), len(messages)]
+    assert [[bytes(f) for f in frames] for _, _, frames in records[:-1]] == messages
+
+
+@fast
+@given(messages=st.lists(frames_strategy, min_size=1, max_size=5), data=st.data())
+def test_truncation_at_any_byte_is_an_error_never_a_message(messages, data):
+    stream = encode(messages)
+    cut = data.draw(st.integers(0, len(stream) - 1))
+    ends = record_ends(messages)
+    whole = sum(end <= cut for end in ends)
+    if cut in ends or cut == 0:
+        # Cut between records: a clean end of file after the whole ones.
+        assert len(trio.run(read_stream, stream[:cut], [], 1 << 20)) == whole
+    else:
+        with pytest.raises(ProtocolError):
+            trio.run(read_stream, stream[:cut], [], 1 << 20)
+
+
+# --- the same rules seen from an inlet facing a fake outlet -------------------
+
+
+async def inlet_facing(server_bytes: bytes, max_frame_size: int) -> tuple[list, BaseException]:
+    """Connect an inlet to a fake outlet that answers *server_bytes* and hangs up.
+
+    Returns the messages received and the exception that ended the stream.
+    """
+    folder = tempfile.mkdtemp(prefix="trp", dir="/tmp")
+    path = f"{folder}/fake.sock"
+    try:
+        with trio.fail_after(10):
+            sock = trio.socket.socket(trio.socket.AF_UNIX)
+            await sock.bind(path)
+            sock.listen()
+            listener = trio.SocketListener(sock)
+
+            async def fake_outlet(task_status=trio.TASK_STATUS_IGNORED):
+                async with listener:
+                    task_status.started()
+                    stream = await listener.accept()
+                    async with stream:
+                        await stream.receive_some(100)  # the inlet's hello
+                        await stream.send_all(server_bytes)
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fake_outlet)
+                received = []
+                try:
+                    inlet = await transports.connect(
+                        f"unix://{path}", max_frame_size=max_frame_size
+                    )
+                    async with inlet:
+                        while True:
+                            received.append([bytes(f) for f in await inlet.receive()])
+                except (trio.BrokenResourceError, trio.EndOfChannel) as exc:
+                    return received, exc
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@fast
+@given(welcome=st.binary(min_size=0, max_size=12))
+def test_a_wrong_handshake_is_refused(welcome):
+    if welcome.startswith(encode_welcome()):
+        welcome = b"x" + welcome
+    received, error = trio.run(inlet_facing, welcome, 1 << 20)
+    assert received == [] and isinstance(error, trio.BrokenResourceError)
+
+
+@fast
+@given(
+    count=st.one_of(st.just(0), st.integers(MAX_FRAMES + 1, 2**32 - 1)),
+    valid_first=st.booleans(),
+)
+def test_impossible_frame_counts_are_refused(count, valid_first):
+    good = [[b"ok"]] if valid_first else []
+    header = bytes([KIND_MESSAGE]) + len(good).to_bytes(8, "little") + count.to_bytes(4, "little")
+    received, error = trio.run(inlet_facing, encode_welcome() + encode(good) + header, 1 << 20)
+    assert received == good and isinstance(error, trio.BrokenResourceError)
+
+
+@fast
+@given(length=st.integers(1001, 2**64 - 1))
+def test_frames_over_the_limit_are_refused_before_reading_them(length):
+    header = (
+        bytes([KIND_MESSAGE]) + bytes(8) + (1).to_bytes(4, "little") + length.to_bytes(8, "little")
+    )
+    received, error = trio.run(inlet_facing, encode_welcome() + header, 1000)
+    assert received == [] and isinstance(error, trio.BrokenResourceError)
+    assert "over the limit" in str(error)
+
+
+@fast
+@given(kind=st.integers(0, 255).filter(lambda k: k not in (KIND_MESSAGE, KIND_END)))
+def test_unknown_or_misdirected_records_are_refused(kind):
+    received, error = trio.run(inlet_facing, encode_welcome() + bytes([kind]) + bytes(20), 1000)
+    assert received == [] and isinstance(error, trio.BrokenResourceError)
+
+
+@fast
+@given(messages=st.lists(frames_strategy, min_size=1, max_size=4), data=st.data())
+def test_an_outlet_cut_mid_stream_delivers_whole_messages_then_breaks(messages, data):
+    stream = encode(messages)
+    cut = data.draw(st.integers(0, len(stream)))
+    whole = sum(end <= cut for end in record_ends(messages))
+    received, error = trio.run(inlet_facing, encode_welcome() + stream[:cut], 1 << 20)
+    assert received == messages[:whole]
+    assert isinstance(error, trio.BrokenResourceError)
+
+
+def test_sequence_numbers_going_back_are_refused():
+    stream = encode_welcome() + encode([[b"a"]], 5) + encode([[b"b"]], 5)
+    received, error = trio.run(inlet_facing, stream, 1000)
+    assert received == [[b"a"]] and isinstance(error, trio.BrokenResourceError)
+
+
+def test_an_outlet_overflowing_a_reliable_link_is_refused():
+    stream = encode_welcome() + encode([[b"%d" % i] for i in range(9)])  # capacity is 8
+    received, error = trio.run(inlet_facing, stream, 1000)
+    assert isinstance(error, trio.BrokenResourceError) and "overflowed" in str(error)
+    assert received == [[b"%d" % i] for i in range(8)]
