@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import trio
@@ -351,3 +352,32 @@ async def test_logs_name_the_outlet(net_address, caplog):
     assert any(
         outlet.address in r.getMessage() and "latest" in r.getMessage() for r in caplog.records
     )
+
+
+def all_tasks() -> set[trio.lowlevel.Task]:
+    """Every task of this Trio run, system tasks included."""
+    found, todo = set(), [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        found.add(task)
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return found
+
+
+async def test_closing_leaves_nothing_running(address):
+    before = all_tasks()
+    with trio.fail_after(10):
+        outlet = await transports.bind(address)
+        inlets = [
+            await transports.connect(outlet.address),
+            await transports.connect(outlet.address, delivery=Delivery.LATEST),
+        ]
+        await outlet.send(b"x")
+        assert len(all_tasks()) >= len(before)
+        await outlet.aclose()
+        for inlet in inlets:
+            await inlet.aclose()
+    assert all_tasks() == before
+    if address.startswith("unix://"):
+        assert not os.path.exists(address[len("unix://") :])
