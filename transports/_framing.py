@@ -199,7 +199,9 @@ class StreamReader:
         """Have at least *count* bytes buffered; False on end of file before any byte."""
         if self._end - self._start >= count:
             return True
-        if len(self._buffer) - self._start < count:
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buffer) - self._start < count:
             held = self._end - self._start
             self._view[:held] = self._view[self._start : self._end]
             self._start, self._end = 0, held
@@ -240,14 +242,56 @@ class StreamReader:
             raise ProtocolError("the peer closed the connection during the handshake")
         return await self.read_exact(size)
 
+    def _parse_buffered(self) -> tuple[int, tuple[int, ...], list[memoryview]] | None:
+        """The next record if it is wholly buffered and has no large frame, else None.
+
+        The fast path for small messages: no waiting, one copy for all frames.
+        """
+        start, available = self._start, self._end - self._start
+        if not available:
+            return None
+        kind = self._buffer[start]
+        body = body_struct(kind)
+        fixed_end = 1 + body.size
+        if available < fixed_end:
+            return None
+        fixed = body.unpack_from(self._buffer, start + 1)
+        if kind != KIND_MESSAGE:
+            self._start += fixed_end
+            return kind, fixed, []
+        count = fixed[1]
+        check_frame_count(count)
+        lengths_end = fixed_end + 8 * count
+        if available < lengths_end:
+            return None
+        lengths = decode_lengths(
+            count, self._view[start + fixed_end : start + lengths_end], self._max_frame_size
+        )
+        total = sum(lengths)
+        if available < lengths_end + total or max(lengths) > SMALL_FRAME:
+            return None
+        block = memoryview(bytes(self._view[start + lengths_end : start + lengths_end + total]))
+        frames, position = [], 0
+        for length in lengths:
+            frames.append(block[position : position + length])
+            position += length
+        self._start += lengths_end + total
+        return kind, fixed, frames
+
     async def read_record(self) -> tuple[int, tuple[int, ...], list[memoryview]] | None:
         """The next record as (kind, fixed integers, frames), or None at end of file.
 
         Raises:
             ProtocolError: the bytes are not a valid record.
         """
+        record = self._parse_buffered()
+        if record is not None:
+            return record
         if not await self._fill(1):
             return None
+        record = self._parse_buffered()
+        if record is not None:
+            return record
         kind = self._buffer[self._start]
         self._start += 1
         body = body_struct(kind)
