@@ -152,7 +152,7 @@ async def test_reliable_link_applies_backpressure(address):
                 assert sent == capacity  # the link is full: send waits
                 # Room made by receiving reaches the outlet in batches of capacity // 2.
                 received = 0
-                for batch in range(3):
+                for _batch in range(3):
                     for _ in range(capacity // 2):
                         assert await inlet.receive() == [b"%d" % received]
                         received += 1
