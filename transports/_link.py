@@ -37,7 +37,11 @@ from ._stats import _Counters
 
 
 class _LinkQueue:
-    """The outlet half of a link."""
+    """The outlet half of a link.
+
+    *on_change* is called (synchronously) whenever a message is put on the
+    link, credit comes back, or the link starts closing.
+    """
 
     def __init__(self, counters: _Counters, on_change: Callable[[], None] | None = None) -> None:
         self.counters = counters
@@ -45,6 +49,8 @@ class _LinkQueue:
         self.capacity = counters.capacity
         #: (sequence number, frames, size in bytes) of messages not yet transmitted.
         self.pending: deque[tuple[int, list[memoryview], int]] = deque()
+        #: Their total size in bytes.
+        self.pending_bytes = 0
         #: Messages transmitted and not yet credited by the inlet.
         self.in_flight = 0
         self.next_seq = 0
@@ -53,7 +59,6 @@ class _LinkQueue:
         #: Set once the inlet has acknowledged the end of stream, or the link broke.
         self.done = trio.Event()
         self._own_dropped = 0
-        self._parked = trio.lowlevel.ParkingLot()
         self._on_change = on_change
 
     def has_room(self) -> bool:
@@ -65,11 +70,12 @@ class _LinkQueue:
     def put(self, frames: list[memoryview], nbytes: int) -> None:
         """Put a message on the link (never waits; LATEST drops the oldest pending)."""
         self.pending.append((self.next_seq, frames, nbytes))
+        self.pending_bytes += nbytes
         self.next_seq += 1
         self.counters.messages_sent += 1
         self.counters.bytes_sent += nbytes
         if self.delivery is Delivery.LATEST and len(self.pending) > self.capacity:
-            self.pending.popleft()
+            self.pending_bytes -= self.pending.popleft()[2]
             self._own_dropped += 1
             self.counters.messages_dropped += 1
         self._changed()
@@ -81,7 +87,9 @@ class _LinkQueue:
         """Take up to *limit* messages that credit allows to transmit now."""
         batch = []
         while len(batch) < limit and self.can_transmit():
-            batch.append(self.pending.popleft())
+            message = self.pending.popleft()
+            self.pending_bytes -= message[2]
+            batch.append(message)
             self.in_flight += 1
         return batch
 
@@ -102,12 +110,7 @@ class _LinkQueue:
         self.closing = True
         self._changed()
 
-    async def wait_changed(self) -> None:
-        """Wait until something is put, credited, or the link starts closing."""
-        await self._parked.park()
-
     def _changed(self) -> None:
-        self._parked.unpark_all()
         if self._on_change is not None:
             self._on_change()
 
@@ -197,6 +200,9 @@ class _InletBuffer:
         return self._own_dropped
 
     def take_credit(self) -> int:
+        """The credit owed, if it makes a batch (then it is no longer owed); else 0."""
+        if self._credit_owed < self.credit_batch:
+            return 0
         owed, self._credit_owed = self._credit_owed, 0
         return owed
 
@@ -204,6 +210,7 @@ class _InletBuffer:
 
     async def receive(self) -> list[memoryview]:
         await trio.lowlevel.checkpoint_if_cancelled()
+        parked = False
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("this inlet is closed")
@@ -213,13 +220,15 @@ class _InletBuffer:
                 self.counters.bytes_received += nbytes
                 if self.delivery is Delivery.RELIABLE:
                     self._owe_credit()
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not parked:  # parking was this call's schedule point
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return frames
             if self._ended:
                 raise trio.EndOfChannel
             if self._error is not None:
                 raise trio.BrokenResourceError(str(self._error)) from self._error
             await self._waiters.park()
+            parked = True
 
     # --- helpers ---------------------------------------------------------------
 

@@ -40,6 +40,10 @@ log = logging.getLogger("transports")
 HANDSHAKE_TIMEOUT = 10.0
 #: Most messages an outlet writes to a link in one go.
 BATCH = 64
+#: Messages pending on an idle link up to this many bytes in all are written
+#: by ``send`` itself, as far as the connection takes them without waiting
+#: (see :class:`_Transmitter`).
+EAGER_LIMIT = 64 * 1024
 
 #: What a broken link raises below the protocol: reported, never propagated.
 _LINK_ERRORS = (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -53,9 +57,31 @@ class _Conduit(ABC):
     #: The other end, as a printable address.
     peer: str
 
+    #: Whether the ``write_*_now`` methods are available: a conduit that
+    #: can write without waiting, from any task, while no send is under way.
+    eager = False
+
     @abstractmethod
     async def send_messages(self, batch: list[tuple[int, list[memoryview], int]]) -> None:
         """Write MESSAGE records for (seq, frames, nbytes) in *batch*."""
+
+    def write_messages_now(
+        self, batch: list[tuple[int, list[memoryview], int]]
+    ) -> list[memoryview]:
+        """Write what the connection takes of *batch* without waiting; return the rest.
+
+        The rest, if any, must go to :meth:`send_rest` before anything else is
+        sent. Never raises: a broken connection shows on the next send.
+        """
+        raise NotImplementedError
+
+    def write_record_now(self, data: bytes) -> list[memoryview]:
+        """Like :meth:`write_messages_now`, for one encoded record."""
+        raise NotImplementedError
+
+    async def send_rest(self, rest: list[memoryview]) -> None:
+        """Write what a ``write_*_now`` method left."""
+        raise NotImplementedError
 
     @abstractmethod
     async def send_record(self, data: bytes) -> None:
@@ -82,6 +108,65 @@ async def _close_conduit(conduit: _Conduit) -> None:
             log.debug("closing %s", conduit.peer, exc_info=True)
 
 
+class _Transmitter:
+    """Moves the messages of one link onto its conduit.
+
+    Its task (:meth:`run`) writes whatever credit lets through, then the end
+    of stream. While the task is idle, a few small messages that become
+    transmittable (put by ``send``, or let through by credit) are written at
+    once by whoever changed the link, as far as the connection takes them
+    without waiting: no task wakes up for them. What the connection did not
+    take is left to the task, which writes it before anything else.
+    """
+
+    def __init__(self, conduit: _Conduit) -> None:
+        self._conduit = conduit
+        self.link: _LinkQueue | None = None
+        #: Whether the task waits for work (so nothing else is being written).
+        self._idle = False
+        self._rest: list[memoryview] = []
+        self._wake = trio.lowlevel.ParkingLot()
+
+    def changed(self) -> None:
+        """The link changed: write at once, wake the task, or leave it to the task."""
+        link = self.link
+        if not self._idle or link is None:
+            return  # the task is busy and looks at the link again when done
+        if link.closing:
+            self._wake_task()
+        elif link.can_transmit():
+            if self._conduit.eager and link.pending_bytes <= EAGER_LIMIT:
+                self._rest = self._conduit.write_messages_now(link.take(BATCH))
+                if self._rest:
+                    self._wake_task()
+            else:
+                self._wake_task()
+
+    def _wake_task(self) -> None:
+        self._idle = False
+        self._wake.unpark_all()
+
+    async def run(self) -> None:
+        """Transmit until the end of stream is written, then wait to be cancelled."""
+        link = self.link
+        conduit = self._conduit
+        while True:
+            if self._rest:
+                rest, self._rest = self._rest, []
+                await conduit.send_rest(rest)
+            elif batch := link.take(BATCH):
+                await conduit.send_messages(batch)
+            elif link.closing:
+                await conduit.send_record(encode_end(link.next_seq))
+                await trio.sleep_forever()  # until the inlet acknowledges
+            else:
+                self._idle = True
+                try:
+                    await self._wake.park()
+                finally:
+                    self._idle = False
+
+
 class _NetOutlet(_OutletBase):
     """An outlet serving each connected inlet from its background tasks."""
 
@@ -99,7 +184,9 @@ class _NetOutlet(_OutletBase):
                 delivery, capacity = decode_hello(await conduit.receive_handshake(HELLO_SIZE))
             if self._closed:
                 return
-            link = self._new_link(conduit.peer, delivery, capacity)
+            transmitter = _Transmitter(conduit)
+            link = self._new_link(conduit.peer, delivery, capacity, transmitter.changed)
+            transmitter.link = link
             await conduit.send_record(encode_welcome())
             log.debug(
                 "%s: inlet %s connected (%s, %d)",
@@ -108,9 +195,7 @@ class _NetOutlet(_OutletBase):
                 delivery.value,
                 capacity,
             )
-            await first_completed(
-                partial(self._transmit, link, conduit), partial(self._take_credit, link, conduit)
-            )
+            await first_completed(transmitter.run, partial(self._take_credit, link, conduit))
         except trio.TooSlowError:
             log.warning("%s: %s did not complete the handshake", self._address, conduit.peer)
         except _LINK_ERRORS as exc:
@@ -119,17 +204,6 @@ class _NetOutlet(_OutletBase):
             if link is not None:
                 self._drop_link(link)
             await _close_conduit(conduit)
-
-    async def _transmit(self, link: _LinkQueue, conduit: _Conduit) -> None:
-        while True:
-            batch = link.take(BATCH)
-            if batch:
-                await conduit.send_messages(batch)
-            elif link.closing and not link.pending:
-                await conduit.send_record(encode_end(link.next_seq))
-                await trio.sleep_forever()  # until the inlet acknowledges
-            else:
-                await link.wait_changed()
 
     async def _take_credit(self, link: _LinkQueue, conduit: _Conduit) -> None:
         while True:
@@ -161,10 +235,15 @@ class _NetInlet(Inlet):
     def __init__(self, conduit: _Conduit, background: _Background, counters: _Counters) -> None:
         self._conduit = conduit
         self._background = background
-        self._credit_due = trio.lowlevel.ParkingLot()
-        self._buffer = _InletBuffer(counters, self._credit_due.unpark_all)
+        self._buffer = _InletBuffer(counters, self._owe_credit)
         self._ack_due = False
         self._closed = False
+        # Like an outlet's _Transmitter: credit is written at once by the task
+        # that owes it while _give_credit waits; what the connection does not
+        # take is left to _give_credit, which writes it before anything else.
+        self._credit_idle = False
+        self._credit_rest: list[memoryview] = []
+        self._credit_due = trio.lowlevel.ParkingLot()
 
     @classmethod
     async def open(
@@ -231,22 +310,46 @@ class _NetInlet(Inlet):
                 raise trio.BrokenResourceError("the outlet went away without ending the stream")
             kind, fixed, frames = record
             if kind == KIND_MESSAGE:
-                buffer.deliver(fixed[0], frames, sum(frame.nbytes for frame in frames))
+                buffer.deliver(fixed[0], frames, sum([frame.nbytes for frame in frames]))
             elif kind == KIND_END:
                 buffer.end(fixed[0])
                 self._ack_due = True
-                self._credit_due.unpark_all()
+                self._wake_credit_task()
             else:
                 raise ProtocolError(f"unexpected record of kind {kind} from an outlet")
 
+    def _owe_credit(self) -> None:
+        """A batch of credit is owed: write it now, or have _give_credit write it."""
+        if not self._credit_idle:
+            return  # _give_credit is busy and looks again when done
+        if self._conduit.eager:
+            count = self._buffer.take_credit()
+            if count:
+                data = encode_credit(count, self._buffer.own_dropped)
+                self._credit_rest = self._conduit.write_record_now(data)
+                if not self._credit_rest:
+                    return
+        self._wake_credit_task()
+
+    def _wake_credit_task(self) -> None:
+        self._credit_idle = False
+        self._credit_due.unpark_all()
+
     async def _give_credit(self) -> None:
         buffer = self._buffer
+        conduit = self._conduit
         while True:
-            count = buffer.take_credit()
-            if count:
-                await self._conduit.send_record(encode_credit(count, buffer.own_dropped))
+            if self._credit_rest:
+                rest, self._credit_rest = self._credit_rest, []
+                await conduit.send_rest(rest)
+            elif count := buffer.take_credit():
+                await conduit.send_record(encode_credit(count, buffer.own_dropped))
             elif self._ack_due:
                 self._ack_due = False
-                await self._conduit.send_record(encode_ack(buffer.own_dropped))
+                await conduit.send_record(encode_ack(buffer.own_dropped))
             else:
-                await self._credit_due.park()
+                self._credit_idle = True
+                try:
+                    await self._credit_due.park()
+                finally:
+                    self._credit_idle = False

@@ -90,7 +90,10 @@ class _OutletBase(Outlet):
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("the outlet is closed")
-            if all(link.has_room() for link in self._links):
+            for link in self._links:
+                if not link.has_room():
+                    break
+            else:
                 break
             await self._room.park()
         # No checkpoint from here on: the message reaches every link, or none.
@@ -124,7 +127,8 @@ class _OutletBase(Outlet):
         """
 
         def changed() -> None:
-            self._room.unpark_all()
+            if self._room:  # a send waits for room
+                self._room.unpark_all()
             if on_change is not None:
                 on_change()
 

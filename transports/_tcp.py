@@ -51,15 +51,68 @@ def _tune(sock: trio.socket.SocketType) -> None:
             pass
 
 
+#: Most buffers one sendmsg or writev call takes (Linux's IOV_MAX).
+_IOV_MAX = 1024
+
+
+def _advance(views: list[memoryview], first: int, sent: int) -> int:
+    """Drop *sent* written bytes from ``views[first:]``; return the first index left."""
+    while sent:
+        size = views[first].nbytes
+        if sent >= size:
+            sent -= size
+            first += 1
+        else:
+            views[first] = views[first][sent:]
+            sent = 0
+    while first < len(views) and not views[first].nbytes:
+        first += 1
+    return first
+
+
 class _StreamConduit(_Conduit):
     def __init__(self, stream: trio.SocketStream, max_frame_size: int) -> None:
         self._stream = stream
         self._reader = StreamReader(stream.socket, max_frame_size)
         self.peer = _peer_name(stream)
 
+    eager = hasattr(os, "writev")
+
     async def send_messages(self, batch: list[tuple[int, list[memoryview], int]]) -> None:
-        for buffer in encode_messages(batch):
-            await self._stream.send_all(buffer)
+        await self.send_rest([memoryview(buffer) for buffer in encode_messages(batch)])
+
+    def write_messages_now(
+        self, batch: list[tuple[int, list[memoryview], int]]
+    ) -> list[memoryview]:
+        return self._write_now(encode_messages(batch))
+
+    def write_record_now(self, data: bytes) -> list[memoryview]:
+        return self._write_now([data])
+
+    def _write_now(self, buffers: list[bytes | memoryview]) -> list[memoryview]:
+        views = [memoryview(buffer) for buffer in buffers]
+        first = 0
+        fd = self._stream.socket.fileno()  # -1 once closed
+        try:
+            while first < len(views):
+                first = _advance(views, first, os.writev(fd, views[first : first + _IOV_MAX]))
+        except OSError:  # it would block, or the connection broke: left to send_rest
+            pass
+        return views[first:]
+
+    async def send_rest(self, rest: list[memoryview]) -> None:
+        """Write *rest* in order with as few system calls as it can (``sendmsg``), no copy.
+
+        Raises:
+            trio.BrokenResourceError: the connection broke.
+        """
+        sock = self._stream.socket
+        first = 0
+        try:
+            while first < len(rest):
+                first = _advance(rest, first, await sock.sendmsg(rest[first : first + _IOV_MAX]))
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
     async def send_record(self, data: bytes) -> None:
         await self._stream.send_all(data)

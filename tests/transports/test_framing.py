@@ -16,12 +16,16 @@ from transports._framing import (
     KIND_MESSAGE,
     MAX_FRAMES,
     SMALL_FRAME,
+    WELCOME_SIZE,
     ProtocolError,
     StreamReader,
+    encode_ack,
     encode_end,
+    encode_hello,
     encode_messages,
     encode_welcome,
 )
+from transports._tcp import _advance
 
 frames_strategy = st.lists(
     st.one_of(
@@ -206,3 +210,45 @@ def test_an_outlet_overflowing_a_reliable_link_is_refused():
     received, error = trio.run(inlet_facing, stream, 1000)
     assert isinstance(error, trio.BrokenResourceError) and "overflowed" in str(error)
     assert received == [[b"%d" % i] for i in range(8)]
+
+
+@fast
+@given(
+    buffers=st.lists(st.binary(max_size=300), max_size=8),
+    writes=st.lists(st.integers(0, 400), max_size=12),
+)
+def test_partial_writes_leave_exactly_the_unwritten_bytes(buffers, writes):
+    data = b"".join(buffers)
+    views = [memoryview(buffer) for buffer in buffers]
+    first = written = 0
+    for size in writes:
+        size = min(size, len(data) - written)  # a write never takes more than it is given
+        first = _advance(views, first, size)
+        written += size
+        assert b"".join(bytes(view) for view in views[first:]) == data[written:]
+
+
+async def test_an_inlet_that_reads_nothing_for_a_while_still_gets_every_byte():
+    # The outlet writes small messages at once while the connection takes
+    # them, and leaves the rest to its task once the socket buffers are full.
+    count = 30_000
+    expected = [[b"%d" % i, bytes([i % 251]) * 900] for i in range(count)]
+    with trio.fail_after(60):
+        async with await transports.bind("tcp://127.0.0.1:0") as outlet:
+            host, port = outlet.address.removeprefix("tcp://").rsplit(":", 1)
+            raw = await trio.open_tcp_stream(host, int(port))
+            await raw.send_all(encode_hello(transports.Delivery.RELIABLE, count))
+            assert len(await raw.receive_some(WELCOME_SIZE)) == WELCOME_SIZE
+            await outlet.wait_for_inlets(1)
+            for frames in expected:  # never waits: the link has room for all
+                await outlet.send(frames)
+            received = []
+            reader = StreamReader(raw.socket, 1 << 20)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outlet.aclose)
+                while (record := await reader.read_record())[0] == KIND_MESSAGE:
+                    received.append([bytes(frame) for frame in record[2]])
+                assert record[:2] == (KIND_END, (count,))
+                await raw.send_all(encode_ack(0))
+            await raw.aclose()
+    assert received == expected
