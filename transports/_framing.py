@@ -16,7 +16,8 @@ ACK       in -> out  u64 messages the inlet dropped (end of stream taken in)
 ========  =========  ====================================================
 
 On a byte stream (tcp) the frames follow their header directly; on a message
-transport (nng) each frame is a message of its own after the header message.
+transport (nng) small frames share the header's message and each large frame
+is a message of its own after it (see ``transports/_nng.py``).
 Anything else -- a wrong magic, an unknown kind, a frame count or length over
 the limits, a stream cut inside a record -- is a :class:`ProtocolError`.
 """

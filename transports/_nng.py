@@ -5,9 +5,10 @@ Pair1 sockets of its own: the outlet's address is a Rep0 socket where an
 inlet asks for a link, and gets the port (or path) of a Pair1 socket the
 outlet opened for it alone. (Pair1's polyamorous mode would serve every
 inlet from one socket, but it is deprecated and, measured here, drops
-messages when a pipe is busy.) Records are nng messages: a MESSAGE is a
-header message followed by one message per frame. pynng sends only
-``bytes``, so each frame is copied once on the way out.
+messages when a pipe is busy.) Records are nng messages. A MESSAGE is one
+nng message holding its header and its small frames (see :func:`_inline`),
+followed by one nng message per large frame. pynng sends only ``bytes``, so
+each frame is copied once on the way out.
 
 nng's ``asend`` returning does not mean delivered: as on every backend, the
 outlet's close waits for each inlet's acknowledgement of the end of stream.
@@ -38,6 +39,7 @@ from ._framing import (
     KIND_MESSAGE,
     MAGIC,
     MAX_FRAMES,
+    SMALL_FRAME,
     ProtocolError,
     body_struct,
     check_frame_count,
@@ -56,8 +58,28 @@ def _nng_url(address: Address) -> str:
     return f"tcp://{host}:{address.port}"
 
 
+#: Small frames travel in their record's first nng message up to this many bytes in all.
+INLINE_LIMIT = 1 << 20
+
+
+def _inline(lengths: tuple[int, ...] | list[int]) -> list[bool]:
+    """Which frames of a message travel in its first nng message, after the header.
+
+    Small frames do, while they add up to at most :data:`INLINE_LIMIT`; the
+    others follow, one nng message each. One nng message costs as much as
+    another whatever its size, and a large frame is copied once either way.
+    """
+    inline, total = [], 0
+    for length in lengths:
+        fits = length <= SMALL_FRAME and total + length <= INLINE_LIMIT
+        if fits:
+            total += length
+        inline.append(fits)
+    return inline
+
+
 def _recv_max_size(max_frame_size: int) -> int:
-    return max_frame_size + 64 + 8 * MAX_FRAMES
+    return max(max_frame_size, INLINE_LIMIT) + 64 + 8 * MAX_FRAMES
 
 
 def _os_error(exc: pynng.NNGException, address: str) -> OSError:
@@ -88,11 +110,20 @@ async def _read_record(
         return kind, fixed, []
     count = fixed[1]
     check_frame_count(count)
-    if len(data) != 1 + body.size + 8 * count:
+    position = 1 + body.size + 8 * count
+    if len(data) < position:
         raise ProtocolError(f"message header of {len(data)} bytes for {count} frames")
-    lengths = decode_lengths(count, memoryview(data)[1 + body.size :], max_frame_size)
+    view = memoryview(data)
+    lengths = decode_lengths(count, view[1 + body.size : position], max_frame_size)
+    inline = _inline(lengths)
+    if len(data) != position + sum(length for length, i in zip(lengths, inline, strict=True) if i):
+        raise ProtocolError(f"message header of {len(data)} bytes for frames of {lengths}")
     frames = []
-    for length in lengths:
+    for length, in_header in zip(lengths, inline, strict=True):
+        if in_header:
+            frames.append(view[position : position + length])
+            position += length
+            continue
         frame = await next_message()
         if frame is None:
             raise ProtocolError("the connection ended inside a message")
@@ -106,13 +137,17 @@ async def _send_messages(
     send: Callable[[bytes], Awaitable[None]], batch: list[tuple[int, list[memoryview], int]]
 ) -> None:
     for seq, frames, _ in batch:
-        await send(encode_message_header(seq, frames))
-        for frame in frames:
-            await send(
-                frame.obj
-                if type(frame.obj) is bytes and frame.nbytes == len(frame.obj)
-                else frame.tobytes()
-            )
+        inline = _inline([frame.nbytes for frame in frames])
+        first = [encode_message_header(seq, frames)]
+        first += [frame for frame, in_header in zip(frames, inline, strict=True) if in_header]
+        await send(b"".join(first))
+        for frame, in_header in zip(frames, inline, strict=True):
+            if not in_header:
+                await send(
+                    frame.obj
+                    if type(frame.obj) is bytes and frame.nbytes == len(frame.obj)
+                    else frame.tobytes()
+                )
 
 
 class _SocketConduit(_Conduit):

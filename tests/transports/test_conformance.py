@@ -28,6 +28,7 @@ async def test_lossless_in_order_with_mixed_sizes(address):
     sizes = [0, 1, 1000, 65536, 65537, 1 << 20, 6_200_000, 64 << 20, 3]
     messages = [[b"h%d" % i, payload(i, size)] for i, size in enumerate(sizes)]
     messages.append([b"many frames"] + [payload(i, i * 100) for i in range(50)])
+    messages.append([b"many 64 KiB frames"] + [payload(i, 65536) for i in range(20)])
     with trio.fail_after(60):
         async with (
             await transports.bind(address) as outlet,

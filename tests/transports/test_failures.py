@@ -14,7 +14,8 @@ import trio
 import trio.testing
 
 import transports
-from transports._framing import WELCOME_SIZE, encode_hello
+from transports._framing import WELCOME_SIZE, ProtocolError, encode_hello, encode_message_header
+from transports._nng import _read_record
 
 from .conftest import BACKENDS
 
@@ -248,3 +249,25 @@ async def test_cancelled_close_still_closes(address):
         with pytest.raises((trio.BrokenResourceError, trio.EndOfChannel)):
             await inlet.receive()
         await inlet.aclose()
+
+
+@pytest.mark.parametrize(
+    "cut", [-1, 1], ids=["header message one byte short", "header message one byte long"]
+)
+async def test_nng_message_whose_size_disagrees_with_its_header_is_refused(cut):
+    frames = [memoryview(b"small"), memoryview(bytes(70_000))]  # inline, then a message of its own
+    messages = [encode_message_header(0, frames) + b"small", bytes(70_000)]
+    assert (await _read_record(iter_messages(messages), 1 << 20))[2] == frames
+    messages[0] = messages[0][:cut] if cut < 0 else messages[0] + b"!"
+    with pytest.raises(ProtocolError):
+        await _read_record(iter_messages(messages), 1 << 20)
+
+
+def iter_messages(messages):
+    queue = list(messages)
+
+    async def next_message():
+        await trio.lowlevel.checkpoint()
+        return queue.pop(0) if queue else None
+
+    return next_message
