@@ -122,11 +122,14 @@ def _lengths_struct(count: int) -> struct.Struct:
     return struct.Struct(f"<{count}Q")
 
 
+@functools.cache
+def _header_struct(count: int) -> struct.Struct:
+    return struct.Struct(f"{_MESSAGE.format}{count}Q")
+
+
 def encode_message_header(seq: int, frames: list[memoryview]) -> bytes:
     count = len(frames)
-    return _MESSAGE.pack(KIND_MESSAGE, seq, count) + _lengths_struct(count).pack(
-        *[f.nbytes for f in frames]
-    )
+    return _header_struct(count).pack(KIND_MESSAGE, seq, count, *[f.nbytes for f in frames])
 
 
 def encode_end(next_seq: int) -> bytes:

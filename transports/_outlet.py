@@ -22,16 +22,19 @@ def _as_frames(message: Message, max_frame_size: int) -> tuple[list[memoryview],
         TypeError: a frame is not bytes-like.
         ValueError: no frames, a frame not C-contiguous, or one over *max_frame_size*.
     """
-    try:
-        parts: list = [memoryview(message)]  # one bytes-like object: a single frame
-    except TypeError:
+    if isinstance(message, (list, tuple)):  # the usual case: no exception to catch
+        parts = message
+    else:
         try:
-            parts = list(message)
+            parts = [memoryview(message)]  # one bytes-like object: a single frame
         except TypeError:
-            raise TypeError(
-                f"a message is a bytes-like object or a sequence of them, "
-                f"not {type(message).__name__}"
-            ) from None
+            try:
+                parts = list(message)
+            except TypeError:
+                raise TypeError(
+                    f"a message is a bytes-like object or a sequence of them, "
+                    f"not {type(message).__name__}"
+                ) from None
     if not parts:
         raise ValueError("a message needs at least one frame")
     frames = []

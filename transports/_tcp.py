@@ -90,9 +90,9 @@ class _StreamConduit(_Conduit):
         return self._write_now([data])
 
     def _write_now(self, buffers: list[bytes | memoryview]) -> list[memoryview]:
+        fd = self._stream.socket.fileno()  # -1 once closed
         views = [memoryview(buffer) for buffer in buffers]
         first = 0
-        fd = self._stream.socket.fileno()  # -1 once closed
         try:
             while first < len(views):
                 first = _advance(views, first, os.writev(fd, views[first : first + _IOV_MAX]))
