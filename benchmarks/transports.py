@@ -387,6 +387,8 @@ class Cell:
     rate_vs_raw: float | None = None
     #: The rate of each successful round, in msg/s.
     round_msgs_per_s: list[float] = field(default_factory=list)
+    #: The rate of every round in order, None where it failed (to pair rounds).
+    round_rates: list[float | None] = field(default_factory=list)
     #: Set if no round succeeded; otherwise the errors of failed rounds, if any.
     error: str | None = None
     round_errors: list[str] = field(default_factory=list)
@@ -395,6 +397,9 @@ class Cell:
     def from_rounds(cls, backend: Backend, size: int, rounds: Sequence[Round]) -> Cell:
         cell = cls(backend.name, backend.family, size)
         good = [r for r in rounds if r.error is None and r.msgs_per_s is not None]
+        cell.round_rates = [
+            r.msgs_per_s if r.error is None and r.msgs_per_s is not None else None for r in rounds
+        ]
         cell.round_errors = [r.error for r in rounds if r.error is not None]
         if not good:
             cell.error = cell.round_errors[0] if cell.round_errors else "no measurement"
@@ -673,14 +678,27 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 
 
 def add_ratios(cells: Sequence[Cell]) -> None:
-    """Set each transports cell's rate relative to the raw stream of its family, same size."""
-    raw = {(c.backend, c.size): c.msgs_per_s for c in cells if BACKENDS[c.backend].raw}
+    """Set each transports cell's rate relative to the raw stream of its family, same size.
+
+    The ratio is the median over rounds of the rate in that round divided by
+    the raw stream's rate in the same round (measured seconds apart): the
+    machine's drift from round to round, which is larger here than the
+    differences measured, cancels out.
+    """
+    raw = {(c.backend, c.size): c for c in cells if BACKENDS[c.backend].raw}
     for cell in cells:
         if BACKENDS[cell.backend].raw:
             continue
         base = raw.get((BASELINES[cell.family], cell.size))
-        if base and cell.msgs_per_s is not None:
-            cell.rate_vs_raw = cell.msgs_per_s / base
+        if base is None:
+            continue
+        ratios = [
+            rate / base_rate
+            for rate, base_rate in zip(cell.round_rates, base.round_rates, strict=False)
+            if rate and base_rate
+        ]
+        if ratios:
+            cell.rate_vs_raw = float(np.median(ratios))
 
 
 def markdown_table(cells: Sequence[Cell], options: Options, rounds: int) -> str:
@@ -693,7 +711,8 @@ def markdown_table(cells: Sequence[Cell], options: Options, rounds: int) -> str:
         f"of {options.seconds:g} s; transports: RELIABLE, capacity {options.capacity}.",
         "MB/s counts payload bytes (1 MB = 10^6 B). Latency is one-way, paced sends. "
         "`rate vs raw` = msg/s relative to the raw Trio stream of the same socket family "
-        "(tcp, nng+tcp vs raw-tcp; unix, nng+ipc vs raw-unix).",
+        "(tcp, nng+tcp vs raw-tcp; unix, nng+ipc vs raw-unix), measured in the same round: "
+        "median of the rounds' ratios.",
         "",
         "| backend | size | msg/s | MB/s | p50 µs | p99 µs | rate vs raw |",
         "|---|---:|---:|---:|---:|---:|---:|",
