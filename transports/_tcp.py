@@ -94,6 +94,8 @@ class _StreamConduit(_Conduit):
         views = [memoryview(buffer) for buffer in buffers]
         first = 0
         try:
+            if len(views) == 1:  # the usual case for small messages and records
+                first = _advance(views, first, os.write(fd, views[0]))
             while first < len(views):
                 first = _advance(views, first, os.writev(fd, views[first : first + _IOV_MAX]))
         except OSError:  # it would block, or the connection broke: left to send_rest
