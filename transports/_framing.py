@@ -258,6 +258,7 @@ class StreamReader:
         )
         self._max_frame_size = max_frame_size
         self._reads_in_a_row = 0
+        self._drained = False
         self._frames = _FramePool()
         self._buffer = bytearray(buffer_size)
         self._view = memoryview(self._buffer)
@@ -279,6 +280,9 @@ class StreamReader:
         if self._reads_in_a_row >= READS_BEFORE_YIELD:
             self._reads_in_a_row = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
+        if self._drained:  # the last read emptied the socket: wait, do not try first
+            self._reads_in_a_row = 0
+            await trio.lowlevel.wait_readable(self._sock)
         while True:
             try:
                 received = os.readv(self._sock.fileno(), [view])
@@ -287,6 +291,7 @@ class StreamReader:
                 await trio.lowlevel.wait_readable(self._sock)
             else:
                 self._reads_in_a_row += 1
+                self._drained = 0 < received < len(view)
                 return received
 
     async def _fill(self, count: int) -> bool:
