@@ -199,9 +199,14 @@ class _InletBuffer:
     def own_dropped(self) -> int:
         return self._own_dropped
 
+    @property
+    def credit_due(self) -> bool:
+        """Whether a batch of credit is owed (see :meth:`take_credit`)."""
+        return self._credit_owed >= self.credit_batch
+
     def take_credit(self) -> int:
         """The credit owed, if it makes a batch (then it is no longer owed); else 0."""
-        if self._credit_owed < self.credit_batch:
+        if not self.credit_due:
             return 0
         owed, self._credit_owed = self._credit_owed, 0
         return owed

@@ -108,63 +108,122 @@ async def _close_conduit(conduit: _Conduit) -> None:
             log.debug("closing %s", conduit.peer, exc_info=True)
 
 
-class _Transmitter:
-    """Moves the messages of one link onto its conduit.
+class _Writer(ABC):
+    """Writes one side's records on a conduit: from a task of its own, or at once.
 
-    Its task (:meth:`run`) writes whatever credit lets through, then the end
-    of stream. While the task is idle, a few small messages that become
-    transmittable (put by ``send``, or let through by credit) are written at
-    once by whoever changed the link, as far as the connection takes them
-    without waiting: no task wakes up for them. What the connection did not
-    take is left to the task, which writes it before anything else.
+    The task (:meth:`run`) writes whatever there is, then waits to be poked.
+    While it waits, :meth:`poke` -- called by whichever task made something
+    writable -- writes at once, as far as the connection takes it without
+    waiting, if the conduit can (``eager``): small messages and credit then
+    cost no task wake-up. What the connection did not take is left to the
+    task, which writes it before anything else.
     """
 
     def __init__(self, conduit: _Conduit) -> None:
         self._conduit = conduit
-        self.link: _LinkQueue | None = None
-        #: Whether the task waits for work (so nothing else is being written).
+        #: Whether the task waits to be poked (so nothing else is being written).
         self._idle = False
         self._rest: list[memoryview] = []
         self._wake = trio.lowlevel.ParkingLot()
 
-    def changed(self) -> None:
-        """The link changed: write at once, wake the task, or leave it to the task."""
-        link = self.link
-        if not self._idle or link is None:
-            return  # the task is busy and looks at the link again when done
-        if link.closing:
-            self._wake_task()
-        elif link.can_transmit():
-            if self._conduit.eager and link.pending_bytes <= EAGER_LIMIT:
-                self._rest = self._conduit.write_messages_now(link.take(BATCH))
-                if self._rest:
-                    self._wake_task()
-            else:
-                self._wake_task()
-
-    def _wake_task(self) -> None:
-        self._idle = False
-        self._wake.unpark_all()
+    def poke(self) -> None:
+        """Something may have become writable: write it now, or wake the task for it."""
+        if not self._idle:
+            return  # the task is busy and looks again when done
+        if self._conduit.eager:
+            self._rest = self._write_now()
+        if self._rest or self._has_work():
+            self._idle = False
+            self._wake.unpark_all()
 
     async def run(self) -> None:
-        """Transmit until the end of stream is written, then wait to be cancelled."""
-        link = self.link
-        conduit = self._conduit
+        """Write until cancelled."""
         while True:
             if self._rest:
                 rest, self._rest = self._rest, []
-                await conduit.send_rest(rest)
-            elif batch := link.take(BATCH):
-                await conduit.send_messages(batch)
-            elif link.closing:
-                await conduit.send_record(encode_end(link.next_seq))
-                await trio.sleep_forever()  # until the inlet acknowledges
-            else:
+                await self._conduit.send_rest(rest)
+            elif not await self._write_next():
                 self._idle = True
                 try:
                     await self._wake.park()
                 finally:
                     self._idle = False
+
+    @abstractmethod
+    def _write_now(self) -> list[memoryview]:
+        """Write what should go at once with the conduit's ``write_*_now``; return the rest."""
+
+    @abstractmethod
+    def _has_work(self) -> bool:
+        """Whether :meth:`_write_next` has something to write."""
+
+    @abstractmethod
+    async def _write_next(self) -> bool:
+        """Write the next thing, if any; whether there was one."""
+
+
+class _Transmitter(_Writer):
+    """Moves the messages of one link onto its conduit, then the end of stream.
+
+    A few small messages go at once (:data:`EAGER_LIMIT`); larger ones, and
+    the end of stream, from the task.
+    """
+
+    def __init__(self, conduit: _Conduit) -> None:
+        super().__init__(conduit)
+        self.link: _LinkQueue | None = None
+
+    def _write_now(self) -> list[memoryview]:
+        link = self.link
+        if link is None or link.closing or not link.can_transmit():
+            return []
+        if link.pending_bytes > EAGER_LIMIT:
+            return []
+        return self._conduit.write_messages_now(link.take(BATCH))
+
+    def _has_work(self) -> bool:
+        link = self.link
+        return link is not None and (link.closing or link.can_transmit())
+
+    async def _write_next(self) -> bool:
+        link = self.link
+        if batch := link.take(BATCH):
+            await self._conduit.send_messages(batch)
+            return True
+        if link.closing:
+            await self._conduit.send_record(encode_end(link.next_seq))
+            await trio.sleep_forever()  # until the inlet acknowledges
+        return False
+
+
+class _CreditWriter(_Writer):
+    """Returns an inlet's credit to its outlet, then acknowledges the end of stream."""
+
+    def __init__(self, conduit: _Conduit) -> None:
+        super().__init__(conduit)
+        self.buffer: _InletBuffer | None = None
+        #: Set once the end of stream has been taken in.
+        self.ack_due = False
+
+    def _write_now(self) -> list[memoryview]:
+        buffer = self.buffer
+        if buffer is None or not (count := buffer.take_credit()):
+            return []
+        return self._conduit.write_record_now(encode_credit(count, buffer.own_dropped))
+
+    def _has_work(self) -> bool:
+        return self.buffer is not None and (self.buffer.credit_due or self.ack_due)
+
+    async def _write_next(self) -> bool:
+        buffer = self.buffer
+        if count := buffer.take_credit():
+            await self._conduit.send_record(encode_credit(count, buffer.own_dropped))
+        elif self.ack_due:
+            self.ack_due = False
+            await self._conduit.send_record(encode_ack(buffer.own_dropped))
+        else:
+            return False
+        return True
 
 
 class _NetOutlet(_OutletBase):
@@ -185,7 +244,7 @@ class _NetOutlet(_OutletBase):
             if self._closed:
                 return
             transmitter = _Transmitter(conduit)
-            link = self._new_link(conduit.peer, delivery, capacity, transmitter.changed)
+            link = self._new_link(conduit.peer, delivery, capacity, transmitter.poke)
             transmitter.link = link
             await conduit.send_record(encode_welcome())
             log.debug(
@@ -235,15 +294,10 @@ class _NetInlet(Inlet):
     def __init__(self, conduit: _Conduit, background: _Background, counters: _Counters) -> None:
         self._conduit = conduit
         self._background = background
-        self._buffer = _InletBuffer(counters, self._owe_credit)
-        self._ack_due = False
+        self._credit = _CreditWriter(conduit)
+        self._buffer = _InletBuffer(counters, self._credit.poke)
+        self._credit.buffer = self._buffer
         self._closed = False
-        # Like an outlet's _Transmitter: credit is written at once by the task
-        # that owes it while _give_credit waits; what the connection does not
-        # take is left to _give_credit, which writes it before anything else.
-        self._credit_idle = False
-        self._credit_rest: list[memoryview] = []
-        self._credit_due = trio.lowlevel.ParkingLot()
 
     @classmethod
     async def open(
@@ -290,7 +344,7 @@ class _NetInlet(Inlet):
     async def _run(self) -> None:
         peer = self._buffer.counters.peer
         try:
-            await first_completed(self._take_in, self._give_credit)
+            await first_completed(self._take_in, self._credit.run)
         except _LINK_ERRORS as exc:
             if self._buffer.ended:  # only the acknowledgement was lost
                 log.debug("inlet from %s: after the end of stream: %r", peer, exc)
@@ -313,43 +367,7 @@ class _NetInlet(Inlet):
                 buffer.deliver(fixed[0], frames, sum([frame.nbytes for frame in frames]))
             elif kind == KIND_END:
                 buffer.end(fixed[0])
-                self._ack_due = True
-                self._wake_credit_task()
+                self._credit.ack_due = True
+                self._credit.poke()
             else:
                 raise ProtocolError(f"unexpected record of kind {kind} from an outlet")
-
-    def _owe_credit(self) -> None:
-        """A batch of credit is owed: write it now, or have _give_credit write it."""
-        if not self._credit_idle:
-            return  # _give_credit is busy and looks again when done
-        if self._conduit.eager:
-            count = self._buffer.take_credit()
-            if count:
-                data = encode_credit(count, self._buffer.own_dropped)
-                self._credit_rest = self._conduit.write_record_now(data)
-                if not self._credit_rest:
-                    return
-        self._wake_credit_task()
-
-    def _wake_credit_task(self) -> None:
-        self._credit_idle = False
-        self._credit_due.unpark_all()
-
-    async def _give_credit(self) -> None:
-        buffer = self._buffer
-        conduit = self._conduit
-        while True:
-            if self._credit_rest:
-                rest, self._credit_rest = self._credit_rest, []
-                await conduit.send_rest(rest)
-            elif count := buffer.take_credit():
-                await conduit.send_record(encode_credit(count, buffer.own_dropped))
-            elif self._ack_due:
-                self._ack_due = False
-                await conduit.send_record(encode_ack(buffer.own_dropped))
-            else:
-                self._credit_idle = True
-                try:
-                    await self._credit_due.park()
-                finally:
-                    self._credit_idle = False
