@@ -334,6 +334,9 @@ class StreamReader:
         while got < count:
             if self._quickack:
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            # Trio's recv_into, which yields after each read: while a large
+            # frame streams in, the application and the credit get to run
+            # (reading it through _recv_into measured 2x slower at 1 MB).
             received = await self._sock.recv_into(view[got:])
             if not received:
                 raise ProtocolError("the stream ended inside a frame")

@@ -71,12 +71,12 @@ def _advance(views: list[memoryview], first: int, sent: int) -> int:
 
 
 class _StreamConduit(_Conduit):
+    eager = hasattr(os, "writev")
+
     def __init__(self, stream: trio.SocketStream, max_frame_size: int) -> None:
         self._stream = stream
         self._reader = StreamReader(stream.socket, max_frame_size)
         self.peer = _peer_name(stream)
-
-    eager = hasattr(os, "writev")
 
     async def send_messages(self, batch: list[tuple[int, list[memoryview], int]]) -> None:
         await self.send_rest([memoryview(buffer) for buffer in encode_messages(batch)])
@@ -117,7 +117,7 @@ class _StreamConduit(_Conduit):
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
     async def send_record(self, data: bytes) -> None:
-        await self._stream.send_all(data)
+        await self.send_rest([memoryview(data)])
 
     async def receive_handshake(self, size: int) -> bytes:
         return bytes(await self._reader.read_handshake(size))
