@@ -1,6 +1,7 @@
 """chimera: distributed, real-time, multimodal data collection on Trio."""
 
+from ._data import DataChunk, DecodeError
 from ._graph import Graph
 from ._version import __version__
 
-__all__ = ["Graph", "__version__"]
+__all__ = ["DataChunk", "DecodeError", "Graph", "__version__"]

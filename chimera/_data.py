@@ -1,0 +1,746 @@
+"""Records a node produces, :class:`DataChunk`, and their codec: chunks to frames and back.
+
+A chunk travels as a list of frames. Frame 0 is a msgpack envelope; every numpy
+buffer (an array, a table column) and every pickled object follows as a frame
+of its own, so that arrays are neither pickled nor copied::
+
+    {"version": 1,
+     "records": [{"name": str, "type": content type, "timestamp": int ns,
+                  "value": storage}, ...]}
+
+where a *storage* is one of:
+
+==========  ============================================================
+kind        fields
+==========  ============================================================
+``inline``  ``value``: the value itself, in msgpack (``json`` records)
+``array``   ``frame``: index of the frame holding the raw bytes (C order),
+            ``dtype``: ``numpy.dtype.str`` (``"<f4"``), ``shape``: list
+``scalar``  as ``array``, for a numpy scalar (shape ``[]``)
+``table``   ``rows``: row count, ``columns``: list of ``{"name", "data"}``
+            where ``data`` is an ``array`` or ``list`` storage, ``index``:
+            ``null`` for the default ``RangeIndex`` or ``{"name", "data"}``
+            where ``data`` is an ``array``, ``list`` or ``range`` storage
+``list``    ``dtype``: ``"object"``, ``"str"`` or ``"string"``, ``values``:
+            msgpack list (string and object columns of a table)
+``range``   ``start``, ``stop``, ``step`` (a non-default ``RangeIndex``)
+``pickle``  ``frame``: index of the frame holding ``cloudpickle`` bytes
+==========  ============================================================
+
+Every frame after the envelope is referenced exactly once. Decoding checks all
+of this and raises :class:`DecodeError` on anything else; it unpickles only
+when the caller allows objects.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import cloudpickle
+import msgpack
+import numpy
+import pandas
+
+__all__ = [
+    "CONTENT_TYPES",
+    "DataChunk",
+    "DecodeError",
+    "decode_chunk",
+    "encode_chunk",
+    "set_clock",
+]
+
+#: The version of the envelope this module writes and reads.
+VERSION = 1
+
+#: The content types a record may have.
+CONTENT_TYPES = frozenset({"image", "audio", "array", "table", "json", "object", "other"})
+
+#: Deepest nesting of lists and dicts a ``json`` value may have.
+MAX_JSON_DEPTH = 100
+
+#: Most dimensions an encoded array may have (numpy's own limit).
+MAX_DIMS = 64
+
+#: numpy dtype kinds whose buffers travel raw: bool, integers, floats, complex,
+#: timedelta, datetime, bytes and unicode strings (not objects, not structured).
+_RAW_KINDS = frozenset("biufcmMSU")
+_NUMERIC_KINDS = frozenset("iufc")
+_ARRAY_KINDS = frozenset("biufc")
+
+#: What ``numpy.dtype(...).str`` looks like for the raw kinds; checked before
+#: numpy parses a dtype from the wire (some strings numpy parses with a warning).
+_DTYPE_PATTERN = re.compile(r"[<>|][biufcmMSU][0-9]{1,9}(\[[0-9]{0,9}[A-Za-z]{1,2}\])?")
+
+#: The dtypes of table columns that travel inline, as msgpack lists.
+_LIST_DTYPES = frozenset({"object", "str", "string"})
+
+Frame = bytes | memoryview
+
+
+class DecodeError(ValueError):
+    """Frames that are not a valid encoded :class:`DataChunk`."""
+
+
+# --- the clock -------------------------------------------------------------------
+
+_clock: Callable[[], int] = time.time_ns
+
+
+def set_clock(fn: Callable[[], int] | None) -> None:
+    """Use *fn* (no arguments, returns cluster time in ns) to stamp new records.
+
+    ``None`` restores the default, :func:`time.time_ns`. The worker plugs in its
+    offset-corrected clock here once it knows the Manager's time.
+    """
+    global _clock
+    _clock = time.time_ns if fn is None else fn
+
+
+def _now() -> int:
+    return int(_clock())
+
+
+# --- validation ------------------------------------------------------------------
+
+
+def _check_json(value: Any, where: str = "value", depth: int = 0) -> None:
+    """Raise TypeError or ValueError unless msgpack round-trips *value* exactly.
+
+    Exact types only: None, bool, int (64-bit), float, str, bytes, list, dict
+    with scalar keys. A tuple, a subclass (``numpy.float64``) or a bytearray
+    would come back as another type, so they are refused.
+    """
+    kind = type(value)
+    if value is None or kind in (bool, float, str, bytes):
+        return
+    if kind is int:
+        if not -(2**63) <= value < 2**64:
+            raise ValueError(f"{where} is an integer out of the 64-bit range msgpack can encode")
+        return
+    if kind not in (list, dict):
+        raise TypeError(
+            f"{where} is a {kind.__name__}: json records hold only None, bool, int, float, "
+            "str, bytes, list and dict"
+        )
+    if depth >= MAX_JSON_DEPTH:
+        raise ValueError(f"{where} nests lists and dicts deeper than {MAX_JSON_DEPTH} levels")
+    if kind is list:
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]", depth + 1)
+    else:
+        for key, item in value.items():
+            if type(key) in (list, dict):
+                raise TypeError(f"{where} has a key that is a {type(key).__name__}")
+            _check_json(key, f"key {key!r} of {where}", depth + 1)
+            _check_json(item, f"{where}[{key!r}]", depth + 1)
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        _check_json(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _require_array(value: Any, content_type: str) -> numpy.ndarray:
+    if not isinstance(value, numpy.ndarray):
+        raise TypeError(f"{content_type} records hold numpy arrays, not {type(value).__name__}")
+    return value
+
+
+def _check_frame_dtype(dtype: Any, where: str) -> None:
+    """Raise ValueError unless a table column or index of *dtype* can be encoded."""
+    if isinstance(dtype, numpy.dtype):
+        if dtype.kind in _RAW_KINDS or dtype.kind == "O":
+            return
+    elif isinstance(dtype, pandas.StringDtype):
+        return
+    raise ValueError(
+        f"{where} has dtype {dtype}: tables hold numeric, bool, string, object, "
+        "datetime64 and timedelta64 columns"
+    )
+
+
+def _check_table(value: Any) -> None:
+    if not isinstance(value, pandas.DataFrame):
+        raise TypeError(f"table records hold pandas DataFrames, not {type(value).__name__}")
+    if isinstance(value.columns, pandas.MultiIndex) or isinstance(value.index, pandas.MultiIndex):
+        raise ValueError("table records cannot hold a DataFrame with a MultiIndex")
+    for name in value.columns:
+        _check_json(name, f"column name {name!r}")
+        if type(name) in (list, dict):
+            raise TypeError(f"column name {name!r} is not a scalar")
+    for position, dtype in enumerate(value.dtypes):
+        _check_frame_dtype(dtype, f"column {value.columns[position]!r}")
+    _check_json(value.index.name, "the index name")
+    if not isinstance(value.index, pandas.RangeIndex):
+        _check_frame_dtype(value.index.dtype, "the index")
+
+
+def _check_value(value: Any, content_type: str) -> None:
+    """Raise TypeError or ValueError unless *value* fits *content_type*."""
+    if content_type == "image":
+        array = _require_array(value, "image")
+        if array.dtype != numpy.uint8:
+            raise TypeError(f"image records hold uint8 arrays, not {array.dtype}")
+        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+            raise ValueError(
+                f"image records hold HxW, HxWx3 or HxWx4 arrays, not shape {array.shape}"
+            )
+    elif content_type == "audio":
+        array = _require_array(value, "audio")
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            raise TypeError(f"audio records hold numeric arrays, not {array.dtype}")
+        if array.ndim not in (1, 2):
+            raise ValueError(
+                f"audio records hold 1-D or 2-D (frames x channels) arrays, not shape {array.shape}"
+            )
+    elif content_type == "array":
+        array = _require_array(value, "array")
+        if array.dtype.kind not in _ARRAY_KINDS:
+            raise TypeError(f"array records hold numeric or bool arrays, not {array.dtype}")
+    elif content_type == "table":
+        _check_table(value)
+    elif content_type == "json":
+        _check_json(value)
+    elif content_type not in CONTENT_TYPES:
+        raise ValueError(
+            f"unknown content type {content_type!r} (expected one of {sorted(CONTENT_TYPES)})"
+        )
+
+
+def _values_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, numpy.ndarray) or isinstance(b, numpy.ndarray):
+        if not (isinstance(a, numpy.ndarray) and isinstance(b, numpy.ndarray)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        return bool(numpy.array_equal(a, b, equal_nan=a.dtype.kind in "fcmM"))
+    if isinstance(a, pandas.DataFrame) or isinstance(b, pandas.DataFrame):
+        if not (isinstance(a, pandas.DataFrame) and isinstance(b, pandas.DataFrame)):
+            return False
+        return bool(a.equals(b)) and a.index.names == b.index.names
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+# --- DataChunk -------------------------------------------------------------------
+
+
+class DataChunk:
+    """Named records, each ``{"value": ..., "content-type": ..., "timestamp": ns}``.
+
+    What a node's ``step`` returns and receives (ChimeraPy's ``DataChunk``).
+    Timestamps are cluster time in ns, taken from the clock :func:`set_clock`
+    installs when a record is added.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[str, dict[str, Any]] = {}
+
+    def add(self, name: str, value: Any, content_type: str = "other") -> None:
+        """Store *value* as record *name*, stamped with the current cluster time.
+
+        Replaces a record of the same name. ``"other"`` accepts anything; the
+        codec then decides how it travels (see :func:`encode_chunk`).
+
+        Raises:
+            TypeError: *name* is not a str, or *value* is not of a type
+                *content_type* holds (an image that is not a uint8 array...).
+            ValueError: *content_type* is unknown, or *value* is of the right
+                type but not fit for it (an image of shape HxWx2...).
+        """
+        self._store(name, value, content_type, _now())
+
+    def update(self, name: str, record: Mapping[str, Any]) -> None:
+        """Set record *name* to *record* (keys ``value``, ``content-type``, ``timestamp``).
+
+        A missing ``timestamp`` is filled with the current cluster time.
+
+        Raises:
+            TypeError: *name* is not a str, *record* is not a mapping, its
+                timestamp is not an int, or its value is not of a type its
+                content type holds.
+            ValueError: *record* lacks ``value`` or ``content-type``, has other
+                keys, or its content type is unknown or does not fit the value.
+        """
+        if not isinstance(record, Mapping):
+            raise TypeError(f"a record is a dict, not {type(record).__name__}")
+        missing = [key for key in ("value", "content-type") if key not in record]
+        if missing:
+            raise ValueError(f"record {name!r} lacks {' and '.join(map(repr, missing))}")
+        extra = set(record) - {"value", "content-type", "timestamp"}
+        if extra:
+            raise ValueError(f"record {name!r} has unknown keys {sorted(map(str, extra))}")
+        timestamp = record.get("timestamp")
+        if timestamp is None:
+            timestamp = _now()
+        elif type(timestamp) is not int:
+            raise TypeError(f"a timestamp is an int (ns), not {type(timestamp).__name__}")
+        self._store(name, record["value"], record["content-type"], timestamp)
+
+    def _store(self, name: str, value: Any, content_type: str, timestamp: int) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"a record name is a str, not {type(name).__name__}")
+        if not isinstance(content_type, str):
+            raise TypeError(f"a content type is a str, not {type(content_type).__name__}")
+        _check_value(value, content_type)
+        self._records[name] = {"value": value, "content-type": content_type, "timestamp": timestamp}
+
+    def get(self, name: str) -> dict[str, Any]:
+        """Record *name*: a new dict with keys ``value``, ``content-type``, ``timestamp``.
+
+        Changing the dict does not change the chunk; use :meth:`update`.
+
+        Raises:
+            KeyError: there is no record *name*.
+        """
+        try:
+            return dict(self._records[name])
+        except KeyError:
+            raise KeyError(f"no record named {name!r} in this DataChunk") from None
+
+    def contains(self, name: str) -> bool:
+        """Whether there is a record *name*."""
+        return name in self._records
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._records
+
+    def names(self) -> list[str]:
+        """The names of the records, in the order they were first added."""
+        return list(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._records))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DataChunk):
+            return NotImplemented
+        if self._records.keys() != other._records.keys():
+            return False
+        for name, mine in self._records.items():
+            theirs = other._records[name]
+            if (
+                mine["content-type"] != theirs["content-type"]
+                or mine["timestamp"] != theirs["timestamp"]
+                or not _values_equal(mine["value"], theirs["value"])
+            ):
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        parts = []
+        for name, record in self._records.items():
+            value = record["value"]
+            if isinstance(value, numpy.ndarray):
+                summary = f"{value.dtype}{list(value.shape)}"
+            elif isinstance(value, pandas.DataFrame):
+                summary = f"DataFrame[{value.shape[0]}x{value.shape[1]}]"
+            else:
+                summary = type(value).__name__
+            parts.append(f"{name!r}: {record['content-type']} {summary}")
+        return f"DataChunk({{{', '.join(parts)}}})"
+
+
+# --- encoding --------------------------------------------------------------------
+
+
+class _Encoder:
+    """Builds the envelope of one chunk, collecting the frames it references."""
+
+    def __init__(self, allow_objects: bool) -> None:
+        self.allow_objects = allow_objects
+        self.frames: list[Frame] = []
+
+    def add_frame(self, frame: Frame) -> int:
+        self.frames.append(frame)
+        return len(self.frames)  # frame 0 is the envelope
+
+    def array(self, array: numpy.ndarray, kind: str = "array") -> dict[str, Any]:
+        shape = list(array.shape)
+        if not array.flags.c_contiguous:  # (ascontiguousarray makes a 0-d array 1-d)
+            array = numpy.ascontiguousarray(array)
+        # A flat byte view: memoryview refuses some dtypes (datetime64) as they are.
+        raw = memoryview(array.reshape(-1).view(numpy.uint8))
+        return {
+            "kind": kind,
+            "frame": self.add_frame(raw),
+            "dtype": array.dtype.str,
+            "shape": shape,
+        }
+
+    def pickle(self, name: str, value: Any) -> dict[str, Any]:
+        if not self.allow_objects:
+            raise ValueError(
+                f"record {name!r} needs pickling ({type(value).__name__}): objects travel "
+                "only if the cluster allows them (allow_objects=True)"
+            )
+        return {"kind": "pickle", "frame": self.add_frame(cloudpickle.dumps(value))}
+
+    def column(self, where: str, values: pandas.Series | pandas.Index) -> dict[str, Any]:
+        dtype = values.dtype
+        if isinstance(dtype, numpy.dtype) and dtype.kind in _RAW_KINDS:
+            return self.array(values.to_numpy())
+        if isinstance(dtype, pandas.StringDtype):
+            name = "str" if _is_nan(dtype.na_value) else "string"
+            items = [None if pandas.isna(item) else item for item in values.tolist()]
+        elif dtype == numpy.dtype(object):
+            name = "object"
+            items = values.tolist()
+            try:
+                _check_json(items, where)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{exc} (object columns travel as msgpack lists)") from None
+        else:
+            raise ValueError(f"{where} has dtype {dtype}, which tables cannot hold")
+        return {"kind": "list", "dtype": name, "values": items}
+
+    def table(self, name: str, frame: pandas.DataFrame) -> dict[str, Any]:
+        _check_table(frame)
+        columns = [
+            {"name": column, "data": self.column(f"column {column!r}", frame.iloc[:, position])}
+            for position, column in enumerate(frame.columns)
+        ]
+        index: dict[str, Any] | None
+        frame_index = frame.index
+        if isinstance(frame_index, pandas.RangeIndex):
+            if (frame_index.start, frame_index.step) == (0, 1) and frame_index.name is None:
+                index = None
+            else:
+                data = {
+                    "kind": "range",
+                    "start": frame_index.start,
+                    "stop": frame_index.stop,
+                    "step": frame_index.step,
+                }
+                index = {"name": frame_index.name, "data": data}
+        else:
+            index = {"name": frame_index.name, "data": self.column("the index", frame_index)}
+        return {"kind": "table", "rows": len(frame), "columns": columns, "index": index}
+
+    def value(self, name: str, value: Any, content_type: str) -> dict[str, Any]:
+        if content_type in ("image", "audio", "array"):
+            return self.array(value)
+        if content_type == "table":
+            return self.table(name, value)
+        if content_type == "json":
+            return {"kind": "inline", "value": value}
+        if content_type == "object":
+            return self.pickle(name, value)
+        # "other": whatever fits best
+        if isinstance(value, numpy.ndarray) and value.dtype.kind in _RAW_KINDS:
+            return self.array(value)
+        if isinstance(value, numpy.generic) and value.dtype.kind in _RAW_KINDS:
+            return self.array(numpy.asarray(value), kind="scalar")
+        if isinstance(value, pandas.DataFrame):
+            try:
+                _check_table(value)
+            except (TypeError, ValueError):
+                return self.pickle(name, value)
+            return self.table(name, value)
+        if _is_json(value):
+            return {"kind": "inline", "value": value}
+        return self.pickle(name, value)
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def encode_chunk(chunk: DataChunk, *, allow_objects: bool = False) -> list[bytes | memoryview]:
+    """The frames of *chunk*: a msgpack envelope, then one frame per buffer.
+
+    Arrays are not copied: their frames are byte views of them (of a
+    C-contiguous copy if the array is not C-contiguous), so the caller must not
+    change an array until the frames are sent. ``other`` records travel as json
+    if msgpack round-trips them exactly, as arrays if they are numpy arrays or
+    scalars, as tables if they are DataFrames a table can hold, else pickled.
+
+    Raises:
+        ValueError: a record must be pickled (content type ``object``, or an
+            ``other`` value that fits nothing else) and *allow_objects* is
+            false; or a table column holds values msgpack cannot encode.
+    """
+    encoder = _Encoder(allow_objects)
+    records = []
+    for name, record in chunk._records.items():
+        content_type = record["content-type"]
+        records.append(
+            {
+                "name": name,
+                "type": content_type,
+                "timestamp": record["timestamp"],
+                "value": encoder.value(name, record["value"], content_type),
+            }
+        )
+    envelope = msgpack.packb({"version": VERSION, "records": records}, use_bin_type=True)
+    return [envelope, *encoder.frames]
+
+
+# --- decoding --------------------------------------------------------------------
+
+
+class _Decoder:
+    """Rebuilds the values of one envelope from its frames, checking everything."""
+
+    def __init__(self, frames: Sequence[Frame], allow_objects: bool) -> None:
+        self.frames = frames
+        self.used: set[int] = set()
+        self.allow_objects = allow_objects
+
+    def frame(self, storage: dict[str, Any], where: str) -> memoryview:
+        index = _field(storage, "frame", int, where)
+        if not 1 <= index < len(self.frames):
+            raise DecodeError(
+                f"{where} refers to frame {index}, out of range (1..{len(self.frames) - 1})"
+            )
+        if index in self.used:
+            raise DecodeError(f"{where} refers to frame {index}, already used by another value")
+        self.used.add(index)
+        try:
+            view = memoryview(self.frames[index])
+        except TypeError:
+            raise DecodeError(f"frame {index} is not bytes-like") from None
+        if not view.c_contiguous:
+            raise DecodeError(f"frame {index} is not C-contiguous")
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        return view
+
+    def array(self, storage: dict[str, Any], where: str) -> numpy.ndarray:
+        dtype = _dtype(_field(storage, "dtype", str, where), where)
+        shape = _field(storage, "shape", list, where)
+        if len(shape) > MAX_DIMS or not all(type(n) is int and n >= 0 for n in shape):
+            raise DecodeError(f"{where} has an invalid shape {shape!r}")
+        view = self.frame(storage, where)
+        count = math.prod(shape)
+        if count * dtype.itemsize != view.nbytes:
+            raise DecodeError(
+                f"{where}: shape {shape} of {dtype} needs {count * dtype.itemsize} bytes, "
+                f"its frame has {view.nbytes}"
+            )
+        try:
+            return numpy.frombuffer(view, dtype=dtype, count=count).reshape(shape)
+        except ValueError as exc:
+            raise DecodeError(f"{where}: {exc}") from None
+
+    def list_column(self, storage: dict[str, Any], where: str) -> pandas.Series:
+        dtype = _field(storage, "dtype", str, where)
+        if dtype not in _LIST_DTYPES:
+            raise DecodeError(f"{where} has list dtype {dtype!r} (one of {sorted(_LIST_DTYPES)})")
+        values = _field(storage, "values", list, where)
+        _check_inline(values, where)
+        if dtype != "object" and not all(v is None or type(v) is str for v in values):
+            raise DecodeError(f"{where} is a {dtype} column holding values that are not str")
+        return pandas.Series(values, dtype=dtype)
+
+    def column(self, storage: Any, where: str, rows: int, allowed: tuple[str, ...]) -> Any:
+        kind = _kind(storage, where, allowed)
+        if kind == "array":
+            values = self.array(storage, where)
+            if values.ndim != 1:
+                raise DecodeError(f"{where} is an array of {values.ndim} dimensions, not 1")
+            if values.dtype.kind not in _RAW_KINDS:
+                raise DecodeError(f"{where} has dtype {values.dtype}")
+            result: Any = pandas.Series(values, copy=True)
+        elif kind == "list":
+            result = self.list_column(storage, where)
+        else:  # range
+            start, stop, step = (
+                _field(storage, key, int, where) for key in ("start", "stop", "step")
+            )
+            if step == 0:
+                raise DecodeError(f"{where} is a range of step 0")
+            result = pandas.RangeIndex(start, stop, step)
+        if len(result) != rows:
+            raise DecodeError(f"{where} has {len(result)} rows, the table {rows}")
+        return result
+
+    def table(self, storage: dict[str, Any], where: str) -> pandas.DataFrame:
+        rows = _field(storage, "rows", int, where)
+        if rows < 0:
+            raise DecodeError(f"{where} has {rows} rows")
+        names, columns = [], {}
+        for position, column in enumerate(_field(storage, "columns", list, where)):
+            here = f"{where}, column {position}"
+            if not isinstance(column, dict):
+                raise DecodeError(f"{here} is not a map")
+            name = _field(column, "name", object, here)
+            _check_inline(name, f"{here} name")
+            if type(name) in (list, dict):
+                raise DecodeError(f"{here} name is not a scalar")
+            names.append(name)
+            columns[position] = self.column(
+                _field(column, "data", dict, here), here, rows, ("array", "list")
+            )
+        frame = pandas.DataFrame(columns, index=pandas.RangeIndex(rows))
+        frame.columns = pandas.Index(names) if names else pandas.RangeIndex(0)
+        index = _field(storage, "index", (dict, type(None)), where)
+        if index is not None:
+            here = f"{where}, index"
+            data = self.column(
+                _field(index, "data", dict, here), here, rows, ("array", "list", "range")
+            )
+            name = _field(index, "name", object, here)
+            _check_inline(name, f"{here} name")
+            if isinstance(data, pandas.RangeIndex):
+                frame.index = data.rename(name)
+            else:
+                frame.index = pandas.Index(data, name=name)
+        return frame
+
+    def value(self, storage: Any, content_type: str, where: str) -> Any:
+        allowed = {
+            "image": ("array",),
+            "audio": ("array",),
+            "array": ("array",),
+            "table": ("table",),
+            "json": ("inline",),
+            "object": ("pickle",),
+            "other": ("inline", "array", "scalar", "table", "pickle"),
+        }[content_type]
+        kind = _kind(storage, where, allowed)
+        if kind == "inline":
+            value = _field(storage, "value", object, where)
+            _check_inline(value, where)
+            return value
+        if kind == "array":
+            return self.array(storage, where)
+        if kind == "scalar":
+            value = self.array(storage, where)
+            if value.ndim != 0:
+                raise DecodeError(f"{where} is a scalar of shape {value.shape}")
+            return value[()]
+        if kind == "table":
+            return self.table(storage, where)
+        # pickle
+        if not self.allow_objects:
+            raise DecodeError(
+                f"{where} is a pickled object, and objects are not allowed (allow_objects=False)"
+            )
+        view = self.frame(storage, where)
+        try:
+            return cloudpickle.loads(view)
+        except Exception as exc:
+            raise DecodeError(f"{where}: unpickling failed: {exc!r}") from None
+
+
+def _field(storage: dict[str, Any], key: str, kind: Any, where: str) -> Any:
+    """``storage[key]``, checked to be of type *kind* (bool is not an int here)."""
+    if key not in storage:
+        raise DecodeError(f"{where} lacks {key!r}")
+    value = storage[key]
+    if kind is not object:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DecodeError(f"{where} has {key!r} of type {type(value).__name__}")
+    return value
+
+
+def _kind(storage: Any, where: str, allowed: tuple[str, ...]) -> str:
+    if not isinstance(storage, dict):
+        raise DecodeError(f"{where} is stored as a {type(storage).__name__}, not a map")
+    kind = storage.get("kind")
+    if kind not in allowed:
+        raise DecodeError(f"{where} is stored as {kind!r}, expected one of {list(allowed)}")
+    return kind
+
+
+def _dtype(text: str, where: str) -> numpy.dtype:
+    if not _DTYPE_PATTERN.fullmatch(text):
+        raise DecodeError(f"{where} has dtype {text!r}, which is not allowed")
+    try:
+        dtype = numpy.dtype(text)
+    except Exception:
+        raise DecodeError(f"{where} has dtype {text!r}, which numpy cannot parse") from None
+    if dtype.kind not in _RAW_KINDS or dtype.str != text or dtype.itemsize == 0:
+        raise DecodeError(f"{where} has dtype {text!r}, which is not allowed")
+    return dtype
+
+
+def _check_inline(value: Any, where: str) -> None:
+    try:
+        _check_json(value, where)
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(str(exc)) from None
+
+
+def decode_chunk(frames: Sequence[Frame], *, allow_objects: bool = False) -> DataChunk:
+    """Rebuild the chunk :func:`encode_chunk` made *frames* from, with its timestamps.
+
+    Arrays are not copied: each is a view of its frame, read-only when the
+    frame is (``bytes``), and keeps the frame alive. Copy an array to change
+    it. Table columns are copied (a DataFrame of read-only views breaks on
+    assignment). Pickled records are unpickled only if *allow_objects* is true:
+    unpickling runs code chosen by the sender.
+
+    Raises:
+        DecodeError: *frames* are not a valid encoding: frame 0 is not a
+            msgpack envelope of this version, a record lacks a field or has
+            one of the wrong type, a frame index is out of range or a frame is
+            referenced twice or never, a dtype is not allowed (objects,
+            structured, unparsable), a shape does not match its frame's size,
+            a value does not fit its content type, or a record is a pickled
+            object and *allow_objects* is false. Never any other exception.
+    """
+    try:
+        return _decode(frames, allow_objects)
+    except DecodeError:
+        raise
+    except Exception as exc:  # a check this module forgot: still a DecodeError
+        raise DecodeError(f"malformed chunk: {exc!r}") from None
+
+
+def _decode(frames: Sequence[Frame], allow_objects: bool) -> DataChunk:
+    if len(frames) == 0:
+        raise DecodeError("no frames: a chunk has at least its envelope")
+    try:
+        envelope = msgpack.unpackb(frames[0], raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:
+        raise DecodeError(f"frame 0 is not a msgpack envelope: {exc}") from None
+    if not isinstance(envelope, dict):
+        raise DecodeError(f"the envelope is a {type(envelope).__name__}, not a map")
+    version = _field(envelope, "version", int, "the envelope")
+    if version != VERSION:
+        raise DecodeError(f"envelope version {version}, this side reads version {VERSION}")
+    decoder = _Decoder(frames, allow_objects)
+    chunk = DataChunk()
+    for position, record in enumerate(_field(envelope, "records", list, "the envelope")):
+        where = f"record {position}"
+        if not isinstance(record, dict):
+            raise DecodeError(f"{where} is not a map")
+        name = _field(record, "name", str, where)
+        where = f"record {name!r}"
+        if name in chunk._records:
+            raise DecodeError(f"{where} appears twice")
+        content_type = _field(record, "type", str, where)
+        if content_type not in CONTENT_TYPES:
+            raise DecodeError(f"{where} has unknown content type {content_type!r}")
+        timestamp = _field(record, "timestamp", int, where)
+        value = decoder.value(_field(record, "value", object, where), content_type, where)
+        try:
+            _check_value(value, content_type)
+        except (TypeError, ValueError) as exc:
+            raise DecodeError(f"{where}: {exc}") from None
+        chunk._records[name] = {
+            "value": value,
+            "content-type": content_type,
+            "timestamp": timestamp,
+        }
+    unused = sorted(set(range(1, len(frames))) - decoder.used)
+    if unused:
+        raise DecodeError(f"frames {unused} are not referenced by the envelope")
+    return chunk
