@@ -2,6 +2,7 @@
 
 from ._data import DataChunk, DecodeError
 from ._graph import Graph
+from ._node import Node, NodeState
 from ._version import __version__
 
-__all__ = ["DataChunk", "DecodeError", "Graph", "__version__"]
+__all__ = ["DataChunk", "DecodeError", "Graph", "Node", "NodeState", "__version__"]

@@ -1,0 +1,165 @@
+"""What users subclass: :class:`Node`, and the states a node goes through.
+
+A node is user code -- a camera reader, a detector, a logger -- that the
+cluster runs: ``prep()`` once, then ``step()`` again and again, then
+``teardown()`` once. This module holds only the user's side of it; the node
+runtime calls these methods (in a thread: they may block).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import uuid
+from typing import Any, Literal
+
+from ._data import DataChunk
+
+__all__ = ["Node", "NodeState"]
+
+#: The values of ``Node(debug=...)``.
+_DEBUG_MODES = (None, "step", "stream")
+
+
+class NodeState(str, enum.Enum):
+    """Where a node is in its life, as the Manager reports it.
+
+    A node goes INITIALIZED -> CONNECTED -> READY -> RUNNING -> STOPPED ->
+    (SAVED) -> SHUTDOWN; FAILED can follow any of them, with a reason.
+    """
+
+    #: Created on its Worker; its outlet (if any) is bound.
+    INITIALIZED = "INITIALIZED"
+    #: Its inlets are connected to the outlets of its inputs.
+    CONNECTED = "CONNECTED"
+    #: ``prep()`` returned.
+    READY = "READY"
+    #: Stepping.
+    RUNNING = "RUNNING"
+    #: Stepping ended; ``teardown()`` returned.
+    STOPPED = "STOPPED"
+    #: Its recordings are complete on disk.
+    SAVED = "SAVED"
+    #: Gone, and everything it held released.
+    SHUTDOWN = "SHUTDOWN"
+    #: ``prep``, ``step`` or ``teardown`` raised, or its process died.
+    FAILED = "FAILED"
+
+
+class Node:
+    """A step of a pipeline: override :meth:`prep`, :meth:`step` and :meth:`teardown`.
+
+    A node without inputs (a source) steps in a loop, as fast as ``step``
+    returns: sleep in ``step`` to set a rate. A node with inputs steps when its
+    followed input (see :meth:`chimera.Graph.add_edge`) delivers a new chunk,
+    once every input has delivered at least one. Whatever ``step`` returns is
+    sent to the node's outputs: a :class:`~chimera.DataChunk` as it is, any
+    other value as the record ``"default"`` of a new chunk, ``None`` nothing.
+
+    ``prep``, ``step`` and ``teardown`` run in a thread of their own, so they
+    may block (on a camera, a model, a file).
+
+    Args:
+        name: the node's name, unique in its graph.
+        debug: ChimeraPy's debug mode, ``None``, ``"step"`` or ``"stream"``;
+            kept for compatibility.
+        debug_port: kept for compatibility.
+
+    Raises:
+        TypeError: *name* is not a str, or *debug_port* not an int.
+        ValueError: *name* is empty, or *debug* is not one of the modes above.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        debug: Literal["step", "stream"] | None = None,
+        debug_port: int | None = None,
+    ) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"a node's name is a str, not {type(name).__name__}")
+        if not name:
+            raise ValueError("a node's name must not be empty")
+        if debug not in _DEBUG_MODES:
+            raise ValueError(f"debug must be one of {list(_DEBUG_MODES)}, not {debug!r}")
+        if debug_port is not None and (
+            not isinstance(debug_port, int) or isinstance(debug_port, bool)
+        ):
+            raise TypeError(f"debug_port is an int or None, not {type(debug_port).__name__}")
+        self._name = name
+        self._id = uuid.uuid4().hex
+        self.debug = debug
+        self.debug_port = debug_port
+        #: Where the node is in its life (set by the runtime).
+        self.state = NodeState.INITIALIZED
+        #: The node's logger: what it logs reaches its Worker and the Manager.
+        self.logger = logging.getLogger(f"chimera.node.{name}")
+
+    @property
+    def id(self) -> str:
+        """A unique id, made when the node is created."""
+        return self._id
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def get_logger(self) -> logging.Logger:
+        """The node's logger (as :attr:`logger`; ChimeraPy's spelling)."""
+        return self.logger
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name!r} {self.state.value}>"
+
+    # --- what users override -------------------------------------------------
+
+    def prep(self) -> None:
+        """Set up: open devices and files, load models. Runs once, before any step."""
+
+    def step(self, data_chunks: dict[str, DataChunk] | None = None) -> Any:
+        """Produce (a source) or process (a node with inputs) one chunk.
+
+        Args:
+            data_chunks: for a node with inputs, the latest chunk of each
+                input, by the input node's name. A source's ``step`` may omit
+                the parameter.
+
+        Returns:
+            A :class:`~chimera.DataChunk`, another value (sent as the record
+            ``"default"``), or ``None`` (nothing is sent).
+        """
+        return None
+
+    def teardown(self) -> None:
+        """Release what :meth:`prep` opened. Runs once, after the last step."""
+
+    # --- recording (issue #4 makes these write files) -------------------------
+
+    def save_video(self, name: str, data: Any, fps: int) -> None:
+        """Append a frame (uint8 HxWx3, BGR) to the video *name*."""
+        self._not_yet("save_video")
+
+    def save_audio(self, name: str, data: Any, channels: int, format: int, rate: int) -> None:
+        """Append a block of samples to the audio recording *name*."""
+        self._not_yet("save_audio")
+
+    def save_image(self, name: str, data: Any) -> None:
+        """Save an image (uint8 HxW or HxWx3) in the image folder *name*."""
+        self._not_yet("save_image")
+
+    def save_tabular(self, name: str, data: Any) -> None:
+        """Append rows (a DataFrame, a dict, a Series) to the table *name*."""
+        self._not_yet("save_tabular")
+
+    def save_json(self, name: str, data: Any) -> None:
+        """Append one JSON value to the JSON-lines file *name*."""
+        self._not_yet("save_json")
+
+    def save_text(self, name: str, data: str) -> None:
+        """Append text to the text file *name*."""
+        self._not_yet("save_text")
+
+    def _not_yet(self, method: str) -> None:
+        # Raising beats dropping the data without a word: the node fails with
+        # a message saying why.
+        raise NotImplementedError(f"{method}: recording is not implemented yet in chimera")

@@ -1,0 +1,85 @@
+"""The user's side of a node: construction, defaults, and what a Graph needs of it."""
+
+from __future__ import annotations
+
+import pickle
+
+import cloudpickle
+import pytest
+
+import chimera as cp
+
+
+def test_a_node_has_a_name_a_unique_id_and_starts_initialized():
+    a, b = cp.Node("camera"), cp.Node("camera")
+    assert a.name == "camera" and a.id != b.id
+    assert a.state is cp.NodeState.INITIALIZED
+    assert a.get_logger() is a.logger
+    assert a.logger.name == "chimera.node.camera"
+    assert "camera" in repr(a) and "INITIALIZED" in repr(a)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"name": 3}, TypeError, "name is a str"),
+        ({"name": ""}, ValueError, "must not be empty"),
+        ({"name": "n", "debug": "verbose"}, ValueError, "debug must be one of"),
+        ({"name": "n", "debug_port": "9000"}, TypeError, "debug_port"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cp.Node(**kwargs)
+
+
+def test_the_defaults_do_nothing_and_step_sends_nothing():
+    node = cp.Node("n", debug="step", debug_port=9100)
+    assert node.prep() is None
+    assert node.step() is None
+    assert node.step({"up": cp.DataChunk()}) is None
+    assert node.teardown() is None
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [
+        ("save_video", ("v", None, 30)),
+        ("save_audio", ("a", None, 1, 8, 16000)),
+        ("save_image", ("i", None)),
+        ("save_tabular", ("t", {})),
+        ("save_json", ("j", {})),
+        ("save_text", ("x", "")),
+    ],
+)
+def test_recording_methods_exist_and_say_they_are_not_implemented(method, args):
+    with pytest.raises(NotImplementedError, match=method):
+        getattr(cp.Node("n"), method)(*args)
+
+
+class Counter(cp.Node):
+    def prep(self):
+        self.count = 0
+
+    def step(self):
+        self.count += 1
+        return self.count
+
+
+def test_a_subclass_travels_pickled_with_its_id_and_state():
+    node = Counter("counter")
+    node.prep()
+    node.step()
+    copy = pickle.loads(cloudpickle.dumps(node))
+    assert (copy.name, copy.id, copy.count) == ("counter", node.id, 1)
+    assert copy.step() == 2
+    assert copy.logger is node.logger  # loggers travel by name
+
+
+def test_a_graph_takes_nodes():
+    source, sink = cp.Node("source"), cp.Node("sink")
+    graph = cp.Graph()
+    graph.add_edge(source, sink)
+    assert graph.is_valid()
+    assert graph.get_id_by_name("sink") == sink.id
+    assert graph.followed_input(sink) == source.id
