@@ -1,0 +1,24 @@
+"""The errors the cluster raises to its user."""
+
+from __future__ import annotations
+
+__all__ = ["NodeError"]
+
+
+class NodeError(Exception):
+    """A node's own code raised: ``prep``, ``step`` or ``teardown``.
+
+    Attributes:
+        node_name: the node's name.
+        traceback: the traceback of the exception, as text (it may come from
+            another process or machine).
+    """
+
+    def __init__(self, node_name: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"node {node_name!r}: {message}")
+        self.node_name = node_name
+        self.traceback = traceback
+
+    def __reduce__(self):  # keep the attributes across pickling
+        message = str(self).partition(": ")[2]
+        return (type(self), (self.node_name, message, self.traceback))

@@ -1,0 +1,311 @@
+"""Runs one :class:`~chimera.Node`: its outlet, its inlets, and its user code.
+
+:class:`NodeRuntime` is the node's side of the lifecycle the Worker drives::
+
+    async with NodeRuntime(node, inputs=[...], outputs=2) as runtime:
+        runtime.address                      # where the node's outputs connect
+        await runtime.connect({...})         # inlets to the inputs' outlets
+        await runtime.prep()
+        await runtime.run()                  # until stopped, or its inputs end
+
+It runs in the caller's Trio loop: inline in a Worker (the ``memory``
+transport, tests) or as the whole of a node's child process. The user's
+``prep``, ``step`` and ``teardown`` run in threads (they may block).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+import transports
+
+from ._data import DataChunk, DecodeError, decode_chunk, encode_chunk
+from ._errors import NodeError
+from ._node import Node, NodeState
+
+__all__ = ["Input", "NodeRuntime"]
+
+log = logging.getLogger("chimera.runtime")
+
+#: Longest wait for a node's ``teardown`` when its run is cancelled.
+TEARDOWN_TIMEOUT = 10.0
+
+#: The bind address of a node's outlet, by transport.
+_BIND = {"memory": "memory://", "tcp": "tcp://127.0.0.1:0", "nng": "nng+tcp://127.0.0.1:0"}
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of a node: the in-bound node's name and how it delivers."""
+
+    name: str
+    delivery: str = "reliable"
+
+
+class NodeRuntime:
+    """Runs *node* with the given *inputs* (in-bound nodes) and number of *outputs*.
+
+    Args:
+        node: the user's node.
+        inputs: the node's inputs, in the order of the graph's edges.
+        follow: the name of the input whose chunks make the node step; the
+            first input when None.
+        outputs: how many nodes receive this node's chunks; it binds an outlet
+            if there is at least one, and waits for them all to connect before
+            it runs, so that no chunk is sent before every output listens.
+        transport: ``"memory"``, ``"tcp"`` or ``"nng"``.
+        bind: the outlet's bind address (default: a fresh one on loopback).
+        allow_objects: whether chunks may carry pickled objects.
+        on_state: called with the node's new state and a reason (for FAILED)
+            whenever it changes.
+
+    Raises:
+        ValueError: *follow* is not one of the inputs, or *transport* unknown.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        inputs: Sequence[Input] = (),
+        follow: str | None = None,
+        outputs: int = 0,
+        transport: str = "memory",
+        bind: str | None = None,
+        allow_objects: bool = False,
+        on_state: Callable[[NodeState, str | None], None] | None = None,
+    ) -> None:
+        names = [i.name for i in inputs]
+        if follow is not None and follow not in names:
+            raise ValueError(f"follow={follow!r} is not one of the inputs {names}")
+        if transport not in _BIND:
+            raise ValueError(f"unknown transport {transport!r}; known: {list(_BIND)}")
+        self.node = node
+        self._inputs = list(inputs)
+        self._follow = follow if follow is not None else (names[0] if names else None)
+        self._outputs = outputs
+        self._transport = transport
+        self._bind = bind or _BIND[transport]
+        self._allow_objects = allow_objects
+        self._on_state = on_state
+        self._outlet: transports.Outlet | None = None
+        self._inlets: dict[str, transports.Inlet] = {}
+        self._stop_requested = trio.Event()
+        #: Chunks stepped and sent, for the Manager's statistics.
+        self.steps = 0
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> NodeRuntime:
+        if self._outputs:
+            self._outlet = await transports.bind(self._bind)
+        self._set_state(NodeState.INITIALIZED)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def address(self) -> str | None:
+        """The address of the node's outlet; None for a node without outputs."""
+        return self._outlet.address if self._outlet is not None else None
+
+    async def connect(self, addresses: Mapping[str, str]) -> None:
+        """Connect an inlet to the outlet of each input, by the input's name.
+
+        Raises:
+            KeyError: an input has no address in *addresses*.
+            OSError: an input's outlet cannot be reached.
+        """
+        for spec in self._inputs:
+            delivery = transports.Delivery(spec.delivery)
+            self._inlets[spec.name] = await transports.connect(
+                addresses[spec.name], delivery=delivery
+            )
+        self._set_state(NodeState.CONNECTED)
+
+    async def prep(self) -> None:
+        """Run the node's ``prep``.
+
+        Raises:
+            NodeError: ``prep`` raised (the node is FAILED).
+        """
+        await self._call("prep", self.node.prep)
+        self._set_state(NodeState.READY)
+
+    async def run(self) -> None:
+        """Step until stopped (a source) or until the followed input ends, then
+        end the node's stream, run ``teardown``, and return.
+
+        Every chunk the followed input delivers under RELIABLE is stepped once,
+        in order. A ``step`` that raises makes the node FAILED and ends its
+        stream; :meth:`run` still runs ``teardown`` and returns normally.
+        ``teardown`` runs once whatever happens, cancellation included (for at
+        most :data:`TEARDOWN_TIMEOUT` seconds then).
+
+        Raises:
+            NodeError: ``teardown`` raised.
+        """
+        failed = False
+        teardown_error: NodeError | None = None
+        try:
+            if self._outlet is not None:
+                await self._outlet.wait_for_inlets(self._outputs)
+            self._set_state(NodeState.RUNNING)
+            try:
+                if self._inputs:
+                    await self._step_on_inputs()
+                else:
+                    await self._step_as_source()
+            except NodeError:
+                failed = True
+        finally:
+            with trio.CancelScope(shield=True):
+                if self._outlet is not None:
+                    await self._outlet.aclose()  # the end of stream flows downstream
+                with trio.move_on_after(TEARDOWN_TIMEOUT):
+                    try:
+                        await self._call("teardown", self.node.teardown, abandon=True)
+                    except NodeError as exc:
+                        teardown_error = exc
+        if teardown_error is not None:
+            raise teardown_error
+        if not failed:
+            self._set_state(NodeState.STOPPED)
+
+    def request_stop(self) -> None:
+        """Ask a source to stop after its current step (others stop when their
+        followed input ends)."""
+        self._stop_requested.set()
+
+    async def aclose(self) -> None:
+        """Close the node's endpoints (at once; what is in flight is dropped)."""
+        with trio.CancelScope(shield=True):
+            for inlet in self._inlets.values():
+                await inlet.aclose()
+            if self._outlet is not None:
+                await self._outlet.aclose()
+        if self.node.state is not NodeState.FAILED:
+            self._set_state(NodeState.SHUTDOWN)
+
+    # --- stepping --------------------------------------------------------------
+
+    async def _step_as_source(self) -> None:
+        while not self._stop_requested.is_set():
+            await self._emit(await self._call("step", self.node.step))
+
+    async def _step_on_inputs(self) -> None:
+        latest: dict[str, DataChunk] = {}
+        every_input = trio.Event()
+        failures: list[NodeError] = []
+        async with trio.open_nursery() as nursery:
+
+            def fail(exc: NodeError) -> None:
+                failures.append(exc)
+                nursery.cancel_scope.cancel()
+
+            for name, inlet in self._inlets.items():
+                if name != self._follow:
+                    nursery.start_soon(self._keep_latest, name, inlet, latest, every_input, fail)
+            try:
+                await self._step_on_followed(latest, every_input)
+            except NodeError as exc:
+                fail(exc)
+            nursery.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
+
+    async def _step_on_followed(self, latest: dict[str, DataChunk], every: trio.Event) -> None:
+        """Step on each chunk of the followed input, until it ends."""
+        try:
+            async for frames in self._inlets[self._follow]:
+                latest[self._follow] = self._decode(frames)
+                if len(latest) < len(self._inlets):
+                    await every.wait()
+                if len(latest) < len(self._inlets):
+                    missing = sorted(set(self._inlets) - set(latest))
+                    log.warning(
+                        "node %r: inputs %s ended without sending: not stepped",
+                        self.node.name,
+                        missing,
+                    )
+                    continue
+                await self._emit(await self._call("step", self.node.step, dict(latest)))
+        except trio.BrokenResourceError as exc:
+            log.warning("node %r: input %r broke: %s", self.node.name, self._follow, exc)
+
+    async def _keep_latest(
+        self,
+        name: str,
+        inlet: transports.Inlet,
+        latest: dict[str, DataChunk],
+        every: trio.Event,
+        fail: Callable[[NodeError], None],
+    ) -> None:
+        """Keep the latest chunk of a not-followed input, until it ends."""
+        try:
+            async for frames in inlet:
+                latest[name] = self._decode(frames)
+                if len(latest) == len(self._inlets):
+                    every.set()
+        except trio.BrokenResourceError as exc:
+            log.warning("node %r: input %r broke: %s", self.node.name, name, exc)
+        except NodeError as exc:
+            fail(exc)
+        every.set()  # it will send nothing more: do not wait for it
+
+    def _decode(self, frames: list[memoryview]) -> DataChunk:
+        try:
+            return decode_chunk(frames, allow_objects=self._allow_objects)
+        except DecodeError as exc:
+            self._fail(f"a chunk it received cannot be decoded: {exc}")
+            raise NodeError(self.node.name, str(exc)) from exc
+
+    async def _emit(self, result: Any) -> None:
+        """Send what ``step`` returned (see :class:`~chimera.Node`)."""
+        self.steps += 1
+        if result is None:
+            return
+        try:
+            if not isinstance(result, DataChunk):
+                chunk = DataChunk()
+                chunk.add("default", result)
+                result = chunk
+            frames = encode_chunk(result, allow_objects=self._allow_objects)
+        except (TypeError, ValueError) as exc:
+            self._fail(f"step returned what cannot be sent: {exc}")
+            raise NodeError(self.node.name, f"step returned what cannot be sent: {exc}") from exc
+        if self._outlet is not None:
+            await self._outlet.send(frames)
+
+    # --- helpers ---------------------------------------------------------------
+
+    async def _call(
+        self, what: str, fn: Callable[..., Any], *args: Any, abandon: bool = False
+    ) -> Any:
+        """Run user code in a thread; a raise makes the node FAILED and a NodeError.
+
+        With *abandon*, a cancellation returns at once and leaves the thread
+        to finish on its own.
+        """
+        try:
+            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon)
+        except Exception as exc:
+            text = traceback.format_exc()
+            self._fail(f"{what} raised {exc!r}")
+            raise NodeError(self.node.name, f"{what} raised {exc!r}", text) from exc
+
+    def _fail(self, reason: str) -> None:
+        log.error("node %r failed: %s", self.node.name, reason)
+        self._set_state(NodeState.FAILED, reason)
+
+    def _set_state(self, state: NodeState, reason: str | None = None) -> None:
+        self.node.state = state
+        if self._on_state is not None:
+            self._on_state(state, reason)

@@ -1,0 +1,205 @@
+"""One node's runtime, inline on the memory transport: stepping, following, stopping, failing."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+import chimera as cp
+from chimera._runtime import Input, NodeRuntime
+
+
+class Count(cp.Node):
+    """Sends 1..n, then nothing (a source is stopped from outside)."""
+
+    def __init__(self, name, n, gate=None):
+        super().__init__(name)
+        self.n, self.sent, self.gate = n, 0, gate
+
+    def step(self):
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.sent == self.n:
+            threading.Event().wait(0.001)  # a source steps in a loop: idle a little
+            return None
+        self.sent += 1
+        return self.sent
+
+
+class Double(cp.Node):
+    def step(self, data_chunks):
+        return data_chunks["count"].get("default")["value"] * 2
+
+
+class Collect(cp.Node):
+    """Keeps what it receives; sets *done* (a threading.Event) after *n* chunks."""
+
+    def __init__(self, name, n, done):
+        super().__init__(name)
+        self.n, self.done, self.seen, self.torn_down = n, done, [], 0
+
+    def step(self, data_chunks):
+        self.seen.append(
+            {name: chunk.get("default")["value"] for name, chunk in sorted(data_chunks.items())}
+        )
+        if len(self.seen) == self.n:
+            self.done.set()
+
+    def teardown(self):
+        self.torn_down += 1
+
+
+async def run_pipeline(nodes, edges, follow=None, until=None, stop=(), transport="memory"):
+    """Run *nodes* wired by *edges* [(src, dst)] inline; stop the *stop* sources
+    once *until* (a threading.Event) is set; return every runtime once all ended."""
+    follow = follow or {}
+    states: dict[str, list[cp.NodeState]] = {node.name: [] for node in nodes}
+    async with AsyncExitStack() as stack:
+        runtimes = {}
+        for node in nodes:
+            runtimes[node.name] = await stack.enter_async_context(
+                NodeRuntime(
+                    node,
+                    inputs=[Input(src.name) for src, dst in edges if dst is node],
+                    follow=follow.get(node.name),
+                    outputs=sum(src is node for src, _ in edges),
+                    transport=transport,
+                    on_state=lambda state, reason, name=node.name: states[name].append(state),
+                )
+            )
+        for node in nodes:
+            await runtimes[node.name].connect(
+                {src.name: runtimes[src.name].address for src, dst in edges if dst is node}
+            )
+        for runtime in runtimes.values():
+            await runtime.prep()
+        async with trio.open_nursery() as nursery:
+            for runtime in runtimes.values():
+                nursery.start_soon(runtime.run)
+            if until is not None:
+                await trio.to_thread.run_sync(until.wait, 10)
+                for name in stop:
+                    runtimes[name].request_stop()
+    return runtimes, states
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_a_chain_steps_every_chunk_once_in_order_and_ends_cleanly(transport):
+    done = threading.Event()
+    count, double, collect = Count("count", 50), Double("double"), Collect("collect", 50, done)
+    with trio.fail_after(20):
+        runtimes, states = await run_pipeline(
+            [count, double, collect],
+            [(count, double), (double, collect)],
+            until=done,
+            stop=["count"],
+            transport=transport,
+        )
+    assert collect.seen == [{"double": 2 * i} for i in range(1, 51)]
+    assert collect.torn_down == 1
+    assert states["collect"] == [
+        cp.NodeState.INITIALIZED,
+        cp.NodeState.CONNECTED,
+        cp.NodeState.READY,
+        cp.NodeState.RUNNING,
+        cp.NodeState.STOPPED,
+        cp.NodeState.SHUTDOWN,
+    ]
+    assert runtimes["double"].steps == 50
+
+
+async def test_a_followed_chunk_that_arrives_first_waits_for_the_other_inputs():
+    # b sends three chunks before a sends its only one: none of b's is lost.
+    b_sent, done = threading.Event(), threading.Event()
+    a, b = Count("a", 1, gate=b_sent), Count("b", 3)
+    original_step = b.step
+
+    def step_b():
+        value = original_step()
+        if b.sent == 3:
+            b_sent.set()
+        return value
+
+    b.step = step_b
+    sink = Collect("sink", 3, done)
+    with trio.fail_after(20):
+        await run_pipeline(
+            [a, b, sink],
+            [(a, sink), (b, sink)],
+            follow={"sink": "b"},
+            until=done,
+            stop=["a", "b"],
+        )
+    assert sink.seen == [{"a": 1, "b": 1}, {"a": 1, "b": 2}, {"a": 1, "b": 3}]
+
+
+async def test_prep_that_raises_is_a_node_error_with_the_traceback():
+    class Broken(cp.Node):
+        def prep(self):
+            raise RuntimeError("no camera")
+
+    node = Broken("cam")
+    with trio.fail_after(10):
+        async with NodeRuntime(node) as runtime:
+            with pytest.raises(cp.NodeError) as caught:
+                await runtime.prep()
+    assert caught.value.node_name == "cam"
+    assert "no camera" in str(caught.value)
+    assert "RuntimeError: no camera" in caught.value.traceback
+    assert node.state is cp.NodeState.FAILED
+
+
+async def test_a_step_that_raises_fails_its_node_only_and_teardown_still_runs():
+    class Flaky(cp.Node):
+        torn_down = 0
+
+        def step(self, data_chunks):
+            value = data_chunks["count"].get("default")["value"]
+            if value == 3:
+                raise ValueError("bad frame")
+            return value
+
+        def teardown(self):
+            self.torn_down += 1
+
+    done = threading.Event()
+    count, flaky, collect = Count("count", 5), Flaky("flaky"), Collect("collect", 2, done)
+    with trio.fail_after(20):
+        _, states = await run_pipeline(
+            [count, flaky, collect],
+            [(count, flaky), (flaky, collect)],
+            until=done,
+            stop=["count"],
+        )
+    assert collect.seen == [{"flaky": 1}, {"flaky": 2}]
+    assert flaky.state is cp.NodeState.FAILED and flaky.torn_down == 1
+    assert cp.NodeState.FAILED in states["flaky"]
+    assert states["collect"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
+
+
+async def test_cancelling_a_run_still_runs_teardown_once():
+    class Slow(cp.Node):
+        torn_down = 0
+
+        def step(self):
+            threading.Event().wait(0.001)
+
+        def teardown(self):
+            self.torn_down += 1
+
+    node = Slow("slow")
+    with trio.fail_after(10):
+        async with NodeRuntime(node) as runtime:
+            await runtime.prep()
+            with trio.move_on_after(0.05):
+                await runtime.run()
+    assert node.torn_down == 1
+    assert node.state is cp.NodeState.SHUTDOWN
+
+
+def test_follow_must_name_an_input():
+    with pytest.raises(ValueError, match="follow='c'"):
+        NodeRuntime(cp.Node("n"), inputs=[Input("a"), Input("b")], follow="c")
