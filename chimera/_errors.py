@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NodeError"]
+__all__ = ["CommitGraphError", "NodeError"]
 
 
 class NodeError(Exception):
@@ -22,3 +22,18 @@ class NodeError(Exception):
     def __reduce__(self):  # keep the attributes across pickling
         message = str(self).partition(": ")[2]
         return (type(self), (self.node_name, message, self.traceback))
+
+
+class CommitGraphError(ValueError):
+    """``commit_graph`` was given a graph or a mapping it cannot run; nothing was started.
+
+    Attributes:
+        problems: one sentence per problem found.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("cannot commit the graph: " + "; ".join(problems))
+        self.problems = list(problems)
+
+    def __reduce__(self):
+        return (type(self), (self.problems,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 from contextlib import AsyncExitStack
 
@@ -150,6 +151,12 @@ async def test_prep_that_raises_is_a_node_error_with_the_traceback():
     assert "no camera" in str(caught.value)
     assert "RuntimeError: no camera" in caught.value.traceback
     assert node.state is cp.NodeState.FAILED
+    copy = pickle.loads(pickle.dumps(caught.value))  # it travels from a Worker to the Manager
+    assert (copy.node_name, str(copy), copy.traceback) == (
+        "cam",
+        str(caught.value),
+        caught.value.traceback,
+    )
 
 
 async def test_a_step_that_raises_fails_its_node_only_and_teardown_still_runs():
