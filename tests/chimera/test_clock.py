@@ -1,0 +1,79 @@
+"""The NTP-style offset estimate: within its error bound, whatever the delays."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chimera._clock import ClockEstimator
+
+
+def exchange(offset, out_delay, back_delay, service=1_000, t0=10**18):
+    """The four timestamps of an exchange with the given true offset and delays (ns)."""
+    t1 = t0 + out_delay + offset
+    t2 = t1 + service
+    t3 = t2 - offset + back_delay
+    return t0, t1, t2, t3
+
+
+def test_symmetric_delays_give_the_exact_offset():
+    estimator = ClockEstimator()
+    estimator.add(*exchange(offset=5_000_000, out_delay=40_000, back_delay=40_000))
+    estimate = estimator.estimate()
+    assert estimate.offset_ns == 5_000_000
+    assert estimate.error_ns == 40_000
+    assert estimate.samples == 1
+
+
+def test_the_lowest_delay_sample_wins():
+    estimator = ClockEstimator()
+    estimator.add(*exchange(offset=-7_000, out_delay=900_000, back_delay=10_000))  # queued
+    estimator.add(*exchange(offset=-7_000, out_delay=20_000, back_delay=22_000))
+    estimator.add(*exchange(offset=-7_000, out_delay=10_000, back_delay=700_000))  # queued
+    estimate = estimator.estimate()
+    assert abs(estimate.offset_ns - -7_000) <= 1_000
+    assert estimate.error_ns == 21_000
+
+
+def test_old_samples_leave_the_window():
+    estimator = ClockEstimator(window=2)
+    estimator.add(*exchange(offset=0, out_delay=1_000, back_delay=1_000))
+    for _ in range(2):
+        estimator.add(*exchange(offset=50_000, out_delay=30_000, back_delay=30_000))
+    assert estimator.estimate().offset_ns == 50_000  # the clock moved: the old best is gone
+
+
+def test_now_is_the_local_clock_plus_the_offset():
+    estimator = ClockEstimator(clock=lambda: 1_000_000)
+    assert estimator.estimate() is None and estimator.now() == 1_000_000
+    estimator.add(*exchange(offset=250, out_delay=100, back_delay=100))
+    assert estimator.now() == 1_000_250
+
+
+@pytest.mark.parametrize("bad", [(10, 5, 6, 9), (10, 20, 19, 30)])
+def test_impossible_exchanges_are_refused(bad):
+    with pytest.raises(ValueError, match="impossible exchange"):
+        ClockEstimator().add(*bad)
+
+
+def test_a_window_must_be_positive():
+    with pytest.raises(ValueError):
+        ClockEstimator(window=0)
+
+
+@given(
+    offset=st.integers(-(10**12), 10**12),
+    delays=st.lists(
+        st.tuples(st.integers(0, 10**7), st.integers(0, 10**7), st.integers(0, 10**6)),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_the_true_offset_is_always_within_the_error_bound(offset, delays):
+    estimator = ClockEstimator()
+    for out_delay, back_delay, service in delays:
+        estimator.add(*exchange(offset, out_delay, back_delay, service))
+    estimate = estimator.estimate()
+    assert abs(estimate.offset_ns - offset) <= estimate.error_ns + 1
+    assert estimate.error_ns <= (min(o + b for o, b, _ in delays) + 1) // 2
