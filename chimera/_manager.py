@@ -1,0 +1,210 @@
+"""The Manager: the cluster's one port (HTTP + WebSocket), where Workers check in.
+
+:class:`AsyncManager` serves, on one port (hypercorn's Trio worker):
+
+- ``/ws/worker``: the control connection of each Worker (see
+  :mod:`chimera._protocol`): a ``hello`` registers it, ``clock`` requests are
+  answered with the Manager's clock;
+- ``GET /api/state``: the cluster's state as JSON.
+
+Everything it starts lives in its nursery: leaving ``async with`` closes the
+port and every connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from . import _protocol as protocol
+
+__all__ = ["AsyncManager", "WorkerInfo"]
+
+log = logging.getLogger("chimera.manager")
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class WorkerInfo:
+    """A Worker connected to the Manager."""
+
+    id: str
+    name: str
+    #: When it checked in (the Manager's clock, ns).
+    connected_ns: int
+
+
+class AsyncManager:
+    """The cluster's coordinator, as an async context manager.
+
+    Args:
+        logdir: where sessions are written (created if missing); a fresh
+            folder under the current one when None.
+        port: the port to serve on; 0 picks a free one (see :attr:`port`).
+        max_num_of_workers: the most Workers a graph may be mapped to.
+        publish_logs_via_zmq: kept for ChimeraPy compatibility.
+        dashboard_api: whether ``/api/state`` is served.
+        host: the address to listen on (loopback by default).
+        token: if set, a Worker must present it (or ``CHIMERA_TOKEN``) to check in.
+    """
+
+    def __init__(
+        self,
+        logdir: str | Path | None = None,
+        port: int = 9000,
+        max_num_of_workers: int = 50,
+        publish_logs_via_zmq: bool = False,
+        dashboard_api: bool = True,
+        *,
+        host: str = "127.0.0.1",
+        token: str | None = None,
+    ) -> None:
+        self.logdir = Path(logdir) if logdir is not None else Path.cwd() / "chimera-logs"
+        self.host = host
+        self.port = port
+        self.max_num_of_workers = max_num_of_workers
+        self.publish_logs_via_zmq = publish_logs_via_zmq
+        self.dashboard_api = dashboard_api
+        self._token = token
+        self._workers: dict[str, WorkerInfo] = {}
+        self._workers_changed = trio.lowlevel.ParkingLot()
+        self._context: Any = None
+
+    @property
+    def workers(self) -> dict[str, WorkerInfo]:
+        """The Workers connected now, by id."""
+        return dict(self._workers)
+
+    async def wait_for_workers(self, count: int) -> None:
+        """Return once exactly *count* Workers are connected."""
+        while len(self._workers) != count:
+            await self._workers_changed.park()
+
+    def state(self) -> dict[str, Any]:
+        """The cluster's state, as ``GET /api/state`` returns it."""
+        return {
+            "workers": [
+                {"id": info.id, "name": info.name, "connected_ns": info.connected_ns}
+                for info in self._workers.values()
+            ]
+        }
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncManager:
+        self._context = self._serving()
+        return await self._context.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        context, self._context = self._context, None
+        return await context.__aexit__(*exc_info)
+
+    @asynccontextmanager
+    async def _serving(self) -> AsyncIterator[AsyncManager]:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        config = hypercorn.config.Config()
+        config.bind = [f"{self.host}:{self.port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("chimera.manager.http")
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(hypercorn.trio.serve, self._app, config))
+            self.port = int(binds[0].rsplit(":", 1)[1])
+            log.info("manager serving on %s:%d", self.host, self.port)
+            try:
+                yield self
+            finally:
+                nursery.cancel_scope.cancel()  # closes the port and every connection
+
+    # --- the ASGI application ----------------------------------------------------
+
+    async def _app(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            if scope["path"] == "/ws/worker":
+                await self._worker_session(receive, send)
+            else:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 4404})
+
+    async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["method"] == "GET" and scope["path"] == "/api/state" and self.dashboard_api:
+            await _respond(send, 200, self.state())
+        else:
+            await _respond(send, 404, {"error": f"no {scope['method']} {scope['path']}"})
+
+    async def _worker_session(self, receive: Receive, send: Send) -> None:
+        """One Worker's control connection, from its ``hello`` until it leaves."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+
+        async def reply(type_: str, **fields: Any) -> None:
+            await send({"type": "websocket.send", "text": protocol.make(type_, **fields)})
+
+        info = None
+        try:
+            while True:
+                event = await receive()
+                if event["type"] == "websocket.disconnect":
+                    return
+                received_ns = time.time_ns()
+                try:
+                    message = protocol.parse(event.get("text") or event.get("bytes") or "")
+                except protocol.ProtocolError as exc:
+                    log.warning("a worker sent a bad message: %s", exc)
+                    await reply("error", error=str(exc), re=None)
+                    continue
+                kind = message["type"]
+                if kind == "clock":
+                    await reply("clock_ack", t0=message["t0"], t1=received_ns, t2=time.time_ns())
+                elif kind == "hello" and info is None:
+                    if self._token is not None and message["token"] != self._token:
+                        log.warning("worker %r refused: wrong token", message["name"])
+                        await reply("error", error="refused: wrong or missing token", re="hello")
+                        await send({"type": "websocket.close", "code": 4403})
+                        return
+                    info = WorkerInfo(message["worker_id"], message["name"], received_ns)
+                    self._workers[info.id] = info
+                    self._workers_changed.unpark_all()
+                    log.info("worker %r (%s) connected", info.name, info.id)
+                    await reply("welcome", worker_id=info.id)
+                else:
+                    await reply("error", error=f"unexpected {kind} message", re=kind)
+        finally:
+            if info is not None:
+                del self._workers[info.id]
+                self._workers_changed.unpark_all()
+                log.info("worker %r (%s) left", info.name, info.id)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        event = await receive()
+        if event["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif event["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _respond(send: Send, status: int, body: Any) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})

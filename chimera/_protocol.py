@@ -1,0 +1,93 @@
+"""The control protocol between Manager and Workers: JSON messages, versioned, checked.
+
+Every message is a JSON object ``{"v": VERSION, "type": ..., ...fields}``.
+:func:`parse` checks a message against the fields its type requires and
+raises :class:`ProtocolError` saying what is wrong; the receiver answers an
+``error`` message and keeps the connection.
+
+=============  ===============  ==============================================
+type           direction        fields
+=============  ===============  ==============================================
+``hello``      worker->manager  ``name``, ``worker_id``, ``token`` (str|None)
+``welcome``    manager->worker  ``worker_id``
+``clock``      worker->manager  ``t0`` (the Worker's clock, ns)
+``clock_ack``  manager->worker  ``t0``, ``t1``, ``t2`` (the Manager's clock, ns)
+``error``      either           ``error`` (str), ``re`` (the type it answers)
+=============  ===============  ==============================================
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["VERSION", "ProtocolError", "make", "parse"]
+
+#: The protocol version this side speaks.
+VERSION = 1
+
+_OPTIONAL_STR = (str, type(None))
+
+#: For each message type, its fields and the types they may have.
+_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "hello": {"name": str, "worker_id": str, "token": _OPTIONAL_STR},
+    "welcome": {"worker_id": str},
+    "clock": {"t0": int},
+    "clock_ack": {"t0": int, "t1": int, "t2": int},
+    "error": {"error": str, "re": _OPTIONAL_STR},
+}
+
+#: The longest message accepted, in characters.
+MAX_MESSAGE = 16 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A control message that is not valid JSON of this protocol."""
+
+
+def make(type_: str, **fields: Any) -> str:
+    """The JSON text of a message of *type_* with *fields*.
+
+    Raises:
+        ProtocolError: *type_* is unknown or *fields* do not fit it (a bug on
+            this side: the check is the same as :func:`parse`'s).
+    """
+    message = {"v": VERSION, "type": type_, **fields}
+    _check(message)
+    return json.dumps(message, separators=(",", ":"))
+
+
+def parse(text: str | bytes) -> dict[str, Any]:
+    """The message in *text*, checked.
+
+    Raises:
+        ProtocolError: *text* is too long, not JSON, not an object, of another
+            version, of an unknown type, or lacks a field or has one of the
+            wrong type.
+    """
+    if len(text) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(text)} characters (at most {MAX_MESSAGE})")
+    try:
+        message = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"not JSON: {exc}") from None
+    _check(message)
+    return message
+
+
+def _check(message: Any) -> None:
+    if not isinstance(message, dict):
+        raise ProtocolError(f"a message is a JSON object, not {type(message).__name__}")
+    version = message.get("v")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version!r}, this side speaks {VERSION}")
+    type_ = message.get("type")
+    fields = _FIELDS.get(type_) if isinstance(type_, str) else None
+    if fields is None:
+        raise ProtocolError(f"unknown message type {type_!r}")
+    for name, kinds in fields.items():
+        if name not in message:
+            raise ProtocolError(f"{type_} message without {name!r}")
+        value = message[name]
+        if not isinstance(value, kinds) or (kinds is int and isinstance(value, bool)):
+            raise ProtocolError(f"{type_} message with {name!r} of type {type(value).__name__}")

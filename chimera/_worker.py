@@ -1,0 +1,181 @@
+"""The Worker: runs nodes on one machine, under a Manager it connects out to.
+
+:class:`AsyncWorker` keeps one WebSocket to the Manager for the whole
+session (so the Worker needs no open port of its own for control), and over
+it estimates the offset from its clock to the Manager's (see
+:mod:`chimera._clock`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio_websocket
+
+from . import _protocol as protocol
+from ._clock import ClockEstimator
+
+__all__ = ["AsyncWorker"]
+
+log = logging.getLogger("chimera.worker")
+
+#: Clock exchanges at check-in, 50 ms apart, then one every CLOCK_PERIOD seconds.
+CLOCK_BURST = 8
+CLOCK_PERIOD = 1.0
+
+
+class AsyncWorker:
+    """A Worker, as an async context manager.
+
+    Args:
+        name: the Worker's name (mappings may use it).
+        port: kept for ChimeraPy compatibility (a Worker opens no control port).
+        delete_temp: whether its temporary folder goes when it shuts down.
+        id: its id; a fresh one when None.
+        token: what to present to a Manager that asks for one (default: the
+            ``CHIMERA_TOKEN`` environment variable).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        port: int = 10000,
+        delete_temp: bool = True,
+        id: str | None = None,
+        *,
+        token: str | None = None,
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.delete_temp = delete_temp
+        self.id = id or uuid.uuid4().hex
+        self._token = token if token is not None else os.environ.get("CHIMERA_TOKEN")
+        #: The offset from this Worker's clock to the Manager's.
+        self.clock = ClockEstimator()
+        self._clock_changed = trio.lowlevel.ParkingLot()
+        self._nursery: trio.Nursery | None = None
+        self._context: Any = None
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether the Worker is connected to a Manager."""
+        return self._connected
+
+    async def __aenter__(self) -> AsyncWorker:
+        self._context = self._running()
+        return await self._context.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        context, self._context = self._context, None
+        return await context.__aexit__(*exc_info)
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[AsyncWorker]:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield self
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        timeout: float = 10.0,  # noqa: ASYNC109 (ChimeraPy's signature)
+    ) -> bool:
+        """Connect to the Manager at *host*:*port* and check in.
+
+        Returns:
+            True once the Manager welcomed the Worker; False if it could not be
+            reached within *timeout* seconds.
+
+        Raises:
+            PermissionError: the Manager refused the Worker (wrong or missing token).
+            RuntimeError: the Worker is not running (use ``async with``), or
+                is connected already.
+        """
+        if self._nursery is None:
+            raise RuntimeError("the worker is not running: use `async with AsyncWorker(...)`")
+        if self._connected:
+            raise RuntimeError("the worker is connected already")
+        url = f"ws://{host}:{port}/ws/worker"
+        try:
+            with trio.fail_after(timeout):
+                await self._nursery.start(self._session, url)
+        except PermissionError:
+            raise
+        except (trio.TooSlowError, OSError, trio_websocket.HandshakeError) as exc:
+            log.error("worker %r: cannot reach the manager at %s: %s", self.name, url, exc)
+            return False
+        return True
+
+    async def wait_for_clock(self, samples: int = 1) -> None:
+        """Return once the clock offset is estimated from at least *samples* exchanges."""
+        while (estimate := self.clock.estimate()) is None or estimate.samples < samples:
+            await self._clock_changed.park()
+
+    async def _session(self, url: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio_websocket.open_websocket_url(url) as ws:
+            await ws.send_message(
+                protocol.make("hello", name=self.name, worker_id=self.id, token=self._token)
+            )
+            answer = protocol.parse(await ws.get_message())
+            if answer["type"] == "error":
+                raise PermissionError(
+                    f"the manager refused worker {self.name!r}: {answer['error']}"
+                )
+            if answer["type"] != "welcome":
+                raise protocol.ProtocolError(f"expected welcome, got {answer['type']}")
+            self._connected = True
+            log.info("worker %r connected to %s", self.name, url)
+            task_status.started()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_clock, ws)
+                    await self._read(ws)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._connected = False
+
+    async def _keep_clock(self, ws: trio_websocket.WebSocketConnection) -> None:
+        for exchange in range(CLOCK_BURST):
+            await ws.send_message(protocol.make("clock", t0=time.time_ns()))
+            await trio.sleep(0.05 if exchange < CLOCK_BURST - 1 else CLOCK_PERIOD)
+        while True:
+            await ws.send_message(protocol.make("clock", t0=time.time_ns()))
+            await trio.sleep(CLOCK_PERIOD)
+
+    async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """Handle the Manager's messages until the connection closes."""
+        while True:
+            try:
+                text = await ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                log.info("worker %r: the manager closed the connection", self.name)
+                return
+            received_ns = time.time_ns()
+            try:
+                message = protocol.parse(text)
+            except protocol.ProtocolError as exc:
+                log.warning("worker %r: bad message from the manager: %s", self.name, exc)
+                await ws.send_message(protocol.make("error", error=str(exc), re=None))
+                continue
+            if message["type"] == "clock_ack":
+                self.clock.add(message["t0"], message["t1"], message["t2"], received_ns)
+                self._clock_changed.unpark_all()
+            elif message["type"] == "error":
+                log.warning("worker %r: the manager says: %s", self.name, message["error"])
+            else:
+                await ws.send_message(
+                    protocol.make("error", error="unexpected message", re=message["type"])
+                )

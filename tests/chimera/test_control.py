@@ -1,0 +1,99 @@
+"""Manager and Worker over the control WebSocket: check-in, clock, bad messages, tokens."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+from chimera import _protocol as protocol
+from chimera._manager import AsyncManager
+from chimera._worker import AsyncWorker
+
+
+def port_is_closed(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def test_a_worker_checks_in_and_learns_the_managers_clock(tmp_path):
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0) as manager:
+            async with AsyncWorker("lab-pc") as worker:
+                assert await worker.connect(manager.host, manager.port)
+                await manager.wait_for_workers(1)
+                assert [w.name for w in manager.workers.values()] == ["lab-pc"]
+                assert worker.id in manager.workers
+                await worker.wait_for_clock(samples=3)
+                estimate = worker.clock.estimate()
+                # One machine, one clock: the offset is zero within the error bound.
+                assert abs(estimate.offset_ns) <= estimate.error_ns + 1_000
+                async with httpx.AsyncClient() as client:
+                    answer = await client.get(f"http://127.0.0.1:{manager.port}/api/state")
+                assert answer.status_code == 200
+                assert [w["name"] for w in answer.json()["workers"]] == ["lab-pc"]
+            await manager.wait_for_workers(0)  # the worker left: the manager forgets it
+            port = manager.port
+    assert port_is_closed(port)
+
+
+async def test_a_bad_message_gets_an_error_and_the_connection_stays(tmp_path):
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0) as manager:
+            url = f"ws://127.0.0.1:{manager.port}/ws/worker"
+            async with trio_websocket.open_websocket_url(url) as ws:
+                for bad in ["not json", "[1, 2]", '{"v": 99, "type": "hello"}', '{"v": 1}']:
+                    await ws.send_message(bad)
+                    answer = protocol.parse(await ws.get_message())
+                    assert answer["type"] == "error"
+                await ws.send_message(protocol.make("clock", t0=1))
+                answer = protocol.parse(await ws.get_message())
+                assert answer["type"] == "clock_ack" and answer["t0"] == 1
+
+
+async def test_a_worker_without_the_token_is_refused_clearly(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHIMERA_TOKEN", raising=False)
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0, token="s3cret") as manager:
+            async with AsyncWorker("intruder") as worker:
+                with pytest.raises(PermissionError, match="wrong or missing token"):
+                    await worker.connect(manager.host, manager.port)
+            async with AsyncWorker("friend", token="s3cret") as worker:
+                assert await worker.connect(manager.host, manager.port)
+            assert all(w.name != "intruder" for w in manager.workers.values())
+
+
+async def test_an_unreachable_manager_is_false_not_an_exception():
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        port = spare.getsockname()[1]
+    with trio.fail_after(20):
+        async with AsyncWorker("alone") as worker:
+            assert not await worker.connect("127.0.0.1", port, timeout=5)
+
+
+async def test_unknown_paths_are_404(tmp_path):
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0) as manager:
+            async with httpx.AsyncClient() as client:
+                answer = await client.get(f"http://127.0.0.1:{manager.port}/nothing")
+    assert answer.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{", "not JSON"),
+        ('"hello"', "JSON object"),
+        ('{"v": 2, "type": "clock", "t0": 1}', "version 2"),
+        ('{"v": 1, "type": "dance"}', "unknown message type"),
+        ('{"v": 1, "type": "clock"}', "without 't0'"),
+        ('{"v": 1, "type": "clock", "t0": true}', "'t0' of type bool"),
+    ],
+)
+def test_parse_says_what_is_wrong(text, problem):
+    with pytest.raises(protocol.ProtocolError, match=problem):
+        protocol.parse(text)
