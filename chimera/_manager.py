@@ -13,21 +13,27 @@ port and every connection.
 
 from __future__ import annotations
 
+import base64
+import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import hypercorn.config
 import hypercorn.trio
 import trio
 
 from . import _protocol as protocol
+from ._errors import NodeError
+from ._graph import Graph
+from ._mapping import resolve_mapping
 
 __all__ = ["AsyncManager", "WorkerInfo"]
 
@@ -45,6 +51,16 @@ class WorkerInfo:
     name: str
     #: When it checked in (the Manager's clock, ns).
     connected_ns: int
+    _send: Send | None = field(default=None, repr=False)
+    _pending: dict[int, Any] = field(default_factory=dict, repr=False)
+
+
+class _Pending:
+    """A request waiting for its reply."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply: dict[str, Any] | None = None
 
 
 class AsyncManager:
@@ -59,6 +75,8 @@ class AsyncManager:
         dashboard_api: whether ``/api/state`` is served.
         host: the address to listen on (loopback by default).
         token: if set, a Worker must present it (or ``CHIMERA_TOKEN``) to check in.
+        transport: the data plane between nodes: ``"tcp"``, ``"nng"``, or
+            ``"memory"`` (every Worker in this Trio run: for tests).
     """
 
     def __init__(
@@ -71,6 +89,7 @@ class AsyncManager:
         *,
         host: str = "127.0.0.1",
         token: str | None = None,
+        transport: str = "tcp",
     ) -> None:
         self.logdir = Path(logdir) if logdir is not None else Path.cwd() / "chimera-logs"
         self.host = host
@@ -79,6 +98,12 @@ class AsyncManager:
         self.publish_logs_via_zmq = publish_logs_via_zmq
         self.dashboard_api = dashboard_api
         self._token = token
+        self.transport = transport
+        self._request_ids = itertools.count(1)
+        self._graph: Graph | None = None
+        self._mapping: dict[str, list[str]] = {}
+        #: The state of every committed node, by node id.
+        self.nodes: dict[str, str] = {}
         self._workers: dict[str, WorkerInfo] = {}
         self._workers_changed = trio.lowlevel.ParkingLot()
         self._context: Any = None
@@ -101,6 +126,121 @@ class AsyncManager:
                 for info in self._workers.values()
             ]
         }
+
+    # --- the graph ----------------------------------------------------------------
+
+    async def commit_graph(
+        self,
+        graph: Graph,
+        mapping: Mapping[str, Sequence[str]],
+        send_packages: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Create every node of *graph* on the Worker *mapping* gives it, connect
+        them, and run their ``prep``.
+
+        Returns:
+            True.
+
+        Raises:
+            CommitGraphError: the graph or the mapping is not valid (nothing is started).
+            NodeError: a node's ``prep`` raised.
+            RuntimeError: a Worker failed otherwise, or left.
+        """
+        resolved = resolve_mapping(graph, self._names(), mapping, self.max_num_of_workers)
+        self._graph, self._mapping = graph, resolved
+        names = {node_id: name for node_id, name in graph.G.nodes(data="name")}
+        addresses: dict[str, str | None] = {}
+
+        async def create(worker_id: str, node_ids: list[str]) -> None:
+            specs = [self._spec(graph, node_id, names) for node_id in node_ids]
+            result = await self._request(worker_id, "create_nodes", nodes=specs)
+            addresses.update(result["addresses"])
+
+        await self._on_every_worker(create)
+
+        async def connect(worker_id: str, node_ids: list[str]) -> None:
+            wiring = {
+                node_id: {names[src]: addresses[src] for src in graph.inputs(node_id)}
+                for node_id in node_ids
+            }
+            await self._request(worker_id, "connect_nodes", addresses=wiring)
+
+        await self._on_every_worker(connect)
+        await self._on_every_worker(lambda worker_id, _: self._request(worker_id, "prep_nodes"))
+        return True
+
+    async def start(self) -> bool:
+        """Start every node stepping. Returns True."""
+        await self._on_every_worker(lambda worker_id, _: self._request(worker_id, "start_nodes"))
+        return True
+
+    async def stop(self) -> bool:
+        """Stop the sources; every chunk they sent is stepped downstream before
+        each node's ``teardown``. Returns once every node has stopped: True."""
+        await self._on_every_worker(lambda worker_id, _: self._request(worker_id, "stop_nodes"))
+        return True
+
+    def _names(self) -> dict[str, str]:
+        return {worker_id: info.name for worker_id, info in self._workers.items()}
+
+    def _spec(self, graph: Graph, node_id: str, names: Mapping[str, str]) -> dict[str, Any]:
+        node = graph.G.nodes[node_id]["object"]
+        followed = graph.followed_input(node_id)
+        return {
+            "id": node_id,
+            "node": base64.b64encode(cloudpickle.dumps(node)).decode("ascii"),
+            "inputs": [
+                [names[src], graph.edge_delivery(src, node_id)] for src in graph.inputs(node_id)
+            ],
+            "follow": names[followed] if followed is not None else None,
+            "outputs": len(graph.outputs(node_id)),
+            "transport": self.transport,
+        }
+
+    async def _on_every_worker(self, fn: Callable[[str, list[str]], Awaitable[Any]]) -> None:
+        """Run *fn(worker id, its node ids)* for every mapped Worker, concurrently.
+
+        Raises:
+            Exception: the first one a call raised (after every call ended).
+        """
+        errors: list[Exception] = []
+
+        async def run(worker_id: str, node_ids: list[str]) -> None:
+            try:
+                await fn(worker_id, node_ids)
+            except Exception as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for worker_id, node_ids in self._mapping.items():
+                nursery.start_soon(run, worker_id, node_ids)
+        if errors:
+            raise errors[0]
+
+    async def _request(self, worker_id: str, command: str, **args: Any) -> Any:
+        """Ask a Worker to carry out *command*; its result.
+
+        Raises:
+            NodeError: a node's code raised.
+            RuntimeError: the command failed otherwise, or the Worker left.
+        """
+        info = self._workers.get(worker_id)
+        if info is None or info._send is None:
+            raise RuntimeError(f"worker {worker_id} is not connected")
+        request_id = next(self._request_ids)
+        pending = info._pending[request_id] = _Pending()
+        text = protocol.make("request", id=request_id, command=command, args=args)
+        await info._send({"type": "websocket.send", "text": text})
+        await pending.done.wait()
+        reply = pending.reply
+        if reply is None:
+            raise RuntimeError(f"worker {info.name!r} left during {command}")
+        if not reply["ok"]:
+            if reply["node"] is not None:
+                message = reply["error"].partition(": ")[2] or reply["error"]
+                raise NodeError(reply["node"], message, reply["traceback"] or "")
+            raise RuntimeError(f"worker {info.name!r}: {reply['error']}")
+        return reply["result"]
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -152,10 +292,16 @@ class AsyncManager:
         """One Worker's control connection, from its ``hello`` until it leaves."""
         if (await receive())["type"] != "websocket.connect":
             return
-        await send({"type": "websocket.accept"})
+        sending = trio.Lock()  # requests and answers go out from several tasks
+
+        async def send_locked(event: dict[str, Any]) -> None:
+            async with sending:
+                await send(event)
+
+        await send_locked({"type": "websocket.accept"})
 
         async def reply(type_: str, **fields: Any) -> None:
-            await send({"type": "websocket.send", "text": protocol.make(type_, **fields)})
+            await send_locked({"type": "websocket.send", "text": protocol.make(type_, **fields)})
 
         info = None
         try:
@@ -177,17 +323,29 @@ class AsyncManager:
                     if self._token is not None and message["token"] != self._token:
                         log.warning("worker %r refused: wrong token", message["name"])
                         await reply("error", error="refused: wrong or missing token", re="hello")
-                        await send({"type": "websocket.close", "code": 4403})
+                        await send_locked({"type": "websocket.close", "code": 4403})
                         return
-                    info = WorkerInfo(message["worker_id"], message["name"], received_ns)
+                    info = WorkerInfo(
+                        message["worker_id"], message["name"], received_ns, send_locked
+                    )
                     self._workers[info.id] = info
                     self._workers_changed.unpark_all()
                     log.info("worker %r (%s) connected", info.name, info.id)
                     await reply("welcome", worker_id=info.id)
+                elif kind == "reply" and info is not None and message["id"] in info._pending:
+                    pending = info._pending.pop(message["id"])
+                    pending.reply = message
+                    pending.done.set()
+                elif kind == "node_state" and info is not None:
+                    self.nodes[message["node_id"]] = message["state"]
+                    if message["reason"]:
+                        log.error("node %s failed: %s", message["node_id"], message["reason"])
                 else:
                     await reply("error", error=f"unexpected {kind} message", re=kind)
         finally:
             if info is not None:
+                for pending in info._pending.values():
+                    pending.done.set()  # no reply will come: the request fails
                 del self._workers[info.id]
                 self._workers_changed.unpark_all()
                 log.info("worker %r (%s) left", info.name, info.id)

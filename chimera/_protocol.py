@@ -13,7 +13,15 @@ type           direction        fields
 ``clock``      worker->manager  ``t0`` (the Worker's clock, ns)
 ``clock_ack``  manager->worker  ``t0``, ``t1``, ``t2`` (the Manager's clock, ns)
 ``error``      either           ``error`` (str), ``re`` (the type it answers)
+``request``    manager->worker  ``id`` (int), ``command`` (str), ``args`` (object)
+``reply``      worker->manager  ``id``, ``ok`` (bool), ``result`` (object),
+                                ``error`` (str|None), ``traceback`` (str|None),
+                                ``node`` (the failing node's name, str|None)
+``node_state`` worker->manager  ``node_id``, ``state``, ``reason`` (str|None)
 =============  ===============  ==============================================
+
+A ``request``'s ``command`` is one of :data:`COMMANDS`; its ``reply`` carries
+the same ``id``.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["VERSION", "ProtocolError", "make", "parse"]
+__all__ = ["COMMANDS", "VERSION", "ProtocolError", "make", "parse"]
 
 #: The protocol version this side speaks.
 VERSION = 1
@@ -35,7 +43,20 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "clock": {"t0": int},
     "clock_ack": {"t0": int, "t1": int, "t2": int},
     "error": {"error": str, "re": _OPTIONAL_STR},
+    "request": {"id": int, "command": str, "args": dict},
+    "reply": {
+        "id": int,
+        "ok": bool,
+        "result": object,
+        "error": _OPTIONAL_STR,
+        "traceback": _OPTIONAL_STR,
+        "node": _OPTIONAL_STR,
+    },
+    "node_state": {"node_id": str, "state": str, "reason": _OPTIONAL_STR},
 }
+
+#: What a Manager may ask a Worker to do (see :class:`chimera._worker.AsyncWorker`).
+COMMANDS = frozenset({"create_nodes", "connect_nodes", "prep_nodes", "start_nodes", "stop_nodes"})
 
 #: The longest message accepted, in characters.
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -85,6 +106,8 @@ def _check(message: Any) -> None:
     fields = _FIELDS.get(type_) if isinstance(type_, str) else None
     if fields is None:
         raise ProtocolError(f"unknown message type {type_!r}")
+    if type_ == "request" and message.get("command") not in COMMANDS:
+        raise ProtocolError(f"unknown command {message.get('command')!r}")
     for name, kinds in fields.items():
         if name not in message:
             raise ProtocolError(f"{type_} message without {name!r}")

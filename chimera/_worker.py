@@ -8,19 +8,25 @@ it estimates the offset from its clock to the Manager's (see
 
 from __future__ import annotations
 
+import base64
 import logging
+import math
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import cloudpickle
 import trio
 import trio_websocket
 
 from . import _protocol as protocol
 from ._clock import ClockEstimator
+from ._errors import NodeError
+from ._node import NodeState
+from ._runtime import Input, NodeRuntime
 
 __all__ = ["AsyncWorker"]
 
@@ -63,6 +69,15 @@ class AsyncWorker:
         self._nursery: trio.Nursery | None = None
         self._context: Any = None
         self._connected = False
+        self._runtimes: dict[str, NodeRuntime] = {}
+        self._runs: dict[str, trio.Event] = {}
+        self._stack: AsyncExitStack | None = None
+        self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
+
+    @property
+    def nodes(self) -> dict[str, NodeState]:
+        """The state of each node this Worker runs, by node id."""
+        return {node_id: runtime.node.state for node_id, runtime in self._runtimes.items()}
 
     @property
     def connected(self) -> bool:
@@ -79,13 +94,15 @@ class AsyncWorker:
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[AsyncWorker]:
-        async with trio.open_nursery() as nursery:
+        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            self._stack = stack
             self._nursery = nursery
             try:
                 yield self
             finally:
                 self._nursery = None
                 nursery.cancel_scope.cancel()
+        # The exit stack closed every node runtime after their runs were cancelled.
 
     async def connect(
         self,
@@ -142,7 +159,8 @@ class AsyncWorker:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._keep_clock, ws)
-                    await self._read(ws)
+                    nursery.start_soon(self._send_events, ws)
+                    await self._read(ws, nursery)
                     nursery.cancel_scope.cancel()
             finally:
                 self._connected = False
@@ -155,7 +173,11 @@ class AsyncWorker:
             await ws.send_message(protocol.make("clock", t0=time.time_ns()))
             await trio.sleep(CLOCK_PERIOD)
 
-    async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _send_events(self, ws: trio_websocket.WebSocketConnection) -> None:
+        async for text in self._events_out:
+            await ws.send_message(text)
+
+    async def _read(self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
         """Handle the Manager's messages until the connection closes."""
         while True:
             try:
@@ -173,9 +195,90 @@ class AsyncWorker:
             if message["type"] == "clock_ack":
                 self.clock.add(message["t0"], message["t1"], message["t2"], received_ns)
                 self._clock_changed.unpark_all()
+            elif message["type"] == "request":
+                nursery.start_soon(self._answer, ws, message)
             elif message["type"] == "error":
                 log.warning("worker %r: the manager says: %s", self.name, message["error"])
             else:
                 await ws.send_message(
                     protocol.make("error", error="unexpected message", re=message["type"])
                 )
+
+    # --- the Manager's commands ------------------------------------------------
+
+    async def _answer(self, ws: trio_websocket.WebSocketConnection, request: dict) -> None:
+        """Carry out one request and reply to it (a failure is a reply too)."""
+        reply: dict[str, Any] = {"result": None, "error": None, "traceback": None, "node": None}
+        try:
+            handler = getattr(self, f"_do_{request['command']}")
+            reply["result"] = await handler(**request["args"])
+            reply["ok"] = True
+        except NodeError as exc:
+            reply.update(ok=False, error=str(exc), traceback=exc.traceback, node=exc.node_name)
+        except Exception as exc:
+            log.exception("worker %r: %s failed", self.name, request["command"])
+            reply.update(ok=False, error=f"{request['command']}: {exc!r}")
+        await ws.send_message(protocol.make("reply", id=request["id"], **reply))
+
+    def _report(self, node_id: str, state: NodeState, reason: str | None) -> None:
+        self._events_in.send_nowait(
+            protocol.make("node_state", node_id=node_id, state=state.value, reason=reason)
+        )
+
+    async def _do_create_nodes(self, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+        addresses = {}
+        for spec in nodes:
+            node = cloudpickle.loads(base64.b64decode(spec["node"]))
+            node_id = spec["id"]
+            runtime = NodeRuntime(
+                node,
+                inputs=[Input(name, delivery) for name, delivery in spec["inputs"]],
+                follow=spec["follow"],
+                outputs=spec["outputs"],
+                transport=spec["transport"],
+                on_state=lambda state, reason, node_id=node_id: self._report(
+                    node_id, state, reason
+                ),
+            )
+            self._runtimes[node_id] = await self._stack.enter_async_context(runtime)
+            addresses[node_id] = runtime.address
+        return {"addresses": addresses}
+
+    async def _do_connect_nodes(self, addresses: dict[str, dict[str, str]]) -> None:
+        for node_id, inputs in addresses.items():
+            await self._runtimes[node_id].connect(inputs)
+
+    async def _do_prep_nodes(self) -> None:
+        failures: list[NodeError] = []
+
+        async def prep(runtime: NodeRuntime) -> None:
+            try:
+                await runtime.prep()
+            except NodeError as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for runtime in self._runtimes.values():
+                nursery.start_soon(prep, runtime)
+        if failures:
+            raise failures[0]
+
+    async def _do_start_nodes(self) -> None:
+        for node_id, runtime in self._runtimes.items():
+            done = self._runs[node_id] = trio.Event()
+            self._nursery.start_soon(self._run_node, runtime, done)
+
+    async def _run_node(self, runtime: NodeRuntime, done: trio.Event) -> None:
+        try:
+            await runtime.run()
+        except NodeError as exc:
+            log.error("worker %r: %s", self.name, exc)
+        finally:
+            done.set()
+
+    async def _do_stop_nodes(self) -> dict[str, str]:
+        for runtime in self._runtimes.values():
+            runtime.request_stop()
+        for done in self._runs.values():
+            await done.wait()
+        return {node_id: state.value for node_id, state in self.nodes.items()}

@@ -1,0 +1,106 @@
+"""A whole cluster in one Trio run: Manager, Workers, nodes inline, ChimeraPy-style graph."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+
+import chimera as cp
+from chimera._manager import AsyncManager
+from chimera._worker import AsyncWorker
+
+#: Set by the sink (in this process: nodes run inline) once it has seen enough.
+SEEN: dict[str, list] = {}
+ENOUGH = threading.Event()
+
+
+class Counter(cp.Node):
+    def prep(self):
+        self.n = 0
+
+    def step(self):
+        if self.n == 30:
+            threading.Event().wait(0.001)
+            return None
+        self.n += 1
+        return self.n
+
+
+class Doubler(cp.Node):
+    def step(self, data_chunks):
+        return 2 * data_chunks["counter"].get("default")["value"]
+
+
+class Printer(cp.Node):
+    def prep(self):
+        SEEN[self.name] = []
+
+    def step(self, data_chunks):
+        SEEN[self.name].append(data_chunks["doubler"].get("default")["value"])
+        if len(SEEN[self.name]) == 30:
+            ENOUGH.set()
+
+
+class BrokenPrep(cp.Node):
+    def prep(self):
+        raise OSError("no such camera")
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_a_pipeline_over_two_workers_delivers_everything_in_order(tmp_path, transport):
+    ENOUGH.clear()
+    counter, doubler, printer = Counter("counter"), Doubler("doubler"), Printer("printer")
+    graph = cp.Graph()
+    graph.add_edges_from([(counter, doubler), (doubler, printer)])
+    with trio.fail_after(30):
+        async with (
+            AsyncManager(tmp_path, port=0, transport=transport) as manager,
+            AsyncWorker("local") as local,
+            AsyncWorker("remote") as remote,
+        ):
+            assert await local.connect(manager.host, manager.port)
+            assert await remote.connect(manager.host, manager.port)
+            await manager.wait_for_workers(2)
+            mapping = {"local": ["counter", "doubler"], "remote": ["printer"]}
+            assert await manager.commit_graph(graph, mapping)
+            assert set(manager.nodes.values()) <= {"INITIALIZED", "CONNECTED", "READY"}
+            assert await manager.start()
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            assert await manager.stop()
+            assert remote.nodes == {printer.id: cp.NodeState.STOPPED}
+    assert SEEN["printer"] == [2 * i for i in range(1, 31)]
+
+
+async def test_a_prep_that_raises_makes_commit_graph_raise_a_node_error(tmp_path):
+    graph = cp.Graph()
+    graph.add_node(BrokenPrep("camera"))
+    with trio.fail_after(30):
+        async with (
+            AsyncManager(tmp_path, port=0, transport="memory") as manager,
+            AsyncWorker("local") as local,
+        ):
+            assert await local.connect(manager.host, manager.port)
+            await manager.wait_for_workers(1)
+            with pytest.raises(cp.NodeError) as caught:
+                await manager.commit_graph(graph, {"local": ["camera"]})
+    assert caught.value.node_name == "camera"
+    assert "no such camera" in str(caught.value)
+    assert "OSError: no such camera" in caught.value.traceback
+
+
+async def test_a_bad_mapping_is_refused_before_anything_starts(tmp_path):
+    a, b = cp.Node("a"), cp.Node("b")
+    graph = cp.Graph()
+    graph.add_edge(a, b)
+    with trio.fail_after(30):
+        async with (
+            AsyncManager(tmp_path, port=0, transport="memory") as manager,
+            AsyncWorker("local") as local,
+        ):
+            assert await local.connect(manager.host, manager.port)
+            await manager.wait_for_workers(1)
+            with pytest.raises(cp.CommitGraphError, match="nodes not mapped to any worker: 'b'"):
+                await manager.commit_graph(graph, {"local": ["a"]})
+            assert local.nodes == {}
