@@ -180,6 +180,17 @@ class AsyncManager:
         await self._on_every_worker(lambda worker_id, _: self._request(worker_id, "stop_nodes"))
         return True
 
+    async def shutdown(self) -> None:
+        """Close every node on every Worker (stopping those that run).
+
+        The Workers stay connected; leaving ``async with`` closes the Manager.
+        """
+        if self._mapping:
+            await self._on_every_worker(
+                lambda worker_id, _: self._request(worker_id, "shutdown_nodes")
+            )
+            self._mapping = {}
+
     def _names(self) -> dict[str, str]:
         return {worker_id: info.name for worker_id, info in self._workers.items()}
 

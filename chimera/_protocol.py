@@ -56,7 +56,16 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 #: What a Manager may ask a Worker to do (see :class:`chimera._worker.AsyncWorker`).
-COMMANDS = frozenset({"create_nodes", "connect_nodes", "prep_nodes", "start_nodes", "stop_nodes"})
+COMMANDS = frozenset(
+    {
+        "create_nodes",
+        "connect_nodes",
+        "prep_nodes",
+        "start_nodes",
+        "stop_nodes",
+        "shutdown_nodes",
+    }
+)
 
 #: The longest message accepted, in characters.
 MAX_MESSAGE = 16 * 1024 * 1024

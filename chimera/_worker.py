@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import cloudpickle
@@ -71,7 +71,8 @@ class AsyncWorker:
         self._connected = False
         self._runtimes: dict[str, NodeRuntime] = {}
         self._runs: dict[str, trio.Event] = {}
-        self._stack: AsyncExitStack | None = None
+        self._run_scopes: list[trio.CancelScope] = []
+        self._session_scope: trio.CancelScope | None = None
         self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
 
     @property
@@ -94,15 +95,21 @@ class AsyncWorker:
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[AsyncWorker]:
-        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
-            self._stack = stack
+        async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
                 yield self
             finally:
+                with trio.CancelScope(shield=True):
+                    await self._close_nodes()
                 self._nursery = None
                 nursery.cancel_scope.cancel()
-        # The exit stack closed every node runtime after their runs were cancelled.
+
+    async def shutdown(self) -> None:
+        """Close every node (stopping those that run) and leave the Manager."""
+        await self._close_nodes()
+        if self._session_scope is not None:
+            self._session_scope.cancel()
 
     async def connect(
         self,
@@ -142,6 +149,10 @@ class AsyncWorker:
             await self._clock_changed.park()
 
     async def _session(self, url: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self._session_scope:
+            await self._talk(url, task_status)
+
+    async def _talk(self, url: str, task_status: Any) -> None:
         async with trio_websocket.open_websocket_url(url) as ws:
             await ws.send_message(
                 protocol.make("hello", name=self.name, worker_id=self.id, token=self._token)
@@ -240,7 +251,8 @@ class AsyncWorker:
                     node_id, state, reason
                 ),
             )
-            self._runtimes[node_id] = await self._stack.enter_async_context(runtime)
+            self._runtimes[node_id] = runtime
+            await runtime.__aenter__()
             addresses[node_id] = runtime.address
         return {"addresses": addresses}
 
@@ -270,11 +282,28 @@ class AsyncWorker:
 
     async def _run_node(self, runtime: NodeRuntime, done: trio.Event) -> None:
         try:
-            await runtime.run()
+            with trio.CancelScope() as scope:
+                self._run_scopes.append(scope)
+                await runtime.run()
         except NodeError as exc:
             log.error("worker %r: %s", self.name, exc)
         finally:
             done.set()
+
+    async def _do_shutdown_nodes(self) -> None:
+        await self._close_nodes()
+
+    async def _close_nodes(self) -> None:
+        """Stop what runs (at once), then close every node's endpoints."""
+        for scope in self._run_scopes:
+            scope.cancel()
+        for done in self._runs.values():
+            await done.wait()  # teardown runs, shielded, for at most TEARDOWN_TIMEOUT
+        for runtime in self._runtimes.values():
+            await runtime.aclose()
+        self._runtimes.clear()
+        self._runs.clear()
+        self._run_scopes.clear()
 
     async def _do_stop_nodes(self) -> dict[str, str]:
         for runtime in self._runtimes.values():

@@ -1,0 +1,203 @@
+"""The blocking API of ChimeraPy: :class:`Manager` and :class:`Worker`.
+
+Each object runs its async twin (:class:`~chimera.AsyncManager`,
+:class:`~chimera.AsyncWorker`) in a Trio loop on a thread of its own, and each
+method waits for the twin's coroutine to finish there. ``shutdown()`` stops
+the loop and joins the thread; an object never shut down is shut down when the
+interpreter exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import socket
+import threading
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from ._graph import Graph
+from ._manager import AsyncManager, WorkerInfo
+from ._node import NodeState
+from ._worker import AsyncWorker
+
+__all__ = ["Manager", "Worker"]
+
+T = TypeVar("T")
+
+#: Longest wait for a loop thread to finish its shutdown.
+JOIN_TIMEOUT = 30.0
+
+
+class _LoopThread(Generic[T]):
+    """An async context manager entered in a Trio loop on a thread of its own.
+
+    Raises (from the constructor) whatever entering it raised.
+    """
+
+    def __init__(self, resource: AbstractAsyncContextManager[T], name: str) -> None:
+        self._resource_cm = resource
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self.resource: T | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        atexit.register(self.close)
+
+    async def _main(self) -> None:
+        try:
+            async with self._resource_cm as resource:
+                self.resource = resource
+                self._token = trio.lowlevel.current_trio_token()
+                self._stop = trio.Event()
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:
+            if not self._ready.is_set():
+                self._error = exc
+                self._ready.set()
+                return
+            raise
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``await fn(*args)`` in the loop; its result.
+
+        Raises:
+            RuntimeError: the loop has stopped.
+        """
+        if self._token is None or not self._thread.is_alive():
+            raise RuntimeError("this object has been shut down")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def close(self) -> None:
+        """Leave the context manager and end the loop (once; later calls return)."""
+        atexit.unregister(self.close)
+        if self._thread.is_alive() and self._token is not None:
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+            self._thread.join(JOIN_TIMEOUT)
+
+
+class Manager:
+    """The cluster's coordinator, blocking (ChimeraPy's ``Manager``).
+
+    Same arguments as :class:`~chimera.AsyncManager`; ``port=0`` picks a free port.
+    """
+
+    def __init__(
+        self,
+        logdir: str | Path,
+        port: int = 9000,
+        max_num_of_workers: int = 50,
+        publish_logs_via_zmq: bool = False,
+        dashboard_api: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        manager = AsyncManager(
+            logdir, port, max_num_of_workers, publish_logs_via_zmq, dashboard_api, **kwargs
+        )
+        self._loop = _LoopThread(manager, "chimera-manager")
+        self._manager = manager
+
+    @property
+    def host(self) -> str:
+        return self._manager.host
+
+    @property
+    def port(self) -> int:
+        return self._manager.port
+
+    @property
+    def logdir(self) -> Path:
+        return self._manager.logdir
+
+    @property
+    def workers(self) -> dict[str, WorkerInfo]:
+        """The Workers connected now, by id."""
+        return self._manager.workers
+
+    def commit_graph(
+        self,
+        graph: Graph,
+        mapping: dict[str, list[str]],
+        send_packages: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """See :meth:`chimera.AsyncManager.commit_graph`."""
+        return self._loop.call(self._manager.commit_graph, graph, mapping, send_packages)
+
+    def start(self) -> bool:
+        """See :meth:`chimera.AsyncManager.start`."""
+        return self._loop.call(self._manager.start)
+
+    def stop(self) -> bool:
+        """See :meth:`chimera.AsyncManager.stop`."""
+        return self._loop.call(self._manager.stop)
+
+    def shutdown(self) -> None:
+        """Close every node, then the Manager itself (its port, its connections)."""
+        try:
+            self._loop.call(self._manager.shutdown)
+        except RuntimeError:  # shut down already
+            return
+        finally:
+            self._loop.close()
+
+
+class Worker:
+    """Runs nodes on this machine, blocking (ChimeraPy's ``Worker``)."""
+
+    def __init__(
+        self, name: str, port: int = 10000, delete_temp: bool = True, id: str | None = None
+    ) -> None:
+        worker = AsyncWorker(name, port, delete_temp, id)
+        self._loop = _LoopThread(worker, f"chimera-worker-{name}")
+        self._worker = worker
+
+    @property
+    def id(self) -> str:
+        return self._worker.id
+
+    @property
+    def name(self) -> str:
+        return self._worker.name
+
+    @property
+    def port(self) -> int:
+        return self._worker.port
+
+    @property
+    def ip(self) -> str:
+        """This machine's address as others see it (best effort)."""
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+
+    @property
+    def nodes(self) -> dict[str, NodeState]:
+        """The state of each node this Worker runs, by node id."""
+        return self._worker.nodes
+
+    def connect(self, host: str, port: int, timeout: float = 10.0) -> bool:
+        """See :meth:`chimera.AsyncWorker.connect`."""
+        return self._loop.call(self._worker.connect, host, port, timeout)
+
+    def shutdown(self, msg: dict[str, Any] | None = None) -> None:
+        """Close every node, leave the Manager, and end the Worker."""
+        try:
+            self._loop.call(self._worker.shutdown)
+        except RuntimeError:  # shut down already
+            return
+        finally:
+            self._loop.close()
