@@ -1,9 +1,15 @@
-"""The ``chimera`` command."""
+"""The ``chimera`` command: ``chimera manager`` and ``chimera worker``."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
+
+import trio
 
 from ._version import __version__
 
@@ -17,15 +23,91 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"chimera {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    manager = commands.add_parser(
+        "manager", help="run a Manager until Ctrl-C", description="Run a Manager until Ctrl-C."
+    )
+    manager.add_argument("--port", type=int, default=9000, help="0 picks a free port")
+    manager.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    manager.add_argument("--logdir", default="chimera-logs", help="where sessions are written")
+    manager.add_argument("--token", default=None, help="a token Workers must present")
+
+    worker = commands.add_parser(
+        "worker",
+        help="run a Worker for a Manager until Ctrl-C",
+        description="Run a Worker connected to a Manager until Ctrl-C or the Manager leaves.",
+    )
+    worker.add_argument("--name", required=True, help="the Worker's name in mappings")
+    worker.add_argument("--manager", required=True, metavar="HOST:PORT", help="the Manager")
+    worker.add_argument("--token", default=None, help="default: $CHIMERA_TOKEN")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    parser = _parser()
-    parser.parse_args(argv)
-    parser.print_help()
+async def _until(signals: AsyncIterator[int]) -> None:
+    """Return at the first signal *signals* receives."""
+    async for signum in signals:
+        print(f"chimera: {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True)
+        return
+
+
+async def _run_manager(args: argparse.Namespace, signals: AsyncIterator[int]) -> int:
+    from ._manager import AsyncManager
+
+    async with AsyncManager(args.logdir, args.port, host=args.host, token=args.token) as manager:
+        print(f"chimera manager listening on {manager.host}:{manager.port}", flush=True)
+        await _until(signals)
     return 0
+
+
+async def _run_worker(args: argparse.Namespace, signals: AsyncIterator[int]) -> int:
+    from ._worker import AsyncWorker
+
+    host, _, port = args.manager.rpartition(":")
+    if not host or not port.isdigit():
+        print(f"chimera worker: --manager is HOST:PORT, not {args.manager!r}", file=sys.stderr)
+        return 2
+    async with AsyncWorker(args.name, token=args.token) as worker:
+        try:
+            connected = await worker.connect(host, int(port))
+        except PermissionError as exc:
+            print(f"chimera worker: {exc}", file=sys.stderr)
+            return 1
+        if not connected:
+            print(f"chimera worker: no manager at {args.manager}", file=sys.stderr)
+            return 1
+        print(f"chimera worker {args.name!r} connected to {args.manager}", flush=True)
+        async with trio.open_nursery() as nursery:
+
+            async def until(event: Callable[[], Awaitable[None]]) -> None:
+                await event()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until, partial(_until, signals))
+            nursery.start_soon(until, worker.wait_for_disconnect)
+        if not worker.connected:
+            print("chimera worker: the manager left", flush=True)
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    # Ctrl-C and SIGTERM are received as events from the start, so that they
+    # end the run by leaving its blocks, never as a KeyboardInterrupt in
+    # whatever task happens to run.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        run = _run_manager if args.command == "manager" else _run_worker
+        return await run(args, signals)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 after Ctrl-C or SIGTERM too)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return trio.run(_run, args)
 
 
 if __name__ == "__main__":

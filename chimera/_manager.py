@@ -34,6 +34,7 @@ from . import _protocol as protocol
 from ._errors import NodeError
 from ._graph import Graph
 from ._mapping import resolve_mapping
+from ._service import Service
 
 __all__ = ["AsyncManager", "WorkerInfo"]
 
@@ -63,7 +64,7 @@ class _Pending:
         self.reply: dict[str, Any] | None = None
 
 
-class AsyncManager:
+class AsyncManager(Service):
     """The cluster's coordinator, as an async context manager.
 
     Args:
@@ -106,7 +107,6 @@ class AsyncManager:
         self.nodes: dict[str, str] = {}
         self._workers: dict[str, WorkerInfo] = {}
         self._workers_changed = trio.lowlevel.ParkingLot()
-        self._context: Any = None
 
     @property
     def workers(self) -> dict[str, WorkerInfo]:
@@ -255,16 +255,8 @@ class AsyncManager:
 
     # --- lifecycle -------------------------------------------------------------
 
-    async def __aenter__(self) -> AsyncManager:
-        self._context = self._serving()
-        return await self._context.__aenter__()
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        context, self._context = self._context, None
-        return await context.__aexit__(*exc_info)
-
     @asynccontextmanager
-    async def _serving(self) -> AsyncIterator[AsyncManager]:
+    async def _running(self) -> AsyncIterator[AsyncManager]:
         self.logdir.mkdir(parents=True, exist_ok=True)
         config = hypercorn.config.Config()
         config.bind = [f"{self.host}:{self.port}"]

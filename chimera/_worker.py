@@ -27,6 +27,7 @@ from ._clock import ClockEstimator
 from ._errors import NodeError
 from ._node import NodeState
 from ._runtime import Input, NodeRuntime
+from ._service import Service
 
 __all__ = ["AsyncWorker"]
 
@@ -37,7 +38,7 @@ CLOCK_BURST = 8
 CLOCK_PERIOD = 1.0
 
 
-class AsyncWorker:
+class AsyncWorker(Service):
     """A Worker, as an async context manager.
 
     Args:
@@ -65,9 +66,9 @@ class AsyncWorker:
         self._token = token if token is not None else os.environ.get("CHIMERA_TOKEN")
         #: The offset from this Worker's clock to the Manager's.
         self.clock = ClockEstimator()
+        #: Woken by each clock sample, and when the connection ends.
         self._clock_changed = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
-        self._context: Any = None
         self._connected = False
         self._runtimes: dict[str, NodeRuntime] = {}
         self._runs: dict[str, trio.Event] = {}
@@ -84,14 +85,6 @@ class AsyncWorker:
     def connected(self) -> bool:
         """Whether the Worker is connected to a Manager."""
         return self._connected
-
-    async def __aenter__(self) -> AsyncWorker:
-        self._context = self._running()
-        return await self._context.__aenter__()
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        context, self._context = self._context, None
-        return await context.__aexit__(*exc_info)
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[AsyncWorker]:
@@ -143,6 +136,11 @@ class AsyncWorker:
             return False
         return True
 
+    async def wait_for_disconnect(self) -> None:
+        """Return once the Worker is not connected to a Manager (at once if it is not)."""
+        while self._connected:
+            await self._clock_changed.park()
+
     async def wait_for_clock(self, samples: int = 1) -> None:
         """Return once the clock offset is estimated from at least *samples* exchanges."""
         while (estimate := self.clock.estimate()) is None or estimate.samples < samples:
@@ -175,6 +173,7 @@ class AsyncWorker:
                     nursery.cancel_scope.cancel()
             finally:
                 self._connected = False
+                self._clock_changed.unpark_all()  # wakes wait_for_disconnect
 
     async def _keep_clock(self, ws: trio_websocket.WebSocketConnection) -> None:
         for exchange in range(CLOCK_BURST):

@@ -26,3 +26,98 @@ def test_unknown_option_is_an_error():
     result = run("--frobnicate")
     assert result.returncode == 2
     assert "unrecognized arguments: --frobnicate" in result.stderr
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "chimera", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_manager_and_worker_commands_connect_and_stop_on_ctrl_c(tmp_path):
+    import json
+    import signal
+    import socket
+    import urllib.request
+
+    manager = start("manager", "--port", "0", "--logdir", str(tmp_path))
+    worker = None
+    try:
+        line = manager.stdout.readline()
+        assert line.startswith("chimera manager listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        worker = start("worker", "--name", "lab", "--manager", f"127.0.0.1:{port}")
+        assert (
+            worker.stdout.readline().strip()
+            == f"chimera worker 'lab' connected to 127.0.0.1:{port}"
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=10) as answer:
+            assert [w["name"] for w in json.load(answer)["workers"]] == ["lab"]
+        manager.send_signal(signal.SIGINT)
+        assert manager.wait(timeout=20) == 0, manager.stderr.read()[-3000:]
+        # The manager left: the worker says so and ends by itself.
+        assert worker.stdout.readline().strip() == "chimera worker: the manager left"
+        assert worker.wait(timeout=20) == 0, worker.stderr.read()[-3000:]
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        for process in (manager, worker):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_worker_without_a_manager_fails_clearly():
+    import socket
+
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        port = spare.getsockname()[1]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chimera",
+            "worker",
+            "--name",
+            "w",
+            "--manager",
+            f"127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"no manager at 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_worker_stops_on_ctrl_c_and_the_manager_sees_it_leave(tmp_path):
+    import json
+    import signal
+    import urllib.request
+
+    manager = start("manager", "--port", "0", "--logdir", str(tmp_path))
+    worker = None
+    try:
+        port = int(manager.stdout.readline().rsplit(":", 1)[1])
+        worker = start("worker", "--name", "lab", "--manager", f"127.0.0.1:{port}")
+        assert worker.stdout.readline().startswith("chimera worker 'lab' connected")
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=20) == 0, worker.stderr.read()[-3000:]
+        assert "SIGINT, stopping" in worker.stderr.read()
+        url = f"http://127.0.0.1:{port}/api/state"
+        for _ in range(200):  # the manager notices the closed connection at once
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                if not json.load(answer)["workers"]:
+                    break
+        else:
+            raise AssertionError("the manager still lists the worker")
+    finally:
+        for process in (manager, worker):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()

@@ -1,0 +1,42 @@
+"""The base of chimera's async context managers that own a nursery."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["Service"]
+
+
+class Service:
+    """An object used as ``async with Service(...) as service:``.
+
+    A subclass defines :meth:`_running`: an async context manager that opens
+    the object's nursery, yields the object, and stops everything on the way
+    out. An exception raised in the ``async with`` body reaches the caller as
+    itself, not wrapped in the nursery's exception group, so that ``except
+    KeyboardInterrupt`` or ``except NodeError`` around the block work.
+    """
+
+    _context: AbstractAsyncContextManager[Any] | None = None
+
+    def _running(self) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Any:
+        self._context = self._running()
+        return await self._context.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        context, self._context = self._context, None
+        try:
+            return await context.__aexit__(*exc_info)
+        except BaseExceptionGroup as group:
+            raised = exc_info[1]
+            if raised is not None and list(group.exceptions) == [raised]:
+                raise raised from None
+            raise
