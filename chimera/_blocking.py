@@ -78,6 +78,14 @@ class _LoopThread(Generic[T]):
             raise RuntimeError("this object has been shut down")
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
+    def finish(self, fn: Callable[[], Any]) -> None:
+        """Run ``await fn()`` in the loop unless it has stopped, then :meth:`close` it."""
+        try:
+            if self._token is not None and self._thread.is_alive():
+                self.call(fn)
+        finally:
+            self.close()
+
     def close(self) -> None:
         """Leave the context manager and end the loop (once; later calls return)."""
         atexit.unregister(self.close)
@@ -146,12 +154,7 @@ class Manager:
 
     def shutdown(self) -> None:
         """Close every node, then the Manager itself (its port, its connections)."""
-        try:
-            self._loop.call(self._manager.shutdown)
-        except RuntimeError:  # shut down already
-            return
-        finally:
-            self._loop.close()
+        self._loop.finish(self._manager.shutdown)
 
 
 class Worker:
@@ -195,9 +198,4 @@ class Worker:
 
     def shutdown(self, msg: dict[str, Any] | None = None) -> None:
         """Close every node, leave the Manager, and end the Worker."""
-        try:
-            self._loop.call(self._worker.shutdown)
-        except RuntimeError:  # shut down already
-            return
-        finally:
-            self._loop.close()
+        self._loop.finish(self._worker.shutdown)
