@@ -38,6 +38,9 @@ from ._service import Service
 
 __all__ = ["AsyncManager", "WorkerInfo"]
 
+#: Longest wait for closing the nodes of a commit that failed, in seconds.
+COMMIT_CLEANUP_TIMEOUT = 30.0
+
 log = logging.getLogger("chimera.manager")
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -143,11 +146,24 @@ class AsyncManager(Service):
 
         Raises:
             CommitGraphError: the graph or the mapping is not valid (nothing is started).
-            NodeError: a node's ``prep`` raised.
-            RuntimeError: a Worker failed otherwise, or left.
+            NodeError: a node's ``prep`` raised (every node created is closed again).
+            RuntimeError: a Worker failed otherwise, or left (likewise).
         """
         resolved = resolve_mapping(graph, self._names(), mapping, self.max_num_of_workers)
         self._graph, self._mapping = graph, resolved
+        try:
+            await self._commit(graph)
+        except BaseException:
+            # Leave nothing running: close what was created (shielded, bounded).
+            with trio.CancelScope(shield=True), trio.move_on_after(COMMIT_CLEANUP_TIMEOUT):
+                try:
+                    await self.shutdown()
+                except Exception:
+                    log.exception("closing the nodes of a failed commit")
+            raise
+        return True
+
+    async def _commit(self, graph: Graph) -> None:
         names = {node_id: name for node_id, name in graph.G.nodes(data="name")}
         addresses: dict[str, str | None] = {}
 
@@ -167,7 +183,6 @@ class AsyncManager(Service):
 
         await self._on_every_worker(connect)
         await self._on_every_worker(lambda worker_id, _: self._request(worker_id, "prep_nodes"))
-        return True
 
     async def start(self) -> bool:
         """Start every node stepping. Returns True."""

@@ -75,7 +75,7 @@ async def test_a_pipeline_over_two_workers_delivers_everything_in_order(tmp_path
 
 async def test_a_prep_that_raises_makes_commit_graph_raise_a_node_error(tmp_path):
     graph = cp.Graph()
-    graph.add_node(BrokenPrep("camera"))
+    graph.add_edge(BrokenPrep("camera"), cp.Node("fine"))
     with trio.fail_after(30):
         async with (
             AsyncManager(tmp_path, port=0, transport="memory") as manager,
@@ -84,7 +84,8 @@ async def test_a_prep_that_raises_makes_commit_graph_raise_a_node_error(tmp_path
             assert await local.connect(manager.host, manager.port)
             await manager.wait_for_workers(1)
             with pytest.raises(cp.NodeError) as caught:
-                await manager.commit_graph(graph, {"local": ["camera"]})
+                await manager.commit_graph(graph, {"local": ["camera", "fine"]})
+            assert local.nodes == {}  # what was created is closed again
     assert caught.value.node_name == "camera"
     assert "no such camera" in str(caught.value)
     assert "OSError: no such camera" in caught.value.traceback
