@@ -10,6 +10,7 @@ class NodeError(Exception):
 
     Attributes:
         node_name: the node's name.
+        message: what went wrong (the text after the node's name).
         traceback: the traceback of the exception, as text (it may come from
             another process or machine).
     """
@@ -17,11 +18,11 @@ class NodeError(Exception):
     def __init__(self, node_name: str, message: str, traceback: str = "") -> None:
         super().__init__(f"node {node_name!r}: {message}")
         self.node_name = node_name
+        self.message = message
         self.traceback = traceback
 
     def __reduce__(self):  # keep the attributes across pickling
-        message = str(self).partition(": ")[2]
-        return (type(self), (self.node_name, message, self.traceback))
+        return (type(self), (self.node_name, self.message, self.traceback))
 
 
 class CommitGraphError(ValueError):

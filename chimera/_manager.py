@@ -34,7 +34,7 @@ from . import _protocol as protocol
 from ._errors import NodeError
 from ._graph import Graph
 from ._mapping import resolve_mapping
-from ._service import Service
+from ._service import Service, run_all
 
 __all__ = ["AsyncManager", "WorkerInfo"]
 
@@ -104,7 +104,6 @@ class AsyncManager(Service):
         self._token = token
         self.transport = transport
         self._request_ids = itertools.count(1)
-        self._graph: Graph | None = None
         self._mapping: dict[str, list[str]] = {}
         #: The state of every committed node, by node id.
         self.nodes: dict[str, str] = {}
@@ -150,7 +149,7 @@ class AsyncManager(Service):
             RuntimeError: a Worker failed otherwise, or left (likewise).
         """
         resolved = resolve_mapping(graph, self._names(), mapping, self.max_num_of_workers)
-        self._graph, self._mapping = graph, resolved
+        self._mapping = resolved
         try:
             await self._commit(graph)
         except BaseException:
@@ -182,17 +181,17 @@ class AsyncManager(Service):
             await self._request(worker_id, "connect_nodes", addresses=wiring)
 
         await self._on_every_worker(connect)
-        await self._on_every_worker(lambda worker_id, _: self._request(worker_id, "prep_nodes"))
+        await self._broadcast("prep_nodes")
 
     async def start(self) -> bool:
         """Start every node stepping. Returns True."""
-        await self._on_every_worker(lambda worker_id, _: self._request(worker_id, "start_nodes"))
+        await self._broadcast("start_nodes")
         return True
 
     async def stop(self) -> bool:
         """Stop the sources; every chunk they sent is stepped downstream before
         each node's ``teardown``. Returns once every node has stopped: True."""
-        await self._on_every_worker(lambda worker_id, _: self._request(worker_id, "stop_nodes"))
+        await self._broadcast("stop_nodes")
         return True
 
     async def shutdown(self) -> None:
@@ -201,9 +200,7 @@ class AsyncManager(Service):
         The Workers stay connected; leaving ``async with`` closes the Manager.
         """
         if self._mapping:
-            await self._on_every_worker(
-                lambda worker_id, _: self._request(worker_id, "shutdown_nodes")
-            )
+            await self._broadcast("shutdown_nodes")
             self._mapping = {}
 
     def _names(self) -> dict[str, str]:
@@ -229,19 +226,11 @@ class AsyncManager(Service):
         Raises:
             Exception: the first one a call raised (after every call ended).
         """
-        errors: list[Exception] = []
+        await run_all([partial(fn, *item) for item in self._mapping.items()])
 
-        async def run(worker_id: str, node_ids: list[str]) -> None:
-            try:
-                await fn(worker_id, node_ids)
-            except Exception as exc:
-                errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for worker_id, node_ids in self._mapping.items():
-                nursery.start_soon(run, worker_id, node_ids)
-        if errors:
-            raise errors[0]
+    async def _broadcast(self, command: str) -> None:
+        """Ask every mapped Worker to carry out *command* (no arguments), concurrently."""
+        await self._on_every_worker(lambda worker_id, _: self._request(worker_id, command))
 
     async def _request(self, worker_id: str, command: str, **args: Any) -> Any:
         """Ask a Worker to carry out *command*; its result.
@@ -263,8 +252,7 @@ class AsyncManager(Service):
             raise RuntimeError(f"worker {info.name!r} left during {command}")
         if not reply["ok"]:
             if reply["node"] is not None:
-                message = reply["error"].partition(": ")[2] or reply["error"]
-                raise NodeError(reply["node"], message, reply["traceback"] or "")
+                raise NodeError(reply["node"], reply["error"], reply["traceback"] or "")
             raise RuntimeError(f"worker {info.name!r}: {reply['error']}")
         return reply["result"]
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
+
+import trio
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Service"]
+__all__ = ["Service", "run_all"]
 
 
 class Service:
@@ -40,3 +43,24 @@ class Service:
             if raised is not None and list(group.exceptions) == [raised]:
                 raise raised from None
             raise
+
+
+async def run_all(calls: Sequence[Callable[[], Awaitable[Any]]]) -> None:
+    """Run every call concurrently; let all of them finish, whatever one raises.
+
+    Raises:
+        Exception: the first one a call raised (as itself, not in a group).
+    """
+    errors: list[Exception] = []
+
+    async def run(call: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            await call()
+        except Exception as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for call in calls:
+            nursery.start_soon(run, call)
+    if errors:
+        raise errors[0]

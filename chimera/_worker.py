@@ -27,7 +27,7 @@ from ._clock import ClockEstimator
 from ._errors import NodeError
 from ._node import NodeState
 from ._runtime import Input, NodeRuntime
-from ._service import Service
+from ._service import Service, run_all
 
 __all__ = ["AsyncWorker"]
 
@@ -224,7 +224,7 @@ class AsyncWorker(Service):
             reply["result"] = await handler(**request["args"])
             reply["ok"] = True
         except NodeError as exc:
-            reply.update(ok=False, error=str(exc), traceback=exc.traceback, node=exc.node_name)
+            reply.update(ok=False, error=exc.message, traceback=exc.traceback, node=exc.node_name)
         except Exception as exc:
             log.exception("worker %r: %s failed", self.name, request["command"])
             reply.update(ok=False, error=f"{request['command']}: {exc!r}")
@@ -260,19 +260,7 @@ class AsyncWorker(Service):
             await self._runtimes[node_id].connect(inputs)
 
     async def _do_prep_nodes(self) -> None:
-        failures: list[NodeError] = []
-
-        async def prep(runtime: NodeRuntime) -> None:
-            try:
-                await runtime.prep()
-            except NodeError as exc:
-                failures.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for runtime in self._runtimes.values():
-                nursery.start_soon(prep, runtime)
-        if failures:
-            raise failures[0]
+        await run_all([runtime.prep for runtime in self._runtimes.values()])
 
     async def _do_start_nodes(self) -> None:
         for node_id, runtime in self._runtimes.items():
