@@ -82,6 +82,12 @@ class Outlet(trio.abc.AsyncResource):
         been put on every ``RELIABLE`` link or on none. A message sent while no
         inlet is connected reaches nobody (and is still counted as sent).
 
+        Always a cancel point; a schedule point when it waits, and otherwise
+        once in 16 calls (a task switch per message would cost a third of a
+        small message's time). A message may be written by the link's task,
+        which runs at the caller's next schedule point: never block the event
+        loop after sending.
+
         Raises:
             trio.ClosedResourceError: the outlet is closed, or is closed while
                 this call waits.
@@ -133,6 +139,9 @@ class Inlet(trio.abc.AsyncResource):
     @abstractmethod
     async def receive(self) -> list[memoryview]:
         """Receive the next message: its frames, in order.
+
+        Always a cancel point; a schedule point when it waits for a message,
+        and otherwise once in 16 calls.
 
         Raises:
             trio.EndOfChannel: the outlet closed the stream and every message

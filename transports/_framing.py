@@ -34,6 +34,7 @@ import numpy
 import trio
 
 from ._abc import Delivery
+from ._schedule import _SchedulePoints
 
 MAGIC = b"\x89TRP"
 VERSION = 1
@@ -232,8 +233,6 @@ READ_AHEAD = 64 * 1024
 _REFCOUNTS = hasattr(sys, "getrefcount") and sys.implementation.name == "cpython"
 #: Whether sockets can be read without Trio's wrapper (``os.readv``; POSIX).
 _READV = hasattr(os, "readv")
-#: Reads in a row that found data waiting, after which a reader yields anyway.
-READS_BEFORE_YIELD = 16
 
 
 class StreamReader:
@@ -257,7 +256,7 @@ class StreamReader:
             socket.AF_INET6,
         )
         self._max_frame_size = max_frame_size
-        self._reads_in_a_row = 0
+        self._schedule = _SchedulePoints()
         self._drained = False
         self._frames = _FramePool()
         self._buffer = bytearray(buffer_size)
@@ -271,27 +270,24 @@ class StreamReader:
         Trio's ``recv_into`` yields to the scheduler even when data was
         waiting; for a stream of small messages that is a task switch per
         message. Here the reader goes on while data is waiting, and yields
-        after :data:`READS_BEFORE_YIELD` reads in a row so that it never
-        starves the other tasks.
+        once in a while (:class:`_SchedulePoints`) so that it never starves
+        the other tasks.
         """
         if not _READV:
             return await self._sock.recv_into(view)
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._reads_in_a_row >= READS_BEFORE_YIELD:
-            self._reads_in_a_row = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
         if self._drained:  # the last read emptied the socket: wait, do not try first
-            self._reads_in_a_row = 0
             await trio.lowlevel.wait_readable(self._sock)
+            self._schedule.waited()
         while True:
             try:
                 received = os.readv(self._sock.fileno(), [view])
             except BlockingIOError:
-                self._reads_in_a_row = 0
                 await trio.lowlevel.wait_readable(self._sock)
+                self._schedule.waited()
             else:
-                self._reads_in_a_row += 1
                 self._drained = 0 < received < len(view)
+                await self._schedule.maybe_yield()
                 return received
 
     async def _fill(self, count: int) -> bool:

@@ -33,6 +33,7 @@ import trio
 
 from ._abc import Delivery
 from ._framing import ProtocolError
+from ._schedule import _SchedulePoints
 from ._stats import _Counters
 
 
@@ -140,6 +141,7 @@ class _InletBuffer:
         self._ended = False
         self._error: BaseException | None = None
         self._closed = False
+        self._schedule = _SchedulePoints()
         self._waiters = trio.lowlevel.ParkingLot()
 
     # --- the backend's side -------------------------------------------------
@@ -215,7 +217,6 @@ class _InletBuffer:
 
     async def receive(self) -> list[memoryview]:
         await trio.lowlevel.checkpoint_if_cancelled()
-        parked = False
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("this inlet is closed")
@@ -225,15 +226,14 @@ class _InletBuffer:
                 self.counters.bytes_received += nbytes
                 if self.delivery is Delivery.RELIABLE:
                     self._owe_credit()
-                if not parked:  # parking was this call's schedule point
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                await self._schedule.maybe_yield()
                 return frames
             if self._ended:
                 raise trio.EndOfChannel
             if self._error is not None:
                 raise trio.BrokenResourceError(str(self._error)) from self._error
             await self._waiters.park()
-            parked = True
+            self._schedule.waited()
 
     # --- helpers ---------------------------------------------------------------
 

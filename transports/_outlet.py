@@ -10,6 +10,7 @@ import trio
 
 from ._abc import Delivery, Message, Outlet
 from ._link import _LinkQueue
+from ._schedule import _SchedulePoints
 from ._stats import Stats, _Counters, _outlet_stats
 
 log = logging.getLogger("transports")
@@ -70,6 +71,7 @@ class _OutletBase(Outlet):
         self._messages_sent = 0
         self._bytes_sent = 0
         self._closed = False
+        self._schedule = _SchedulePoints()
         #: Woken when a link gets room, a link goes away, or the outlet closes.
         self._room = trio.lowlevel.ParkingLot()
         #: Woken when an inlet connects, or the outlet closes.
@@ -99,12 +101,13 @@ class _OutletBase(Outlet):
             else:
                 break
             await self._room.park()
+            self._schedule.waited()
         # No checkpoint from here on: the message reaches every link, or none.
         for link in self._links:
             link.put(frames, nbytes)
         self._messages_sent += 1
         self._bytes_sent += nbytes
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._schedule.maybe_yield()
 
     async def wait_for_inlets(self, count: int = 1) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()

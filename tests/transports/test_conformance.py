@@ -411,3 +411,51 @@ async def test_closing_leaves_nothing_running(address):
     assert all_tasks() == before
     if address.startswith("unix://"):
         assert not os.path.exists(address[len("unix://") :])
+
+
+async def test_busy_send_and_receive_loops_let_other_tasks_run(address):
+    """Neither loop yields on every call, but neither starves the other tasks."""
+    ticks = 0
+
+    async def tick_forever(task_status=trio.TASK_STATUS_IGNORED):
+        nonlocal ticks
+        task_status.started()
+        while True:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    count = 64
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            inlet = await transports.connect(outlet.address, capacity=count)
+            await outlet.wait_for_inlets(1)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(tick_forever)
+                ticks = 0
+                for index in range(count):
+                    await outlet.send(b"%d" % index)
+                assert ticks >= 3
+                ticks = 0
+                received = [bytes((await inlet.receive())[0]) for _ in range(count)]
+                assert ticks >= 3
+                nursery.cancel_scope.cancel()
+            await inlet.aclose()
+    assert received == [b"%d" % index for index in range(count)]
+
+
+async def test_receive_with_messages_waiting_is_still_a_cancel_point(address):
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            inlet = await transports.connect(outlet.address, capacity=4)
+            await outlet.wait_for_inlets(1)
+            for index in range(3):
+                await outlet.send(b"%d" % index)
+            assert bytes((await inlet.receive())[0]) == b"0"
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await inlet.receive()
+                await outlet.send(b"not sent")
+            assert scope.cancelled_caught
+            assert [bytes((await inlet.receive())[0]) for _ in range(2)] == [b"1", b"2"]
+            assert outlet.stats.messages_sent == 3
+            await inlet.aclose()
