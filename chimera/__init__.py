@@ -1,13 +1,34 @@
-"""chimera: distributed, real-time, multimodal data collection on Trio."""
+"""chimera: distributed, real-time, multimodal data collection on Trio.
 
-from ._blocking import Manager, Worker
+The Manager, the Worker and the Graph are imported on first use (PEP 562):
+they pull in hypercorn and networkx, which a node's process never needs, and
+a node's process starts faster without them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._data import DataChunk, DecodeError
 from ._errors import CommitGraphError, NodeError
-from ._graph import Graph
-from ._manager import AsyncManager
 from ._node import Node, NodeState
 from ._version import __version__
-from ._worker import AsyncWorker
+
+if TYPE_CHECKING:
+    from ._blocking import Manager, Worker
+    from ._graph import Graph
+    from ._manager import AsyncManager
+    from ._worker import AsyncWorker
+
+#: Public names imported on first use, and their modules.
+_LAZY = {
+    "AsyncManager": "._manager",
+    "AsyncWorker": "._worker",
+    "Graph": "._graph",
+    "Manager": "._blocking",
+    "Worker": "._blocking",
+}
 
 __all__ = [
     "AsyncManager",
@@ -23,3 +44,17 @@ __all__ = [
     "Worker",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'chimera' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -36,14 +36,17 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import msgpack
 import numpy
-import pandas
+
+if TYPE_CHECKING:
+    import pandas
 
 __all__ = [
     "CONTENT_TYPES",
@@ -148,6 +151,19 @@ def _is_json(value: Any) -> bool:
     return True
 
 
+def _pandas() -> Any:
+    """pandas, imported on first use: it costs ~0.25 s and ~40 MB, and most nodes never need it."""
+    import pandas
+
+    return pandas
+
+
+def _is_dataframe(value: Any) -> bool:
+    # A DataFrame exists only once pandas is imported.
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and isinstance(value, pandas.DataFrame)
+
+
 def _require_array(value: Any, content_type: str) -> numpy.ndarray:
     if not isinstance(value, numpy.ndarray):
         raise TypeError(f"{content_type} records hold numpy arrays, not {type(value).__name__}")
@@ -159,7 +175,7 @@ def _check_frame_dtype(dtype: Any, where: str) -> None:
     if isinstance(dtype, numpy.dtype):
         if dtype.kind in _RAW_KINDS or dtype.kind == "O":
             return
-    elif isinstance(dtype, pandas.StringDtype):
+    elif isinstance(dtype, _pandas().StringDtype):
         return
     raise ValueError(
         f"{where} has dtype {dtype}: tables hold numeric, bool, string, object, "
@@ -168,8 +184,9 @@ def _check_frame_dtype(dtype: Any, where: str) -> None:
 
 
 def _check_table(value: Any) -> None:
-    if not isinstance(value, pandas.DataFrame):
+    if not _is_dataframe(value):
         raise TypeError(f"table records hold pandas DataFrames, not {type(value).__name__}")
+    pandas = _pandas()
     if isinstance(value.columns, pandas.MultiIndex) or isinstance(value.index, pandas.MultiIndex):
         raise ValueError("table records cannot hold a DataFrame with a MultiIndex")
     for name in value.columns:
@@ -222,8 +239,8 @@ def _values_equal(a: Any, b: Any) -> bool:
         if a.dtype != b.dtype or a.shape != b.shape:
             return False
         return bool(numpy.array_equal(a, b, equal_nan=a.dtype.kind in "fcmM"))
-    if isinstance(a, pandas.DataFrame) or isinstance(b, pandas.DataFrame):
-        if not (isinstance(a, pandas.DataFrame) and isinstance(b, pandas.DataFrame)):
+    if _is_dataframe(a) or _is_dataframe(b):
+        if not (_is_dataframe(a) and _is_dataframe(b)):
             return False
         return bool(a.equals(b)) and a.index.names == b.index.names
     try:
@@ -348,7 +365,7 @@ class DataChunk:
             value = record["value"]
             if isinstance(value, numpy.ndarray):
                 summary = f"{value.dtype}{list(value.shape)}"
-            elif isinstance(value, pandas.DataFrame):
+            elif _is_dataframe(value):
                 summary = f"DataFrame[{value.shape[0]}x{value.shape[1]}]"
             else:
                 summary = type(value).__name__
@@ -392,6 +409,7 @@ class _Encoder:
         return {"kind": "pickle", "frame": self.add_frame(cloudpickle.dumps(value))}
 
     def column(self, where: str, values: pandas.Series | pandas.Index) -> dict[str, Any]:
+        pandas = _pandas()
         dtype = values.dtype
         if isinstance(dtype, numpy.dtype) and dtype.kind in _RAW_KINDS:
             return self.array(values.to_numpy())
@@ -410,6 +428,7 @@ class _Encoder:
         return {"kind": "list", "dtype": name, "values": items}
 
     def table(self, name: str, frame: pandas.DataFrame) -> dict[str, Any]:
+        pandas = _pandas()
         _check_table(frame)
         columns = [
             {"name": column, "data": self.column(f"column {column!r}", frame.iloc[:, position])}
@@ -446,7 +465,7 @@ class _Encoder:
             return self.array(value)
         if isinstance(value, numpy.generic) and value.dtype.kind in _RAW_KINDS:
             return self.array(numpy.asarray(value), kind="scalar")
-        if isinstance(value, pandas.DataFrame):
+        if _is_dataframe(value):
             try:
                 _check_table(value)
             except (TypeError, ValueError):
@@ -539,6 +558,7 @@ class _Decoder:
             raise DecodeError(f"{where}: {exc}") from None
 
     def list_column(self, storage: dict[str, Any], where: str) -> pandas.Series:
+        pandas = _pandas()
         dtype = _field(storage, "dtype", str, where)
         if dtype not in _LIST_DTYPES:
             raise DecodeError(f"{where} has list dtype {dtype!r} (one of {sorted(_LIST_DTYPES)})")
@@ -549,6 +569,7 @@ class _Decoder:
         return pandas.Series(values, dtype=dtype)
 
     def column(self, storage: Any, where: str, rows: int, allowed: tuple[str, ...]) -> Any:
+        pandas = _pandas()
         kind = _kind(storage, where, allowed)
         if kind == "array":
             values = self.array(storage, where)
@@ -571,6 +592,7 @@ class _Decoder:
         return result
 
     def table(self, storage: dict[str, Any], where: str) -> pandas.DataFrame:
+        pandas = _pandas()
         rows = _field(storage, "rows", int, where)
         if rows < 0:
             raise DecodeError(f"{where} has {rows} rows")
