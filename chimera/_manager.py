@@ -107,6 +107,8 @@ class AsyncManager(Service):
         self._mapping: dict[str, list[str]] = {}
         #: The state of every committed node, by node id.
         self.nodes: dict[str, str] = {}
+        self._node_ids: dict[str, str] = {}
+        self._nodes_changed = trio.lowlevel.ParkingLot()
         self._workers: dict[str, WorkerInfo] = {}
         self._workers_changed = trio.lowlevel.ParkingLot()
 
@@ -119,6 +121,19 @@ class AsyncManager(Service):
         """Return once exactly *count* Workers are connected."""
         while len(self._workers) != count:
             await self._workers_changed.park()
+
+    async def wait_for_node_state(self, node: str, *states: str) -> str:
+        """Return the state of *node* (an id or a name) once it is one of *states*.
+
+        Raises:
+            KeyError: no committed node has that id or name.
+        """
+        node_id = self._node_ids.get(node, node)
+        if node_id not in self._node_ids.values():
+            raise KeyError(f"no committed node {node!r}")
+        while self.nodes.get(node_id) not in states:
+            await self._nodes_changed.park()
+        return self.nodes[node_id]
 
     def state(self) -> dict[str, Any]:
         """The cluster's state, as ``GET /api/state`` returns it."""
@@ -164,6 +179,7 @@ class AsyncManager(Service):
 
     async def _commit(self, graph: Graph) -> None:
         names = {node_id: name for node_id, name in graph.G.nodes(data="name")}
+        self._node_ids = {name: node_id for node_id, name in names.items()}
         addresses: dict[str, str | None] = {}
 
         async def create(worker_id: str, node_ids: list[str]) -> None:
@@ -211,6 +227,7 @@ class AsyncManager(Service):
         followed = graph.followed_input(node_id)
         return {
             "id": node_id,
+            "name": node.name,
             "node": base64.b64encode(cloudpickle.dumps(node)).decode("ascii"),
             "inputs": [
                 [names[src], graph.edge_delivery(src, node_id)] for src in graph.inputs(node_id)
@@ -344,6 +361,7 @@ class AsyncManager(Service):
                     pending.done.set()
                 elif kind == "node_state" and info is not None:
                     self.nodes[message["node_id"]] = message["state"]
+                    self._nodes_changed.unpark_all()
                     if message["reason"]:
                         log.error("node %s failed: %s", message["node_id"], message["reason"])
                 else:

@@ -112,6 +112,11 @@ class NodeRuntime:
         await self.aclose()
 
     @property
+    def state(self) -> NodeState:
+        """Where the node is in its life."""
+        return self.node.state
+
+    @property
     def address(self) -> str | None:
         """The address of the node's outlet; None for a node without outputs."""
         return self._outlet.address if self._outlet is not None else None

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import cloudpickle
@@ -26,6 +27,7 @@ from . import _protocol as protocol
 from ._clock import ClockEstimator
 from ._errors import NodeError
 from ._node import NodeState
+from ._process import NodeProcess
 from ._runtime import Input, NodeRuntime
 from ._service import Service, run_all
 
@@ -70,7 +72,7 @@ class AsyncWorker(Service):
         self._clock_changed = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self._connected = False
-        self._runtimes: dict[str, NodeRuntime] = {}
+        self._runtimes: dict[str, NodeRuntime | NodeProcess] = {}
         self._runs: dict[str, trio.Event] = {}
         self._run_scopes: list[trio.CancelScope] = []
         self._session_scope: trio.CancelScope | None = None
@@ -79,7 +81,7 @@ class AsyncWorker(Service):
     @property
     def nodes(self) -> dict[str, NodeState]:
         """The state of each node this Worker runs, by node id."""
-        return {node_id: runtime.node.state for node_id, runtime in self._runtimes.items()}
+        return {node_id: runtime.state for node_id, runtime in self._runtimes.items()}
 
     @property
     def connected(self) -> bool:
@@ -236,28 +238,37 @@ class AsyncWorker(Service):
         )
 
     async def _do_create_nodes(self, nodes: list[dict[str, Any]]) -> dict[str, Any]:
-        addresses = {}
-        for spec in nodes:
-            node = cloudpickle.loads(base64.b64decode(spec["node"]))
-            node_id = spec["id"]
-            runtime = NodeRuntime(
-                node,
-                inputs=[Input(name, delivery) for name, delivery in spec["inputs"]],
-                follow=spec["follow"],
-                outputs=spec["outputs"],
-                transport=spec["transport"],
-                on_state=lambda state, reason, node_id=node_id: self._report(
-                    node_id, state, reason
-                ),
+        """Make every node (in parallel); the address of each one's outlet."""
+        await run_all([partial(self._create_node, spec) for spec in nodes])
+        return {"addresses": {spec["id"]: self._runtimes[spec["id"]].address for spec in nodes}}
+
+    async def _create_node(self, spec: dict[str, Any]) -> None:
+        node_id = spec["id"]
+
+        def report(state: NodeState, reason: str | None) -> None:
+            self._report(node_id, state, reason)
+
+        settings = {
+            "inputs": [Input(name, delivery) for name, delivery in spec["inputs"]],
+            "follow": spec["follow"],
+            "outputs": spec["outputs"],
+            "transport": spec["transport"],
+        }
+        pickled = base64.b64decode(spec["node"])
+        if spec["transport"] == "memory":  # in this Trio loop: memory links live here
+            runtime: NodeRuntime | NodeProcess = NodeRuntime(
+                cloudpickle.loads(pickled), **settings, on_state=report
             )
             self._runtimes[node_id] = runtime
             await runtime.__aenter__()
-            addresses[node_id] = runtime.address
-        return {"addresses": addresses}
+        else:
+            runtime = NodeProcess(spec["name"], pickled, runtime=settings, on_state=report)
+            self._runtimes[node_id] = runtime
+            await runtime.open(self._nursery)
 
     async def _do_connect_nodes(self, addresses: dict[str, dict[str, str]]) -> None:
-        for node_id, inputs in addresses.items():
-            await self._runtimes[node_id].connect(inputs)
+        connects = [partial(self._runtimes[node].connect, to) for node, to in addresses.items()]
+        await run_all(connects)
 
     async def _do_prep_nodes(self) -> None:
         await run_all([runtime.prep for runtime in self._runtimes.values()])
@@ -286,8 +297,9 @@ class AsyncWorker(Service):
             scope.cancel()
         for done in self._runs.values():
             await done.wait()  # teardown runs, shielded, for at most TEARDOWN_TIMEOUT
-        for runtime in self._runtimes.values():
-            await runtime.aclose()
+        async with trio.open_nursery() as nursery:
+            for runtime in self._runtimes.values():
+                nursery.start_soon(runtime.aclose)
         self._runtimes.clear()
         self._runs.clear()
         self._run_scopes.clear()

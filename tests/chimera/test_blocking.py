@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import runpy
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -11,27 +14,8 @@ import pytest
 
 import chimera as cp
 
-RECEIVED: list[int] = []
-GOT_TEN = threading.Event()
-
-
-class Source(cp.Node):
-    def prep(self):
-        self.n = 0
-
-    def step(self):
-        if self.n == 10:
-            threading.Event().wait(0.001)
-            return None
-        self.n += 1
-        return self.n
-
-
-class Sink(cp.Node):
-    def step(self, data_chunks):
-        RECEIVED.append(data_chunks["source"].get("default")["value"])
-        if len(RECEIVED) == 10:
-            GOT_TEN.set()
+from .nodes import Counter, Sink
+from .test_process import children_of
 
 
 def chimera_threads() -> list[str]:
@@ -39,24 +23,31 @@ def chimera_threads() -> list[str]:
 
 
 def test_manager_and_worker_run_a_graph_and_leave_nothing_behind(tmp_path):
-    RECEIVED.clear()
-    source, sink = Source("source"), Sink("sink")
-    graph = cp.Graph()
-    graph.add_edge(source, sink)
-    manager = cp.Manager(logdir=tmp_path, port=0)
-    worker = cp.Worker(name="local", port=0)
-    try:
-        assert worker.connect(host=manager.host, port=manager.port)
-        assert manager.commit_graph(graph, mapping={worker.id: ["source", "sink"]})
-        assert manager.start()
-        assert GOT_TEN.wait(20)
-        assert manager.stop()
-        assert worker.nodes == {source.id: cp.NodeState.STOPPED, sink.id: cp.NodeState.STOPPED}
-    finally:
-        manager.shutdown()
-        worker.shutdown()
-    assert RECEIVED == list(range(1, 11))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+        port = listener.getsockname()[1]
+        source = Counter("source", limit=10)
+        sink = Sink("sink", str(tmp_path), source="source", expect=10, port=port)
+        graph = cp.Graph()
+        graph.add_edge(source, sink)
+        manager = cp.Manager(logdir=tmp_path / "logs", port=0)
+        worker = cp.Worker(name="local", port=0)
+        try:
+            assert worker.connect(host=manager.host, port=manager.port)
+            assert manager.commit_graph(graph, mapping={worker.id: ["source", "sink"]})
+            assert manager.start()
+            listener.accept()[0].close()  # the sink has seen 10 chunks
+            assert manager.stop()
+            assert worker.nodes == {
+                source.id: cp.NodeState.STOPPED,
+                sink.id: cp.NodeState.STOPPED,
+            }
+        finally:
+            manager.shutdown()
+            worker.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == list(range(1, 11))
     assert chimera_threads() == []
+    assert children_of(os.getpid()) == []
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", manager.port)) != 0
     manager.shutdown()  # twice is harmless
@@ -64,10 +55,12 @@ def test_manager_and_worker_run_a_graph_and_leave_nothing_behind(tmp_path):
         manager.start()
 
 
-def test_the_simple_pipeline_example_runs(capsys):
+def test_the_simple_pipeline_example_runs():
     example = Path(__file__).parents[2] / "examples" / "simple_pipeline.py"
-    runpy.run_path(str(example))["main"](seconds=0.5)
-    lines = capsys.readouterr().out.splitlines()
+    result = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
     assert lines and lines[0] == "printer got 2"
     assert [int(line.split()[-1]) for line in lines] == [2 * i for i in range(1, len(lines) + 1)]
-    assert chimera_threads() == []

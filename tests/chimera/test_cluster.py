@@ -1,4 +1,7 @@
-"""A whole cluster in one Trio run: Manager, Workers, nodes inline, ChimeraPy-style graph."""
+"""A whole cluster in one Trio run: Manager, Workers, nodes inline (the memory transport).
+
+Nodes in child processes: test_process.py.
+"""
 
 from __future__ import annotations
 
@@ -48,15 +51,14 @@ class BrokenPrep(cp.Node):
         raise OSError("no such camera")
 
 
-@pytest.mark.parametrize("transport", ["memory", "tcp"])
-async def test_a_pipeline_over_two_workers_delivers_everything_in_order(tmp_path, transport):
+async def test_a_pipeline_over_two_workers_delivers_everything_in_order(tmp_path):
     ENOUGH.clear()
     counter, doubler, printer = Counter("counter"), Doubler("doubler"), Printer("printer")
     graph = cp.Graph()
     graph.add_edges_from([(counter, doubler), (doubler, printer)])
     with trio.fail_after(30):
         async with (
-            AsyncManager(tmp_path, port=0, transport=transport) as manager,
+            AsyncManager(tmp_path, port=0, transport="memory") as manager,
             AsyncWorker("local") as local,
             AsyncWorker("remote") as remote,
         ):

@@ -1,0 +1,185 @@
+"""A node's child process: ``python -m chimera._child``, started by its Worker.
+
+The Worker writes the node's spec, then commands, to the child's stdin; the
+child answers on a pipe of its own, whose file descriptor is the command's
+argument (stdout and stderr stay the Worker's, for what the node prints).
+Both carry :mod:`chimera._pipe` messages:
+
+- stdin, Worker to child: the spec ``{"node": cloudpickled node, "runtime":
+  NodeRuntime keywords, "sys_path": [...], "log_level": int}``, then commands
+  ``(name, args)``: ``connect``, ``prep``, ``run``, ``stop``, ``close``.
+- the events pipe, child to Worker: ``("created", address)`` once the node's outlet is
+  bound; ``("state", state, reason)`` at each change of the node's state;
+  ``("done", command, None)`` or ``("failed", command, message, traceback)``
+  when a command ends (``"create"`` when the node cannot even be made);
+  ``("log", level, logger name, text)`` for each log record at or above the
+  Worker's level; ``("crashed", message, traceback)`` before the child dies
+  of an error of its own.
+
+The Trio loop owns the main thread; the node's code runs in worker threads
+(see :class:`~chimera._runtime.NodeRuntime`). A daemon "lifeline" thread
+reads stdin: at its end -- the Worker closed it, or died -- the node is
+cancelled (its ``teardown`` still runs), and if the process has not exited
+:data:`ORPHAN_GRACE` seconds later, the thread ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+import trio
+
+from . import _pipe
+from ._errors import NodeError
+from ._runtime import TEARDOWN_TIMEOUT, NodeRuntime
+
+#: Seconds an orphaned child (its stdin ended) has to finish before it is ended.
+ORPHAN_GRACE = TEARDOWN_TIMEOUT + 5.0
+
+
+class _Events:
+    """Sends messages to the Worker from any thread, in order, without blocking.
+
+    A thread of its own writes them to the pipe, so a Worker slow to read
+    never blocks the node's Trio loop or its code.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="chimera-events", daemon=True)
+        self._thread.start()
+
+    def send(self, *message: Any) -> None:
+        self._queue.put(_pipe.encode(message))
+
+    def _write(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                _pipe.write_blocking(self._fd, data)
+            except OSError:  # the Worker is gone: nobody to tell
+                return
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (for at most *timeout* seconds), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+class _ForwardLogs(logging.Handler):
+    """Sends each log record to the Worker, which logs it there."""
+
+    def __init__(self, events: _Events, level: int) -> None:
+        super().__init__(level)
+        self._events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+            self._events.send("log", record.levelno, record.name, text)
+        except Exception:
+            self.handleError(record)
+
+
+def _read_commands(stdin: Any, token: trio.lowlevel.TrioToken, send: Any) -> None:
+    """The lifeline: forward each command into the Trio loop; at the end, end the process."""
+    try:
+        while (command := _pipe.read_blocking(stdin)) is not None:
+            trio.from_thread.run_sync(send.send_nowait, command, trio_token=token)
+    except (_pipe.PipeError, OSError, ValueError):
+        pass
+    except trio.RunFinishedError:
+        return
+    try:
+        trio.from_thread.run_sync(send.close, trio_token=token)
+    except trio.RunFinishedError:
+        return
+    time.sleep(ORPHAN_GRACE)
+    os._exit(3)
+
+
+async def _run_command(events: _Events, command: str, call: Any, *args: Any) -> None:
+    try:
+        await call(*args)
+    except NodeError as exc:
+        events.send("failed", command, exc.message, exc.traceback)
+    except Exception as exc:
+        events.send("failed", command, f"{command}: {exc!r}", traceback.format_exc())
+    else:
+        events.send("done", command, None)
+
+
+async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
+    send, commands = trio.open_memory_channel[tuple[str, tuple]](math.inf)
+    threading.Thread(
+        target=_read_commands,
+        args=(stdin, trio.lowlevel.current_trio_token(), send),
+        name="chimera-lifeline",
+        daemon=True,
+    ).start()
+    async with runtime:
+        events.send("created", runtime.address)
+        async with trio.open_nursery() as nursery:
+            async for name, args in commands:
+                if name == "close":
+                    break
+                if name == "stop":
+                    runtime.request_stop()
+                elif name == "run":
+                    nursery.start_soon(_run_command, events, name, runtime.run)
+                elif name in ("connect", "prep"):
+                    await _run_command(events, name, getattr(runtime, name), *args)
+                else:
+                    events.send("failed", name, f"unknown command {name!r}", None)
+            nursery.cancel_scope.cancel()  # a run still going: its teardown runs
+
+
+def main() -> None:
+    events_fd = int(sys.argv[1])
+    os.set_inheritable(events_fd, False)  # not for what the node starts
+    events = _Events(events_fd)
+    stdin = os.fdopen(0, "rb", buffering=0)
+    try:
+        spec = _pipe.read_blocking(stdin)
+        if spec is None:
+            return
+        sys.path[:0] = [p for p in spec["sys_path"] if p not in sys.path]
+        logging.getLogger().addHandler(_ForwardLogs(events, spec["log_level"]))
+        logging.getLogger().setLevel(spec["log_level"])
+        try:
+            node = cloudpickle.loads(spec["node"])
+            runtime = NodeRuntime(node, **spec["runtime"], on_state=_state_sender(events))
+        except Exception as exc:
+            events.send(
+                "failed", "create", f"the node cannot be made: {exc!r}", traceback.format_exc()
+            )
+            return
+        try:
+            trio.run(_serve, runtime, stdin, events)
+        except BaseException as exc:
+            events.send("crashed", f"{exc!r}", traceback.format_exc())
+            raise
+    finally:
+        events.close()
+
+
+def _state_sender(events: _Events) -> Any:
+    def send_state(state: Any, reason: str | None) -> None:
+        events.send("state", state.value, reason)
+
+    return send_state
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Nodes for the tests that run nodes in child processes (they import this module).
+
+They report through files in a folder the test gives them, and through a
+TCP connection to the test (:func:`notify`), since they run in other processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import chimera as cp
+
+
+def notify(port: int, message: bytes = b"x") -> None:
+    """Tell the test listening on *port* (loopback) something happened."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(message)
+
+
+class Counter(cp.Node):
+    """A source: 1, 2, ... *limit*, then nothing more."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__(name)
+        self.limit = limit
+
+    def prep(self):
+        self.n = 0
+
+    def step(self):
+        if self.n == self.limit:
+            threading.Event().wait(0.001)
+            return None
+        self.n += 1
+        return self.n
+
+
+class Doubler(cp.Node):
+    def __init__(self, name: str, source: str) -> None:
+        super().__init__(name)
+        self.source = source
+
+    def step(self, data_chunks):
+        return 2 * data_chunks[self.source].get("default")["value"]
+
+
+class Sink(cp.Node):
+    """Keeps what its input sends; writes ``NAME.pid`` in prep and ``NAME.json`` in teardown.
+
+    Notifies the test on *port* once it has *expect* values.
+    """
+
+    def __init__(self, name: str, folder: str, source: str, expect: int, port: int) -> None:
+        super().__init__(name)
+        self.folder, self.source, self.expect, self.port = folder, source, expect, port
+
+    def prep(self):
+        self.seen = []
+        Path(self.folder, f"{self.name}.pid").write_text(str(os.getpid()))
+
+    def step(self, data_chunks):
+        self.seen.append(data_chunks[self.source].get("default")["value"])
+        if len(self.seen) == self.expect:
+            notify(self.port)
+
+    def teardown(self):
+        Path(self.folder, f"{self.name}.json").write_text(json.dumps(self.seen))
+
+
+class Stubborn(cp.Node):
+    """A source whose teardown never ends, and whose process ignores SIGTERM."""
+
+    def __setstate__(self, state):  # unpickled in its process's main thread
+        self.__dict__.update(state)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def step(self):
+        time.sleep(0.01)
+
+    def teardown(self):
+        threading.Event().wait()
+
+
+class BrokenPrep(cp.Node):
+    def prep(self):
+        raise OSError("no such camera")

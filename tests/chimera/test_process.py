@@ -1,0 +1,202 @@
+"""Nodes in child processes (the tcp transport): lifecycle, crashes, stopping, leftovers."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+import chimera as cp
+from chimera import _process
+from chimera._manager import AsyncManager
+from chimera._worker import AsyncWorker
+
+from .nodes import BrokenPrep, Counter, Doubler, Sink, Stubborn
+
+
+@asynccontextmanager
+async def notifications() -> AsyncIterator[tuple[int, trio.MemoryReceiveChannel]]:
+    """A loopback port nodes can notify (see nodes.notify), and what they sent."""
+    send, receive = trio.open_memory_channel(100)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def accept(stream: trio.SocketStream) -> None:
+        async with stream:
+            await send.send(await stream.receive_some())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, accept, listeners)
+        yield listeners[0].socket.getsockname()[1], receive
+        nursery.cancel_scope.cancel()
+
+
+def alive(pid: int) -> bool:
+    """Whether process *pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is *pid* (zombies included)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@asynccontextmanager
+async def cluster(tmp_path, *names: str) -> AsyncIterator[AsyncManager]:
+    async with AsyncManager(tmp_path / "logs", port=0, transport="tcp") as manager:
+        async with trio.open_nursery() as nursery:
+            workers = []
+            for name in names:
+                worker = AsyncWorker(name)
+                await nursery.start(_serve_worker, worker, manager)
+                workers.append(worker)
+            await manager.wait_for_workers(len(names))
+            yield manager
+            nursery.cancel_scope.cancel()
+
+
+async def _serve_worker(worker, manager, task_status=trio.TASK_STATUS_IGNORED):
+    async with worker:
+        assert await worker.connect(manager.host, manager.port)
+        task_status.started()
+        await trio.sleep_forever()
+
+
+async def test_a_pipeline_over_two_workers_in_processes_loses_nothing(tmp_path):
+    before = set(children_of(os.getpid()))
+    async with notifications() as (port, notified):
+        counter = Counter("counter", limit=200)
+        doubler = Doubler("doubler", source="counter")
+        sink = Sink("sink", str(tmp_path), source="doubler", expect=200, port=port)
+        graph = cp.Graph()
+        graph.add_edges_from([(counter, doubler), (doubler, sink)])
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local", "remote") as manager:
+                mapping = {"local": ["counter", "doubler"], "remote": ["sink"]}
+                assert await manager.commit_graph(graph, mapping)
+                pid = int((tmp_path / "sink.pid").read_text())
+                assert pid != os.getpid() and alive(pid)
+                assert await manager.start()
+                assert await notified.receive() == b"x"
+                assert await manager.stop()
+                assert set(manager.nodes.values()) == {"STOPPED"}
+                await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [2 * i for i in range(1, 201)]
+    assert not alive(pid)
+    assert set(children_of(os.getpid())) <= before
+
+
+async def test_a_killed_node_fails_and_the_others_go_on(tmp_path):
+    async with notifications() as (port, notified):
+        counter = Counter("counter", limit=10)
+        first = Sink("first", str(tmp_path), source="counter", expect=10, port=port)
+        second = Sink("second", str(tmp_path), source="counter", expect=10, port=port)
+        graph = cp.Graph()
+        graph.add_edges_from([(counter, first), (counter, second)])
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["counter", "first", "second"]})
+                await manager.start()
+                assert [await notified.receive() for _ in range(2)] == [b"x", b"x"]
+                os.kill(int((tmp_path / "first.pid").read_text()), signal.SIGKILL)
+                assert await manager.wait_for_node_state("first", "FAILED") == "FAILED"
+                assert await manager.stop()
+                await manager.shutdown()
+    assert json.loads((tmp_path / "second.json").read_text()) == list(range(1, 11))
+    assert not (tmp_path / "first.json").exists()  # killed: no teardown
+
+
+async def test_a_prep_that_raises_in_its_process_is_a_node_error(tmp_path):
+    graph = cp.Graph()
+    graph.add_edge(BrokenPrep("camera"), cp.Node("fine"))
+    with trio.fail_after(60):
+        async with cluster(tmp_path, "local") as manager:
+            with pytest.raises(cp.NodeError) as caught:
+                await manager.commit_graph(graph, {"local": ["camera", "fine"]})
+    assert caught.value.node_name == "camera"
+    assert "no such camera" in str(caught.value)
+    assert "OSError: no such camera" in caught.value.traceback
+
+
+async def test_a_node_whose_module_its_process_cannot_import_is_a_node_error(tmp_path, monkeypatch):
+    # A node class from a module that this process imported from a folder the
+    # node's process does not search (as if the module were on another machine).
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    (folder / "only_here.py").write_text("import chimera\nclass Camera(chimera.Node): pass\n")
+    monkeypatch.syspath_prepend(str(folder))
+    module = importlib.import_module("only_here")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(folder)])
+    monkeypatch.setitem(sys.modules, "only_here", module)
+    graph = cp.Graph()
+    graph.add_node(module.Camera("ghost"))
+    with trio.fail_after(60):
+        async with cluster(tmp_path, "local") as manager:
+            with pytest.raises(cp.NodeError) as caught:
+                await manager.commit_graph(graph, {"local": ["ghost"]})
+    assert caught.value.node_name == "ghost"
+    assert "No module named 'only_here'" in str(caught.value)
+
+
+async def test_a_node_that_ignores_close_and_sigterm_is_killed(tmp_path, monkeypatch):
+    monkeypatch.setattr(_process, "EXIT_GRACE", 0.5)
+    monkeypatch.setattr(_process, "TERM_GRACE", 0.5)
+    before = set(children_of(os.getpid()))
+    graph = cp.Graph()
+    graph.add_node(Stubborn("stubborn"))
+    with trio.fail_after(60):
+        async with cluster(tmp_path, "local") as manager:
+            await manager.commit_graph(graph, {"local": ["stubborn"]})
+            await manager.start()
+            with trio.fail_after(10):
+                await manager.shutdown()
+    assert set(children_of(os.getpid())) <= before
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
+async def test_nodes_end_when_their_worker_process_dies(tmp_path):
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_edge(
+            Counter("counter", limit=5),
+            Sink("sink", str(tmp_path), source="counter", expect=5, port=port),
+        )
+        with trio.fail_after(60):
+            async with AsyncManager(tmp_path / "logs", port=0) as manager:
+                command = [sys.executable, "-m", "chimera", "worker", "--name", "doomed"]
+                command += ["--manager", f"{manager.host}:{manager.port}"]
+                worker = await trio.lowlevel.open_process(command)
+                try:
+                    await manager.wait_for_workers(1)
+                    await manager.commit_graph(graph, {"doomed": ["counter", "sink"]})
+                    await manager.start()
+                    assert await notified.receive() == b"x"
+                    node = os.pidfd_open(int((tmp_path / "sink.pid").read_text()))
+                    worker.kill()
+                    await trio.lowlevel.wait_readable(node)  # the node's process exited
+                    os.close(node)
+                finally:
+                    worker.kill()
+                    await worker.wait()
+    # Its teardown ran before it exited.
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4, 5]
