@@ -34,8 +34,10 @@ class Delivery(enum.Enum):
     """How a link delivers messages; chosen by the inlet when it connects.
 
     ``RELIABLE``
-        Lossless and in order. At most ``capacity`` messages are buffered on
-        the link; while it is full, :meth:`Outlet.send` waits (backpressure).
+        Lossless and in order. At most ``capacity`` messages, and if the
+        inlet set ``max_bytes``, about that many bytes (one message always
+        fits), are buffered on the link; while it is full,
+        :meth:`Outlet.send` waits (backpressure).
     ``LATEST``
         Real time. The link keeps the newest ``capacity`` messages; older ones
         are dropped and counted in :attr:`Stats.messages_dropped`.
@@ -196,6 +198,7 @@ class Transport(ABC):
         *,
         delivery: Delivery = Delivery.RELIABLE,
         capacity: int = 8,
+        max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> Inlet:
         """Make an :class:`Inlet` connected to the outlet at *address*.
@@ -203,9 +206,15 @@ class Transport(ABC):
         Returns once the outlet counts the link: a message sent after this
         returns reaches the inlet.
 
+        *capacity* bounds the messages buffered on the link; *max_bytes*, if
+        given, also bounds their bytes: the outlet puts a message on the link
+        only while less than *max_bytes* are buffered there (so one message
+        always fits). For large messages this keeps the link short, and so
+        their latency low: 8 buffered 6 MB frames are 8 frames old.
+
         Raises:
-            ValueError: *address* is malformed, *capacity* is not a positive
-                integer, or *delivery* is not a :class:`Delivery`.
+            ValueError: *address* is malformed, *capacity* or *max_bytes* is
+                not a positive integer, or *delivery* is not a :class:`Delivery`.
             OSError: nothing listens at *address*, or the connection failed.
             trio.BrokenResourceError: the peer does not speak this protocol.
         """

@@ -57,8 +57,8 @@ def parse_address(address: str, schemes: tuple[str, ...] | None = None) -> Addre
     return Address(scheme, host=host, port=int(port_text))
 
 
-def check_connect_args(delivery: Delivery, capacity: int) -> None:
-    """Raises ValueError unless *delivery* and *capacity* are valid for a link."""
+def check_connect_args(delivery: Delivery, capacity: int, max_bytes: int | None = None) -> None:
+    """Raises ValueError unless *delivery*, *capacity* and *max_bytes* are valid for a link."""
     if not isinstance(delivery, Delivery):
         raise ValueError(f"delivery must be Delivery.RELIABLE or Delivery.LATEST, not {delivery!r}")
     if (
@@ -67,3 +67,7 @@ def check_connect_args(delivery: Delivery, capacity: int) -> None:
         or not (1 <= capacity <= MAX_CAPACITY)
     ):
         raise ValueError(f"capacity must be an integer from 1 to {MAX_CAPACITY}, not {capacity!r}")
+    if max_bytes is not None and (
+        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
+    ):
+        raise ValueError(f"max_bytes must be a positive integer or None, not {max_bytes!r}")

@@ -1,9 +1,9 @@
 """The wire protocol of the networked backends, and its byte-stream framing.
 
 A link starts with a handshake: the inlet sends ``HELLO`` (magic, version,
-delivery, capacity), the outlet answers ``WELCOME`` (magic, version) once it
-counts the link. Then records, each starting with a one-byte kind; integers
-are little-endian:
+delivery, capacity, u64 bound in bytes or 0 for none), the outlet answers
+``WELCOME`` (magic, version) once it counts the link. Then records, each
+starting with a one-byte kind; integers are little-endian:
 
 ========  =========  ====================================================
 kind      direction  body
@@ -37,7 +37,7 @@ from ._abc import Delivery
 from ._schedule import _SchedulePoints
 
 MAGIC = b"\x89TRP"
-VERSION = 1
+VERSION = 2
 
 #: Most frames one message may have.
 MAX_FRAMES = 4096
@@ -49,7 +49,7 @@ KIND_END = 2
 KIND_CREDIT = 3
 KIND_ACK = 4
 
-_HELLO = struct.Struct("<4sHBI")
+_HELLO = struct.Struct("<4sHBIQ")
 _WELCOME = struct.Struct("<4sH")
 _MESSAGE = struct.Struct("<BQI")
 _END = struct.Struct("<BQ")
@@ -80,21 +80,21 @@ class ProtocolError(Exception):
 # --- handshake -------------------------------------------------------------------
 
 
-def encode_hello(delivery: Delivery, capacity: int) -> bytes:
-    return _HELLO.pack(MAGIC, VERSION, _DELIVERY_CODES[delivery], capacity)
+def encode_hello(delivery: Delivery, capacity: int, max_bytes: int | None = None) -> bytes:
+    return _HELLO.pack(MAGIC, VERSION, _DELIVERY_CODES[delivery], capacity, max_bytes or 0)
 
 
-def decode_hello(data: bytes | memoryview) -> tuple[Delivery, int]:
-    """Raises ProtocolError unless *data* is a valid HELLO."""
+def decode_hello(data: bytes | memoryview) -> tuple[Delivery, int, int | None]:
+    """(delivery, capacity, max_bytes); raises ProtocolError unless *data* is a valid HELLO."""
     if len(data) != _HELLO.size:
         raise ProtocolError(f"handshake of {len(data)} bytes, expected {_HELLO.size}")
-    magic, version, code, capacity = _HELLO.unpack(data)
+    magic, version, code, capacity, max_bytes = _HELLO.unpack(data)
     _check_magic(magic, version)
     if code not in _DELIVERIES:
         raise ProtocolError(f"unknown delivery code {code}")
     if not 1 <= capacity <= MAX_CAPACITY:
         raise ProtocolError(f"capacity {capacity} out of range 1..{MAX_CAPACITY}")
-    return _DELIVERIES[code], capacity
+    return _DELIVERIES[code], capacity, max_bytes or None
 
 
 def encode_welcome() -> bytes:

@@ -48,12 +48,16 @@ class _LinkQueue:
         self.counters = counters
         self.delivery = counters.delivery
         self.capacity = counters.capacity
+        self.max_bytes = counters.max_bytes
         #: (sequence number, frames, size in bytes) of messages not yet transmitted.
         self.pending: deque[tuple[int, list[memoryview], int]] = deque()
         #: Their total size in bytes.
         self.pending_bytes = 0
         #: Messages transmitted and not yet credited by the inlet.
         self.in_flight = 0
+        #: Their sizes in bytes, oldest first, and their total.
+        self._in_flight_sizes: deque[int] = deque()
+        self.in_flight_bytes = 0
         self.next_seq = 0
         #: Set by the outlet's close: transmit everything regardless of credit, then end.
         self.closing = False
@@ -66,7 +70,9 @@ class _LinkQueue:
         """Whether :meth:`put` keeps the link within its bound without dropping."""
         if self.delivery is Delivery.LATEST:
             return True
-        return len(self.pending) + self.in_flight < self.capacity
+        if len(self.pending) + self.in_flight >= self.capacity:
+            return False
+        return self.max_bytes is None or self.pending_bytes + self.in_flight_bytes < self.max_bytes
 
     def put(self, frames: list[memoryview], nbytes: int) -> None:
         """Put a message on the link (never waits; LATEST drops the oldest pending)."""
@@ -82,7 +88,13 @@ class _LinkQueue:
         self._changed()
 
     def can_transmit(self) -> bool:
-        return bool(self.pending) and (self.closing or self.in_flight < self.capacity)
+        if not self.pending:
+            return False
+        if self.closing or not self.in_flight:
+            return True
+        if self.in_flight >= self.capacity:
+            return False
+        return self.max_bytes is None or self.in_flight_bytes < self.max_bytes
 
     def take(self, limit: int) -> list[tuple[int, list[memoryview], int]]:
         """Take up to *limit* messages that credit allows to transmit now."""
@@ -92,6 +104,8 @@ class _LinkQueue:
             self.pending_bytes -= message[2]
             batch.append(message)
             self.in_flight += 1
+            self.in_flight_bytes += message[2]
+            self._in_flight_sizes.append(message[2])
         return batch
 
     def credit(self, count: int, inlet_dropped: int) -> None:
@@ -103,6 +117,8 @@ class _LinkQueue:
         if count > self.in_flight or inlet_dropped < 0:
             raise ProtocolError(f"credit for {count} messages, {self.in_flight} in flight")
         self.in_flight -= count
+        for _ in range(count):
+            self.in_flight_bytes -= self._in_flight_sizes.popleft()
         self.counters.messages_dropped = self._own_dropped + inlet_dropped
         self._changed()
 
@@ -127,7 +143,9 @@ class _InletBuffer:
         self.counters = counters
         self.delivery = counters.delivery
         self.capacity = counters.capacity
+        self.max_bytes = counters.max_bytes
         self._on_credit = on_credit
+        self._flush = False
         self._messages: deque[tuple[list[memoryview], int]] = deque()
         self._expected_seq = 0
         self._gap_dropped = 0
@@ -203,14 +221,16 @@ class _InletBuffer:
 
     @property
     def credit_due(self) -> bool:
-        """Whether a batch of credit is owed (see :meth:`take_credit`)."""
-        return self._credit_owed >= self.credit_batch
+        """Whether credit is due: a batch is owed, or some is and must go now
+        (see :meth:`take_credit`)."""
+        return self._credit_owed >= self.credit_batch or (self._flush and self._credit_owed > 0)
 
     def take_credit(self) -> int:
-        """The credit owed, if it makes a batch (then it is no longer owed); else 0."""
+        """The credit due (then it is no longer owed), else 0."""
         if not self.credit_due:
             return 0
         owed, self._credit_owed = self._credit_owed, 0
+        self._flush = False
         return owed
 
     # --- the application's side ---------------------------------------------
@@ -232,6 +252,10 @@ class _InletBuffer:
                 raise trio.EndOfChannel
             if self._error is not None:
                 raise trio.BrokenResourceError(str(self._error)) from self._error
+            if self.max_bytes is not None and self._credit_owed:
+                # The outlet may wait for these few messages' bytes: credit them now.
+                self._flush = True
+                self._on_credit()
             await self._waiters.park()
             self._schedule.waited()
 

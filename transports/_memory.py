@@ -73,10 +73,12 @@ class _Wire:
 
 
 class _MemoryOutlet(_OutletBase):
-    async def _connect(self, delivery: Delivery, capacity: int, peer: str) -> _MemoryInlet:
-        counters = _Counters(self._address, delivery, capacity)
+    async def _connect(
+        self, delivery: Delivery, capacity: int, max_bytes: int | None, peer: str
+    ) -> _MemoryInlet:
+        counters = _Counters(self._address, delivery, capacity, max_bytes)
         wire = _Wire(self, _InletBuffer(counters, lambda: wire.credit()))
-        wire.queue = self._new_link(peer, delivery, capacity, on_change=wire.move)
+        wire.queue = self._new_link(peer, delivery, capacity, max_bytes, on_change=wire.move)
         return _MemoryInlet(wire)
 
     async def _shutdown(self) -> None:
@@ -135,12 +137,14 @@ class MemoryTransport(Transport):
         *,
         delivery: Delivery = Delivery.RELIABLE,
         capacity: int = 8,
+        max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> Inlet:
-        check_connect_args(delivery, capacity)
+        check_connect_args(delivery, capacity, max_bytes)
         name = parse_address(address, self.schemes).path
         await trio.lowlevel.checkpoint()
         outlet = _registry().get(name)
         if outlet is None or outlet._closed:
             raise ConnectionRefusedError(errno.ECONNREFUSED, f"nothing is bound at {address}")
-        return await outlet._connect(delivery, capacity, peer=f"memory-inlet-{next(_anonymous)}")
+        peer = f"memory-inlet-{next(_anonymous)}"
+        return await outlet._connect(delivery, capacity, max_bytes, peer=peer)

@@ -250,11 +250,13 @@ class _NetOutlet(_OutletBase):
         link = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                delivery, capacity = decode_hello(await conduit.receive_handshake(HELLO_SIZE))
+                delivery, capacity, max_bytes = decode_hello(
+                    await conduit.receive_handshake(HELLO_SIZE)
+                )
             if self._closed:
                 return
             transmitter = _Transmitter(conduit)
-            link = self._new_link(conduit.peer, delivery, capacity, transmitter.poke)
+            link = self._new_link(conduit.peer, delivery, capacity, max_bytes, transmitter.poke)
             transmitter.link = link
             await conduit.send_record(encode_welcome())
             log.debug(
@@ -311,7 +313,12 @@ class _NetInlet(Inlet):
 
     @classmethod
     async def open(
-        cls, conduit: _Conduit, address: str, delivery: Delivery, capacity: int
+        cls,
+        conduit: _Conduit,
+        address: str,
+        delivery: Delivery,
+        capacity: int,
+        max_bytes: int | None = None,
     ) -> _NetInlet:
         """Handshake over *conduit* and start the inlet's tasks.
 
@@ -322,7 +329,7 @@ class _NetInlet(Inlet):
         try:
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    await conduit.send_record(encode_hello(delivery, capacity))
+                    await conduit.send_record(encode_hello(delivery, capacity, max_bytes))
                     decode_welcome(await conduit.receive_handshake(WELCOME_SIZE))
             except ProtocolError as exc:
                 raise trio.BrokenResourceError(f"{address}: {exc}") from exc
@@ -332,7 +339,8 @@ class _NetInlet(Inlet):
         except BaseException:
             await _close_conduit(conduit)
             raise
-        inlet = cls(conduit, background, _Counters(address, delivery, capacity))
+        counters = _Counters(address, delivery, capacity, max_bytes)
+        inlet = cls(conduit, background, counters)
         background.start_soon(inlet._run)
         return inlet
 

@@ -333,9 +333,10 @@ class NngTransport(Transport):
         *,
         delivery: Delivery = Delivery.RELIABLE,
         capacity: int = 8,
+        max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> Inlet:
-        check_connect_args(delivery, capacity)
+        check_connect_args(delivery, capacity, max_bytes)
         parsed = parse_address(address, self.schemes)
         with pynng.Req0(recv_max_size=1024) as request:
             await _dial(request, _nng_url(parsed), address)
@@ -354,4 +355,4 @@ class NngTransport(Transport):
             socket.close()
             raise
         conduit = _SocketConduit(socket, str(parsed), max_frame_size)
-        return await _NetInlet.open(conduit, str(parsed), delivery, capacity)
+        return await _NetInlet.open(conduit, str(parsed), delivery, capacity, max_bytes)

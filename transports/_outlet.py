@@ -124,6 +124,7 @@ class _OutletBase(Outlet):
         peer: str,
         delivery: Delivery,
         capacity: int,
+        max_bytes: int | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> _LinkQueue:
         """Make a link to a new inlet and count it (it receives what is sent from now on).
@@ -138,7 +139,7 @@ class _OutletBase(Outlet):
             if on_change is not None:
                 on_change()
 
-        counters = _Counters(peer, delivery, capacity)
+        counters = _Counters(peer, delivery, capacity, max_bytes)
         link = _LinkQueue(counters, changed)
         self._history.append(counters)
         self._links.append(link)

@@ -69,9 +69,14 @@ async def connect(
     *,
     delivery: Delivery = Delivery.RELIABLE,
     capacity: int = 8,
+    max_bytes: int | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
 ) -> Inlet:
     """:meth:`Transport.connect` on the backend chosen by *address*'s scheme."""
     return await for_address(address).connect(
-        address, delivery=delivery, capacity=capacity, max_frame_size=max_frame_size
+        address,
+        delivery=delivery,
+        capacity=capacity,
+        max_bytes=max_bytes,
+        max_frame_size=max_frame_size,
     )

@@ -20,6 +20,8 @@ class LinkStats:
     messages_received: int = 0
     bytes_received: int = 0
     messages_dropped: int = 0
+    #: The link's bound in bytes, if it has one.
+    max_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class _Counters:
     peer: str
     delivery: Delivery
     capacity: int
+    max_bytes: int | None = None
     messages_sent: int = 0
     bytes_sent: int = 0
     messages_received: int = 0
@@ -57,6 +60,7 @@ class _Counters:
             self.messages_received,
             self.bytes_received,
             self.messages_dropped,
+            self.max_bytes,
         )
 
 

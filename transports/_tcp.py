@@ -230,9 +230,10 @@ class TcpTransport(Transport):
         *,
         delivery: Delivery = Delivery.RELIABLE,
         capacity: int = 8,
+        max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> Inlet:
-        check_connect_args(delivery, capacity)
+        check_connect_args(delivery, capacity, max_bytes)
         parsed = parse_address(address, self.schemes)
         if parsed.scheme == "unix":
             stream = await trio.open_unix_socket(parsed.path)
@@ -240,5 +241,5 @@ class TcpTransport(Transport):
             stream = await trio.open_tcp_stream(parsed.host, parsed.port)
         _tune(stream.socket)
         return await _NetInlet.open(
-            _StreamConduit(stream, max_frame_size), str(parsed), delivery, capacity
+            _StreamConduit(stream, max_frame_size), str(parsed), delivery, capacity, max_bytes
         )

@@ -289,6 +289,9 @@ async def test_bad_arguments_are_rejected(address):
             for capacity in (0, -1, 1.5, True):
                 with pytest.raises(ValueError, match="capacity"):
                     await transports.connect(outlet.address, capacity=capacity)
+            for max_bytes in (0, -1, 1.5, True):
+                with pytest.raises(ValueError, match="max_bytes"):
+                    await transports.connect(outlet.address, max_bytes=max_bytes)
             with pytest.raises(ValueError, match="delivery"):
                 await transports.connect(outlet.address, delivery="latest")
             with pytest.raises(ValueError, match="at least one frame"):
@@ -458,4 +461,30 @@ async def test_receive_with_messages_waiting_is_still_a_cancel_point(address):
             assert scope.cancelled_caught
             assert [bytes((await inlet.receive())[0]) for _ in range(2)] == [b"1", b"2"]
             assert outlet.stats.messages_sent == 3
+            await inlet.aclose()
+
+
+@pytest.mark.parametrize("max_bytes", [None, 1_500_000])
+async def test_max_bytes_bounds_the_bytes_buffered_on_a_link(address, max_bytes):
+    big = payload(7, 1_000_000)
+    with trio.fail_after(20):
+        async with await transports.bind(address) as outlet:
+            inlet = await transports.connect(outlet.address, capacity=8, max_bytes=max_bytes)
+            await outlet.wait_for_inlets(1)
+            await outlet.send(big)
+            await outlet.send(big)  # 1 MB buffered: under the bound, so there is room
+            third_sent = trio.Event()
+
+            async def send_third():
+                await outlet.send(big)
+                third_sent.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_third)
+                await trio.testing.wait_all_tasks_blocked()
+                # 2 MB buffered: a bounded link is full until the inlet takes some.
+                assert third_sent.is_set() == (max_bytes is None)
+                received = [bytes((await inlet.receive())[0]) for _ in range(3)]
+            assert received == [big] * 3
+            assert inlet.stats.links[0].max_bytes == max_bytes
             await inlet.aclose()
