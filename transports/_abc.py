@@ -99,6 +99,20 @@ class Outlet(trio.abc.AsyncResource):
         """
 
     @abstractmethod
+    async def wait_send_might_not_block(self) -> None:
+        """Return once :meth:`send` might not wait: every ``RELIABLE`` link has room.
+
+        Like :meth:`trio.abc.SendStream.wait_send_all_might_not_block`: a
+        producer that makes its message only then (a camera grabbing a frame)
+        sends it fresh instead of letting it age while ``send`` waits. Another
+        task's ``send`` may take the room first.
+
+        Raises:
+            trio.ClosedResourceError: the outlet is closed, or is closed while
+                this call waits.
+        """
+
+    @abstractmethod
     async def wait_for_inlets(self, count: int = 1) -> None:
         """Return once at least *count* inlets are connected.
 

@@ -92,15 +92,7 @@ class _OutletBase(Outlet):
     async def send(self, message: Message) -> None:
         frames, nbytes = _as_frames(message, self._max_frame_size)
         await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("the outlet is closed")
-            for link in self._links:
-                if not link.has_room():
-                    break
-            else:
-                break
-            await self._room.park()
+        if await self._wait_for_room():
             self._schedule.waited()
         # No checkpoint from here on: the message reaches every link, or none.
         for link in self._links:
@@ -108,6 +100,26 @@ class _OutletBase(Outlet):
         self._messages_sent += 1
         self._bytes_sent += nbytes
         await self._schedule.maybe_yield()
+
+    async def wait_send_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not await self._wait_for_room():
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _wait_for_room(self) -> bool:
+        """Wait until every link has room; whether it waited.
+
+        Raises:
+            trio.ClosedResourceError: the outlet is closed.
+        """
+        waited = False
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the outlet is closed")
+            if all(link.has_room() for link in self._links):
+                return waited
+            await self._room.park()
+            waited = True
 
     async def wait_for_inlets(self, count: int = 1) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -488,3 +488,30 @@ async def test_max_bytes_bounds_the_bytes_buffered_on_a_link(address, max_bytes)
             assert received == [big] * 3
             assert inlet.stats.links[0].max_bytes == max_bytes
             await inlet.aclose()
+
+
+async def test_wait_send_might_not_block_returns_once_a_full_link_has_room(address):
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            inlet = await transports.connect(outlet.address, capacity=2)
+            await outlet.wait_for_inlets(1)
+            await outlet.wait_send_might_not_block()  # empty: returns at once
+            await outlet.send(b"1")
+            await outlet.send(b"2")
+            ready = trio.Event()
+
+            async def wait_for_room():
+                await outlet.wait_send_might_not_block()
+                ready.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_for_room)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not ready.is_set()  # full
+                received = [bytes((await inlet.receive())[0]) for _ in range(2)]
+                await ready.wait()
+            assert received == [b"1", b"2"]
+            assert outlet.stats.messages_sent == 2  # waiting sent nothing
+            await inlet.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await outlet.wait_send_might_not_block()
