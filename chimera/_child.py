@@ -1,8 +1,9 @@
-"""A node's child process: ``python -m chimera._child``, started by its Worker.
+"""A node's child process, forked by its Worker's zygote (:mod:`chimera._zygote`).
 
 The Worker writes the node's spec, then commands, to the child's stdin; the
-child answers on a pipe of its own, whose file descriptor is the command's
-argument (stdout and stderr stay the Worker's, for what the node prints).
+child answers on a pipe of its own (stdout and stderr stay the Worker's, for
+what the node prints). ``python -m chimera._child FD`` runs one the same
+way, FD being the events pipe.
 Both carry :mod:`chimera._pipe` messages:
 
 - stdin, Worker to child: the spec ``{"node": cloudpickled node, "runtime":
@@ -145,8 +146,8 @@ async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
             nursery.cancel_scope.cancel()  # a run still going: its teardown runs
 
 
-def main() -> None:
-    events_fd = int(sys.argv[1])
+def main(events_fd: int) -> None:
+    """Run the node whose spec arrives on stdin, reporting on *events_fd*."""
     os.set_inheritable(events_fd, False)  # not for what the node starts
     events = _Events(events_fd)
     stdin = os.fdopen(0, "rb", buffering=0)
@@ -182,4 +183,4 @@ def _state_sender(events: _Events) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]))

@@ -1,21 +1,25 @@
-"""A node in a child process of its own, driven from its Worker's Trio loop.
+"""Nodes in child processes of their own, driven from their Worker's Trio loop.
 
 :class:`NodeProcess` has the lifecycle of :class:`~chimera._runtime.NodeRuntime`
 (``address``, ``connect``, ``prep``, ``run``, ``request_stop``, ``aclose``,
 ``state``), carried out by a :class:`NodeRuntime` in the child
-(:mod:`chimera._child`). The child runs under the Worker's nursery in a
-process group of its own, and is stopped in steps: ``close`` (the node's
-``teardown`` runs), then SIGTERM to its process group, then SIGKILL.
+(:mod:`chimera._child`). Children are forked by the Worker's
+:class:`Zygote` (:mod:`chimera._zygote`), each in a process group of its
+own, and are stopped in steps: ``close`` (the node's ``teardown`` runs), then
+SIGTERM to the process group, then SIGKILL -- when a node is closed, and when
+the Worker's nursery is cancelled.
 """
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import signal
-import subprocess
+import socket
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -25,7 +29,7 @@ from ._errors import NodeError
 from ._node import NodeState
 from ._runtime import TEARDOWN_TIMEOUT
 
-__all__ = ["NodeProcess"]
+__all__ = ["NodeProcess", "Zygote"]
 
 log = logging.getLogger("chimera.worker")
 
@@ -33,17 +37,21 @@ log = logging.getLogger("chimera.worker")
 EXIT_GRACE = TEARDOWN_TIMEOUT + 2.0
 #: After SIGTERM to a node's process group, how long before SIGKILL.
 TERM_GRACE = 2.0
+#: After SIGKILL, how long to wait for the exit to be reported.
+KILL_GRACE = 5.0
 
 
-def _signal_group(process: trio.Process, signum: int) -> None:
+def _signal_group(pid: int, signum: int) -> None:
     try:
-        os.killpg(process.pid, signum)
+        os.killpg(pid, signum)
     except (ProcessLookupError, PermissionError):  # already gone
         pass
 
 
-def exit_reason(code: int) -> str:
+def exit_reason(code: int | None) -> str:
     """How a process that exited with *code* (``Popen.returncode``) ended, in words."""
+    if code is None:
+        return "its process ended"
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -51,6 +59,86 @@ def exit_reason(code: int) -> str:
             name = f"signal {-code}"
         return f"its process was killed by {name}"
     return f"its process exited with code {code}"
+
+
+class Zygote:
+    """The Worker's end of its zygote: forks node processes, and says when they exit.
+
+    Run :meth:`run` in the Worker's nursery (``await nursery.start(zygote.run)``);
+    cancelling it ends the zygote (the node processes end by their lifeline).
+    """
+
+    def __init__(self) -> None:
+        self._stream: trio.SocketStream | None = None
+        self._lock = trio.Lock()
+        self._started: trio.MemorySendChannel[int] | None = None
+        self._next_pid: trio.MemoryReceiveChannel[int] | None = None
+        self._exits: dict[int, tuple[trio.Event, list[int]]] = {}
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the zygote, then relay what it says until cancelled.
+
+        Raises:
+            RuntimeError: the zygote died.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._started, self._next_pid = trio.open_memory_channel[int](1)
+        try:
+            async with trio.open_nursery() as nursery:
+                process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        [sys.executable, "-m", "chimera._zygote", str(theirs.fileno())],
+                        pass_fds=(theirs.fileno(),),
+                        check=False,
+                    )
+                )
+                theirs.close()
+                self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+                task_status.started()
+                await self._relay()
+                code = await process.wait()
+                raise RuntimeError(f"the node process zygote died ({exit_reason(code)})")
+        finally:
+            theirs.close()
+            ours.close()
+
+    async def _relay(self) -> None:
+        reader = _pipe.MessageReader(self._stream)
+        while (message := await reader.read()) is not None:
+            if message[0] == "started":
+                self._started.send_nowait(message[1])
+            elif message[0] == "exited":
+                event, code = self._exit(message[1])
+                code.append(message[2])
+                event.set()
+
+    def _exit(self, pid: int) -> tuple[trio.Event, list[int]]:
+        return self._exits.setdefault(pid, (trio.Event(), []))
+
+    async def start(self, stdin: int, events: int) -> int:
+        """Fork a node process with these pipe ends as its stdin and events pipe; its pid.
+
+        Raises:
+            RuntimeError: the zygote is not running.
+        """
+        if self._stream is None:
+            raise RuntimeError("the zygote is not running")
+        fds = array.array("i", [stdin, events])
+        async with self._lock:
+            await self._stream.socket.sendmsg(
+                [_pipe.encode(("start", None))],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
+            )
+            pid = await self._next_pid.receive()
+        self._exit(pid)
+        return pid
+
+    async def wait(self, pid: int) -> int:
+        """The return code of node process *pid*, once it has exited."""
+        event, code = self._exit(pid)
+        await event.wait()
+        return code[0]
 
 
 class _Pending:
@@ -67,6 +155,7 @@ class NodeProcess:
     Args:
         name: the node's name (for errors and logs).
         node: the node, pickled with cloudpickle (it is unpickled only in the child).
+        zygote: the Worker's zygote, which forks the child.
         runtime: the keywords of the child's :class:`NodeRuntime` (``inputs``,
             ``follow``, ``outputs``, ``transport``, ...).
         on_state: called with the node's new state and a reason (for FAILED)
@@ -78,6 +167,7 @@ class NodeProcess:
         name: str,
         node: bytes,
         *,
+        zygote: Zygote,
         runtime: dict[str, Any],
         on_state: Callable[[NodeState, str | None], None] | None = None,
     ) -> None:
@@ -88,15 +178,19 @@ class NodeProcess:
             "sys_path": list(sys.path),
             "log_level": logging.getLogger().getEffectiveLevel(),
         }
+        self._zygote = zygote
         self._on_state = on_state
         self.state = NodeState.INITIALIZED
         self._address: str | None = None
-        self._process: trio.Process | None = None
+        self._pid: int | None = None
+        self._stdin: trio.lowlevel.FdStream | None = None
         self._nursery: trio.Nursery | None = None
         self._kill_scope = trio.CancelScope()
         self._write_lock = trio.Lock()
         self._pending: dict[str, _Pending] = {}
+        #: Set once the child has exited and its events are all taken in.
         self._exited = trio.Event()
+        self._code: int | None = None
         self._closing = False
         #: Why the process died, once it has (None while it runs, or if asked to exit).
         self._death: str | None = None
@@ -109,12 +203,12 @@ class NodeProcess:
     @property
     def pid(self) -> int | None:
         """The child's process id (and process group id), once started."""
-        return self._process.pid if self._process is not None else None
+        return self._pid
 
     # --- lifecycle -------------------------------------------------------------
 
     async def open(self, nursery: trio.Nursery) -> None:
-        """Start the child in *nursery* and make the node there (its outlet bound).
+        """Start the child under *nursery* and make the node there (its outlet bound).
 
         Raises:
             NodeError: the node cannot be made in the child (its class does
@@ -122,20 +216,22 @@ class NodeProcess:
                 or the child died.
         """
         self._nursery = nursery
-        events, child_end = os.pipe()
+        stdin, stdin_ours = os.pipe()
+        events_ours, events = os.pipe()
         try:
-            self._process = await nursery.start(self._run_process, child_end)
+            self._pid = await self._zygote.start(stdin, events)
         except BaseException:
-            os.close(events)
+            os.close(stdin_ours)
+            os.close(events_ours)
             raise
         finally:
-            os.close(child_end)
-        nursery.start_soon(self._read_events, trio.lowlevel.FdStream(events))
+            os.close(stdin)
+            os.close(events)
+        self._stdin = trio.lowlevel.FdStream(stdin_ours)
+        nursery.start_soon(self._supervise)
+        nursery.start_soon(self._read_events, trio.lowlevel.FdStream(events_ours))
         pending = self._pending["create"] = _Pending()
-        try:
-            await self._send(_pipe.encode(self._spec))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # it died: _read_events says why
+        await self._send_quietly(self._spec)
         await self._wait(pending)
 
     async def connect(self, addresses: dict[str, str]) -> None:
@@ -168,53 +264,51 @@ class NodeProcess:
     async def aclose(self) -> None:
         """Close the node and end its process (see :meth:`_stop_process`).
 
-        Returns within :data:`EXIT_GRACE` + :data:`TERM_GRACE` seconds; leaves
-        no process of the node's group behind.
+        Returns within about :data:`EXIT_GRACE` + :data:`TERM_GRACE` seconds;
+        leaves no process of the node's group behind.
         """
-        if self._process is None:
+        if self._pid is None:
             return
         with trio.CancelScope(shield=True):
             self._kill_scope.cancel()
             await self._exited.wait()
-            _signal_group(self._process, signal.SIGKILL)  # whatever the node started
+            _signal_group(self._pid, signal.SIGKILL)  # whatever the node started
+            await self._stdin.aclose()
         if self.state is not NodeState.FAILED:
             self._set_state(NodeState.SHUTDOWN, None)
 
     # --- the child -------------------------------------------------------------
 
-    async def _run_process(
-        self, events_fd: int, task_status: Any = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        with self._kill_scope:
-            await trio.run_process(
-                [sys.executable, "-m", "chimera._child", str(events_fd)],
-                stdin=subprocess.PIPE,
-                pass_fds=(events_fd,),
-                start_new_session=True,
-                check=False,
-                deliver_cancel=self._stop_process,
-                task_status=task_status,
-            )
+    async def _supervise(self) -> None:
+        """Wait for the child to exit; cancelled first, stop it in steps."""
+        try:
+            with self._kill_scope:
+                self._code = await self._zygote.wait(self._pid)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_process()
 
-    async def _stop_process(self, process: trio.Process) -> None:
-        """End the child in steps (Trio runs this shielded when its task is cancelled).
+    async def _stop_process(self) -> None:
+        """End the child in steps, unless it has exited.
 
         ``close`` -- the node's ``teardown`` runs -- and :data:`EXIT_GRACE`
         seconds to exit; then SIGTERM to its process group and
         :data:`TERM_GRACE` seconds; then SIGKILL.
         """
+        if self._code is not None:
+            return
         self._closing = True
         await self._send_quietly(("close", ()))
-        with trio.move_on_after(EXIT_GRACE):
-            await process.wait()
+        for grace, signum in ((EXIT_GRACE, signal.SIGTERM), (TERM_GRACE, signal.SIGKILL)):
+            with trio.move_on_after(grace):
+                self._code = await self._zygote.wait(self._pid)
+                return
+            log.warning("node %r did not exit within %.1f s: %s", self.name, grace, signum.name)
+            _signal_group(self._pid, signum)
+        with trio.move_on_after(KILL_GRACE):
+            self._code = await self._zygote.wait(self._pid)
             return
-        log.warning("node %r did not exit %.1f s after close: terminating", self.name, EXIT_GRACE)
-        _signal_group(process, signal.SIGTERM)
-        with trio.move_on_after(TERM_GRACE):
-            await process.wait()
-            return
-        log.warning("node %r ignored SIGTERM for %.1f s: killing", self.name, TERM_GRACE)
-        _signal_group(process, signal.SIGKILL)
+        log.error("node %r (pid %d): no exit reported after SIGKILL", self.name, self._pid)
 
     async def _read_events(self, events: trio.lowlevel.FdStream) -> None:
         """Take the child's events until it exits, then tell how it ended.
@@ -225,9 +319,22 @@ class NodeProcess:
         """
         with trio.CancelScope(shield=True):
             async with events:
-                await self._take_events(events)
+                crash = await self._take_events(events)
+            code = None
+            with trio.move_on_after(KILL_GRACE):
+                code = await self._zygote.wait(self._pid)
+            if not self._closing or code != 0:
+                self._death = crash or exit_reason(code)
+                if not self._closing:
+                    log.error("node %r: %s", self.name, self._death)
+                if self.state not in (NodeState.FAILED, NodeState.SHUTDOWN):
+                    self._set_state(NodeState.FAILED, self._death)
+            for name in list(self._pending):
+                self._answer(name, (self._death or "its process exited", ""))
+            self._exited.set()
 
-    async def _take_events(self, events: trio.lowlevel.FdStream) -> None:
+    async def _take_events(self, events: trio.lowlevel.FdStream) -> str | None:
+        """Handle the child's events until the pipe ends; why it crashed, if it said."""
         reader = _pipe.MessageReader(events)
         crash: str | None = None
         try:
@@ -248,16 +355,7 @@ class NodeProcess:
         except _pipe.PipeError as exc:
             log.error("node %r: bad message from its process: %s", self.name, exc)
             self._kill_scope.cancel()
-        code = await self._process.wait()
-        if not self._closing or code != 0:
-            self._death = crash or exit_reason(code)
-            if not self._closing:
-                log.error("node %r: %s", self.name, self._death)
-            if self.state not in (NodeState.FAILED, NodeState.SHUTDOWN):
-                self._set_state(NodeState.FAILED, self._death)
-        for name in list(self._pending):
-            self._answer(name, (self._death or "its process exited", ""))
-        self._exited.set()
+        return crash
 
     # --- helpers ---------------------------------------------------------------
 
@@ -278,15 +376,12 @@ class NodeProcess:
             pending.error = error
             pending.done.set()
 
-    async def _send(self, data: bytes) -> None:
-        async with self._write_lock:
-            await self._process.stdin.send_all(data)
-
-    async def _send_quietly(self, command: tuple[str, tuple]) -> None:
-        """Send *command*; if the child is gone, its death is reported elsewhere."""
+    async def _send_quietly(self, message: Any) -> None:
+        """Send *message* to the child; if it is gone, its death is reported elsewhere."""
         try:
-            await self._send(_pipe.encode(command))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            async with self._write_lock:
+                await self._stdin.send_all(_pipe.encode(message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, BrokenPipeError):
             pass
 
     def _set_state(self, state: NodeState, reason: str | None) -> None:

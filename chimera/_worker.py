@@ -27,7 +27,7 @@ from . import _protocol as protocol
 from ._clock import ClockEstimator
 from ._errors import NodeError
 from ._node import NodeState
-from ._process import NodeProcess
+from ._process import NodeProcess, Zygote
 from ._runtime import Input, NodeRuntime
 from ._service import Service, run_all
 
@@ -76,6 +76,8 @@ class AsyncWorker(Service):
         self._runs: dict[str, trio.Event] = {}
         self._run_scopes: list[trio.CancelScope] = []
         self._session_scope: trio.CancelScope | None = None
+        self._zygote: Zygote | None = None
+        self._zygote_lock = trio.Lock()
         self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
 
     @property
@@ -262,9 +264,24 @@ class AsyncWorker(Service):
             self._runtimes[node_id] = runtime
             await runtime.__aenter__()
         else:
-            runtime = NodeProcess(spec["name"], pickled, runtime=settings, on_state=report)
+            runtime = NodeProcess(
+                spec["name"],
+                pickled,
+                zygote=await self._start_zygote(),
+                runtime=settings,
+                on_state=report,
+            )
             self._runtimes[node_id] = runtime
             await runtime.open(self._nursery)
+
+    async def _start_zygote(self) -> Zygote:
+        """The zygote that forks this Worker's node processes (started on first use)."""
+        async with self._zygote_lock:
+            if self._zygote is None:
+                zygote = Zygote()
+                await self._nursery.start(zygote.run)
+                self._zygote = zygote
+        return self._zygote
 
     async def _do_connect_nodes(self, addresses: dict[str, dict[str, str]]) -> None:
         connects = [partial(self._runtimes[node].connect, to) for node, to in addresses.items()]
