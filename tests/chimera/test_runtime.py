@@ -210,3 +210,49 @@ async def test_cancelling_a_run_still_runs_teardown_once():
 def test_follow_must_name_an_input():
     with pytest.raises(ValueError, match="follow='c'"):
         NodeRuntime(cp.Node("n"), inputs=[Input("a"), Input("b")], follow="c")
+
+
+async def test_a_nodes_code_runs_on_one_thread_of_its_own():
+    class WhereAmI(cp.Node):
+        def prep(self):
+            self.threads = {threading.get_ident()}
+
+        def step(self, data_chunks):
+            self.threads.add(threading.get_ident())
+            if data_chunks["count"].get("default")["value"] == 20:
+                done.set()
+
+        def teardown(self):
+            self.threads.add(threading.get_ident())
+
+    done = threading.Event()
+    count, where = Count("count", 20), WhereAmI("where")
+    with trio.fail_after(20):
+        async with NodeRuntime(count, outputs=1) as source:
+            async with NodeRuntime(where, inputs=[Input("count")]) as sink:
+                await sink.connect({"count": source.address})
+                await source.prep()
+                await sink.prep()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sink.run)
+                    nursery.start_soon(source.run)
+                    await trio.to_thread.run_sync(done.wait, 10)
+                    source.request_stop()
+    assert len(where.threads) == 1
+    assert threading.get_ident() not in where.threads
+    assert where.state is cp.NodeState.SHUTDOWN
+
+
+async def test_a_chunk_that_cannot_be_decoded_fails_the_node_and_teardown_runs():
+    import transports
+
+    collect = Collect("collect", 1, threading.Event())
+    with trio.fail_after(20):
+        async with await transports.bind("memory://") as outlet:
+            async with NodeRuntime(collect, inputs=[Input("source")]) as runtime:
+                await runtime.connect({"source": outlet.address})
+                await runtime.prep()
+                await outlet.send([b"not a chunk"])
+                await runtime.run()  # returns: the node failed
+    assert collect.state is cp.NodeState.FAILED
+    assert collect.seen == [] and collect.torn_down == 1
