@@ -7,8 +7,10 @@ way, FD being the events pipe.
 Both carry :mod:`chimera._pipe` messages:
 
 - stdin, Worker to child: the spec ``{"node": cloudpickled node, "runtime":
-  NodeRuntime keywords, "sys_path": [...], "log_level": int}``, then commands
-  ``(name, args)``: ``connect``, ``prep``, ``run``, ``stop``, ``close``.
+  NodeRuntime keywords, "sys_path": [...], "log_level": int,
+  "clock_offset_ns": int}``, then commands ``(name, args)``: ``connect``,
+  ``prep``, ``run``, ``stop``, ``close``, and ``clock`` (a new offset from
+  this machine's clock to the cluster's, in ns).
 - the events pipe, child to Worker: ``("created", address)`` once the node's outlet is
   bound; ``("state", state, reason)`` at each change of the node's state;
   ``("done", command, None)`` or ``("failed", command, message, traceback)``
@@ -40,6 +42,7 @@ import cloudpickle
 import trio
 
 from . import _pipe
+from ._data import set_clock
 from ._errors import NodeError
 from ._runtime import TEARDOWN_TIMEOUT, NodeRuntime
 
@@ -137,6 +140,8 @@ async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
                     break
                 if name == "stop":
                     runtime.request_stop()
+                elif name == "clock":
+                    _follow_clock(args[0])
                 elif name == "run":
                     nursery.start_soon(_run_command, events, name, runtime.run)
                 elif name in ("connect", "prep"):
@@ -156,6 +161,7 @@ def main(events_fd: int) -> None:
         if spec is None:
             return
         sys.path[:0] = [p for p in spec["sys_path"] if p not in sys.path]
+        _follow_clock(spec["clock_offset_ns"])
         logging.getLogger().addHandler(_ForwardLogs(events, spec["log_level"]))
         logging.getLogger().setLevel(spec["log_level"])
         try:
@@ -173,6 +179,11 @@ def main(events_fd: int) -> None:
             raise
     finally:
         events.close()
+
+
+def _follow_clock(offset_ns: int) -> None:
+    """Stamp chunks with cluster time: this clock plus the Worker's estimated offset."""
+    set_clock(lambda: time.time_ns() + offset_ns)
 
 
 def _state_sender(events: _Events) -> Any:

@@ -110,6 +110,8 @@ class AsyncManager(Service):
         self._node_ids: dict[str, str] = {}
         self._nodes_changed = trio.lowlevel.ParkingLot()
         self._workers: dict[str, WorkerInfo] = {}
+        #: The cluster's clock (tests move it to check that Workers follow).
+        self._clock = time.time_ns
         self._workers_changed = trio.lowlevel.ParkingLot()
 
     @property
@@ -332,7 +334,7 @@ class AsyncManager(Service):
                 event = await receive()
                 if event["type"] == "websocket.disconnect":
                     return
-                received_ns = time.time_ns()
+                received_ns = self._clock()
                 try:
                     message = protocol.parse(event.get("text") or event.get("bytes") or "")
                 except protocol.ProtocolError as exc:
@@ -341,7 +343,7 @@ class AsyncManager(Service):
                     continue
                 kind = message["type"]
                 if kind == "clock":
-                    await reply("clock_ack", t0=message["t0"], t1=received_ns, t2=time.time_ns())
+                    await reply("clock_ack", t0=message["t0"], t1=received_ns, t2=self._clock())
                 elif kind == "hello" and info is None:
                     if self._token is not None and message["token"] != self._token:
                         log.warning("worker %r refused: wrong token", message["name"])

@@ -169,6 +169,7 @@ class NodeProcess:
         *,
         zygote: Zygote,
         runtime: dict[str, Any],
+        clock_offset_ns: int = 0,
         on_state: Callable[[NodeState, str | None], None] | None = None,
     ) -> None:
         self.name = name
@@ -177,6 +178,7 @@ class NodeProcess:
             "runtime": runtime,
             "sys_path": list(sys.path),
             "log_level": logging.getLogger().getEffectiveLevel(),
+            "clock_offset_ns": clock_offset_ns,
         }
         self._zygote = zygote
         self._on_state = on_state
@@ -258,8 +260,17 @@ class NodeProcess:
 
     def request_stop(self) -> None:
         """Ask a source to stop after its current step."""
-        if self._nursery is not None and not self._exited.is_set():
-            self._nursery.start_soon(self._send_quietly, ("stop", ()))
+        self._tell(("stop", ()))
+
+    def follow_clock(self, offset_ns: int) -> None:
+        """From now on, stamp chunks with this machine's clock plus *offset_ns*."""
+        self._spec["clock_offset_ns"] = offset_ns  # if the child is still to get it
+        self._tell(("clock", (offset_ns,)))
+
+    def _tell(self, command: tuple[str, tuple]) -> None:
+        """Send *command* soon, once the child has its spec (else do nothing)."""
+        if self._stdin is not None and not self._exited.is_set():
+            self._nursery.start_soon(self._send_quietly, command)
 
     async def aclose(self) -> None:
         """Close the node and end its process (see :meth:`_stop_process`).

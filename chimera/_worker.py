@@ -77,6 +77,7 @@ class AsyncWorker(Service):
         self._run_scopes: list[trio.CancelScope] = []
         self._session_scope: trio.CancelScope | None = None
         self._zygote: Zygote | None = None
+        self._shared_offset = 0
         self._zygote_lock = trio.Lock()
         self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
 
@@ -209,6 +210,7 @@ class AsyncWorker(Service):
             if message["type"] == "clock_ack":
                 self.clock.add(message["t0"], message["t1"], message["t2"], received_ns)
                 self._clock_changed.unpark_all()
+                self._share_clock()
             elif message["type"] == "request":
                 nursery.start_soon(self._answer, ws, message)
             elif message["type"] == "error":
@@ -269,10 +271,24 @@ class AsyncWorker(Service):
                 pickled,
                 zygote=await self._start_zygote(),
                 runtime=settings,
+                clock_offset_ns=self._offset_ns(),
                 on_state=report,
             )
             self._runtimes[node_id] = runtime
             await runtime.open(self._nursery)
+
+    def _offset_ns(self) -> int:
+        estimate = self.clock.estimate()
+        return estimate.offset_ns if estimate is not None else 0
+
+    def _share_clock(self) -> None:
+        """Tell the node processes a new clock offset (nodes inline share this process's)."""
+        offset = self._offset_ns()
+        if offset != self._shared_offset:
+            self._shared_offset = offset
+            for runtime in self._runtimes.values():
+                if isinstance(runtime, NodeProcess):
+                    runtime.follow_clock(offset)
 
     async def _start_zygote(self) -> Zygote:
         """The zygote that forks this Worker's node processes (started on first use)."""

@@ -90,3 +90,21 @@ class Stubborn(cp.Node):
 class BrokenPrep(cp.Node):
     def prep(self):
         raise OSError("no such camera")
+
+
+class StampSink(cp.Node):
+    """Writes the timestamps of the records it receives, and its clock then, to ``NAME.json``."""
+
+    def __init__(self, name: str, folder: str, source: str, expect: int, port: int) -> None:
+        super().__init__(name)
+        self.folder, self.source, self.expect, self.port = folder, source, expect, port
+
+    def prep(self):
+        self.stamps = []
+
+    def step(self, data_chunks):
+        record = data_chunks[self.source].get("default")
+        self.stamps.append([record["timestamp"], time.time_ns()])
+        if len(self.stamps) == self.expect:
+            Path(self.folder, f"{self.name}.json").write_text(json.dumps(self.stamps))
+            notify(self.port)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,7 +19,7 @@ from chimera import _process
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 
-from .nodes import BrokenPrep, Counter, Doubler, Sink, Stubborn
+from .nodes import BrokenPrep, Counter, Doubler, Sink, StampSink, Stubborn
 
 
 @asynccontextmanager
@@ -62,8 +63,10 @@ def children_of(pid: int) -> list[int]:
 
 
 @asynccontextmanager
-async def cluster(tmp_path, *names: str) -> AsyncIterator[AsyncManager]:
+async def cluster(tmp_path, *names: str, ahead_ns: int = 0) -> AsyncIterator[AsyncManager]:
+    """A Manager and Workers (nodes in processes); the cluster's clock *ahead_ns* of this one's."""
     async with AsyncManager(tmp_path / "logs", port=0, transport="tcp") as manager:
+        manager._clock = lambda: time.time_ns() + ahead_ns
         async with trio.open_nursery() as nursery:
             workers = []
             for name in names:
@@ -78,6 +81,7 @@ async def cluster(tmp_path, *names: str) -> AsyncIterator[AsyncManager]:
 async def _serve_worker(worker, manager, task_status=trio.TASK_STATUS_IGNORED):
     async with worker:
         assert await worker.connect(manager.host, manager.port)
+        await worker.wait_for_clock()
         task_status.started()
         await trio.sleep_forever()
 
@@ -200,3 +204,22 @@ async def test_nodes_end_when_their_worker_process_dies(tmp_path):
                     await worker.wait()
     # Its teardown ran before it exited.
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4, 5]
+
+
+async def test_chunks_from_node_processes_are_stamped_with_cluster_time(tmp_path):
+    ahead = 1000 * 10**9  # the Manager's clock is 1000 s ahead of this machine's
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_edge(
+            Counter("counter", limit=5),
+            StampSink("stamps", str(tmp_path), source="counter", expect=5, port=port),
+        )
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local", ahead_ns=ahead) as manager:
+                await manager.commit_graph(graph, {"local": ["counter", "stamps"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+    for stamp, local_now in json.loads((tmp_path / "stamps.json").read_text()):
+        # Stamped in cluster time, received a little later (in local time).
+        assert 0 <= local_now + ahead - stamp < 10**9
