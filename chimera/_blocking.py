@@ -144,6 +144,10 @@ class Manager:
         """See :meth:`chimera.AsyncManager.commit_graph`."""
         return self._loop.call(self._manager.commit_graph, graph, mapping, send_packages)
 
+    def step(self) -> bool:
+        """Step every node once (offline mode); see :meth:`AsyncManager.step`."""
+        return self._loop.call(self._manager.step)
+
     def start(self) -> bool:
         """See :meth:`chimera.AsyncManager.start`."""
         return self._loop.call(self._manager.start)

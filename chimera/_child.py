@@ -9,7 +9,7 @@ Both carry :mod:`chimera._pipe` messages:
 - stdin, Worker to child: the spec ``{"node": cloudpickled node, "runtime":
   NodeRuntime keywords, "sys_path": [...], "log_level": int,
   "clock_offset_ns": int}``, then commands ``(name, args)``: ``connect``,
-  ``prep``, ``run``, ``stop``, ``close``, and ``clock`` (a new offset from
+  ``prep``, ``step``, ``run``, ``stop``, ``close``, and ``clock`` (a new offset from
   this machine's clock to the cluster's, in ns).
 - the events pipe, child to Worker: ``("created", address)`` once the node's outlet is
   bound; ``("state", state, reason)`` at each change of the node's state;
@@ -146,6 +146,8 @@ async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
                     nursery.start_soon(_run_command, events, name, runtime.run)
                 elif name in ("connect", "prep"):
                     await _run_command(events, name, getattr(runtime, name), *args)
+                elif name == "step":
+                    nursery.start_soon(_run_command, events, name, runtime.step_once)
                 else:
                     events.send("failed", name, f"unknown command {name!r}", None)
             nursery.cancel_scope.cancel()  # a run still going: its teardown runs

@@ -201,6 +201,17 @@ class AsyncManager(Service):
         await self._on_every_worker(connect)
         await self._broadcast("prep_nodes")
 
+    async def step(self) -> bool:
+        """Step every node once (ChimeraPy's offline mode, instead of :meth:`start`):
+        sources step and send, then each node steps on what its inputs sent.
+        Returns True once every node has stepped.
+
+        Raises:
+            NodeError: a node's ``step`` raised.
+        """
+        await self._broadcast("step_nodes")
+        return True
+
     async def start(self) -> bool:
         """Start every node stepping. Returns True."""
         await self._broadcast("start_nodes")

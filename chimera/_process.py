@@ -258,6 +258,10 @@ class NodeProcess:
             if self._death is None:
                 raise
 
+    async def step_once(self) -> None:
+        """Step once (see :meth:`NodeRuntime.step_once`). Raises NodeError."""
+        await self._command("step")
+
     def request_stop(self) -> None:
         """Ask a source to stop after its current step."""
         self._tell(("stop", ()))

@@ -62,6 +62,7 @@ COMMANDS = frozenset(
         "connect_nodes",
         "prep_nodes",
         "start_nodes",
+        "step_nodes",
         "stop_nodes",
         "shutdown_nodes",
     }

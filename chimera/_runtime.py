@@ -109,6 +109,9 @@ class NodeRuntime:
         self._inlets: dict[str, transports.Inlet] = {}
         self._stop_requested = trio.Event()
         self._thread = UserThread(node.name)
+        self._prepped = self._torn_down = False
+        #: The latest chunk of each input, in offline mode (:meth:`step_once`).
+        self._offline_latest: dict[str, DataChunk] = {}
         #: Chunks stepped and sent, for the Manager's statistics.
         self.steps = 0
 
@@ -158,6 +161,7 @@ class NodeRuntime:
             NodeError: ``prep`` raised (the node is FAILED).
         """
         await self._call("prep", self.node.prep)
+        self._prepped = True
         self._set_state(NodeState.READY)
 
     async def run(self) -> None:
@@ -190,15 +194,50 @@ class NodeRuntime:
             with trio.CancelScope(shield=True):
                 if self._outlet is not None:
                     await self._outlet.aclose()  # the end of stream flows downstream
-                with trio.move_on_after(TEARDOWN_TIMEOUT):
-                    try:
-                        await self._call("teardown", self.node.teardown, abandon=True)
-                    except NodeError as exc:
-                        teardown_error = exc
+                try:
+                    await self._teardown()
+                except NodeError as exc:
+                    teardown_error = exc
         if teardown_error is not None:
             raise teardown_error
         if not failed:
             self._set_state(NodeState.STOPPED)
+
+    async def _teardown(self) -> None:
+        """Run ``teardown`` if ``prep`` ran and it has not yet (at most
+        :data:`TEARDOWN_TIMEOUT` seconds when cancelled). Raises NodeError."""
+        if not self._prepped or self._torn_down:
+            return
+        self._torn_down = True
+        with trio.move_on_after(TEARDOWN_TIMEOUT):
+            await self._call("teardown", self.node.teardown, abandon=True)
+
+    async def step_once(self) -> None:
+        """Step once (ChimeraPy's offline mode): a source steps and sends; a node
+        with inputs waits for the next chunk of its followed input (and the
+        first of every other input), then steps and sends.
+
+        Raises:
+            NodeError: ``step`` raised, or returned what cannot be sent, or a
+                chunk received cannot be decoded.
+            trio.EndOfChannel: an input ended before sending a chunk.
+        """
+        if self._outlet is not None:
+            await self._outlet.wait_for_inlets(self._outputs)
+        if not self._inputs:
+            await self._emit_result(await self._call_for_result(self.node.step))
+            return
+        for name, inlet in self._inlets.items():
+            if name == self._follow or name not in self._offline_latest:
+                self._offline_latest[name] = self._decode(await inlet.receive())
+        step = self.node.step
+        await self._emit_result(await self._call_for_result(step, dict(self._offline_latest)))
+
+    async def _call_for_result(self, fn: Callable[..., Any], *args: Any) -> Result:
+        try:
+            return (await self._thread.call(fn, *args), None)
+        except Exception as exc:
+            return (None, exc)
 
     def request_stop(self) -> None:
         """Ask a source to stop after its current step (others stop when their
@@ -207,8 +246,13 @@ class NodeRuntime:
 
     async def aclose(self) -> None:
         """Close the node's endpoints (at once; what is in flight is dropped),
+        run ``teardown`` if the node was prepared but never run (offline mode),
         and let its thread end."""
         with trio.CancelScope(shield=True):
+            try:
+                await self._teardown()
+            except NodeError as exc:
+                log.error("node %r: %s", self.node.name, exc.message)
             for inlet in self._inlets.values():
                 await inlet.aclose()
             if self._outlet is not None:

@@ -306,6 +306,9 @@ class AsyncWorker(Service):
     async def _do_prep_nodes(self) -> None:
         await run_all([runtime.prep for runtime in self._runtimes.values()])
 
+    async def _do_step_nodes(self) -> None:
+        await run_all([runtime.step_once for runtime in self._runtimes.values()])
+
     async def _do_start_nodes(self) -> None:
         for node_id, runtime in self._runtimes.items():
             done = self._runs[node_id] = trio.Event()

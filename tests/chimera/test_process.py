@@ -223,3 +223,24 @@ async def test_chunks_from_node_processes_are_stamped_with_cluster_time(tmp_path
     for stamp, local_now in json.loads((tmp_path / "stamps.json").read_text()):
         # Stamped in cluster time, received a little later (in local time).
         assert 0 <= local_now + ahead - stamp < 10**9
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_step_runs_one_step_of_every_node(tmp_path, transport):
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        counter = Counter("counter", limit=100)
+        doubler = Doubler("doubler", source="counter")
+        sink = Sink("sink", str(tmp_path), source="doubler", expect=3, port=port)
+        graph.add_edges_from([(counter, doubler), (doubler, sink)])
+        with trio.fail_after(60):
+            async with AsyncManager(tmp_path / "logs", port=0, transport=transport) as manager:
+                async with AsyncWorker("local") as worker:
+                    assert await worker.connect(manager.host, manager.port)
+                    await manager.wait_for_workers(1)
+                    await manager.commit_graph(graph, {"local": ["counter", "doubler", "sink"]})
+                    for _ in range(3):
+                        assert await manager.step()
+                    assert await notified.receive() == b"x"
+                    await manager.shutdown()  # teardown runs: the sink writes what it saw
+    assert json.loads((tmp_path / "sink.json").read_text()) == [2, 4, 6]
