@@ -16,7 +16,8 @@ Both carry :mod:`chimera._pipe` messages:
   ``("done", command, None)`` or ``("failed", command, message, traceback)``
   when a command ends (``"create"`` when the node cannot even be made);
   ``("log", level, logger name, text)`` for each log record at or above the
-  Worker's level; ``("crashed", message, traceback)`` before the child dies
+  Worker's level; ``("stats", {"steps": n, "dropped": n})`` twice a
+  second while they change; ``("crashed", message, traceback)`` before the child dies
   of an error of its own.
 
 The Trio loop owns the main thread; the node's code runs in worker threads
@@ -46,6 +47,8 @@ from ._data import set_clock
 from ._errors import NodeError
 from ._runtime import TEARDOWN_TIMEOUT, NodeRuntime
 
+#: Seconds between reports of the node's statistics to the Worker.
+STATS_PERIOD = 0.5
 #: Seconds an orphaned child (its stdin ended) has to finish before it is ended.
 ORPHAN_GRACE = TEARDOWN_TIMEOUT + 5.0
 
@@ -113,6 +116,15 @@ def _read_commands(stdin: Any, token: trio.lowlevel.TrioToken, send: Any) -> Non
     os._exit(3)
 
 
+async def _report_stats(runtime: NodeRuntime, events: _Events) -> None:
+    last = None
+    while True:
+        await trio.sleep(STATS_PERIOD)
+        if (stats := runtime.stats()) != last:
+            events.send("stats", stats)
+            last = stats
+
+
 async def _run_command(events: _Events, command: str, call: Any, *args: Any) -> None:
     try:
         await call(*args)
@@ -135,6 +147,7 @@ async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
     async with runtime:
         events.send("created", runtime.address)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_report_stats, runtime, events)
             async for name, args in commands:
                 if name == "close":
                     break

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -112,6 +113,10 @@ class AsyncManager(Service):
         self._workers: dict[str, WorkerInfo] = {}
         #: The cluster's clock (tests move it to check that Workers follow).
         self._clock = time.time_ns
+        #: What the dashboard shows of each committed node, by node id.
+        self._node_info: dict[str, dict[str, Any]] = {}
+        #: Subscribers to the events (``/ws/events``).
+        self._subscribers: set[trio.MemorySendChannel[str]] = set()
         self._workers_changed = trio.lowlevel.ParkingLot()
 
     @property
@@ -138,13 +143,54 @@ class AsyncManager(Service):
         return self.nodes[node_id]
 
     def state(self) -> dict[str, Any]:
-        """The cluster's state, as ``GET /api/state`` returns it."""
+        """The cluster's state, as ``GET /api/state`` returns it: the Workers, and
+        each committed node (its Worker, state, the reason of a failure, steps
+        done, chunks its inputs dropped, steps per second)."""
         return {
             "workers": [
                 {"id": info.id, "name": info.name, "connected_ns": info.connected_ns}
                 for info in self._workers.values()
-            ]
+            ],
+            "nodes": [
+                {"id": node_id, **{k: v for k, v in info.items() if not k.startswith("_")}}
+                for node_id, info in self._node_info.items()
+            ],
         }
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        """Push *event* to every ``/ws/events`` subscriber (a slow one is dropped)."""
+        text = json.dumps(event)
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber.send_nowait(text)
+            except trio.WouldBlock:
+                log.warning("an events subscriber is too slow: disconnected")
+                subscriber.close()
+                self._subscribers.discard(subscriber)
+
+    def _set_node_state(self, node_id: str, state: str, reason: str | None) -> None:
+        self.nodes[node_id] = state
+        info = self._node_info.setdefault(node_id, {"name": node_id})
+        info["state"], info["reason"] = state, reason
+        self._nodes_changed.unpark_all()
+        public = {k: v for k, v in info.items() if not k.startswith("_")}
+        self._publish({"type": "node_state", "id": node_id, **public})
+
+    def _set_node_stats(self, stats: dict[str, Any]) -> None:
+        now = self._clock()
+        for node_id, values in stats.items():
+            info = self._node_info.get(node_id)
+            if info is None or not isinstance(values, dict):
+                continue
+            steps, dropped = values.get("steps"), values.get("dropped")
+            if not isinstance(steps, int) or not isinstance(dropped, int):
+                continue
+            last = info.get("_sampled")
+            if last is not None and now > last[0]:
+                info["fps"] = round((steps - last[1]) * 1e9 / (now - last[0]), 1)
+            info["_sampled"] = (now, steps)
+            info["steps"], info["dropped"] = steps, dropped
+        self._publish({"type": "node_stats", "nodes": self.state()["nodes"]})
 
     # --- the graph ----------------------------------------------------------------
 
@@ -182,6 +228,20 @@ class AsyncManager(Service):
     async def _commit(self, graph: Graph) -> None:
         names = {node_id: name for node_id, name in graph.G.nodes(data="name")}
         self._node_ids = {name: node_id for node_id, name in names.items()}
+        workers = self._names()
+        self._node_info = {
+            node_id: {
+                "name": names[node_id],
+                "worker": workers[worker_id],
+                "state": None,
+                "reason": None,
+                "steps": 0,
+                "dropped": 0,
+                "fps": 0.0,
+            }
+            for worker_id, node_ids in self._mapping.items()
+            for node_id in node_ids
+        }
         addresses: dict[str, str | None] = {}
 
         async def create(worker_id: str, node_ids: list[str]) -> None:
@@ -314,12 +374,55 @@ class AsyncManager(Service):
         elif scope["type"] == "websocket":
             if scope["path"] == "/ws/worker":
                 await self._worker_session(receive, send)
+            elif scope["path"] == "/ws/events" and self.dashboard_api:
+                await self._events_session(scope, receive, send)
             else:
                 await receive()  # websocket.connect
                 await send({"type": "websocket.close", "code": 4404})
 
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        """Whether an API client presents the token (if the Manager has one):
+        ``Authorization: Bearer TOKEN``, or ``?token=TOKEN``."""
+        if self._token is None:
+            return True
+        headers = dict(scope.get("headers") or [])
+        if headers.get(b"authorization", b"").decode(errors="replace") == f"Bearer {self._token}":
+            return True
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode(errors="replace"))
+        return query.get("token") == [self._token]
+
+    async def _events_session(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """``/ws/events``: the state, then every change as it happens (JSON texts)."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if not self._authorized(scope):
+            await send({"type": "websocket.close", "code": 4401})
+            return
+        await send({"type": "websocket.accept"})
+        sender, events = trio.open_memory_channel[str](1000)
+        self._subscribers.add(sender)
+        try:
+            await send({"type": "websocket.send", "text": json.dumps(self.state())})
+            async with trio.open_nursery() as nursery:
+
+                async def until_disconnect() -> None:
+                    while (await receive())["type"] != "websocket.disconnect":
+                        pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until_disconnect)
+                async for text in events:
+                    await send({"type": "websocket.send", "text": text})
+                await send({"type": "websocket.close", "code": 1008})  # too slow
+                nursery.cancel_scope.cancel()
+        finally:
+            self._subscribers.discard(sender)
+
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["method"] == "GET" and scope["path"] == "/api/state" and self.dashboard_api:
+            if not self._authorized(scope):
+                await _respond(send, 401, {"error": "refused: wrong or missing token"})
+                return
             await _respond(send, 200, self.state())
         else:
             await _respond(send, 404, {"error": f"no {scope['method']} {scope['path']}"})
@@ -367,14 +470,16 @@ class AsyncManager(Service):
                     self._workers[info.id] = info
                     self._workers_changed.unpark_all()
                     log.info("worker %r (%s) connected", info.name, info.id)
+                    self._publish({"type": "worker_joined", "id": info.id, "name": info.name})
                     await reply("welcome", worker_id=info.id)
+                elif kind == "node_stats" and info is not None:
+                    self._set_node_stats(message["stats"])
                 elif kind == "reply" and info is not None and message["id"] in info._pending:
                     pending = info._pending.pop(message["id"])
                     pending.reply = message
                     pending.done.set()
                 elif kind == "node_state" and info is not None:
-                    self.nodes[message["node_id"]] = message["state"]
-                    self._nodes_changed.unpark_all()
+                    self._set_node_state(message["node_id"], message["state"], message["reason"])
                     if message["reason"]:
                         log.error("node %s failed: %s", message["node_id"], message["reason"])
                 else:
@@ -386,6 +491,7 @@ class AsyncManager(Service):
                 del self._workers[info.id]
                 self._workers_changed.unpark_all()
                 log.info("worker %r (%s) left", info.name, info.id)
+                self._publish({"type": "worker_left", "id": info.id, "name": info.name})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -193,6 +193,7 @@ class NodeProcess:
         #: Set once the child has exited and its events are all taken in.
         self._exited = trio.Event()
         self._code: int | None = None
+        self._stats = {"steps": 0, "dropped": 0}
         self._closing = False
         #: Why the process died, once it has (None while it runs, or if asked to exit).
         self._death: str | None = None
@@ -257,6 +258,10 @@ class NodeProcess:
         except NodeError:
             if self._death is None:
                 raise
+
+    def stats(self) -> dict[str, int]:
+        """The node's ``steps`` and ``dropped``, as its process last reported them."""
+        return dict(self._stats)
 
     async def step_once(self) -> None:
         """Step once (see :meth:`NodeRuntime.step_once`). Raises NodeError."""
@@ -357,6 +362,8 @@ class NodeProcess:
                 kind = event[0]
                 if kind == "state":
                     self._set_state(NodeState(event[1]), event[2])
+                elif kind == "stats":
+                    self._stats = event[1]
                 elif kind == "log":
                     logging.getLogger(event[2]).log(event[1], "%s", event[3])
                 elif kind == "created":

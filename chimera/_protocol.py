@@ -53,6 +53,7 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "node": _OPTIONAL_STR,
     },
     "node_state": {"node_id": str, "state": str, "reason": _OPTIONAL_STR},
+    "node_stats": {"stats": dict},
 }
 
 #: What a Manager may ask a Worker to do (see :class:`chimera._worker.AsyncWorker`).

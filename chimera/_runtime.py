@@ -212,6 +212,11 @@ class NodeRuntime:
         with trio.move_on_after(TEARDOWN_TIMEOUT):
             await self._call("teardown", self.node.teardown, abandon=True)
 
+    def stats(self) -> dict[str, int]:
+        """``steps`` (steps done) and ``dropped`` (chunks its inputs dropped, LATEST)."""
+        dropped = sum(inlet.stats.messages_dropped for inlet in self._inlets.values())
+        return {"steps": self.steps, "dropped": dropped}
+
     async def step_once(self) -> None:
         """Step once (ChimeraPy's offline mode): a source steps and sends; a node
         with inputs waits for the next chunk of its followed input (and the

@@ -38,6 +38,8 @@ log = logging.getLogger("chimera.worker")
 #: Clock exchanges at check-in, 50 ms apart, then one every CLOCK_PERIOD seconds.
 CLOCK_BURST = 8
 CLOCK_PERIOD = 1.0
+#: Seconds between reports of node statistics to the Manager.
+STATS_PERIOD = 1.0
 
 
 class AsyncWorker(Service):
@@ -174,6 +176,7 @@ class AsyncWorker(Service):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._keep_clock, ws)
                     nursery.start_soon(self._send_events, ws)
+                    nursery.start_soon(self._report_stats)
                     await self._read(ws, nursery)
                     nursery.cancel_scope.cancel()
             finally:
@@ -187,6 +190,16 @@ class AsyncWorker(Service):
         while True:
             await ws.send_message(protocol.make("clock", t0=time.time_ns()))
             await trio.sleep(CLOCK_PERIOD)
+
+    async def _report_stats(self) -> None:
+        """Send the Manager each node's statistics, once a second while they change."""
+        last: dict[str, dict[str, int]] = {}
+        while True:
+            await trio.sleep(STATS_PERIOD)
+            stats = {node_id: runtime.stats() for node_id, runtime in self._runtimes.items()}
+            if stats and stats != last:
+                self._events_in.send_nowait(protocol.make("node_stats", stats=stats))
+                last = stats
 
     async def _send_events(self, ws: trio_websocket.WebSocketConnection) -> None:
         async for text in self._events_out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import httpx
@@ -97,3 +98,58 @@ async def test_unknown_paths_are_404(tmp_path):
 def test_parse_says_what_is_wrong(text, problem):
     with pytest.raises(protocol.ProtocolError, match=problem):
         protocol.parse(text)
+
+
+async def test_an_api_client_without_the_token_is_refused(tmp_path):
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0, token="s3cret") as manager:
+            base = f"http://127.0.0.1:{manager.port}/api/state"
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(base)).status_code == 401
+                assert (await client.get(base, params={"token": "nope"})).status_code == 401
+                assert (await client.get(base, params={"token": "s3cret"})).status_code == 200
+                bearer = {"Authorization": "Bearer s3cret"}
+                assert (await client.get(base, headers=bearer)).status_code == 200
+            url = f"ws://127.0.0.1:{manager.port}/ws/events"
+            with pytest.raises(trio_websocket.HandshakeError):
+                async with trio_websocket.open_websocket_url(url):
+                    pass
+
+
+async def test_events_push_every_node_state_and_the_steps(tmp_path):
+    import chimera as cp
+
+    from .test_runtime import Count, Double
+
+    graph = cp.Graph()
+    graph.add_edge(Count("count", 10**9), Double("double"))
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("local") as worker:
+                assert await worker.connect(manager.host, manager.port)
+                await manager.wait_for_workers(1)
+                url = f"ws://127.0.0.1:{manager.port}/ws/events"
+                async with trio_websocket.open_websocket_url(url) as events:
+                    first = json.loads(await events.get_message())
+                    assert [w["name"] for w in first["workers"]] == ["local"]
+                    await manager.commit_graph(graph, {"local": ["count", "double"]})
+                    await manager.start()
+                    seen: dict[str, list[str]] = {"count": [], "double": []}
+                    while True:
+                        event = json.loads(await events.get_message())
+                        if event["type"] == "node_state":
+                            seen[event["name"]].append(event["state"])
+                        if event["type"] == "node_stats":
+                            double = {n["name"]: n for n in event["nodes"]}["double"]
+                            if double["steps"] > 0:
+                                break
+                    assert seen["double"][:4] == ["INITIALIZED", "CONNECTED", "READY", "RUNNING"]
+                    async with httpx.AsyncClient() as client:
+                        state = (
+                            await client.get(f"http://{manager.host}:{manager.port}/api/state")
+                        ).json()
+                    nodes = {n["name"]: n for n in state["nodes"]}
+                    assert nodes["double"]["worker"] == "local"
+                    assert nodes["double"]["state"] == "RUNNING"
+                    assert nodes["double"]["steps"] > 0 and nodes["double"]["dropped"] == 0
+                    await manager.stop()
