@@ -79,6 +79,7 @@ class AsyncWorker(Service):
         self._run_scopes: list[trio.CancelScope] = []
         self._session_scope: trio.CancelScope | None = None
         self._zygote: Zygote | None = None
+        self._zygote_scope = trio.CancelScope(shield=True)
         self._shared_offset = 0
         self._zygote_lock = trio.Lock()
         self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
@@ -102,6 +103,7 @@ class AsyncWorker(Service):
             finally:
                 with trio.CancelScope(shield=True):
                     await self._close_nodes()
+                self._zygote_scope.cancel()
                 self._nursery = None
                 nursery.cancel_scope.cancel()
 
@@ -308,9 +310,16 @@ class AsyncWorker(Service):
         async with self._zygote_lock:
             if self._zygote is None:
                 zygote = Zygote()
-                await self._nursery.start(zygote.run)
+                await self._nursery.start(self._run_zygote, zygote)
                 self._zygote = zygote
         return self._zygote
+
+    async def _run_zygote(self, zygote: Zygote, task_status: Any) -> None:
+        # Shielded: the node processes report their exit through the zygote, so
+        # it must outlive them even when the Worker is cancelled; the Worker
+        # ends it once they are gone (see _running).
+        with self._zygote_scope:
+            await zygote.run(task_status=task_status)
 
     async def _do_connect_nodes(self, addresses: dict[str, dict[str, str]]) -> None:
         connects = [partial(self._runtimes[node].connect, to) for node, to in addresses.items()]

@@ -244,3 +244,23 @@ async def test_step_runs_one_step_of_every_node(tmp_path, transport):
                     assert await notified.receive() == b"x"
                     await manager.shutdown()  # teardown runs: the sink writes what it saw
     assert json.loads((tmp_path / "sink.json").read_text()) == [2, 4, 6]
+
+
+async def test_cancelling_a_worker_with_running_nodes_ends_them_at_once(tmp_path):
+    before = set(children_of(os.getpid()))
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_edge(
+            Counter("counter", limit=3),
+            Sink("sink", str(tmp_path), source="counter", expect=3, port=port),
+        )
+        # Well under the 12 s a node has to exit once asked: nothing waits for a grace.
+        with trio.fail_after(_process.EXIT_GRACE - 2):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                # Leave the block with the nodes running: the Workers are cancelled.
+    # Each node was asked to close, so the sink's teardown ran.
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+    assert set(children_of(os.getpid())) <= before
