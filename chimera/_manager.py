@@ -14,6 +14,7 @@ port and every connection.
 from __future__ import annotations
 
 import base64
+import datetime
 import itertools
 import json
 import logging
@@ -24,11 +25,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import cloudpickle
 import hypercorn.config
 import hypercorn.trio
+import pynng
 import trio
 
 from . import _protocol as protocol
@@ -76,7 +78,9 @@ class AsyncManager(Service):
             folder under the current one when None.
         port: the port to serve on; 0 picks a free one (see :attr:`port`).
         max_num_of_workers: the most Workers a graph may be mapped to.
-        publish_logs_via_zmq: kept for ChimeraPy compatibility.
+        publish_logs_via_zmq: whether to publish node logs on an nng PUB socket
+            (:attr:`logs_address`; the name is ChimeraPy's, the socket nng's:
+            subscribe with pynng, or any nng/NNG-compatible SUB socket).
         dashboard_api: whether ``/api/state`` is served.
         host: the address to listen on (loopback by default).
         token: if set, a Worker must present it (or ``CHIMERA_TOKEN``) to check in.
@@ -115,6 +119,10 @@ class AsyncManager(Service):
         self._clock = time.time_ns
         #: What the dashboard shows of each committed node, by node id.
         self._node_info: dict[str, dict[str, Any]] = {}
+        self._log_file: TextIO | None = None
+        self._log_publisher: pynng.Pub0 | None = None
+        #: Where node logs are published (``publish_logs_via_zmq=True``), once running.
+        self.logs_address: str | None = None
         #: Subscribers to the events (``/ws/events``).
         self._subscribers: set[trio.MemorySendChannel[str]] = set()
         self._workers_changed = trio.lowlevel.ParkingLot()
@@ -175,6 +183,25 @@ class AsyncManager(Service):
         self._nodes_changed.unpark_all()
         public = {k: v for k, v in info.items() if not k.startswith("_")}
         self._publish({"type": "node_state", "id": node_id, **public})
+
+    def _node_log(self, worker: str, message: dict[str, Any]) -> None:
+        """A node's log record: log it here, append it to ``nodes.log``, publish it."""
+        logging.getLogger(message["logger"]).log(
+            message["level"], "[%s] %s", worker, message["text"]
+        )
+        stamp = datetime.datetime.fromtimestamp(message["time_ns"] / 1e9).isoformat(
+            timespec="milliseconds"
+        )
+        level = logging.getLevelName(message["level"])
+        line = f"{stamp} {level} {worker}/{message['node']}: {message['text']}\n"
+        if self._log_file is not None:
+            self._log_file.write(line)
+            self._log_file.flush()
+        if self._log_publisher is not None:
+            try:
+                self._log_publisher.send(line.encode(), block=False)
+            except pynng.exceptions.TryAgain:  # nobody keeps up: the line is dropped
+                pass
 
     def _set_node_stats(self, stats: dict[str, Any]) -> None:
         now = self._clock()
@@ -351,6 +378,12 @@ class AsyncManager(Service):
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[AsyncManager]:
         self.logdir.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.logdir / "nodes.log", "a", encoding="utf-8")
+        if self.publish_logs_via_zmq:
+            self._log_publisher = pynng.Pub0(listen=f"tcp://{self.host}:0")
+            # pynng 0.9's local_address.port is byte-swapped: read the string form.
+            port = str(self._log_publisher.listeners[0].local_address).rsplit(":", 1)[1]
+            self.logs_address = f"tcp://{self.host}:{port}"
         config = hypercorn.config.Config()
         config.bind = [f"{self.host}:{self.port}"]
         config.accesslog = None
@@ -363,6 +396,9 @@ class AsyncManager(Service):
                 yield self
             finally:
                 nursery.cancel_scope.cancel()  # closes the port and every connection
+                self._log_file.close()
+                if self._log_publisher is not None:
+                    self._log_publisher.close()
 
     # --- the ASGI application ----------------------------------------------------
 
@@ -472,6 +508,8 @@ class AsyncManager(Service):
                     log.info("worker %r (%s) connected", info.name, info.id)
                     self._publish({"type": "worker_joined", "id": info.id, "name": info.name})
                     await reply("welcome", worker_id=info.id)
+                elif kind == "log" and info is not None:
+                    self._node_log(info.name, message)
                 elif kind == "node_stats" and info is not None:
                     self._set_node_stats(message["stats"])
                 elif kind == "reply" and info is not None and message["id"] in info._pending:

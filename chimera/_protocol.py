@@ -54,6 +54,7 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "node_state": {"node_id": str, "state": str, "reason": _OPTIONAL_STR},
     "node_stats": {"stats": dict},
+    "log": {"node": str, "level": int, "logger": str, "text": str, "time_ns": int},
 }
 
 #: What a Manager may ask a Worker to do (see :class:`chimera._worker.AsyncWorker`).

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,8 +39,38 @@ log = logging.getLogger("chimera.worker")
 #: Clock exchanges at check-in, 50 ms apart, then one every CLOCK_PERIOD seconds.
 CLOCK_BURST = 8
 CLOCK_PERIOD = 1.0
+#: The logger under which each node logs (``chimera.node.NAME``).
+NODE_LOGGER = "chimera.node"
 #: Seconds between reports of node statistics to the Manager.
 STATS_PERIOD = 1.0
+
+
+class _ForwardNodeLogs(logging.Handler):
+    """Sends the log records of this Worker's nodes to the Manager."""
+
+    def __init__(self, worker: AsyncWorker) -> None:
+        super().__init__(logging.DEBUG)
+        self._worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        node = record.name.removeprefix(NODE_LOGGER + ".")
+        if node not in self._worker._node_names or not self._worker.connected:
+            return
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+            message = protocol.make(
+                "log",
+                node=node,
+                level=record.levelno,
+                logger=record.name,
+                text=text,
+                time_ns=self._worker.clock.now(),
+            )
+            self._worker._events_in.send_nowait(message)
+        except Exception:
+            self.handleError(record)
 
 
 class AsyncWorker(Service):
@@ -78,6 +109,8 @@ class AsyncWorker(Service):
         self._runs: dict[str, trio.Event] = {}
         self._run_scopes: list[trio.CancelScope] = []
         self._session_scope: trio.CancelScope | None = None
+        #: The names of the nodes this Worker runs (their logs go to the Manager).
+        self._node_names: set[str] = set()
         self._zygote: Zygote | None = None
         self._zygote_scope = trio.CancelScope(shield=True)
         self._shared_offset = 0
@@ -96,10 +129,20 @@ class AsyncWorker(Service):
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[AsyncWorker]:
+        handler = _ForwardNodeLogs(self)
+        logging.getLogger(NODE_LOGGER).addHandler(handler)
+        try:
+            async with self._nursery_running():
+                yield self
+        finally:
+            logging.getLogger(NODE_LOGGER).removeHandler(handler)
+
+    @asynccontextmanager
+    async def _nursery_running(self) -> AsyncIterator[None]:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
-                yield self
+                yield
             finally:
                 with trio.CancelScope(shield=True):
                     await self._close_nodes()
@@ -263,6 +306,7 @@ class AsyncWorker(Service):
 
     async def _create_node(self, spec: dict[str, Any]) -> None:
         node_id = spec["id"]
+        self._node_names.add(spec["name"])
 
         def report(state: NodeState, reason: str | None) -> None:
             self._report(node_id, state, reason)
@@ -359,6 +403,7 @@ class AsyncWorker(Service):
             for runtime in self._runtimes.values():
                 nursery.start_soon(runtime.aclose)
         self._runtimes.clear()
+        self._node_names.clear()
         self._runs.clear()
         self._run_scopes.clear()
 

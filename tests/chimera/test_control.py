@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 
 import httpx
 import pytest
@@ -153,3 +154,36 @@ async def test_events_push_every_node_state_and_the_steps(tmp_path):
                     assert nodes["double"]["state"] == "RUNNING"
                     assert nodes["double"]["steps"] > 0 and nodes["double"]["dropped"] == 0
                     await manager.stop()
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(tmp_path, transport):
+    import logging
+
+    import pynng
+
+    import chimera as cp
+
+    class Chatty(cp.Node):
+        def step(self):
+            self.logger.warning("frame %d is late", 7)
+            threading.Event().wait(0.01)
+
+    graph = cp.Graph()
+    graph.add_node(Chatty("chatty"))
+    with trio.fail_after(30):
+        async with AsyncManager(
+            tmp_path, port=0, transport=transport, publish_logs_via_zmq=True
+        ) as manager:
+            with pynng.Sub0(dial=manager.logs_address, topics=b"") as subscriber:
+                async with AsyncWorker("local") as worker:
+                    assert await worker.connect(manager.host, manager.port)
+                    await manager.wait_for_workers(1)
+                    await manager.commit_graph(graph, {"local": ["chatty"]})
+                    await manager.start()
+                    line = (await subscriber.arecv()).decode()
+                    await manager.stop()
+    assert line.endswith(" WARNING local/chatty: frame 7 is late\n")
+    assert line in (tmp_path / "nodes.log").read_text()
+    handlers = logging.getLogger("chimera.node").handlers
+    assert not [h for h in handlers if type(h).__name__ == "_ForwardNodeLogs"]
