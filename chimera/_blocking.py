@@ -78,6 +78,16 @@ class _LoopThread(Generic[T]):
             raise RuntimeError("this object has been shut down")
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
+    def call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` (not async) in the loop's thread; its result.
+
+        Raises:
+            RuntimeError: the loop has stopped.
+        """
+        if self._token is None or not self._thread.is_alive():
+            raise RuntimeError("this object has been shut down")
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
     def finish(self, fn: Callable[[], Any]) -> None:
         """Run ``await fn()`` in the loop unless it has stopped, then :meth:`close` it."""
         try:
@@ -143,6 +153,38 @@ class Manager:
     ) -> bool:
         """See :meth:`chimera.AsyncManager.commit_graph`."""
         return self._loop.call(self._manager.commit_graph, graph, mapping, send_packages)
+
+    def register_graph(self, graph: Graph) -> None:
+        """See :meth:`chimera.AsyncManager.register_graph`."""
+        self._loop.call_sync(self._manager.register_graph, graph)
+
+    def map_graph(self, worker_graph_map: dict[str, list[str]]) -> None:
+        """See :meth:`chimera.AsyncManager.map_graph`."""
+        self._loop.call_sync(self._manager.map_graph, worker_graph_map)
+
+    def create_p2p_network(self) -> bool:
+        """See :meth:`chimera.AsyncManager.create_p2p_network`."""
+        return self._loop.call(self._manager.create_p2p_network)
+
+    def request_node_creation(self, worker_id: str, node_id: str) -> bool:
+        """See :meth:`chimera.AsyncManager.request_node_creation`."""
+        return self._loop.call(self._manager.request_node_creation, worker_id, node_id)
+
+    def request_node_server_data(self, worker_id: str) -> bool:
+        """See :meth:`chimera.AsyncManager.request_node_server_data`."""
+        return self._loop.call_sync(self._manager.request_node_server_data, worker_id)
+
+    def setup_p2p_connections(self) -> bool:
+        """See :meth:`chimera.AsyncManager.setup_p2p_connections`."""
+        return self._loop.call(self._manager.setup_p2p_connections)
+
+    def request_connection_creation(self, worker_id: str) -> bool:
+        """See :meth:`chimera.AsyncManager.request_connection_creation`."""
+        return self._loop.call(self._manager.request_connection_creation, worker_id)
+
+    def save_meta(self) -> Path:
+        """See :meth:`chimera.AsyncManager.save_meta`."""
+        return self._loop.call_sync(self._manager.save_meta)
 
     def step(self) -> bool:
         """Step every node once (offline mode); see :meth:`AsyncManager.step`."""

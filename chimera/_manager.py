@@ -34,7 +34,7 @@ import pynng
 import trio
 
 from . import _protocol as protocol
-from ._errors import NodeError
+from ._errors import CommitGraphError, NodeError
 from ._graph import Graph
 from ._mapping import resolve_mapping
 from ._service import Service, run_all
@@ -110,6 +110,9 @@ class AsyncManager(Service):
         self.transport = transport
         self._request_ids = itertools.count(1)
         self._mapping: dict[str, list[str]] = {}
+        self._graph: Graph | None = None
+        self._node_names: dict[str, str] = {}
+        self._addresses: dict[str, str | None] = {}
         #: The state of every committed node, by node id.
         self.nodes: dict[str, str] = {}
         self._node_ids: dict[str, str] = {}
@@ -238,10 +241,13 @@ class AsyncManager(Service):
             NodeError: a node's ``prep`` raised (every node created is closed again).
             RuntimeError: a Worker failed otherwise, or left (likewise).
         """
-        resolved = resolve_mapping(graph, self._names(), mapping, self.max_num_of_workers)
-        self._mapping = resolved
+        # Every problem of the graph and of the mapping at once, before anything starts.
+        resolve_mapping(graph, self._names(), mapping, self.max_num_of_workers)
+        self.register_graph(graph)
+        self.map_graph(mapping)
         try:
-            await self._commit(graph)
+            await self.create_p2p_network()
+            await self.setup_p2p_connections()
         except BaseException:
             # Leave nothing running: close what was created (shielded, bounded).
             with trio.CancelScope(shield=True), trio.move_on_after(COMMIT_CLEANUP_TIMEOUT):
@@ -252,13 +258,39 @@ class AsyncManager(Service):
             raise
         return True
 
-    async def _commit(self, graph: Graph) -> None:
+    # ChimeraPy's commit, step by step: register_graph, map_graph,
+    # create_p2p_network (request_node_creation), request_node_server_data,
+    # setup_p2p_connections (request_connection_creation).
+
+    def register_graph(self, graph: Graph) -> None:
+        """Check *graph* and keep it for :meth:`map_graph` and the steps after.
+
+        Raises:
+            CommitGraphError: the graph cannot run (see :meth:`Graph.problems`).
+        """
+        if problems := graph.problems():
+            raise CommitGraphError(problems)
+        self._graph = graph
         names = {node_id: name for node_id, name in graph.G.nodes(data="name")}
+        self._node_names = names
         self._node_ids = {name: node_id for node_id, name in names.items()}
+        self._addresses = {}
+
+    def map_graph(self, worker_graph_map: Mapping[str, Sequence[str]]) -> None:
+        """Say which Worker runs which nodes of the registered graph.
+
+        Raises:
+            CommitGraphError: see :meth:`commit_graph`.
+            RuntimeError: no graph is registered.
+        """
+        graph = self._registered()
+        self._mapping = resolve_mapping(
+            graph, self._names(), worker_graph_map, self.max_num_of_workers
+        )
         workers = self._names()
         self._node_info = {
             node_id: {
-                "name": names[node_id],
+                "name": self._node_names[node_id],
                 "worker": workers[worker_id],
                 "state": None,
                 "reason": None,
@@ -269,24 +301,105 @@ class AsyncManager(Service):
             for worker_id, node_ids in self._mapping.items()
             for node_id in node_ids
         }
-        addresses: dict[str, str | None] = {}
 
-        async def create(worker_id: str, node_ids: list[str]) -> None:
-            specs = [self._spec(graph, node_id, names) for node_id in node_ids]
-            result = await self._request(worker_id, "create_nodes", nodes=specs)
-            addresses.update(result["addresses"])
+    async def create_p2p_network(self) -> bool:
+        """Create every mapped node on its Worker (each Worker's in parallel). Returns True.
 
-        await self._on_every_worker(create)
+        Raises:
+            NodeError: a node cannot be made where it runs.
+            RuntimeError: no graph is mapped, or a Worker failed or left.
+        """
+        await self._on_every_worker(self._create_on)
+        return True
 
-        async def connect(worker_id: str, node_ids: list[str]) -> None:
-            wiring = {
-                node_id: {names[src]: addresses[src] for src in graph.inputs(node_id)}
-                for node_id in node_ids
-            }
-            await self._request(worker_id, "connect_nodes", addresses=wiring)
+    async def request_node_creation(self, worker_id: str, node_id: str) -> bool:
+        """Create one node of the registered graph on one Worker. Returns True.
 
-        await self._on_every_worker(connect)
+        Raises:
+            NodeError: the node cannot be made there.
+            RuntimeError: no graph is registered, or the Worker failed or left.
+        """
+        await self._create_on(worker_id, [node_id])
+        return True
+
+    async def _create_on(self, worker_id: str, node_ids: list[str]) -> None:
+        graph = self._registered()
+        specs = [self._spec(graph, node_id, self._node_names) for node_id in node_ids]
+        result = await self._request(worker_id, "create_nodes", nodes=specs)
+        self._addresses.update(result["addresses"])
+
+    def request_node_server_data(self, worker_id: str) -> bool:
+        """Whether the address of every node of *worker_id* is known (nodes
+        report it when they are created)."""
+        return all(node in self._addresses for node in self._mapping.get(worker_id, []))
+
+    async def setup_p2p_connections(self) -> bool:
+        """Connect every node to its inputs, then run every ``prep``. Returns True.
+
+        Raises:
+            NodeError: a node's ``prep`` raised.
+            RuntimeError: the nodes are not created, or a Worker failed or left.
+        """
+        await self._on_every_worker(
+            lambda worker_id, _: self.request_connection_creation(worker_id)
+        )
         await self._broadcast("prep_nodes")
+        return True
+
+    async def request_connection_creation(self, worker_id: str) -> bool:
+        """Connect the nodes of one Worker to their inputs. Returns True.
+
+        Raises:
+            RuntimeError: an input of theirs is not created yet, or the Worker failed or left.
+        """
+        graph = self._registered()
+        wiring = {}
+        for node_id in self._mapping.get(worker_id, []):
+            wiring[node_id] = {}
+            for src in graph.inputs(node_id):
+                if src not in self._addresses:
+                    raise RuntimeError(f"node {self._node_names[src]!r} is not created yet")
+                wiring[node_id][self._node_names[src]] = self._addresses[src]
+        await self._request(worker_id, "connect_nodes", addresses=wiring)
+        return True
+
+    def save_meta(self) -> Path:
+        """Write ``meta.json`` in the logdir: the graph, the mapping, the Workers
+        and the nodes' states. Returns its path.
+
+        Raises:
+            RuntimeError: no graph is registered.
+        """
+        graph = self._registered()
+        names = self._node_names
+        workers = self._names()
+        meta = {
+            "written_ns": self._clock(),
+            "nodes": [{"id": node_id, "name": name} for node_id, name in names.items()],
+            "edges": [
+                {
+                    "src": names[src],
+                    "dst": names[dst],
+                    "delivery": graph.edge_delivery(src, dst),
+                    "followed": graph.followed_input(dst) == src,
+                }
+                for src, dst in graph.G.edges
+            ],
+            "mapping": {
+                workers.get(worker_id, worker_id): [names[node] for node in node_ids]
+                for worker_id, node_ids in self._mapping.items()
+            },
+            "workers": [{"id": info.id, "name": info.name} for info in self._workers.values()],
+            "states": {names[node]: state for node, state in self.nodes.items() if node in names},
+        }
+        path = self.logdir / "meta.json"
+        path.write_text(json.dumps(meta, indent=2))
+        return path
+
+    def _registered(self) -> Graph:
+        if self._graph is None:
+            raise RuntimeError("no graph is registered: call register_graph (or commit_graph)")
+        return self._graph
 
     async def step(self) -> bool:
         """Step every node once (ChimeraPy's offline mode, instead of :meth:`start`):

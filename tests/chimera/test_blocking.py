@@ -64,3 +64,46 @@ def test_the_simple_pipeline_example_runs():
     lines = result.stdout.splitlines()
     assert lines and lines[0] == "printer got 2"
     assert [int(line.split()[-1]) for line in lines] == [2 * i for i in range(1, len(lines) + 1)]
+
+
+def test_commit_step_by_step_as_chimerapy_scripts_may(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+        port = listener.getsockname()[1]
+        source = Counter("source", limit=4)
+        sink = Sink("sink", str(tmp_path), source="source", expect=4, port=port)
+        graph = cp.Graph()
+        graph.add_edge(source, sink)
+        manager = cp.Manager(logdir=tmp_path / "logs", port=0)
+        worker = cp.Worker(name="lab", port=0)
+        try:
+            assert worker.connect(host=manager.host, port=manager.port)
+            manager.register_graph(graph)
+            manager.map_graph({"lab": ["source", "sink"]})
+            assert manager.request_node_creation(worker.id, source.id)
+            assert not manager.request_node_server_data(worker.id)  # the sink is not made yet
+            assert manager.request_node_creation(worker.id, sink.id)
+            assert manager.request_node_server_data(worker.id)
+            assert manager.setup_p2p_connections()
+            meta = json.loads(manager.save_meta().read_text())
+            assert meta["mapping"] == {"lab": ["source", "sink"]}
+            assert meta["edges"] == [
+                {"src": "source", "dst": "sink", "delivery": "reliable", "followed": True}
+            ]
+            assert manager.start()
+            listener.accept()[0].close()
+            assert manager.stop()
+        finally:
+            manager.shutdown()
+            worker.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4]
+    cyclic = cp.Graph()
+    a, b = cp.Node("a"), cp.Node("b")
+    cyclic.add_edges_from([(a, b), (b, a)])
+    manager = cp.Manager(logdir=tmp_path / "logs2", port=0)
+    try:
+        with pytest.raises(cp.CommitGraphError, match="cycle"):
+            manager.register_graph(cyclic)
+    finally:
+        manager.shutdown()
+    assert chimera_threads() == []
