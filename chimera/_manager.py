@@ -491,14 +491,15 @@ class AsyncManager(Service):
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[AsyncManager]:
         self.logdir.mkdir(parents=True, exist_ok=True)
+        self._url_host = f"[{self.host}]" if ":" in self.host else self.host
         self._log_file = open(self.logdir / "nodes.log", "a", encoding="utf-8")
         if self.publish_logs_via_zmq:
-            self._log_publisher = pynng.Pub0(listen=f"tcp://{self.host}:0")
+            self._log_publisher = pynng.Pub0(listen=f"tcp://{self._url_host}:0")
             # pynng 0.9's local_address.port is byte-swapped: read the string form.
             port = str(self._log_publisher.listeners[0].local_address).rsplit(":", 1)[1]
-            self.logs_address = f"tcp://{self.host}:{port}"
+            self.logs_address = f"tcp://{self._url_host}:{port}"
         config = hypercorn.config.Config()
-        config.bind = [f"{self.host}:{self.port}"]
+        config.bind = [f"{self._url_host}:{self.port}"]
         config.accesslog = None
         config.errorlog = logging.getLogger("chimera.manager.http")
         async with trio.open_nursery() as nursery:

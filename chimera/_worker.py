@@ -45,6 +45,11 @@ NODE_LOGGER = "chimera.node"
 STATS_PERIOD = 1.0
 
 
+def _bracketed(host: str) -> str:
+    """*host* as a URL takes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 class _ForwardNodeLogs(logging.Handler):
     """Sends the log records of this Worker's nodes to the Manager."""
 
@@ -114,6 +119,8 @@ class AsyncWorker(Service):
         self._zygote: Zygote | None = None
         self._zygote_scope = trio.CancelScope(shield=True)
         self._shared_offset = 0
+        #: The address this Worker reached the Manager from, once connected.
+        self._host: str | None = None
         self._zygote_lock = trio.Lock()
         self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
 
@@ -177,7 +184,7 @@ class AsyncWorker(Service):
             raise RuntimeError("the worker is not running: use `async with AsyncWorker(...)`")
         if self._connected:
             raise RuntimeError("the worker is connected already")
-        url = f"ws://{host}:{port}/ws/worker"
+        url = f"ws://{_bracketed(host)}:{port}/ws/worker"
         try:
             with trio.fail_after(timeout):
                 await self._nursery.start(self._session, url)
@@ -215,6 +222,10 @@ class AsyncWorker(Service):
             if answer["type"] != "welcome":
                 raise protocol.ProtocolError(f"expected welcome, got {answer['type']}")
             self._connected = True
+            # Nodes listen where this machine reached the Manager: other Workers
+            # reach it there too (and a cluster on loopback stays on loopback).
+            local = ws.local
+            self._host = local.address if isinstance(local, trio_websocket.Endpoint) else None
             log.info("worker %r connected to %s", self.name, url)
             task_status.started()
             try:
@@ -316,6 +327,7 @@ class AsyncWorker(Service):
             "follow": spec["follow"],
             "outputs": spec["outputs"],
             "transport": spec["transport"],
+            "bind": self._bind_address(spec["transport"]),
         }
         pickled = base64.b64decode(spec["node"])
         if spec["transport"] == "memory":  # in this Trio loop: memory links live here
@@ -335,6 +347,13 @@ class AsyncWorker(Service):
             )
             self._runtimes[node_id] = runtime
             await runtime.open(self._nursery)
+
+    def _bind_address(self, transport: str) -> str | None:
+        """Where a node's outlet listens: on the address this Worker reached the Manager from."""
+        if transport == "memory" or self._host is None:
+            return None
+        scheme = "nng+tcp" if transport == "nng" else "tcp"
+        return f"{scheme}://{_bracketed(str(self._host))}:0"
 
     def _offset_ns(self) -> int:
         estimate = self.clock.estimate()

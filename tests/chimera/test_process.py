@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -264,3 +265,40 @@ async def test_cancelling_a_worker_with_running_nodes_ends_them_at_once(tmp_path
     # Each node was asked to close, so the sink's teardown ran.
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
     assert set(children_of(os.getpid())) <= before
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_nodes_listen_where_their_worker_reached_the_manager(tmp_path):
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_edge(
+            Counter("counter", limit=3),
+            Sink("sink", str(tmp_path), source="counter", expect=3, port=port),
+        )
+        with trio.fail_after(60):
+            async with (
+                AsyncManager(tmp_path / "logs", port=0, host="::1") as manager,
+                AsyncWorker("v6") as worker,
+            ):
+                assert await worker.connect("::1", manager.port)
+                await manager.wait_for_workers(1)
+                await manager.commit_graph(graph, {"v6": ["counter", "sink"]})
+                meta = json.loads(manager.save_meta().read_text())
+                assert meta["mapping"] == {"v6": ["counter", "sink"]}
+                assert manager._addresses[graph.get_id_by_name("counter")].startswith(
+                    "tcp://[::1]:"
+                )
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+                await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]

@@ -1,0 +1,79 @@
+"""The Manager's side of a pipeline across machines: a camera-like source on one
+Worker, a processing node and a sink on another.
+
+Run ``chimera worker`` on each machine first (see README.md), then::
+
+    python manager.py --port 9000 --workers lab-pc,analysis-pc
+
+Nodes are defined in this file; they travel to the Workers by value
+(cloudpickle), so the Workers need chimera and numpy, not this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+import chimera as cp
+
+
+class Camera(cp.Node):
+    """A stand-in camera: a 480p frame 30 times a second."""
+
+    def prep(self):
+        self.index = 0
+
+    def step(self):
+        time.sleep(1 / 30)
+        self.index += 1
+        frame = np.full((480, 640, 3), self.index % 256, dtype=np.uint8)
+        chunk = cp.DataChunk()
+        chunk.add("frame", frame, "image")
+        return chunk
+
+
+class Brightness(cp.Node):
+    """Mean brightness of each frame."""
+
+    def step(self, data_chunks):
+        return float(data_chunks["camera"].get("frame")["value"].mean())
+
+
+class Report(cp.Node):
+    def step(self, data_chunks):
+        record = data_chunks["brightness"].get("default")
+        self.logger.warning("brightness %.1f at %d ns", record["value"], record["timestamp"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--workers", default="lab-pc,analysis-pc", help="two Worker names")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    first, second = args.workers.split(",")
+
+    camera, brightness, report = Camera("camera"), Brightness("brightness"), Report("report")
+    graph = cp.Graph()
+    graph.add_nodes_from([camera, brightness, report])
+    graph.add_edges_from([(camera, brightness), (brightness, report)])
+
+    manager = cp.Manager(logdir=tempfile.mkdtemp(prefix="chimera-"), port=args.port)
+    try:
+        print(f"manager on port {manager.port}; waiting for workers {first!r} and {second!r}")
+        while {w.name for w in manager.workers.values()} < {first, second}:
+            time.sleep(0.5)
+        manager.commit_graph(graph, {first: ["camera"], second: ["brightness", "report"]})
+        manager.start()
+        time.sleep(args.seconds)
+        manager.stop()
+        print(f"node logs: {manager.logdir / 'nodes.log'}")
+    finally:
+        manager.shutdown()
+
+
+if __name__ == "__main__":
+    main()
