@@ -117,7 +117,8 @@ class Steps:
     ) -> None:
         self._thread = thread
         self._emit = emit
-        self._limit = limit
+        #: Most steps in flight (may change between steps).
+        self.limit = limit
         self._in_flight = 0
         self._results: deque[Result] = deque()
         self._changed = trio.lowlevel.ParkingLot()
@@ -129,7 +130,7 @@ class Steps:
         Once :meth:`hand_on` has stopped (a step failed), does nothing: the
         failure is reported there.
         """
-        while self._in_flight >= self._limit and not self._closed:
+        while self._in_flight >= self.limit and not self._closed:
             await self._changed.park()
         if self._closed:
             return
