@@ -74,9 +74,7 @@ class _LoopThread(Generic[T]):
         Raises:
             RuntimeError: the loop has stopped.
         """
-        if self._token is None or not self._thread.is_alive():
-            raise RuntimeError("this object has been shut down")
-        return trio.from_thread.run(fn, *args, trio_token=self._token)
+        return trio.from_thread.run(fn, *args, trio_token=self._running_token())
 
     def call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` (not async) in the loop's thread; its result.
@@ -84,9 +82,12 @@ class _LoopThread(Generic[T]):
         Raises:
             RuntimeError: the loop has stopped.
         """
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._running_token())
+
+    def _running_token(self) -> trio.lowlevel.TrioToken:
         if self._token is None or not self._thread.is_alive():
             raise RuntimeError("this object has been shut down")
-        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+        return self._token
 
     def finish(self, fn: Callable[[], Any]) -> None:
         """Run ``await fn()`` in the loop unless it has stopped, then :meth:`close` it."""
