@@ -113,6 +113,7 @@ class NodeRuntime:
         self._thread = UserThread(node.name)
         self._steps: Steps | None = None
         self._prepped = self._torn_down = False
+        self._preparing = trio.Lock()
         #: The latest chunk of each input, in offline mode (:meth:`step_once`).
         self._offline_latest: dict[str, DataChunk] = {}
         #: Chunks stepped and sent, for the Manager's statistics.
@@ -163,8 +164,9 @@ class NodeRuntime:
         Raises:
             NodeError: ``prep`` raised (the node is FAILED).
         """
-        await self._call("prep", self.node.prep)
-        self._prepped = True
+        async with self._preparing:
+            await self._call("prep", self.node.prep)
+            self._prepped = True
         self._set_state(NodeState.READY)
 
     async def run(self) -> None:
@@ -257,10 +259,18 @@ class NodeRuntime:
         run ``teardown`` if the node was prepared but never run (offline mode),
         and let its thread end."""
         with trio.CancelScope(shield=True):
-            try:
-                await self._teardown()
-            except NodeError as exc:
-                log.error("node %r: %s", self.node.name, exc.message)
+            # A prep still running (closed from another task) finishes first:
+            # then its teardown runs too.
+            with trio.move_on_after(TEARDOWN_TIMEOUT) as waiting:
+                await self._preparing.acquire()
+            if waiting.cancelled_caught:
+                log.warning("node %r: prep still running; no teardown", self.node.name)
+            else:
+                self._preparing.release()
+                try:
+                    await self._teardown()
+                except NodeError as exc:
+                    log.error("node %r: %s", self.node.name, exc.message)
             for inlet in self._inlets.values():
                 await inlet.aclose()
             if self._outlet is not None:
