@@ -90,11 +90,8 @@ class _ForwardLogs(logging.Handler):
         self._events = events
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage()
-            if record.exc_info:
-                text += "\n" + "".join(traceback.format_exception(*record.exc_info))
-            self._events.send("log", record.levelno, record.name, text)
+        try:  # format(): the message, then the traceback if any
+            self._events.send("log", record.levelno, record.name, self.format(record))
         except Exception:
             self.handleError(record)
 

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import time
-import traceback
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -62,15 +61,12 @@ class _ForwardNodeLogs(logging.Handler):
         if node not in self._worker._node_names or not self._worker.connected:
             return
         try:
-            text = record.getMessage()
-            if record.exc_info:
-                text += "\n" + "".join(traceback.format_exception(*record.exc_info))
             message = protocol.make(
                 "log",
                 node=node,
                 level=record.levelno,
                 logger=record.name,
-                text=text,
+                text=self.format(record),  # the message, then the traceback if any
                 time_ns=self._worker.clock.now(),
             )
             self._worker._events_in.send_nowait(message)
