@@ -235,19 +235,12 @@ class NodeRuntime:
         if self._outlet is not None:
             await self._outlet.wait_for_inlets(self._outputs)
         if not self._inputs:
-            await self._emit_result(await self._call_for_result(self.node.step))
+            await self._emit(await self._call("step", self.node.step))
             return
         for name, inlet in self._inlets.items():
             if name == self._follow or name not in self._offline_latest:
                 self._offline_latest[name] = self._decode(await inlet.receive())
-        step = self.node.step
-        await self._emit_result(await self._call_for_result(step, dict(self._offline_latest)))
-
-    async def _call_for_result(self, fn: Callable[..., Any], *args: Any) -> Result:
-        try:
-            return (await self._thread.call(fn, *args), None)
-        except Exception as exc:
-            return (None, exc)
+        await self._emit(await self._call("step", self.node.step, dict(self._offline_latest)))
 
     def request_stop(self) -> None:
         """Ask a source to stop after its current step (others stop when their
@@ -399,9 +392,7 @@ class NodeRuntime:
         if error is not None:
             if not isinstance(error, Exception):
                 raise error
-            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-            self._fail(f"step raised {error!r}")
-            raise NodeError(self.node.name, f"step raised {error!r}", text) from error
+            raise self._raised("step", error) from error
         await self._emit(value)
 
     async def _emit(self, result: Any) -> None:
@@ -441,9 +432,13 @@ class NodeRuntime:
         try:
             return await self._thread.call(fn, *args, abandon=abandon)
         except Exception as exc:
-            text = traceback.format_exc()
-            self._fail(f"{what} raised {exc!r}")
-            raise NodeError(self.node.name, f"{what} raised {exc!r}", text) from exc
+            raise self._raised(what, exc) from exc
+
+    def _raised(self, what: str, exc: Exception) -> NodeError:
+        """The node's *what* (user code) raised *exc*: the node is FAILED; the error to raise."""
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self._fail(f"{what} raised {exc!r}")
+        return NodeError(self.node.name, f"{what} raised {exc!r}", text)
 
     def _fail(self, reason: str) -> None:
         log.error("node %r failed: %s", self.node.name, reason)
