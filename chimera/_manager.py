@@ -122,6 +122,8 @@ class AsyncManager(Service):
         self._clock = time.time_ns
         #: What the dashboard shows of each committed node, by node id.
         self._node_info: dict[str, dict[str, Any]] = {}
+        #: When each node's steps were last reported, and how many (for its fps).
+        self._steps_sampled: dict[str, tuple[int, int]] = {}
         self._log_file: TextIO | None = None
         self._log_publisher: pynng.Pub0 | None = None
         #: Where node logs are published (``publish_logs_via_zmq=True``), once running.
@@ -162,10 +164,7 @@ class AsyncManager(Service):
                 {"id": info.id, "name": info.name, "connected_ns": info.connected_ns}
                 for info in self._workers.values()
             ],
-            "nodes": [
-                {"id": node_id, **{k: v for k, v in info.items() if not k.startswith("_")}}
-                for node_id, info in self._node_info.items()
-            ],
+            "nodes": [{"id": node_id, **info} for node_id, info in self._node_info.items()],
         }
 
     def _publish(self, event: dict[str, Any]) -> None:
@@ -184,8 +183,7 @@ class AsyncManager(Service):
         info = self._node_info.setdefault(node_id, {"name": node_id})
         info["state"], info["reason"] = state, reason
         self._nodes_changed.unpark_all()
-        public = {k: v for k, v in info.items() if not k.startswith("_")}
-        self._publish({"type": "node_state", "id": node_id, **public})
+        self._publish({"type": "node_state", "id": node_id, **info})
 
     def _node_log(self, worker: str, message: dict[str, Any]) -> None:
         """A node's log record: log it here, append it to ``nodes.log``, publish it."""
@@ -215,10 +213,10 @@ class AsyncManager(Service):
             steps, dropped = values.get("steps"), values.get("dropped")
             if not isinstance(steps, int) or not isinstance(dropped, int):
                 continue
-            last = info.get("_sampled")
+            last = self._steps_sampled.get(node_id)
             if last is not None and now > last[0]:
                 info["fps"] = round((steps - last[1]) * 1e9 / (now - last[0]), 1)
-            info["_sampled"] = (now, steps)
+            self._steps_sampled[node_id] = (now, steps)
             info["steps"], info["dropped"] = steps, dropped
         self._publish({"type": "node_stats", "nodes": self.state()["nodes"]})
 
@@ -288,6 +286,7 @@ class AsyncManager(Service):
             graph, self._names(), worker_graph_map, self.max_num_of_workers
         )
         workers = self._names()
+        self._steps_sampled = {}
         self._node_info = {
             node_id: {
                 "name": self._node_names[node_id],
