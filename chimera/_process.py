@@ -126,9 +126,9 @@ class Zygote:
             raise RuntimeError("the zygote is not running")
         fds = array.array("i", [stdin, events])
         async with self._lock:
+            await self._stream.send_all(_pipe.encode(("start", None)))
             await self._stream.socket.sendmsg(
-                [_pipe.encode(("start", None))],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
+                [b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
             )
             pid = await self._next_pid.receive()
         self._exit(pid)

@@ -9,9 +9,9 @@ in a fork of a process that runs it, which is why the Worker never forks).
 The Worker talks to it over a Unix socket (the file descriptor in the
 command's argument), with :mod:`chimera._pipe` messages:
 
-- Worker to zygote: ``("start", None)`` with two file descriptors attached
-  (``SCM_RIGHTS``): the node process's stdin and its events pipe (see
-  :mod:`chimera._child`).
+- Worker to zygote: ``("start", None)``, then one byte carrying two file
+  descriptors (``SCM_RIGHTS``): the node process's stdin and its events pipe
+  (see :mod:`chimera._child`).
 - zygote to Worker: ``("started", pid)`` in answer; ``("exited", pid,
   returncode)`` when a node process ends (``returncode`` as
   :attr:`subprocess.Popen.returncode`: negative for a signal).
@@ -24,12 +24,11 @@ when their stdin does (their lifeline).
 from __future__ import annotations
 
 import os
-import pickle
 import selectors
 import signal
 import socket
-import struct
 import sys
+from typing import BinaryIO
 
 # What every node process needs, imported once here.
 import cloudpickle  # noqa: F401
@@ -41,31 +40,22 @@ import transports  # noqa: F401
 
 from . import _child, _pipe
 
-_LENGTH = struct.Struct("<I")
-
 
 def _send(sock: socket.socket, *message: object) -> None:
     sock.sendall(_pipe.encode(message))
 
 
-def _receive(sock: socket.socket) -> tuple[object, list[int]] | None:
-    """The next request and the file descriptors that came with it; None at end of file."""
-    header, fds, _, _ = socket.recv_fds(sock, _LENGTH.size, 2)
-    if not header:
+def _receive(sock: socket.socket, stream: BinaryIO) -> tuple[object, list[int]] | None:
+    """The next request and the file descriptors that follow it; None at end of file.
+
+    *stream* reads *sock* without buffering, so it never reads into the byte
+    that carries the file descriptors.
+    """
+    request = _pipe.read_blocking(stream)
+    if request is None:
         return None
-    while len(header) < _LENGTH.size:
-        more = sock.recv(_LENGTH.size - len(header))
-        if not more:
-            return None
-        header += more
-    (length,) = _LENGTH.unpack(header)
-    data = b""
-    while len(data) < length:
-        more = sock.recv(length - len(data))
-        if not more:
-            return None
-        data += more
-    return pickle.loads(data), fds
+    _, fds, _, _ = socket.recv_fds(sock, 1, 2)
+    return request, fds
 
 
 def _fork_node(own: list[int], stdin: int, events: int) -> int:
@@ -111,6 +101,7 @@ def _reap(sock: socket.socket) -> None:
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
+    stream = sock.makefile("rb", buffering=0)
     wakeup_read, wakeup_write = os.pipe()
     os.set_blocking(wakeup_write, False)
     signal.set_wakeup_fd(wakeup_write)
@@ -125,7 +116,7 @@ def main() -> None:
         while True:
             for key, _ in selector.select():
                 if key.fileobj is sock:
-                    request = _receive(sock)
+                    request = _receive(sock, stream)
                     if request is None:
                         return  # the Worker is gone
                     (kind, _), fds = request
@@ -141,7 +132,7 @@ def main() -> None:
                 else:
                     os.read(wakeup_read, 4096)
             _reap(sock)
-    except (BrokenPipeError, ConnectionResetError):
+    except (BrokenPipeError, ConnectionResetError, _pipe.PipeError):
         return
 
 
