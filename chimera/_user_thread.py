@@ -107,18 +107,16 @@ class UserThread:
 class Steps:
     """Steps in flight on a :class:`UserThread`; their results handed on in order.
 
-    :meth:`submit` waits only while *limit* steps are queued or done but not
-    handed on; :meth:`hand_on` (a task) gives each result to
+    :meth:`submit` waits only while :attr:`limit` steps are queued or done
+    but not handed on; :meth:`hand_on` (a task) gives each result to
     *emit*, in order, and raises what a step raised.
     """
 
-    def __init__(
-        self, thread: UserThread, emit: Callable[[Result], Any], limit: int = STEPS_IN_FLIGHT
-    ) -> None:
+    def __init__(self, thread: UserThread, emit: Callable[[Result], Any]) -> None:
         self._thread = thread
         self._emit = emit
         #: Most steps in flight (may change between steps).
-        self.limit = limit
+        self.limit = STEPS_IN_FLIGHT
         self._in_flight = 0
         self._results: deque[Result] = deque()
         self._changed = trio.lowlevel.ParkingLot()
