@@ -39,6 +39,16 @@ async def notifications() -> AsyncIterator[tuple[int, trio.MemoryReceiveChannel]
         nursery.cancel_scope.cancel()
 
 
+def counter_to_sink(tmp_path, port: int, count: int) -> cp.Graph:
+    """counter (1..count) -> sink, which writes sink.json at teardown and notifies *port*."""
+    graph = cp.Graph()
+    graph.add_edge(
+        Counter("counter", limit=count),
+        Sink("sink", str(tmp_path), source="counter", expect=count, port=port),
+    )
+    return graph
+
+
 def alive(pid: int) -> bool:
     """Whether process *pid* exists and is not a zombie."""
     try:
@@ -181,11 +191,7 @@ async def test_a_node_that_ignores_close_and_sigterm_is_killed(tmp_path, monkeyp
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
 async def test_nodes_end_when_their_worker_process_dies(tmp_path):
     async with notifications() as (port, notified):
-        graph = cp.Graph()
-        graph.add_edge(
-            Counter("counter", limit=5),
-            Sink("sink", str(tmp_path), source="counter", expect=5, port=port),
-        )
+        graph = counter_to_sink(tmp_path, port, 5)
         with trio.fail_after(60):
             async with AsyncManager(tmp_path / "logs", port=0) as manager:
                 command = [sys.executable, "-m", "chimera", "worker", "--name", "doomed"]
@@ -250,11 +256,7 @@ async def test_step_runs_one_step_of_every_node(tmp_path, transport):
 async def test_cancelling_a_worker_with_running_nodes_ends_them_at_once(tmp_path):
     before = set(children_of(os.getpid()))
     async with notifications() as (port, notified):
-        graph = cp.Graph()
-        graph.add_edge(
-            Counter("counter", limit=3),
-            Sink("sink", str(tmp_path), source="counter", expect=3, port=port),
-        )
+        graph = counter_to_sink(tmp_path, port, 3)
         # Well under the 12 s a node has to exit once asked: nothing waits for a grace.
         with trio.fail_after(_process.EXIT_GRACE - 2):
             async with cluster(tmp_path, "local") as manager:
@@ -279,11 +281,7 @@ def _has_ipv6_loopback() -> bool:
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
 async def test_nodes_listen_where_their_worker_reached_the_manager(tmp_path):
     async with notifications() as (port, notified):
-        graph = cp.Graph()
-        graph.add_edge(
-            Counter("counter", limit=3),
-            Sink("sink", str(tmp_path), source="counter", expect=3, port=port),
-        )
+        graph = counter_to_sink(tmp_path, port, 3)
         with trio.fail_after(60):
             async with (
                 AsyncManager(tmp_path / "logs", port=0, host="::1") as manager,
