@@ -45,6 +45,8 @@ __all__ = ["AsyncManager", "WorkerInfo"]
 COMMIT_CLEANUP_TIMEOUT = 30.0
 
 log = logging.getLogger("chimera.manager")
+#: The Manager logs each node's records under ``chimera.manager.node.NAME``.
+NODE_LOGS = "chimera.manager.node"
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -187,7 +189,9 @@ class AsyncManager(Service):
 
     def _node_log(self, worker: str, message: dict[str, Any]) -> None:
         """A node's log record: log it here, append it to ``nodes.log``, publish it."""
-        logging.getLogger(message["logger"]).log(
+        # Not under the node's own logger: a Worker in this process forwards
+        # that one's records here, and would again.
+        logging.getLogger(f"{NODE_LOGS}.{message['node']}").log(
             message["level"], "[%s] %s", worker, message["text"]
         )
         stamp = datetime.datetime.fromtimestamp(message["time_ns"] / 1e9).isoformat(

@@ -12,6 +12,7 @@ import base64
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -50,11 +51,17 @@ def _bracketed(host: str) -> str:
 
 
 class _ForwardNodeLogs(logging.Handler):
-    """Sends the log records of this Worker's nodes to the Manager."""
+    """Sends the log records of this Worker's nodes to the Manager.
+
+    Create it in the Worker's Trio thread; records may come from any thread
+    (inline nodes log from their own threads).
+    """
 
     def __init__(self, worker: AsyncWorker) -> None:
         super().__init__(logging.DEBUG)
         self._worker = worker
+        self._token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
         node = record.name.removeprefix(NODE_LOGGER + ".")
@@ -69,7 +76,12 @@ class _ForwardNodeLogs(logging.Handler):
                 text=self.format(record),  # the message, then the traceback if any
                 time_ns=self._worker.clock.now(),
             )
-            self._worker._events_in.send_nowait(message)
+            if threading.get_ident() == self._trio_thread:
+                self._worker._events_in.send_nowait(message)
+            else:  # a Trio channel is not thread-safe: hand it to the Trio thread
+                self._token.run_sync_soon(self._worker._events_in.send_nowait, message)
+        except trio.RunFinishedError:
+            pass  # the Worker is gone
         except Exception:
             self.handleError(record)
 
