@@ -78,6 +78,12 @@ _ARRAY_KINDS = frozenset("biufc")
 #: What ``numpy.dtype(...).str`` looks like for the raw kinds; checked before
 #: numpy parses a dtype from the wire (some strings numpy parses with a warning).
 _DTYPE_PATTERN = re.compile(r"[<>|][biufcmMSU][0-9]{1,9}(\[[0-9]{0,9}[A-Za-z]{1,2}\])?")
+#: The dtypes decoding has allowed already, by their text (parsing one costs
+#: more than the rest of a small chunk's decoding); at most this many.
+_ALLOWED_DTYPES: dict[str, numpy.dtype] = {}
+_MAX_ALLOWED_DTYPES = 1024
+#: A field that is not there.
+_MISSING = object()
 
 #: The dtypes of table columns that travel inline, as msgpack lists.
 _LIST_DTYPES = frozenset({"object", "str", "string"})
@@ -663,9 +669,11 @@ class _Decoder:
 
 def _field(storage: dict[str, Any], key: str, kind: Any, where: str) -> Any:
     """``storage[key]``, checked to be of type *kind* (bool is not an int here)."""
-    if key not in storage:
+    value = storage.get(key, _MISSING)
+    if type(value) is kind:  # the common case, checked first: decoding is per chunk
+        return value
+    if value is _MISSING:
         raise DecodeError(f"{where} lacks {key!r}")
-    value = storage[key]
     if kind is not object:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise DecodeError(f"{where} has {key!r} of type {type(value).__name__}")
@@ -682,6 +690,9 @@ def _kind(storage: Any, where: str, allowed: tuple[str, ...]) -> str:
 
 
 def _dtype(text: str, where: str) -> numpy.dtype:
+    dtype = _ALLOWED_DTYPES.get(text)
+    if dtype is not None:
+        return dtype
     if not _DTYPE_PATTERN.fullmatch(text):
         raise DecodeError(f"{where} has dtype {text!r}, which is not allowed")
     try:
@@ -690,6 +701,8 @@ def _dtype(text: str, where: str) -> numpy.dtype:
         raise DecodeError(f"{where} has dtype {text!r}, which numpy cannot parse") from None
     if dtype.kind not in _RAW_KINDS or dtype.str != text or dtype.itemsize == 0:
         raise DecodeError(f"{where} has dtype {text!r}, which is not allowed")
+    if len(_ALLOWED_DTYPES) < _MAX_ALLOWED_DTYPES:
+        _ALLOWED_DTYPES[text] = dtype
     return dtype
 
 
@@ -762,7 +775,7 @@ def _decode(frames: Sequence[Frame], allow_objects: bool) -> DataChunk:
             "content-type": content_type,
             "timestamp": timestamp,
         }
-    unused = sorted(set(range(1, len(frames))) - decoder.used)
-    if unused:
+    if len(decoder.used) != len(frames) - 1:  # each frame used once: some are not
+        unused = sorted(set(range(1, len(frames))) - decoder.used)
         raise DecodeError(f"frames {unused} are not referenced by the envelope")
     return chunk
