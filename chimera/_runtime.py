@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +26,11 @@ import trio
 
 import transports
 
-from ._data import DataChunk, DecodeError, decode_chunk, encode_chunk
+from ._batch import pack_batch, unpack_batch
+from ._data import DataChunk, DecodeError, Frame, decode_chunk, encode_chunk
 from ._errors import NodeError
 from ._node import Node, NodeState
-from ._user_thread import STEPS_IN_FLIGHT, Result, Steps, UserThread
+from ._user_thread import Result, StepLoop, UserThread
 
 __all__ = ["Input", "NodeRuntime"]
 
@@ -36,8 +38,15 @@ log = logging.getLogger("chimera.runtime")
 
 #: Longest wait for a node's ``teardown`` when its run is cancelled.
 TEARDOWN_TIMEOUT = 10.0
-#: A source whose chunks are larger than this (bytes) keeps one step in flight.
+#: Steps a node keeps in flight (queued on its thread, or done and not yet
+#: sent) while its chunks are small: they then travel in batches...
+STEPS_IN_FLIGHT = 64
+#: ...and once they are larger than this many bytes...
 LARGE_CHUNK = 256 * 1024
+#: ...a source steps only once its last chunk has left, so that each is fresh...
+LARGE_SOURCE_STEPS = 1
+#: ...and a node with inputs keeps a few of their chunks in hand.
+LARGE_INPUT_STEPS = 4
 #: Longest wait for a node's thread to end once the node is closed.
 THREAD_JOIN_TIMEOUT = 5.0
 
@@ -51,6 +60,13 @@ LINK_MAX_BYTES = 8 * 1024 * 1024
 
 #: The bind address of a node's outlet, by transport.
 _BIND = {"memory": "memory://", "tcp": "tcp://127.0.0.1:0", "nng": "nng+tcp://127.0.0.1:0"}
+
+
+def _ended(outcome: Result) -> None:
+    """A step loop's call returned: it tells its end itself, and raises
+    nothing of the steps'; anything else is a bug, logged."""
+    if outcome[1] is not None:
+        log.error("a step loop broke", exc_info=outcome[1])
 
 
 @dataclass(frozen=True)
@@ -109,15 +125,24 @@ class NodeRuntime:
         self._on_state = on_state
         self._outlet: transports.Outlet | None = None
         self._inlets: dict[str, transports.Inlet] = {}
-        self._stop_requested = trio.Event()
+        self._delivery = {i.name: transports.Delivery(i.delivery) for i in inputs}
+        #: Cancelled when a source is asked to stop.
+        self._feeding = trio.CancelScope()
         self._thread = UserThread(node.name)
-        self._steps: Steps | None = None
+        #: Steps put in the loop and not yet sent on, and the most there may be.
+        self._in_flight = 0
+        self._limit = STEPS_IN_FLIGHT
+        self._room = trio.lowlevel.ParkingLot()
         self._prepped = self._torn_down = False
         self._preparing = trio.Lock()
-        #: The latest chunk of each input, in offline mode (:meth:`step_once`).
+        #: The latest chunk of each input, and the chunks received not yet
+        #: stepped on, in offline mode (:meth:`step_once`).
         self._offline_latest: dict[str, DataChunk] = {}
+        self._offline_pending: dict[str, deque[DataChunk]] = {}
         #: Chunks stepped and sent, for the Manager's statistics.
         self.steps = 0
+        #: Chunks of the followed input not stepped on (LATEST: a newer one came with them).
+        self.skipped = 0
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -149,10 +174,9 @@ class NodeRuntime:
             OSError: an input's outlet cannot be reached.
         """
         for spec in self._inputs:
-            delivery = transports.Delivery(spec.delivery)
             self._inlets[spec.name] = await transports.connect(
                 addresses[spec.name],
-                delivery=delivery,
+                delivery=self._delivery[spec.name],
                 capacity=LINK_CAPACITY,
                 max_bytes=LINK_MAX_BYTES,
             )
@@ -220,7 +244,7 @@ class NodeRuntime:
     def stats(self) -> dict[str, int]:
         """``steps`` (steps done) and ``dropped`` (chunks its inputs dropped, LATEST)."""
         dropped = sum(inlet.stats.messages_dropped for inlet in self._inlets.values())
-        return {"steps": self.steps, "dropped": dropped}
+        return {"steps": self.steps, "dropped": dropped + self.skipped}
 
     async def step_once(self) -> None:
         """Step once (ChimeraPy's offline mode): a source steps and sends; a node
@@ -239,13 +263,16 @@ class NodeRuntime:
             return
         for name, inlet in self._inlets.items():
             if name == self._follow or name not in self._offline_latest:
-                self._offline_latest[name] = self._decode(await inlet.receive())
+                pending = self._offline_pending.setdefault(name, deque())
+                while not pending:
+                    pending.extend(self._unpack(await inlet.receive(), name))
+                self._offline_latest[name] = pending.popleft()
         await self._emit(await self._call("step", self.node.step, dict(self._offline_latest)))
 
     def request_stop(self) -> None:
         """Ask a source to stop after its current step (others stop when their
         followed input ends)."""
-        self._stop_requested.set()
+        self._feeding.cancel()
 
     async def aclose(self) -> None:
         """Close the node's endpoints (at once; what is in flight is dropped),
@@ -277,55 +304,95 @@ class NodeRuntime:
             self._set_state(NodeState.SHUTDOWN)
 
     # --- stepping --------------------------------------------------------------
+    #
+    # The node's steps run in a loop on its thread (StepLoop). A feeding task
+    # puts each step's arguments in (a source: none; a node with inputs: the
+    # latest chunk of each), at most ``self._limit`` ahead of what was sent;
+    # the sending task takes every result ready at once and sends the chunks
+    # in one message (a batch).
 
     async def _step_as_source(self) -> None:
-        await self._stepping(self._submit_source_steps)
+        self._limit = LARGE_SOURCE_STEPS  # until the first chunk's size is known
+        await self._stepping(self._feed_source)
 
-    async def _submit_source_steps(self, steps: Steps, fail: Callable[[NodeError], None]) -> None:
-        while not self._stop_requested.is_set():
-            if self._outlet is not None:
-                # Step once the chunk can leave at once: it is sent fresh, not
-                # aged in a full link (1080p: p50 ~7 -> ~4.3 ms).
-                await self._outlet.wait_send_might_not_block()
-            await steps.submit(self.node.step)
+    async def _feed_source(self, loop: StepLoop, fail: Callable[[NodeError], None]) -> None:
+        with self._feeding:  # cancelled by request_stop
+            while True:
+                await self._wait_for_room()
+                if self._outlet is not None:
+                    # Step once the chunk can leave at once: it is sent fresh, not
+                    # aged in a full link (1080p: p50 ~7 -> ~4.3 ms).
+                    await self._outlet.wait_send_might_not_block()
+                for _ in range(self._limit - self._in_flight):
+                    loop.put()
+                    self._in_flight += 1
+        # Steps not started yet are not taken: a source stops after its current step.
+        self._in_flight -= loop.close(discard=True)
 
     async def _step_on_inputs(self) -> None:
-        await self._stepping(self._submit_input_steps)
+        await self._stepping(self._feed_inputs)
 
     async def _stepping(
-        self, submit_all: Callable[[Steps, Callable[[NodeError], None]], Awaitable[None]]
+        self, feed: Callable[[StepLoop, Callable[[NodeError], None]], Awaitable[None]]
     ) -> None:
-        """Run *submit_all*, which queues steps, while their results are sent on.
+        """Step on what *feed* puts in, while the results are sent on.
 
         Raises:
             NodeError: a step raised, or returned what cannot be sent, or a
                 chunk received could not be decoded.
         """
         failures: list[NodeError] = []
-        async with trio.open_nursery() as nursery:
+        loop = StepLoop(self.node.step)
+        self._thread.submit(loop.run, (), _ended)
+        try:
+            async with trio.open_nursery() as nursery:
 
-            def fail(exc: NodeError) -> None:
-                failures.append(exc)
+                def fail(exc: NodeError) -> None:
+                    failures.append(exc)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(feed, loop, fail)
+                try:
+                    await self._send_results(loop)
+                except NodeError as exc:  # here, not out of the nursery: no exception group
+                    fail(exc)
                 nursery.cancel_scope.cancel()
-
-            steps = self._steps = Steps(self._thread, self._emit_result)
-            nursery.start_soon(self._hand_on, steps, fail)
-            try:
-                await submit_all(steps, fail)
-                await steps.drain()
-            except NodeError as exc:
-                fail(exc)
-            nursery.cancel_scope.cancel()
+        finally:
+            self._in_flight -= loop.close(discard=True)
         if failures:
             raise failures[0]
 
-    async def _hand_on(self, steps: Steps, fail: Callable[[NodeError], None]) -> None:
-        try:
-            await steps.hand_on()
-        except NodeError as exc:
-            fail(exc)
+    async def _send_results(self, loop: StepLoop) -> None:
+        """Send what the steps return, until the loop ends (or a step fails:
+        the chunks before it are sent, then NodeError)."""
+        while results := await loop.results():
+            chunks: list[list[Frame]] = []
+            failure: NodeError | None = None
+            for value, error in results:
+                if error is not None:
+                    if not isinstance(error, Exception):
+                        raise error
+                    failure = self._raised("step", error)
+                    break
+                self.steps += 1
+                if value is not None:
+                    try:
+                        chunks.append(self._encode(value))
+                    except NodeError as exc:
+                        failure = exc
+                        break
+            if chunks and self._outlet is not None:
+                await self._outlet.send(pack_batch(chunks))
+            if failure is not None:
+                raise failure
+            self._in_flight -= len(results)
+            self._room.unpark_all()
 
-    async def _submit_input_steps(self, steps: Steps, fail: Callable[[NodeError], None]) -> None:
+    async def _wait_for_room(self) -> None:
+        while self._in_flight >= self._limit:
+            await self._room.park()
+
+    async def _feed_inputs(self, loop: StepLoop, fail: Callable[[NodeError], None]) -> None:
         latest: dict[str, DataChunk] = {}
         every_input = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -333,29 +400,33 @@ class NodeRuntime:
                 if name != self._follow:
                     nursery.start_soon(self._keep_latest, name, inlet, latest, every_input, fail)
             try:
-                await self._step_on_followed(steps, latest, every_input)
+                await self._feed_followed(loop, latest, every_input)
             except NodeError as exc:  # here, not out of the nursery: no exception group
                 fail(exc)
             nursery.cancel_scope.cancel()
+        loop.close()  # every chunk received is stepped
 
-    async def _step_on_followed(
-        self, steps: Steps, latest: dict[str, DataChunk], every: trio.Event
+    async def _feed_followed(
+        self, loop: StepLoop, latest: dict[str, DataChunk], every: trio.Event
     ) -> None:
-        """Step on each chunk of the followed input, until it ends."""
+        """Put a step in for each chunk of the followed input, until it ends."""
         try:
-            async for frames in self._inlets[self._follow]:
-                latest[self._follow] = self._decode(frames)
-                if len(latest) < len(self._inlets):
-                    await every.wait()
-                if len(latest) < len(self._inlets):
-                    missing = sorted(set(self._inlets) - set(latest))
-                    log.warning(
-                        "node %r: inputs %s ended without sending: not stepped",
-                        self.node.name,
-                        missing,
-                    )
-                    continue
-                await steps.submit(self.node.step, dict(latest))
+            async for message in self._inlets[self._follow]:
+                for chunk in self._unpack(message, self._follow):
+                    latest[self._follow] = chunk
+                    if len(latest) < len(self._inlets):
+                        await every.wait()
+                    if len(latest) < len(self._inlets):
+                        missing = sorted(set(self._inlets) - set(latest))
+                        log.warning(
+                            "node %r: inputs %s ended without sending: not stepped",
+                            self.node.name,
+                            missing,
+                        )
+                        continue
+                    await self._wait_for_room()
+                    loop.put(dict(latest))
+                    self._in_flight += 1
         except trio.BrokenResourceError as exc:
             log.warning("node %r: input %r broke: %s", self.node.name, self._follow, exc)
 
@@ -369,8 +440,8 @@ class NodeRuntime:
     ) -> None:
         """Keep the latest chunk of a not-followed input, until it ends."""
         try:
-            async for frames in inlet:
-                latest[name] = self._decode(frames)
+            async for message in inlet:
+                latest[name] = self._unpack(message, name, newest=True)[-1]
                 if len(latest) == len(self._inlets):
                     every.set()
         except trio.BrokenResourceError as exc:
@@ -379,45 +450,59 @@ class NodeRuntime:
             fail(exc)
         every.set()  # it will send nothing more: do not wait for it
 
-    def _decode(self, frames: list[memoryview]) -> DataChunk:
+    def _unpack(
+        self, message: list[memoryview], name: str, *, newest: bool = False
+    ) -> list[DataChunk]:
+        """The chunks in a message from input *name*: all of them, or only the
+        newest when *newest* or the input is LATEST (the others count as
+        dropped). Sets the steps in flight by the chunks' size.
+
+        Raises:
+            NodeError: the message or a chunk in it cannot be decoded (the node is FAILED).
+        """
         try:
-            return decode_chunk(frames, allow_objects=self._allow_objects)
+            batch = unpack_batch(message)
+            if newest or self._delivery[name] is transports.Delivery.LATEST:
+                if name == self._follow:
+                    self.skipped += len(batch) - 1
+                batch = batch[-1:]
+            if name == self._follow:
+                large = sum(frame.nbytes for frame in message) > LARGE_CHUNK * len(batch)
+                self._limit = LARGE_INPUT_STEPS if large else STEPS_IN_FLIGHT
+            return [decode_chunk(frames, allow_objects=self._allow_objects) for frames in batch]
         except DecodeError as exc:
             self._fail(f"a chunk it received cannot be decoded: {exc}")
             raise NodeError(self.node.name, str(exc)) from exc
 
-    async def _emit_result(self, result: Result) -> None:
-        """Send what a step returned, or fail with what it raised."""
-        value, error = result
-        if error is not None:
-            if not isinstance(error, Exception):
-                raise error
-            raise self._raised("step", error) from error
-        await self._emit(value)
-
     async def _emit(self, result: Any) -> None:
-        """Send what ``step`` returned (see :class:`~chimera.Node`)."""
+        """Send what one ``step`` returned (offline mode)."""
         self.steps += 1
-        if result is None:
-            return
+        if result is not None and self._outlet is not None:
+            await self._outlet.send(pack_batch([self._encode(result)]))
+
+    def _encode(self, result: Any) -> list[Frame]:
+        """The frames of what ``step`` returned (see :class:`~chimera.Node`); a
+        source's steps in flight follow their size.
+
+        Raises:
+            NodeError: it cannot be sent (the node is FAILED).
+        """
         try:
             if not isinstance(result, DataChunk):
                 chunk = DataChunk()
                 chunk.add("default", result)
                 result = chunk
             frames = encode_chunk(result, allow_objects=self._allow_objects)
-            if not self._inputs and self._steps is not None:
-                # A source making large chunks makes the next only once the last
-                # has left, so that it is fresh (1080p p50: ~8 ms with 4 steps in
-                # flight, ~5.5 with 1); small ones keep 4 in flight (1 KB: ~3.2k ->
-                # ~4k chunks/s).
-                large = sum(memoryview(frame).nbytes for frame in frames) > LARGE_CHUNK
-                self._steps.limit = 1 if large else STEPS_IN_FLIGHT
         except (TypeError, ValueError) as exc:
             self._fail(f"step returned what cannot be sent: {exc}")
             raise NodeError(self.node.name, f"step returned what cannot be sent: {exc}") from exc
-        if self._outlet is not None:
-            await self._outlet.send(frames)
+        if not self._inputs:
+            # A source making large chunks makes the next only once the last
+            # has left, so that it is fresh (1080p p50: ~8 ms with 4 steps in
+            # flight, ~5.5 with 1).
+            large = sum(memoryview(frame).nbytes for frame in frames) > LARGE_CHUNK
+            self._limit = LARGE_SOURCE_STEPS if large else STEPS_IN_FLIGHT
+        return frames
 
     # --- helpers ---------------------------------------------------------------
 

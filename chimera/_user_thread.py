@@ -1,4 +1,4 @@
-"""The thread a node's code runs on, and the steps in flight on it.
+"""The thread a node's code runs on, and the loop its steps run in there.
 
 A node's ``prep``, ``step`` and ``teardown`` may block (a camera, a model, a
 file), so they never run on the Trio thread. They run, in order, on one
@@ -6,10 +6,9 @@ thread of the node's own (:class:`UserThread`): code that needs the same
 thread every time (OpenCV windows, some camera SDKs) works, and handing a
 step over costs no thread start-up. A round trip to a thread costs ~90 µs on
 a 2-core VM (``trio.to_thread.run_sync``: ~110-180 µs), more than a 1 KB
-chunk's whole journey, so steps do not wait for each other: up to
-:data:`STEPS_IN_FLIGHT` are queued on the thread while the Trio thread
-receives the next chunks and sends the results (:class:`Steps`; measured at
-1 KB: 2.9k -> 4k chunks/s between two nodes).
+chunk's whole journey, so steps are not handed over one by one: they run in
+a loop on the thread (:class:`StepLoop`), which takes in and hands back as
+many at once as are ready.
 """
 
 from __future__ import annotations
@@ -22,10 +21,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["STEPS_IN_FLIGHT", "Steps", "UserThread"]
-
-#: Steps handed to a node's thread and not yet sent on, at most.
-STEPS_IN_FLIGHT = 4
+__all__ = ["StepLoop", "UserThread"]
 
 #: What a call on the thread gives back: (value, None) or (None, exception).
 Result = tuple[Any, BaseException | None]
@@ -104,56 +100,96 @@ class UserThread:
                 return
 
 
-class Steps:
-    """Steps in flight on a :class:`UserThread`; their results handed on in order.
+class StepLoop:
+    """A node's steps, run one after another by a loop on its :class:`UserThread`.
 
-    :meth:`submit` waits only while :attr:`limit` steps are queued or done
-    but not handed on; :meth:`hand_on` (a task) gives each result to
-    *emit*, in order, and raises what a step raised.
+    The Trio side :meth:`put`-s each step's arguments; the loop (:meth:`run`,
+    a call on the thread) steps on them in order and hands back each step's
+    :data:`Result`; :meth:`results` takes every result ready at once. Steps
+    that come fast thus cost one wake-up of each thread per batch, not per
+    step (a round trip to a thread costs more than a 1 KB chunk's whole
+    journey). The loop ends once :meth:`close`-d and done with what was put,
+    or right after a step raised.
     """
 
-    def __init__(self, thread: UserThread, emit: Callable[[Result], Any]) -> None:
-        self._thread = thread
-        self._emit = emit
-        #: Most steps in flight (may change between steps).
-        self.limit = STEPS_IN_FLIGHT
-        self._in_flight = 0
-        self._results: deque[Result] = deque()
-        self._changed = trio.lowlevel.ParkingLot()
+    def __init__(self, step: Callable[..., Any]) -> None:
+        self._step = step
+        self._token = trio.lowlevel.current_trio_token()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._inbox: deque[tuple] = deque()
+        self._outbox: deque[Result] = deque()
         self._closed = False
+        self._ended = False
+        #: Whether the Trio side has been told of results it has not taken yet.
+        self._told = False
+        self._ready = trio.lowlevel.ParkingLot()
 
-    async def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Queue a step; waits while too many are in flight.
+    # --- the Trio side ----------------------------------------------------------
 
-        Once :meth:`hand_on` has stopped (a step failed), does nothing: the
-        failure is reported there.
-        """
-        while self._in_flight >= self.limit and not self._closed:
-            await self._changed.park()
-        if self._closed:
-            return
-        self._in_flight += 1
-        self._thread.submit(fn, args, self._done)
-        await trio.lowlevel.checkpoint()
+    def put(self, *args: Any) -> None:
+        """Queue a step on *args* (never blocks)."""
+        with self._work:
+            self._inbox.append(args)
+            self._work.notify()
 
-    async def drain(self) -> None:
-        """Return once every step submitted has been handed on (or one failed)."""
-        while self._in_flight and not self._closed:
-            await self._changed.park()
+    def close(self, *, discard: bool = False) -> int:
+        """Let the loop end once done with what was put, or, with *discard*,
+        once done with its current step; returns how many steps were discarded."""
+        with self._work:
+            discarded = len(self._inbox) if discard else 0
+            if discard:
+                self._inbox.clear()
+            self._closed = True
+            self._work.notify()
+        return discarded
 
-    def _done(self, result: Result) -> None:
-        self._results.append(result)
-        self._changed.unpark_all()
+    async def results(self) -> list[Result]:
+        """Every result ready, in order, once there is one; ``[]`` once the
+        loop has ended and every result was taken."""
+        while True:
+            with self._lock:
+                if self._outbox or self._ended:
+                    taken = list(self._outbox)
+                    self._outbox.clear()
+                    self._told = False
+                    return taken
+            await self._ready.park()
 
-    async def hand_on(self) -> None:
-        """Give each result to *emit*, in order, until cancelled (or *emit* raises)."""
+    # --- the thread's side ------------------------------------------------------
+
+    def run(self) -> None:
+        """Step on what is put until closed (call it on the node's thread)."""
         try:
             while True:
-                while not self._results:
-                    await self._changed.park()
-                await self._emit(self._results.popleft())
-                self._in_flight -= 1
-                self._changed.unpark_all()
+                with self._work:
+                    while not self._inbox and not self._closed:
+                        self._work.wait()
+                    if not self._inbox:
+                        return
+                    args = self._inbox.popleft()
+                try:
+                    outcome: Result = (self._step(*args), None)
+                except BaseException as exc:  # handed to the Trio side, which raises it
+                    outcome = (None, exc)
+                self._hand_out(outcome)
+                if outcome[1] is not None:
+                    return
         finally:
-            self._closed = True
-            self._changed.unpark_all()
+            with self._lock:
+                self._ended = True
+            self._tell()
+
+    def _hand_out(self, outcome: Result) -> None:
+        with self._lock:
+            self._outbox.append(outcome)
+            if self._told:
+                return  # the Trio side has yet to take the results before this one
+            self._told = True
+        self._tell()
+
+    def _tell(self) -> None:
+        try:
+            self._token.run_sync_soon(self._ready.unpark_all)
+        except trio.RunFinishedError:
+            pass

@@ -53,9 +53,12 @@ class Collect(cp.Node):
         self.torn_down += 1
 
 
-async def run_pipeline(nodes, edges, follow=None, until=None, stop=(), transport="memory"):
-    """Run *nodes* wired by *edges* [(src, dst)] inline; stop the *stop* sources
-    once *until* (a threading.Event) is set; return every runtime once all ended."""
+async def run_pipeline(
+    nodes, edges, follow=None, until=None, stop=(), transport="memory", latest=()
+):
+    """Run *nodes* wired by *edges* [(src, dst)] inline (LATEST for those in
+    *latest*); stop the *stop* sources once *until* (a threading.Event) is set;
+    return every runtime once all ended."""
     follow = follow or {}
     states: dict[str, list[cp.NodeState]] = {node.name: [] for node in nodes}
     async with AsyncExitStack() as stack:
@@ -64,7 +67,11 @@ async def run_pipeline(nodes, edges, follow=None, until=None, stop=(), transport
             runtimes[node.name] = await stack.enter_async_context(
                 NodeRuntime(
                     node,
-                    inputs=[Input(src.name) for src, dst in edges if dst is node],
+                    inputs=[
+                        Input(src.name, "latest" if (src, dst) in latest else "reliable")
+                        for src, dst in edges
+                        if dst is node
+                    ],
                     follow=follow.get(node.name),
                     outputs=sum(src is node for src, _ in edges),
                     transport=transport,
@@ -110,6 +117,65 @@ async def test_a_chain_steps_every_chunk_once_in_order_and_ends_cleanly(transpor
         cp.NodeState.SHUTDOWN,
     ]
     assert runtimes["double"].steps == 50
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_a_slow_node_on_a_latest_input_steps_on_ever_newer_chunks_and_counts_the_rest(
+    transport,
+):
+    sent_all = threading.Event()
+
+    class Fast(cp.Node):
+        def prep(self):
+            self.sent = 0
+
+        def step(self):
+            if self.sent == 300:
+                sent_all.set()
+                threading.Event().wait(0.001)
+                return None
+            self.sent += 1
+            return self.sent
+
+    class Slow(Collect):
+        def step(self, data_chunks):
+            threading.Event().wait(0.005)
+            super().step(data_chunks)
+
+    fast, slow = Fast("fast"), Slow("slow", 0, threading.Event())
+    with trio.fail_after(20):
+        runtimes, _ = await run_pipeline(
+            [fast, slow],
+            [(fast, slow)],
+            until=sent_all,
+            stop=["fast"],
+            transport=transport,
+            latest=[(fast, slow)],
+        )
+    seen = [chunks["fast"] for chunks in slow.seen]
+    assert seen == sorted(set(seen)) and seen[-1] == 300  # newer each time; the newest came
+    assert len(seen) < 300
+    assert runtimes["slow"].stats() == {"steps": len(seen), "dropped": 300 - len(seen)}
+
+
+async def test_a_source_stops_after_its_current_step_and_what_it_made_arrives():
+    class Slow(cp.Node):
+        def prep(self):
+            self.sent = 0
+
+        def step(self):
+            threading.Event().wait(0.005)
+            self.sent += 1
+            return self.sent
+
+    done = threading.Event()
+    source, sink = Slow("source"), Collect("sink", 5, done)
+    with trio.fail_after(20):
+        await run_pipeline([source, sink], [(source, sink)], until=done, stop=["source"])
+    # Stopped within a step or two of the 5th chunk's arrival, not after the
+    # dozens it may have queued on its thread; and nothing it made was lost.
+    assert 5 <= source.sent < 15
+    assert [chunks["source"] for chunks in sink.seen] == list(range(1, source.sent + 1))
 
 
 async def test_a_followed_chunk_that_arrives_first_waits_for_the_other_inputs():

@@ -1,0 +1,65 @@
+"""Several chunks in one transport message: any batch round-trips; anything else is refused."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import chimera as cp
+from chimera._batch import pack_batch, unpack_batch
+from chimera._data import encode_chunk
+
+chunk_frames = st.lists(st.binary(max_size=16), min_size=1, max_size=4)
+
+
+@given(st.lists(chunk_frames, min_size=1, max_size=8))
+def test_any_batch_round_trips(chunks):
+    message = [memoryview(bytes(frame)) for frame in pack_batch(chunks)]
+    assert [[bytes(frame) for frame in frames] for frames in unpack_batch(message)] == chunks
+
+
+@given(st.lists(chunk_frames, min_size=1, max_size=8), st.data())
+def test_a_batch_missing_frames_or_with_extra_ones_is_refused(chunks, data):
+    message = pack_batch(chunks)
+    cut = data.draw(st.integers(1, len(message) - 1))
+    with pytest.raises(cp.DecodeError, match="frames"):
+        unpack_batch(message[:cut])
+    with pytest.raises(cp.DecodeError, match="frames"):
+        unpack_batch([*message, b"extra"])
+
+
+@given(st.binary(max_size=64), st.lists(st.binary(max_size=8), max_size=4))
+def test_garbage_is_refused_with_a_decode_error(header, rest):
+    try:
+        chunks = unpack_batch([header, *rest])
+    except cp.DecodeError:
+        return
+    # It parsed: then it was a well-formed header that counts exactly these frames.
+    assert sum(len(frames) for frames in chunks) == len(rest)
+    assert header[:4] == b"CHB1"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"CHB1" + struct.pack("<I", 0),  # no chunks
+        b"CHB1" + struct.pack("<III", 2, 0, 1),  # a chunk of no frames (the count adds up)
+        b"CHB1" + struct.pack("<II", 2, 1),  # two chunks announced, one counted
+        b"CHB1" + struct.pack("<I", 2**31) + b"\0" * 8,  # an impossible count
+    ],
+)
+def test_impossible_headers_are_refused(header):
+    with pytest.raises(cp.DecodeError):
+        unpack_batch([header, b"x"])
+
+
+def test_a_lone_chunk_is_not_a_batch():
+    chunk = cp.DataChunk()
+    chunk.add("x", 1)
+    with pytest.raises(cp.DecodeError, match="not a batch"):
+        unpack_batch(encode_chunk(chunk))
+    with pytest.raises(cp.DecodeError, match="empty"):
+        unpack_batch([])
