@@ -51,7 +51,7 @@ LARGE_INPUT_STEPS = 4
 THREAD_JOIN_TIMEOUT = 5.0
 
 #: Each link between two nodes holds at most this many chunks...
-LINK_CAPACITY = 64
+LINK_CAPACITY = 8
 #: ...and at most about this many bytes (one chunk always fits): small chunks
 #: flow in bursts, large ones stay fresh (a link holds at most two 1080p
 #: frames). Measured with 1080p frames from a source as fast as it can go:
@@ -323,11 +323,9 @@ class NodeRuntime:
                     # Step once the chunk can leave at once: it is sent fresh, not
                     # aged in a full link (1080p: p50 ~7 -> ~4.3 ms).
                     await self._outlet.wait_send_might_not_block()
-                for _ in range(self._limit - self._in_flight):
-                    loop.put()
-                    self._in_flight += 1
+                self._put(loop, [()] * (self._limit - self._in_flight))
         # Steps not started yet are not taken: a source stops after its current step.
-        self._in_flight -= loop.close(discard=True)
+        loop.close(discard=True)
 
     async def _step_on_inputs(self) -> None:
         await self._stepping(self._feed_inputs)
@@ -358,7 +356,7 @@ class NodeRuntime:
                     fail(exc)
                 nursery.cancel_scope.cancel()
         finally:
-            self._in_flight -= loop.close(discard=True)
+            loop.close(discard=True)
         if failures:
             raise failures[0]
 
@@ -388,6 +386,13 @@ class NodeRuntime:
             self._in_flight -= len(results)
             self._room.unpark_all()
 
+    def _put(self, loop: StepLoop, steps: list[tuple]) -> None:
+        """Put *steps* in the loop, and empty the list."""
+        if steps:
+            loop.put(steps)
+            self._in_flight += len(steps)
+            steps.clear()
+
     async def _wait_for_room(self) -> None:
         while self._in_flight >= self._limit:
             await self._room.park()
@@ -409,12 +414,17 @@ class NodeRuntime:
     async def _feed_followed(
         self, loop: StepLoop, latest: dict[str, DataChunk], every: trio.Event
     ) -> None:
-        """Put a step in for each chunk of the followed input, until it ends."""
+        """Put a step in for each chunk of the followed input, until it ends:
+        those of one message at once (so at most one message's chunks more
+        than the limit are in flight)."""
+        steps: list[tuple] = []
         try:
             async for message in self._inlets[self._follow]:
+                await self._wait_for_room()
                 for chunk in self._unpack(message, self._follow):
                     latest[self._follow] = chunk
                     if len(latest) < len(self._inlets):
+                        self._put(loop, steps)
                         await every.wait()
                     if len(latest) < len(self._inlets):
                         missing = sorted(set(self._inlets) - set(latest))
@@ -424,9 +434,8 @@ class NodeRuntime:
                             missing,
                         )
                         continue
-                    await self._wait_for_room()
-                    loop.put(dict(latest))
-                    self._in_flight += 1
+                    steps.append((dict(latest),))
+                self._put(loop, steps)
         except trio.BrokenResourceError as exc:
             log.warning("node %r: input %r broke: %s", self.node.name, self._follow, exc)
 
@@ -500,7 +509,7 @@ class NodeRuntime:
             # A source making large chunks makes the next only once the last
             # has left, so that it is fresh (1080p p50: ~8 ms with 4 steps in
             # flight, ~5.5 with 1).
-            large = sum(memoryview(frame).nbytes for frame in frames) > LARGE_CHUNK
+            large = sum(map(len, frames)) > LARGE_CHUNK  # (flat bytes: len is the size)
             self._limit = LARGE_SOURCE_STEPS if large else STEPS_IN_FLIGHT
         return frames
 

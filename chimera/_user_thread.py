@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -103,13 +103,13 @@ class UserThread:
 class StepLoop:
     """A node's steps, run one after another by a loop on its :class:`UserThread`.
 
-    The Trio side :meth:`put`-s each step's arguments; the loop (:meth:`run`,
-    a call on the thread) steps on them in order and hands back each step's
-    :data:`Result`; :meth:`results` takes every result ready at once. Steps
-    that come fast thus cost one wake-up of each thread per batch, not per
-    step (a round trip to a thread costs more than a 1 KB chunk's whole
-    journey). The loop ends once :meth:`close`-d and done with what was put,
-    or right after a step raised.
+    The Trio side :meth:`put`-s steps' arguments; the loop (:meth:`run`, a
+    call on the thread) takes in every step put so far, steps on each in
+    order and hands back each one's :data:`Result`; :meth:`results` takes
+    every result ready at once. Steps that come fast thus cost one wake-up
+    and one lock of each thread per batch, not per step (a round trip to a
+    thread costs more than a 1 KB chunk's whole journey). The loop ends once
+    :meth:`close`-d and done with what was put, or right after a step raised.
     """
 
     def __init__(self, step: Callable[..., Any]) -> None:
@@ -120,6 +120,8 @@ class StepLoop:
         self._inbox: deque[tuple] = deque()
         self._outbox: deque[Result] = deque()
         self._closed = False
+        #: Set (once) to make the loop end after its current step.
+        self._discard = False
         self._ended = False
         #: Whether the Trio side has been told of results it has not taken yet.
         self._told = False
@@ -127,22 +129,21 @@ class StepLoop:
 
     # --- the Trio side ----------------------------------------------------------
 
-    def put(self, *args: Any) -> None:
-        """Queue a step on *args* (never blocks)."""
+    def put(self, steps: Iterable[tuple]) -> None:
+        """Queue a step on each tuple of arguments in *steps* (never blocks)."""
         with self._work:
-            self._inbox.append(args)
+            self._inbox.extend(steps)
             self._work.notify()
 
-    def close(self, *, discard: bool = False) -> int:
+    def close(self, *, discard: bool = False) -> None:
         """Let the loop end once done with what was put, or, with *discard*,
-        once done with its current step; returns how many steps were discarded."""
+        once done with its current step."""
         with self._work:
-            discarded = len(self._inbox) if discard else 0
             if discard:
+                self._discard = True
                 self._inbox.clear()
             self._closed = True
             self._work.notify()
-        return discarded
 
     async def results(self) -> list[Result]:
         """Every result ready, in order, once there is one; ``[]`` once the
@@ -167,14 +168,18 @@ class StepLoop:
                         self._work.wait()
                     if not self._inbox:
                         return
-                    args = self._inbox.popleft()
-                try:
-                    outcome: Result = (self._step(*args), None)
-                except BaseException as exc:  # handed to the Trio side, which raises it
-                    outcome = (None, exc)
-                self._hand_out(outcome)
-                if outcome[1] is not None:
-                    return
+                    taken = list(self._inbox)
+                    self._inbox.clear()
+                for args in taken:
+                    if self._discard:
+                        return
+                    try:
+                        outcome: Result = (self._step(*args), None)
+                    except BaseException as exc:  # handed to the Trio side, which raises it
+                        outcome = (None, exc)
+                    self._hand_out(outcome)
+                    if outcome[1] is not None:
+                        return
         finally:
             with self._lock:
                 self._ended = True
