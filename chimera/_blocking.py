@@ -155,6 +155,10 @@ class Manager:
         """See :meth:`chimera.AsyncManager.commit_graph`."""
         return self._loop.call(self._manager.commit_graph, graph, mapping, send_packages)
 
+    def distribute_packages(self, packages_meta: list[dict[str, Any]]) -> bool:
+        """See :meth:`chimera.AsyncManager.distribute_packages`."""
+        return self._loop.call(self._manager.distribute_packages, packages_meta)
+
     def register_graph(self, graph: Graph) -> None:
         """See :meth:`chimera.AsyncManager.register_graph`."""
         self._loop.call_sync(self._manager.register_graph, graph)

@@ -5,7 +5,9 @@
 - ``/ws/worker``: the control connection of each Worker (see
   :mod:`chimera._protocol`): a ``hello`` registers it, ``clock`` requests are
   answered with the Manager's clock;
-- ``GET /api/state``: the cluster's state as JSON.
+- ``GET /api/state``: the cluster's state as JSON;
+- ``GET /packages/NAME.zip``: a package :meth:`AsyncManager.distribute_packages`
+  ships, for the Workers to download.
 
 Everything it starts lives in its nursery: leaving ``async with`` closes the
 port and every connection.
@@ -37,6 +39,7 @@ from . import _protocol as protocol
 from ._errors import CommitGraphError, NodeError
 from ._graph import Graph
 from ._mapping import resolve_mapping
+from ._packages import Package, pack
 from ._service import Service, run_all
 
 __all__ = ["AsyncManager", "WorkerInfo"]
@@ -133,6 +136,8 @@ class AsyncManager(Service):
         #: Subscribers to the events (``/ws/events``).
         self._subscribers: set[trio.MemorySendChannel[str]] = set()
         self._workers_changed = trio.lowlevel.ParkingLot()
+        #: The packages shipped to the Workers, by name.
+        self._packages: dict[str, Package] = {}
 
     @property
     def workers(self) -> dict[str, WorkerInfo]:
@@ -238,8 +243,12 @@ class AsyncManager(Service):
         Returns:
             True.
 
+        *send_packages*, a list of ``{"name": ..., "path": ...}``, ships local
+        packages to every Worker first (see :meth:`distribute_packages`).
+
         Raises:
-            CommitGraphError: the graph or the mapping is not valid (nothing is started).
+            CommitGraphError: the graph, the mapping or a package is not valid
+                (nothing is started).
             NodeError: a node's ``prep`` raised (every node created is closed again).
             RuntimeError: a Worker failed otherwise, or left (likewise).
         """
@@ -247,6 +256,11 @@ class AsyncManager(Service):
         resolve_mapping(graph, self._names(), mapping, self.max_num_of_workers)
         self.register_graph(graph)
         self.map_graph(mapping)
+        if send_packages:
+            try:
+                await self.distribute_packages(send_packages)
+            except ValueError as exc:
+                raise CommitGraphError([str(exc)]) from exc
         try:
             await self.create_p2p_network()
             await self.setup_p2p_connections()
@@ -435,6 +449,33 @@ class AsyncManager(Service):
             await self._broadcast("shutdown_nodes")
             self._mapping = {}
 
+    async def distribute_packages(self, packages_meta: Sequence[Mapping[str, Any]]) -> bool:
+        """Ship local packages to every connected Worker, where its nodes import
+        them (ChimeraPy's ``send_packages``). Returns True once every Worker has them.
+
+        Each package is ``{"name": its import name, "path": its folder or .py
+        file}``; the Workers download it from ``GET /packages/NAME.zip`` and
+        check its SHA-256. A package shipped again replaces the earlier one
+        (for nodes created afterwards).
+
+        Raises:
+            ValueError: a package is not valid (see :func:`chimera._packages.pack`);
+                nothing is shipped.
+            RuntimeError: a Worker could not load a package, or left.
+        """
+        packages = [await trio.to_thread.run_sync(pack, meta) for meta in packages_meta]
+        for package in packages:
+            self._packages[package.name] = package
+            log.info("package %r: %d bytes to ship", package.name, len(package.data))
+        args = [{"name": p.name, "sha256": p.sha256} for p in packages]
+        await run_all(
+            [
+                partial(self._request, worker_id, "load_packages", packages=args)
+                for worker_id in self._workers
+            ]
+        )
+        return True
+
     def _names(self) -> dict[str, str]:
         return {worker_id: info.name for worker_id, info in self._workers.items()}
 
@@ -572,13 +613,20 @@ class AsyncManager(Service):
             self._subscribers.discard(sender)
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["method"] == "GET" and scope["path"] == "/api/state" and self.dashboard_api:
+        method, path = scope["method"], scope["path"]
+        package = self._packages.get(path.removeprefix("/packages/").removesuffix(".zip"))
+        if method == "GET" and path == "/api/state" and self.dashboard_api:
             if not self._authorized(scope):
                 await _respond(send, 401, {"error": "refused: wrong or missing token"})
                 return
             await _respond(send, 200, self.state())
+        elif method == "GET" and path.startswith("/packages/") and package is not None:
+            if not self._authorized(scope):
+                await _respond(send, 401, {"error": "refused: wrong or missing token"})
+                return
+            await _respond_bytes(send, package.data, b"application/zip")
         else:
-            await _respond(send, 404, {"error": f"no {scope['method']} {scope['path']}"})
+            await _respond(send, 404, {"error": f"no {method} {path}"})
 
     async def _worker_session(self, receive: Receive, send: Send) -> None:
         """One Worker's control connection, from its ``hello`` until it leaves."""
@@ -660,7 +708,10 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 
 async def _respond(send: Send, status: int, body: Any) -> None:
-    data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+    await _respond_bytes(send, json.dumps(body).encode(), b"application/json", status)
+
+
+async def _respond_bytes(send: Send, data: bytes, content_type: bytes, status: int = 200) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(data))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})

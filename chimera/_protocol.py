@@ -60,6 +60,7 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 #: What a Manager may ask a Worker to do (see :class:`chimera._worker.AsyncWorker`).
 COMMANDS = frozenset(
     {
+        "load_packages",
         "create_nodes",
         "connect_nodes",
         "prep_nodes",

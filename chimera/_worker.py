@@ -9,18 +9,24 @@ it estimates the offset from its clock to the Manager's (see
 from __future__ import annotations
 
 import base64
+import importlib
 import logging
 import math
 import os
+import shutil
+import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import httpx
 import trio
 import trio_websocket
 
@@ -28,6 +34,7 @@ from . import _protocol as protocol
 from ._clock import ClockEstimator
 from ._errors import NodeError
 from ._node import NodeState
+from ._packages import extract
 from ._process import NodeProcess, Zygote
 from ._runtime import Input, NodeRuntime
 from ._service import Service, run_all
@@ -43,6 +50,8 @@ CLOCK_PERIOD = 1.0
 NODE_LOGGER = "chimera.node"
 #: Seconds between reports of node statistics to the Manager.
 STATS_PERIOD = 1.0
+#: Longest wait for a package's download from the Manager, in seconds.
+DOWNLOAD_TIMEOUT = 60.0
 
 
 def _bracketed(host: str) -> str:
@@ -119,6 +128,10 @@ class AsyncWorker(Service):
         self._nursery: trio.Nursery | None = None
         self._connected = False
         self._runtimes: dict[str, NodeRuntime | NodeProcess] = {}
+        #: Where the Manager serves HTTP, once connected.
+        self._manager_url: str | None = None
+        #: This Worker's temporary folder, once it needs one.
+        self._temp: Path | None = None
         self._runs: dict[str, trio.Event] = {}
         self._run_scopes: list[trio.CancelScope] = []
         self._session_scope: trio.CancelScope | None = None
@@ -162,6 +175,7 @@ class AsyncWorker(Service):
                 with trio.CancelScope(shield=True):
                     await self._close_nodes()
                 self._zygote_scope.cancel()
+                self._remove_temp_folder()
                 self._nursery = None
                 nursery.cancel_scope.cancel()
 
@@ -193,6 +207,7 @@ class AsyncWorker(Service):
         if self._connected:
             raise RuntimeError("the worker is connected already")
         url = f"ws://{_bracketed(host)}:{port}/ws/worker"
+        self._manager_url = f"http://{_bracketed(host)}:{port}"
         try:
             with trio.fail_after(timeout):
                 await self._nursery.start(self._session, url)
@@ -317,6 +332,44 @@ class AsyncWorker(Service):
         self._events_in.send_nowait(
             protocol.make("node_state", node_id=node_id, state=state.value, reason=reason)
         )
+
+    async def _do_load_packages(self, packages: list[dict[str, str]]) -> None:
+        """Download each package from the Manager, check it, and put it where
+        this Worker and the nodes it creates from now on import from."""
+        folder = self._temp_folder() / "packages"
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        async with httpx.AsyncClient(
+            base_url=self._manager_url, headers=headers, timeout=DOWNLOAD_TIMEOUT
+        ) as client:
+            for package in packages:
+                response = await client.get(f"/packages/{package['name']}.zip")
+                response.raise_for_status()
+                await trio.to_thread.run_sync(
+                    extract, package["name"], response.content, package["sha256"], folder
+                )
+                log.info("worker %r: package %r loaded", self.name, package["name"])
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+        importlib.invalidate_caches()
+
+    def _temp_folder(self) -> Path:
+        """This Worker's temporary folder (made on first use; see ``delete_temp``)."""
+        if self._temp is None:
+            self._temp = Path(tempfile.mkdtemp(prefix="chimera-worker-"))
+        return self._temp
+
+    def _remove_temp_folder(self) -> None:
+        """Forget the packages loaded; remove the temporary folder unless kept."""
+        if self._temp is None:
+            return
+        packages = str(self._temp / "packages")
+        if packages in sys.path:
+            sys.path.remove(packages)
+        if self.delete_temp:
+            shutil.rmtree(self._temp, ignore_errors=True)
+        else:
+            log.info("worker %r: its temporary folder %s is kept", self.name, self._temp)
+        self._temp = None
 
     async def _do_create_nodes(self, nodes: list[dict[str, Any]]) -> dict[str, Any]:
         """Make every node (in parallel); the address of each one's outlet."""

@@ -1,0 +1,96 @@
+"""Local packages shipped from the Manager to every Worker (ChimeraPy's ``send_packages``).
+
+A package is given as ``{"name": its import name, "path": its folder or .py
+file}``, typically one in development that the Workers cannot install. The
+Manager zips it once (:func:`pack`); each Worker downloads the zip over HTTP,
+checks its SHA-256 and extracts it into a folder of its own (:func:`extract`)
+that it and its nodes import from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+__all__ = ["Package", "extract", "pack"]
+
+#: Folders not shipped.
+_SKIPPED = frozenset({"__pycache__", ".git", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
+
+
+@dataclass(frozen=True)
+class Package:
+    """One package, zipped: its import name, the zip, and the zip's SHA-256 (hex)."""
+
+    name: str
+    data: bytes
+    sha256: str
+
+
+def pack(meta: Mapping[str, Any]) -> Package:
+    """Zip the package *meta* names: ``{"name": ..., "path": ...}``.
+
+    A folder goes in as ``NAME/...`` (without ``__pycache__`` and tool
+    caches); a ``.py`` file as ``NAME.py``. Blocking: run it in a thread.
+
+    Raises:
+        ValueError: *meta* lacks ``name`` or ``path``, the name is not a
+            Python identifier, or the path is neither a folder nor a ``.py`` file.
+    """
+    if not isinstance(meta, Mapping) or "name" not in meta or "path" not in meta:
+        raise ValueError(f'a package is {{"name": ..., "path": ...}}, not {meta!r}')
+    name, path = meta["name"], Path(meta["path"])
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"package name {name!r} is not a Python identifier")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        if path.is_dir():
+            for folder, subfolders, files in os.walk(path):
+                subfolders[:] = sorted(d for d in subfolders if d not in _SKIPPED)
+                for file in sorted(files):
+                    full = Path(folder, file)
+                    archive.write(full, PurePosixPath(name, *full.relative_to(path).parts))
+        elif path.is_file() and path.suffix == ".py":
+            archive.write(path, f"{name}.py")
+        else:
+            raise ValueError(f"package {name!r}: {str(path)!r} is neither a folder nor a .py file")
+    data = buffer.getvalue()
+    return Package(name, data, hashlib.sha256(data).hexdigest())
+
+
+def extract(name: str, data: bytes, sha256: str, folder: Path) -> None:
+    """Extract package *name*'s zip *data* into *folder* (which then holds
+    ``NAME/`` or ``NAME.py``), replacing what an earlier version left there.
+    Blocking: run it in a thread.
+
+    Raises:
+        ValueError: *name* is not a Python identifier, *data* does not have
+            the SHA-256 *sha256*, is not a zip,
+            or holds a file outside ``NAME/`` and ``NAME.py``.
+    """
+    if not name.isidentifier():
+        raise ValueError(f"package name {name!r} is not a Python identifier")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"package {name!r}: the download does not match its SHA-256")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"package {name!r}: not a zip: {exc}") from None
+    with archive:
+        for member in archive.namelist():
+            parts = PurePosixPath(member).parts
+            inside = member == f"{name}.py" or (
+                len(parts) > 1 and parts[0] == name and ".." not in parts and "\\" not in member
+            )
+            if not inside:
+                raise ValueError(f"package {name!r}: the zip holds {member!r}, outside the package")
+        shutil.rmtree(folder / name, ignore_errors=True)
+        (folder / f"{name}.py").unlink(missing_ok=True)
+        archive.extractall(folder)
