@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
+from ._data import DataChunk
 from ._graph import Graph
 from ._manager import AsyncManager, WorkerInfo
 from ._node import NodeState
@@ -154,6 +155,10 @@ class Manager:
     ) -> bool:
         """See :meth:`chimera.AsyncManager.commit_graph`."""
         return self._loop.call(self._manager.commit_graph, graph, mapping, send_packages)
+
+    def gather(self) -> dict[str, DataChunk | None]:
+        """See :meth:`chimera.AsyncManager.gather`."""
+        return self._loop.call(self._manager.gather)
 
     def distribute_packages(self, packages_meta: list[dict[str, Any]]) -> bool:
         """See :meth:`chimera.AsyncManager.distribute_packages`."""

@@ -9,12 +9,14 @@ Both carry :mod:`chimera._pipe` messages:
 - stdin, Worker to child: the spec ``{"node": cloudpickled node, "runtime":
   NodeRuntime keywords, "sys_path": [...], "log_level": int,
   "clock_offset_ns": int}``, then commands ``(name, args)``: ``connect``,
-  ``prep``, ``step``, ``run``, ``stop``, ``close``, and ``clock`` (a new offset from
-  this machine's clock to the cluster's, in ns).
+  ``prep``, ``step``, ``run``, ``stop``, ``gather``, ``close``, and ``clock`` (a
+  new offset from this machine's clock to the cluster's, in ns).
 - the events pipe, child to Worker: ``("created", address)`` once the node's outlet is
   bound; ``("state", state, reason)`` at each change of the node's state;
-  ``("done", command, None)`` or ``("failed", command, message, traceback)``
-  when a command ends (``"create"`` when the node cannot even be made);
+  ``("done", command, result)`` or ``("failed", command, message, traceback)``
+  when a command ends (``"create"`` when the node cannot even be made; the
+  result of ``gather`` is the frames of the node's last chunk, as bytes, or
+  None; of the others, None);
   ``("log", level, logger name, text)`` for each log record at or above the
   Worker's level; ``("stats", {"steps": n, "dropped": n})`` twice a
   second while they change; ``("crashed", message, traceback)`` before the child dies
@@ -152,6 +154,10 @@ async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
                     runtime.request_stop()
                 elif name == "clock":
                     _follow_clock(args[0])
+                elif name == "gather":
+                    frames = await runtime.gather()
+                    result = None if frames is None else [bytes(frame) for frame in frames]
+                    events.send("done", name, result)
                 elif name == "run":
                     nursery.start_soon(_run_command, events, name, runtime.run)
                 elif name in ("connect", "prep"):

@@ -7,7 +7,9 @@
   answered with the Manager's clock;
 - ``GET /api/state``: the cluster's state as JSON;
 - ``GET /packages/NAME.zip``: a package :meth:`AsyncManager.distribute_packages`
-  ships, for the Workers to download.
+  ships, for the Workers to download;
+- ``POST /uploads/KEY``: what a Worker sends back for a request that named KEY
+  (:meth:`AsyncManager.gather`).
 
 Everything it starts lives in its nursery: leaving ``async with`` closes the
 port and every connection.
@@ -22,6 +24,7 @@ import json
 import logging
 import time
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,10 +35,12 @@ from typing import Any, TextIO
 import cloudpickle
 import hypercorn.config
 import hypercorn.trio
+import msgpack
 import pynng
 import trio
 
 from . import _protocol as protocol
+from ._data import DataChunk, DecodeError, decode_chunk
 from ._errors import CommitGraphError, NodeError
 from ._graph import Graph
 from ._mapping import resolve_mapping
@@ -46,6 +51,8 @@ __all__ = ["AsyncManager", "WorkerInfo"]
 
 #: Longest wait for closing the nodes of a commit that failed, in seconds.
 COMMIT_CLEANUP_TIMEOUT = 30.0
+#: The largest upload a Worker may send, in bytes.
+MAX_UPLOAD = 1 << 30
 
 log = logging.getLogger("chimera.manager")
 #: The Manager logs each node's records under ``chimera.manager.node.NAME``.
@@ -138,6 +145,8 @@ class AsyncManager(Service):
         self._workers_changed = trio.lowlevel.ParkingLot()
         #: The packages shipped to the Workers, by name.
         self._packages: dict[str, Package] = {}
+        #: The uploads expected from Workers (None until it came), by key.
+        self._uploads: dict[str, bytes | None] = {}
 
     @property
     def workers(self) -> dict[str, WorkerInfo]:
@@ -449,6 +458,31 @@ class AsyncManager(Service):
             await self._broadcast("shutdown_nodes")
             self._mapping = {}
 
+    async def gather(self) -> dict[str, DataChunk | None]:
+        """The last chunk each committed node's ``step`` returned, by node id
+        (None for a node that returned none yet, or whose process is gone).
+
+        Raises:
+            RuntimeError: a Worker failed, or left.
+            DecodeError: a Worker sent a chunk that cannot be decoded.
+        """
+        gathered: dict[str, DataChunk | None] = {}
+
+        async def gather_from(worker_id: str, node_ids: list[str]) -> None:
+            key = uuid.uuid4().hex
+            self._uploads[key] = None
+            try:
+                await self._request(worker_id, "gather_nodes", upload=f"/uploads/{key}")
+                data = self._uploads[key]
+            finally:
+                del self._uploads[key]
+            if data is None:
+                raise RuntimeError(f"worker {self._workers[worker_id].name!r} sent nothing")
+            gathered.update(_decode_gathered(data))
+
+        await self._on_every_worker(gather_from)
+        return gathered
+
     async def distribute_packages(self, packages_meta: Sequence[Mapping[str, Any]]) -> bool:
         """Ship local packages to every connected Worker, where its nodes import
         them (ChimeraPy's ``send_packages``). Returns True once every Worker has them.
@@ -620,6 +654,16 @@ class AsyncManager(Service):
                 await _respond(send, 401, {"error": "refused: wrong or missing token"})
                 return
             await _respond(send, 200, self.state())
+        elif method == "POST" and path.removeprefix("/uploads/") in self._uploads:
+            if not self._authorized(scope):
+                await _respond(send, 401, {"error": "refused: wrong or missing token"})
+                return
+            data = await _read_body(receive, MAX_UPLOAD)
+            if data is None:
+                await _respond(send, 413, {"error": f"larger than {MAX_UPLOAD} bytes"})
+                return
+            self._uploads[path.removeprefix("/uploads/")] = data
+            await _respond(send, 200, {})
         elif method == "GET" and path.startswith("/packages/") and package is not None:
             if not self._authorized(scope):
                 await _respond(send, 401, {"error": "refused: wrong or missing token"})
@@ -705,6 +749,40 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif event["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """An HTTP request's body; None if it is longer than *limit* bytes."""
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None  # the client went away
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            return None
+        parts.append(part)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _decode_gathered(data: bytes) -> dict[str, DataChunk | None]:
+    """What a Worker's ``gather_nodes`` uploaded: node id to chunk (or None).
+
+    Raises:
+        DecodeError: *data* is not such a map, or a chunk cannot be decoded.
+    """
+    try:
+        gathered = msgpack.unpackb(data, raw=False)
+    except Exception as exc:
+        raise DecodeError(f"a gather upload is not msgpack: {exc}") from None
+    if not isinstance(gathered, dict) or not all(isinstance(k, str) for k in gathered):
+        raise DecodeError("a gather upload is not a map of node ids")
+    return {
+        node_id: None if frames is None else decode_chunk(frames)
+        for node_id, frames in gathered.items()
+    }
 
 
 async def _respond(send: Send, status: int, body: Any) -> None:

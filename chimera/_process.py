@@ -147,6 +147,7 @@ class _Pending:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: tuple[str, str] | None = None
+        self.result: Any = None
 
 
 class NodeProcess:
@@ -263,6 +264,14 @@ class NodeProcess:
         """The node's ``steps`` and ``dropped``, as its process last reported them."""
         return dict(self._stats)
 
+    async def gather(self) -> list[bytes] | None:
+        """The frames of the node's last chunk (see :meth:`NodeRuntime.gather`).
+
+        Raises:
+            NodeError: the process is gone.
+        """
+        return await self._command("gather")
+
     async def step_once(self) -> None:
         """Step once (see :meth:`NodeRuntime.step_once`). Raises NodeError."""
         await self._command("step")
@@ -369,8 +378,10 @@ class NodeProcess:
                 elif kind == "created":
                     self._address = event[1]
                     self._answer("create", None)
-                elif kind in ("done", "failed"):
-                    self._answer(event[1], event[2:] if kind == "failed" else None)
+                elif kind == "done":
+                    self._answer(event[1], None, event[2])
+                elif kind == "failed":
+                    self._answer(event[1], event[2:])
                 elif kind == "crashed":
                     crash = event[1]
                     log.error("node %r crashed:\n%s", self.name, event[2])
@@ -381,21 +392,25 @@ class NodeProcess:
 
     # --- helpers ---------------------------------------------------------------
 
-    async def _command(self, name: str, *args: Any) -> None:
+    async def _command(self, name: str, *args: Any) -> Any:
+        """Have the child carry out *name*; its result. Raises NodeError."""
+        if self._exited.is_set():
+            raise NodeError(self.name, self._death or "its process exited")
         pending = self._pending[name] = _Pending()
         await self._send_quietly((name, args))
-        await self._wait(pending)
+        return await self._wait(pending)
 
-    async def _wait(self, pending: _Pending) -> None:
+    async def _wait(self, pending: _Pending) -> Any:
         await pending.done.wait()
         if pending.error is not None:
             message, text = pending.error
             raise NodeError(self.name, message, text or "")
+        return pending.result
 
-    def _answer(self, name: str, error: tuple[str, str] | None) -> None:
+    def _answer(self, name: str, error: tuple[str, str] | None, result: Any = None) -> None:
         pending = self._pending.pop(name, None)
         if pending is not None:
-            pending.error = error
+            pending.error, pending.result = error, result
             pending.done.set()
 
     async def _send_quietly(self, message: Any) -> None:

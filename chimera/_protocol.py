@@ -67,6 +67,7 @@ COMMANDS = frozenset(
         "start_nodes",
         "step_nodes",
         "stop_nodes",
+        "gather_nodes",
         "shutdown_nodes",
     }
 )

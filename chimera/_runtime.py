@@ -145,6 +145,8 @@ class NodeRuntime:
         self.steps = 0
         #: Chunks of the followed input not stepped on (LATEST: a newer one came with them).
         self.skipped = 0
+        #: The frames of the last chunk a step returned.
+        self._latest: list[Frame] | None = None
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -247,6 +249,13 @@ class NodeRuntime:
         """``steps`` (steps done) and ``dropped`` (chunks its inputs dropped, LATEST)."""
         dropped = sum(inlet.stats.messages_dropped for inlet in self._inlets.values())
         return {"steps": self.steps, "dropped": dropped + self.skipped}
+
+    async def gather(self) -> list[Frame] | None:
+        """The frames of the last chunk the node's ``step`` returned; None if none yet.
+
+        Arrays travel without copies: their frames show them as they are now.
+        """
+        return self._latest
 
     async def step_once(self) -> None:
         """Step once (ChimeraPy's offline mode): a source steps and sends; a node
@@ -381,6 +390,8 @@ class NodeRuntime:
                     except NodeError as exc:
                         failure = exc
                         break
+            if chunks:
+                self._latest = chunks[-1]
             if chunks and self._outlet is not None:
                 await self._outlet.send(pack_batch(chunks))
             if failure is not None:
@@ -488,8 +499,11 @@ class NodeRuntime:
     async def _emit(self, result: Any) -> None:
         """Send what one ``step`` returned (offline mode)."""
         self.steps += 1
-        if result is not None and self._outlet is not None:
-            await self._outlet.send(pack_batch([self._encode(result)]))
+        if result is None:
+            return
+        self._latest = self._encode(result)
+        if self._outlet is not None:
+            await self._outlet.send(pack_batch([self._latest]))
 
     def _encode(self, result: Any) -> list[Frame]:
         """The frames of what ``step`` returned (see :class:`~chimera.Node`); a

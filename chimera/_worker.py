@@ -27,6 +27,7 @@ from typing import Any
 
 import cloudpickle
 import httpx
+import msgpack
 import trio
 import trio_websocket
 
@@ -50,7 +51,7 @@ CLOCK_PERIOD = 1.0
 NODE_LOGGER = "chimera.node"
 #: Seconds between reports of node statistics to the Manager.
 STATS_PERIOD = 1.0
-#: Longest wait for a package's download from the Manager, in seconds.
+#: Longest wait for a download from the Manager, or an upload to it, in seconds.
 DOWNLOAD_TIMEOUT = 60.0
 
 
@@ -486,6 +487,36 @@ class AsyncWorker(Service):
         self._node_names.clear()
         self._runs.clear()
         self._run_scopes.clear()
+
+    async def _do_gather_nodes(self, upload: str) -> None:
+        """POST the last chunk of every node to the Manager's *upload* path: a
+        msgpack map of node id to the chunk's frames, or None (no chunk yet,
+        or the node's process is gone)."""
+        gathered: dict[str, list[bytes] | None] = {}
+
+        async def gather(node_id: str, runtime: NodeRuntime | NodeProcess) -> None:
+            try:
+                frames = await runtime.gather()
+            except NodeError as exc:
+                log.warning("worker %r: cannot gather node %s: %s", self.name, node_id, exc)
+                frames = None
+            gathered[node_id] = None if frames is None else [bytes(f) for f in frames]
+
+        await run_all([partial(gather, *item) for item in self._runtimes.items()])
+        await self._upload(upload, msgpack.packb(gathered, use_bin_type=True))
+
+    async def _upload(self, path: str, data: bytes) -> None:
+        """POST *data* to the Manager's *path*.
+
+        Raises:
+            httpx.HTTPError: the Manager could not be reached or refused it.
+        """
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        async with httpx.AsyncClient(
+            base_url=self._manager_url, headers=headers, timeout=DOWNLOAD_TIMEOUT
+        ) as client:
+            response = await client.post(path, content=data)
+            response.raise_for_status()
 
     async def _do_stop_nodes(self) -> dict[str, str]:
         for runtime in self._runtimes.values():

@@ -70,9 +70,15 @@ async def test_a_pipeline_over_two_workers_delivers_everything_in_order(tmp_path
             assert set(manager.nodes.values()) <= {"INITIALIZED", "CONNECTED", "READY"}
             assert await manager.start()
             await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            gathered = await manager.gather()
             assert await manager.stop()
             assert remote.nodes == {printer.id: cp.NodeState.STOPPED}
     assert SEEN["printer"] == [2 * i for i in range(1, 31)]
+    # Each node's last chunk, decoded; None for the printer, which returns nothing.
+    assert gathered.keys() == {counter.id, doubler.id, printer.id}
+    assert gathered[counter.id].get("default")["value"] == 30
+    assert gathered[doubler.id].get("default")["value"] == 60
+    assert gathered[printer.id] is None
 
 
 async def test_a_prep_that_raises_makes_commit_graph_raise_a_node_error(tmp_path):

@@ -121,6 +121,25 @@ async def test_a_pipeline_over_two_workers_in_processes_loses_nothing(tmp_path):
     assert set(children_of(os.getpid())) <= before
 
 
+async def test_gather_brings_each_nodes_last_chunk_from_its_process(tmp_path):
+    async with notifications() as (port, notified):
+        graph = counter_to_sink(tmp_path, port, 50)
+        doubler = Doubler("doubler", source="counter")
+        graph.add_edge(graph.G.nodes[graph.get_id_by_name("counter")]["object"], doubler)
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local", "remote") as manager:
+                mapping = {"local": ["counter", "sink"], "remote": ["doubler"]}
+                assert await manager.commit_graph(graph, mapping)
+                assert await manager.gather() == dict.fromkeys(graph.G.nodes)  # nothing yet
+                assert await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()  # every chunk stepped: the last ones are known
+                gathered = await manager.gather()
+    assert gathered[graph.get_id_by_name("counter")].get("default")["value"] == 50
+    assert gathered[doubler.id].get("default")["value"] == 100
+    assert gathered[graph.get_id_by_name("sink")] is None
+
+
 async def test_a_killed_node_fails_and_the_others_go_on(tmp_path):
     async with notifications() as (port, notified):
         counter = Counter("counter", limit=10)
@@ -136,6 +155,9 @@ async def test_a_killed_node_fails_and_the_others_go_on(tmp_path):
                 os.kill(int((tmp_path / "first.pid").read_text()), signal.SIGKILL)
                 assert await manager.wait_for_node_state("first", "FAILED") == "FAILED"
                 assert await manager.stop()
+                gathered = await manager.gather()  # still works, without the dead node
+                assert gathered[first.id] is None
+                assert gathered[counter.id].get("default")["value"] == 10
                 await manager.shutdown()
     assert json.loads((tmp_path / "second.json").read_text()) == list(range(1, 11))
     assert not (tmp_path / "first.json").exists()  # killed: no teardown
