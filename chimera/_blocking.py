@@ -156,6 +156,12 @@ class Manager:
         """See :meth:`chimera.AsyncManager.commit_graph`."""
         return self._loop.call(self._manager.commit_graph, graph, mapping, send_packages)
 
+    def broadcast_request(
+        self, htype: str, route: str, data: Any = None, timeout: float = 55
+    ) -> bool:
+        """See :meth:`chimera.AsyncManager.broadcast_request`."""
+        return self._loop.call(self._manager.broadcast_request, htype, route, data, timeout)
+
     def gather(self) -> dict[str, DataChunk | None]:
         """See :meth:`chimera.AsyncManager.gather`."""
         return self._loop.call(self._manager.gather)

@@ -483,6 +483,57 @@ class AsyncManager(Service):
         await self._on_every_worker(gather_from)
         return gathered
 
+    async def broadcast_request(
+        self,
+        htype: str,
+        route: str,
+        data: Any = None,
+        timeout: float = 55,  # noqa: ASYNC109 (ChimeraPy's signature)
+    ) -> bool:
+        """Carry out one of ChimeraPy's Worker routes on every Worker.
+
+        ChimeraPy's Workers served HTTP, and this sent each the same request;
+        here Workers serve nothing, and each route that had a meaning for a
+        whole cluster runs the Manager method that does it:
+
+        ==========================  ============================================
+        ``post /nodes/start``       :meth:`start`
+        ``post /nodes/stop``        :meth:`stop`
+        ``post /nodes/step``        :meth:`step`
+        ``get /nodes/gather``       :meth:`gather`
+        ``post /packages/load``     :meth:`distribute_packages` (*data*: the
+                                    packages, or ``{"packages": [...]}``)
+        ``post /shutdown``          :meth:`shutdown`
+        ==========================  ============================================
+
+        Returns:
+            True once every Worker has done it; False after *timeout* seconds
+            (what was under way is cancelled).
+
+        Raises:
+            ValueError: *htype* and *route* name none of the routes above.
+            Exception: whatever the method raises.
+        """
+        routes: dict[tuple[str, str], Callable[[], Awaitable[Any]]] = {
+            ("post", "/nodes/start"): self.start,
+            ("post", "/nodes/stop"): self.stop,
+            ("post", "/nodes/step"): self.step,
+            ("get", "/nodes/gather"): self.gather,
+            ("post", "/shutdown"): self.shutdown,
+        }
+        if (htype, route) == ("post", "/packages/load"):
+            packages = data.get("packages", []) if isinstance(data, Mapping) else data
+            routes[htype, route] = partial(self.distribute_packages, packages)
+        call = routes.get((htype, route))
+        if call is None:
+            known = ", ".join(f"{h} {r}" for h, r in [*routes, ("post", "/packages/load")])
+            raise ValueError(f"no route {htype} {route}; the routes are: {known}")
+        with trio.move_on_after(timeout):
+            await call()
+            return True
+        log.error("broadcast_request %s %s: no answer within %s s", htype, route, timeout)
+        return False
+
     async def distribute_packages(self, packages_meta: Sequence[Mapping[str, Any]]) -> bool:
         """Ship local packages to every connected Worker, where its nodes import
         them (ChimeraPy's ``send_packages``). Returns True once every Worker has them.

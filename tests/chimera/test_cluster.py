@@ -113,3 +113,28 @@ async def test_a_bad_mapping_is_refused_before_anything_starts(tmp_path):
             with pytest.raises(cp.CommitGraphError, match="nodes not mapped to any worker: 'b'"):
                 await manager.commit_graph(graph, {"local": ["a"]})
             assert local.nodes == {}
+
+
+async def test_broadcast_request_runs_chimerapys_worker_routes_on_the_cluster(tmp_path):
+    ENOUGH.clear()
+    counter, doubler, printer = Counter("counter"), Doubler("doubler"), Printer("printer")
+    graph = cp.Graph()
+    graph.add_edges_from([(counter, doubler), (doubler, printer)])
+    with trio.fail_after(30):
+        async with (
+            AsyncManager(tmp_path, port=0, transport="memory") as manager,
+            AsyncWorker("local") as local,
+        ):
+            assert await local.connect(manager.host, manager.port)
+            await manager.wait_for_workers(1)
+            await manager.commit_graph(graph, {"local": ["counter", "doubler", "printer"]})
+            assert await manager.broadcast_request("post", "/nodes/start")
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            assert await manager.broadcast_request("post", "/nodes/stop")
+            assert set(manager.nodes.values()) == {"STOPPED"}
+            assert await manager.broadcast_request("get", "/nodes/gather", timeout=0) is False
+            with pytest.raises(ValueError, match="no route get /nodes/start; the routes are: post"):
+                await manager.broadcast_request("get", "/nodes/start")
+            assert await manager.broadcast_request("post", "/shutdown")
+            assert local.nodes == {}
+    assert SEEN["printer"] == [2 * i for i in range(1, 31)]
