@@ -94,6 +94,11 @@ class Node:
         self.state = NodeState.INITIALIZED
         #: The node's logger: what it logs reaches its Worker and the Manager.
         self.logger = logging.getLogger(f"chimera.node.{name}")
+        #: For a node that overrides :meth:`main`: whether it should go on,
+        #: the latest chunk of each input, and whether a new one came.
+        self.running = False
+        self.in_bound_data: dict[str, DataChunk] = {}
+        self.new_data_available = False
 
     @property
     def id(self) -> str:
@@ -132,6 +137,19 @@ class Node:
 
     def teardown(self) -> None:
         """Release what :meth:`prep` opened. Runs once, after the last step."""
+
+    def main(self) -> None:
+        """Override to run a loop of your own instead of :meth:`step`.
+
+        A node that overrides ``main`` is not stepped: ``main`` runs once, in
+        the node's thread, between ``prep`` and ``teardown``, and should
+        return once :attr:`running` is False -- when the node is asked to stop
+        (a source), its followed input has ended, or the cluster shuts down.
+        Each chunk of the followed input replaces :attr:`in_bound_data` (the
+        latest chunk of each input, by name) and sets :attr:`new_data_available`,
+        which ``main`` clears once it has used the data. Nothing ``main`` does
+        is sent to the node's outputs; it records (``save_*``) or acts.
+        """
 
     # --- recording (issue #4 makes these write files) -------------------------
 

@@ -217,7 +217,9 @@ class NodeRuntime:
                 await self._outlet.wait_for_inlets(self._outputs)
             self._set_state(NodeState.RUNNING)
             try:
-                if self._inputs:
+                if type(self.node).main is not Node.main:
+                    await self._run_main()
+                elif self._inputs:
                     await self._step_on_inputs()
                 else:
                     await self._step_as_source()
@@ -313,6 +315,76 @@ class NodeRuntime:
                 log.warning("node %r: its code is still running; left behind", self.node.name)
         if self.node.state is not NodeState.FAILED:
             self._set_state(NodeState.SHUTDOWN)
+
+    # --- a node's own main ------------------------------------------------------
+
+    async def _run_main(self) -> None:
+        """Run the node's own ``main`` instead of stepping, until it returns.
+
+        ``running`` goes False once the node is asked to stop (a source), its
+        followed input ended, or its run is cancelled; meanwhile each chunk of
+        the followed input refreshes ``in_bound_data`` (the latest chunk of
+        each input, a new dict each time) and sets ``new_data_available``.
+
+        Raises:
+            NodeError: ``main`` raised, or a chunk received could not be decoded.
+        """
+        node = self.node
+        node.running, node.in_bound_data, node.new_data_available = True, {}, False
+        failures: list[NodeError] = []
+        failure: NodeError | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._until_main_should_end, failures)
+                try:
+                    # Abandoned if cancelled: main sees ``running`` go False and
+                    # ends on its own; teardown runs on the same thread after it.
+                    await self._call("main", node.main, abandon=True)
+                except NodeError as exc:  # here, not out of the nursery: no exception group
+                    failure = exc
+                nursery.cancel_scope.cancel()
+        finally:
+            node.running = False
+        if failure is not None or failures:
+            raise failure or failures[0]
+
+    async def _until_main_should_end(self, failures: list[NodeError]) -> None:
+        """Feed ``main`` its inputs until they end (or a source until it is
+        asked to stop); then ``running`` goes False. A chunk that cannot be
+        decoded ends it too, its NodeError added to *failures*."""
+        if not self._inputs:
+            with self._feeding:
+                await trio.sleep_forever()
+        else:
+            latest: dict[str, DataChunk] = {}
+            async with trio.open_nursery() as nursery:
+                for name, inlet in self._inlets.items():
+                    if name != self._follow:
+                        nursery.start_soon(self._keep_main_latest, name, inlet, latest, failures)
+                await self._keep_main_latest(
+                    self._follow, self._inlets[self._follow], latest, failures
+                )
+                nursery.cancel_scope.cancel()
+        self.node.running = False
+
+    async def _keep_main_latest(
+        self,
+        name: str,
+        inlet: transports.Inlet,
+        latest: dict[str, DataChunk],
+        failures: list[NodeError],
+    ) -> None:
+        try:
+            async for message in inlet:
+                latest[name] = self._unpack(message, name, newest=True)[-1]
+                if name == self._follow:
+                    self.node.in_bound_data = dict(latest)
+                    self.node.new_data_available = True
+        except trio.BrokenResourceError as exc:
+            log.warning("node %r: input %r broke: %s", self.node.name, name, exc)
+        except NodeError as exc:
+            failures.append(exc)
+            self.node.running = False
 
     # --- stepping --------------------------------------------------------------
     #

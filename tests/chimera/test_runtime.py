@@ -322,3 +322,101 @@ async def test_a_chunk_that_cannot_be_decoded_fails_the_node_and_teardown_runs()
                 await runtime.run()  # returns: the node failed
     assert collect.state is cp.NodeState.FAILED
     assert collect.seen == [] and collect.torn_down == 1
+
+
+class Looping(cp.Node):
+    """A source with its own main loop: counts turns until told to stop."""
+
+    def __init__(self, name, started):
+        super().__init__(name)
+        self.started, self.turns, self.threads, self.torn_down = started, 0, set(), 0
+
+    def main(self):
+        self.threads.add(threading.get_ident())
+        while self.running:
+            self.turns += 1
+            if self.turns == 3:
+                self.started.set()
+            threading.Event().wait(0.001)
+
+    def teardown(self):
+        self.torn_down += 1
+
+
+class Watching(cp.Node):
+    """Its own main loop over its inputs: keeps each new value of its followed input."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.values = []
+
+    def main(self):
+        while True:
+            if self.new_data_available:
+                self.new_data_available = False
+                self.values.append(self.in_bound_data["count"].get("default")["value"])
+            elif not self.running:
+                return
+            else:
+                threading.Event().wait(0.0005)
+
+
+async def test_a_source_that_overrides_main_runs_it_until_asked_to_stop():
+    started = threading.Event()
+    source = Looping("source", started)
+    with trio.fail_after(20):
+        _, states = await run_pipeline([source], [], until=started, stop=["source"])
+    assert source.turns >= 3 and source.torn_down == 1
+    assert threading.get_ident() not in source.threads
+    assert states["source"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
+
+
+async def test_a_node_that_overrides_main_sees_its_inputs_and_ends_with_them():
+    done = threading.Event()
+    count = Count("count", 20)
+    original_step = count.step
+
+    def step():
+        value = original_step()
+        if count.sent == 20:
+            done.set()
+        return value
+
+    count.step = step
+    watching = Watching("watching")
+    with trio.fail_after(20):
+        runtimes, states = await run_pipeline(
+            [count, watching], [(count, watching)], until=done, stop=["count"]
+        )
+    # Newer values each time (main may miss some: it sees the latest), the last one last.
+    assert watching.values == sorted(set(watching.values)) and watching.values[-1] == 20
+    assert not watching.running
+    assert states["watching"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
+
+
+async def test_a_main_that_raises_fails_its_node_and_teardown_still_runs():
+    class Broken(Looping):
+        def main(self):
+            raise RuntimeError("lost the device")
+
+    broken = Broken("broken", threading.Event())
+    with trio.fail_after(20):
+        _, states = await run_pipeline([broken], [])
+    assert broken.torn_down == 1
+    assert broken.state is cp.NodeState.FAILED
+    assert cp.NodeState.STOPPED not in states["broken"]
+
+
+async def test_a_chunk_that_cannot_be_decoded_ends_a_main_and_fails_its_node():
+    import transports
+
+    watching = Watching("watching")
+    with trio.fail_after(20):
+        async with await transports.bind("memory://") as outlet:
+            async with NodeRuntime(watching, inputs=[Input("count")]) as runtime:
+                await runtime.connect({"count": outlet.address})
+                await runtime.prep()
+                await outlet.send([b"not a batch"])
+                await runtime.run()  # returns: the node failed
+    assert watching.state is cp.NodeState.FAILED
+    assert watching.values == [] and not watching.running
