@@ -305,7 +305,7 @@ class AsyncWorker(Service):
                 self._clock_changed.unpark_all()
                 self._share_clock()
             elif message["type"] == "request":
-                nursery.start_soon(self._answer, ws, message)
+                nursery.start_soon(self._answer, message)
             elif message["type"] == "error":
                 log.warning("worker %r: the manager says: %s", self.name, message["error"])
             else:
@@ -315,7 +315,7 @@ class AsyncWorker(Service):
 
     # --- the Manager's commands ------------------------------------------------
 
-    async def _answer(self, ws: trio_websocket.WebSocketConnection, request: dict) -> None:
+    async def _answer(self, request: dict) -> None:
         """Carry out one request and reply to it (a failure is a reply too)."""
         reply: dict[str, Any] = {"result": None, "error": None, "traceback": None, "node": None}
         try:
@@ -327,7 +327,9 @@ class AsyncWorker(Service):
         except Exception as exc:
             log.exception("worker %r: %s failed", self.name, request["command"])
             reply.update(ok=False, error=f"{request['command']}: {exc!r}")
-        await ws.send_message(protocol.make("reply", id=request["id"], **reply))
+        # Behind the events this request caused (node states): the Manager
+        # sees them before the reply.
+        self._events_in.send_nowait(protocol.make("reply", id=request["id"], **reply))
 
     def _report(self, node_id: str, state: NodeState, reason: str | None) -> None:
         self._events_in.send_nowait(
@@ -459,12 +461,17 @@ class AsyncWorker(Service):
     async def _do_start_nodes(self) -> None:
         for node_id, runtime in self._runtimes.items():
             done = self._runs[node_id] = trio.Event()
-            self._nursery.start_soon(self._run_node, runtime, done)
+            # Made here, not in the task: closing the nodes before the task
+            # runs still cancels the run.
+            scope = trio.CancelScope()
+            self._run_scopes.append(scope)
+            self._nursery.start_soon(self._run_node, runtime, scope, done)
 
-    async def _run_node(self, runtime: NodeRuntime, done: trio.Event) -> None:
+    async def _run_node(
+        self, runtime: NodeRuntime | NodeProcess, scope: trio.CancelScope, done: trio.Event
+    ) -> None:
         try:
-            with trio.CancelScope() as scope:
-                self._run_scopes.append(scope)
+            with scope:
                 await runtime.run()
         except NodeError as exc:
             log.error("worker %r: %s", self.name, exc)
@@ -476,10 +483,12 @@ class AsyncWorker(Service):
 
     async def _close_nodes(self) -> None:
         """Stop what runs (at once), then close every node's endpoints."""
-        for scope in self._run_scopes:
-            scope.cancel()
-        for done in self._runs.values():
-            await done.wait()  # teardown runs, shielded, for at most TEARDOWN_TIMEOUT
+        # Until no run is left: a start request may add runs meanwhile.
+        while running := [done for done in self._runs.values() if not done.is_set()]:
+            for scope in self._run_scopes:
+                scope.cancel()
+            for done in running:
+                await done.wait()  # teardown runs, shielded, for at most TEARDOWN_TIMEOUT
         async with trio.open_nursery() as nursery:
             for runtime in self._runtimes.values():
                 nursery.start_soon(runtime.aclose)
@@ -521,6 +530,6 @@ class AsyncWorker(Service):
     async def _do_stop_nodes(self) -> dict[str, str]:
         for runtime in self._runtimes.values():
             runtime.request_stop()
-        for done in self._runs.values():
+        for done in list(self._runs.values()):
             await done.wait()
         return {node_id: state.value for node_id, state in self.nodes.items()}
