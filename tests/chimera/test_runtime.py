@@ -385,7 +385,7 @@ async def test_a_node_that_overrides_main_sees_its_inputs_and_ends_with_them():
     count.step = step
     watching = Watching("watching")
     with trio.fail_after(20):
-        runtimes, states = await run_pipeline(
+        _, states = await run_pipeline(
             [count, watching], [(count, watching)], until=done, stop=["count"]
         )
     # Newer values each time (main may miss some: it sees the latest), the last one last.
