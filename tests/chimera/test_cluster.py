@@ -6,6 +6,8 @@ Nodes in child processes: test_process.py.
 from __future__ import annotations
 
 import threading
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
@@ -51,20 +53,30 @@ class BrokenPrep(cp.Node):
         raise OSError("no such camera")
 
 
-async def test_a_pipeline_over_two_workers_delivers_everything_in_order(tmp_path):
+def counter_doubler_printer() -> tuple[cp.Graph, Counter, Doubler, Printer]:
     ENOUGH.clear()
     counter, doubler, printer = Counter("counter"), Doubler("doubler"), Printer("printer")
     graph = cp.Graph()
     graph.add_edges_from([(counter, doubler), (doubler, printer)])
+    return graph, counter, doubler, printer
+
+
+@asynccontextmanager
+async def cluster(tmp_path, *names: str) -> AsyncIterator[tuple[AsyncManager, list[AsyncWorker]]]:
+    """A Manager (memory transport: nodes inline) and connected Workers of these names."""
+    async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+        async with AsyncExitStack() as stack:
+            workers = [await stack.enter_async_context(AsyncWorker(name)) for name in names]
+            for worker in workers:
+                assert await worker.connect(manager.host, manager.port)
+            await manager.wait_for_workers(len(names))
+            yield manager, workers
+
+
+async def test_a_pipeline_over_two_workers_delivers_everything_in_order(tmp_path):
+    graph, counter, doubler, printer = counter_doubler_printer()
     with trio.fail_after(30):
-        async with (
-            AsyncManager(tmp_path, port=0, transport="memory") as manager,
-            AsyncWorker("local") as local,
-            AsyncWorker("remote") as remote,
-        ):
-            assert await local.connect(manager.host, manager.port)
-            assert await remote.connect(manager.host, manager.port)
-            await manager.wait_for_workers(2)
+        async with cluster(tmp_path, "local", "remote") as (manager, (_, remote)):
             mapping = {"local": ["counter", "doubler"], "remote": ["printer"]}
             assert await manager.commit_graph(graph, mapping)
             assert set(manager.nodes.values()) <= {"INITIALIZED", "CONNECTED", "READY"}
@@ -85,12 +97,7 @@ async def test_a_prep_that_raises_makes_commit_graph_raise_a_node_error(tmp_path
     graph = cp.Graph()
     graph.add_edge(BrokenPrep("camera"), cp.Node("fine"))
     with trio.fail_after(30):
-        async with (
-            AsyncManager(tmp_path, port=0, transport="memory") as manager,
-            AsyncWorker("local") as local,
-        ):
-            assert await local.connect(manager.host, manager.port)
-            await manager.wait_for_workers(1)
+        async with cluster(tmp_path, "local") as (manager, (local,)):
             with pytest.raises(cp.NodeError) as caught:
                 await manager.commit_graph(graph, {"local": ["camera", "fine"]})
             assert local.nodes == {}  # what was created is closed again
@@ -104,29 +111,16 @@ async def test_a_bad_mapping_is_refused_before_anything_starts(tmp_path):
     graph = cp.Graph()
     graph.add_edge(a, b)
     with trio.fail_after(30):
-        async with (
-            AsyncManager(tmp_path, port=0, transport="memory") as manager,
-            AsyncWorker("local") as local,
-        ):
-            assert await local.connect(manager.host, manager.port)
-            await manager.wait_for_workers(1)
+        async with cluster(tmp_path, "local") as (manager, (local,)):
             with pytest.raises(cp.CommitGraphError, match="nodes not mapped to any worker: 'b'"):
                 await manager.commit_graph(graph, {"local": ["a"]})
             assert local.nodes == {}
 
 
 async def test_broadcast_request_runs_chimerapys_worker_routes_on_the_cluster(tmp_path):
-    ENOUGH.clear()
-    counter, doubler, printer = Counter("counter"), Doubler("doubler"), Printer("printer")
-    graph = cp.Graph()
-    graph.add_edges_from([(counter, doubler), (doubler, printer)])
+    graph, *_ = counter_doubler_printer()
     with trio.fail_after(30):
-        async with (
-            AsyncManager(tmp_path, port=0, transport="memory") as manager,
-            AsyncWorker("local") as local,
-        ):
-            assert await local.connect(manager.host, manager.port)
-            await manager.wait_for_workers(1)
+        async with cluster(tmp_path, "local") as (manager, (local,)):
             await manager.commit_graph(graph, {"local": ["counter", "doubler", "printer"]})
             assert await manager.broadcast_request("post", "/nodes/start")
             await trio.to_thread.run_sync(ENOUGH.wait, 20)

@@ -14,11 +14,12 @@ from chimera._runtime import Input, NodeRuntime
 
 
 class Count(cp.Node):
-    """Sends 1..n, then nothing (a source is stopped from outside)."""
+    """Sends 1..n, then nothing (a source is stopped from outside); sets
+    *sent_all* (a threading.Event) once it made n."""
 
-    def __init__(self, name, n, gate=None):
+    def __init__(self, name, n, gate=None, sent_all=None):
         super().__init__(name)
-        self.n, self.sent, self.gate = n, 0, gate
+        self.n, self.sent, self.gate, self.sent_all = n, 0, gate, sent_all
 
     def step(self):
         if self.gate is not None:
@@ -27,6 +28,8 @@ class Count(cp.Node):
             threading.Event().wait(0.001)  # a source steps in a loop: idle a little
             return None
         self.sent += 1
+        if self.sent == self.n and self.sent_all is not None:
+            self.sent_all.set()
         return self.sent
 
 
@@ -181,16 +184,7 @@ async def test_a_source_stops_after_its_current_step_and_what_it_made_arrives():
 async def test_a_followed_chunk_that_arrives_first_waits_for_the_other_inputs():
     # b sends three chunks before a sends its only one: none of b's is lost.
     b_sent, done = threading.Event(), threading.Event()
-    a, b = Count("a", 1, gate=b_sent), Count("b", 3)
-    original_step = b.step
-
-    def step_b():
-        value = original_step()
-        if b.sent == 3:
-            b_sent.set()
-        return value
-
-    b.step = step_b
+    a, b = Count("a", 1, gate=b_sent), Count("b", 3, sent_all=b_sent)
     sink = Collect("sink", 3, done)
     with trio.fail_after(20):
         await run_pipeline(
@@ -373,16 +367,7 @@ async def test_a_source_that_overrides_main_runs_it_until_asked_to_stop():
 
 async def test_a_node_that_overrides_main_sees_its_inputs_and_ends_with_them():
     done = threading.Event()
-    count = Count("count", 20)
-    original_step = count.step
-
-    def step():
-        value = original_step()
-        if count.sent == 20:
-            done.set()
-        return value
-
-    count.step = step
+    count = Count("count", 20, sent_all=done)
     watching = Watching("watching")
     with trio.fail_after(20):
         _, states = await run_pipeline(
