@@ -303,17 +303,22 @@ async def test_a_nodes_code_runs_on_one_thread_of_its_own():
     assert where.state is cp.NodeState.SHUTDOWN
 
 
-async def test_a_chunk_that_cannot_be_decoded_fails_the_node_and_teardown_runs():
+async def run_on_garbage(node: cp.Node) -> None:
+    """Run *node* with one input, which sends it what is not a chunk."""
     import transports
 
-    collect = Collect("collect", 1, threading.Event())
     with trio.fail_after(20):
         async with await transports.bind("memory://") as outlet:
-            async with NodeRuntime(collect, inputs=[Input("source")]) as runtime:
+            async with NodeRuntime(node, inputs=[Input("source")]) as runtime:
                 await runtime.connect({"source": outlet.address})
                 await runtime.prep()
                 await outlet.send([b"not a chunk"])
                 await runtime.run()  # returns: the node failed
+
+
+async def test_a_chunk_that_cannot_be_decoded_fails_the_node_and_teardown_runs():
+    collect = Collect("collect", 1, threading.Event())
+    await run_on_garbage(collect)
     assert collect.state is cp.NodeState.FAILED
     assert collect.seen == [] and collect.torn_down == 1
 
@@ -393,15 +398,7 @@ async def test_a_main_that_raises_fails_its_node_and_teardown_still_runs():
 
 
 async def test_a_chunk_that_cannot_be_decoded_ends_a_main_and_fails_its_node():
-    import transports
-
     watching = Watching("watching")
-    with trio.fail_after(20):
-        async with await transports.bind("memory://") as outlet:
-            async with NodeRuntime(watching, inputs=[Input("count")]) as runtime:
-                await runtime.connect({"count": outlet.address})
-                await runtime.prep()
-                await outlet.send([b"not a batch"])
-                await runtime.run()  # returns: the node failed
+    await run_on_garbage(watching)
     assert watching.state is cp.NodeState.FAILED
     assert watching.values == [] and not watching.running
