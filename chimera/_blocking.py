@@ -210,6 +210,14 @@ class Manager:
         """See :meth:`chimera.AsyncManager.start`."""
         return self._loop.call(self._manager.start)
 
+    def preview(self) -> bool:
+        """See :meth:`chimera.AsyncManager.preview`."""
+        return self._loop.call(self._manager.preview)
+
+    def record(self) -> bool:
+        """See :meth:`chimera.AsyncManager.record`."""
+        return self._loop.call(self._manager.record)
+
     def stop(self) -> bool:
         """See :meth:`chimera.AsyncManager.stop`."""
         return self._loop.call(self._manager.stop)

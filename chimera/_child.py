@@ -9,8 +9,9 @@ Both carry :mod:`chimera._pipe` messages:
 - stdin, Worker to child: the spec ``{"node": cloudpickled node, "runtime":
   NodeRuntime keywords, "sys_path": [...], "log_level": int,
   "clock_offset_ns": int}``, then commands ``(name, args)``: ``connect``,
-  ``prep``, ``step``, ``run``, ``stop``, ``gather``, ``close``, and ``clock`` (a
-  new offset from this machine's clock to the cluster's, in ns).
+  ``prep``, ``step``, ``run``, ``stop``, ``gather``, ``record`` (whether
+  ``save_*`` saves), ``close``, and ``clock`` (a new offset from this
+  machine's clock to the cluster's, in ns).
 - the events pipe, child to Worker: ``("created", address)`` once the node's outlet is
   bound; ``("state", state, reason)`` at each change of the node's state;
   ``("done", command, result)`` or ``("failed", command, message, traceback)``
@@ -154,6 +155,8 @@ async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
                     runtime.request_stop()
                 elif name == "clock":
                     _follow_clock(args[0])
+                elif name == "record":
+                    await runtime.set_recording(args[0])
                 elif name == "gather":
                     frames = await runtime.gather()
                     result = None if frames is None else [bytes(frame) for frame in frames]

@@ -439,8 +439,19 @@ class AsyncManager(Service):
         return True
 
     async def start(self) -> bool:
-        """Start every node stepping. Returns True."""
-        await self._broadcast("start_nodes")
+        """Start every node stepping, and recording (what ``save_*`` saves). Returns True."""
+        await self._broadcast("start_nodes", record=True)
+        return True
+
+    async def preview(self) -> bool:
+        """Start every node stepping, without recording (``save_*`` saves nothing
+        until :meth:`record`). Returns True."""
+        await self._broadcast("start_nodes", record=False)
+        return True
+
+    async def record(self) -> bool:
+        """Start recording on a previewing cluster. Returns True."""
+        await self._broadcast("record_nodes")
         return True
 
     async def stop(self) -> bool:
@@ -587,9 +598,9 @@ class AsyncManager(Service):
         """
         await run_all([partial(fn, *item) for item in self._mapping.items()])
 
-    async def _broadcast(self, command: str) -> None:
-        """Ask every mapped Worker to carry out *command* (no arguments), concurrently."""
-        await self._on_every_worker(lambda worker_id, _: self._request(worker_id, command))
+    async def _broadcast(self, command: str, **args: Any) -> None:
+        """Ask every mapped Worker to carry out *command*, concurrently."""
+        await self._on_every_worker(lambda worker_id, _: self._request(worker_id, command, **args))
 
     async def _request(self, worker_id: str, command: str, **args: Any) -> Any:
         """Ask a Worker to carry out *command*; its result.

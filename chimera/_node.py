@@ -14,6 +14,7 @@ import uuid
 from typing import Any, Literal
 
 from ._data import DataChunk
+from ._recording import Recorder
 
 __all__ = ["Node", "NodeState"]
 
@@ -99,6 +100,9 @@ class Node:
         self.running = False
         self.in_bound_data: dict[str, DataChunk] = {}
         self.new_data_available = False
+        #: Where save_* goes (set by the node's runtime), and whether it records now.
+        self._recorder: Recorder | None = None
+        self._recording = False
 
     @property
     def id(self) -> str:
@@ -151,33 +155,61 @@ class Node:
         is sent to the node's outputs; it records (``save_*``) or acts.
         """
 
-    # --- recording (issue #4 makes these write files) -------------------------
+    # --- recording --------------------------------------------------------------
+    #
+    # Each call queues the data for the stream's writer (a thread of its own) in
+    # the node's folder on its Worker, stamped with cluster time; see
+    # chimera._recording for the files. While the cluster previews (not
+    # recording), the calls save nothing.
 
     def save_video(self, name: str, data: Any, fps: int) -> None:
-        """Append a frame (uint8 HxWx3, BGR) to the video *name*."""
-        self._not_yet("save_video")
+        """Append a frame (uint8 HxWx3 BGR, or HxW) to ``NAME.mp4`` (H.264).
 
-    def save_audio(self, name: str, data: Any, channels: int, format: int, rate: int) -> None:
-        """Append a block of samples to the audio recording *name*."""
-        self._not_yet("save_audio")
+        Raises:
+            ValueError: the frame is not such an array, or not of the first
+                frame's size; *fps* is not a positive number; *name* cannot
+                be a file name.
+        """
+        self._save("video", name, data, fps=fps)
+
+    def save_audio(
+        self, name: str, data: Any, channels: int, format: int | None, rate: int
+    ) -> None:
+        """Append a block of samples -- (frames, channels), interleaved, or
+        PyAudio's bytes -- to ``NAME.wav``. *format* is a PyAudio sample format
+        (paInt16 = 8, paInt24 = 4, paInt32 = 2, paFloat32 = 1), or None for
+        the array's dtype; *rate* in Hz.
+
+        Raises:
+            ValueError: the block does not fit *channels* or the format.
+        """
+        self._save("audio", name, data, channels=channels, format=format, rate=rate)
 
     def save_image(self, name: str, data: Any) -> None:
-        """Save an image (uint8 HxW or HxWx3) in the image folder *name*."""
-        self._not_yet("save_image")
+        """Save an image (uint8 HxW, HxWx3 BGR or HxWx4) as the next of
+        ``NAME/000000.png``, ``NAME/000001.png``, ..."""
+        self._save("image", name, data)
 
     def save_tabular(self, name: str, data: Any) -> None:
-        """Append rows (a DataFrame, a dict, a Series) to the table *name*."""
-        self._not_yet("save_tabular")
+        """Append rows -- a DataFrame, or one row as a Series or a dict -- to
+        ``NAME.csv``, after a ``timestamp_ns`` column.
+
+        Raises:
+            ValueError: the columns differ from the first rows'.
+        """
+        self._save("table", name, data)
 
     def save_json(self, name: str, data: Any) -> None:
-        """Append one JSON value to the JSON-lines file *name*."""
-        self._not_yet("save_json")
+        """Append one JSON value as a line of ``NAME.jsonl``."""
+        self._save("json", name, data)
 
-    def save_text(self, name: str, data: str) -> None:
-        """Append text to the text file *name*."""
-        self._not_yet("save_text")
+    def save_text(self, name: str, data: str, suffix: str = "txt") -> None:
+        """Append *data* to ``NAME.SUFFIX``."""
+        self._save("text", name, data, suffix=suffix)
 
-    def _not_yet(self, method: str) -> None:
-        # Raising beats dropping the data without a word: the node fails with
-        # a message saying why.
-        raise NotImplementedError(f"{method}: recording is not implemented yet in chimera")
+    def _save(self, kind: str, name: str, data: Any, **params: Any) -> None:
+        recorder = self._recorder
+        if recorder is None:
+            raise RuntimeError(f"node {self._name!r}: save_* works once the node runs in a cluster")
+        if self._recording:
+            recorder.save(kind, name, data, **params)

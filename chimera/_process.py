@@ -276,6 +276,11 @@ class NodeProcess:
         """Step once (see :meth:`NodeRuntime.step_once`). Raises NodeError."""
         await self._command("step")
 
+    async def set_recording(self, on: bool) -> None:
+        """Whether the node's ``save_*`` calls save (see :meth:`NodeRuntime.set_recording`);
+        told to the child before any command sent after this returns."""
+        await self._send_quietly(("record", (on,)))
+
     def request_stop(self) -> None:
         """Ask a source to stop after its current step."""
         self._tell(("stop", ()))

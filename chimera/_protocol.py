@@ -65,6 +65,7 @@ COMMANDS = frozenset(
         "connect_nodes",
         "prep_nodes",
         "start_nodes",
+        "record_nodes",
         "step_nodes",
         "stop_nodes",
         "gather_nodes",

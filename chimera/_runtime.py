@@ -20,6 +20,7 @@ import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -30,6 +31,7 @@ from ._batch import pack_batch, unpack_batch
 from ._data import DataChunk, DecodeError, Frame, decode_chunk, encode_chunk
 from ._errors import NodeError
 from ._node import Node, NodeState
+from ._recording import Recorder, StreamInfo
 from ._user_thread import Result, StepLoop, UserThread
 
 __all__ = ["Input", "NodeRuntime"]
@@ -93,6 +95,9 @@ class NodeRuntime:
         transport: ``"memory"``, ``"tcp"`` or ``"nng"``.
         bind: the outlet's bind address (default: a fresh one on loopback).
         allow_objects: whether chunks may carry pickled objects.
+        folder: where the node's ``save_*`` calls write (see
+            :mod:`chimera._recording`); it records once :meth:`set_recording`
+            says so. Without a folder, ``save_*`` raises.
         on_state: called with the node's new state and a reason (for FAILED)
             whenever it changes.
 
@@ -110,6 +115,7 @@ class NodeRuntime:
         transport: str = "memory",
         bind: str | None = None,
         allow_objects: bool = False,
+        folder: str | None = None,
         on_state: Callable[[NodeState, str | None], None] | None = None,
     ) -> None:
         names = [i.name for i in inputs]
@@ -124,6 +130,9 @@ class NodeRuntime:
         self._transport = transport
         self._bind = bind or _BIND[transport]
         self._allow_objects = allow_objects
+        self._recorder = Recorder(Path(folder)) if folder is not None else None
+        #: What each stream saved, once the recorder is closed.
+        self.saved: list[StreamInfo] | None = None
         self._on_state = on_state
         self._outlet: transports.Outlet | None = None
         self._inlets: dict[str, transports.Inlet] = {}
@@ -151,6 +160,7 @@ class NodeRuntime:
     # --- lifecycle -------------------------------------------------------------
 
     async def __aenter__(self) -> NodeRuntime:
+        self.node._recorder, self.node._recording = self._recorder, False
         self._thread.start()
         if self._outputs:
             self._outlet = await transports.bind(self._bind)
@@ -231,12 +241,35 @@ class NodeRuntime:
                     await self._outlet.aclose()  # the end of stream flows downstream
                 try:
                     await self._teardown()
+                    await self._close_recorder()
                 except NodeError as exc:
                     teardown_error = exc
         if teardown_error is not None:
             raise teardown_error
         if not failed:
             self._set_state(NodeState.STOPPED)
+            if self.saved:
+                self._set_state(NodeState.SAVED)
+
+    async def set_recording(self, on: bool) -> None:
+        """Whether the node's ``save_*`` calls save (they do nothing otherwise)."""
+        self.node._recording = on and self._recorder is not None
+
+    async def _close_recorder(self) -> None:
+        """Let the node's writers write what is queued, and close its files (once).
+
+        Raises:
+            NodeError: a writer failed (the node is FAILED).
+        """
+        if self._recorder is None or self.saved is not None:
+            return
+        self.node._recording = False
+        try:
+            self.saved = await trio.to_thread.run_sync(self._recorder.close)
+        except OSError as exc:
+            self.saved = self._recorder.streams()
+            self._fail(f"recording failed: {exc}")
+            raise NodeError(self.node.name, f"recording failed: {exc}") from exc
 
     async def _teardown(self) -> None:
         """Run ``teardown`` if ``prep`` ran and it has not yet (at most
@@ -302,6 +335,7 @@ class NodeRuntime:
                 self._preparing.release()
                 try:
                     await self._teardown()
+                    await self._close_recorder()
                 except NodeError as exc:
                     log.error("node %r: %s", self.node.name, exc.message)
             for inlet in self._inlets.values():

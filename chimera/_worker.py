@@ -392,6 +392,8 @@ class AsyncWorker(Service):
             "outputs": spec["outputs"],
             "transport": spec["transport"],
             "bind": self._bind_address(spec["transport"]),
+            # What the node saves: in this Worker's temporary folder, by node id.
+            "folder": str(self._temp_folder() / "nodes" / node_id),
         }
         pickled = base64.b64decode(spec["node"])
         if spec["transport"] == "memory":  # in this Trio loop: memory links live here
@@ -458,7 +460,10 @@ class AsyncWorker(Service):
     async def _do_step_nodes(self) -> None:
         await run_all([runtime.step_once for runtime in self._runtimes.values()])
 
-    async def _do_start_nodes(self) -> None:
+    async def _do_start_nodes(self, record: bool = True) -> None:
+        """Run every node; their ``save_*`` calls save if *record*."""
+        for runtime in self._runtimes.values():
+            await runtime.set_recording(record)
         for node_id, runtime in self._runtimes.items():
             done = self._runs[node_id] = trio.Event()
             # Made here, not in the task: closing the nodes before the task
@@ -496,6 +501,11 @@ class AsyncWorker(Service):
         self._node_names.clear()
         self._runs.clear()
         self._run_scopes.clear()
+
+    async def _do_record_nodes(self) -> None:
+        """From now on, the nodes' ``save_*`` calls save."""
+        for runtime in self._runtimes.values():
+            await runtime.set_recording(True)
 
     async def _do_gather_nodes(self, upload: str) -> None:
         """POST the last chunk of every node to the Manager's *upload* path: a

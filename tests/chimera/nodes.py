@@ -108,3 +108,32 @@ class StampSink(cp.Node):
         if len(self.stamps) == self.expect:
             Path(self.folder, f"{self.name}.json").write_text(json.dumps(self.stamps))
             notify(self.port)
+
+
+class Recording(cp.Node):
+    """Saves, about *rate* times a second, a 64x48 video frame, an audio block
+    (1/rate s of 48 kHz mono), a table row and a JSON value; tells the test on
+    *port* how many steps it has saved (``b"N "``) every *every* steps."""
+
+    def __init__(self, name: str, port: int, rate: int = 30, every: int = 10) -> None:
+        super().__init__(name)
+        self.port, self.rate, self.every = port, rate, every
+
+    def prep(self):
+        self.n = 0
+        self.next = time.monotonic()
+        notify(self.port, b"pid %d " % os.getpid())
+
+    def step(self):
+        import numpy as np
+
+        self.next += 1 / self.rate
+        time.sleep(max(0.0, self.next - time.monotonic()))
+        self.save_video("camera", np.full((48, 64, 3), self.n % 256, np.uint8), fps=self.rate)
+        block = np.full((48000 // self.rate, 1), self.n % 1000, np.int16)
+        self.save_audio("mic", block, channels=1, format=8, rate=48000)
+        self.save_tabular("sensor", {"n": self.n})
+        self.save_json("events", {"n": self.n})
+        self.n += 1
+        if self.n % self.every == 0:
+            notify(self.port, b"%d " % self.n)

@@ -1,0 +1,597 @@
+"""What a node saves: one stream per name, each written by a thread of its own.
+
+A :class:`Recorder` holds a node's streams, in the node's folder. The
+``save_*`` methods of :class:`~chimera.Node` call :meth:`Recorder.save` on
+the node's thread: it checks the data, stamps it with cluster time, and
+queues it for the stream's writer. The queue is bounded: a writer that cannot
+keep up makes the node wait (and says so in the log and in the stream's
+``waited_s``); nothing is dropped. Each writer flushes at least every
+:data:`FLUSH_PERIOD` seconds, so a node killed with SIGKILL loses at most
+about two seconds of what it saved, and leaves files its standard reader opens.
+
+=========  ==================================  ==========================================
+kind       files                               written with
+=========  ==================================  ==========================================
+video      ``NAME.mp4``                        PyAV: H.264 in fragmented MP4, a fragment
+                                               per second (readable after a crash)
+audio      ``NAME.wav``                        soundfile (the header is kept up to date)
+image      ``NAME/000000.png``, ...            OpenCV
+table      ``NAME.csv`` (``timestamp_ns`` the  the csv module
+           first column)
+json       ``NAME.jsonl`` (a value per line)   the json module
+text       ``NAME.SUFFIX``                     appended as it comes
+=========  ==================================  ==========================================
+
+Beside each video, audio, image, json and text stream, ``NAME.timestamps.csv``
+says when each frame, audio block, image, value or text was saved
+(``index,timestamp_ns``; for audio, the index of the block's first sample).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy
+
+from ._data import _now
+
+__all__ = ["FLUSH_PERIOD", "Recorder", "StreamInfo", "check_name"]
+
+log = logging.getLogger("chimera.recording")
+
+#: Longest time, in seconds, between two flushes of a stream that is written to.
+FLUSH_PERIOD = 1.0
+#: Items a stream's queue holds, by kind (a full queue makes the node wait).
+QUEUE_SIZES = {"video": 16, "audio": 256, "image": 16, "table": 1024, "json": 1024, "text": 1024}
+#: H.264 settings: fast enough for 1080p at 30 fps on two cores.
+VIDEO_OPTIONS = {"preset": "ultrafast", "threads": "2"}
+
+#: PyAudio's sample formats (as ChimeraPy takes them): soundfile subtype and dtype.
+_AUDIO_FORMATS = {
+    1: ("FLOAT", numpy.float32),  # paFloat32
+    2: ("PCM_32", numpy.int32),  # paInt32
+    4: ("PCM_24", numpy.int32),  # paInt24 (as int32 samples)
+    8: ("PCM_16", numpy.int16),  # paInt16
+}
+#: With ``format=None``: the subtype for the array's dtype.
+_AUDIO_DTYPES = {
+    numpy.dtype(numpy.int16): "PCM_16",
+    numpy.dtype(numpy.int32): "PCM_32",
+    numpy.dtype(numpy.float32): "FLOAT",
+    numpy.dtype(numpy.float64): "DOUBLE",
+}
+
+
+def check_name(name: Any, what: str = "a name") -> str:
+    """*name*, if it can be a file name in a node's folder.
+
+    Raises:
+        TypeError: *name* is not a str.
+        ValueError: it is empty, ``.`` or ``..``, or holds ``/``, ``\\`` or NUL.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} is a str, not {type(name).__name__}")
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(
+            f"{what} {name!r} cannot be a file name (empty, '.', '..', '/', '\\', NUL)"
+        )
+    return name
+
+
+@dataclass
+class StreamInfo:
+    """What one stream saved: for the session's metadata."""
+
+    kind: str
+    name: str
+    #: The file (or folder, for images), relative to the node's folder.
+    path: str
+    #: Frames, audio blocks, images, rows, values or texts saved.
+    count: int = 0
+    #: Audio: samples saved (per channel).
+    samples: int = 0
+    first_ns: int | None = None
+    last_ns: int | None = None
+    #: Seconds the node waited for the writer (its queue was full).
+    waited_s: float = 0.0
+
+
+class Recorder:
+    """The streams of one node, saved into *folder* (made on the first save).
+
+    Call :meth:`save` from the node's thread, :meth:`close` once it saves no more.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._streams: dict[str, _Stream] = {}
+        self._closed = False
+
+    def save(self, kind: str, name: str, data: Any, **params: Any) -> None:
+        """Queue *data* for the stream *name* of *kind* (see the module's table).
+
+        Raises:
+            TypeError, ValueError: *name* cannot be a file name, is a stream of
+                another kind, or *data* does not fit the stream (a frame of
+                another size than the first, a row of other columns, ...).
+            RuntimeError: the recorder is closed.
+            OSError: the stream's writer failed earlier (the reason).
+        """
+        if self._closed:
+            raise RuntimeError("the recorder is closed: nothing more can be saved")
+        check_name(name)
+        stream = self._streams.get(name)
+        if stream is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            stream = self._streams[name] = _Stream(_WRITERS[kind](self.folder, name, **params))
+        elif stream.writer.kind != kind:
+            raise ValueError(f"{name!r} is already a {stream.writer.kind} stream, not a {kind} one")
+        stream.put(stream.writer.prepare(data, **params), _now())
+
+    def close(self) -> list[StreamInfo]:
+        """Let every writer finish what is queued, close its files; what each saved.
+
+        Raises:
+            OSError: a writer failed (the first failure; every stream is closed anyway).
+        """
+        self._closed = True
+        for stream in self._streams.values():
+            stream.finish()
+        errors = [stream.error for stream in self._streams.values() if stream.error is not None]
+        if errors:
+            raise errors[0]
+        return self.streams()
+
+    def streams(self) -> list[StreamInfo]:
+        """What each stream saved so far."""
+        return [stream.writer.info for stream in self._streams.values()]
+
+
+class _Stream:
+    """A writer, its queue and its thread."""
+
+    def __init__(self, writer: _Writer) -> None:
+        self.writer = writer
+        self.error: OSError | None = None
+        self._queue: queue.Queue[tuple[Any, int] | None] = queue.Queue(QUEUE_SIZES[writer.kind])
+        self._warned = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"chimera-writer-{writer.kind}-{writer.info.name}", daemon=True
+        )
+        self._thread.start()
+
+    def put(self, item: Any, stamp: int) -> None:
+        if self.error is not None:
+            raise self.error
+        try:
+            self._queue.put_nowait((item, stamp))
+        except queue.Full:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "the %s writer of %r cannot keep up: its node waits",
+                    self.writer.kind,
+                    self.writer.info.name,
+                )
+            started = time.perf_counter()
+            self._queue.put((item, stamp))
+            self.writer.info.waited_s += time.perf_counter() - started
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        writer, flushed, opened = self.writer, time.monotonic(), False
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=FLUSH_PERIOD)
+                except queue.Empty:
+                    item = False
+                if item is None:
+                    break
+                if item is not False:
+                    data, stamp = item
+                    if not opened:  # once the first item is prepared: its size, its dtype
+                        writer.open()
+                        opened = True
+                    writer.write(data, stamp)
+                    info = writer.info
+                    info.count += 1
+                    info.first_ns = stamp if info.first_ns is None else info.first_ns
+                    info.last_ns = stamp
+                if opened and time.monotonic() - flushed >= FLUSH_PERIOD:
+                    writer.flush()
+                    flushed = time.monotonic()
+        except Exception as exc:  # reported to the node at its next save, and at close
+            log.exception("the %s writer of %r failed", writer.kind, writer.info.name)
+            self.error = OSError(f"the {writer.kind} writer of {writer.info.name!r} failed: {exc}")
+            while self._queue.get() is not None:  # unblock the node until it finishes
+                pass
+        finally:
+            try:
+                writer.close()
+            except Exception as exc:
+                log.exception("closing the %s writer of %r", writer.kind, writer.info.name)
+                if self.error is None:
+                    self.error = OSError(f"closing {writer.info.name!r} failed: {exc}")
+
+
+# --- the writers ------------------------------------------------------------------
+
+
+class _AppendFile:
+    """A text file written whole lines at a time: what is added goes to the
+    file at the next :meth:`flush`, in one write, so that a process killed at
+    any moment leaves no half line (readers of csv and json lines choke on one)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb", buffering=0)
+        self._pending = io.StringIO()
+        self.csv = csv.writer(self._pending, lineterminator="\n")
+
+    def add(self, text: str) -> None:
+        self._pending.write(text)
+
+    def flush(self) -> None:
+        text = self._pending.getvalue()
+        if text:
+            self._file.write(text.encode())
+            self._pending.seek(0)
+            self._pending.truncate()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._file.close()
+
+
+class _Writer:
+    """Writes one stream. ``prepare`` runs on the node's thread (checks, copies
+    what the node may change); the rest on the writer's thread."""
+
+    kind = ""
+    suffix = ""
+
+    def __init__(self, folder: Path, name: str, **params: Any) -> None:
+        self.folder, self.name = folder, name
+        self.info = StreamInfo(self.kind, name, f"{name}{self.suffix}")
+        self._stamps: _AppendFile | None = None
+
+    def prepare(self, data: Any, **params: Any) -> Any:
+        return data
+
+    def open(self) -> None:
+        """Open the files (on the writer's thread)."""
+
+    def write(self, data: Any, stamp: int) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        if self._stamps is not None:
+            self._stamps.flush()
+
+    def close(self) -> None:
+        if self._stamps is not None:
+            self._stamps.close()
+
+    def _open_stamps(self) -> None:
+        self._stamps = _AppendFile(self.folder / f"{self.name}.timestamps.csv")
+        self._stamps.csv.writerow(["index", "timestamp_ns"])
+
+    def _stamp(self, index: int, stamp: int) -> None:
+        self._stamps.csv.writerow([index, stamp])
+
+
+class _VideoWriter(_Writer):
+    kind, suffix = "video", ".mp4"
+
+    def __init__(self, folder: Path, name: str, fps: Any = None) -> None:
+        super().__init__(folder, name)
+        if isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps <= 1000:
+            raise ValueError(f"video {name!r}: fps is a number in (0, 1000], not {fps!r}")
+        self.fps = fps
+        self._size: tuple[int, int] | None = None
+        self._container: Any = None
+        self._stream: Any = None
+
+    def prepare(self, data: Any, fps: Any = None) -> numpy.ndarray:
+        frame = numpy.asarray(data)
+        if frame.dtype != numpy.uint8 or not (
+            frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)
+        ):
+            raise ValueError(
+                f"video {self.name!r}: frames are uint8 HxWx3 (BGR) or HxW arrays, "
+                f"not {frame.dtype} of shape {frame.shape}"
+            )
+        size = (frame.shape[1], frame.shape[0])
+        if self._size is None:
+            if size[0] % 2 or size[1] % 2:
+                raise ValueError(
+                    f"video {self.name!r}: H.264 needs an even width and height, "
+                    f"not {size[0]}x{size[1]}"
+                )
+            self._size = size
+        elif size != self._size:
+            raise ValueError(
+                f"video {self.name!r}: a frame of {size[0]}x{size[1]}, "
+                f"the first was {self._size[0]}x{self._size[1]}"
+            )
+        return numpy.array(frame, copy=True)  # the node may reuse its buffer
+
+    def open(self) -> None:
+        import av
+
+        self._container = av.open(
+            str(self.folder / f"{self.name}.mp4"),
+            "w",
+            format="mp4",
+            # A fragment at each keyframe, each written at once: what a crash
+            # leaves is readable up to the last fragment.
+            options={
+                "movflags": "frag_keyframe+empty_moov+default_base_moof",
+                "flush_packets": "1",
+            },
+        )
+        rate = round(self.fps) if float(self.fps).is_integer() else self.fps
+        self._stream = self._container.add_stream(
+            "libx264", rate=rate, options={**VIDEO_OPTIONS, "g": str(max(1, round(self.fps)))}
+        )
+        self._stream.width, self._stream.height = self._size
+        self._stream.pix_fmt = "yuv420p"
+        self._open_stamps()
+
+    def write(self, frame: numpy.ndarray, stamp: int) -> None:
+        import av
+
+        video_frame = av.VideoFrame.from_ndarray(
+            frame, format="gray" if frame.ndim == 2 else "bgr24"
+        )
+        self._container.mux(self._stream.encode(video_frame))
+        self._stamp(self.info.count, stamp)
+
+    def close(self) -> None:
+        try:
+            if self._container is not None:
+                self._container.mux(self._stream.encode(None))
+                self._container.close()
+        finally:
+            super().close()
+
+
+class _AudioWriter(_Writer):
+    kind, suffix = "audio", ".wav"
+
+    def __init__(
+        self, folder: Path, name: str, channels: Any = None, format: Any = None, rate: Any = None
+    ) -> None:
+        super().__init__(folder, name)
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"audio {name!r}: channels is a positive int, not {channels!r}")
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+            raise ValueError(f"audio {name!r}: rate is a positive int (Hz), not {rate!r}")
+        if format is not None and format not in _AUDIO_FORMATS:
+            raise ValueError(
+                f"audio {name!r}: format {format!r} is not one of PyAudio's paFloat32 (1), "
+                "paInt32 (2), paInt24 (4), paInt16 (8), or None (the array's dtype)"
+            )
+        self.channels, self.format, self.rate = channels, format, rate
+        self._subtype: str | None = None
+        self._dtype: numpy.dtype | None = None
+        self._file: Any = None
+
+    def prepare(self, data: Any, **params: Any) -> numpy.ndarray:
+        if isinstance(data, bytes | bytearray | memoryview):  # as PyAudio reads it
+            if self.format is None:
+                raise ValueError(f"audio {self.name!r}: bytes need a format (e.g. paInt16)")
+            data = numpy.frombuffer(data, dtype=_AUDIO_FORMATS[self.format][1])
+        block = numpy.asarray(data)
+        if self.format is not None:
+            subtype, dtype = _AUDIO_FORMATS[self.format]
+            block = block.astype(dtype, copy=False)
+        elif block.dtype in _AUDIO_DTYPES:
+            subtype = _AUDIO_DTYPES[block.dtype]
+        else:
+            raise ValueError(
+                f"audio {self.name!r}: samples of {block.dtype}; "
+                "with format=None, int16, int32, float32 or float64"
+            )
+        if block.ndim == 1:
+            if block.size % self.channels:
+                raise ValueError(
+                    f"audio {self.name!r}: {block.size} interleaved samples "
+                    f"are not a whole number of {self.channels}-channel frames"
+                )
+            block = block.reshape(-1, self.channels)
+        if block.ndim != 2 or block.shape[1] != self.channels:
+            raise ValueError(
+                f"audio {self.name!r}: a block of shape {block.shape}, "
+                f"not (frames, {self.channels}) or interleaved"
+            )
+        if self._subtype is None:
+            self._subtype, self._dtype = subtype, block.dtype
+        elif block.dtype != self._dtype:
+            raise ValueError(f"audio {self.name!r}: {block.dtype} samples after {self._dtype} ones")
+        return numpy.array(block, copy=True)
+
+    def open(self) -> None:
+        import soundfile
+
+        self._file = soundfile.SoundFile(
+            self.folder / f"{self.name}.wav",
+            "w",
+            samplerate=self.rate,
+            channels=self.channels,
+            subtype=self._subtype,
+            format="WAV",
+        )
+        self._open_stamps()
+
+    def write(self, block: numpy.ndarray, stamp: int) -> None:
+        self._stamp(self.info.samples, stamp)
+        self._file.write(block)
+        self.info.samples += len(block)
+
+    def flush(self) -> None:
+        self._file.flush()  # libsndfile updates the header's sizes too
+        super().flush()
+
+    def close(self) -> None:
+        try:
+            if self._file is not None:
+                self._file.close()
+        finally:
+            super().close()
+
+
+class _ImageWriter(_Writer):
+    kind, suffix = "image", ""
+
+    def prepare(self, data: Any, **params: Any) -> numpy.ndarray:
+        image = numpy.asarray(data)
+        if image.dtype != numpy.uint8 or not (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
+        ):
+            raise ValueError(
+                f"image {self.name!r}: images are uint8 HxW, HxWx3 (BGR) or HxWx4 arrays, "
+                f"not {image.dtype} of shape {image.shape}"
+            )
+        return numpy.array(image, copy=True)
+
+    def open(self) -> None:
+        (self.folder / self.name).mkdir(exist_ok=True)
+        self._open_stamps()
+
+    def write(self, image: numpy.ndarray, stamp: int) -> None:
+        import cv2
+
+        path = self.folder / self.name / f"{self.info.count:06d}.png"
+        if not cv2.imwrite(str(path), image):
+            raise OSError(f"cannot write {path}")
+        self._stamp(self.info.count, stamp)
+
+
+class _TableWriter(_Writer):
+    kind, suffix = "table", ".csv"
+
+    def __init__(self, folder: Path, name: str) -> None:
+        super().__init__(folder, name)
+        self._columns: list[str] | None = None
+        self._file: _AppendFile | None = None
+
+    def prepare(self, data: Any, **params: Any) -> list[list[Any]]:
+        import pandas
+
+        if isinstance(data, pandas.DataFrame):
+            frame = data
+        elif isinstance(data, pandas.Series):
+            frame = data.to_frame().T
+        elif isinstance(data, Mapping):
+            frame = pandas.DataFrame([dict(data)])
+        else:
+            raise TypeError(
+                f"table {self.name!r}: rows are a DataFrame, a Series or a dict, "
+                f"not {type(data).__name__}"
+            )
+        columns = [str(column) for column in frame.columns]
+        if "timestamp_ns" in columns:
+            raise ValueError(f"table {self.name!r}: 'timestamp_ns' is the column chimera adds")
+        if self._columns is None:
+            self._columns = columns
+        elif columns != self._columns:
+            raise ValueError(
+                f"table {self.name!r}: rows with columns {columns}, the first had {self._columns}"
+            )
+        return frame.to_numpy(dtype=object).tolist()
+
+    def open(self) -> None:
+        self._file = _AppendFile(self.folder / f"{self.name}.csv")
+        self._file.csv.writerow(["timestamp_ns", *self._columns])
+
+    def write(self, rows: list[list[Any]], stamp: int) -> None:
+        self._file.csv.writerows([stamp, *row] for row in rows)
+        self.info.samples += len(rows)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class _LinesWriter(_Writer):
+    """JSON values, or texts: appended as they come, each stamped."""
+
+    def __init__(self, folder: Path, name: str, suffix: str = "jsonl") -> None:
+        self.suffix = f".{check_name(suffix, 'a suffix')}"
+        super().__init__(folder, name)
+        self._file: Any = None
+
+    def open(self) -> None:
+        self._file = _AppendFile(self.folder / f"{self.name}{self.suffix}")
+        self._open_stamps()
+
+    def write(self, text: str, stamp: int) -> None:
+        self._file.add(text)
+        self._stamp(self.info.count, stamp)
+
+    def flush(self) -> None:
+        self._file.flush()
+        super().flush()
+
+    def close(self) -> None:
+        try:
+            if self._file is not None:
+                self._file.close()
+        finally:
+            super().close()
+
+
+class _JsonWriter(_LinesWriter):
+    kind = "json"
+
+    def __init__(self, folder: Path, name: str) -> None:
+        super().__init__(folder, name, "jsonl")
+
+    def prepare(self, data: Any, **params: Any) -> str:
+        try:
+            return json.dumps(data, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"json {self.name!r}: {exc}") from None
+
+
+class _TextWriter(_LinesWriter):
+    kind = "text"
+
+    def __init__(self, folder: Path, name: str, suffix: str = "txt") -> None:
+        super().__init__(folder, name, suffix)
+
+    def prepare(self, data: Any, suffix: str = "txt") -> str:
+        if not isinstance(data, str):
+            raise TypeError(f"text {self.name!r}: a str, not {type(data).__name__}")
+        if f".{suffix}" != self.suffix:
+            raise ValueError(f"text {self.name!r}: suffix {suffix!r} after {self.suffix[1:]!r}")
+        return data
+
+
+_WRITERS: dict[str, Callable[..., _Writer]] = {
+    "video": _VideoWriter,
+    "audio": _AudioWriter,
+    "image": _ImageWriter,
+    "table": _TableWriter,
+    "json": _JsonWriter,
+    "text": _TextWriter,
+}

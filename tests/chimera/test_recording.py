@@ -1,0 +1,243 @@
+"""What nodes save: every writer round-trips through its standard reader."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import trio
+
+import chimera as cp
+from chimera._recording import Recorder, check_name
+
+from .nodes import Recording
+from .test_process import cluster, notifications
+
+
+def stamps(path):
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    return [int(row["index"]) for row in rows], [int(row["timestamp_ns"]) for row in rows]
+
+
+def increasing(values):
+    return all(a <= b for a, b in itertools.pairwise(values))
+
+
+def test_video_frames_come_back_from_the_mp4_with_their_timestamps(tmp_path):
+    import av
+
+    recorder = Recorder(tmp_path)
+    for i in range(45):
+        frame = np.full((120, 160, 3), i * 5, dtype=np.uint8)
+        recorder.save("video", "camera", frame, fps=30)
+    (info,) = recorder.close()
+    with av.open(str(tmp_path / "camera.mp4")) as container:
+        frames = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    assert len(frames) == 45 and frames[0].shape == (120, 160, 3)
+    # The content, through H.264 (BGR -> YUV 4:2:0 -> BGR shifts grays a little).
+    assert [round(frames[i].mean() / 50) for i in (0, 10, 20, 40)] == [0, 1, 2, 4]
+    index, times = stamps(tmp_path / "camera.timestamps.csv")
+    assert index == list(range(45)) and increasing(times)
+    assert (info.kind, info.path, info.count) == ("video", "camera.mp4", 45)
+    assert (info.first_ns, info.last_ns) == (times[0], times[-1])
+
+
+def test_a_video_frame_of_another_size_is_an_error_naming_both(tmp_path):
+    recorder = Recorder(tmp_path)
+    recorder.save("video", "camera", np.zeros((120, 160, 3), np.uint8), fps=30)
+    with pytest.raises(ValueError, match="a frame of 320x240, the first was 160x120"):
+        recorder.save("video", "camera", np.zeros((240, 320, 3), np.uint8), fps=30)
+    with pytest.raises(ValueError, match="even width and height, not 161x120"):
+        recorder.save("video", "odd", np.zeros((120, 161, 3), np.uint8), fps=30)
+    with pytest.raises(ValueError, match="fps"):
+        recorder.save("video", "nofps", np.zeros((120, 160, 3), np.uint8), fps=0)
+    recorder.close()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "dtype", "subtype"),
+    [(8, np.int16, "PCM_16"), (1, np.float32, "FLOAT"), (None, np.int32, "PCM_32")],
+)
+def test_audio_blocks_come_back_from_the_wav(tmp_path, fmt, dtype, subtype):
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    scale = 1000 if np.issubdtype(dtype, np.integer) else 0.5
+    blocks = [(rng.standard_normal((480, 2)) * scale).astype(dtype) for _ in range(50)]
+    recorder = Recorder(tmp_path)
+    for block in blocks:
+        recorder.save("audio", "mic", block, channels=2, format=fmt, rate=48000)
+    (info,) = recorder.close()
+    samples, rate = soundfile.read(tmp_path / "mic.wav", dtype=dtype)
+    assert rate == 48000 and soundfile.info(tmp_path / "mic.wav").subtype == subtype
+    assert np.array_equal(samples, np.concatenate(blocks))
+    index, times = stamps(tmp_path / "mic.timestamps.csv")
+    assert index == [480 * i for i in range(50)] and increasing(times)
+    assert (info.count, info.samples) == (50, 24000)
+
+
+def test_audio_as_pyaudio_bytes_is_taken_with_its_format(tmp_path):
+    import soundfile
+
+    recorder = Recorder(tmp_path)
+    block = np.arange(960, dtype=np.int16)
+    recorder.save("audio", "mic", block.tobytes(), channels=2, format=8, rate=16000)
+    recorder.close()
+    samples, _ = soundfile.read(tmp_path / "mic.wav", dtype="int16")
+    assert np.array_equal(samples, block.reshape(-1, 2))
+    with pytest.raises(ValueError, match="paInt16"):
+        Recorder(tmp_path / "x").save("audio", "mic", block, channels=2, format=3, rate=16000)
+
+
+def test_images_come_back_from_their_pngs(tmp_path):
+    import cv2
+
+    recorder = Recorder(tmp_path)
+    images = [np.full((40, 60, 3), 10 * i, np.uint8) for i in range(12)]
+    for image in images:
+        recorder.save("image", "snapshots", image)
+    recorder.close()
+    files = sorted((tmp_path / "snapshots").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(12)]
+    for file, image in zip(files, images, strict=True):
+        assert np.array_equal(cv2.imread(str(file)), image)
+    index, times = stamps(tmp_path / "snapshots.timestamps.csv")
+    assert index == list(range(12)) and increasing(times)
+
+
+def test_table_rows_come_back_from_the_csv_with_a_timestamp_column(tmp_path):
+    recorder = Recorder(tmp_path)
+    recorder.save("table", "sensor", {"x": 1.5, "label": "a"})
+    recorder.save("table", "sensor", pd.Series({"x": 2.5, "label": "b"}))
+    recorder.save("table", "sensor", pd.DataFrame({"x": [3.5, 4.5], "label": ["c", "d"]}))
+    with pytest.raises(ValueError, match=r"columns \['y'\], the first had \['x', 'label'\]"):
+        recorder.save("table", "sensor", {"y": 1})
+    (info,) = recorder.close()
+    table = pd.read_csv(tmp_path / "sensor.csv")
+    assert list(table.columns) == ["timestamp_ns", "x", "label"]
+    assert table["x"].tolist() == [1.5, 2.5, 3.5, 4.5]
+    assert table["label"].tolist() == ["a", "b", "c", "d"]
+    assert increasing(table["timestamp_ns"].tolist())
+    assert (info.count, info.samples) == (3, 4)
+
+
+def test_json_values_and_text_come_back_line_by_line(tmp_path):
+    recorder = Recorder(tmp_path)
+    values = [{"event": "start", "n": 1}, [1, 2, 3], "plain", None]
+    for value in values:
+        recorder.save("json", "events", value)
+    recorder.save("text", "notes", "first line\n", suffix="md")
+    recorder.save("text", "notes", "second line\n", suffix="md")
+    with pytest.raises(ValueError, match=r"NaN|Out of range"):
+        recorder.save("json", "events", float("nan"))
+    recorder.close()
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == values
+    assert (tmp_path / "notes.md").read_text() == "first line\nsecond line\n"
+    assert stamps(tmp_path / "notes.timestamps.csv")[0] == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../escape", "a\\b", "nul\0"])
+def test_a_name_that_could_leave_the_nodes_folder_is_refused(tmp_path, name):
+    with pytest.raises(ValueError, match="cannot be a file name"):
+        Recorder(tmp_path / "node").save("json", name, 1)
+    with pytest.raises(ValueError, match="cannot be a file name"):
+        Recorder(tmp_path / "node").save("text", "notes", "x", suffix=name or ".")
+    assert not any(tmp_path.rglob("*.jsonl"))
+
+
+def test_a_stream_keeps_its_kind_and_a_closed_recorder_saves_nothing(tmp_path):
+    recorder = Recorder(tmp_path)
+    recorder.save("json", "data", 1)
+    with pytest.raises(ValueError, match="already a json stream, not a table one"):
+        recorder.save("table", "data", {"x": 1})
+    recorder.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        recorder.save("json", "data", 2)
+    assert check_name("camera-1.left") == "camera-1.left"
+
+
+# --- in a cluster, nodes in processes ------------------------------------------------
+
+
+async def saved_count(notified, at_least: int) -> int:
+    """Wait until the Recording node says it saved at least *at_least* steps; how many."""
+    while True:
+        words = (await notified.receive()).split()
+        if words[0] == b"pid":
+            continue
+        if max(map(int, words)) >= at_least:
+            return max(map(int, words))
+
+
+def node_folder(node: cp.Node) -> Path:
+    """Where the node's Worker keeps what it saves (its temporary folder, by node id)."""
+    found = list(Path(tempfile.gettempdir()).glob(f"chimera-worker-*/nodes/{node.id}"))
+    assert len(found) <= 1
+    return found[0] if found else Path("/nonexistent")
+
+
+def read_streams(folder: Path) -> dict[str, int]:
+    """How many frames, audio blocks, rows and values each file holds (its standard reader)."""
+    import av
+    import soundfile
+
+    with av.open(str(folder / "camera.mp4")) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    samples, _ = soundfile.read(folder / "mic.wav", dtype="int16")
+    rows = pd.read_csv(folder / "sensor.csv")
+    values = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+    # Every step from the first recorded, in order (each stream flushes on its
+    # own: after a kill, one may hold a few more than another).
+    for steps in (rows["n"].tolist(), [value["n"] for value in values]):
+        assert steps == list(range(steps[0], steps[0] + len(steps)))
+    for stream in ("camera", "mic", "events"):
+        assert increasing(pd.read_csv(folder / f"{stream}.timestamps.csv")["timestamp_ns"])
+    return {"video": frames, "audio": len(samples) // 1600, "rows": len(rows), "json": len(values)}
+
+
+async def test_preview_saves_nothing_record_does_and_stop_leaves_the_node_saved(tmp_path):
+    async with notifications() as (port, notified):
+        node = Recording("recorder", port)
+        graph = cp.Graph()
+        graph.add_node(node)
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["recorder"]})
+                assert await manager.preview()
+                previewed = await saved_count(notified, 20)
+                assert not node_folder(node).exists() or not any(node_folder(node).iterdir())
+                assert await manager.record()
+                await saved_count(notified, previewed + 30)
+                assert await manager.stop()
+                assert manager.nodes == {node.id: "SAVED"}
+                counts = read_streams(node_folder(node))
+    assert len(set(counts.values())) == 1, counts  # every stream saved every recorded step
+    assert 30 <= counts["video"] < previewed + 60
+
+
+async def test_a_recording_node_killed_with_sigkill_loses_at_most_two_seconds(tmp_path):
+    async with notifications() as (port, notified):
+        node = Recording("recorder", port, rate=30)
+        graph = cp.Graph()
+        graph.add_node(node)
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["recorder"]})
+                pid = int((await notified.receive()).split()[1])
+                await manager.start()
+                saved = await saved_count(notified, 100)  # over 3 s of saving
+                os.kill(pid, signal.SIGKILL)
+                await manager.wait_for_node_state("recorder", "FAILED")
+                counts = read_streams(node_folder(node))
+    for stream, count in counts.items():
+        assert saved - 2 * 30 <= count <= saved + 30, (stream, count, saved)
