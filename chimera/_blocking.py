@@ -162,6 +162,10 @@ class Manager:
         """See :meth:`chimera.AsyncManager.broadcast_request`."""
         return self._loop.call(self._manager.broadcast_request, htype, route, data, timeout)
 
+    def collect(self, unzip: bool = True) -> bool:
+        """See :meth:`chimera.AsyncManager.collect`."""
+        return self._loop.call(self._manager.collect, unzip)
+
     def gather(self) -> dict[str, DataChunk | None]:
         """See :meth:`chimera.AsyncManager.gather`."""
         return self._loop.call(self._manager.gather)

@@ -9,7 +9,9 @@
 - ``GET /packages/NAME.zip``: a package :meth:`AsyncManager.distribute_packages`
   ships, for the Workers to download;
 - ``POST /uploads/KEY``: what a Worker sends back for a request that named KEY
-  (:meth:`AsyncManager.gather`).
+  (:meth:`AsyncManager.gather`);
+- ``POST /collect/KEY/NODE/PATH``: a file a Worker sends during
+  :meth:`AsyncManager.collect`.
 
 Everything it starts lives in its nursery: leaving ``async with`` closes the
 port and every connection.
@@ -22,9 +24,11 @@ import datetime
 import itertools
 import json
 import logging
+import shutil
 import time
 import urllib.parse
 import uuid
+import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,11 +44,13 @@ import pynng
 import trio
 
 from . import _protocol as protocol
+from ._collect import Incoming, Progress, read_body, summarize, verify
 from ._data import DataChunk, DecodeError, decode_chunk
 from ._errors import CommitGraphError, NodeError
 from ._graph import Graph
 from ._mapping import resolve_mapping
 from ._packages import Package, pack
+from ._recording import check_name
 from ._service import Service, run_all
 
 __all__ = ["AsyncManager", "WorkerInfo"]
@@ -147,6 +153,12 @@ class AsyncManager(Service):
         self._packages: dict[str, Package] = {}
         #: The uploads expected from Workers (None until it came), by key.
         self._uploads: dict[str, bytes | None] = {}
+        #: The collections under way, by key.
+        self._collections: dict[str, Incoming] = {}
+        #: The session's folder name in the logdir, once there is one.
+        self._session: str | None = None
+        self._started_ns: int | None = None
+        self._stopped_ns: int | None = None
 
     @property
     def workers(self) -> dict[str, WorkerInfo]:
@@ -396,6 +408,16 @@ class AsyncManager(Service):
         Raises:
             RuntimeError: no graph is registered.
         """
+        path = self.logdir / "meta.json"
+        path.write_text(json.dumps(self._meta(), indent=2))
+        return path
+
+    def _meta(self) -> dict[str, Any]:
+        """The graph, the mapping, the Workers and the nodes' states.
+
+        Raises:
+            RuntimeError: no graph is registered.
+        """
         graph = self._registered()
         names = self._node_names
         workers = self._names()
@@ -418,9 +440,7 @@ class AsyncManager(Service):
             "workers": [{"id": info.id, "name": info.name} for info in self._workers.values()],
             "states": {names[node]: state for node, state in self.nodes.items() if node in names},
         }
-        path = self.logdir / "meta.json"
-        path.write_text(json.dumps(meta, indent=2))
-        return path
+        return meta
 
     def _registered(self) -> Graph:
         if self._graph is None:
@@ -440,12 +460,14 @@ class AsyncManager(Service):
 
     async def start(self) -> bool:
         """Start every node stepping, and recording (what ``save_*`` saves). Returns True."""
+        self._started_ns = self._started_ns or self._clock()
         await self._broadcast("start_nodes", record=True)
         return True
 
     async def preview(self) -> bool:
         """Start every node stepping, without recording (``save_*`` saves nothing
         until :meth:`record`). Returns True."""
+        self._started_ns = self._started_ns or self._clock()
         await self._broadcast("start_nodes", record=False)
         return True
 
@@ -458,7 +480,80 @@ class AsyncManager(Service):
         """Stop the sources; every chunk they sent is stepped downstream before
         each node's ``teardown``. Returns once every node has stopped: True."""
         await self._broadcast("stop_nodes")
+        self._stopped_ns = self._clock()
         return True
+
+    async def collect(self, unzip: bool = True) -> bool:
+        """Bring what every node saved into this session's folder,
+        ``LOGDIR/SESSION/WORKER/NODE/``, each file verified against the SHA-256
+        its Worker computed; write ``meta.json`` there. Stops the cluster first
+        if it runs. Returns True.
+
+        Nodes that failed are collected like the others. With *unzip* False,
+        each Worker's folder ends as ``WORKER.zip`` instead. Progress (files,
+        MB) goes to the log every few seconds.
+
+        Raises:
+            ValueError: a file did not arrive whole (each named).
+            RuntimeError: a Worker failed, or left.
+        """
+        if "RUNNING" in self.nodes.values():
+            await self.stop()
+        session = self.session_folder()
+        progress = Progress()
+        workers: dict[str, dict[str, Any]] = {}
+
+        async def collect_from(worker_id: str, node_ids: list[str]) -> None:
+            name = self._workers[worker_id].name
+            key = uuid.uuid4().hex
+            incoming = self._collections[key] = Incoming(
+                session / check_name(name, "a worker name"), progress.update(name)
+            )
+            try:
+                result = await self._request(worker_id, "collect_nodes", upload=f"/collect/{key}")
+            finally:
+                del self._collections[key]
+            verify(name, result["files"], incoming.received)
+            workers[name] = {"clock": result["clock"], "files": len(result["files"])}
+
+        await self._on_every_worker(collect_from)
+        log.info("%s, into %s", progress.line(), session)
+        meta = await trio.to_thread.run_sync(self._session_meta, session, workers)
+        (session / "meta.json").write_text(json.dumps(meta, indent=2))
+        if not unzip:
+            for name in workers:
+                await trio.to_thread.run_sync(_zip_folder, session / name)
+        return True
+
+    def session_folder(self) -> Path:
+        """This session's folder in the logdir (named when first needed:
+        ``YYYY-MM-DD_HH-MM-SS``, with a suffix if that exists already)."""
+        if self._session is None:
+            stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(self._clock() / 1e9))
+            name, suffix = stamp, 1
+            while (self.logdir / name).exists():
+                suffix += 1
+                name = f"{stamp}-{suffix}"
+            self._session = name
+        folder = self.logdir / self._session
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _session_meta(self, session: Path, workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """``meta.json`` of a collected session (blocking: reads the streams' timestamps)."""
+        meta = self._meta()
+        meta["session"] = session.name
+        meta["start_ns"], meta["stop_ns"] = self._started_ns, self._stopped_ns
+        meta["clocks"] = {name: info["clock"] for name, info in workers.items()}
+        meta["streams"] = {
+            f"{info['worker']}/{info['name']}": {
+                "state": info["state"],
+                "dropped": info["dropped"],
+                "streams": summarize(session / info["worker"] / info["name"]),
+            }
+            for info in self._node_info.values()
+        }
+        return meta
 
     async def shutdown(self) -> None:
         """Close every node on every Worker (stopping those that run).
@@ -726,6 +821,21 @@ class AsyncManager(Service):
                 return
             self._uploads[path.removeprefix("/uploads/")] = data
             await _respond(send, 200, {})
+        elif method == "POST" and path.startswith("/collect/"):
+            key, _, member = path.removeprefix("/collect/").partition("/")
+            incoming = self._collections.get(key)
+            if incoming is None:
+                await _respond(send, 404, {"error": f"no collection {key!r} under way"})
+            elif not self._authorized(scope):
+                await _respond(send, 401, {"error": "refused: wrong or missing token"})
+            else:
+                try:
+                    await incoming.write(urllib.parse.unquote(member), read_body(receive))
+                except ValueError as exc:
+                    log.error("collect: refused %r: %s", member, exc)
+                    await _respond(send, 400, {"error": str(exc)})
+                    return
+                await _respond(send, 200, {})
         elif method == "GET" and path.startswith("/packages/") and package is not None:
             if not self._authorized(scope):
                 await _respond(send, 401, {"error": "refused: wrong or missing token"})
@@ -811,6 +921,15 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif event["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def _zip_folder(folder: Path) -> None:
+    """Replace *folder* by ``FOLDER.zip`` (stored: media files are compressed already)."""
+    with zipfile.ZipFile(folder.with_suffix(".zip"), "w", zipfile.ZIP_STORED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder.parent).as_posix())
+    shutil.rmtree(folder)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

@@ -69,6 +69,7 @@ COMMANDS = frozenset(
         "step_nodes",
         "stop_nodes",
         "gather_nodes",
+        "collect_nodes",
         "shutdown_nodes",
     }
 )

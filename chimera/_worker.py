@@ -33,10 +33,12 @@ import trio_websocket
 
 from . import _protocol as protocol
 from ._clock import ClockEstimator
+from ._collect import send_folder
 from ._errors import NodeError
 from ._node import NodeState
 from ._packages import extract
 from ._process import NodeProcess, Zygote
+from ._recording import check_name
 from ._runtime import Input, NodeRuntime
 from ._service import Service, run_all
 
@@ -75,7 +77,7 @@ class _ForwardNodeLogs(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         node = record.name.removeprefix(NODE_LOGGER + ".")
-        if node not in self._worker._node_names or not self._worker.connected:
+        if node not in self._worker._node_names.values() or not self._worker.connected:
             return
         try:
             message = protocol.make(
@@ -136,8 +138,8 @@ class AsyncWorker(Service):
         self._runs: dict[str, trio.Event] = {}
         self._run_scopes: list[trio.CancelScope] = []
         self._session_scope: trio.CancelScope | None = None
-        #: The names of the nodes this Worker runs (their logs go to the Manager).
-        self._node_names: set[str] = set()
+        #: The name of each node this Worker runs, by id (their logs go to the Manager).
+        self._node_names: dict[str, str] = {}
         self._zygote: Zygote | None = None
         self._zygote_scope = trio.CancelScope(shield=True)
         self._shared_offset = 0
@@ -381,7 +383,7 @@ class AsyncWorker(Service):
 
     async def _create_node(self, spec: dict[str, Any]) -> None:
         node_id = spec["id"]
-        self._node_names.add(spec["name"])
+        self._node_names[node_id] = spec["name"]
 
         def report(state: NodeState, reason: str | None) -> None:
             self._report(node_id, state, reason)
@@ -506,6 +508,25 @@ class AsyncWorker(Service):
         """From now on, the nodes' ``save_*`` calls save."""
         for runtime in self._runtimes.values():
             await runtime.set_recording(True)
+
+    async def _do_collect_nodes(self, upload: str) -> dict[str, Any]:
+        """Send every file the nodes saved to the Manager's *upload* path, as
+        ``NODE NAME/PATH``; what was sent, and this Worker's clock estimate."""
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        sent: list[dict[str, Any]] = []
+        async with httpx.AsyncClient(
+            base_url=self._manager_url, headers=headers, timeout=DOWNLOAD_TIMEOUT
+        ) as client:
+            for node_id, name in self._node_names.items():
+                folder = self._temp_folder() / "nodes" / node_id
+                sent += await send_folder(client, upload, folder, check_name(name, "a node name"))
+        estimate = self.clock.estimate()
+        clock = (
+            None
+            if estimate is None
+            else {"offset_ns": estimate.offset_ns, "error_ns": estimate.error_ns}
+        )
+        return {"files": sent, "clock": clock}
 
     async def _do_gather_nodes(self, upload: str) -> None:
         """POST the last chunk of every node to the Manager's *upload* path: a

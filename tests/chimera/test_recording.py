@@ -7,7 +7,10 @@ import itertools
 import json
 import os
 import signal
+import sys
 import tempfile
+import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +244,109 @@ async def test_a_recording_node_killed_with_sigkill_loses_at_most_two_seconds(tm
                 counts = read_streams(node_folder(node))
     for stream, count in counts.items():
         assert saved - 2 * 30 <= count <= saved + 30, (stream, count, saved)
+
+
+# --- collection --------------------------------------------------------------------
+
+
+async def _run_worker_process(port: int, name: str, task_status=trio.TASK_STATUS_IGNORED):
+    """``chimera worker`` in a process of its own, until cancelled."""
+    command = [sys.executable, "-m", "chimera", "worker", "--name", name]
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            partial(trio.run_process, [*command, "--manager", f"127.0.0.1:{port}"], check=False)
+        )
+        task_status.started(process)
+
+
+async def test_collect_brings_every_nodes_files_from_two_workers_verified(tmp_path):
+    async with notifications() as (port, notified):
+        here, there = Recording("here", port, every=30), Recording("there", port, every=30)
+        graph = cp.Graph()
+        graph.add_nodes_from([here, there])
+        with trio.fail_after(90):
+            async with cluster(tmp_path, "local") as manager, trio.open_nursery() as nursery:
+                process = await nursery.start(_run_worker_process, manager.port, "remote")
+                await manager.wait_for_workers(2)
+                await manager.commit_graph(graph, {"local": ["here"], "remote": ["there"]})
+                await manager.start()
+                await saved_count(notified, 60)
+                await saved_count(notified, 60)  # both have saved two seconds or so
+                assert await manager.collect()  # stops the cluster first
+                session = manager.session_folder()
+                process.terminate()
+    meta = json.loads((session / "meta.json").read_text())
+    for worker, node in (("local", "here"), ("remote", "there")):
+        folder = session / worker / node
+        counts = read_streams(folder)
+        assert len(set(counts.values())) == 1 and counts["video"] >= 60
+        streams = {s["stream"]: s for s in meta["streams"][f"{worker}/{node}"]["streams"]}
+        assert streams["camera"]["count"] == counts["video"]
+        assert streams["sensor"]["count"] == counts["rows"]
+        assert streams["camera"]["file"] == "camera.mp4"
+        assert 20 < streams["camera"]["rate"] < 40
+        assert meta["streams"][f"{worker}/{node}"]["state"] == "SAVED"
+        assert meta["clocks"][worker]["error_ns"] >= 0
+    assert meta["start_ns"] < meta["stop_ns"]
+    assert sorted(meta["mapping"]) == ["local", "remote"]
+
+
+async def test_collect_without_unzip_keeps_one_archive_per_worker(tmp_path):
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_node(Recording("recorder", port))
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["recorder"]})
+                await manager.start()
+                await saved_count(notified, 30)
+                await manager.stop()
+                assert await manager.collect(unzip=False)
+                session = manager.session_folder()
+    assert sorted(p.name for p in session.iterdir()) == ["local.zip", "meta.json"]
+    with zipfile.ZipFile(session / "local.zip") as archive:
+        names = archive.namelist()
+    assert "local/recorder/camera.mp4" in names and "local/recorder/sensor.csv" in names
+
+
+async def test_a_file_changed_on_its_way_fails_the_collection_naming_it(tmp_path, monkeypatch):
+    from chimera import _collect
+
+    original = _collect._FileBody.__aiter__
+
+    async def tampered(self):
+        async for chunk in original(self):
+            yield chunk
+        if self.path.name == "sensor.csv":
+            yield b"9,9\n"  # sent, not hashed: as if changed on the way
+
+    monkeypatch.setattr(_collect._FileBody, "__aiter__", tampered)
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_node(Recording("recorder", port))
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["recorder"]})
+                await manager.start()
+                await saved_count(notified, 30)
+                with pytest.raises(ValueError, match=r"recorder/sensor.csv differs from what"):
+                    await manager.collect()
+
+
+@pytest.mark.parametrize(
+    "path", ["../escape", "node/../../escape", "/etc/escape", "node/a\\b", "", "node//x"]
+)
+async def test_the_manager_never_writes_outside_the_session_folder(tmp_path, path):
+    from chimera._collect import Incoming
+
+    async def body():
+        yield b"data"
+
+    incoming = Incoming(tmp_path / "session" / "worker")
+    with pytest.raises(ValueError):
+        await incoming.write(path, body())
+    (tmp_path / "session" / "worker").mkdir(parents=True)
+    (tmp_path / "session" / "worker" / "link").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="outside the session folder"):
+        await incoming.write("link/escape", body())
+    assert not list(tmp_path.rglob("escape"))

@@ -1,0 +1,232 @@
+"""Bringing what the nodes saved to the Manager (``collect``), file by file, verified.
+
+Each Worker sends every file of its nodes' folders as one HTTP request,
+``POST /collect/KEY/NODE/PATH``, reading it in :data:`CHUNK` pieces and
+hashing it as it goes (:func:`send_folder`); then it answers the Manager's
+request with what it sent: each file's path, size and SHA-256. The Manager
+writes each body where the path says -- refusing any path that would leave
+the session folder -- hashing it too (:class:`Incoming`), and compares the two
+(:func:`verify`): a file that differs is an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import httpx
+import trio
+
+from ._recording import check_name
+
+__all__ = ["CHUNK", "Incoming", "Received", "send_folder", "verify"]
+
+log = logging.getLogger("chimera.collect")
+
+#: How much of a file is read, sent and written at a time, in bytes.
+CHUNK = 1 << 20
+#: Seconds between two progress lines of a collection.
+PROGRESS_PERIOD = 2.0
+
+
+@dataclass(frozen=True)
+class Received:
+    """A file the Manager wrote: its size and SHA-256 (hex)."""
+
+    size: int
+    sha256: str
+
+
+def member_path(path: str) -> PurePosixPath:
+    """*path* (``NODE/...`` relative, with ``/``), if every part of it can be a file name.
+
+    Raises:
+        ValueError: it is empty or absolute, or a part is empty, ``.``, ``..``,
+            or holds ``\\`` or NUL.
+    """
+    if not path or path.startswith("/"):
+        raise ValueError(f"{path!r} is not a relative path")
+    parts = path.split("/")
+    for part in parts:
+        check_name(part, "a path part")
+    return PurePosixPath(*parts)
+
+
+class Incoming:
+    """The files one Worker sends into *root*, as they arrive."""
+
+    def __init__(self, root: Path, progress: Callable[[int, int], None] | None = None) -> None:
+        self.root = root
+        self.received: dict[str, Received] = {}
+        self._progress = progress
+
+    async def write(self, path: str, body: AsyncIterator[bytes]) -> None:
+        """Write *body* to ``root/path``, hashing it.
+
+        Raises:
+            ValueError: *path* would not be inside *root*.
+            OSError: the file cannot be written.
+        """
+        relative = member_path(path)
+        target = self.root / relative
+        if not target.resolve().is_relative_to(self.root.resolve()):  # a symlink on the way
+            raise ValueError(f"{path!r} leads outside the session folder")
+        digest, size = hashlib.sha256(), 0
+        await trio.to_thread.run_sync(lambda: target.parent.mkdir(parents=True, exist_ok=True))
+        file = await trio.open_file(target, "wb")
+        async with file:
+            pending: list[bytes] = []
+            async for chunk in body:
+                digest.update(chunk)
+                size += len(chunk)
+                pending.append(chunk)
+                if sum(map(len, pending)) >= CHUNK:  # one thread hop per CHUNK, not per piece
+                    await file.write(b"".join(pending))
+                    pending.clear()
+            await file.write(b"".join(pending))
+        self.received[str(relative)] = Received(size, digest.hexdigest())
+        if self._progress is not None:
+            self._progress(len(self.received), sum(r.size for r in self.received.values()))
+
+
+def verify(worker: str, sent: list[dict[str, Any]], received: dict[str, Received]) -> None:
+    """Check that every file *worker* says it *sent* arrived, whole.
+
+    Raises:
+        ValueError: a file is missing, or its size or SHA-256 differs (each named).
+    """
+    problems = []
+    for entry in sent:
+        got = received.get(entry["path"])
+        if got is None:
+            problems.append(f"{entry['path']} did not arrive")
+        elif (got.size, got.sha256) != (entry["size"], entry["sha256"]):
+            problems.append(
+                f"{entry['path']} differs from what the Worker sent "
+                f"({got.size} bytes, SHA-256 {got.sha256[:12]}...; "
+                f"sent {entry['size']} bytes, {entry['sha256'][:12]}...)"
+            )
+    if problems:
+        raise ValueError(f"collecting from worker {worker!r} failed: " + "; ".join(problems))
+
+
+async def send_folder(
+    client: httpx.AsyncClient, url: str, folder: Path, prefix: str
+) -> list[dict[str, Any]]:
+    """POST every file under *folder* to ``url/prefix/RELATIVE PATH``; what was
+    sent: ``{"path", "size", "sha256"}`` per file.
+
+    Raises:
+        httpx.HTTPError: the Manager could not be reached, or refused a file.
+    """
+    sent = []
+    files = await trio.to_thread.run_sync(
+        lambda: sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    )
+    for path in files:
+        relative = f"{prefix}/{path.relative_to(folder).as_posix()}"
+        body = _FileBody(path)
+        response = await client.post(f"{url}/{relative}", content=body)
+        response.raise_for_status()
+        sent.append({"path": relative, "size": body.size, "sha256": body.digest.hexdigest()})
+    return sent
+
+
+class _FileBody:
+    """A file's content, read in :data:`CHUNK` pieces as it is sent, hashed and counted."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async with await trio.open_file(self.path, "rb") as file:
+            while chunk := await file.read(CHUNK):
+                self.digest.update(chunk)
+                self.size += len(chunk)
+                yield chunk
+
+
+class Progress:
+    """Logs a collection's progress (files, bytes, rate) at most every
+    :data:`PROGRESS_PERIOD` seconds, and once at the end."""
+
+    def __init__(self, say: Callable[[str], None] = log.info) -> None:
+        self._say = say
+        self._started = self._said = time.monotonic()
+        self._files: dict[str, tuple[int, int]] = {}
+
+    def update(self, worker: str) -> Callable[[int, int], None]:
+        def progress(files: int, size: int) -> None:
+            self._files[worker] = (files, size)
+            if time.monotonic() - self._said >= PROGRESS_PERIOD:
+                self._said = time.monotonic()
+                self._say(self.line())
+
+        return progress
+
+    def line(self) -> str:
+        files = sum(f for f, _ in self._files.values())
+        size = sum(s for _, s in self._files.values())
+        seconds = max(time.monotonic() - self._started, 1e-9)
+        return f"collect: {files} files, {size / 1e6:.1f} MB ({size / 1e6 / seconds:.1f} MB/s)"
+
+
+async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]]) -> AsyncIterator[bytes]:
+    """An ASGI request's body, piece by piece.
+
+    Raises:
+        ConnectionError: the client went away before the end.
+    """
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ConnectionError("the sender went away")
+        if body := message.get("body", b""):
+            yield body
+        if not message.get("more_body", False):
+            return
+
+
+def summarize(folder: Path) -> list[dict[str, Any]]:
+    """What each stream in a collected node *folder* holds, from its timestamps:
+    ``{"stream", "file", "count", "first_ns", "last_ns", "rate", "max_gap_ns"}``.
+    Blocking: run it in a thread."""
+    import pandas
+
+    summaries = []
+    for stamps in sorted(folder.glob("*.timestamps.csv")):
+        stream = stamps.name.removesuffix(".timestamps.csv")
+        files = [p for p in folder.iterdir() if p.stem == stream and p != stamps] or [stamps]
+        times = pandas.read_csv(stamps)["timestamp_ns"]
+        summaries.append(_summary(stream, files[0].name, times))
+    for table in sorted(folder.glob("*.csv")):
+        if table.name.endswith(".timestamps.csv"):
+            continue
+        columns = pandas.read_csv(table, nrows=0).columns
+        if "timestamp_ns" in columns:
+            times = pandas.read_csv(table, usecols=["timestamp_ns"])["timestamp_ns"]
+            summaries.append(_summary(table.stem, table.name, times.drop_duplicates()))
+    return summaries
+
+
+def _summary(stream: str, file: str, times: Any) -> dict[str, Any]:
+    count = len(times)
+    first = int(times.iloc[0]) if count else None
+    last = int(times.iloc[-1]) if count else None
+    span = (last - first) / 1e9 if count > 1 else 0.0
+    return {
+        "stream": stream,
+        "file": file,
+        "count": count,
+        "first_ns": first,
+        "last_ns": last,
+        "rate": round((count - 1) / span, 3) if span > 0 else None,
+        "max_gap_ns": int(times.diff().max()) if count > 1 else None,
+    }
