@@ -41,6 +41,25 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", required=True, help="the Worker's name in mappings")
     worker.add_argument("--manager", required=True, metavar="HOST:PORT", help="the Manager")
     worker.add_argument("--token", default=None, help="default: $CHIMERA_TOKEN")
+
+    demo = commands.add_parser(
+        "demo",
+        help="record a multimodal session on this machine",
+        description=(
+            "Start a Manager and a Worker here, record a camera, a microphone and a sensor "
+            "(test signals unless devices are given) and the camera's motion energy, "
+            "collect the session, and print a summary of its streams."
+        ),
+    )
+    demo.add_argument("--seconds", type=float, default=10.0, help="how long to record")
+    demo.add_argument("--logdir", default="chimera-sessions", help="where the session goes")
+    demo.add_argument("--camera", type=int, default=None, metavar="INDEX", help="a real camera")
+    demo.add_argument(
+        "--microphone",
+        default=None,
+        metavar="DEVICE",
+        help="a real input device, or 'default' (needs: pip install sounddevice)",
+    )
     return parser
 
 
@@ -90,12 +109,41 @@ async def _run_worker(args: argparse.Namespace, signals: AsyncIterator[int]) -> 
     return 0
 
 
+async def _run_demo(args: argparse.Namespace, signals: AsyncIterator[int]) -> int:
+    from ._demo import run_demo
+    from ._errors import NodeError
+
+    microphone = args.microphone
+    if microphone is not None and microphone.isdigit():
+        microphone = int(microphone)
+    async with trio.open_nursery() as nursery:
+        enough = trio.Event()
+
+        async def interrupt() -> None:
+            await _until(signals)  # the first: stop recording, collect what was recorded
+            enough.set()
+            await _until(signals)  # the second: stop at once
+            print("chimera demo: interrupted; the session is not collected", file=sys.stderr)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(interrupt)
+        try:
+            await run_demo(args.seconds, args.logdir, args.camera, microphone, enough=enough)
+        except (NodeError, ValueError, OSError) as exc:
+            print(f"chimera demo: {exc}", file=sys.stderr)
+            nursery.cancel_scope.cancel()
+            return 1
+        nursery.cancel_scope.cancel()
+        return 0
+    return 1  # interrupted
+
+
 async def _run(args: argparse.Namespace) -> int:
     # Ctrl-C and SIGTERM are received as events from the start, so that they
     # end the run by leaving its blocks, never as a KeyboardInterrupt in
     # whatever task happens to run.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        run = _run_manager if args.command == "manager" else _run_worker
+        run = {"manager": _run_manager, "worker": _run_worker, "demo": _run_demo}[args.command]
         return await run(args, signals)
 
 
@@ -106,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # The demo says how it goes itself: only warnings and errors from the log.
+    level = logging.WARNING if args.command == "demo" else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return trio.run(_run, args)
 
 

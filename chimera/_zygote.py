@@ -68,6 +68,7 @@ def _fork_node(own: list[int], stdin: int, events: int) -> int:
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.setsid()
         for fd in own:
             os.close(fd)
@@ -106,6 +107,9 @@ def main() -> None:
     os.set_blocking(wakeup_write, False)
     signal.set_wakeup_fd(wakeup_write)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # delivered through the wakeup pipe
+    # Ctrl-C in a terminal reaches the whole process group: the Worker handles
+    # it, and ends the zygote once its nodes are gone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wakeup_read, selectors.EVENT_READ)

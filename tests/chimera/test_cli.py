@@ -121,3 +121,41 @@ def test_a_worker_stops_on_ctrl_c_and_the_manager_sees_it_leave(tmp_path):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_demo_records_collects_and_sums_up_a_multimodal_session(tmp_path):
+    import json
+
+    import av
+    import pandas as pd
+    import soundfile
+
+    result = run("demo", "--seconds", "2", "--logdir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (session,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert result.stdout.strip().endswith(f"session: {session}")
+    assert "recording" in result.stdout and "collecting" in result.stdout
+    table = [line.split() for line in result.stdout.splitlines() if line.startswith("local/")]
+    assert sorted((row[0], row[2]) for row in table) == [
+        ("local/camera", "video.mp4"),
+        ("local/microphone", "audio.wav"),
+        ("local/motion", "motion.csv"),
+        ("local/sensor", "sensor.csv"),
+    ]
+    node = session / "local"
+    with av.open(str(node / "camera" / "video.mp4")) as video:
+        frames = sum(1 for _ in video.decode(video=0))
+    audio, rate = soundfile.read(node / "microphone" / "audio.wav")
+    rows = len(pd.read_csv(node / "sensor" / "sensor.csv"))
+    # Two seconds of each, give or take the time the nodes take to start and stop.
+    assert 40 <= frames <= 80 and rate == 48000 and 1.3 <= len(audio) / rate <= 2.7
+    assert 130 <= rows <= 270
+    meta = json.loads((session / "meta.json").read_text())
+    counts = {s["stream"]: s["count"] for n in meta["streams"].values() for s in n["streams"]}
+    assert counts["video"] == frames and counts["sensor"] == rows
+
+
+def test_demo_refuses_a_camera_it_cannot_open(tmp_path):
+    result = run("demo", "--seconds", "1", "--logdir", str(tmp_path), "--camera", "99")
+    assert result.returncode == 1
+    assert "cannot open camera 99" in result.stderr
