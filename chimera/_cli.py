@@ -154,9 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    # The demo says how it goes itself: only warnings and errors from the log.
+    # The demo says how it goes itself: only warnings and errors from the log,
+    # and how collecting goes.
     level = logging.WARNING if args.command == "demo" else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("chimera.collect").setLevel(logging.INFO)
     return trio.run(_run, args)
 
 

@@ -14,7 +14,7 @@ import uuid
 from typing import Any, Literal
 
 from ._data import DataChunk
-from ._recording import Recorder
+from ._recording import Recorder, check_name
 
 __all__ = ["Node", "NodeState"]
 
@@ -61,14 +61,16 @@ class Node:
     may block (on a camera, a model, a file).
 
     Args:
-        name: the node's name, unique in its graph.
+        name: the node's name, unique in its graph; it names the node's
+            folder in a session, so it must be able to name a file.
         debug: ChimeraPy's debug mode, ``None``, ``"step"`` or ``"stream"``;
             kept for compatibility.
         debug_port: kept for compatibility.
 
     Raises:
         TypeError: *name* is not a str, or *debug_port* not an int.
-        ValueError: *name* is empty, or *debug* is not one of the modes above.
+        ValueError: *name* cannot name a file (empty, ``.``, ``..``, or with
+            ``/``, ``\\`` or NUL), or *debug* is not one of the modes above.
     """
 
     def __init__(
@@ -77,10 +79,7 @@ class Node:
         debug: Literal["step", "stream"] | None = None,
         debug_port: int | None = None,
     ) -> None:
-        if not isinstance(name, str):
-            raise TypeError(f"a node's name is a str, not {type(name).__name__}")
-        if not name:
-            raise ValueError("a node's name must not be empty")
+        check_name(name, "a node's name")
         if debug not in _DEBUG_MODES:
             raise ValueError(f"debug must be one of {list(_DEBUG_MODES)}, not {debug!r}")
         if debug_port is not None and (

@@ -108,6 +108,10 @@ class AsyncWorker(Service):
         id: its id; a fresh one when None.
         token: what to present to a Manager that asks for one (default: the
             ``CHIMERA_TOKEN`` environment variable).
+
+    Raises:
+        ValueError: *name* cannot name a folder (it names the Worker's in a
+            session): empty, ``.``, ``..``, or with ``/``, ``\\`` or NUL.
     """
 
     def __init__(
@@ -119,7 +123,7 @@ class AsyncWorker(Service):
         *,
         token: str | None = None,
     ) -> None:
-        self.name = name
+        self.name = check_name(name, "a worker's name")
         self.port = port
         self.delete_temp = delete_temp
         self.id = id or uuid.uuid4().hex

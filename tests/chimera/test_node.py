@@ -23,7 +23,9 @@ def test_a_node_has_a_name_a_unique_id_and_starts_initialized():
     ("kwargs", "error", "message"),
     [
         ({"name": 3}, TypeError, "name is a str"),
-        ({"name": ""}, ValueError, "must not be empty"),
+        ({"name": ""}, ValueError, "cannot be a file name"),
+        ({"name": "../up"}, ValueError, "cannot be a file name"),
+        ({"name": "a/b"}, ValueError, "cannot be a file name"),
         ({"name": "n", "debug": "verbose"}, ValueError, "debug must be one of"),
         ({"name": "n", "debug_port": "9000"}, TypeError, "debug_port"),
     ],
