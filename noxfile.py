@@ -40,3 +40,4 @@ def bench(session: nox.Session) -> None:
     """The benchmarks, in the current environment (pass --quick for a short run)."""
     session.run("python", "benchmarks/transports.py", *session.posargs)
     session.run("python", "benchmarks/pipeline.py", *session.posargs)
+    session.run("python", "benchmarks/recording.py", *session.posargs)
