@@ -1,6 +1,10 @@
 """Bringing what the nodes saved to the Manager (``collect``), file by file, verified.
 
-Each Worker sends every file of its nodes' folders as one HTTP request,
+A Worker that sees the Manager's session folder (on the same machine: the
+Manager leaves a probe file there, and the Worker reads it) moves each file
+into it (:func:`move_folder`; a copy across file systems), after hashing it;
+the Manager hashes what it finds (:meth:`Incoming.hash_moved`). Otherwise,
+each Worker sends every file of its nodes' folders as one HTTP request,
 ``POST /collect/KEY/NODE/PATH``, reading it in :data:`CHUNK` pieces and
 hashing it as it goes (:func:`send_folder`); then it answers the Manager's
 request with what it sent: each file's path, size and SHA-256. The Manager
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,7 +30,7 @@ import trio
 
 from ._recording import check_name
 
-__all__ = ["CHUNK", "Incoming", "Received", "send_folder", "verify"]
+__all__ = ["CHUNK", "Incoming", "Received", "move_folder", "sees_probe", "send_folder", "verify"]
 
 log = logging.getLogger("chimera.collect")
 
@@ -65,6 +71,27 @@ class Incoming:
         self.received: dict[str, Received] = {}
         self._progress = progress
 
+    def _target(self, path: str) -> tuple[str, Path]:
+        relative = member_path(path)
+        target = self.root / relative
+        if not target.resolve().is_relative_to(self.root.resolve()):  # a symlink on the way
+            raise ValueError(f"{path!r} leads outside the session folder")
+        return str(relative), target
+
+    def hash_moved(self, sent: list[dict[str, Any]]) -> None:
+        """Hash the files a Worker says it moved here (blocking: run it in a thread).
+
+        Raises:
+            ValueError: a path would not be inside *root*.
+        """
+        for entry in sent:
+            relative, target = self._target(entry["path"])
+            if target.is_file():
+                self.received[relative] = hash_file(target)
+                if self._progress is not None:
+                    total = sum(r.size for r in self.received.values())
+                    self._progress(len(self.received), total)
+
     async def write(self, path: str, body: AsyncIterator[bytes]) -> None:
         """Write *body* to ``root/path``, hashing it.
 
@@ -72,10 +99,7 @@ class Incoming:
             ValueError: *path* would not be inside *root*.
             OSError: the file cannot be written.
         """
-        relative = member_path(path)
-        target = self.root / relative
-        if not target.resolve().is_relative_to(self.root.resolve()):  # a symlink on the way
-            raise ValueError(f"{path!r} leads outside the session folder")
+        relative, target = self._target(path)
         digest, size = hashlib.sha256(), 0
         await trio.to_thread.run_sync(lambda: target.parent.mkdir(parents=True, exist_ok=True))
         file = await trio.open_file(target, "wb")
@@ -89,9 +113,47 @@ class Incoming:
                     await file.write(b"".join(pending))
                     pending.clear()
             await file.write(b"".join(pending))
-        self.received[str(relative)] = Received(size, digest.hexdigest())
+        self.received[relative] = Received(size, digest.hexdigest())
         if self._progress is not None:
             self._progress(len(self.received), sum(r.size for r in self.received.values()))
+
+
+def hash_file(path: Path) -> Received:
+    """A file's size and SHA-256 (blocking)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK * 8):
+            digest.update(chunk)
+            size += len(chunk)
+    return Received(size, digest.hexdigest())
+
+
+def sees_probe(folder: str, probe: str, key: str) -> bool:
+    """Whether the Manager's probe file *probe* in *folder* holds *key* (then this
+    process sees the session folder: it is on the Manager's machine). Blocking."""
+    try:
+        return (Path(folder) / probe).read_text() == key
+    except (OSError, ValueError):
+        return False
+
+
+def move_folder(folder: Path, target: Path, prefix: str) -> list[dict[str, Any]]:
+    """Move every file under *folder* to ``target/prefix/RELATIVE PATH`` (a copy
+    across file systems), hashing it first; what was moved: ``{"path", "size",
+    "sha256"}`` per file. Blocking: run it in a thread."""
+    moved = []
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    for path in files:
+        relative = f"{prefix}/{path.relative_to(folder).as_posix()}"
+        received = hash_file(path)
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, destination)
+        except OSError:  # another file system
+            shutil.copyfile(path, destination)
+        moved.append({"path": relative, "size": received.size, "sha256": received.sha256})
+    return moved
 
 
 def verify(worker: str, sent: list[dict[str, Any]], received: dict[str, Received]) -> None:

@@ -506,13 +506,22 @@ class AsyncManager(Service):
         async def collect_from(worker_id: str, node_ids: list[str]) -> None:
             name = self._workers[worker_id].name
             key = uuid.uuid4().hex
-            incoming = self._collections[key] = Incoming(
-                session / check_name(name, "a worker name"), progress.update(name)
-            )
+            root = session / check_name(name, "a worker name")
+            incoming = self._collections[key] = Incoming(root, progress.update(name))
+            # A Worker that can read this probe shares the folder: it moves its files in.
+            probe = root / f".chimera-probe-{key}"
+            root.mkdir(parents=True, exist_ok=True)
+            probe.write_text(key)
+            local = {"folder": str(root), "probe": probe.name, "key": key}
             try:
-                result = await self._request(worker_id, "collect_nodes", upload=f"/collect/{key}")
+                result = await self._request(
+                    worker_id, "collect_nodes", upload=f"/collect/{key}", local=local
+                )
             finally:
                 del self._collections[key]
+                probe.unlink(missing_ok=True)
+            if result["moved"]:
+                await trio.to_thread.run_sync(incoming.hash_moved, result["files"])
             verify(name, result["files"], incoming.received)
             workers[name] = {"clock": result["clock"], "files": len(result["files"])}
 

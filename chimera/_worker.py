@@ -33,7 +33,7 @@ import trio_websocket
 
 from . import _protocol as protocol
 from ._clock import ClockEstimator
-from ._collect import send_folder
+from ._collect import move_folder, sees_probe, send_folder
 from ._errors import NodeError
 from ._node import NodeState
 from ._packages import extract
@@ -513,24 +513,41 @@ class AsyncWorker(Service):
         for runtime in self._runtimes.values():
             await runtime.set_recording(True)
 
-    async def _do_collect_nodes(self, upload: str) -> dict[str, Any]:
-        """Send every file the nodes saved to the Manager's *upload* path, as
-        ``NODE NAME/PATH``; what was sent, and this Worker's clock estimate."""
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+    async def _do_collect_nodes(
+        self, upload: str, local: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Hand every file the nodes saved to the Manager, as ``NODE NAME/PATH``:
+        moved into its session folder if this Worker sees it (*local*: the
+        folder, and a probe file there holding a key), else POSTed to its
+        *upload* path. What was sent, whether it was moved, and this Worker's
+        clock estimate."""
+        folders = [
+            (self._temp_folder() / "nodes" / node_id, check_name(name, "a node name"))
+            for node_id, name in self._node_names.items()
+        ]
         sent: list[dict[str, Any]] = []
-        async with httpx.AsyncClient(
-            base_url=self._manager_url, headers=headers, timeout=DOWNLOAD_TIMEOUT
-        ) as client:
-            for node_id, name in self._node_names.items():
-                folder = self._temp_folder() / "nodes" / node_id
-                sent += await send_folder(client, upload, folder, check_name(name, "a node name"))
+        moved = local is not None and await trio.to_thread.run_sync(
+            sees_probe, local["folder"], local["probe"], local["key"]
+        )
+        if moved:
+            for folder, name in folders:
+                sent += await trio.to_thread.run_sync(
+                    move_folder, folder, Path(local["folder"]), name
+                )
+        else:
+            headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+            async with httpx.AsyncClient(
+                base_url=self._manager_url, headers=headers, timeout=DOWNLOAD_TIMEOUT
+            ) as client:
+                for folder, name in folders:
+                    sent += await send_folder(client, upload, folder, name)
         estimate = self.clock.estimate()
         clock = (
             None
             if estimate is None
             else {"offset_ns": estimate.offset_ns, "error_ns": estimate.error_ns}
         )
-        return {"files": sent, "clock": clock}
+        return {"files": sent, "moved": moved, "clock": clock}
 
     async def _do_gather_nodes(self, upload: str) -> None:
         """POST the last chunk of every node to the Manager's *upload* path: a

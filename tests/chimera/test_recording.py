@@ -259,7 +259,10 @@ async def _run_worker_process(port: int, name: str, task_status=trio.TASK_STATUS
         task_status.started(process)
 
 
-async def test_collect_brings_every_nodes_files_from_two_workers_verified(tmp_path):
+async def test_collect_brings_every_nodes_files_from_two_workers_verified(tmp_path, monkeypatch):
+    # The Worker in this process sends its files over HTTP (as if on another
+    # machine); the one in a process of its own moves them (it sees the folder).
+    monkeypatch.setattr("chimera._worker.sees_probe", lambda *args: False)
     async with notifications() as (port, notified):
         here, there = Recording("here", port, every=30), Recording("there", port, every=30)
         graph = cp.Graph()
@@ -309,18 +312,31 @@ async def test_collect_without_unzip_keeps_one_archive_per_worker(tmp_path):
     assert "local/recorder/camera.mp4" in names and "local/recorder/sensor.csv" in names
 
 
-async def test_a_file_changed_on_its_way_fails_the_collection_naming_it(tmp_path, monkeypatch):
-    from chimera import _collect
+@pytest.mark.parametrize("way", ["sent", "moved"])
+async def test_a_file_changed_on_its_way_fails_the_collection_naming_it(tmp_path, monkeypatch, way):
+    from chimera import _collect, _worker
 
-    original = _collect._FileBody.__aiter__
+    if way == "sent":
+        original = _collect._FileBody.__aiter__
 
-    async def tampered(self):
-        async for chunk in original(self):
-            yield chunk
-        if self.path.name == "sensor.csv":
-            yield b"9,9\n"  # sent, not hashed: as if changed on the way
+        async def tampered(self):
+            async for chunk in original(self):
+                yield chunk
+            if self.path.name == "sensor.csv":
+                yield b"9,9\n"  # sent, not hashed: as if changed on the way
 
-    monkeypatch.setattr(_collect._FileBody, "__aiter__", tampered)
+        monkeypatch.setattr(_worker, "sees_probe", lambda *args: False)
+        monkeypatch.setattr(_collect._FileBody, "__aiter__", tampered)
+    else:
+        original_move = _collect.move_folder
+
+        def tampered_move(folder, target, prefix):
+            moved = original_move(folder, target, prefix)
+            with open(target / prefix / "sensor.csv", "a") as file:
+                file.write("9,9\n")  # changed after the Worker hashed it
+            return moved
+
+        monkeypatch.setattr(_worker, "move_folder", tampered_move)
     async with notifications() as (port, notified):
         graph = cp.Graph()
         graph.add_node(Recording("recorder", port))
