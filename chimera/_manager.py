@@ -241,13 +241,14 @@ class AsyncManager(Service):
             if info is None or not isinstance(values, dict):
                 continue
             steps, dropped = values.get("steps"), values.get("dropped")
-            if not isinstance(steps, int) or not isinstance(dropped, int):
+            waited = values.get("writer_wait_ms", 0)
+            if not all(isinstance(value, int) for value in (steps, dropped, waited)):
                 continue
             last = self._steps_sampled.get(node_id)
             if last is not None and now > last[0]:
                 info["fps"] = round((steps - last[1]) * 1e9 / (now - last[0]), 1)
             self._steps_sampled[node_id] = (now, steps)
-            info["steps"], info["dropped"] = steps, dropped
+            info["steps"], info["dropped"], info["writer_wait_ms"] = steps, dropped, waited
         self._publish({"type": "node_stats", "nodes": self.state()["nodes"]})
 
     # --- the graph ----------------------------------------------------------------
@@ -334,6 +335,7 @@ class AsyncManager(Service):
                 "reason": None,
                 "steps": 0,
                 "dropped": 0,
+                "writer_wait_ms": 0,
                 "fps": 0.0,
             }
             for worker_id, node_ids in self._mapping.items()
@@ -558,6 +560,7 @@ class AsyncManager(Service):
             f"{info['worker']}/{info['name']}": {
                 "state": info["state"],
                 "dropped": info["dropped"],
+                "writer_wait_ms": info["writer_wait_ms"],
                 "streams": summarize(session / info["worker"] / info["name"]),
             }
             for info in self._node_info.values()

@@ -281,9 +281,13 @@ class NodeRuntime:
             await self._call("teardown", self.node.teardown, abandon=True)
 
     def stats(self) -> dict[str, int]:
-        """``steps`` (steps done) and ``dropped`` (chunks its inputs dropped, LATEST)."""
+        """``steps`` (steps done), ``dropped`` (chunks its inputs dropped, LATEST)
+        and ``writer_wait_ms`` (how long its ``save_*`` calls waited for writers
+        that could not keep up)."""
         dropped = sum(inlet.stats.messages_dropped for inlet in self._inlets.values())
-        return {"steps": self.steps, "dropped": dropped + self.skipped}
+        streams = self._recorder.streams() if self._recorder is not None else []
+        waited = round(sum(stream.waited_s for stream in streams) * 1000)
+        return {"steps": self.steps, "dropped": dropped + self.skipped, "writer_wait_ms": waited}
 
     async def gather(self) -> list[Frame] | None:
         """The frames of the last chunk the node's ``step`` returned; None if none yet.

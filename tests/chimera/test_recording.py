@@ -289,6 +289,7 @@ async def test_collect_brings_every_nodes_files_from_two_workers_verified(tmp_pa
         assert streams["camera"]["file"] == "camera.mp4"
         assert 20 < streams["camera"]["rate"] < 40
         assert meta["streams"][f"{worker}/{node}"]["state"] == "SAVED"
+        assert meta["streams"][f"{worker}/{node}"]["writer_wait_ms"] >= 0
         assert meta["clocks"][worker]["error_ns"] >= 0
     assert meta["start_ns"] < meta["stop_ns"]
     assert sorted(meta["mapping"]) == ["local", "remote"]
@@ -366,3 +367,29 @@ async def test_the_manager_never_writes_outside_the_session_folder(tmp_path, pat
     with pytest.raises(ValueError, match="outside the session folder"):
         await incoming.write("link/escape", body())
     assert not list(tmp_path.rglob("escape"))
+
+
+def test_a_writer_that_cannot_keep_up_slows_the_node_says_so_and_loses_nothing(
+    tmp_path, monkeypatch, caplog
+):
+    import time
+
+    from chimera import _recording
+
+    original = _recording._TableWriter.write
+
+    def slow_write(self, rows, stamp):
+        time.sleep(0.002)
+        original(self, rows, stamp)
+
+    monkeypatch.setattr(_recording._TableWriter, "write", slow_write)
+    monkeypatch.setitem(_recording.QUEUE_SIZES, "table", 4)
+    recorder = Recorder(tmp_path)
+    started = time.perf_counter()
+    for n in range(100):
+        recorder.save("table", "fast", {"n": n})
+    waited = time.perf_counter() - started
+    (info,) = recorder.close()
+    assert pd.read_csv(tmp_path / "fast.csv")["n"].tolist() == list(range(100))
+    assert 0.1 < info.waited_s <= waited  # ~96 rows x 2 ms waited for
+    assert caplog.text.count("the table writer of 'fast' cannot keep up: its node waits") == 1
