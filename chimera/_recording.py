@@ -269,6 +269,9 @@ class _Writer:
     def __init__(self, folder: Path, name: str, **params: Any) -> None:
         self.folder, self.name = folder, name
         self.info = StreamInfo(self.kind, name, f"{name}{self.suffix}")
+        #: The stream's file, once open (anything with flush and close), and
+        #: its timestamps.
+        self._file: Any = None
         self._stamps: _AppendFile | None = None
 
     def prepare(self, data: Any, **params: Any) -> Any:
@@ -281,12 +284,18 @@ class _Writer:
         raise NotImplementedError
 
     def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
         if self._stamps is not None:
             self._stamps.flush()
 
     def close(self) -> None:
-        if self._stamps is not None:
-            self._stamps.close()
+        try:
+            if self._file is not None:
+                self._file.close()
+        finally:
+            if self._stamps is not None:
+                self._stamps.close()
 
     def _open_stamps(self) -> None:
         self._stamps = _AppendFile(self.folder / f"{self.name}.timestamps.csv")
@@ -391,7 +400,6 @@ class _AudioWriter(_Writer):
         self.channels, self.format, self.rate = channels, format, rate
         self._subtype: str | None = None
         self._dtype: numpy.dtype | None = None
-        self._file: Any = None
 
     def prepare(self, data: Any, **params: Any) -> numpy.ndarray:
         if isinstance(data, bytes | bytearray | memoryview):  # as PyAudio reads it
@@ -445,17 +453,6 @@ class _AudioWriter(_Writer):
         self._file.write(block)
         self.info.samples += len(block)
 
-    def flush(self) -> None:
-        self._file.flush()  # libsndfile updates the header's sizes too
-        super().flush()
-
-    def close(self) -> None:
-        try:
-            if self._file is not None:
-                self._file.close()
-        finally:
-            super().close()
-
 
 class _ImageWriter(_Writer):
     kind, suffix = "image", ""
@@ -496,7 +493,6 @@ class _TableWriter(_Writer):
     def __init__(self, folder: Path, name: str) -> None:
         super().__init__(folder, name)
         self._columns: list[str] | None = None
-        self._file: _AppendFile | None = None
 
     def prepare(self, data: Any, **params: Any) -> list[list[Any]]:
         if isinstance(data, Mapping):  # one row; no pandas (its import takes ~0.3 s)
@@ -528,13 +524,6 @@ class _TableWriter(_Writer):
         self._file.csv.writerows([stamp, *row] for row in rows)
         self.info.samples += len(rows)
 
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
 
 class _LinesWriter(_Writer):
     """JSON values, or texts: appended as they come, each stamped."""
@@ -542,7 +531,6 @@ class _LinesWriter(_Writer):
     def __init__(self, folder: Path, name: str, suffix: str = "jsonl") -> None:
         self.suffix = f".{check_name(suffix, 'a suffix')}"
         super().__init__(folder, name)
-        self._file: Any = None
 
     def open(self) -> None:
         self._file = _AppendFile(self.folder / f"{self.name}{self.suffix}")
@@ -551,17 +539,6 @@ class _LinesWriter(_Writer):
     def write(self, text: str, stamp: int) -> None:
         self._file.add(text)
         self._stamp(self.info.count, stamp)
-
-    def flush(self) -> None:
-        self._file.flush()
-        super().flush()
-
-    def close(self) -> None:
-        try:
-            if self._file is not None:
-                self._file.close()
-        finally:
-            super().close()
 
 
 class _JsonWriter(_LinesWriter):
