@@ -10,6 +10,8 @@ import signal
 import sys
 import tempfile
 import zipfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -295,18 +297,25 @@ async def test_collect_brings_every_nodes_files_from_two_workers_verified(tmp_pa
     assert sorted(meta["mapping"]) == ["local", "remote"]
 
 
-async def test_collect_without_unzip_keeps_one_archive_per_worker(tmp_path):
+@asynccontextmanager
+async def recording_a_second(tmp_path) -> AsyncIterator[cp.AsyncManager]:
+    """A cluster of one Worker whose one node, ``recorder``, has recorded about a second."""
     async with notifications() as (port, notified):
         graph = cp.Graph()
         graph.add_node(Recording("recorder", port))
-        with trio.fail_after(60):
-            async with cluster(tmp_path, "local") as manager:
-                await manager.commit_graph(graph, {"local": ["recorder"]})
-                await manager.start()
-                await saved_count(notified, 30)
-                await manager.stop()
-                assert await manager.collect(unzip=False)
-                session = manager.session_folder()
+        async with cluster(tmp_path, "local") as manager:
+            await manager.commit_graph(graph, {"local": ["recorder"]})
+            await manager.start()
+            await saved_count(notified, 30)
+            yield manager
+
+
+async def test_collect_without_unzip_keeps_one_archive_per_worker(tmp_path):
+    with trio.fail_after(60):
+        async with recording_a_second(tmp_path) as manager:
+            await manager.stop()
+            assert await manager.collect(unzip=False)
+            session = manager.session_folder()
     assert sorted(p.name for p in session.iterdir()) == ["local.zip", "meta.json"]
     with zipfile.ZipFile(session / "local.zip") as archive:
         names = archive.namelist()
@@ -338,16 +347,10 @@ async def test_a_file_changed_on_its_way_fails_the_collection_naming_it(tmp_path
             return moved
 
         monkeypatch.setattr(_worker, "move_folder", tampered_move)
-    async with notifications() as (port, notified):
-        graph = cp.Graph()
-        graph.add_node(Recording("recorder", port))
-        with trio.fail_after(60):
-            async with cluster(tmp_path, "local") as manager:
-                await manager.commit_graph(graph, {"local": ["recorder"]})
-                await manager.start()
-                await saved_count(notified, 30)
-                with pytest.raises(ValueError, match=r"recorder/sensor.csv differs from what"):
-                    await manager.collect()
+    with trio.fail_after(60):
+        async with recording_a_second(tmp_path) as manager:
+            with pytest.raises(ValueError, match=r"recorder/sensor.csv differs from what"):
+                await manager.collect()
 
 
 @pytest.mark.parametrize(
