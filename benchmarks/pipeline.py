@@ -44,9 +44,10 @@ from typing import Any
 
 import numpy as np
 import trio
-from _cluster import Cluster, children, read_result  # benchmarks/_cluster.py (the script's folder)
 
 import chimera as cp
+from chimera._manager import AsyncManager
+from chimera._worker import AsyncWorker
 
 # --- the nodes (pickled by value into their processes) ------------------------------
 
@@ -137,11 +138,60 @@ class Ticker(cp.Node):
         return 1
 
 
+# --- running a cluster ----------------------------------------------------------------
+
+
+async def _serve_worker(
+    worker: AsyncWorker, manager: AsyncManager, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with worker:
+        if not await worker.connect(manager.host, manager.port):
+            raise RuntimeError(f"worker {worker.name} could not connect")
+        task_status.started()
+        await trio.sleep_forever()
+
+
+class Cluster:
+    """A Manager and *workers* Workers in this Trio run, torn down on exit."""
+
+    def __init__(self, folder: str, workers: int) -> None:
+        self.folder, self.count = folder, workers
+
+    async def __aenter__(self) -> AsyncManager:
+        self._manager_cm = AsyncManager(Path(self.folder, "logs"), port=0, transport="tcp")
+        self.manager = await self._manager_cm.__aenter__()
+        self._nursery_cm = trio.open_nursery()
+        nursery = await self._nursery_cm.__aenter__()
+        for index in range(self.count):
+            await nursery.start(_serve_worker, AsyncWorker(f"w{index}"), self.manager)
+        await self.manager.wait_for_workers(self.count)
+        self._nursery = nursery
+        return self.manager
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._nursery.cancel_scope.cancel()
+        await self._nursery_cm.__aexit__(None, None, None)
+        await self._manager_cm.__aexit__(*exc)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
 def node_peak_rss_mb() -> list[float]:
     """The peak RSS of every node process (children of this process's zygotes), in MB."""
     peaks = []
-    for zygote in children(os.getpid()):
-        for node in children(zygote):
+    for zygote in _children(os.getpid()):
+        for node in _children(zygote):
             try:
                 with open(f"/proc/{node}/status") as status:
                     for line in status:
@@ -150,6 +200,10 @@ def node_peak_rss_mb() -> list[float]:
             except OSError:
                 continue
     return peaks
+
+
+def _read(folder: str, name: str) -> dict[str, Any]:
+    return json.loads(Path(folder, f"{name}.json").read_text())
 
 
 # --- the measurements ---------------------------------------------------------------
@@ -166,7 +220,7 @@ async def measure_stream(source: cp.Node, folder: str, record: str, seconds: flo
         rss = node_peak_rss_mb()
         await manager.stop()
         await manager.shutdown()
-    sent, got = read_result(folder, source.name), read_result(folder, "sink")
+    sent, got = _read(folder, source.name), _read(folder, "sink")
     return {
         "sent": sent["sent"],
         "received": got["received"],

@@ -64,9 +64,10 @@ from typing import Any
 
 import numpy as np
 import trio
-from _cluster import Cluster, children, read_result  # benchmarks/_cluster.py (the script's folder)
 
 import chimera as cp
+from chimera._manager import AsyncManager
+from chimera._worker import AsyncWorker
 
 WIDTH, HEIGHT, FPS = 1920, 1080, 30
 AUDIO_RATE, AUDIO_CHANNELS, AUDIO_BLOCK = 48_000, 2, 480
@@ -209,6 +210,59 @@ class TableSource(PacedSource):
             self.offered += 1
 
 
+# --- running a cluster ----------------------------------------------------------------
+
+
+async def _serve_worker(
+    worker: AsyncWorker, manager: AsyncManager, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with worker:
+        if not await worker.connect(manager.host, manager.port):
+            raise RuntimeError(f"worker {worker.name} could not connect")
+        task_status.started()
+        await trio.sleep_forever()
+
+
+class Cluster:
+    """A Manager and *workers* Workers in this Trio run, torn down on exit."""
+
+    def __init__(self, folder: str, workers: int) -> None:
+        self.folder, self.count = folder, workers
+
+    async def __aenter__(self) -> AsyncManager:
+        self._manager_cm = AsyncManager(Path(self.folder, "logs"), port=0, transport="tcp")
+        self.manager = await self._manager_cm.__aenter__()
+        self._nursery_cm = trio.open_nursery()
+        nursery = await self._nursery_cm.__aenter__()
+        for index in range(self.count):
+            await nursery.start(_serve_worker, AsyncWorker(f"w{index}"), self.manager)
+        await self.manager.wait_for_workers(self.count)
+        self._nursery = nursery
+        return self.manager
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._nursery.cancel_scope.cancel()
+        await self._nursery_cm.__aexit__(None, None, None)
+        await self._manager_cm.__aexit__(*exc)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _read(folder: str, name: str) -> dict[str, Any]:
+    return json.loads(Path(folder, f"{name}.json").read_text())
+
+
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -300,7 +354,7 @@ def measure(folder: str, seconds: float, table_rows: int) -> dict[str, Any]:
     result = trio.run(record_and_collect, folder, seconds, table_rows)
     result["pandas_import_s"] = pandas_import_s
     result["table_rows_per_step"] = table_rows
-    left = [pid for zygote in children(os.getpid()) for pid in [zygote, *children(zygote)]]
+    left = [pid for zygote in _children(os.getpid()) for pid in [zygote, *_children(zygote)]]
     result["processes_left"] = left
     session = Path(result["session"])
     worker = session / "w0"
@@ -317,7 +371,7 @@ def measure(folder: str, seconds: float, table_rows: int) -> dict[str, Any]:
     for name, (file, count) in STREAMS.items():
         print(f"reading {name}", file=sys.stderr, flush=True)
         node_folder = worker / name
-        stream = {**read_result(folder, name), **count(node_folder / file)}
+        stream = {**_read(folder, name), **count(node_folder / file)}
         stream["bytes"] = _size(node_folder)
         summaries = meta["streams"][f"w0/{name}"]["streams"]
         stream["meta"] = next((s for s in summaries if s["file"] == file), None)
