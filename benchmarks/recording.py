@@ -65,9 +65,14 @@ from typing import Any
 import numpy as np
 import trio
 
-import chimera as cp
-from chimera._manager import AsyncManager
-from chimera._worker import AsyncWorker
+# Running this script puts its folder first on sys.path, where
+# benchmarks/transports.py would shadow the transports package chimera imports.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import chimera as cp  # noqa: E402
+from chimera._manager import AsyncManager  # noqa: E402
+from chimera._worker import AsyncWorker  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 1920, 1080, 30
 AUDIO_RATE, AUDIO_CHANNELS, AUDIO_BLOCK = 48_000, 2, 480
