@@ -102,20 +102,29 @@ class Incoming:
         relative, target = self._target(path)
         digest, size = hashlib.sha256(), 0
         await trio.to_thread.run_sync(lambda: target.parent.mkdir(parents=True, exist_ok=True))
-        file = await trio.open_file(target, "wb")
-        async with file:
-            pending: list[bytes] = []
+        file = await trio.to_thread.run_sync(open, target, "wb")
+        try:
+            pending, pending_size = [], 0
             async for chunk in body:
-                digest.update(chunk)
-                size += len(chunk)
                 pending.append(chunk)
-                if sum(map(len, pending)) >= CHUNK:  # one thread hop per CHUNK, not per piece
-                    await file.write(b"".join(pending))
-                    pending.clear()
-            await file.write(b"".join(pending))
+                pending_size += len(chunk)
+                if pending_size >= CHUNK:  # hashed and written off the event loop, a MiB at a time
+                    await trio.to_thread.run_sync(_hash_and_write, digest, file, pending)
+                    size, pending, pending_size = size + pending_size, [], 0
+            await trio.to_thread.run_sync(_hash_and_write, digest, file, pending)
+            size += pending_size
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(file.close)
         self.received[relative] = Received(size, digest.hexdigest())
         if self._progress is not None:
             self._progress(len(self.received), sum(r.size for r in self.received.values()))
+
+
+def _hash_and_write(digest: Any, file: Any, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        digest.update(piece)
+        file.write(piece)
 
 
 def hash_file(path: Path) -> Received:
@@ -200,7 +209,8 @@ async def send_folder(
 
 
 class _FileBody:
-    """A file's content, read in :data:`CHUNK` pieces as it is sent, hashed and counted."""
+    """A file's content, read in :data:`CHUNK` pieces as it is sent, hashed and
+    counted (read and hashed off the event loop)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -208,11 +218,19 @@ class _FileBody:
         self.size = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async with await trio.open_file(self.path, "rb") as file:
-            while chunk := await file.read(CHUNK):
-                self.digest.update(chunk)
+        file = await trio.to_thread.run_sync(open, self.path, "rb")
+        try:
+            while chunk := await trio.to_thread.run_sync(self._read_and_hash, file):
                 self.size += len(chunk)
                 yield chunk
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(file.close)
+
+    def _read_and_hash(self, file: Any) -> bytes:
+        chunk = file.read(CHUNK)
+        self.digest.update(chunk)
+        return chunk
 
 
 class Progress:
