@@ -166,6 +166,10 @@ class Manager:
         """See :meth:`chimera.AsyncManager.collect`."""
         return self._loop.call(self._manager.collect, unzip)
 
+    def session_folder(self) -> Path:
+        """See :meth:`chimera.AsyncManager.session_folder`."""
+        return self._loop.call_sync(self._manager.session_folder)
+
     def gather(self) -> dict[str, DataChunk | None]:
         """See :meth:`chimera.AsyncManager.gather`."""
         return self._loop.call(self._manager.gather)

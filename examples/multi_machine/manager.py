@@ -1,5 +1,6 @@
 """The Manager's side of a pipeline across machines: a camera-like source on one
-Worker, a processing node and a sink on another.
+Worker, a processing node and a sink on another; what they record is collected
+into one session folder here.
 
 Run ``chimera worker`` on each machine first (see README.md), then::
 
@@ -12,7 +13,6 @@ Nodes are defined in this file; they travel to the Workers by value
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import numpy as np
@@ -30,6 +30,7 @@ class Camera(cp.Node):
         time.sleep(1 / 30)
         self.index += 1
         frame = np.full((480, 640, 3), self.index % 256, dtype=np.uint8)
+        self.save_video("camera", frame, fps=30)  # on the camera's machine, until collect
         chunk = cp.DataChunk()
         chunk.add("frame", frame, "image")
         return chunk
@@ -39,7 +40,9 @@ class Brightness(cp.Node):
     """Mean brightness of each frame."""
 
     def step(self, data_chunks):
-        return float(data_chunks["camera"].get("frame")["value"].mean())
+        value = float(data_chunks["camera"].get("frame")["value"].mean())
+        self.save_tabular("brightness", {"brightness": value})
+        return value
 
 
 class Report(cp.Node):
@@ -53,6 +56,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--workers", default="lab-pc,analysis-pc", help="two Worker names")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--logdir", default="chimera-sessions", help="where the session goes")
     args = parser.parse_args()
     first, second = args.workers.split(",")
 
@@ -61,7 +65,7 @@ def main() -> None:
     graph.add_nodes_from([camera, brightness, report])
     graph.add_edges_from([(camera, brightness), (brightness, report)])
 
-    manager = cp.Manager(logdir=tempfile.mkdtemp(prefix="chimera-"), port=args.port)
+    manager = cp.Manager(logdir=args.logdir, port=args.port)
     try:
         print(f"manager on port {manager.port}; waiting for workers {first!r} and {second!r}")
         while {w.name for w in manager.workers.values()} < {first, second}:
@@ -70,7 +74,8 @@ def main() -> None:
         manager.start()
         time.sleep(args.seconds)
         manager.stop()
-        print(f"node logs: {manager.logdir / 'nodes.log'}")
+        manager.collect()  # every node's files, from every machine, verified
+        print(f"session: {manager.session_folder()}; node logs: {manager.logdir / 'nodes.log'}")
     finally:
         manager.shutdown()
 
