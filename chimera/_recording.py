@@ -154,8 +154,9 @@ class Recorder:
         return self.streams()
 
     def streams(self) -> list[StreamInfo]:
-        """What each stream saved so far."""
-        return [stream.writer.info for stream in self._streams.values()]
+        """What each stream saved so far (from any thread: the node's may add a
+        stream meanwhile, so the streams are copied first, at once)."""
+        return [stream.writer.info for stream in list(self._streams.values())]
 
 
 class _Stream:
