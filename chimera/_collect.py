@@ -30,7 +30,17 @@ import trio
 
 from ._recording import check_name
 
-__all__ = ["CHUNK", "Incoming", "Received", "move_folder", "sees_probe", "send_folder", "verify"]
+__all__ = [
+    "CHUNK",
+    "Incoming",
+    "Received",
+    "files_under",
+    "move_folder",
+    "read_body",
+    "sees_probe",
+    "send_folder",
+    "verify",
+]
 
 log = logging.getLogger("chimera.collect")
 
@@ -70,6 +80,7 @@ class Incoming:
         self.root = root
         self.received: dict[str, Received] = {}
         self._progress = progress
+        self._bytes = 0
 
     def _target(self, path: str) -> tuple[str, Path]:
         relative = member_path(path)
@@ -87,10 +98,13 @@ class Incoming:
         for entry in sent:
             relative, target = self._target(entry["path"])
             if target.is_file():
-                self.received[relative] = hash_file(target)
-                if self._progress is not None:
-                    total = sum(r.size for r in self.received.values())
-                    self._progress(len(self.received), total)
+                self._add(relative, hash_file(target))
+
+    def _add(self, relative: str, received: Received) -> None:
+        self.received[relative] = received
+        self._bytes += received.size
+        if self._progress is not None:
+            self._progress(len(self.received), self._bytes)
 
     async def write(self, path: str, body: AsyncIterator[bytes]) -> None:
         """Write *body* to ``root/path``, hashing it.
@@ -116,9 +130,7 @@ class Incoming:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(file.close)
-        self.received[relative] = Received(size, digest.hexdigest())
-        if self._progress is not None:
-            self._progress(len(self.received), sum(r.size for r in self.received.values()))
+        self._add(relative, Received(size, digest.hexdigest()))
 
 
 def _hash_and_write(digest: Any, file: Any, pieces: list[bytes]) -> None:
@@ -137,6 +149,11 @@ def hash_file(path: Path) -> Received:
     return Received(size, digest.hexdigest())
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file under *folder*, in order (none if it does not exist). Blocking."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
 def sees_probe(folder: str, probe: str, key: str) -> bool:
     """Whether the Manager's probe file *probe* in *folder* holds *key* (then this
     process sees the session folder: it is on the Manager's machine). Blocking."""
@@ -151,8 +168,7 @@ def move_folder(folder: Path, target: Path, prefix: str) -> list[dict[str, Any]]
     across file systems), hashing it first; what was moved: ``{"path", "size",
     "sha256"}`` per file. Blocking: run it in a thread."""
     moved = []
-    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
-    for path in files:
+    for path in files_under(folder):
         relative = f"{prefix}/{path.relative_to(folder).as_posix()}"
         received = hash_file(path)
         destination = target / relative
@@ -196,10 +212,7 @@ async def send_folder(
         httpx.HTTPError: the Manager could not be reached, or refused a file.
     """
     sent = []
-    files = await trio.to_thread.run_sync(
-        lambda: sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
-    )
-    for path in files:
+    for path in await trio.to_thread.run_sync(files_under, folder):
         relative = f"{prefix}/{path.relative_to(folder).as_posix()}"
         body = _FileBody(path)
         response = await client.post(f"{url}/{relative}", content=body)

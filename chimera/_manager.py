@@ -44,7 +44,7 @@ import pynng
 import trio
 
 from . import _protocol as protocol
-from ._collect import Incoming, Progress, read_body, summarize, verify
+from ._collect import Incoming, Progress, files_under, read_body, summarize, verify
 from ._data import DataChunk, DecodeError, decode_chunk
 from ._errors import CommitGraphError, NodeError
 from ._graph import Graph
@@ -632,19 +632,18 @@ class AsyncManager(Service):
             ValueError: *htype* and *route* name none of the routes above.
             Exception: whatever the method raises.
         """
+        packages = data.get("packages", []) if isinstance(data, Mapping) else data
         routes: dict[tuple[str, str], Callable[[], Awaitable[Any]]] = {
             ("post", "/nodes/start"): self.start,
             ("post", "/nodes/stop"): self.stop,
             ("post", "/nodes/step"): self.step,
             ("get", "/nodes/gather"): self.gather,
+            ("post", "/packages/load"): partial(self.distribute_packages, packages),
             ("post", "/shutdown"): self.shutdown,
         }
-        if (htype, route) == ("post", "/packages/load"):
-            packages = data.get("packages", []) if isinstance(data, Mapping) else data
-            routes[htype, route] = partial(self.distribute_packages, packages)
         call = routes.get((htype, route))
         if call is None:
-            known = ", ".join(f"{h} {r}" for h, r in [*routes, ("post", "/packages/load")])
+            known = ", ".join(f"{h} {r}" for h, r in routes)
             raise ValueError(f"no route {htype} {route}; the routes are: {known}")
         with trio.move_on_after(timeout):
             await call()
@@ -938,26 +937,24 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 def _zip_folder(folder: Path) -> None:
     """Replace *folder* by ``FOLDER.zip`` (stored: media files are compressed already)."""
     with zipfile.ZipFile(folder.with_suffix(".zip"), "w", zipfile.ZIP_STORED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(folder.parent).as_posix())
+        for path in files_under(folder):
+            archive.write(path, path.relative_to(folder.parent).as_posix())
     shutil.rmtree(folder)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """An HTTP request's body; None if it is longer than *limit* bytes."""
+    """An HTTP request's body; None if it is longer than *limit* bytes, or the
+    client went away before its end."""
     parts, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None  # the client went away
-        part = message.get("body", b"")
-        size += len(part)
-        if size > limit:
-            return None
-        parts.append(part)
-        if not message.get("more_body", False):
-            return b"".join(parts)
+    try:
+        async for part in read_body(receive):
+            size += len(part)
+            if size > limit:
+                return None
+            parts.append(part)
+    except ConnectionError:
+        return None
+    return b"".join(parts)
 
 
 def _decode_gathered(data: bytes) -> dict[str, DataChunk | None]:

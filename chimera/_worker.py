@@ -370,6 +370,10 @@ class AsyncWorker(Service):
             self._temp = Path(tempfile.mkdtemp(prefix="chimera-worker-"))
         return self._temp
 
+    def _node_folder(self, node_id: str) -> Path:
+        """Where a node's ``save_*`` calls write: in the temporary folder, by node id."""
+        return self._temp_folder() / "nodes" / node_id
+
     def _remove_temp_folder(self) -> None:
         """Forget the packages loaded; remove the temporary folder unless kept."""
         if self._temp is None:
@@ -401,8 +405,7 @@ class AsyncWorker(Service):
             "outputs": spec["outputs"],
             "transport": spec["transport"],
             "bind": self._bind_address(spec["transport"]),
-            # What the node saves: in this Worker's temporary folder, by node id.
-            "folder": str(self._temp_folder() / "nodes" / node_id),
+            "folder": str(self._node_folder(node_id)),
         }
         pickled = base64.b64decode(spec["node"])
         if spec["transport"] == "memory":  # in this Trio loop: memory links live here
@@ -525,7 +528,7 @@ class AsyncWorker(Service):
         *upload* path. What was sent, whether it was moved, and this Worker's
         clock estimate."""
         folders = [
-            (self._temp_folder() / "nodes" / node_id, check_name(name, "a node name"))
+            (self._node_folder(node_id), check_name(name, "a node name"))
             for node_id, name in self._node_names.items()
         ]
         sent: list[dict[str, Any]] = []
