@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._data import DataChunk, DecodeError
+from ._data import DataChunk, DecodeError, cluster_time_ns
 from ._errors import CommitGraphError, NodeError
 from ._node import Node, NodeState
 from ._version import __version__
@@ -43,6 +43,7 @@ __all__ = [
     "NodeState",
     "Worker",
     "__version__",
+    "cluster_time_ns",
 ]
 
 

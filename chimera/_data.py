@@ -54,6 +54,7 @@ __all__ = [
     "DecodeError",
     "decode_chunk",
     "encode_chunk",
+    "cluster_time_ns",
     "set_clock",
 ]
 
@@ -110,7 +111,14 @@ def set_clock(fn: Callable[[], int] | None) -> None:
     _clock = time.time_ns if fn is None else fn
 
 
-def _now() -> int:
+def cluster_time_ns() -> int:
+    """Cluster time now, in ns: the Manager's wall clock as this process estimates it.
+
+    Records are stamped with it when they are added to a :class:`DataChunk`,
+    so a node measures a chunk's age, or stamps events of its own, with it.
+    Outside a cluster (and until a Worker knows its offset) it is
+    :func:`time.time_ns`.
+    """
     return int(_clock())
 
 
@@ -281,7 +289,7 @@ class DataChunk:
             ValueError: *content_type* is unknown, or *value* is of the right
                 type but not fit for it (an image of shape HxWx2...).
         """
-        self._store(name, value, content_type, _now())
+        self._store(name, value, content_type, cluster_time_ns())
 
     def update(self, name: str, record: Mapping[str, Any]) -> None:
         """Set record *name* to *record* (keys ``value``, ``content-type``, ``timestamp``).
@@ -305,7 +313,7 @@ class DataChunk:
             raise ValueError(f"record {name!r} has unknown keys {sorted(map(str, extra))}")
         timestamp = record.get("timestamp")
         if timestamp is None:
-            timestamp = _now()
+            timestamp = cluster_time_ns()
         elif type(timestamp) is not int:
             raise TypeError(f"a timestamp is an int (ns), not {type(timestamp).__name__}")
         self._store(name, record["value"], record["content-type"], timestamp)

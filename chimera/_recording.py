@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy
 
-from ._data import _now
+from ._data import cluster_time_ns
 
 __all__ = ["FLUSH_PERIOD", "Recorder", "StreamInfo", "check_name"]
 
@@ -137,7 +137,7 @@ class Recorder:
             stream = self._streams[name] = _Stream(_WRITERS[kind](self.folder, name, **params))
         elif stream.writer.kind != kind:
             raise ValueError(f"{name!r} is already a {stream.writer.kind} stream, not a {kind} one")
-        stream.put(stream.writer.prepare(data, **params), _now())
+        stream.put(stream.writer.prepare(data, **params), cluster_time_ns())
 
     def close(self) -> list[StreamInfo]:
         """Let every writer finish what is queued, close its files; what each saved.

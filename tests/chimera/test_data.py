@@ -58,6 +58,19 @@ def test_content_types():
     assert {"image", "audio", "array", "table", "json", "object", "other"} == CONTENT_TYPES
 
 
+def test_cluster_time_is_the_clock_records_are_stamped_with():
+    import chimera
+
+    set_clock(lambda: 5_000)
+    assert chimera.cluster_time_ns() == 5_000
+    chunk = DataChunk()
+    chunk.add("x", 1)
+    assert chunk.get("x")["timestamp"] == chimera.cluster_time_ns()
+    set_clock(None)
+    before = time.time_ns()
+    assert before <= chimera.cluster_time_ns() <= time.time_ns()
+
+
 def test_add_get_contains():
     set_clock(lambda: 1234)
     chunk = DataChunk()
