@@ -52,9 +52,9 @@ __all__ = [
     "CONTENT_TYPES",
     "DataChunk",
     "DecodeError",
+    "cluster_time_ns",
     "decode_chunk",
     "encode_chunk",
-    "cluster_time_ns",
     "set_clock",
 ]
 

@@ -478,6 +478,7 @@ class NodeRuntime:
                 nursery.cancel_scope.cancel()
         finally:
             loop.close(discard=True)
+            loop.release()
         if failures:
             raise failures[0]
 

@@ -1,0 +1,102 @@
+"""The node's thread and the loop its steps run in: order, failure, stopping, and no fd left."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import trio
+
+from chimera._user_thread import StepLoop, UserThread
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+
+
+async def run_loop(loop: StepLoop, thread: UserThread) -> trio.Event:
+    """Start *loop* on *thread*; the event is set once its call returned."""
+    ended = trio.Event()
+    thread.submit(loop.run, (), lambda outcome: ended.set())
+    return ended
+
+
+async def take_all(loop: StepLoop) -> list:
+    taken = []
+    while results := await loop.results():
+        taken.extend(results)
+    return taken
+
+
+async def test_results_come_back_in_order_then_the_end():
+    before = open_fds()
+    thread = UserThread("t")
+    thread.start()
+    loop = StepLoop(lambda x: x * 2)
+    ended = await run_loop(loop, thread)
+    loop.put([(-1,)])
+    with trio.fail_after(10):  # told at once, not when the loop ends
+        assert await loop.results() == [(-2, None)]
+    loop.put([(i,) for i in range(50)])
+    loop.put([(i,) for i in range(50, 100)])
+    loop.close()
+    with trio.fail_after(10):
+        taken = await take_all(loop)
+        await ended.wait()
+    loop.release()
+    thread.close()
+    await thread.join()
+    assert taken == [(i * 2, None) for i in range(100)]
+    assert open_fds() == before
+
+
+async def test_a_step_that_raises_ends_the_loop():
+    thread = UserThread("t")
+    thread.start()
+
+    def step(x):
+        if x == 3:
+            raise ValueError("three")
+        return x
+
+    loop = StepLoop(step)
+    await run_loop(loop, thread)
+    loop.put([(i,) for i in range(10)])  # not closed: the failure alone ends it
+    with trio.fail_after(10):
+        taken = await take_all(loop)
+    loop.release()
+    thread.close()
+    await thread.join()
+    assert [value for value, _ in taken[:3]] == [0, 1, 2]
+    assert len(taken) == 4 and isinstance(taken[3][1], ValueError)
+
+
+async def test_released_while_a_step_runs_the_loop_ends_alone_and_frees_its_socket():
+    before = open_fds()
+    thread = UserThread("t")
+    thread.start()
+    started, go = threading.Event(), threading.Event()
+
+    def step():
+        started.set()
+        go.wait(10)
+        return 1
+
+    loop = StepLoop(step)
+    ended = await run_loop(loop, thread)
+    loop.put([(), (), ()])
+    await trio.to_thread.run_sync(started.wait, 10)
+    loop.close(discard=True)  # steps not started are not taken
+    loop.release()  # the Trio side is gone before the loop tells its last result
+    with pytest.raises(trio.ClosedResourceError):
+        await loop.results()
+    go.set()
+    with trio.fail_after(10):
+        await ended.wait()
+    thread.close()
+    await thread.join()
+    assert open_fds() == before
