@@ -11,7 +11,9 @@ transport on loopback. Measured:
    nodes count), and latency per frame (the sink's clock minus the record's
    timestamp, both cluster time): p50 and p99.
 2. **1 KB chunks** between two nodes: the burst rate (the source as fast as
-   it can), and one-way latency p50/p99 paced at 1 kHz.
+   it can), and one-way latency p50/p99 paced at 1 kHz: with nodes written
+   as ChimeraPy's (``def step``: on the node's thread), and with ``async def
+   step`` (on the node's event loop, no hand-off to a thread).
 3. **Lifecycle**: ``commit_graph`` for 2 nodes on one Worker and for 20 nodes
    (a chain) over 2 Workers, then ``stop`` and ``shutdown``; and the peak RSS
    (``VmHWM``) of every node process, read before ``shutdown``.
@@ -105,6 +107,18 @@ class SmallSource(cp.Node):
         Path(self.folder, f"{self.name}.json").write_text(json.dumps({"sent": self.sent}))
 
 
+class AsyncSmallSource(SmallSource):
+    """:class:`SmallSource` paced on the event loop (``async def step``)."""
+
+    async def step(self) -> cp.DataChunk:
+        self.next += 1 / self.rate
+        await trio.sleep(max(0.0, self.next - time.perf_counter()))
+        chunk = cp.DataChunk()
+        chunk.add("samples", self.payload, "array")
+        self.sent += 1
+        return chunk
+
+
 class TimingSink(cp.Node):
     """Counts chunks and their latency (now minus the record's timestamp)."""
 
@@ -131,6 +145,11 @@ class TimingSink(cp.Node):
             "latencies_ns": self.latencies,
         }
         Path(self.folder, f"{self.name}.json").write_text(json.dumps(result))
+
+
+class AsyncTimingSink(TimingSink):
+    async def step(self, data_chunks: dict[str, cp.DataChunk]) -> None:
+        super().step(data_chunks)
 
 
 class Relay(cp.Node):
@@ -215,8 +234,10 @@ def _read(folder: str, name: str) -> dict[str, Any]:
 # --- the measurements ---------------------------------------------------------------
 
 
-async def measure_stream(source: cp.Node, folder: str, record: str, seconds: float) -> dict:
-    sink = TimingSink("sink", folder, source=source.name, record=record)
+async def measure_stream(
+    source: cp.Node, folder: str, record: str, seconds: float, sink_type: type = TimingSink
+) -> dict:
+    sink = sink_type("sink", folder, source=source.name, record=record)
     graph = cp.Graph()
     graph.add_edge(source, sink)
     async with Cluster(folder, 1) as manager:
@@ -266,7 +287,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"frames": [], "burst": [], "paced": [], "life2": [], "life20": []}
+    results: dict[str, Any] = {
+        key: [] for key in ("frames", "burst", "paced", "paced_async", "life2", "life20")
+    }
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
@@ -279,6 +302,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
             source = SmallSource("sensor", folder, rate=1000.0)
             results["paced"].append(await measure_stream(source, folder, "samples", args.seconds))
+        with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
+            source = AsyncSmallSource("sensor", folder, rate=1000.0)
+            results["paced_async"].append(
+                await measure_stream(source, folder, "samples", args.seconds, AsyncTimingSink)
+            )
         with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
             results["life2"].append(await measure_lifecycle(folder, 2, 1))
         with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
@@ -294,7 +322,9 @@ def summarize(results: dict[str, Any]) -> tuple[str, list[str]]:
         return [ns / 1e3 for r in results[key] for ns in r["latencies_ns"]]  # µs
 
     frames_lat, burst_lat, paced_lat = latencies("frames"), latencies("burst"), latencies("paced")
-    lost = [r["sent"] - r["received"] for key in ("frames", "burst", "paced") for r in results[key]]
+    async_lat = latencies("paced_async")
+    streams = ("frames", "burst", "paced", "paced_async")
+    lost = [r["sent"] - r["received"] for key in streams for r in results[key]]
     rss = [mb for key in results for r in results[key] for mb in r["rss_mb"]]
     rows = [
         ("1080p frames delivered", f"{median('frames', 'rate'):,.0f} fps", ">= 300 fps"),
@@ -304,6 +334,8 @@ def summarize(results: dict[str, Any]) -> tuple[str, list[str]]:
         ("1 KB burst", f"{median('burst', 'rate'):,.0f} chunks/s", ">= 30,000/s"),
         ("1 KB paced 1 kHz p50", f"{_percentile(paced_lat, 50):,.0f} µs", "<= 200 µs"),
         ("1 KB paced 1 kHz p99", f"{_percentile(paced_lat, 99):,.0f} µs", ""),
+        ("1 KB paced 1 kHz p50, async def", f"{_percentile(async_lat, 50):,.0f} µs", "<= 200 µs"),
+        ("1 KB paced 1 kHz p99, async def", f"{_percentile(async_lat, 99):,.0f} µs", ""),
         ("1 KB burst latency p50", f"{_percentile(burst_lat, 50):,.0f} µs", ""),
         ("commit_graph, 2 nodes", f"{median('life2', 'commit'):.2f} s", "<= 1 s"),
         ("commit_graph, 20 nodes / 2 workers", f"{median('life20', 'commit'):.2f} s", "<= 3 s"),
@@ -319,6 +351,7 @@ def summarize(results: dict[str, Any]) -> tuple[str, list[str]]:
         ("nothing lost", sum(lost) == 0),
         ("1 KB burst >= 30k/s", median("burst", "rate") >= 30_000),
         ("1 KB paced p50 <= 200 µs", _percentile(paced_lat, 50) <= 200),
+        ("1 KB paced p50 <= 200 µs, async def", _percentile(async_lat, 50) <= 200),
         ("commit 2 nodes <= 1 s", median("life2", "commit") <= 1),
         ("commit 20 nodes <= 3 s", median("life20", "commit") <= 3),
         ("shutdown <= 1 s", median("life20", "shutdown") <= 1),

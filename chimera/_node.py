@@ -3,7 +3,8 @@
 A node is user code -- a camera reader, a detector, a logger -- that the
 cluster runs: ``prep()`` once, then ``step()`` again and again, then
 ``teardown()`` once. This module holds only the user's side of it; the node
-runtime calls these methods (in a thread: they may block).
+runtime calls these methods (in a thread: they may block; or, if they are
+``async def``, on its event loop).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class Node:
     other value as the record ``"default"`` of a new chunk, ``None`` nothing.
 
     ``prep``, ``step`` and ``teardown`` run in a thread of their own, so they
-    may block (on a camera, a model, a file).
+    may block (on a camera, a model, a file). Each of them (and ``main``) may
+    instead be ``async def``: it then runs on the node's Trio event loop,
+    with no hand-off to a thread (the lowest latency), and must never block.
 
     Args:
         name: the node's name, unique in its graph; it names the node's

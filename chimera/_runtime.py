@@ -10,11 +10,14 @@
 
 It runs in the caller's Trio loop: inline in a Worker (the ``memory``
 transport, tests) or as the whole of a node's child process. The user's
-``prep``, ``step`` and ``teardown`` run in threads (they may block).
+``prep``, ``step`` and ``teardown`` run on the node's thread (they may block),
+or, written ``async def``, on the loop itself (no hand-off to a thread: the
+lowest latency).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import traceback
 from collections import deque
@@ -137,8 +140,12 @@ class NodeRuntime:
         self._outlet: transports.Outlet | None = None
         self._inlets: dict[str, transports.Inlet] = {}
         self._delivery = {i.name: transports.Delivery(i.delivery) for i in inputs}
-        #: Cancelled when a source is asked to stop.
+        #: Cancelled when a source is asked to stop (for async steps: the
+        #: current step's; each step has its own).
         self._feeding = trio.CancelScope()
+        self._stop_requested = False
+        #: Whether ``step`` is a coroutine function: it runs on the event loop.
+        self._inline = inspect.iscoroutinefunction(node.step)
         self._thread = UserThread(node.name)
         #: Steps put in the loop and not yet sent on, and the most there may be.
         self._in_flight = 0
@@ -309,7 +316,7 @@ class NodeRuntime:
         if self._outlet is not None:
             await self._outlet.wait_for_inlets(self._outputs)
         if not self._inputs:
-            await self._emit(await self._call("step", self.node.step))
+            await self._send([await self._call("step", self.node.step)])
             return
         for name, inlet in self._inlets.items():
             if name == self._follow or name not in self._offline_latest:
@@ -317,11 +324,12 @@ class NodeRuntime:
                 while not pending:
                     pending.extend(self._unpack(await inlet.receive(), name))
                 self._offline_latest[name] = pending.popleft()
-        await self._emit(await self._call("step", self.node.step, dict(self._offline_latest)))
+        await self._send([await self._call("step", self.node.step, dict(self._offline_latest))])
 
     def request_stop(self) -> None:
         """Ask a source to stop after its current step (others stop when their
         followed input ends)."""
+        self._stop_requested = True
         self._feeding.cancel()
 
     async def aclose(self) -> None:
@@ -430,11 +438,32 @@ class NodeRuntime:
     # puts each step's arguments in (a source: none; a node with inputs: the
     # latest chunk of each), at most ``self._limit`` ahead of what was sent;
     # the sending task takes every result ready at once and sends the chunks
-    # in one message (a batch).
+    # in one message (a batch). An ``async def step`` runs on the event loop
+    # instead, in the feeding task, and each result is sent at once.
 
     async def _step_as_source(self) -> None:
+        if self._inline:
+            await self._step_inline_as_source()
+            return
         self._limit = LARGE_SOURCE_STEPS  # until the first chunk's size is known
         await self._stepping(self._feed_source)
+
+    async def _step_inline_as_source(self) -> None:
+        """Step a source's ``async def step`` in a loop until asked to stop;
+        a stop cancels the step at its next await (its result is not sent).
+
+        Raises:
+            NodeError: a step raised, or returned what cannot be sent.
+        """
+        while not self._stop_requested:
+            self._feeding = trio.CancelScope()
+            with self._feeding:
+                if self._outlet is not None:
+                    await self._outlet.wait_send_might_not_block()  # fresh, as above
+                value = await self._call("step", self.node.step)
+            if self._feeding.cancelled_caught:
+                return
+            await self._send([value])
 
     async def _feed_source(self, loop: StepLoop, fail: Callable[[NodeError], None]) -> None:
         with self._feeding:  # cancelled by request_stop
@@ -449,7 +478,31 @@ class NodeRuntime:
         loop.close(discard=True)
 
     async def _step_on_inputs(self) -> None:
-        await self._stepping(self._feed_inputs)
+        if not self._inline:
+            await self._stepping(self._feed_inputs_to_loop)
+            return
+        failures: list[NodeError] = []
+        with trio.CancelScope() as scope:
+
+            def fail(exc: NodeError) -> None:
+                failures.append(exc)
+                scope.cancel()
+
+            await self._feed_inputs(self._step_inline, fail)
+        if failures:
+            raise failures[0]
+
+    async def _step_inline(self, steps: list[tuple]) -> None:
+        """Run ``async def step`` on each of *steps* (emptying the list),
+        sending each result at once.
+
+        Raises:
+            NodeError: a step raised, or returned what cannot be sent.
+        """
+        taken = list(steps)
+        steps.clear()
+        for args in taken:
+            await self._send([await self._call("step", self.node.step, *args)])
 
     async def _stepping(
         self, feed: Callable[[StepLoop, Callable[[NodeError], None]], Awaitable[None]]
@@ -486,7 +539,7 @@ class NodeRuntime:
         """Send what the steps return, until the loop ends (or a step fails:
         the chunks before it are sent, then NodeError)."""
         while results := await loop.results():
-            chunks: list[list[Frame]] = []
+            values: list[Any] = []
             failure: NodeError | None = None
             for value, error in results:
                 if error is not None:
@@ -494,21 +547,36 @@ class NodeRuntime:
                         raise error
                     failure = self._raised("step", error)
                     break
-                self.steps += 1
-                if value is not None:
-                    try:
-                        chunks.append(self._encode(value))
-                    except NodeError as exc:
-                        failure = exc
-                        break
-            if chunks:
-                self._latest = chunks[-1]
-            if chunks and self._outlet is not None:
-                await self._outlet.send(pack_batch(chunks))
+                values.append(value)
+            await self._send(values)
             if failure is not None:
                 raise failure
             self._in_flight -= len(results)
             self._room.unpark_all()
+
+    async def _send(self, values: list[Any]) -> None:
+        """Count a step for each of *values* (what steps returned) and send
+        them, but None, in one message.
+
+        Raises:
+            NodeError: a value cannot be sent (the ones before it are sent).
+        """
+        chunks: list[list[Frame]] = []
+        failure: NodeError | None = None
+        for value in values:
+            self.steps += 1
+            if value is not None:
+                try:
+                    chunks.append(self._encode(value))
+                except NodeError as exc:
+                    failure = exc
+                    break
+        if chunks:
+            self._latest = chunks[-1]
+            if self._outlet is not None:
+                await self._outlet.send(pack_batch(chunks))
+        if failure is not None:
+            raise failure
 
     def _put(self, loop: StepLoop, steps: list[tuple]) -> None:
         """Put *steps* in the loop, and empty the list."""
@@ -521,7 +589,22 @@ class NodeRuntime:
         while self._in_flight >= self._limit:
             await self._room.park()
 
-    async def _feed_inputs(self, loop: StepLoop, fail: Callable[[NodeError], None]) -> None:
+    async def _feed_inputs_to_loop(
+        self, loop: StepLoop, fail: Callable[[NodeError], None]
+    ) -> None:
+        async def put(steps: list[tuple]) -> None:
+            self._put(loop, steps)
+
+        await self._feed_inputs(put, fail)
+        loop.close()  # every chunk received is stepped
+
+    async def _feed_inputs(
+        self,
+        take: Callable[[list[tuple]], Awaitable[None]],
+        fail: Callable[[NodeError], None],
+    ) -> None:
+        """Hand *take* a step for each chunk of the followed input, with the
+        latest chunk of every input, until the followed input ends."""
         latest: dict[str, DataChunk] = {}
         every_input = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -529,18 +612,20 @@ class NodeRuntime:
                 if name != self._follow:
                     nursery.start_soon(self._keep_latest, name, inlet, latest, every_input, fail)
             try:
-                await self._feed_followed(loop, latest, every_input)
+                await self._feed_followed(take, latest, every_input)
             except NodeError as exc:  # here, not out of the nursery: no exception group
                 fail(exc)
             nursery.cancel_scope.cancel()
-        loop.close()  # every chunk received is stepped
 
     async def _feed_followed(
-        self, loop: StepLoop, latest: dict[str, DataChunk], every: trio.Event
+        self,
+        take: Callable[[list[tuple]], Awaitable[None]],
+        latest: dict[str, DataChunk],
+        every: trio.Event,
     ) -> None:
-        """Put a step in for each chunk of the followed input, until it ends:
-        those of one message at once (so at most one message's chunks more
-        than the limit are in flight)."""
+        """Hand *take* a step for each chunk of the followed input, until it
+        ends: those of one message at once (so at most one message's chunks
+        more than the limit are in flight). *take* empties the list."""
         steps: list[tuple] = []
         try:
             async for message in self._inlets[self._follow]:
@@ -548,7 +633,7 @@ class NodeRuntime:
                 for chunk in self._unpack(message, self._follow):
                     latest[self._follow] = chunk
                     if len(latest) < len(self._inlets):
-                        self._put(loop, steps)
+                        await take(steps)
                         await every.wait()
                     if len(latest) < len(self._inlets):
                         missing = sorted(set(self._inlets) - set(latest))
@@ -559,7 +644,7 @@ class NodeRuntime:
                         )
                         continue
                     steps.append((dict(latest),))
-                self._put(loop, steps)
+                await take(steps)
         except trio.BrokenResourceError as exc:
             log.warning("node %r: input %r broke: %s", self.node.name, self._follow, exc)
 
@@ -607,15 +692,6 @@ class NodeRuntime:
             self._fail(f"a chunk it received cannot be decoded: {exc}")
             raise NodeError(self.node.name, str(exc)) from exc
 
-    async def _emit(self, result: Any) -> None:
-        """Send what one ``step`` returned (offline mode)."""
-        self.steps += 1
-        if result is None:
-            return
-        self._latest = self._encode(result)
-        if self._outlet is not None:
-            await self._outlet.send(pack_batch([self._latest]))
-
     def _encode(self, result: Any) -> list[Frame]:
         """The frames of what ``step`` returned (see :class:`~chimera.Node`); a
         source's steps in flight follow their size.
@@ -645,12 +721,15 @@ class NodeRuntime:
     async def _call(
         self, what: str, fn: Callable[..., Any], *args: Any, abandon: bool = False
     ) -> Any:
-        """Run user code on the node's thread; a raise makes the node FAILED and a NodeError.
+        """Run user code on the node's thread, or, if it is a coroutine
+        function, on the event loop; a raise makes the node FAILED and a NodeError.
 
         With *abandon*, a cancellation returns at once and leaves the thread
-        to finish on its own.
+        to finish on its own (a coroutine is cancelled).
         """
         try:
+            if inspect.iscoroutinefunction(fn):
+                return await fn(*args)
             return await self._thread.call(fn, *args, abandon=abandon)
         except Exception as exc:
             raise self._raised(what, exc) from exc

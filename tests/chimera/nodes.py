@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import trio
+
 import chimera as cp
 
 
@@ -71,6 +73,27 @@ class Sink(cp.Node):
 
     def teardown(self):
         Path(self.folder, f"{self.name}.json").write_text(json.dumps(self.seen))
+
+
+class AsyncCounter(Counter):
+    """:class:`Counter` with ``async def`` methods (on its process's event loop)."""
+
+    async def prep(self):
+        self.n = 0
+
+    async def step(self):
+        if self.n == self.limit:
+            await trio.sleep_forever()  # until asked to stop
+        self.n += 1
+        return self.n
+
+
+class AsyncSink(Sink):
+    """:class:`Sink` with an ``async def step``."""
+
+    async def step(self, data_chunks):
+        await trio.lowlevel.checkpoint()
+        Sink.step(self, data_chunks)
 
 
 class Stubborn(cp.Node):

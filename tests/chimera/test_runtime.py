@@ -403,3 +403,122 @@ async def test_a_chunk_that_cannot_be_decoded_ends_a_main_and_fails_its_node():
     await run_on_garbage(watching)
     assert watching.state is cp.NodeState.FAILED
     assert watching.values == [] and not watching.running
+
+
+# --- async def: steps on the event loop ---------------------------------------------
+
+
+class AsyncCount(cp.Node):
+    """Sends 1..n from ``async def`` methods, then awaits until it is stopped."""
+
+    def __init__(self, name, n, sent_all):
+        super().__init__(name)
+        self.n, self.sent_all, self.threads = n, sent_all, set()
+
+    async def prep(self):
+        self.sent = 0
+
+    async def step(self):
+        self.threads.add(threading.get_ident())
+        if self.sent == self.n:
+            self.sent_all.set()
+            await trio.sleep_forever()  # a stop cancels the step here
+        self.sent += 1
+        return self.sent
+
+
+class AsyncCollect(Collect):
+    async def step(self, data_chunks):
+        await trio.lowlevel.checkpoint()
+        super().step(data_chunks)
+        self.threads = getattr(self, "threads", set()) | {threading.get_ident()}
+
+    async def teardown(self):
+        await trio.lowlevel.checkpoint()
+        self.torn_down += 1
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_async_steps_run_on_the_event_loop_every_chunk_once_in_order(transport):
+    sent_all, done = threading.Event(), threading.Event()
+    count = AsyncCount("count", 40, sent_all)
+    double, collect = Double("double"), AsyncCollect("collect", 40, done)
+    with trio.fail_after(20):
+        runtimes, states = await run_pipeline(
+            [count, double, collect],
+            [(count, double), (double, collect)],
+            until=sent_all,
+            stop=["count"],
+            transport=transport,
+        )
+    assert collect.seen == [{"double": 2 * i} for i in range(1, 41)]
+    assert collect.torn_down == 1
+    assert count.threads == collect.threads == {threading.get_ident()}  # this test's loop
+    assert (
+        states["count"][-2:]
+        == states["collect"][-2:]
+        == [
+            cp.NodeState.STOPPED,
+            cp.NodeState.SHUTDOWN,
+        ]
+    )
+    assert runtimes["collect"].steps == 40
+
+
+async def test_an_async_step_that_raises_fails_its_node_only_and_teardown_still_runs():
+    class Flaky(cp.Node):
+        torn_down = 0
+
+        async def step(self, data_chunks):
+            value = data_chunks["count"].get("default")["value"]
+            if value == 3:
+                raise ValueError("bad frame")
+            return value
+
+        async def teardown(self):
+            self.torn_down += 1
+
+    done = threading.Event()
+    count, flaky, collect = Count("count", 5), Flaky("flaky"), Collect("collect", 2, done)
+    with trio.fail_after(20):
+        _, states = await run_pipeline(
+            [count, flaky, collect],
+            [(count, flaky), (flaky, collect)],
+            until=done,
+            stop=["count"],
+        )
+    assert collect.seen == [{"flaky": 1}, {"flaky": 2}]
+    assert flaky.state is cp.NodeState.FAILED and flaky.torn_down == 1
+    assert states["collect"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
+
+
+async def test_an_async_prep_that_raises_is_a_node_error():
+    class Broken(cp.Node):
+        async def prep(self):
+            raise OSError("no device")
+
+    node = Broken("broken")
+    with trio.fail_after(10):
+        async with NodeRuntime(node) as runtime:
+            with pytest.raises(cp.NodeError, match="no device"):
+                await runtime.prep()
+    assert node.state is cp.NodeState.FAILED
+
+
+async def test_an_async_main_runs_on_the_event_loop_until_asked_to_stop():
+    class AsyncLooping(Looping):
+        async def main(self):
+            self.threads.add(threading.get_ident())
+            while self.running:
+                self.turns += 1
+                if self.turns == 3:
+                    self.started.set()
+                await trio.sleep(0.001)
+
+    started = threading.Event()
+    source = AsyncLooping("source", started)
+    with trio.fail_after(20):
+        _, states = await run_pipeline([source], [], until=started, stop=["source"])
+    assert source.turns >= 3 and source.torn_down == 1
+    assert source.threads == {threading.get_ident()}
+    assert states["source"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
