@@ -2,8 +2,13 @@
 
 A Worker that sees the Manager's session folder (on the same machine: the
 Manager leaves a probe file there, and the Worker reads it) moves each file
-into it (:func:`move_folder`; a copy across file systems), after hashing it;
-the Manager hashes what it finds (:meth:`Incoming.hash_moved`). Otherwise,
+into it (:func:`move_folder`; a copy across file systems). Each file's
+SHA-256 is the one its node's manifest holds (computed when its recorder
+closed; see :mod:`chimera._manifest`) if the file is unchanged since, else
+computed then. A file moved by a rename keeps its inode and modification
+time: the Manager accepts it as the file the Worker hashed if they are the
+same in the session folder, and hashes it otherwise (a copy, a file changed
+after it was hashed) (:meth:`Incoming.hash_moved`). Otherwise,
 each Worker sends every file of its nodes' folders as one HTTP request,
 ``POST /collect/KEY/NODE/PATH``, reading it in :data:`CHUNK` pieces and
 hashing it as it goes (:func:`send_folder`); then it answers the Manager's
@@ -21,20 +26,18 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
 import trio
 
+from ._manifest import FileEntry, Manifest, files_under, hash_file, stream_summary
 from ._recording import check_name
 
 __all__ = [
     "CHUNK",
     "Incoming",
-    "Received",
-    "files_under",
     "move_folder",
     "read_body",
     "sees_probe",
@@ -48,14 +51,6 @@ log = logging.getLogger("chimera.collect")
 CHUNK = 1 << 20
 #: Seconds between two progress lines of a collection.
 PROGRESS_PERIOD = 2.0
-
-
-@dataclass(frozen=True)
-class Received:
-    """A file the Manager wrote: its size and SHA-256 (hex)."""
-
-    size: int
-    sha256: str
 
 
 def member_path(path: str) -> PurePosixPath:
@@ -78,7 +73,7 @@ class Incoming:
 
     def __init__(self, root: Path, progress: Callable[[int, int], None] | None = None) -> None:
         self.root = root
-        self.received: dict[str, Received] = {}
+        self.received: dict[str, FileEntry] = {}
         self._progress = progress
         self._bytes = 0
 
@@ -90,7 +85,9 @@ class Incoming:
         return str(relative), target
 
     def hash_moved(self, sent: list[dict[str, Any]]) -> None:
-        """Hash the files a Worker says it moved here (blocking: run it in a thread).
+        """Take in the files a Worker says it moved here: each is the file
+        the Worker hashed if it has the inode and modification time the
+        Worker saw, else it is hashed (blocking: run it in a thread).
 
         Raises:
             ValueError: a path would not be inside *root*.
@@ -98,9 +95,12 @@ class Incoming:
         for entry in sent:
             relative, target = self._target(entry["path"])
             if target.is_file():
-                self._add(relative, hash_file(target))
+                moved = FileEntry(
+                    entry["size"], entry["sha256"], entry.get("ino"), entry.get("mtime_ns")
+                )
+                self._add(relative, moved if moved.describes(target.stat()) else hash_file(target))
 
-    def _add(self, relative: str, received: Received) -> None:
+    def _add(self, relative: str, received: FileEntry) -> None:
         self.received[relative] = received
         self._bytes += received.size
         if self._progress is not None:
@@ -130,28 +130,13 @@ class Incoming:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(file.close)
-        self._add(relative, Received(size, digest.hexdigest()))
+        self._add(relative, FileEntry(size, digest.hexdigest()))
 
 
 def _hash_and_write(digest: Any, file: Any, pieces: list[bytes]) -> None:
     for piece in pieces:
         digest.update(piece)
         file.write(piece)
-
-
-def hash_file(path: Path) -> Received:
-    """A file's size and SHA-256 (blocking)."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as file:
-        while chunk := file.read(CHUNK * 8):
-            digest.update(chunk)
-            size += len(chunk)
-    return Received(size, digest.hexdigest())
-
-
-def files_under(folder: Path) -> list[Path]:
-    """Every file under *folder*, in order (none if it does not exist). Blocking."""
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
 def sees_probe(folder: str, probe: str, key: str) -> bool:
@@ -165,23 +150,36 @@ def sees_probe(folder: str, probe: str, key: str) -> bool:
 
 def move_folder(folder: Path, target: Path, prefix: str) -> list[dict[str, Any]]:
     """Move every file under *folder* to ``target/prefix/RELATIVE PATH`` (a copy
-    across file systems), hashing it first; what was moved: ``{"path", "size",
-    "sha256"}`` per file. Blocking: run it in a thread."""
+    across file systems); what was moved: ``{"path", "size", "sha256"}`` per
+    file, and for a file moved by a rename its ``"ino"`` and ``"mtime_ns"``
+    when hashed. The SHA-256 is the manifest's for a file unchanged since its
+    recorder closed, else computed now. Blocking: run it in a thread."""
+    manifest = Manifest.read(folder)
     moved = []
     for path in files_under(folder):
-        relative = f"{prefix}/{path.relative_to(folder).as_posix()}"
-        received = hash_file(path)
+        inside = path.relative_to(folder).as_posix()
+        entry = manifest.entry_for(inside, path) if manifest is not None else hash_file(path)
+        relative = f"{prefix}/{inside}"
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
+        item = {"path": relative, "size": entry.size, "sha256": entry.sha256}
         try:
             os.replace(path, destination)
-        except OSError:  # another file system
+            item.update(ino=entry.ino, mtime_ns=entry.mtime_ns)
+        except OSError:  # another file system: the Manager hashes the copy
             shutil.copyfile(path, destination)
-        moved.append({"path": relative, "size": received.size, "sha256": received.sha256})
+        moved.append(item)
     return moved
 
 
-def verify(worker: str, sent: list[dict[str, Any]], received: dict[str, Received]) -> None:
+def saved_streams(folder: Path) -> list[dict[str, Any]] | None:
+    """The stream summaries in the manifest of the node folder *folder*; None
+    without one (a node killed before its recorder closed). Blocking."""
+    manifest = Manifest.read(folder)
+    return manifest.streams if manifest is not None else None
+
+
+def verify(worker: str, sent: list[dict[str, Any]], received: dict[str, FileEntry]) -> None:
     """Check that every file *worker* says it *sent* arrived, whole.
 
     Raises:
@@ -313,13 +311,4 @@ def _summary(stream: str, file: str, times: Any) -> dict[str, Any]:
     count = len(times)
     first = int(times.iloc[0]) if count else None
     last = int(times.iloc[-1]) if count else None
-    span = (last - first) / 1e9 if count > 1 else 0.0
-    return {
-        "stream": stream,
-        "file": file,
-        "count": count,
-        "first_ns": first,
-        "last_ns": last,
-        "rate": round((count - 1) / span, 3) if span > 0 else None,
-        "max_gap_ns": int(times.diff().max()) if count > 1 else None,
-    }
+    return stream_summary(stream, file, count, first, last, times.diff().max())

@@ -525,7 +525,11 @@ class AsyncManager(Service):
             if result["moved"]:
                 await trio.to_thread.run_sync(incoming.hash_moved, result["files"])
             verify(name, result["files"], incoming.received)
-            workers[name] = {"clock": result["clock"], "files": len(result["files"])}
+            workers[name] = {
+                "clock": result["clock"],
+                "files": len(result["files"]),
+                "streams": result.get("streams") or {},
+            }
 
         await self._on_every_worker(collect_from)
         log.info("%s, into %s", progress.line(), session)
@@ -551,7 +555,8 @@ class AsyncManager(Service):
         return folder
 
     def _session_meta(self, session: Path, workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """``meta.json`` of a collected session (blocking: reads the streams' timestamps)."""
+        """``meta.json`` of a collected session (blocking: the streams of a
+        node whose Worker sent no summaries are summarized from their files)."""
         meta = self._meta()
         meta["session"] = session.name
         meta["start_ns"], meta["stop_ns"] = self._started_ns, self._stopped_ns
@@ -561,11 +566,20 @@ class AsyncManager(Service):
                 "state": info["state"],
                 "dropped": info["dropped"],
                 "writer_wait_ms": info["writer_wait_ms"],
-                "streams": summarize(session / info["worker"] / info["name"]),
+                "streams": self._streams_of(session, workers, info["worker"], info["name"]),
             }
             for info in self._node_info.values()
         }
         return meta
+
+    @staticmethod
+    def _streams_of(
+        session: Path, workers: dict[str, dict[str, Any]], worker: str, node: str
+    ) -> list[dict[str, Any]]:
+        """A node's stream summaries: from its manifest, as its Worker sent
+        them, else from its collected files (blocking)."""
+        streams = workers.get(worker, {}).get("streams", {}).get(node)
+        return streams if streams is not None else summarize(session / worker / node)
 
     async def shutdown(self) -> None:
         """Close every node on every Worker (stopping those that run).

@@ -45,6 +45,7 @@ from typing import Any
 import numpy
 
 from ._data import cluster_time_ns
+from ._manifest import Manifest, stream_summary
 
 __all__ = ["FLUSH_PERIOD", "Recorder", "StreamInfo", "check_name"]
 
@@ -103,8 +104,16 @@ class StreamInfo:
     samples: int = 0
     first_ns: int | None = None
     last_ns: int | None = None
+    #: The longest time between two saves, in ns.
+    max_gap_ns: int | None = None
     #: Seconds the node waited for the writer (its queue was full).
     waited_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The stream's summary in ``meta.json``."""
+        return stream_summary(
+            self.name, self.path, self.count, self.first_ns, self.last_ns, self.max_gap_ns
+        )
 
 
 class Recorder:
@@ -140,18 +149,24 @@ class Recorder:
         stream.put(stream.writer.prepare(data, **params), cluster_time_ns())
 
     def close(self) -> list[StreamInfo]:
-        """Let every writer finish what is queued, close its files; what each saved.
+        """Let every writer finish what is queued, close its files, and write
+        the folder's manifest (every file hashed; see :mod:`chimera._manifest`);
+        what each stream saved.
 
         Raises:
-            OSError: a writer failed (the first failure; every stream is closed anyway).
+            OSError: a writer failed (the first failure; every stream is closed
+                anyway), or a file could not be hashed.
         """
         self._closed = True
         for stream in self._streams.values():
             stream.finish()
+        saved = self.streams()
+        if self.folder.is_dir():
+            Manifest.make(self.folder, [info.summary() for info in saved]).write(self.folder)
         errors = [stream.error for stream in self._streams.values() if stream.error is not None]
         if errors:
             raise errors[0]
-        return self.streams()
+        return saved
 
     def streams(self) -> list[StreamInfo]:
         """What each stream saved so far (from any thread: the node's may add a
@@ -211,7 +226,10 @@ class _Stream:
                     writer.write(data, stamp)
                     info = writer.info
                     info.count += 1
-                    info.first_ns = stamp if info.first_ns is None else info.first_ns
+                    if info.last_ns is None:
+                        info.first_ns = stamp
+                    else:
+                        info.max_gap_ns = max(info.max_gap_ns or 0, stamp - info.last_ns)
                     info.last_ns = stamp
                 if opened and time.monotonic() - flushed >= FLUSH_PERIOD:
                     writer.flush()

@@ -589,9 +589,7 @@ class NodeRuntime:
         while self._in_flight >= self._limit:
             await self._room.park()
 
-    async def _feed_inputs_to_loop(
-        self, loop: StepLoop, fail: Callable[[NodeError], None]
-    ) -> None:
+    async def _feed_inputs_to_loop(self, loop: StepLoop, fail: Callable[[NodeError], None]) -> None:
         async def put(steps: list[tuple]) -> None:
             self._put(loop, steps)
 

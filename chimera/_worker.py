@@ -33,7 +33,7 @@ import trio_websocket
 
 from . import _protocol as protocol
 from ._clock import ClockEstimator
-from ._collect import move_folder, sees_probe, send_folder
+from ._collect import move_folder, saved_streams, sees_probe, send_folder
 from ._errors import NodeError
 from ._node import NodeState
 from ._packages import extract
@@ -525,21 +525,25 @@ class AsyncWorker(Service):
         """Hand every file the nodes saved to the Manager, as ``NODE NAME/PATH``:
         moved into its session folder if this Worker sees it (*local*: the
         folder, and a probe file there holding a key), else POSTed to its
-        *upload* path. What was sent, whether it was moved, and this Worker's
+        *upload* path. What was sent, whether it was moved, each node's stream
+        summaries from its manifest (None without one), and this Worker's
         clock estimate."""
         folders = [
             (self._node_folder(node_id), check_name(name, "a node name"))
             for node_id, name in self._node_names.items()
         ]
-        sent: list[dict[str, Any]] = []
+        streams = await trio.to_thread.run_sync(
+            lambda: {name: saved_streams(folder) for folder, name in folders}
+        )
         moved = local is not None and await trio.to_thread.run_sync(
             sees_probe, local["folder"], local["probe"], local["key"]
         )
+        sent: list[dict[str, Any]] = []
         if moved:
-            for folder, name in folders:
-                sent += await trio.to_thread.run_sync(
-                    move_folder, folder, Path(local["folder"]), name
-                )
+            target = Path(local["folder"])
+            sent = await trio.to_thread.run_sync(
+                lambda: [item for f, name in folders for item in move_folder(f, target, name)]
+            )
         else:
             for folder, name in folders:
                 sent += await send_folder(self._http, upload, folder, name)
@@ -549,7 +553,7 @@ class AsyncWorker(Service):
             if estimate is None
             else {"offset_ns": estimate.offset_ns, "error_ns": estimate.error_ns}
         )
-        return {"files": sent, "moved": moved, "clock": clock}
+        return {"files": sent, "moved": moved, "clock": clock, "streams": streams}
 
     async def _do_gather_nodes(self, upload: str) -> None:
         """POST the last chunk of every node to the Manager's *upload* path: a

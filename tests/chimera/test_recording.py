@@ -244,8 +244,18 @@ async def test_a_recording_node_killed_with_sigkill_loses_at_most_two_seconds(tm
                 os.kill(pid, signal.SIGKILL)
                 await manager.wait_for_node_state("recorder", "FAILED")
                 counts = read_streams(node_folder(node))
+                # Collected like the others; with no manifest, summarized from its files.
+                assert await manager.collect()
+                session = manager.session_folder()
     for stream, count in counts.items():
         assert saved - 2 * 30 <= count <= saved + 30, (stream, count, saved)
+    assert read_streams(session / "local" / "recorder") == counts
+    meta = json.loads((session / "meta.json").read_text())
+    assert meta["streams"]["local/recorder"]["state"] == "FAILED"
+    streams = {s["stream"]: s for s in meta["streams"]["local/recorder"]["streams"]}
+    # (the video's last fragment may be lost with up to a second of frames its timestamps list)
+    assert counts["video"] <= streams["camera"]["count"] <= counts["video"] + 30
+    assert streams["sensor"]["count"] == counts["rows"]
 
 
 # --- collection --------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""What a node saved, listed once its recorder has closed: its manifest.
+
+When a node's recorder closes (at ``stop``), it hashes every file it wrote
+(SHA-256, on every core) and writes a manifest beside the node's folder
+(``<node folder>.saved.json``, outside the folder, so that it is not collected
+as one of the node's files)::
+
+    {"version": 1,
+     "files": {"camera.mp4": {"size": ..., "sha256": ..., "ino": ..., "mtime_ns": ...}, ...},
+     "streams": [{"stream", "file", "count", "first_ns", "last_ns", "rate", "max_gap_ns"}, ...]}
+
+Collection then needs no second pass over the bytes: a file whose size,
+inode and modification time are still those the manifest holds is the file
+that was hashed. One that changed since (or a node killed before its
+recorder closed: no manifest) is hashed again. The stream summaries are
+counted as the streams were written, so ``meta.json`` needs no pass over the
+timestamps either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FileEntry",
+    "Manifest",
+    "files_under",
+    "hash_file",
+    "manifest_path",
+    "stream_summary",
+]
+
+log = logging.getLogger("chimera.collect")
+
+VERSION = 1
+#: How much of a file is hashed at a time, in bytes.
+HASH_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file's size and SHA-256 (hex), and, where known, its identity then
+    (inode, modification time): while these are unchanged, so is the file."""
+
+    size: int
+    sha256: str
+    ino: int | None = None
+    mtime_ns: int | None = None
+
+    def describes(self, stat: os.stat_result) -> bool:
+        """Whether *stat* (of the file now) is the file this entry hashed."""
+        return self.ino is not None and (self.size, self.ino, self.mtime_ns) == (
+            stat.st_size,
+            stat.st_ino,
+            stat.st_mtime_ns,
+        )
+
+
+def hash_file(path: Path) -> FileEntry:
+    """*path*'s size, SHA-256 and identity (blocking; hashlib lets other
+    threads run meanwhile).
+
+    Raises:
+        OSError: it cannot be read.
+    """
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as file:
+        before = os.fstat(file.fileno())
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        after = os.fstat(file.fileno())
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        return FileEntry(size, digest.hexdigest())  # written meanwhile: no identity
+    return FileEntry(size, digest.hexdigest(), after.st_ino, after.st_mtime_ns)
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file under *folder*, in order (none if it does not exist). Blocking."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def manifest_path(folder: Path) -> Path:
+    """Where the manifest of the node folder *folder* is: beside it."""
+    return folder.with_name(f"{folder.name}.saved.json")
+
+
+@dataclass
+class Manifest:
+    """Every file of a node's folder (by path relative to it, with ``/``) and
+    every stream's summary."""
+
+    files: dict[str, FileEntry]
+    streams: list[dict[str, Any]]
+
+    @classmethod
+    def make(cls, folder: Path, streams: list[dict[str, Any]]) -> Manifest:
+        """Hash every file under *folder*, the largest first, on every core (blocking).
+
+        Raises:
+            OSError: a file cannot be read.
+        """
+        paths = sorted(files_under(folder), key=lambda p: p.stat().st_size, reverse=True)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            entries = list(pool.map(hash_file, paths))
+        files = {p.relative_to(folder).as_posix(): e for p, e in zip(paths, entries, strict=True)}
+        return cls(dict(sorted(files.items())), streams)
+
+    def write(self, folder: Path) -> None:
+        """Write it as the manifest of *folder* (blocking)."""
+        data = {
+            "version": VERSION,
+            "files": {path: asdict(entry) for path, entry in self.files.items()},
+            "streams": self.streams,
+        }
+        manifest_path(folder).write_text(json.dumps(data))
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest | None:
+        """The manifest of *folder*; None if there is none, or it cannot be
+        read (then every file is hashed again, and the streams summarized
+        from their files). Blocking."""
+        path = manifest_path(folder)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != VERSION:
+                raise ValueError(f"version {data.get('version')!r}")
+            files = {str(p): FileEntry(**entry) for p, entry in data["files"].items()}
+            return cls(files, list(data["streams"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("%s cannot be read (%s): its files are hashed again", path, exc)
+            return None
+
+    def entry_for(self, relative: str, path: Path) -> FileEntry:
+        """The entry of the file *path* (*relative* to the folder): this
+        manifest's if the file is unchanged since, else a new hash (blocking)."""
+        entry = self.files.get(relative)
+        if entry is None:
+            log.warning("%s was not there when its node's recorder closed", path)
+        elif entry.describes(path.stat()):
+            return entry
+        else:
+            log.warning("%s changed after its node's recorder closed", path)
+        return hash_file(path)
+
+
+def stream_summary(
+    stream: str, file: str, count: int, first_ns: int | None, last_ns: int | None, max_gap_ns: Any
+) -> dict[str, Any]:
+    """A stream's summary in ``meta.json``."""
+    span = (last_ns - first_ns) / 1e9 if count > 1 else 0.0
+    return {
+        "stream": stream,
+        "file": file,
+        "count": count,
+        "first_ns": first_ns,
+        "last_ns": last_ns,
+        "rate": round((count - 1) / span, 3) if span > 0 else None,
+        "max_gap_ns": int(max_gap_ns) if count > 1 and max_gap_ns is not None else None,
+    }
