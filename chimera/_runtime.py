@@ -69,6 +69,10 @@ LINK_MAX_BYTES = 8 * 1024 * 1024
 _BIND = {"memory": "memory://", "tcp": "tcp://127.0.0.1:0", "nng": "nng+tcp://127.0.0.1:0"}
 
 
+def _nothing() -> None:
+    pass
+
+
 def _ended(outcome: Result) -> None:
     """A step loop's call returned: it tells its end itself, and raises
     nothing of the steps'; anything else is a bug, logged."""
@@ -403,34 +407,22 @@ class NodeRuntime:
                 await trio.sleep_forever()
         else:
             latest: dict[str, DataChunk] = {}
+
+            def publish() -> None:
+                self.node.in_bound_data = dict(latest)
+                self.node.new_data_available = True
+
+            def stop_main(exc: NodeError) -> None:
+                failures.append(exc)
+                self.node.running = False
+
             async with trio.open_nursery() as nursery:
-                for name, inlet in self._inlets.items():
+                for name in self._inlets:
                     if name != self._follow:
-                        nursery.start_soon(self._keep_main_latest, name, inlet, latest, failures)
-                await self._keep_main_latest(
-                    self._follow, self._inlets[self._follow], latest, failures
-                )
+                        nursery.start_soon(self._keep_latest, name, latest, _nothing, stop_main)
+                await self._keep_latest(self._follow, latest, publish, stop_main)
                 nursery.cancel_scope.cancel()
         self.node.running = False
-
-    async def _keep_main_latest(
-        self,
-        name: str,
-        inlet: transports.Inlet,
-        latest: dict[str, DataChunk],
-        failures: list[NodeError],
-    ) -> None:
-        try:
-            async for message in inlet:
-                latest[name] = self._unpack(message, name, newest=True)[-1]
-                if name == self._follow:
-                    self.node.in_bound_data = dict(latest)
-                    self.node.new_data_available = True
-        except trio.BrokenResourceError as exc:
-            log.warning("node %r: input %r broke: %s", self.node.name, name, exc)
-        except NodeError as exc:
-            failures.append(exc)
-            self.node.running = False
 
     # --- stepping --------------------------------------------------------------
     #
@@ -605,10 +597,19 @@ class NodeRuntime:
         latest chunk of every input, until the followed input ends."""
         latest: dict[str, DataChunk] = {}
         every_input = trio.Event()
+
+        def all_in() -> None:
+            if len(latest) == len(self._inlets):
+                every_input.set()
+
+        async def keep(name: str) -> None:
+            await self._keep_latest(name, latest, all_in, fail)
+            every_input.set()  # it will send nothing more: do not wait for it
+
         async with trio.open_nursery() as nursery:
-            for name, inlet in self._inlets.items():
+            for name in self._inlets:
                 if name != self._follow:
-                    nursery.start_soon(self._keep_latest, name, inlet, latest, every_input, fail)
+                    nursery.start_soon(keep, name)
             try:
                 await self._feed_followed(take, latest, every_input)
             except NodeError as exc:  # here, not out of the nursery: no exception group
@@ -649,22 +650,21 @@ class NodeRuntime:
     async def _keep_latest(
         self,
         name: str,
-        inlet: transports.Inlet,
         latest: dict[str, DataChunk],
-        every: trio.Event,
+        received: Callable[[], None],
         fail: Callable[[NodeError], None],
     ) -> None:
-        """Keep the latest chunk of a not-followed input, until it ends."""
+        """Keep the latest chunk of input *name* in *latest* until the input
+        ends, calling *received* after each message; *fail* gets the
+        NodeError of a chunk that cannot be decoded (and it stops)."""
         try:
-            async for message in inlet:
+            async for message in self._inlets[name]:
                 latest[name] = self._unpack(message, name, newest=True)[-1]
-                if len(latest) == len(self._inlets):
-                    every.set()
+                received()
         except trio.BrokenResourceError as exc:
             log.warning("node %r: input %r broke: %s", self.node.name, name, exc)
         except NodeError as exc:
             fail(exc)
-        every.set()  # it will send nothing more: do not wait for it
 
     def _unpack(
         self, message: list[memoryview], name: str, *, newest: bool = False
