@@ -53,8 +53,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import chimera as cp  # noqa: E402
-from chimera._manager import AsyncManager  # noqa: E402
-from chimera._worker import AsyncWorker  # noqa: E402
+
+sys.path.append(_HERE)  # now that transports is imported: for _cluster
+from _cluster import Cluster, children  # noqa: E402
 
 # --- the nodes (pickled by value into their processes) ------------------------------
 
@@ -166,57 +167,11 @@ class Ticker(cp.Node):
 # --- running a cluster ----------------------------------------------------------------
 
 
-async def _serve_worker(
-    worker: AsyncWorker, manager: AsyncManager, task_status: Any = trio.TASK_STATUS_IGNORED
-) -> None:
-    async with worker:
-        if not await worker.connect(manager.host, manager.port):
-            raise RuntimeError(f"worker {worker.name} could not connect")
-        task_status.started()
-        await trio.sleep_forever()
-
-
-class Cluster:
-    """A Manager and *workers* Workers in this Trio run, torn down on exit."""
-
-    def __init__(self, folder: str, workers: int) -> None:
-        self.folder, self.count = folder, workers
-
-    async def __aenter__(self) -> AsyncManager:
-        self._manager_cm = AsyncManager(Path(self.folder, "logs"), port=0, transport="tcp")
-        self.manager = await self._manager_cm.__aenter__()
-        self._nursery_cm = trio.open_nursery()
-        nursery = await self._nursery_cm.__aenter__()
-        for index in range(self.count):
-            await nursery.start(_serve_worker, AsyncWorker(f"w{index}"), self.manager)
-        await self.manager.wait_for_workers(self.count)
-        self._nursery = nursery
-        return self.manager
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self._nursery.cancel_scope.cancel()
-        await self._nursery_cm.__aexit__(None, None, None)
-        await self._manager_cm.__aexit__(*exc)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
 def node_peak_rss_mb() -> list[float]:
     """The peak RSS of every node process (children of this process's zygotes), in MB."""
     peaks = []
-    for zygote in _children(os.getpid()):
-        for node in _children(zygote):
+    for zygote in children(os.getpid()):
+        for node in children(zygote):
             try:
                 with open(f"/proc/{node}/status") as status:
                     for line in status:
