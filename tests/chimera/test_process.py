@@ -106,12 +106,19 @@ async def _serve_worker(worker, manager, task_status=trio.TASK_STATUS_IGNORED):
         await trio.sleep_forever()
 
 
-async def test_a_pipeline_over_two_workers_in_processes_loses_nothing(tmp_path):
+@pytest.mark.parametrize(
+    ("counter_type", "sink_type"),
+    [(Counter, Sink), (AsyncCounter, AsyncSink)],
+    ids=["def", "async-def"],
+)
+async def test_a_pipeline_over_two_workers_in_processes_loses_nothing(
+    tmp_path, counter_type, sink_type
+):
     before = set(children_of(os.getpid()))
     async with notifications() as (port, notified):
-        counter = Counter("counter", limit=200)
+        counter = counter_type("counter", limit=200)
         doubler = Doubler("doubler", source="counter")
-        sink = Sink("sink", str(tmp_path), source="doubler", expect=200, port=port)
+        sink = sink_type("sink", str(tmp_path), source="doubler", expect=200, port=port)
         graph = cp.Graph()
         graph.add_edges_from([(counter, doubler), (doubler, sink)])
         with trio.fail_after(60):
@@ -128,24 +135,6 @@ async def test_a_pipeline_over_two_workers_in_processes_loses_nothing(tmp_path):
     assert json.loads((tmp_path / "sink.json").read_text()) == [2 * i for i in range(1, 201)]
     assert not alive(pid)
     assert set(children_of(os.getpid())) <= before
-
-
-async def test_async_nodes_in_processes_step_every_chunk_and_stop(tmp_path):
-    async with notifications() as (port, notified):
-        counter = AsyncCounter("counter", limit=100)
-        doubler = Doubler("doubler", source="counter")
-        sink = AsyncSink("sink", str(tmp_path), source="doubler", expect=100, port=port)
-        graph = cp.Graph()
-        graph.add_edges_from([(counter, doubler), (doubler, sink)])
-        with trio.fail_after(60):
-            async with cluster(tmp_path, "local") as manager:
-                assert await manager.commit_graph(graph, {"local": ["counter", "doubler", "sink"]})
-                assert await manager.start()
-                assert await notified.receive() == b"x"
-                assert await manager.stop()  # the counter awaits forever: its step is cancelled
-                assert set(manager.nodes.values()) == {"STOPPED"}
-                await manager.shutdown()
-    assert json.loads((tmp_path / "sink.json").read_text()) == [2 * i for i in range(1, 101)]
 
 
 async def test_gather_brings_each_nodes_last_chunk_from_its_process(tmp_path):

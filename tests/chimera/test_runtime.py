@@ -220,21 +220,31 @@ async def test_prep_that_raises_is_a_node_error_with_the_traceback():
     )
 
 
-async def test_a_step_that_raises_fails_its_node_only_and_teardown_still_runs():
-    class Flaky(cp.Node):
-        torn_down = 0
+class Flaky(cp.Node):
+    torn_down = 0
 
-        def step(self, data_chunks):
-            value = data_chunks["count"].get("default")["value"]
-            if value == 3:
-                raise ValueError("bad frame")
-            return value
+    def step(self, data_chunks):
+        value = data_chunks["count"].get("default")["value"]
+        if value == 3:
+            raise ValueError("bad frame")
+        return value
 
-        def teardown(self):
-            self.torn_down += 1
+    def teardown(self):
+        self.torn_down += 1
 
+
+class AsyncFlaky(Flaky):
+    async def step(self, data_chunks):
+        return Flaky.step(self, data_chunks)
+
+    async def teardown(self):
+        Flaky.teardown(self)
+
+
+@pytest.mark.parametrize("flaky_type", [Flaky, AsyncFlaky])
+async def test_a_step_that_raises_fails_its_node_only_and_teardown_still_runs(flaky_type):
     done = threading.Event()
-    count, flaky, collect = Count("count", 5), Flaky("flaky"), Collect("collect", 2, done)
+    count, flaky, collect = Count("count", 5), flaky_type("flaky"), Collect("collect", 2, done)
     with trio.fail_after(20):
         _, states = await run_pipeline(
             [count, flaky, collect],
@@ -463,33 +473,6 @@ async def test_async_steps_run_on_the_event_loop_every_chunk_once_in_order(trans
         ]
     )
     assert runtimes["collect"].steps == 40
-
-
-async def test_an_async_step_that_raises_fails_its_node_only_and_teardown_still_runs():
-    class Flaky(cp.Node):
-        torn_down = 0
-
-        async def step(self, data_chunks):
-            value = data_chunks["count"].get("default")["value"]
-            if value == 3:
-                raise ValueError("bad frame")
-            return value
-
-        async def teardown(self):
-            self.torn_down += 1
-
-    done = threading.Event()
-    count, flaky, collect = Count("count", 5), Flaky("flaky"), Collect("collect", 2, done)
-    with trio.fail_after(20):
-        _, states = await run_pipeline(
-            [count, flaky, collect],
-            [(count, flaky), (flaky, collect)],
-            until=done,
-            stop=["count"],
-        )
-    assert collect.seen == [{"flaky": 1}, {"flaky": 2}]
-    assert flaky.state is cp.NodeState.FAILED and flaky.torn_down == 1
-    assert states["collect"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
 
 
 async def test_an_async_prep_that_raises_is_a_node_error():
