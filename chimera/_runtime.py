@@ -452,6 +452,8 @@ class NodeRuntime:
             with self._feeding:
                 if self._outlet is not None:
                     await self._outlet.wait_send_might_not_block()  # fresh, as above
+                else:  # (that is a schedule point:) a step that never awaits
+                    await trio.lowlevel.checkpoint()  # must not starve the loop
                 value = await self._call("step", self.node.step)
             if self._feeding.cancelled_caught:
                 return

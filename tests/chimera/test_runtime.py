@@ -505,3 +505,21 @@ async def test_an_async_main_runs_on_the_event_loop_until_asked_to_stop():
     assert source.turns >= 3 and source.torn_down == 1
     assert source.threads == {threading.get_ident()}
     assert states["source"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
+
+
+async def test_an_async_source_whose_step_never_awaits_still_stops():
+    started = threading.Event()
+
+    class Busy(cp.Node):
+        turns = 0
+
+        async def step(self):  # no await: it must not starve the event loop
+            self.turns += 1
+            if self.turns == 100:
+                started.set()
+
+    busy = Busy("busy")
+    with trio.fail_after(20):
+        _, states = await run_pipeline([busy], [], until=started, stop=["busy"])
+    assert busy.turns >= 100
+    assert states["busy"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
