@@ -271,12 +271,17 @@ async def test_chunks_from_node_processes_are_stamped_with_cluster_time(tmp_path
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
-async def test_step_runs_one_step_of_every_node(tmp_path, transport):
+@pytest.mark.parametrize(
+    ("counter_type", "sink_type"),
+    [(Counter, Sink), (AsyncCounter, AsyncSink)],
+    ids=["def", "async-def"],
+)
+async def test_step_runs_one_step_of_every_node(tmp_path, transport, counter_type, sink_type):
     async with notifications() as (port, notified):
         graph = cp.Graph()
-        counter = Counter("counter", limit=100)
+        counter = counter_type("counter", limit=100)
         doubler = Doubler("doubler", source="counter")
-        sink = Sink("sink", str(tmp_path), source="doubler", expect=3, port=port)
+        sink = sink_type("sink", str(tmp_path), source="doubler", expect=3, port=port)
         graph.add_edges_from([(counter, doubler), (doubler, sink)])
         with trio.fail_after(60):
             async with AsyncManager(tmp_path / "logs", port=0, transport=transport) as manager:
