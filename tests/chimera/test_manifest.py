@@ -123,3 +123,16 @@ def test_every_file_is_hashed_whatever_its_size(tmp_path):
     assert {name: e.sha256 for name, e in manifest.files.items()} == {
         p.name: sha256(p) for p in folder.iterdir()
     }
+
+
+def test_hashing_a_large_folder_says_so(tmp_path, monkeypatch, caplog):
+    from chimera import _manifest
+
+    folder = tmp_path / "node"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(_manifest, "SAY_HASHING_BYTES", 1000)
+    with caplog.at_level(logging.INFO, logger="chimera.collect"):
+        Manifest.make(folder, [])
+    assert "node: hashing 1 files, 0.0 GB" in caplog.text
+    assert "node: hashed in" in caplog.text
