@@ -148,13 +148,15 @@ def sees_probe(folder: str, probe: str, key: str) -> bool:
         return False
 
 
-def move_folder(folder: Path, target: Path, prefix: str) -> list[dict[str, Any]]:
+def move_folder(
+    folder: Path, target: Path, prefix: str, manifest: Manifest | None
+) -> list[dict[str, Any]]:
     """Move every file under *folder* to ``target/prefix/RELATIVE PATH`` (a copy
     across file systems); what was moved: ``{"path", "size", "sha256"}`` per
     file, and for a file moved by a rename its ``"ino"`` and ``"mtime_ns"``
-    when hashed. The SHA-256 is the manifest's for a file unchanged since its
-    recorder closed, else computed now. Blocking: run it in a thread."""
-    manifest = Manifest.read(folder)
+    when hashed. The SHA-256 is *manifest*'s (the folder's) for a file
+    unchanged since its recorder closed, else computed now. Blocking: run it
+    in a thread."""
     moved = []
     for path in files_under(folder):
         inside = path.relative_to(folder).as_posix()
@@ -170,13 +172,6 @@ def move_folder(folder: Path, target: Path, prefix: str) -> list[dict[str, Any]]
             shutil.copyfile(path, destination)
         moved.append(item)
     return moved
-
-
-def saved_streams(folder: Path) -> list[dict[str, Any]] | None:
-    """The stream summaries in the manifest of the node folder *folder*; None
-    without one (a node killed before its recorder closed). Blocking."""
-    manifest = Manifest.read(folder)
-    return manifest.streams if manifest is not None else None
 
 
 def verify(worker: str, sent: list[dict[str, Any]], received: dict[str, FileEntry]) -> None:

@@ -33,8 +33,9 @@ import trio_websocket
 
 from . import _protocol as protocol
 from ._clock import ClockEstimator
-from ._collect import move_folder, saved_streams, sees_probe, send_folder
+from ._collect import move_folder, sees_probe, send_folder
 from ._errors import NodeError
+from ._manifest import Manifest
 from ._node import NodeState
 from ._packages import extract
 from ._process import NodeProcess, Zygote
@@ -532,8 +533,8 @@ class AsyncWorker(Service):
             (self._node_folder(node_id), check_name(name, "a node name"))
             for node_id, name in self._node_names.items()
         ]
-        streams = await trio.to_thread.run_sync(
-            lambda: {name: saved_streams(folder) for folder, name in folders}
+        manifests = await trio.to_thread.run_sync(
+            lambda: [Manifest.read(folder) for folder, _ in folders]
         )
         moved = local is not None and await trio.to_thread.run_sync(
             sees_probe, local["folder"], local["probe"], local["key"]
@@ -542,7 +543,11 @@ class AsyncWorker(Service):
         if moved:
             target = Path(local["folder"])
             sent = await trio.to_thread.run_sync(
-                lambda: [item for f, name in folders for item in move_folder(f, target, name)]
+                lambda: [
+                    item
+                    for (folder, name), manifest in zip(folders, manifests, strict=True)
+                    for item in move_folder(folder, target, name, manifest)
+                ]
             )
         else:
             for folder, name in folders:
@@ -553,6 +558,10 @@ class AsyncWorker(Service):
             if estimate is None
             else {"offset_ns": estimate.offset_ns, "error_ns": estimate.error_ns}
         )
+        streams = {
+            name: manifest.streams if manifest is not None else None
+            for (_, name), manifest in zip(folders, manifests, strict=True)
+        }
         return {"files": sent, "moved": moved, "clock": clock, "streams": streams}
 
     async def _do_gather_nodes(self, upload: str) -> None:

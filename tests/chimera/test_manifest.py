@@ -77,7 +77,7 @@ def test_moved_files_carry_their_recorded_hash_and_a_changed_one_its_new_hash(tm
     os.utime(changed, ns=(1, 1))
     want = {p.name: sha256(p) for p in folder.iterdir()}
     with caplog.at_level(logging.WARNING):
-        moved = move_folder(folder, session, "node")
+        moved = move_folder(folder, session, "node", Manifest.read(folder))
     assert "sensor.csv changed after its node's recorder closed" in caplog.text
     assert {item["path"]: item["sha256"] for item in moved} == {
         f"node/{name}": digest for name, digest in want.items()
@@ -90,7 +90,7 @@ def test_moved_files_carry_their_recorded_hash_and_a_changed_one_its_new_hash(tm
 def test_the_manager_hashes_a_moved_file_that_is_not_the_one_the_worker_hashed(tmp_path):
     folder, session = tmp_path / "node", tmp_path / "session"
     record(folder)
-    moved = move_folder(folder, session, "node")
+    moved = move_folder(folder, session, "node", Manifest.read(folder))
     target = session / "node" / "sensor.csv"
     target.write_text(target.read_text().replace("1", "9"))  # same size...
     os.utime(target, ns=(5, 5))  # ...and whatever the clock's granularity, a new mtime

@@ -350,8 +350,8 @@ async def test_a_file_changed_on_its_way_fails_the_collection_naming_it(tmp_path
     else:
         original_move = _collect.move_folder
 
-        def tampered_move(folder, target, prefix):
-            moved = original_move(folder, target, prefix)
+        def tampered_move(folder, target, prefix, manifest):
+            moved = original_move(folder, target, prefix, manifest)
             with open(target / prefix / "sensor.csv", "a") as file:
                 file.write("9,9\n")  # changed after the Worker hashed it
             return moved
