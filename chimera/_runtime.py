@@ -680,13 +680,13 @@ class NodeRuntime:
         """
         try:
             batch = unpack_batch(message)
+            if name == self._follow:
+                large = sum(frame.nbytes for frame in message) > LARGE_CHUNK * len(batch)
+                self._limit = LARGE_INPUT_STEPS if large else STEPS_IN_FLIGHT
             if newest or self._delivery[name] is transports.Delivery.LATEST:
                 if name == self._follow:
                     self.skipped += len(batch) - 1
                 batch = batch[-1:]
-            if name == self._follow:
-                large = sum(frame.nbytes for frame in message) > LARGE_CHUNK * len(batch)
-                self._limit = LARGE_INPUT_STEPS if large else STEPS_IN_FLIGHT
             return [decode_chunk(frames, allow_objects=self._allow_objects) for frames in batch]
         except DecodeError as exc:
             self._fail(f"a chunk it received cannot be decoded: {exc}")
