@@ -344,19 +344,22 @@ class StreamReader:
             raise ProtocolError("the peer closed the connection during the handshake")
         return await self.read_exact(size)
 
-    def _parse_buffered(self) -> tuple[int, tuple[int, ...], list[memoryview]] | None:
-        """The next record if it is wholly buffered and has no large frame, else None.
+    def _parse_buffered(self) -> tuple[int, tuple[int, ...], list[memoryview]] | int | None:
+        """The next record if it is wholly buffered and has no large frame;
+        else how many bytes must be buffered to take it so, once that is known;
+        None if it has a large frame or does not fit in the buffer.
 
-        The fast path for small messages: no waiting, one copy for all frames.
+        The fast path for small messages: one copy for all frames, however
+        many there are (a batch of small chunks has hundreds).
         """
         start, available = self._start, self._end - self._start
         if not available:
-            return None
+            return 1
         kind = self._buffer[start]
         body = body_struct(kind)
         fixed_end = 1 + body.size
         if available < fixed_end:
-            return None
+            return fixed_end
         fixed = body.unpack_from(self._buffer, start + 1)
         if kind != KIND_MESSAGE:
             self._start += fixed_end
@@ -364,14 +367,18 @@ class StreamReader:
         count = fixed[1]
         check_frame_count(count)
         lengths_end = fixed_end + 8 * count
-        if available < lengths_end:
+        if lengths_end > len(self._buffer):
             return None
+        if available < lengths_end:
+            return lengths_end
         lengths = decode_lengths(
             count, self._view[start + fixed_end : start + lengths_end], self._max_frame_size
         )
         total = sum(lengths)
-        if available < lengths_end + total or max(lengths) > SMALL_FRAME:
+        if max(lengths) > SMALL_FRAME or lengths_end + total > len(self._buffer):
             return None
+        if available < lengths_end + total:
+            return lengths_end + total
         block = memoryview(bytes(self._view[start + lengths_end : start + lengths_end + total]))
         frames, position = [], 0
         for length in lengths:
@@ -386,14 +393,14 @@ class StreamReader:
         Raises:
             ProtocolError: the bytes are not a valid record.
         """
-        record = self._parse_buffered()
-        if record is not None:
-            return record
-        if not await self._fill(1):
-            return None
-        record = self._parse_buffered()
-        if record is not None:
-            return record
+        while True:
+            record = self._parse_buffered()
+            if record is None:
+                break  # a large frame: read piece by piece
+            if not isinstance(record, int):
+                return record
+            if not await self._fill(record):
+                return None
         kind = self._buffer[self._start]
         self._start += 1
         body = body_struct(kind)

@@ -93,6 +93,17 @@ def test_any_messages_round_trip_whatever_the_chunking(messages, chunks):
     assert [[bytes(f) for f in frames] for _, _, frames in records[:-1]] == messages
 
 
+async def test_a_message_of_small_frames_arriving_in_pieces_is_copied_once():
+    # A batch of small chunks has hundreds of frames: once the message's size
+    # is known it is read whole and copied once, not frame by frame.
+    frames = [bytes([i % 251]) * 100 for i in range(300)]
+    data = encode([frames])
+    ((kind, _, received),) = await read_stream(data, [1000] * (len(data) // 1000 + 1), 1 << 20)
+    assert kind == KIND_MESSAGE
+    assert [bytes(frame) for frame in received] == frames
+    assert len({id(frame.obj) for frame in received}) == 1
+
+
 @fast
 @given(messages=st.lists(frames_strategy, min_size=1, max_size=5), data=st.data())
 def test_truncation_at_any_byte_is_an_error_never_a_message(messages, data):
