@@ -186,7 +186,8 @@ class AsyncManager(Service):
     def state(self) -> dict[str, Any]:
         """The cluster's state, as ``GET /api/state`` returns it: the Workers, and
         each committed node (its Worker, state, the reason of a failure, steps
-        done, chunks its inputs dropped, steps per second)."""
+        done, chunks its inputs dropped, steps per second, and the address its
+        outlet listens on once it is created: None for a node without outputs)."""
         return {
             "workers": [
                 {"id": info.id, "name": info.name, "connected_ns": info.connected_ns}
@@ -331,6 +332,7 @@ class AsyncManager(Service):
             node_id: {
                 "name": self._node_names[node_id],
                 "worker": workers[worker_id],
+                "address": None,
                 "state": None,
                 "reason": None,
                 "steps": 0,
@@ -364,9 +366,13 @@ class AsyncManager(Service):
 
     async def _create_on(self, worker_id: str, node_ids: list[str]) -> None:
         graph = self._registered()
-        specs = [self._spec(graph, node_id, self._node_names) for node_id in node_ids]
+        local = set(self._mapping.get(worker_id, []))
+        specs = [self._spec(graph, node_id, self._node_names, local) for node_id in node_ids]
         result = await self._request(worker_id, "create_nodes", nodes=specs)
         self._addresses.update(result["addresses"])
+        for node_id, address in result["addresses"].items():
+            if node_id in self._node_info:
+                self._node_info[node_id]["address"] = address
 
     def request_node_server_data(self, worker_id: str) -> bool:
         """Whether the address of every node of *worker_id* is known (nodes
@@ -695,7 +701,10 @@ class AsyncManager(Service):
     def _names(self) -> dict[str, str]:
         return {worker_id: info.name for worker_id, info in self._workers.items()}
 
-    def _spec(self, graph: Graph, node_id: str, names: Mapping[str, str]) -> dict[str, Any]:
+    def _spec(
+        self, graph: Graph, node_id: str, names: Mapping[str, str], local: set[str]
+    ) -> dict[str, Any]:
+        """What a Worker needs to make node *node_id*; *local*: the nodes on that Worker."""
         node = graph.G.nodes[node_id]["object"]
         followed = graph.followed_input(node_id)
         return {
@@ -707,6 +716,8 @@ class AsyncManager(Service):
             ],
             "follow": names[followed] if followed is not None else None,
             "outputs": len(graph.outputs(node_id)),
+            # Every node it sends to runs on the same Worker: its outlet may be a Unix socket.
+            "local_outputs": all(dst in local for dst in graph.outputs(node_id)),
             "transport": self.transport,
         }
 

@@ -125,6 +125,11 @@ async def test_a_pipeline_over_two_workers_in_processes_loses_nothing(
             async with cluster(tmp_path, "local", "remote") as manager:
                 mapping = {"local": ["counter", "doubler"], "remote": ["sink"]}
                 assert await manager.commit_graph(graph, mapping)
+                # A link within a Worker is a Unix socket; between Workers, TCP.
+                addresses = {node["name"]: node["address"] for node in manager.state()["nodes"]}
+                assert addresses["counter"].startswith("unix://")
+                assert addresses["doubler"].startswith("tcp://127.0.0.1:")
+                assert addresses["sink"] is None
                 pid = int((tmp_path / "sink.pid").read_text())
                 assert pid != os.getpid() and alive(pid)
                 assert await manager.start()
@@ -329,15 +334,16 @@ async def test_nodes_listen_where_their_worker_reached_the_manager(tmp_path):
             async with (
                 AsyncManager(tmp_path / "logs", port=0, host="::1") as manager,
                 AsyncWorker("v6") as worker,
+                AsyncWorker("other") as other,
             ):
                 assert await worker.connect("::1", manager.port)
-                await manager.wait_for_workers(1)
-                await manager.commit_graph(graph, {"v6": ["counter", "sink"]})
+                assert await other.connect("::1", manager.port)
+                await manager.wait_for_workers(2)
+                await manager.commit_graph(graph, {"v6": ["counter"], "other": ["sink"]})
                 meta = json.loads(manager.save_meta().read_text())
-                assert meta["mapping"] == {"v6": ["counter", "sink"]}
-                assert manager._addresses[graph.get_id_by_name("counter")].startswith(
-                    "tcp://[::1]:"
-                )
+                assert meta["mapping"] == {"v6": ["counter"], "other": ["sink"]}
+                addresses = {node["name"]: node["address"] for node in manager.state()["nodes"]}
+                assert addresses["counter"].startswith("tcp://[::1]:")
                 await manager.start()
                 assert await notified.receive() == b"x"
                 await manager.stop()
