@@ -297,6 +297,11 @@ def summarize(results: dict[str, Any]) -> tuple[str, list[str]]:
         ("stop, 20 nodes", f"{median('life20', 'stop'):.2f} s", ""),
         ("shutdown, 20 nodes", f"{median('life20', 'shutdown'):.2f} s", "<= 1 s"),
         ("node peak RSS (max)", f"{max(rss):.0f} MB" if rss else "?", "<= 120 MB"),
+        (
+            f"node peak RSS, each of {len(rss)} node processes",
+            f"{min(rss):.0f}-{max(rss):.0f} MB" if rss else "?",
+            "",
+        ),
     ]
     table = ["| measure | chimera | target |", "|---|---:|---:|"]
     table += [f"| {name} | {value} | {target} |" for name, value, target in rows]

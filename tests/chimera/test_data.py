@@ -642,8 +642,10 @@ def decoded(frames: list) -> tuple:
 
 
 likely_values = st.sampled_from(
-    ["image", "audio", "samples", "array", "other", "json", "object", "table", "scalar", "<f4"]
-    + ["<i8", "<f8", 0, 1, 2, 3, 4, -1, True, [2, 3], [3, 2], [6], [8], [], [4, 2]]
+    [
+        *("image", "audio", "samples", "array", "other", "json", "object", "table", "scalar"),
+        *("<f4", "<i8", "<f8", 0, 1, 2, 3, 4, -1, True, [2, 3], [3, 2], [6], [8], [], [4, 2]),
+    ]
 )
 
 
