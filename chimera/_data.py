@@ -844,8 +844,10 @@ def _decode_arrays(records: Any, frames: Sequence[Frame]) -> DataChunk | None:
         ):
             return None
         index += 1
-        text, shape = value.get("dtype"), value.get("shape")
-        if value.get("frame") != index or index >= len(frames) or type(text) is not str:
+        frame, text, shape = value.get("frame"), value.get("dtype"), value.get("shape")
+        if type(frame) is not int or frame != index or index >= len(frames):
+            return None
+        if type(text) is not str:
             return None
         dtype = _ALLOWED_DTYPES.get(text)
         if dtype is None or type(shape) is not list or len(shape) > MAX_DIMS:

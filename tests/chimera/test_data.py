@@ -655,6 +655,31 @@ def test_the_quick_path_takes_chunks_of_arrays():
     assert _decode_arrays(envelope_of(frames)["records"], frames) is not None
 
 
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("records", 0, "value", "frame"), True),  # a bool is not a frame index
+        (("records", 0, "value", "shape"), [True, 6]),
+        (("records", 0, "timestamp"), True),
+        (("records", 0, "value", "frame"), 2),  # frames swapped
+        (("records", 1, "name"), "image"),  # a name twice
+        (("records", 1, "type"), "image"),  # float32 is no image
+        (("records", 2, "type"), "object"),
+        (("records", 0, "value", "shape"), [6]),  # a 1-D image
+        (("records", 1, "value", "shape"), [2, 4]),
+    ],
+)
+def test_the_quick_path_refuses_what_the_checking_path_refuses(path, value):
+    frames = array_frames()
+    decode_chunk(frames)
+    envelope = envelope_of(frames)
+    _set(path, value)(envelope)
+    frames = [memoryview(frame) for frame in with_envelope(frames, envelope)]
+    quick = decoded(frames)
+    with mock.patch("chimera._data._decode_arrays", lambda records, frames: None):
+        assert decoded(frames) == quick
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_the_quick_path_decodes_exactly_as_the_checking_path(data):
