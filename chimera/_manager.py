@@ -707,6 +707,7 @@ class AsyncManager(Service):
         """What a Worker needs to make node *node_id*; *local*: the nodes on that Worker."""
         node = graph.G.nodes[node_id]["object"]
         followed = graph.followed_input(node_id)
+        outputs = graph.outputs(node_id)
         return {
             "id": node_id,
             "name": node.name,
@@ -715,9 +716,9 @@ class AsyncManager(Service):
                 [names[src], graph.edge_delivery(src, node_id)] for src in graph.inputs(node_id)
             ],
             "follow": names[followed] if followed is not None else None,
-            "outputs": len(graph.outputs(node_id)),
+            "outputs": len(outputs),
             # Every node it sends to runs on the same Worker: its outlet may be a Unix socket.
-            "local_outputs": all(dst in local for dst in graph.outputs(node_id)),
+            "local_outputs": bool(outputs) and all(dst in local for dst in outputs),
             "transport": self.transport,
         }
 
