@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -344,6 +345,26 @@ async def test_nodes_listen_where_their_worker_reached_the_manager(tmp_path):
                 assert meta["mapping"] == {"v6": ["counter"], "other": ["sink"]}
                 addresses = {node["name"]: node["address"] for node in manager.state()["nodes"]}
                 assert addresses["counter"].startswith("tcp://[::1]:")
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+                await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+
+
+async def test_nodes_of_one_worker_link_by_tcp_where_a_unix_socket_path_is_too_long(
+    tmp_path, monkeypatch
+):
+    deep = tmp_path / ("d" * 100)  # (a long TMPDIR, as on macOS, and longer)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    async with notifications() as (port, notified):
+        graph = counter_to_sink(tmp_path, port, 3)
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "w") as manager:
+                await manager.commit_graph(graph, {"w": ["counter", "sink"]})
+                addresses = {node["name"]: node["address"] for node in manager.state()["nodes"]}
+                assert addresses["counter"].startswith("tcp://127.0.0.1:")
                 await manager.start()
                 assert await notified.receive() == b"x"
                 await manager.stop()
