@@ -59,6 +59,11 @@ def counter_to_sink(tmp_path, port: int, count: int) -> cp.Graph:
     return graph
 
 
+def addresses_of(manager: AsyncManager) -> dict[str, str | None]:
+    """Where each node's outlet listens, by node name, as ``/api/state`` says."""
+    return {node["name"]: node["address"] for node in manager.state()["nodes"]}
+
+
 def alive(pid: int) -> bool:
     """Whether process *pid* exists and is not a zombie."""
     try:
@@ -127,7 +132,7 @@ async def test_a_pipeline_over_two_workers_in_processes_loses_nothing(
                 mapping = {"local": ["counter", "doubler"], "remote": ["sink"]}
                 assert await manager.commit_graph(graph, mapping)
                 # A link within a Worker is a Unix socket; between Workers, TCP.
-                addresses = {node["name"]: node["address"] for node in manager.state()["nodes"]}
+                addresses = addresses_of(manager)
                 assert addresses["counter"].startswith("unix://")
                 assert addresses["doubler"].startswith("tcp://127.0.0.1:")
                 assert addresses["sink"] is None
@@ -343,7 +348,7 @@ async def test_nodes_listen_where_their_worker_reached_the_manager(tmp_path):
                 await manager.commit_graph(graph, {"v6": ["counter"], "other": ["sink"]})
                 meta = json.loads(manager.save_meta().read_text())
                 assert meta["mapping"] == {"v6": ["counter"], "other": ["sink"]}
-                addresses = {node["name"]: node["address"] for node in manager.state()["nodes"]}
+                addresses = addresses_of(manager)
                 assert addresses["counter"].startswith("tcp://[::1]:")
                 await manager.start()
                 assert await notified.receive() == b"x"
@@ -363,7 +368,7 @@ async def test_nodes_of_one_worker_link_by_tcp_where_a_unix_socket_path_is_too_l
         with trio.fail_after(60):
             async with cluster(tmp_path, "w") as manager:
                 await manager.commit_graph(graph, {"w": ["counter", "sink"]})
-                addresses = {node["name"]: node["address"] for node in manager.state()["nodes"]}
+                addresses = addresses_of(manager)
                 assert addresses["counter"].startswith("tcp://127.0.0.1:")
                 await manager.start()
                 assert await notified.receive() == b"x"
