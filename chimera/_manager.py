@@ -193,7 +193,10 @@ class AsyncManager(Service):
                 {"id": info.id, "name": info.name, "connected_ns": info.connected_ns}
                 for info in self._workers.values()
             ],
-            "nodes": [{"id": node_id, **info} for node_id, info in self._node_info.items()],
+            "nodes": [
+                {"id": node_id, **info, "address": self._addresses.get(node_id)}
+                for node_id, info in self._node_info.items()
+            ],
         }
 
     def _publish(self, event: dict[str, Any]) -> None:
@@ -332,7 +335,6 @@ class AsyncManager(Service):
             node_id: {
                 "name": self._node_names[node_id],
                 "worker": workers[worker_id],
-                "address": None,
                 "state": None,
                 "reason": None,
                 "steps": 0,
@@ -370,9 +372,6 @@ class AsyncManager(Service):
         specs = [self._spec(graph, node_id, self._node_names, local) for node_id in node_ids]
         result = await self._request(worker_id, "create_nodes", nodes=specs)
         self._addresses.update(result["addresses"])
-        for node_id, address in result["addresses"].items():
-            if node_id in self._node_info:
-                self._node_info[node_id]["address"] = address
 
     def request_node_server_data(self, worker_id: str) -> bool:
         """Whether the address of every node of *worker_id* is known (nodes
