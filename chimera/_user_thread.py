@@ -10,11 +10,15 @@ chunk's whole journey, so steps are not handed over one by one: they run in
 a loop on the thread (:class:`StepLoop`), which takes in and hands back as
 many at once as are ready, and wakes the Trio thread through a socket of its
 own rather than ``run_sync_soon`` (which costs one more pass of the scheduler:
-1 KB paced at 1 kHz, p50 ~470 -> ~400 µs node to node).
+1 KB paced at 1 kHz, p50 ~470 -> ~400 µs node to node). Waking the loop
+while it waits, the Trio thread then gives up the CPU and the GIL for a
+moment (:data:`_hand_over`), so the step runs now rather than once the
+event loop goes idle (same measure: ~400 -> ~350 µs).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -28,6 +32,14 @@ __all__ = ["StepLoop", "UserThread"]
 
 #: What a call on the thread gives back: (value, None) or (None, exception).
 Result = tuple[Any, BaseException | None]
+
+#: Called by the Trio thread right after it woke a step loop that was
+#: waiting: gives up the CPU, and with it the GIL, for a moment. Otherwise the
+#: woken thread (often queued on the waker's CPU) waits for both until the
+#: event loop has gone idle. Not done the other way (a step's result waking
+#: the Trio thread): measured no faster, and a source's burst rate fell by
+#: 40%, its thread yielding at every step.
+_hand_over = getattr(os, "sched_yield", None)
 
 
 class UserThread:
@@ -130,6 +142,8 @@ class StepLoop:
         self._closed = False
         #: Set (once) to make the loop end after its current step.
         self._discard = False
+        #: Whether the loop waits for steps (then :meth:`put` hands it the CPU).
+        self._waiting = False
         self._ended = False
         #: Whether the Trio side has been told of results it has not taken yet.
         self._told = False
@@ -141,6 +155,9 @@ class StepLoop:
         with self._work:
             self._inbox.extend(steps)
             self._work.notify()
+            woke = self._waiting
+        if woke and _hand_over is not None:
+            _hand_over()
 
     def close(self, *, discard: bool = False) -> None:
         """Let the loop end once done with what was put, or, with *discard*,
@@ -187,7 +204,9 @@ class StepLoop:
             while True:
                 with self._work:
                     while not self._inbox and not self._closed:
+                        self._waiting = True
                         self._work.wait()
+                        self._waiting = False
                     if not self._inbox:
                         return
                     taken = list(self._inbox)
