@@ -62,6 +62,9 @@ _BODIES = {
     KIND_CREDIT: struct.Struct("<IQ"),
     KIND_ACK: struct.Struct("<Q"),
 }
+_MESSAGE_BODY = _BODIES[KIND_MESSAGE]
+#: Size of the largest MESSAGE header: kind, fixed part, a length per frame.
+_LARGEST_HEADER = _MESSAGE.size + 8 * MAX_FRAMES
 _DELIVERY_CODES = {Delivery.RELIABLE: 0, Delivery.LATEST: 1}
 _DELIVERIES = {code: delivery for delivery, code in _DELIVERY_CODES.items()}
 
@@ -235,12 +238,27 @@ _REFCOUNTS = hasattr(sys, "getrefcount") and sys.implementation.name == "cpython
 _READV = hasattr(os, "readv")
 
 
+class _Partial:
+    """A record being read: its header is taken, its frames are coming in."""
+
+    __slots__ = ("fixed", "frames", "got", "large", "lengths")
+
+    def __init__(self, fixed: tuple[int, ...], lengths: tuple[int, ...]) -> None:
+        self.fixed = fixed
+        self.lengths = lengths
+        self.frames: list[memoryview] = []
+        #: The buffer of the large frame being received, and its bytes received.
+        self.large: memoryview | None = None
+        self.got = 0
+
+
 class StreamReader:
     """Reads records from a connected socket, with as few copies as it can.
 
     Small pieces go through one reusable buffer; a frame larger than
     :data:`SMALL_FRAME` is received straight into a buffer of its own
-    (``recv_into``).
+    (``recv_into``). :meth:`read_record` may be cancelled and called again,
+    from any task: nothing read is lost.
     """
 
     def __init__(
@@ -255,7 +273,11 @@ class StreamReader:
             socket.AF_INET,
             socket.AF_INET6,
         )
+        if buffer_size < _LARGEST_HEADER:
+            raise ValueError(f"a buffer of {buffer_size} bytes cannot hold a message header")
         self._max_frame_size = max_frame_size
+        #: The record :meth:`read_record` was reading when it was cancelled.
+        self._partial: _Partial | None = None
         self._schedule = _SchedulePoints()
         self._drained = False
         self._frames = _FramePool()
@@ -320,23 +342,27 @@ class StreamReader:
         self._start += count
         return self._view[start : start + count]
 
-    async def read_large(self, count: int) -> memoryview:
-        """The next *count* bytes, in a buffer of their own."""
-        view = self._frames.get(count)
-        held = min(count, self._end - self._start)
-        view[:held] = self._view[self._start : self._start + held]
-        self._start += held
-        got = held
-        while got < count:
+    async def _read_large(self, partial: _Partial, count: int) -> memoryview:
+        """The next *count* bytes, in a buffer of their own (kept in
+        *partial* as they come in, in case the call is cancelled)."""
+        if partial.large is None:
+            view = self._frames.get(count)
+            held = min(count, self._end - self._start)
+            view[:held] = self._view[self._start : self._start + held]
+            self._start += held
+            partial.large, partial.got = view, held
+        view = partial.large
+        while partial.got < count:
             if self._quickack:
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             # Trio's recv_into, which yields after each read: while a large
             # frame streams in, the application and the credit get to run
             # (reading it through _recv_into measured 2x slower at 1 MB).
-            received = await self._sock.recv_into(view[got:])
+            received = await self._sock.recv_into(view[partial.got :])
             if not received:
                 raise ProtocolError("the stream ended inside a frame")
-            got += received
+            partial.got += received
+        partial.large = None
         return view
 
     async def read_handshake(self, size: int) -> memoryview:
@@ -347,7 +373,8 @@ class StreamReader:
     def _parse_buffered(self) -> tuple[int, tuple[int, ...], list[memoryview]] | int | None:
         """The next record if it is wholly buffered and has no large frame;
         else how many bytes must be buffered to take it so, once that is known;
-        None if it has a large frame or does not fit in the buffer.
+        None if it has a large frame or does not fit in the buffer (its
+        header is buffered then).
 
         The fast path for small messages: one copy for all frames, however
         many there are (a batch of small chunks has hundreds).
@@ -367,8 +394,6 @@ class StreamReader:
         count = fixed[1]
         check_frame_count(count)
         lengths_end = fixed_end + 8 * count
-        if lengths_end > len(self._buffer):
-            return None
         if available < lengths_end:
             return lengths_end
         lengths = decode_lengths(
@@ -390,30 +415,41 @@ class StreamReader:
     async def read_record(self) -> tuple[int, tuple[int, ...], list[memoryview]] | None:
         """The next record as (kind, fixed integers, frames), or None at end of file.
 
+        Cancelling it loses nothing: the next call goes on with the same record.
+
         Raises:
             ProtocolError: the bytes are not a valid record.
         """
-        while True:
-            record = self._parse_buffered()
-            if record is None:
-                break  # a large frame: read piece by piece
-            if not isinstance(record, int):
-                return record
-            if not await self._fill(record):
-                return None
-        kind = self._buffer[self._start]
-        self._start += 1
-        body = body_struct(kind)
-        fixed = body.unpack(await self.read_exact(body.size))
-        if kind != KIND_MESSAGE:
-            return kind, fixed, []
-        count = fixed[1]
-        check_frame_count(count)
-        lengths = decode_lengths(count, await self.read_exact(8 * count), self._max_frame_size)
-        frames = []
-        for length in lengths:
-            if length <= SMALL_FRAME:
-                frames.append(memoryview(bytes(await self.read_exact(length))))
+        partial = self._partial
+        if partial is None:
+            while True:
+                record = self._parse_buffered()
+                if record is None:
+                    break  # a large frame: read piece by piece
+                if not isinstance(record, int):
+                    return record
+                if not await self._fill(record):
+                    return None
+            partial = self._partial = self._take_header()
+        frames = partial.frames
+        while len(frames) < len(partial.lengths):
+            length = partial.lengths[len(frames)]
+            if length > SMALL_FRAME:
+                frames.append(await self._read_large(partial, length))
+            elif await self._fill(length):
+                frames.append(memoryview(bytes(self._view[self._start : self._start + length])))
+                self._start += length
             else:
-                frames.append(await self.read_large(length))
-        return kind, fixed, frames
+                raise ProtocolError("the stream ended inside a record")
+        self._partial = None
+        return KIND_MESSAGE, partial.fixed, frames
+
+    def _take_header(self) -> _Partial:
+        """Take the buffered header of the next record, a MESSAGE (see :meth:`_parse_buffered`)."""
+        start = self._start + 1
+        fixed = _MESSAGE_BODY.unpack_from(self._buffer, start)
+        start += _MESSAGE_BODY.size
+        count = fixed[1]
+        lengths = decode_lengths(count, self._view[start : start + 8 * count], self._max_frame_size)
+        self._start = start + 8 * count
+        return _Partial(fixed, lengths)

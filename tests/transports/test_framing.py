@@ -7,6 +7,7 @@ import tempfile
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -91,6 +92,59 @@ def test_any_messages_round_trip_whatever_the_chunking(messages, chunks):
     assert [kind for kind, _, _ in records] == [KIND_MESSAGE] * len(messages) + [KIND_END]
     assert [fixed[0] for _, fixed, _ in records] == [*range(len(messages)), len(messages)]
     assert [[bytes(f) for f in frames] for _, _, frames in records[:-1]] == messages
+
+
+async def read_stream_cancelling(data: bytes, chunks: list[int], cancels: list[bool]) -> list:
+    """Like :func:`read_stream`, but once the reader waits for each piece,
+    cancel its ``read_record`` if the next of *cancels* says so, and call it again."""
+    left, right = trio.socket.socketpair()
+    records = []
+    reading = trio.CancelScope()
+    with left, right:
+
+        async def write():
+            position, sizes, cuts = 0, iter(chunks), iter(cancels)
+            while position < len(data):
+                size = max(1, next(sizes, len(data)))
+                position += await left.send(data[position : position + size])
+                await trio.testing.wait_all_tasks_blocked()
+                if next(cuts, False):
+                    reading.cancel()
+            left.shutdown(trio.socket.SHUT_WR)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            reader = StreamReader(right, 1 << 20, buffer_size=SMALL_FRAME * 2)
+            while True:
+                with trio.CancelScope() as reading:
+                    record = await reader.read_record()
+                if not reading.cancelled_caught:
+                    if record is None:
+                        break
+                    records.append(record)
+    return records
+
+
+@fast
+@given(
+    messages=messages_strategy,
+    chunks=st.lists(st.integers(1, 100_000), max_size=30),
+    cancels=st.lists(st.booleans(), max_size=30),
+)
+def test_a_read_cancelled_anywhere_loses_nothing(messages, chunks, cancels):
+    # The inlet's application task reads the socket itself, and may be
+    # cancelled midway through a record (even a large frame's): the next
+    # read goes on with the same record.
+    data = encode(messages) + encode_end(len(messages))
+    records = trio.run(read_stream_cancelling, data, chunks, cancels)
+    assert [kind for kind, _, _ in records] == [KIND_MESSAGE] * len(messages) + [KIND_END]
+    assert [[bytes(f) for f in frames] for _, _, frames in records[:-1]] == messages
+
+
+def test_a_reader_buffer_must_hold_the_largest_message_header():
+    left, right = trio.socket.socketpair()
+    with left, right, pytest.raises(ValueError, match="header"):
+        StreamReader(right, 1 << 20, buffer_size=1024)
 
 
 async def test_a_message_of_small_frames_arriving_in_pieces_is_copied_once():
