@@ -312,6 +312,15 @@ class StreamReader:
                 await self._schedule.maybe_yield()
                 return received
 
+    async def wait_readable(self) -> None:
+        """Wait until :meth:`read_record` has bytes to go on with, buffered or
+        in the socket (a schedule point either way)."""
+        if self._start < self._end:
+            await trio.lowlevel.checkpoint()
+            return
+        await trio.lowlevel.wait_readable(self._sock)
+        self._drained = False  # so the next read tries at once
+
     async def _fill(self, count: int) -> bool:
         """Have at least *count* bytes buffered; False on end of file before any byte."""
         if self._end - self._start >= count:

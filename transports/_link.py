@@ -27,7 +27,7 @@ Nothing here does I/O: a backend moves messages from one half to the other.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -174,7 +174,12 @@ class _InletBuffer:
         if self._ended or seq < self._expected_seq:
             raise ProtocolError(f"message {seq} out of order (expected {self._expected_seq})")
         full = len(self._messages) >= self.capacity
-        if full and self.delivery is Delivery.RELIABLE:
+        # Messages buffered or received, and not credited yet, are in flight
+        # for the outlet, which may have at most ``capacity`` in flight.
+        if (
+            self.delivery is Delivery.RELIABLE
+            and len(self._messages) + self._credit_owed >= self.capacity
+        ):
             raise ProtocolError(f"the outlet overflowed a link of capacity {self.capacity}")
         self._gap_dropped += seq - self._expected_seq
         self._expected_seq = seq + 1
@@ -216,6 +221,11 @@ class _InletBuffer:
         return self._ended
 
     @property
+    def failed(self) -> bool:
+        """Whether the link broke (see :meth:`fail`)."""
+        return self._error is not None
+
+    @property
     def own_dropped(self) -> int:
         return self._own_dropped
 
@@ -235,7 +245,13 @@ class _InletBuffer:
 
     # --- the application's side ---------------------------------------------
 
-    async def receive(self) -> list[memoryview]:
+    async def receive(self, read: Callable[[], Awaitable[bool]] | None = None) -> list[memoryview]:
+        """The next message.
+
+        While there is none, *read*, if given, is called to read from the
+        connection in this task; when it returns False (someone else is
+        reading), or without *read*, this waits for the backend to deliver.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self._closed:
@@ -256,8 +272,9 @@ class _InletBuffer:
                 # The outlet may wait for these few messages' bytes: credit them now.
                 self._flush = True
                 self._on_credit()
-            await self._waiters.park()
-            self._schedule.waited()
+            if read is None or not await read():
+                await self._waiters.park()
+                self._schedule.waited()
 
     # --- helpers ---------------------------------------------------------------
 

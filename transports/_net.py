@@ -61,6 +61,10 @@ class _Conduit(ABC):
     #: can write without waiting, from any task, while no send is under way.
     eager = False
 
+    #: Whether :meth:`receive_record` may be cancelled and called again, from
+    #: any task, losing nothing; :meth:`wait_readable` is available then.
+    resumable_reads = False
+
     @abstractmethod
     async def send_messages(self, batch: list[tuple[int, list[memoryview], int]]) -> None:
         """Write MESSAGE records for (seq, frames, nbytes) in *batch*."""
@@ -94,6 +98,10 @@ class _Conduit(ABC):
     @abstractmethod
     async def receive_record(self) -> Record | None:
         """Read the next record, or None when the peer closed the connection."""
+
+    async def wait_readable(self) -> None:
+        """Wait until :meth:`receive_record` has bytes to go on with."""
+        raise NotImplementedError
 
     @abstractmethod
     async def aclose(self) -> None:
@@ -301,7 +309,19 @@ class _NetOutlet(_OutletBase):
 
 
 class _NetInlet(Inlet):
-    """An inlet whose background tasks read records and send credit."""
+    """An inlet whose background tasks read records and send credit.
+
+    On a ``RELIABLE`` link over a conduit with resumable reads, a task that
+    waits in :meth:`receive` reads the connection itself, so that a message
+    reaches it without a task switch (1 KB paced at 1 kHz between two
+    ``async def`` nodes: p50 ~260 -> ~240 µs). The background task reads
+    while no receiver does, so the end of stream is taken in and
+    acknowledged whether or not the application receives. The two take
+    turns: a receiver reads only while the background task waits for data
+    (which it then stops doing at once), never while it is midway through a
+    record. A ``LATEST`` link is always read by the background task: only a
+    reader that keeps taking in knows which messages are the newest.
+    """
 
     def __init__(self, conduit: _Conduit, background: _Background, counters: _Counters) -> None:
         self._conduit = conduit
@@ -310,6 +330,14 @@ class _NetInlet(Inlet):
         self._buffer = _InletBuffer(counters, self._credit.poke)
         self._credit.buffer = self._buffer
         self._closed = False
+        self._direct = conduit.resumable_reads and counters.delivery is Delivery.RELIABLE
+        #: Which task is reading a record: a receiver, or the background task.
+        self._receiver_reads = False
+        self._background_reads = False
+        #: The background task's wait for data, which a receiver cancels.
+        self._waiting = trio.CancelScope()
+        #: Where the background task waits while a receiver reads.
+        self._turn = trio.lowlevel.ParkingLot()
 
     @classmethod
     async def open(
@@ -349,7 +377,7 @@ class _NetInlet(Inlet):
         return _inlet_stats(self._buffer.counters)
 
     async def receive(self) -> list[memoryview]:
-        return await self._buffer.receive()
+        return await self._buffer.receive(self._read_record if self._direct else None)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -360,32 +388,75 @@ class _NetInlet(Inlet):
         await self._background.aclose()
 
     async def _run(self) -> None:
-        peer = self._buffer.counters.peer
         try:
             await first_completed(self._take_in, self._credit.run)
         except _LINK_ERRORS as exc:
-            if self._buffer.ended:  # only the acknowledgement was lost
-                log.debug("inlet from %s: after the end of stream: %r", peer, exc)
-            else:
-                log.warning("inlet from %s: link broken: %s", peer, exc or repr(exc))
-                self._buffer.fail(exc)
+            self._broken(exc)
         finally:
             await _close_conduit(self._conduit)
 
+    def _broken(self, exc: BaseException) -> None:
+        peer = self._buffer.counters.peer
+        if self._buffer.ended:  # only the acknowledgement was lost
+            log.debug("inlet from %s: after the end of stream: %r", peer, exc)
+        elif not self._closed:
+            log.warning("inlet from %s: link broken: %s", peer, exc or repr(exc))
+            self._buffer.fail(exc)
+
     async def _take_in(self) -> None:
+        """Read records until the connection ends (in turns with receivers)."""
+        while not self._buffer.failed:
+            if self._receiver_reads:
+                await self._turn.park()
+                continue
+            if self._direct:
+                with trio.CancelScope() as self._waiting:
+                    await self._conduit.wait_readable()
+                if self._waiting.cancel_called:
+                    continue  # a receiver took the turn (and may have read what came)
+            self._background_reads = True
+            try:
+                record = await self._conduit.receive_record()
+            finally:
+                self._background_reads = False
+            if not self._take(record):
+                return
+
+    async def _read_record(self) -> bool:
+        """Read a record in this task (a receiver's), if it is its turn;
+        whether it was (if not, the background task is reading one)."""
+        if self._receiver_reads or self._background_reads:
+            return False
+        self._receiver_reads = True
+        self._waiting.cancel()  # if the background task waits for data, it stops at once
+        try:
+            self._take(await self._conduit.receive_record())
+        except _LINK_ERRORS as exc:
+            self._broken(exc)
+        finally:
+            self._receiver_reads = False
+            self._turn.unpark_all()
+        return True
+
+    def _take(self, record: Record | None) -> bool:
+        """Take in a record read; False once the connection has ended after the stream.
+
+        Raises:
+            trio.BrokenResourceError: the connection ended before the stream.
+            ProtocolError: the record is not one an outlet sends.
+        """
         buffer = self._buffer
-        while True:
-            record = await self._conduit.receive_record()
-            if record is None:
-                if buffer.ended:
-                    return
-                raise trio.BrokenResourceError("the outlet went away without ending the stream")
-            kind, fixed, frames = record
-            if kind == KIND_MESSAGE:
-                buffer.deliver(fixed[0], frames, sum([frame.nbytes for frame in frames]))
-            elif kind == KIND_END:
-                buffer.end(fixed[0])
-                self._credit.ack_due = True
-                self._credit.poke()
-            else:
-                raise ProtocolError(f"unexpected record of kind {kind} from an outlet")
+        if record is None:
+            if buffer.ended:
+                return False
+            raise trio.BrokenResourceError("the outlet went away without ending the stream")
+        kind, fixed, frames = record
+        if kind == KIND_MESSAGE:
+            buffer.deliver(fixed[0], frames, sum([frame.nbytes for frame in frames]))
+        elif kind == KIND_END:
+            buffer.end(fixed[0])
+            self._credit.ack_due = True
+            self._credit.poke()
+        else:
+            raise ProtocolError(f"unexpected record of kind {kind} from an outlet")
+        return True

@@ -82,6 +82,7 @@ def _advance(views: list[memoryview], first: int, sent: int) -> int:
 
 class _StreamConduit(_Conduit):
     eager = hasattr(os, "writev")
+    resumable_reads = True
 
     def __init__(self, stream: trio.SocketStream, max_frame_size: int) -> None:
         self._stream = stream
@@ -137,6 +138,9 @@ class _StreamConduit(_Conduit):
 
     async def receive_record(self):
         return await self._reader.read_record()
+
+    async def wait_readable(self) -> None:
+        await self._reader.wait_readable()
 
     async def aclose(self) -> None:
         await self._stream.aclose()

@@ -283,6 +283,57 @@ async def test_cancelled_receive_leaves_the_inlet_usable(address):
             await inlet.aclose()
 
 
+async def test_receives_cancelled_midway_through_large_messages_lose_nothing(net_address):
+    # Each receive is cut short, at whatever point it has reached: often
+    # midway through a message's large frame, which the next receive goes on with.
+    sent = [[b"%d" % i, payload(i, 3_000_000)] for i in range(4)]
+    received = []
+    attempts = 0
+    with trio.fail_after(30):
+        async with await transports.bind(net_address) as outlet:
+            inlet = await transports.connect(outlet.address, capacity=2)
+            async with trio.open_nursery() as nursery:
+
+                async def send():
+                    for message in sent:
+                        await outlet.send(message)
+
+                nursery.start_soon(send)
+                while len(received) < len(sent):
+                    attempts += 1
+                    with trio.move_on_after(0.0002):
+                        received.append([bytes(f) for f in await inlet.receive()])
+            await inlet.aclose()
+    assert received == sent
+    assert attempts > len(sent)  # some receives were indeed cut short
+
+
+async def test_concurrent_receivers_share_the_messages(address):
+    # Each message goes to exactly one of them, in order for each.
+    count = 300
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    with trio.fail_after(20):
+        outlet = await transports.bind(address)
+        inlet = await transports.connect(outlet.address)
+        async with trio.open_nursery() as nursery:
+
+            async def receiver(name):
+                async for frames in inlet:
+                    got[name].append(int(bytes(frames[0])))
+                    if len(got[name]) % 7 == 0:
+                        await trio.lowlevel.checkpoint()  # let the other one take a turn
+
+            nursery.start_soon(receiver, "a")
+            nursery.start_soon(receiver, "b")
+            for i in range(count):
+                await outlet.send(b"%d" % i)
+            await outlet.aclose()
+        await inlet.aclose()
+    assert sorted(got["a"] + got["b"]) == list(range(count))
+    assert got["a"] == sorted(got["a"]) and got["b"] == sorted(got["b"])
+    assert got["a"] and got["b"]
+
+
 async def test_bad_arguments_are_rejected(address):
     with trio.fail_after(10):
         async with await transports.bind(address) as outlet:

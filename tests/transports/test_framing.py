@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from functools import partial
 
 import pytest
 import trio
@@ -176,11 +177,18 @@ def test_truncation_at_any_byte_is_an_error_never_a_message(messages, data):
 # --- the same rules seen from an inlet facing a fake outlet -------------------
 
 
-async def inlet_facing(server_bytes: bytes, max_frame_size: int) -> tuple[list, BaseException]:
+async def inlet_facing(
+    server_bytes: bytes | list[bytes], max_frame_size: int, *, pause_after: int | None = None
+) -> tuple[list, BaseException]:
     """Connect an inlet to a fake outlet that answers *server_bytes* and hangs up.
 
-    Returns the messages received and the exception that ended the stream.
+    *server_bytes* may come in parts, each sent once every task (the
+    application's first) has waited after the one before. With
+    *pause_after*, the application receives that many messages, then
+    receives more only once the inlet has taken in what it could. Returns the
+    messages received and the exception that ended the stream.
     """
+    parts = [server_bytes] if isinstance(server_bytes, bytes) else server_bytes
     folder = tempfile.mkdtemp(prefix="trp", dir="/tmp")
     path = f"{folder}/fake.sock"
     try:
@@ -196,7 +204,10 @@ async def inlet_facing(server_bytes: bytes, max_frame_size: int) -> tuple[list, 
                     stream = await listener.accept()
                     async with stream:
                         await stream.receive_some(100)  # the inlet's hello
-                        await stream.send_all(server_bytes)
+                        for i, part in enumerate(parts):
+                            if i:
+                                await trio.testing.wait_all_tasks_blocked(0.01)
+                            await stream.send_all(part)
 
             async with trio.open_nursery() as nursery:
                 await nursery.start(fake_outlet)
@@ -207,6 +218,8 @@ async def inlet_facing(server_bytes: bytes, max_frame_size: int) -> tuple[list, 
                     )
                     async with inlet:
                         while True:
+                            if len(received) == pause_after:
+                                await trio.testing.wait_all_tasks_blocked()
                             received.append([bytes(f) for f in await inlet.receive()])
                 except (trio.BrokenResourceError, trio.EndOfChannel) as exc:
                     return received, exc
@@ -270,9 +283,26 @@ def test_sequence_numbers_going_back_are_refused():
     assert received == [[b"a"]] and isinstance(error, trio.BrokenResourceError)
 
 
-def test_an_outlet_overflowing_a_reliable_link_is_refused():
-    stream = encode_welcome() + encode([[b"%d" % i] for i in range(9)])  # capacity is 8
-    received, error = trio.run(inlet_facing, stream, 1000)
+def test_a_receiver_waits_while_the_inlet_is_midway_through_a_message():
+    # The inlet's own task has started reading a large message when the
+    # application starts receiving: the application waits for that task to
+    # finish it (it does not read the connection too), then gets it whole.
+    frame = bytes(range(256)) * 1024  # larger than SMALL_FRAME
+    message = encode([[b"head", frame]])
+    half = len(message) - len(frame) // 2
+    parts = [encode_welcome() + message[:half], message[half:] + encode_end(1)]
+    received, error = trio.run(partial(inlet_facing, parts, 1 << 20, pause_after=0))
+    assert received == [[b"head", frame]] and isinstance(error, trio.EndOfChannel)
+
+
+@pytest.mark.parametrize("pause_after", [0, 2])
+def test_an_outlet_overflowing_a_reliable_link_is_refused(pause_after):
+    # The outlet sends 9 messages on a link of capacity 8 without waiting for
+    # credit. The application receives *pause_after* of them before the rest
+    # arrive: a received message counts as in flight until it is credited
+    # (credit goes back 4 at a time), so the 9th is one too many either way.
+    stream = encode_welcome() + encode([[b"%d" % i] for i in range(9)])
+    received, error = trio.run(partial(inlet_facing, stream, 1000, pause_after=pause_after))
     assert isinstance(error, trio.BrokenResourceError) and "overflowed" in str(error)
     assert received == [[b"%d" % i] for i in range(8)]
 
