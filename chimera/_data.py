@@ -585,8 +585,8 @@ class _Decoder:
                 f"its frame has {view.nbytes}"
             )
         try:
-            return numpy.frombuffer(view, dtype=dtype, count=count).reshape(shape)
-        except ValueError as exc:
+            return numpy.ndarray(shape, dtype, view)  # (one call: not frombuffer, then reshape)
+        except (TypeError, ValueError) as exc:
             raise DecodeError(f"{where}: {exc}") from None
 
     def list_column(self, storage: dict[str, Any], where: str) -> pandas.Series:
@@ -867,7 +867,7 @@ def _decode_arrays(records: Any, frames: Sequence[Frame]) -> DataChunk | None:
         ):
             return None
         try:
-            array = numpy.frombuffer(view, dtype=dtype, count=count).reshape(shape)
+            array = numpy.ndarray(shape, dtype, view)  # (as the checking path does)
             _check_value(array, content_type)
         except (TypeError, ValueError):
             return None
