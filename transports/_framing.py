@@ -445,11 +445,8 @@ class StreamReader:
             length = partial.lengths[len(frames)]
             if length > SMALL_FRAME:
                 frames.append(await self._read_large(partial, length))
-            elif await self._fill(length):
-                frames.append(memoryview(bytes(self._view[self._start : self._start + length])))
-                self._start += length
-            else:
-                raise ProtocolError("the stream ended inside a record")
+            else:  # (read_exact takes the bytes only once all are buffered)
+                frames.append(memoryview(bytes(await self.read_exact(length))))
         self._partial = None
         return KIND_MESSAGE, partial.fixed, frames
 
