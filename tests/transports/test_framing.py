@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from functools import partial
 
 import pytest
@@ -58,25 +59,42 @@ def record_ends(messages: list[list[bytes]]) -> list[int]:
     return ends
 
 
-async def read_stream(data: bytes, chunks: list[int], max_frame_size: int) -> list:
-    """Write *data* into a socket pair in pieces of *chunks* sizes; read records back."""
+async def read_stream(
+    data: bytes, chunks: list[int], max_frame_size: int, cancels: Sequence[bool] = ()
+) -> list:
+    """Write *data* into a socket pair in pieces of *chunks* sizes; read records back.
+
+    With *cancels*, once the reader waits after each piece, cancel its
+    ``read_record`` if the next of *cancels* says so, and call it again.
+    """
     left, right = trio.socket.socketpair()
     records = []
     error = None
+    reading = trio.CancelScope()
     with left, right:
 
         async def write():
-            position, sizes = 0, iter(chunks)
+            position, sizes, cuts = 0, iter(chunks), iter(cancels)
             while position < len(data):
                 size = max(1, next(sizes, len(data)))
                 position += await left.send(data[position : position + size])
+                if cancels:
+                    await trio.testing.wait_all_tasks_blocked()
+                    if next(cuts, False):
+                        reading.cancel()
             left.shutdown(trio.socket.SHUT_WR)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(write)
             reader = StreamReader(right, max_frame_size, buffer_size=SMALL_FRAME * 2)
             try:
-                while (record := await reader.read_record()) is not None:
+                while True:
+                    with trio.CancelScope() as reading:
+                        record = await reader.read_record()
+                    if reading.cancelled_caught:
+                        continue
+                    if record is None:
+                        break
                     records.append(record)
             except ProtocolError as exc:
                 error = exc
@@ -95,37 +113,6 @@ def test_any_messages_round_trip_whatever_the_chunking(messages, chunks):
     assert [[bytes(f) for f in frames] for _, _, frames in records[:-1]] == messages
 
 
-async def read_stream_cancelling(data: bytes, chunks: list[int], cancels: list[bool]) -> list:
-    """Like :func:`read_stream`, but once the reader waits for each piece,
-    cancel its ``read_record`` if the next of *cancels* says so, and call it again."""
-    left, right = trio.socket.socketpair()
-    records = []
-    reading = trio.CancelScope()
-    with left, right:
-
-        async def write():
-            position, sizes, cuts = 0, iter(chunks), iter(cancels)
-            while position < len(data):
-                size = max(1, next(sizes, len(data)))
-                position += await left.send(data[position : position + size])
-                await trio.testing.wait_all_tasks_blocked()
-                if next(cuts, False):
-                    reading.cancel()
-            left.shutdown(trio.socket.SHUT_WR)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write)
-            reader = StreamReader(right, 1 << 20, buffer_size=SMALL_FRAME * 2)
-            while True:
-                with trio.CancelScope() as reading:
-                    record = await reader.read_record()
-                if not reading.cancelled_caught:
-                    if record is None:
-                        break
-                    records.append(record)
-    return records
-
-
 @fast
 @given(
     messages=messages_strategy,
@@ -137,7 +124,7 @@ def test_a_read_cancelled_anywhere_loses_nothing(messages, chunks, cancels):
     # cancelled midway through a record (even a large frame's): the next
     # read goes on with the same record.
     data = encode(messages) + encode_end(len(messages))
-    records = trio.run(read_stream_cancelling, data, chunks, cancels)
+    records = trio.run(read_stream, data, chunks, 1 << 20, cancels)
     assert [kind for kind, _, _ in records] == [KIND_MESSAGE] * len(messages) + [KIND_END]
     assert [[bytes(f) for f in frames] for _, _, frames in records[:-1]] == messages
 
