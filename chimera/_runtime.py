@@ -727,8 +727,10 @@ class NodeRuntime:
         With *abandon*, a cancellation returns at once and leaves the thread
         to finish on its own (a coroutine is cancelled).
         """
+        # (Whether step is a coroutine function is known: not asked at every step.)
+        coroutine = self._inline if what == "step" else inspect.iscoroutinefunction(fn)
         try:
-            if inspect.iscoroutinefunction(fn):
+            if coroutine:
                 return await fn(*args)
             return await self._thread.call(fn, *args, abandon=abandon)
         except Exception as exc:
