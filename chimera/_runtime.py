@@ -225,6 +225,9 @@ class NodeRuntime:
         Every chunk the followed input delivers under RELIABLE is stepped once,
         in order. A ``step`` that raises makes the node FAILED and ends its
         stream; :meth:`run` still runs ``teardown`` and returns normally.
+        Once it ends, failed or not, its inlets are closed: the outlets
+        feeding it go on without it (a failed node does not hold up its
+        sources, nor their other consumers).
         ``teardown`` runs once whatever happens, cancellation included (for at
         most :data:`TEARDOWN_TIMEOUT` seconds then).
 
@@ -248,6 +251,10 @@ class NodeRuntime:
                 failed = True
         finally:
             with trio.CancelScope(shield=True):
+                # It takes in nothing more: its inputs' outlets forget it at
+                # once, rather than wait for room it would never make.
+                for inlet in self._inlets.values():
+                    await inlet.aclose()
                 if self._outlet is not None:
                     await self._outlet.aclose()  # the end of stream flows downstream
                 try:

@@ -43,6 +43,32 @@ class Counter(cp.Node):
         return self.n
 
 
+class Camera(cp.Node):
+    """A source that makes a chunk every 10 ms, forever; notifies *port*
+    once it has made *made*."""
+
+    def __init__(self, name: str, port: int, made: int) -> None:
+        super().__init__(name)
+        self.port, self.made = port, made
+
+    def prep(self):
+        self.n = 0
+
+    def step(self):
+        threading.Event().wait(0.01)
+        self.n += 1
+        if self.n == self.made:
+            notify(self.port)
+        return self.n
+
+
+class Raises(cp.Node):
+    """Its first step raises, as a step that names an input wrongly does."""
+
+    def step(self, data_chunks):
+        return data_chunks["no such input"]
+
+
 class Doubler(cp.Node):
     def __init__(self, name: str, source: str) -> None:
         super().__init__(name)

@@ -106,6 +106,45 @@ async def test_a_prep_that_raises_makes_commit_graph_raise_a_node_error(tmp_path
     assert "OSError: no such camera" in caught.value.traceback
 
 
+class Camera(cp.Node):
+    """A chunk every 10 ms, forever; sets MADE at the 9th (more than a link holds)."""
+
+    def prep(self):
+        self.n = 0
+
+    def step(self):
+        threading.Event().wait(0.01)
+        self.n += 1
+        if self.n == 9:
+            MADE.set()
+        return self.n
+
+
+MADE = threading.Event()
+
+
+class RaisesAtOnce(cp.Node):
+    def step(self, data_chunks):
+        raise KeyError("cam")
+
+
+async def test_stop_returns_after_a_node_failed_under_a_source_that_runs_on(tmp_path):
+    # The sink fails at its first chunk; the source's 9th does not fit in
+    # the link (8 messages), so the source waits to send it when asked to stop.
+    MADE.clear()
+    source, sink = Camera("camera"), RaisesAtOnce("sink")
+    graph = cp.Graph()
+    graph.add_edge(source, sink)
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, (local,)):
+            assert await manager.commit_graph(graph, {"local": ["camera", "sink"]})
+            assert await manager.start()
+            await trio.to_thread.run_sync(MADE.wait, 20)
+            with trio.fail_after(5):
+                await manager.stop()
+            assert local.nodes == {source.id: cp.NodeState.STOPPED, sink.id: cp.NodeState.FAILED}
+
+
 async def test_a_bad_mapping_is_refused_before_anything_starts(tmp_path):
     a, b = cp.Node("a"), cp.Node("b")
     graph = cp.Graph()

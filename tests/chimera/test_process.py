@@ -25,8 +25,10 @@ from .nodes import (
     AsyncCounter,
     AsyncSink,
     BrokenPrep,
+    Camera,
     Counter,
     Doubler,
+    Raises,
     Sink,
     StampSink,
     Stubborn,
@@ -188,6 +190,25 @@ async def test_a_killed_node_fails_and_the_others_go_on(tmp_path):
                 await manager.shutdown()
     assert json.loads((tmp_path / "second.json").read_text()) == list(range(1, 11))
     assert not (tmp_path / "first.json").exists()  # killed: no teardown
+
+
+async def test_stop_returns_after_a_node_failed_under_a_source_that_runs_on(tmp_path):
+    # The sink fails at its first chunk; the source's 9th does not fit in
+    # the link (8 messages), so the source waits to send it when asked to stop.
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        camera, sink = Camera("camera", port, made=9), Raises("sink")
+        graph.add_edge(camera, sink)
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["camera", "sink"]})
+                await manager.start()
+                assert await manager.wait_for_node_state("sink", "FAILED") == "FAILED"
+                assert await notified.receive() == b"x"
+                with trio.fail_after(10):
+                    assert await manager.stop()
+                assert manager.nodes == {camera.id: "STOPPED", sink.id: "FAILED"}
+                await manager.shutdown()
 
 
 async def test_a_prep_that_raises_in_its_process_is_a_node_error(tmp_path):

@@ -258,6 +258,27 @@ async def test_a_step_that_raises_fails_its_node_only_and_teardown_still_runs(fl
     assert states["collect"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
 
 
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+@pytest.mark.parametrize("flaky_type", [Flaky, AsyncFlaky])
+async def test_a_failed_node_does_not_hold_up_its_inputs(flaky_type, transport):
+    # The source runs on after its consumer failed: its other consumer gets
+    # far more than the links hold, and the source still stops when asked.
+    done = threading.Event()
+    count, flaky = Count("count", 10**9), flaky_type("flaky")
+    collect = Collect("collect", 3000, done)  # (the source batches: some 100 messages)
+    with trio.fail_after(30):
+        _, states = await run_pipeline(
+            [count, flaky, collect],
+            [(count, flaky), (count, collect)],
+            until=done,
+            stop=["count"],
+            transport=transport,
+        )
+    assert [seen["count"] for seen in collect.seen[:3000]] == list(range(1, 3001))
+    assert flaky.state is cp.NodeState.FAILED and flaky.torn_down == 1
+    assert states["count"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
+
+
 async def test_cancelling_a_run_still_runs_teardown_once():
     class Slow(cp.Node):
         torn_down = 0
