@@ -68,6 +68,14 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+#: Node states after which a node's Worker may leave without failing it.
+_ENDED = frozenset({"STOPPED", "SAVED", "SHUTDOWN", "FAILED"})
+
+
+class _WorkerLeft(RuntimeError):
+    """The Worker a request was for left (before it, or during it)."""
+
+
 @dataclass
 class WorkerInfo:
     """A Worker connected to the Manager."""
@@ -136,6 +144,8 @@ class AsyncManager(Service):
         self._node_ids: dict[str, str] = {}
         self._nodes_changed = trio.lowlevel.ParkingLot()
         self._workers: dict[str, WorkerInfo] = {}
+        #: The names of mapped Workers that left, by id (their nodes are gone).
+        self._left: dict[str, str] = {}
         #: The cluster's clock (tests move it to check that Workers follow).
         self._clock = time.time_ns
         #: What the dashboard shows of each committed node, by node id.
@@ -238,6 +248,20 @@ class AsyncManager(Service):
             except pynng.exceptions.TryAgain:  # nobody keeps up: the line is dropped
                 pass
 
+    def _worker_left(self, info: WorkerInfo) -> None:
+        """A Worker left: its nodes are gone. Those that had not ended are
+        FAILED; requests to it from now on skip it (see :meth:`_request`)."""
+        node_ids = self._mapping.get(info.id)
+        if not node_ids:
+            log.info("worker %r (%s) left", info.name, info.id)
+            return
+        self._left[info.id] = info.name
+        names = ", ".join(repr(self._node_names.get(node, node)) for node in node_ids)
+        log.warning("worker %r left, and with it its nodes %s", info.name, names)
+        for node_id in node_ids:
+            if self.nodes.get(node_id) not in _ENDED:
+                self._set_node_state(node_id, "FAILED", f"its worker {info.name!r} left")
+
     def _set_node_stats(self, stats: dict[str, Any]) -> None:
         now = self._clock()
         for node_id, values in stats.items():
@@ -330,6 +354,7 @@ class AsyncManager(Service):
             graph, self._names(), worker_graph_map, self.max_num_of_workers
         )
         workers = self._names()
+        self._left = {}
         self._steps_sampled = {}
         self._node_info = {
             node_id: {
@@ -485,8 +510,14 @@ class AsyncManager(Service):
 
     async def stop(self) -> bool:
         """Stop the sources; every chunk they sent is stepped downstream before
-        each node's ``teardown``. Returns once every node has stopped: True."""
-        await self._broadcast("stop_nodes")
+        each node's ``teardown``. Returns once every node has stopped: True.
+
+        The nodes of a Worker that left are gone (FAILED): the others stop.
+
+        Raises:
+            RuntimeError: a Worker failed.
+        """
+        await self._broadcast("stop_nodes", without_left=True)
         self._stopped_ns = self._clock()
         return True
 
@@ -494,7 +525,9 @@ class AsyncManager(Service):
         """Bring what every node saved into this session's folder,
         ``LOGDIR/SESSION/WORKER/NODE/``, each file verified against the SHA-256
         its Worker computed; write ``meta.json`` there. Stops the cluster first
-        if it runs. Returns True.
+        if it runs. Returns True; False if a Worker left, so that its nodes'
+        files could not be collected (logged; ``meta.json`` says which nodes:
+        ``"collected": false``).
 
         Nodes that failed are collected like the others. With *unzip* False,
         each Worker's folder ends as ``WORKER.zip`` instead. Progress (files,
@@ -502,7 +535,7 @@ class AsyncManager(Service):
 
         Raises:
             ValueError: a file did not arrive whole (each named).
-            RuntimeError: a Worker failed, or left.
+            RuntimeError: a Worker failed.
         """
         if "RUNNING" in self.nodes.values():
             await self.stop()
@@ -536,14 +569,16 @@ class AsyncManager(Service):
                 "streams": result.get("streams") or {},
             }
 
-        await self._on_every_worker(collect_from)
+        left = await self._on_every_worker(collect_from, without_left=True)
         log.info("%s, into %s", progress.line(), session)
+        for name in left:
+            log.error("worker %r left: the files of its nodes are not collected", name)
         meta = await trio.to_thread.run_sync(self._session_meta, session, workers)
         (session / "meta.json").write_text(json.dumps(meta, indent=2))
         if not unzip:
             for name in workers:
                 await trio.to_thread.run_sync(_zip_folder, session / name)
-        return True
+        return not left
 
     def session_folder(self) -> Path:
         """This session's folder in the logdir (named when first needed:
@@ -571,6 +606,7 @@ class AsyncManager(Service):
                 "state": info["state"],
                 "dropped": info["dropped"],
                 "writer_wait_ms": info["writer_wait_ms"],
+                "collected": info["worker"] in workers,
                 "streams": self._streams_of(session, workers, info["worker"], info["name"]),
             }
             for info in self._node_info.values()
@@ -590,20 +626,26 @@ class AsyncManager(Service):
         """Close every node on every Worker (stopping those that run).
 
         The Workers stay connected; leaving ``async with`` closes the Manager.
+        The nodes of a Worker that left are gone already.
+
+        Raises:
+            RuntimeError: a Worker failed.
         """
         if self._mapping:
-            await self._broadcast("shutdown_nodes")
+            await self._broadcast("shutdown_nodes", without_left=True)
             self._mapping = {}
 
     async def gather(self) -> dict[str, DataChunk | None]:
         """The last chunk each committed node's ``step`` returned, by node id
-        (None for a node that returned none yet, or whose process is gone).
+        (None for a node that returned none yet, or whose process or Worker is gone).
 
         Raises:
-            RuntimeError: a Worker failed, or left.
+            RuntimeError: a Worker failed.
             DecodeError: a Worker sent a chunk that cannot be decoded.
         """
-        gathered: dict[str, DataChunk | None] = {}
+        gathered: dict[str, DataChunk | None] = {
+            node_id: None for node_ids in self._mapping.values() for node_id in node_ids
+        }
 
         async def gather_from(worker_id: str, node_ids: list[str]) -> None:
             key = uuid.uuid4().hex
@@ -617,7 +659,7 @@ class AsyncManager(Service):
                 raise RuntimeError(f"worker {self._workers[worker_id].name!r} sent nothing")
             gathered.update(_decode_gathered(data))
 
-        await self._on_every_worker(gather_from)
+        await self._on_every_worker(gather_from, without_left=True)
         return gathered
 
     async def broadcast_request(
@@ -721,17 +763,40 @@ class AsyncManager(Service):
             "transport": self.transport,
         }
 
-    async def _on_every_worker(self, fn: Callable[[str, list[str]], Awaitable[Any]]) -> None:
+    async def _on_every_worker(
+        self, fn: Callable[[str, list[str]], Awaitable[Any]], *, without_left: bool = False
+    ) -> list[str]:
         """Run *fn(worker id, its node ids)* for every mapped Worker, concurrently.
+
+        With *without_left*, Workers that left (their nodes are gone) are
+        skipped, before the call or during it; the names of those are returned.
 
         Raises:
             Exception: the first one a call raised (after every call ended).
         """
-        await run_all([partial(fn, *item) for item in self._mapping.items()])
+        left = []
 
-    async def _broadcast(self, command: str, **args: Any) -> None:
-        """Ask every mapped Worker to carry out *command*, concurrently."""
-        await self._on_every_worker(lambda worker_id, _: self._request(worker_id, command, **args))
+        async def call(worker_id: str, node_ids: list[str]) -> None:
+            if without_left and worker_id in self._left:
+                left.append(self._left[worker_id])
+                return
+            try:
+                await fn(worker_id, node_ids)
+            except _WorkerLeft:
+                if not without_left:
+                    raise
+                left.append(self._left.get(worker_id, worker_id))
+
+        await run_all([partial(call, *item) for item in self._mapping.items()])
+        return left
+
+    async def _broadcast(self, command: str, *, without_left: bool = False, **args: Any) -> None:
+        """Ask every mapped Worker to carry out *command*, concurrently (see
+        :meth:`_on_every_worker` for *without_left*)."""
+        await self._on_every_worker(
+            lambda worker_id, _: self._request(worker_id, command, **args),
+            without_left=without_left,
+        )
 
     async def _request(self, worker_id: str, command: str, **args: Any) -> Any:
         """Ask a Worker to carry out *command*; its result.
@@ -742,6 +807,8 @@ class AsyncManager(Service):
         """
         info = self._workers.get(worker_id)
         if info is None or info._send is None:
+            if worker_id in self._left:
+                raise _WorkerLeft(f"worker {self._left[worker_id]!r} left")
             raise RuntimeError(f"worker {worker_id} is not connected")
         request_id = next(self._request_ids)
         pending = info._pending[request_id] = _Pending()
@@ -750,7 +817,7 @@ class AsyncManager(Service):
         await pending.done.wait()
         reply = pending.reply
         if reply is None:
-            raise RuntimeError(f"worker {info.name!r} left during {command}")
+            raise _WorkerLeft(f"worker {info.name!r} left during {command}")
         if not reply["ok"]:
             if reply["node"] is not None:
                 raise NodeError(reply["node"], reply["error"], reply["traceback"] or "")
@@ -936,7 +1003,8 @@ class AsyncManager(Service):
                 elif kind == "node_state" and info is not None:
                     self._set_node_state(message["node_id"], message["state"], message["reason"])
                     if message["reason"]:
-                        log.error("node %s failed: %s", message["node_id"], message["reason"])
+                        name = self._node_names.get(message["node_id"], message["node_id"])
+                        log.error("node %r on %r failed: %s", name, info.name, message["reason"])
                 else:
                     await reply("error", error=f"unexpected {kind} message", re=kind)
         finally:
@@ -945,8 +1013,8 @@ class AsyncManager(Service):
                     pending.done.set()  # no reply will come: the request fails
                 del self._workers[info.id]
                 self._workers_changed.unpark_all()
-                log.info("worker %r (%s) left", info.name, info.id)
                 self._publish({"type": "worker_left", "id": info.id, "name": info.name})
+                self._worker_left(info)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

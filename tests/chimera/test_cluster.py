@@ -5,6 +5,7 @@ Nodes in child processes: test_process.py.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -143,6 +144,37 @@ async def test_stop_returns_after_a_node_failed_under_a_source_that_runs_on(tmp_
             with trio.fail_after(5):
                 await manager.stop()
             assert local.nodes == {source.id: cp.NodeState.STOPPED, sink.id: cp.NodeState.FAILED}
+
+
+async def test_stop_gather_collect_and_shutdown_go_on_after_a_worker_left(tmp_path):
+    graph, counter, doubler, printer = counter_doubler_printer()
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("local") as local:
+                assert await local.connect(manager.host, manager.port)
+                async with AsyncWorker("remote") as remote:
+                    assert await remote.connect(manager.host, manager.port)
+                    await manager.wait_for_workers(2)
+                    mapping = {"local": ["counter", "doubler"], "remote": ["printer"]}
+                    assert await manager.commit_graph(graph, mapping)
+                    assert await manager.start()
+                    await trio.to_thread.run_sync(ENOUGH.wait, 20)
+                await manager.wait_for_workers(1)  # "remote" left, and its node with it
+                assert manager.nodes[printer.id] == "FAILED"
+                assert await manager.stop()
+                assert manager.nodes[doubler.id] == "STOPPED"
+                gathered = await manager.gather()
+                assert gathered[printer.id] is None
+                assert gathered[doubler.id].get("default")["value"] == 60
+                assert await manager.collect() is False
+                await manager.shutdown()
+                assert local.nodes == {}
+    meta = json.loads((manager.session_folder() / "meta.json").read_text())
+    assert {node: info["collected"] for node, info in meta["streams"].items()} == {
+        "local/counter": True,
+        "local/doubler": True,
+        "remote/printer": False,
+    }
 
 
 async def test_a_bad_mapping_is_refused_before_anything_starts(tmp_path):
