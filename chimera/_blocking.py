@@ -147,6 +147,16 @@ class Manager:
         """The Workers connected now, by id."""
         return self._manager.workers
 
+    @property
+    def nodes(self) -> dict[str, str]:
+        """The state of every committed node, by node id."""
+        return dict(self._manager.nodes)
+
+    @property
+    def logs_address(self) -> str | None:
+        """Where node logs are published (``publish_logs_via_zmq=True``): an nng PUB socket."""
+        return self._manager.logs_address
+
     def commit_graph(
         self,
         graph: Graph,

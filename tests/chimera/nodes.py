@@ -69,6 +69,14 @@ class Raises(cp.Node):
         return data_chunks["no such input"]
 
 
+class Talker(cp.Node):
+    """A source that logs a warning every 10 ms, and sends nothing."""
+
+    def step(self):
+        self.logger.warning("talking")
+        threading.Event().wait(0.01)
+
+
 class Doubler(cp.Node):
     def __init__(self, name: str, source: str) -> None:
         super().__init__(name)

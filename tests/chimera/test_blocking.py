@@ -14,7 +14,7 @@ import pytest
 
 import chimera as cp
 
-from .nodes import Counter, Sink
+from .nodes import Counter, Sink, Talker
 from .test_process import children_of
 
 
@@ -53,6 +53,26 @@ def test_manager_and_worker_run_a_graph_and_leave_nothing_behind(tmp_path):
     manager.shutdown()  # twice is harmless
     with pytest.raises(RuntimeError, match="shut down"):
         manager.start()
+
+
+def test_the_manager_publishes_node_logs_where_it_says(tmp_path):
+    import pynng
+
+    manager = cp.Manager(logdir=tmp_path, port=0, publish_logs_via_zmq=True)
+    worker = cp.Worker(name="local", port=0)
+    try:
+        with pynng.Sub0(dial=manager.logs_address, recv_timeout=20_000) as logs:
+            logs.subscribe(b"")
+            assert worker.connect(host=manager.host, port=manager.port)
+            graph = cp.Graph()
+            graph.add_node(Talker("talker"))
+            assert manager.commit_graph(graph, mapping={"local": ["talker"]})
+            assert manager.nodes == {graph.get_id_by_name("talker"): "READY"}
+            assert manager.start()
+            assert b"local/talker: talking" in logs.recv()
+    finally:
+        manager.shutdown()
+        worker.shutdown()
 
 
 def test_the_simple_pipeline_example_runs():
