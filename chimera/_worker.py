@@ -131,6 +131,8 @@ class AsyncWorker(Service):
         self.name = check_name(name, "a worker's name")
         self.port = port
         self.delete_temp = delete_temp
+        #: Whether nodes may have saved files since the last collect.
+        self._uncollected = False
         self.id = id or uuid.uuid4().hex
         self._token = token if token is not None else os.environ.get("CHIMERA_TOKEN")
         #: The offset from this Worker's clock to the Manager's.
@@ -389,10 +391,26 @@ class AsyncWorker(Service):
         if packages in sys.path:
             sys.path.remove(packages)
         if self.delete_temp:
+            if self._uncollected:
+                self._warn_uncollected(self._temp / "nodes")
             shutil.rmtree(self._temp, ignore_errors=True)
         else:
             log.info("worker %r: its temporary folder %s is kept", self.name, self._temp)
         self._temp = None
+
+    def _warn_uncollected(self, folder: Path) -> None:
+        """Say so if the nodes saved files in *folder* that are about to go uncollected."""
+        files = [path for path in folder.rglob("*") if path.is_file()]
+        if files:
+            size = sum(path.stat().st_size for path in files) / 1e6
+            log.warning(
+                "worker %r: %d files (%.1f MB) its nodes saved were never collected, and are "
+                "deleted with its temporary folder (call the Manager's collect() before "
+                "shutting down, or make the Worker with delete_temp=False to keep them)",
+                self.name,
+                len(files),
+                size,
+            )
 
     async def _do_create_nodes(self, nodes: list[dict[str, Any]]) -> dict[str, Any]:
         """Make every node (in parallel); the address of each one's outlet."""
@@ -492,6 +510,7 @@ class AsyncWorker(Service):
 
     async def _do_start_nodes(self, record: bool = True) -> None:
         """Run every node; their ``save_*`` calls save if *record*."""
+        self._uncollected = self._uncollected or record
         for runtime in self._runtimes.values():
             await runtime.set_recording(record)
         for node_id, runtime in self._runtimes.items():
@@ -534,6 +553,7 @@ class AsyncWorker(Service):
 
     async def _do_record_nodes(self) -> None:
         """From now on, the nodes' ``save_*`` calls save."""
+        self._uncollected = True
         for runtime in self._runtimes.values():
             await runtime.set_recording(True)
 
@@ -579,6 +599,7 @@ class AsyncWorker(Service):
             name: manifest.streams if manifest is not None else None
             for (_, name), manifest in zip(folders, manifests, strict=True)
         }
+        self._uncollected = False
         return {"files": sent, "moved": moved, "clock": clock, "streams": streams}
 
     async def _do_gather_nodes(self, upload: str) -> None:

@@ -332,6 +332,27 @@ async def test_collect_without_unzip_keeps_one_archive_per_worker(tmp_path):
     assert "local/recorder/camera.mp4" in names and "local/recorder/sensor.csv" in names
 
 
+async def test_shutting_down_without_collecting_says_what_is_deleted(tmp_path, caplog):
+    with trio.fail_after(60):
+        async with recording_a_second(tmp_path) as manager:
+            await manager.stop()
+            await manager.shutdown()
+    warnings = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
+    assert len(warnings) == 1 and "delete_temp=False" in warnings[0]
+
+
+@pytest.mark.parametrize("way", ["sent", "moved"])
+async def test_nothing_is_said_of_what_was_collected(tmp_path, caplog, monkeypatch, way):
+    from chimera import _worker
+
+    if way == "sent":  # (the files stay in the Worker's folder)
+        monkeypatch.setattr(_worker, "sees_probe", lambda *args: False)
+    with trio.fail_after(60):
+        async with recording_a_second(tmp_path) as manager:
+            assert await manager.collect()
+    assert not [r for r in caplog.records if "never collected" in r.getMessage()]
+
+
 @pytest.mark.parametrize("way", ["sent", "moved"])
 async def test_a_file_changed_on_its_way_fails_the_collection_naming_it(tmp_path, monkeypatch, way):
     from chimera import _collect, _worker
