@@ -73,9 +73,14 @@ async def _until(signals: AsyncIterator[int]) -> None:
 async def _run_manager(args: argparse.Namespace, signals: AsyncIterator[int]) -> int:
     from ._manager import AsyncManager
 
-    async with AsyncManager(args.logdir, args.port, host=args.host, token=args.token) as manager:
-        print(f"chimera manager listening on {manager.host}:{manager.port}", flush=True)
-        await _until(signals)
+    try:
+        manager = AsyncManager(args.logdir, args.port, host=args.host, token=args.token)
+        async with manager:
+            print(f"chimera manager listening on {manager.host}:{manager.port}", flush=True)
+            await _until(signals)
+    except OSError as exc:  # the port is taken, or the host is not this machine's
+        print(f"chimera manager: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -83,7 +88,7 @@ async def _run_worker(args: argparse.Namespace, signals: AsyncIterator[int]) -> 
     from ._worker import AsyncWorker
 
     host, _, port = args.manager.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or "/" in host:
         print(f"chimera worker: --manager is HOST:PORT, not {args.manager!r}", file=sys.stderr)
         return 2
     async with AsyncWorker(args.name, token=args.token) as worker:

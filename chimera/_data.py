@@ -769,7 +769,7 @@ def _decode(frames: Sequence[Frame], allow_objects: bool) -> DataChunk:
     if len(frames) == 0:
         raise DecodeError("no frames: a chunk has at least its envelope")
     try:
-        envelope = msgpack.unpackb(frames[0], strict_map_key=False)  # (raw=False, use_list: defaults)
+        envelope = msgpack.unpackb(frames[0], strict_map_key=False)  # (raw=False: the default)
     except Exception as exc:
         raise DecodeError(f"frame 0 is not a msgpack envelope: {exc}") from None
     if not isinstance(envelope, dict):

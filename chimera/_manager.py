@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import shutil
+import sys
 import time
 import urllib.parse
 import uuid
@@ -43,6 +44,9 @@ import msgpack
 import pynng
 import trio
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
 from . import _protocol as protocol
 from ._collect import Incoming, Progress, files_under, read_body, summarize, verify
 from ._data import DataChunk, DecodeError, decode_chunk
@@ -51,7 +55,7 @@ from ._graph import Graph
 from ._mapping import resolve_mapping
 from ._packages import Package, pack
 from ._recording import check_name
-from ._service import Service, run_all
+from ._service import Service, run_all, single_exception
 
 __all__ = ["AsyncManager", "WorkerInfo"]
 
@@ -841,7 +845,16 @@ class AsyncManager(Service):
         config.accesslog = None
         config.errorlog = logging.getLogger("chimera.manager.http")
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(hypercorn.trio.serve, self._app, config))
+            try:
+                binds = await nursery.start(partial(hypercorn.trio.serve, self._app, config))
+            except BaseExceptionGroup as group:
+                error = single_exception(group)
+                if not isinstance(error, OSError):
+                    raise
+                raise OSError(
+                    error.errno,
+                    f"the manager cannot listen on {self.host}:{self.port}: {error.strerror}",
+                ) from None
             self.port = int(binds[0].rsplit(":", 1)[1])
             log.info("manager serving on %s:%d", self.host, self.port)
             try:

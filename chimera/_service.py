@@ -12,7 +12,7 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Service", "run_all"]
+__all__ = ["Service", "run_all", "single_exception"]
 
 
 class Service:
@@ -22,7 +22,9 @@ class Service:
     the object's nursery, yields the object, and stops everything on the way
     out. An exception raised in the ``async with`` body reaches the caller as
     itself, not wrapped in the nursery's exception group, so that ``except
-    KeyboardInterrupt`` or ``except NodeError`` around the block work.
+    KeyboardInterrupt`` or ``except NodeError`` around the block work; so
+    does the one exception that fails the start (``except OSError`` for a
+    port in use).
     """
 
     _context: AbstractAsyncContextManager[Any] | None = None
@@ -32,7 +34,13 @@ class Service:
 
     async def __aenter__(self) -> Any:
         self._context = self._running()
-        return await self._context.__aenter__()
+        try:
+            return await self._context.__aenter__()
+        except BaseExceptionGroup as group:
+            only = single_exception(group)
+            if only is None:
+                raise
+            raise only from None
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         context, self._context = self._context, None
@@ -43,6 +51,16 @@ class Service:
             if raised is not None and list(group.exceptions) == [raised]:
                 raise raised from None
             raise
+
+
+def single_exception(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception in *group* and the groups nested in it, if only one; else None."""
+    while len(group.exceptions) == 1:
+        (only,) = group.exceptions
+        if not isinstance(only, BaseExceptionGroup):
+            return only
+        group = only
+    return None
 
 
 async def run_all(calls: Sequence[Callable[[], Awaitable[Any]]]) -> None:

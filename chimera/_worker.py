@@ -62,6 +62,17 @@ HTTP_TIMEOUT = 60.0
 _UNIX_PATH_MAX = 100
 
 
+def _why_unreachable(exc: BaseException, timeout: float) -> str:
+    """Why connecting to a manager failed, in words (the exceptions' own texts are often empty)."""
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"what answers there is not a chimera manager (HTTP {exc.status_code})"
+    cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
+    text = str(cause) if cause is not None else ""
+    return f"{text or type(exc).__name__} (is the manager running, on that host and port?)"
+
+
 def _bracketed(host: str) -> str:
     """*host* as a URL takes it: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -231,7 +242,13 @@ class AsyncWorker(Service):
         except PermissionError:
             raise
         except (trio.TooSlowError, OSError, trio_websocket.HandshakeError) as exc:
-            log.error("worker %r: cannot reach the manager at %s: %s", self.name, url, exc)
+            log.error(
+                "worker %r: cannot reach the manager at %s:%s: %s",
+                self.name,
+                _bracketed(host),
+                port,
+                _why_unreachable(exc, timeout),
+            )
             return False
         return True
 

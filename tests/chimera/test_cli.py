@@ -93,6 +93,28 @@ def test_worker_without_a_manager_fails_clearly():
     )
     assert result.returncode == 1
     assert f"no manager at 127.0.0.1:{port}" in result.stderr
+    assert "is the manager running, on that host and port?" in result.stderr
+
+
+def test_a_manager_url_is_not_a_manager_address():
+    result = run("worker", "--name", "w", "--manager", "http://127.0.0.1:9000")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "chimera worker: --manager is HOST:PORT, not 'http://127.0.0.1:9000'"
+    )
+
+
+def test_a_manager_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run("manager", "--port", str(port), "--logdir", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"chimera manager: [Errno 98] the manager cannot listen on 127.0.0.1:{port}: "
+        "Address already in use"
+    )
 
 
 def test_a_worker_stops_on_ctrl_c_and_the_manager_sees_it_leave(tmp_path):

@@ -147,7 +147,7 @@ async def test_stop_returns_after_a_node_failed_under_a_source_that_runs_on(tmp_
 
 
 async def test_stop_gather_collect_and_shutdown_go_on_after_a_worker_left(tmp_path):
-    graph, counter, doubler, printer = counter_doubler_printer()
+    graph, _, doubler, printer = counter_doubler_printer()
     with trio.fail_after(30):
         async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
             async with AsyncWorker("local") as local:

@@ -77,6 +77,41 @@ async def test_an_unreachable_manager_is_false_not_an_exception():
             assert not await worker.connect("127.0.0.1", port, timeout=5)
 
 
+async def test_a_worker_says_why_it_cannot_reach_a_manager(caplog):
+    async def not_a_manager(stream):
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    async def silent(stream):
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = []
+            for handler in (not_a_manager, silent):
+                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                ports.append(listeners[0].socket.getsockname()[1])
+                nursery.start_soon(trio.serve_listeners, handler, listeners)
+            async with AsyncWorker("w") as worker:
+                assert not await worker.connect("127.0.0.1", ports[0], timeout=5)
+                assert not await worker.connect("127.0.0.1", ports[1], timeout=0.5)
+            nursery.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+    assert said == [
+        f"worker 'w': cannot reach the manager at 127.0.0.1:{ports[0]}: "
+        "what answers there is not a chimera manager (HTTP 404)",
+        f"worker 'w': cannot reach the manager at 127.0.0.1:{ports[1]}: no answer within 0.5 s",
+    ]
+
+
+async def test_a_manager_on_a_port_in_use_raises_oserror_naming_it(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: Address already"):
+            async with AsyncManager(tmp_path, port=port):
+                pass
+
+
 async def test_unknown_paths_are_404(tmp_path):
     with trio.fail_after(20):
         async with AsyncManager(tmp_path, port=0) as manager:
