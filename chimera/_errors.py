@@ -20,9 +20,21 @@ class NodeError(Exception):
         self.node_name = node_name
         self.message = message
         self.traceback = traceback
+        if traceback:
+            # Printed above this error, as its cause, when it goes unhandled
+            # (raised ``from`` the exception itself where that is at hand).
+            self.__cause__ = RemoteTraceback(traceback)
 
     def __reduce__(self):  # keep the attributes across pickling
         return (type(self), (self.node_name, self.message, self.traceback))
+
+
+class RemoteTraceback(Exception):
+    """The traceback of a node's exception, as text: the cause of a
+    :class:`NodeError` from a node's process or another machine."""
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0].rstrip()}\n"""'
 
 
 class CommitGraphError(ValueError):

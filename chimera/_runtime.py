@@ -746,11 +746,15 @@ class NodeRuntime:
     def _raised(self, what: str, exc: Exception) -> NodeError:
         """The node's *what* (user code) raised *exc*: the node is FAILED; the error to raise."""
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self._fail(f"{what} raised {exc!r}")
+        self._fail(f"{what} raised {exc!r}", text)
         return NodeError(self.node.name, f"{what} raised {exc!r}", text)
 
-    def _fail(self, reason: str) -> None:
-        log.error("node %r failed: %s", self.node.name, reason)
+    def _fail(self, reason: str, traceback_text: str = "") -> None:
+        """The node is FAILED for *reason*: logged (with the traceback of its code, if given)."""
+        if traceback_text:
+            log.error("node %r failed: %s\n%s", self.node.name, reason, traceback_text.rstrip())
+        else:
+            log.error("node %r failed: %s", self.node.name, reason)
         self._set_state(NodeState.FAILED, reason)
 
     def _set_state(self, state: NodeState, reason: str | None = None) -> None:

@@ -10,6 +10,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -221,6 +222,9 @@ async def test_a_prep_that_raises_in_its_process_is_a_node_error(tmp_path):
     assert caught.value.node_name == "camera"
     assert "no such camera" in str(caught.value)
     assert "OSError: no such camera" in caught.value.traceback
+    # Unhandled, it prints the node's own traceback above itself.
+    printed = "".join(traceback.format_exception(caught.value))
+    assert printed.index("OSError: no such camera") < printed.index("NodeError: node 'camera'")
 
 
 async def test_a_node_whose_module_its_process_cannot_import_is_a_node_error(tmp_path, monkeypatch):

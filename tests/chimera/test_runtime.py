@@ -242,7 +242,7 @@ class AsyncFlaky(Flaky):
 
 
 @pytest.mark.parametrize("flaky_type", [Flaky, AsyncFlaky])
-async def test_a_step_that_raises_fails_its_node_only_and_teardown_still_runs(flaky_type):
+async def test_a_step_that_raises_fails_its_node_only_and_teardown_still_runs(flaky_type, caplog):
     done = threading.Event()
     count, flaky, collect = Count("count", 5), flaky_type("flaky"), Collect("collect", 2, done)
     with trio.fail_after(20):
@@ -254,6 +254,10 @@ async def test_a_step_that_raises_fails_its_node_only_and_teardown_still_runs(fl
         )
     assert collect.seen == [{"flaky": 1}, {"flaky": 2}]
     assert flaky.state is cp.NodeState.FAILED and flaky.torn_down == 1
+    # The log says where: the traceback of the user's code.
+    (said,) = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert said.startswith("node 'flaky' failed: step raised ValueError('bad frame')\n")
+    assert 'raise ValueError("bad frame")' in said and said.endswith("ValueError: bad frame")
     assert cp.NodeState.FAILED in states["flaky"]
     assert states["collect"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
 
