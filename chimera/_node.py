@@ -22,6 +22,12 @@ __all__ = ["Node", "NodeState"]
 #: The values of ``Node(debug=...)``.
 _DEBUG_MODES = (None, "step", "stream")
 
+#: The parent of every node's logger. Nodes log at INFO and above unless its
+#: level is set otherwise (ChimeraPy's nodes did: ``logging_level=20``).
+NODE_LOGGER = "chimera.node"
+if logging.getLogger(NODE_LOGGER).level == logging.NOTSET:
+    logging.getLogger(NODE_LOGGER).setLevel(logging.INFO)
+
 
 class NodeState(str, enum.Enum):
     """Where a node is in its life, as the Manager reports it.
@@ -96,7 +102,7 @@ class Node:
         #: Where the node is in its life (set by the runtime).
         self.state = NodeState.INITIALIZED
         #: The node's logger: what it logs reaches its Worker and the Manager.
-        self.logger = logging.getLogger(f"chimera.node.{name}")
+        self.logger = logging.getLogger(f"{NODE_LOGGER}.{name}")
         #: For a node that overrides :meth:`main`: whether it should go on,
         #: the latest chunk of each input, and whether a new one came.
         self.running = False

@@ -26,7 +26,7 @@ import trio
 
 from . import _pipe
 from ._errors import NodeError
-from ._node import NodeState
+from ._node import NODE_LOGGER, NodeState
 from ._runtime import TEARDOWN_TIMEOUT
 
 __all__ = ["NodeProcess", "Zygote"]
@@ -179,6 +179,7 @@ class NodeProcess:
             "runtime": runtime,
             "sys_path": list(sys.path),
             "log_level": logging.getLogger().getEffectiveLevel(),
+            "node_log_level": logging.getLogger(NODE_LOGGER).getEffectiveLevel(),
             "clock_offset_ns": clock_offset_ns,
         }
         self._zygote = zygote

@@ -38,7 +38,7 @@ from ._clock import ClockEstimator
 from ._collect import move_folder, sees_probe, send_folder
 from ._errors import NodeError
 from ._manifest import Manifest
-from ._node import NodeState
+from ._node import NODE_LOGGER, NodeState
 from ._packages import extract
 from ._process import NodeProcess, Zygote
 from ._recording import check_name
@@ -53,7 +53,6 @@ log = logging.getLogger("chimera.worker")
 CLOCK_BURST = 8
 CLOCK_PERIOD = 1.0
 #: The logger under which each node logs (``chimera.node.NAME``).
-NODE_LOGGER = "chimera.node"
 #: Seconds between reports of node statistics to the Manager.
 STATS_PERIOD = 1.0
 #: Longest wait for a download from the Manager, or an upload to it, in seconds.
