@@ -236,7 +236,7 @@ class AsyncManager(Service):
         # Not under the node's own logger: a Worker in this process forwards
         # that one's records here, and would again.
         logging.getLogger(f"{NODE_LOGS}.{message['node']}").log(
-            message["level"], "[%s] %s", worker, message["text"]
+            message["level"], "[%s/%s] %s", worker, message["node"], message["text"]
         )
         stamp = datetime.datetime.fromtimestamp(message["time_ns"] / 1e9).isoformat(
             timespec="milliseconds"

@@ -192,7 +192,9 @@ async def test_events_push_every_node_state_and_the_steps(tmp_path):
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
-async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(tmp_path, transport):
+async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(
+    tmp_path, transport, caplog
+):
     import logging
 
     import pynng
@@ -210,6 +212,7 @@ async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(tmp_path
             self.frame += 1
             threading.Event().wait(0.01)
 
+    caplog.set_level(logging.INFO, logger="chimera.manager.node")  # (as basicConfig(level=INFO))
     graph = cp.Graph()
     graph.add_node(Chatty("chatty"))
     with trio.fail_after(30):
@@ -224,8 +227,10 @@ async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(tmp_path
                     await manager.start()
                     lines = [(await subscriber.arecv()).decode() for _ in range(10)]
                     await manager.stop()
+    logged = [r.getMessage() for r in caplog.records if r.name == "chimera.manager.node.chatty"]
     for frame, line in enumerate(lines):
         assert line.endswith(f" INFO local/chatty: frame {frame} is late\n")
+        assert logged[frame] == f"[local/chatty] frame {frame} is late"
         assert line in (tmp_path / "nodes.log").read_text()
     handlers = logging.getLogger("chimera.node").handlers
     assert not [h for h in handlers if type(h).__name__ == "_ForwardNodeLogs"]
