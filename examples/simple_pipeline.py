@@ -40,16 +40,20 @@ def main(seconds: float = 2.0) -> None:
     graph.add_nodes_from([counter, doubler, printer])
     graph.add_edges_from([(counter, doubler), (doubler, printer)])
 
-    manager = cp.Manager(logdir=tempfile.mkdtemp(prefix="chimera-"), port=0)
-    worker = cp.Worker(name="local", port=0)
-    worker.connect(host=manager.host, port=manager.port)
-
-    manager.commit_graph(graph, mapping={worker.id: ["counter", "doubler", "printer"]})
-    manager.start()
-    time.sleep(seconds)
-    manager.stop()
-    manager.shutdown()
-    worker.shutdown()
+    # The logdir (nodes.log; a session folder, had the nodes saved anything)
+    # is a temporary one here: nothing is recorded.
+    with tempfile.TemporaryDirectory(prefix="chimera-") as logdir:
+        manager = cp.Manager(logdir=logdir, port=0)
+        worker = cp.Worker(name="local", port=0)
+        try:
+            worker.connect(host=manager.host, port=manager.port)
+            manager.commit_graph(graph, mapping={worker.id: ["counter", "doubler", "printer"]})
+            manager.start()
+            time.sleep(seconds)
+            manager.stop()
+        finally:
+            manager.shutdown()
+            worker.shutdown()
 
 
 if __name__ == "__main__":

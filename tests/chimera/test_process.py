@@ -270,7 +270,9 @@ async def test_nodes_end_when_their_worker_process_dies(tmp_path):
             async with AsyncManager(tmp_path / "logs", port=0) as manager:
                 command = [sys.executable, "-m", "chimera", "worker", "--name", "doomed"]
                 command += ["--manager", f"{manager.host}:{manager.port}"]
-                worker = await trio.lowlevel.open_process(command)
+                # (Killed, it leaves its temporary folder: in tmp_path.)
+                env = {**os.environ, "TMPDIR": str(tmp_path)}
+                worker = await trio.lowlevel.open_process(command, env=env)
                 try:
                     await manager.wait_for_workers(1)
                     await manager.commit_graph(graph, {"doomed": ["counter", "sink"]})
