@@ -86,6 +86,38 @@ def test_the_simple_pipeline_example_runs():
     assert [int(line.split()[-1]) for line in lines] == [2 * i for i in range(1, len(lines) + 1)]
 
 
+def test_the_multi_machine_example_runs_on_one_machine(tmp_path):
+    import pandas as pd
+
+    example = Path(__file__).parents[2] / "examples" / "multi_machine" / "manager.py"
+    command = [sys.executable, str(example), "--port", "0", "--seconds", "2", "--logdir", "s"]
+    manager = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        port = manager.stdout.readline().split()[3].rstrip(";")  # "manager on port N; ..."
+        for name in ("lab-pc", "analysis-pc"):
+            command = [sys.executable, "-m", "chimera", "worker", "--name", name]
+            command += ["--manager", f"127.0.0.1:{port}"]
+            workers.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+        assert manager.wait(timeout=60) == 0
+        # The Manager is gone: the Workers say so and end by themselves.
+        for worker in workers:
+            assert worker.wait(timeout=30) == 0
+            assert "chimera worker: the manager left" in worker.stdout.read()
+    finally:
+        for process in (manager, *workers):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    (session,) = [p for p in (tmp_path / "s").iterdir() if p.is_dir()]
+    frames = pd.read_csv(session / "lab-pc" / "camera" / "camera.timestamps.csv")
+    rows = pd.read_csv(session / "analysis-pc" / "brightness" / "brightness.csv")
+    assert 30 <= len(frames) <= 70  # 30 a second for 2 s
+    assert (session / "lab-pc" / "camera" / "camera.mp4").stat().st_size > 0
+    assert 0 < len(rows) <= len(frames)
+    assert "INFO analysis-pc/report: brightness" in (tmp_path / "s" / "nodes.log").read_text()
+
+
 def test_commit_step_by_step_as_chimerapy_scripts_may(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(30)
