@@ -15,6 +15,12 @@ from ._errors import CommitGraphError, NodeError
 from ._node import Node, NodeState
 from ._version import __version__
 
+# Tracebacks name the errors as they are imported: chimera.NodeError, not
+# chimera._errors.NodeError (pickles too: chimera has them).
+for _error in (CommitGraphError, DecodeError, NodeError):
+    _error.__module__ = __name__
+del _error
+
 if TYPE_CHECKING:
     from ._blocking import Manager, Worker
     from ._graph import Graph

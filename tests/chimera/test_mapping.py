@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import traceback
 
 import pytest
 
@@ -47,8 +48,11 @@ def test_every_bad_mapping_is_named(chain, mapping, problem):
 def test_an_invalid_graph_is_refused_with_its_problems(chain):
     graph, a, _, c = chain
     graph.add_edge(c, a)
-    with pytest.raises(cp.CommitGraphError, match="cycle: a -> b -> c -> a"):
+    with pytest.raises(cp.CommitGraphError, match="cycle: a -> b -> c -> a") as caught:
         resolve_mapping(graph, WORKERS, {"local": ["a", "b", "c"]})
+    # Printed as it is imported.
+    (printed,) = traceback.format_exception_only(caught.value)
+    assert printed.startswith("chimera.CommitGraphError: cannot commit the graph: ")
 
 
 def test_more_workers_than_allowed_is_refused(chain):

@@ -224,7 +224,9 @@ async def test_a_prep_that_raises_in_its_process_is_a_node_error(tmp_path):
     assert "OSError: no such camera" in caught.value.traceback
     # Unhandled, it prints the node's own traceback above itself.
     printed = "".join(traceback.format_exception(caught.value))
-    assert printed.index("OSError: no such camera") < printed.index("NodeError: node 'camera'")
+    assert printed.index("OSError: no such camera") < printed.index(
+        "chimera.NodeError: node 'camera'"
+    )
 
 
 async def test_a_node_whose_module_its_process_cannot_import_is_a_node_error(tmp_path, monkeypatch):
