@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import pytest
 import trio
@@ -352,6 +353,20 @@ async def test_bad_arguments_are_rejected(address):
             np = pytest.importorskip("numpy")
             with pytest.raises(ValueError, match="C-contiguous"):
                 await outlet.send(np.zeros((4, 4))[:, 1])
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("zmq://127.0.0.1:5", "unknown scheme; the known ones are memory://, tcp://"),
+        ("127.0.0.1:5", "an address looks like 'tcp://127.0.0.1:5555'"),
+        ("tcp://127.0.0.1", "expected tcp://HOST:PORT"),
+        ("unix://relative/path", "the path must be absolute"),
+    ],
+)
+async def test_a_bad_address_says_what_is_wrong(address, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        await transports.bind(address)
 
 
 async def test_frame_over_the_outlets_maximum_is_refused(address):
