@@ -40,7 +40,7 @@ class Service:
             only = single_exception(group)
             if only is None:
                 raise
-            raise only from None
+            raise only from only.__cause__  # (its own cause kept; not the group)
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         context, self._context = self._context, None
@@ -49,7 +49,7 @@ class Service:
         except BaseExceptionGroup as group:
             raised = exc_info[1]
             if raised is not None and list(group.exceptions) == [raised]:
-                raise raised from None
+                raise raised from raised.__cause__  # (its own cause kept; not the group)
             raise
 
 

@@ -52,7 +52,6 @@ log = logging.getLogger("chimera.worker")
 #: Clock exchanges at check-in, 50 ms apart, then one every CLOCK_PERIOD seconds.
 CLOCK_BURST = 8
 CLOCK_PERIOD = 1.0
-#: The logger under which each node logs (``chimera.node.NAME``).
 #: Seconds between reports of node statistics to the Manager.
 STATS_PERIOD = 1.0
 #: Longest wait for a download from the Manager, or an upload to it, in seconds.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import traceback
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -105,6 +106,16 @@ async def test_a_prep_that_raises_makes_commit_graph_raise_a_node_error(tmp_path
     assert caught.value.node_name == "camera"
     assert "no such camera" in str(caught.value)
     assert "OSError: no such camera" in caught.value.traceback
+
+
+async def test_a_node_error_out_of_the_cluster_block_still_prints_the_nodes_traceback(tmp_path):
+    graph = cp.Graph()
+    graph.add_edge(BrokenPrep("camera"), cp.Node("fine"))
+    with trio.fail_after(30), pytest.raises(cp.NodeError) as caught:
+        async with cluster(tmp_path, "local") as (manager, _):
+            await manager.commit_graph(graph, {"local": ["camera", "fine"]})
+    printed = "".join(traceback.format_exception(caught.value))
+    assert printed.index("OSError: no such camera") < printed.index("chimera.NodeError")
 
 
 class Camera(cp.Node):
