@@ -422,7 +422,7 @@ class _Encoder:
         if not self.allow_objects:
             raise ValueError(
                 f"record {name!r} needs pickling ({type(value).__name__}): objects travel "
-                "only if the cluster allows them (allow_objects=True)"
+                "only if the cluster allows them (Manager(..., allow_objects=True))"
             )
         return {"kind": "pickle", "frame": self.add_frame(cloudpickle.dumps(value))}
 

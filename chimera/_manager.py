@@ -116,6 +116,9 @@ class AsyncManager(Service):
         token: if set, a Worker must present it (or ``CHIMERA_TOKEN``) to check in.
         transport: the data plane between nodes: ``"tcp"``, ``"nng"``, or
             ``"memory"`` (every Worker in this Trio run: for tests).
+        allow_objects: whether chunks may carry any Python object, pickled
+            (what fits no content type: tuples, sets, dataclasses...). Off by
+            default: unpickling a chunk runs code its sender chose.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class AsyncManager(Service):
         host: str = "127.0.0.1",
         token: str | None = None,
         transport: str = "tcp",
+        allow_objects: bool = False,
     ) -> None:
         self.logdir = Path(logdir) if logdir is not None else Path.cwd() / "chimera-logs"
         self.host = host
@@ -138,6 +142,7 @@ class AsyncManager(Service):
         self.dashboard_api = dashboard_api
         self._token = token
         self.transport = transport
+        self.allow_objects = allow_objects
         self._request_ids = itertools.count(1)
         self._mapping: dict[str, list[str]] = {}
         self._graph: Graph | None = None
@@ -765,6 +770,7 @@ class AsyncManager(Service):
             # Every node it sends to runs on the same Worker: its outlet may be a Unix socket.
             "local_outputs": bool(outputs) and all(dst in local for dst in outputs),
             "transport": self.transport,
+            "allow_objects": self.allow_objects,
         }
 
     async def _on_every_worker(

@@ -446,6 +446,7 @@ class AsyncWorker(Service):
             "transport": spec["transport"],
             "bind": self._bind_address(spec["transport"], spec.get("local_outputs", False)),
             "folder": str(self._node_folder(node_id)),
+            "allow_objects": spec.get("allow_objects", False),
         }
         pickled = base64.b64decode(spec["node"])
         if spec["transport"] == "memory":  # in this Trio loop: memory links live here

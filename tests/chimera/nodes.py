@@ -43,6 +43,14 @@ class Counter(cp.Node):
         return self.n
 
 
+class Pairs(Counter):
+    """:class:`Counter` of (n, -n) tuples: values that travel pickled."""
+
+    def step(self):
+        n = super().step()
+        return None if n is None else (n, -n)
+
+
 class Camera(cp.Node):
     """A source that makes a chunk every 10 ms, forever; notifies *port*
     once it has made *made*."""

@@ -11,6 +11,7 @@ import traceback
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
+import numpy as np
 import pytest
 import trio
 
@@ -186,6 +187,55 @@ async def test_stop_gather_collect_and_shutdown_go_on_after_a_worker_left(tmp_pa
         "local/doubler": True,
         "remote/printer": False,
     }
+
+
+class Pairs(cp.Node):
+    """Sends (n, {"n": array}) tuples: values only pickling carries."""
+
+    def prep(self):
+        self.n = 0
+
+    def step(self):
+        threading.Event().wait(0.001)
+        self.n += 1
+        return (self.n, {"n": np.full(3, self.n)})
+
+
+class KeepPairs(cp.Node):
+    def prep(self):
+        SEEN[self.name] = []
+
+    def step(self, data_chunks):
+        SEEN[self.name].append(data_chunks["pairs"].get("default")["value"])
+        if len(SEEN[self.name]) == 5:
+            ENOUGH.set()
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+async def test_objects_travel_only_in_a_cluster_that_allows_them(tmp_path, allowed):
+    ENOUGH.clear()
+    graph = cp.Graph()
+    graph.add_edge(Pairs("pairs"), KeepPairs("keep"))
+    with trio.fail_after(30):
+        async with AsyncManager(
+            tmp_path, port=0, transport="memory", allow_objects=allowed
+        ) as manager:
+            async with AsyncWorker("local") as worker:
+                assert await worker.connect(manager.host, manager.port)
+                await manager.wait_for_workers(1)
+                assert await manager.commit_graph(graph, {"local": ["pairs", "keep"]})
+                assert await manager.start()
+                if allowed:
+                    await trio.to_thread.run_sync(ENOUGH.wait, 20)
+                else:
+                    assert await manager.wait_for_node_state("pairs", "FAILED") == "FAILED"
+                    nodes = manager.state()["nodes"]
+                    (reason,) = [node["reason"] for node in nodes if node["name"] == "pairs"]
+                    assert "Manager(..., allow_objects=True)" in reason
+                await manager.stop()
+    if allowed:
+        for n, (number, arrays) in enumerate(SEEN["keep"][:5], start=1):
+            assert number == n and arrays["n"].tolist() == [n, n, n]
 
 
 async def test_a_bad_mapping_is_refused_before_anything_starts(tmp_path):

@@ -29,6 +29,7 @@ from .nodes import (
     Camera,
     Counter,
     Doubler,
+    Pairs,
     Raises,
     Sink,
     StampSink,
@@ -92,9 +93,13 @@ def children_of(pid: int) -> list[int]:
 
 
 @asynccontextmanager
-async def cluster(tmp_path, *names: str, ahead_ns: int = 0) -> AsyncIterator[AsyncManager]:
+async def cluster(
+    tmp_path, *names: str, ahead_ns: int = 0, allow_objects: bool = False
+) -> AsyncIterator[AsyncManager]:
     """A Manager and Workers (nodes in processes); the cluster's clock *ahead_ns* of this one's."""
-    async with AsyncManager(tmp_path / "logs", port=0, transport="tcp") as manager:
+    async with AsyncManager(
+        tmp_path / "logs", port=0, transport="tcp", allow_objects=allow_objects
+    ) as manager:
         manager._clock = lambda: time.time_ns() + ahead_ns
         async with trio.open_nursery() as nursery:
             workers = []
@@ -289,6 +294,22 @@ async def test_nodes_end_when_their_worker_process_dies(tmp_path):
                     await worker.wait()
     # Its teardown ran before it exited.
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4, 5]
+
+
+async def test_objects_travel_between_node_processes_when_the_cluster_allows_them(tmp_path):
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_edge(
+            Pairs("counter", limit=5),
+            Sink("sink", str(tmp_path), source="counter", expect=5, port=port),
+        )
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local", allow_objects=True) as manager:
+                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [[n, -n] for n in range(1, 6)]
 
 
 async def test_chunks_from_node_processes_are_stamped_with_cluster_time(tmp_path):
