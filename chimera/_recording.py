@@ -74,6 +74,49 @@ _AUDIO_DTYPES = {
 }
 
 
+def _as_uint8(array: numpy.ndarray, what: str) -> numpy.ndarray:
+    """*array* as uint8: other numbers are taken if every value is in [0, 255]
+    (floats truncated, as ChimeraPy's ``numpy.uint8(frame)`` did).
+
+    Raises:
+        ValueError: it holds values out of that range, or is not numbers.
+    """
+    if array.dtype == numpy.uint8:
+        return array
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        return array  # (refused by the caller's check, naming the dtype)
+    low, high = array.min(), array.max()
+    if not (0 <= low and high <= 255):  # (NaN fails too)
+        raise ValueError(
+            f"{what}: {array.dtype} values from {low} to {high}; "
+            "uint8 frames, or numbers in [0, 255]"
+        )
+    return array.astype(numpy.uint8)
+
+
+def _as_samples(block: numpy.ndarray, dtype: Any, what: str) -> numpy.ndarray:
+    """*block* as samples of *dtype*: floats as floats, integers as integers if they fit.
+
+    Raises:
+        ValueError: floats for an integer format (they would round to
+            silence), integers for a float format, or integers that do not fit.
+    """
+    dtype = numpy.dtype(dtype)
+    if block.dtype == dtype:
+        return block
+    if block.dtype.kind == "f" and dtype.kind == "f":
+        return block.astype(dtype)
+    if block.dtype.kind in "iu" and dtype.kind == "i":
+        info = numpy.iinfo(dtype)
+        if block.size == 0 or (info.min <= block.min() and block.max() <= info.max):
+            return block.astype(dtype)
+        raise ValueError(f"{what}: {block.dtype} samples out of the format's {dtype} range")
+    raise ValueError(
+        f"{what}: {block.dtype} samples for a format of {dtype} samples: give {dtype} "
+        "samples, or format=None to save them as they are"
+    )
+
+
 def check_name(name: Any, what: str = "a name") -> str:
     """*name*, if it can be a file name in a node's folder.
 
@@ -337,7 +380,7 @@ class _VideoWriter(_Writer):
         self._stream: Any = None
 
     def prepare(self, data: Any, fps: Any = None) -> numpy.ndarray:
-        frame = numpy.asarray(data)
+        frame = _as_uint8(numpy.asarray(data), f"video {self.name!r}")
         if frame.dtype != numpy.uint8 or not (
             frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)
         ):
@@ -428,7 +471,7 @@ class _AudioWriter(_Writer):
         block = numpy.asarray(data)
         if self.format is not None:
             subtype, dtype = _AUDIO_FORMATS[self.format]
-            block = block.astype(dtype, copy=False)
+            block = _as_samples(block, dtype, f"audio {self.name!r}")
         elif block.dtype in _AUDIO_DTYPES:
             subtype = _AUDIO_DTYPES[block.dtype]
         else:
@@ -477,7 +520,7 @@ class _ImageWriter(_Writer):
     kind, suffix = "image", ""
 
     def prepare(self, data: Any, **params: Any) -> numpy.ndarray:
-        image = numpy.asarray(data)
+        image = _as_uint8(numpy.asarray(data), f"image {self.name!r}")
         if image.dtype != numpy.uint8 or not (
             image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
         ):

@@ -68,6 +68,45 @@ def test_a_video_frame_of_another_size_is_an_error_naming_both(tmp_path):
     recorder.close()
 
 
+def test_frames_of_other_numbers_in_0_255_are_taken_as_chimerapy_took_them(tmp_path):
+    import av
+    import cv2
+
+    recorder = Recorder(tmp_path)
+    for i in range(10):  # floats, as np.random.rand(h, w, 3) * 255 makes them
+        recorder.save("video", "camera", np.full((120, 160, 3), 200.7), fps=30)
+        recorder.save("image", "still", np.full((40, 60), i * 20, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"float64 values from -1.0 to 300.0; uint8 frames"):
+        recorder.save("video", "camera", np.linspace(-1, 300, 120 * 160 * 3).reshape(120, 160, 3))
+    with pytest.raises(ValueError, match="values from nan"):
+        recorder.save("image", "still", np.full((40, 60), np.nan))
+    recorder.close()
+    with av.open(str(tmp_path / "camera.mp4")) as container:
+        frames = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    assert len(frames) == 10 and abs(frames[0].mean() - 200) < 3
+    image = cv2.imread(str(tmp_path / "still" / "000009.png"), cv2.IMREAD_UNCHANGED)
+    assert image.dtype == np.uint8 and (image == 180).all()
+
+
+def test_audio_samples_that_do_not_fit_the_format_are_refused_not_rounded_to_silence(tmp_path):
+    import soundfile
+
+    recorder = Recorder(tmp_path)
+    floats = np.random.default_rng(0).uniform(-1, 1, 1024)
+    with pytest.raises(ValueError, match="float64 samples for a format of int16 samples"):
+        recorder.save("audio", "mic", floats, channels=2, format=8, rate=44100)  # paInt16
+    with pytest.raises(ValueError, match="int32 samples out of the format's int16 range"):
+        recorder.save("audio", "mic", np.full(4, 40_000, np.int32), channels=2, format=8, rate=8000)
+    # What fits is taken: int32 samples in int16's range, float64 for paFloat32.
+    recorder.save("audio", "mic", np.arange(-4, 4, dtype=np.int32), channels=2, format=8, rate=8000)
+    recorder.save("audio", "float", floats, channels=2, format=1, rate=44100)  # paFloat32
+    recorder.close()
+    assert soundfile.read(tmp_path / "mic.wav", dtype="int16")[0].ravel().tolist() == list(
+        range(-4, 4)
+    )
+    assert np.allclose(soundfile.read(tmp_path / "float.wav")[0].ravel(), floats, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("fmt", "dtype", "subtype"),
     [(8, np.int16, "PCM_16"), (1, np.float32, "FLOAT"), (None, np.int32, "PCM_32")],
