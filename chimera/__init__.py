@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._data import DataChunk, DecodeError, cluster_time_ns
 from ._errors import CommitGraphError, NodeError
+from ._logging import debug
 from ._node import Node, NodeState
 from ._version import __version__
 
@@ -50,6 +51,7 @@ __all__ = [
     "Worker",
     "__version__",
     "cluster_time_ns",
+    "debug",
 ]
 
 

@@ -148,6 +148,11 @@ class Manager:
         return self._manager.workers
 
     @property
+    def graph(self) -> Graph | None:
+        """The graph registered (by :meth:`commit_graph` or :meth:`register_graph`), if any."""
+        return self._manager.graph
+
+    @property
     def nodes(self) -> dict[str, str]:
         """The state of every committed node, by node id."""
         return dict(self._manager.nodes)

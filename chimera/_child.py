@@ -19,7 +19,7 @@ Both carry :mod:`chimera._pipe` messages:
   result of ``gather`` is the frames of the node's last chunk, as bytes, or
   None; of the others, None);
   ``("log", level, logger name, text)`` for each log record at or above the
-  Worker's levels (its root logger's; its node logger's for the node's records);
+  Worker's levels (of its root logger, ``chimera`` and ``chimera.node``);
   ``("stats", {"steps": n, "dropped": n})`` twice a second while they change;
   ``("crashed", message, traceback)`` before the child dies of an error of its own.
 
@@ -48,7 +48,6 @@ import trio
 from . import _pipe
 from ._data import set_clock
 from ._errors import NodeError
-from ._node import NODE_LOGGER
 from ._runtime import TEARDOWN_TIMEOUT, NodeRuntime
 
 #: Seconds between reports of the node's statistics to the Worker.
@@ -184,12 +183,10 @@ def main(events_fd: int) -> None:
             return
         sys.path[:0] = [p for p in spec["sys_path"] if p not in sys.path]
         _follow_clock(spec["clock_offset_ns"])
-        # As in the Worker: its level for chimera's own records, the node
-        # logger's (INFO by default) for the node's.
-        level, node_level = spec["log_level"], spec["node_log_level"]
-        logging.getLogger().addHandler(_ForwardLogs(events, min(level, node_level)))
-        logging.getLogger().setLevel(level)
-        logging.getLogger(NODE_LOGGER).setLevel(node_level)
+        levels = spec["log_levels"]  # the Worker's, by logger name ("" the root)
+        logging.getLogger().addHandler(_ForwardLogs(events, min(levels.values())))
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         try:
             node = cloudpickle.loads(spec["node"])
             runtime = NodeRuntime(node, **spec["runtime"], on_state=_state_sender(events))

@@ -184,6 +184,11 @@ class AsyncManager(Service):
         """The Workers connected now, by id."""
         return dict(self._workers)
 
+    @property
+    def graph(self) -> Graph | None:
+        """The graph registered (by :meth:`commit_graph` or :meth:`register_graph`), if any."""
+        return self._graph
+
     async def wait_for_workers(self, count: int) -> None:
         """Return once exactly *count* Workers are connected."""
         while len(self._workers) != count:

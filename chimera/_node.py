@@ -10,9 +10,12 @@ runtime calls these methods (in a thread: they may block; or, if they are
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 import uuid
 from typing import Any, Literal
+
+import trio
 
 from ._data import DataChunk
 from ._recording import Recorder, check_name
@@ -111,6 +114,8 @@ class Node:
         #: Where save_* goes (set by the node's runtime), and whether it records now.
         self._recorder: Recorder | None = None
         self._recording = False
+        #: Whether a runtime runs the node (in a cluster); else it is run by hand.
+        self._in_cluster = False
 
     @property
     def id(self) -> str:
@@ -162,6 +167,29 @@ class Node:
         which ``main`` clears once it has used the data. Nothing ``main`` does
         is sent to the node's outputs; it records (``save_*``) or acts.
         """
+
+    def shutdown(self, msg: dict | None = None) -> None:
+        """End a node run by hand, outside a cluster (ChimeraPy's standalone
+        use: ``prep()``, then ``step()`` calls, then ``shutdown()``): runs
+        :meth:`teardown` once and sets :attr:`running` False. *msg* is
+        ChimeraPy's, and ignored.
+
+        Raises:
+            RuntimeError: the node runs in a cluster (its Manager's
+                ``shutdown`` ends it there).
+        """
+        if self._in_cluster:
+            raise RuntimeError(
+                f"node {self._name!r} runs in a cluster: the Manager's shutdown() ends it"
+            )
+        self.running = False
+        if self.state is NodeState.SHUTDOWN:
+            return
+        self.state = NodeState.SHUTDOWN
+        if inspect.iscoroutinefunction(self.teardown):
+            trio.run(self.teardown)
+        else:
+            self.teardown()
 
     # --- recording --------------------------------------------------------------
     #

@@ -178,8 +178,12 @@ class NodeProcess:
             "node": node,
             "runtime": runtime,
             "sys_path": list(sys.path),
-            "log_level": logging.getLogger().getEffectiveLevel(),
-            "node_log_level": logging.getLogger(NODE_LOGGER).getEffectiveLevel(),
+            # The Worker's levels, which the node's process takes: its root
+            # logger's, chimera's own, and the nodes' (INFO by default).
+            "log_levels": {
+                name: logging.getLogger(name).getEffectiveLevel()
+                for name in ("", "chimera", NODE_LOGGER)
+            },
             "clock_offset_ns": clock_offset_ns,
         }
         self._zygote = zygote

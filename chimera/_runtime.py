@@ -131,6 +131,7 @@ class NodeRuntime:
         if transport not in _BIND:
             raise ValueError(f"unknown transport {transport!r}; known: {list(_BIND)}")
         self.node = node
+        node._in_cluster = True
         self._inputs = list(inputs)
         self._follow = follow if follow is not None else (names[0] if names else None)
         self._outputs = outputs

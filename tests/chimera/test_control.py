@@ -191,6 +191,45 @@ async def test_events_push_every_node_state_and_the_steps(tmp_path):
                     await manager.stop()
 
 
+@pytest.fixture
+def log_levels():
+    """Puts back the levels of chimera's loggers after the test."""
+    import logging
+
+    names = ("chimera", "chimera.node")
+    saved = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+async def test_debug_shows_what_nodes_log_at_debug_from_their_processes(tmp_path, log_levels):
+    import pynng
+
+    import chimera as cp
+
+    class Whisper(cp.Node):
+        def step(self):
+            self.logger.debug("psst")
+            threading.Event().wait(0.01)
+
+    cp.debug()  # (ChimeraPy's), before the nodes are made
+    graph = cp.Graph()
+    graph.add_node(Whisper("whisper"))
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, publish_logs_via_zmq=True) as manager:
+            with pynng.Sub0(dial=manager.logs_address, topics=b"") as subscriber:
+                async with AsyncWorker("local") as worker:
+                    assert await worker.connect(manager.host, manager.port)
+                    await manager.wait_for_workers(1)
+                    await manager.commit_graph(graph, {"local": ["whisper"]})
+                    assert manager.graph is graph
+                    await manager.start()
+                    line = (await subscriber.arecv()).decode()
+                    await manager.stop()
+    assert line.endswith(" DEBUG local/whisper: psst\n")
+
+
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
 async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(
     tmp_path, transport, caplog

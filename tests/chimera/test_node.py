@@ -68,6 +68,43 @@ class Counter(cp.Node):
         return self.count
 
 
+class ByHand(cp.Node):
+    def prep(self):
+        self.frames, self.torn_down = 0, 0
+
+    def step(self):
+        self.frames += 1
+        return self.frames
+
+    def teardown(self):
+        self.torn_down += 1
+
+
+class AsyncByHand(ByHand):
+    async def teardown(self):
+        ByHand.teardown(self)
+
+
+@pytest.mark.parametrize("node_type", [ByHand, AsyncByHand])
+def test_a_node_run_by_hand_ends_with_shutdown_as_in_chimerapy(node_type):
+    node = node_type("camera", debug="step")
+    node.prep()
+    assert [node.step() for _ in range(3)] == [1, 2, 3]
+    node.shutdown()
+    node.shutdown({})  # (ChimeraPy's message argument; once is enough)
+    assert node.torn_down == 1 and node.running is False
+    assert node.state is cp.NodeState.SHUTDOWN
+
+
+def test_a_node_in_a_cluster_is_not_shut_down_by_hand():
+    from chimera._runtime import NodeRuntime
+
+    node = ByHand("camera")
+    NodeRuntime(node)
+    with pytest.raises(RuntimeError, match="Manager's shutdown"):
+        node.shutdown()
+
+
 def test_a_subclass_travels_pickled_with_its_id_and_state():
     node = Counter("counter")
     node.prep()
