@@ -636,6 +636,7 @@ class NodeRuntime:
         ends: those of one message at once (so at most one message's chunks
         more than the limit are in flight). *take* empties the list."""
         steps: list[tuple] = []
+        warned = False
         try:
             async for message in self._inlets[self._follow]:
                 await self._wait_for_room()
@@ -645,12 +646,14 @@ class NodeRuntime:
                         await take(steps)
                         await every.wait()
                     if len(latest) < len(self._inlets):
-                        missing = sorted(set(self._inlets) - set(latest))
-                        log.warning(
-                            "node %r: inputs %s ended without sending: not stepped",
-                            self.node.name,
-                            missing,
-                        )
+                        if not warned:  # (once: the chunks that follow are not stepped either)
+                            missing = sorted(set(self._inlets) - set(latest))
+                            log.warning(
+                                "node %r: inputs %s ended without sending: it is not stepped",
+                                self.node.name,
+                                missing,
+                            )
+                            warned = True
                         continue
                     steps.append((dict(latest),))
                 await take(steps)

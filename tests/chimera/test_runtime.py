@@ -283,6 +283,27 @@ async def test_a_failed_node_does_not_hold_up_its_inputs(flaky_type, transport):
     assert states["count"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
 
 
+async def test_an_input_that_ended_without_sending_is_said_once(caplog):
+    class Silent(cp.Node):
+        def step(self):
+            threading.Event().wait(0.001)
+
+    made = threading.Event()
+    count, silent = Count("count", 5, sent_all=made), Silent("silent")
+    collect = Collect("collect", 5, threading.Event())
+    with trio.fail_after(20):
+        await run_pipeline(
+            [count, silent, collect],
+            [(count, collect), (silent, collect)],
+            follow={"collect": "count"},
+            until=made,
+            stop=["count", "silent"],
+        )
+    assert collect.seen == []  # never stepped: "silent" sent nothing
+    said = [r.getMessage() for r in caplog.records if "ended without sending" in r.getMessage()]
+    assert said == ["node 'collect': inputs ['silent'] ended without sending: it is not stepped"]
+
+
 async def test_cancelling_a_run_still_runs_teardown_once():
     class Slow(cp.Node):
         torn_down = 0
