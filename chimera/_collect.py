@@ -283,23 +283,36 @@ async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]]) -> AsyncIt
 def summarize(folder: Path) -> list[dict[str, Any]]:
     """What each stream in a collected node *folder* holds, from its timestamps:
     ``{"stream", "file", "count", "first_ns", "last_ns", "rate", "max_gap_ns"}``.
-    Blocking: run it in a thread."""
-    import pandas
-
+    A file of a node killed before its first flush may be empty: its stream
+    counts 0. Blocking: run it in a thread."""
     summaries = []
     for stamps in sorted(folder.glob("*.timestamps.csv")):
         stream = stamps.name.removesuffix(".timestamps.csv")
         files = [p for p in folder.iterdir() if p.stem == stream and p != stamps] or [stamps]
-        times = pandas.read_csv(stamps)["timestamp_ns"]
-        summaries.append(_summary(stream, files[0].name, times))
+        times = _stamps_in(stamps)
+        if times is not None:
+            summaries.append(_summary(stream, files[0].name, times))
     for table in sorted(folder.glob("*.csv")):
         if table.name.endswith(".timestamps.csv"):
             continue
-        columns = pandas.read_csv(table, nrows=0).columns
-        if "timestamp_ns" in columns:
-            times = pandas.read_csv(table, usecols=["timestamp_ns"])["timestamp_ns"]
+        times = _stamps_in(table)
+        if times is not None:  # (a table with no timestamp_ns column is not a stream)
             summaries.append(_summary(table.stem, table.name, times.drop_duplicates()))
     return summaries
+
+
+def _stamps_in(path: Path) -> Any:
+    """The ``timestamp_ns`` column of the CSV at *path*, whole rows only: none
+    if the file is empty (its writer never flushed); None if it has no such column."""
+    import pandas
+
+    if path.stat().st_size == 0:
+        return pandas.Series([], dtype="int64")
+    try:
+        rows = pandas.read_csv(path, usecols=["timestamp_ns"], on_bad_lines="skip")
+    except ValueError:  # no such column
+        return None
+    return rows["timestamp_ns"].dropna().astype("int64")
 
 
 def _summary(stream: str, file: str, times: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from chimera._collect import Incoming, move_folder, verify
+from chimera._collect import Incoming, move_folder, summarize, verify
 from chimera._data import set_clock
 from chimera._manifest import FileEntry, Manifest, hash_file, manifest_path
 from chimera._recording import Recorder
@@ -136,3 +136,17 @@ def test_hashing_a_large_folder_says_so(tmp_path, monkeypatch, caplog):
         Manifest.make(folder, [])
     assert "node: hashing 1 files, 0.0 GB" in caplog.text
     assert "node: hashed in" in caplog.text
+
+
+def test_the_files_of_a_node_killed_before_its_first_flush_are_summarized(tmp_path):
+    for empty in ("camera.mp4", "camera.timestamps.csv", "readings.csv"):
+        (tmp_path / empty).write_bytes(b"")
+    (tmp_path / "mic.wav").write_bytes(b"RIFF")
+    (tmp_path / "mic.timestamps.csv").write_text("index,timestamp_ns\n0,1000\n480,2000\n")
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")  # not a stream: no timestamp_ns
+    summaries = {s["stream"]: (s["file"], s["count"], s["first_ns"]) for s in summarize(tmp_path)}
+    assert summaries == {
+        "camera": ("camera.mp4", 0, None),
+        "mic": ("mic.wav", 2, 1000),
+        "readings": ("readings.csv", 0, None),
+    }
