@@ -544,9 +544,7 @@ class NodeRuntime:
             values: list[Any] = []
             failure: NodeError | None = None
             for value, error in results:
-                if error is not None:
-                    if not isinstance(error, Exception):
-                        raise error
+                if error is not None:  # (SystemExit too: the node fails, not its process)
                     failure = self._raised("step", error)
                     break
                 values.append(value)
@@ -740,14 +738,19 @@ class NodeRuntime:
         """
         # (Whether step is a coroutine function is known: not asked at every step.)
         coroutine = self._inline if what == "step" else inspect.iscoroutinefunction(fn)
-        try:
-            if coroutine:
+        if coroutine:
+            try:
                 return await fn(*args)
+            except Exception as exc:
+                raise self._raised(what, exc) from exc
+        try:
             return await self._thread.call(fn, *args, abandon=abandon)
-        except Exception as exc:
+        except trio.Cancelled:  # (abandon: the call goes on alone)
+            raise
+        except BaseException as exc:  # what the node's code raised, SystemExit included
             raise self._raised(what, exc) from exc
 
-    def _raised(self, what: str, exc: Exception) -> NodeError:
+    def _raised(self, what: str, exc: BaseException) -> NodeError:
         """The node's *what* (user code) raised *exc*: the node is FAILED; the error to raise."""
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self._fail(f"{what} raised {exc!r}", text)

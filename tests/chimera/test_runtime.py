@@ -304,6 +304,22 @@ async def test_an_input_that_ended_without_sending_is_said_once(caplog):
     assert said == ["node 'collect': inputs ['silent'] ended without sending: it is not stepped"]
 
 
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt])
+async def test_a_step_that_raises_systemexit_fails_its_node_like_any_other(raised):
+    class Exits(Flaky):
+        def step(self, data_chunks):
+            if data_chunks["count"].get("default")["value"] == 3:
+                raise raised("enough")
+            return super().step(data_chunks)
+
+    done = threading.Event()
+    count, exits = Count("count", 5, sent_all=done), Exits("exits")
+    with trio.fail_after(20):
+        _, states = await run_pipeline([count, exits], [(count, exits)], until=done, stop=["count"])
+    assert exits.state is cp.NodeState.FAILED and exits.torn_down == 1
+    assert states["count"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
+
+
 async def test_cancelling_a_run_still_runs_teardown_once():
     class Slow(cp.Node):
         torn_down = 0
