@@ -314,8 +314,15 @@ class AsyncManager(Service):
             CommitGraphError: the graph, the mapping or a package is not valid
                 (nothing is started).
             NodeError: a node's ``prep`` raised (every node created is closed again).
-            RuntimeError: a Worker failed otherwise, or left (likewise).
+            RuntimeError: the nodes of a graph committed before are not shut
+                down; a Worker failed otherwise, or left (every node created
+                is closed again).
         """
+        if live := [node for node, state in self.nodes.items() if state != "SHUTDOWN"]:
+            raise RuntimeError(
+                f"the {len(live)} nodes of the graph committed before are not shut down: "
+                "call shutdown() before committing a graph again"
+            )
         # Every problem of the graph and of the mapping at once, before anything starts.
         resolve_mapping(graph, self._names(), mapping, self.max_num_of_workers)
         self.register_graph(graph)
@@ -369,6 +376,8 @@ class AsyncManager(Service):
         )
         workers = self._names()
         self._left = {}
+        # A graph mapped anew is a new session (its own folder, start and stop).
+        self._session, self._started_ns, self._stopped_ns = None, None, None
         self._steps_sampled = {}
         self._node_info = {
             node_id: {
@@ -500,22 +509,46 @@ class AsyncManager(Service):
 
         Raises:
             NodeError: a node's ``step`` raised.
+            RuntimeError: the nodes run (or ran: they are stopped).
         """
+        self._check_not_started("step()")
         await self._broadcast("step_nodes")
         return True
 
     async def start(self) -> bool:
-        """Start every node stepping, and recording (what ``save_*`` saves). Returns True."""
+        """Start every node stepping, and recording (what ``save_*`` saves). Returns True.
+
+        Raises:
+            RuntimeError: the nodes run already, or ran and stopped (shut
+                them down and commit the graph again to run it again).
+        """
+        self._check_not_started("start()")
         self._started_ns = self._started_ns or self._clock()
         await self._broadcast("start_nodes", record=True)
         return True
 
     async def preview(self) -> bool:
         """Start every node stepping, without recording (``save_*`` saves nothing
-        until :meth:`record`). Returns True."""
+        until :meth:`record`). Returns True.
+
+        Raises:
+            RuntimeError: as :meth:`start`.
+        """
+        self._check_not_started("preview()")
         self._started_ns = self._started_ns or self._clock()
         await self._broadcast("start_nodes", record=False)
         return True
+
+    def _check_not_started(self, call: str) -> None:
+        """Raise RuntimeError, naming *call*, if the nodes run or have run."""
+        states = set(self.nodes.values())
+        if "RUNNING" in states:
+            raise RuntimeError(f"{call}: the nodes run already (stop() them first)")
+        if states & {"STOPPED", "SAVED"}:
+            raise RuntimeError(
+                f"{call}: the nodes ran and stopped; to run the graph again, "
+                "shutdown() and commit it again"
+            )
 
     async def record(self) -> bool:
         """Start recording on a previewing cluster. Returns True."""

@@ -6,10 +6,12 @@ Nodes in child processes: test_process.py.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import traceback
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 
 import numpy as np
 import pytest
@@ -236,6 +238,37 @@ async def test_objects_travel_only_in_a_cluster_that_allows_them(tmp_path, allow
     if allowed:
         for n, (number, arrays) in enumerate(SEEN["keep"][:5], start=1):
             assert number == n and arrays["n"].tolist() == [n, n, n]
+
+
+async def test_calls_out_of_order_say_so_and_change_nothing(tmp_path):
+    graph, _, _, printer = counter_doubler_printer()
+    mapping = {"local": ["counter", "doubler", "printer"]}
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, mapping)
+            assert await manager.start()
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            first_session = manager.session_folder()
+            for call, problem in [
+                (manager.start, "start(): the nodes run already"),
+                (manager.step, "step(): the nodes run already"),
+                (partial(manager.commit_graph, graph, mapping), "call shutdown() before"),
+            ]:
+                with pytest.raises(RuntimeError, match=re.escape(problem)):
+                    await call()
+            assert await manager.stop()
+            with pytest.raises(RuntimeError, match=r"start\(\): the nodes ran and stopped"):
+                await manager.start()
+            assert set(manager.nodes.values()) == {"STOPPED"}
+            await manager.shutdown()
+            # Shut down, the graph commits and runs again: a new session.
+            graph, _, _, printer = counter_doubler_printer()
+            assert await manager.commit_graph(graph, mapping)
+            assert await manager.start()
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            assert await manager.stop()
+            assert manager.session_folder() != first_session
+    assert SEEN["printer"] == [2 * i for i in range(1, 31)]
 
 
 async def test_a_bad_mapping_is_refused_before_anything_starts(tmp_path):
