@@ -53,11 +53,12 @@ async def notifications() -> AsyncIterator[tuple[int, trio.MemoryReceiveChannel]
         nursery.cancel_scope.cancel()
 
 
-def counter_to_sink(tmp_path, port: int, count: int) -> cp.Graph:
-    """counter (1..count) -> sink, which writes sink.json at teardown and notifies *port*."""
+def counter_to_sink(tmp_path, port: int, count: int, source: type = Counter) -> cp.Graph:
+    """counter (1..count, a *source*) -> sink, which writes sink.json at teardown
+    and notifies *port*."""
     graph = cp.Graph()
     graph.add_edge(
-        Counter("counter", limit=count),
+        source("counter", limit=count),
         Sink("sink", str(tmp_path), source="counter", expect=count, port=port),
     )
     return graph
@@ -298,11 +299,7 @@ async def test_nodes_end_when_their_worker_process_dies(tmp_path):
 
 async def test_objects_travel_between_node_processes_when_the_cluster_allows_them(tmp_path):
     async with notifications() as (port, notified):
-        graph = cp.Graph()
-        graph.add_edge(
-            Pairs("counter", limit=5),
-            Sink("sink", str(tmp_path), source="counter", expect=5, port=port),
-        )
+        graph = counter_to_sink(tmp_path, port, 5, source=Pairs)
         with trio.fail_after(60):
             async with cluster(tmp_path, "local", allow_objects=True) as manager:
                 await manager.commit_graph(graph, {"local": ["counter", "sink"]})
