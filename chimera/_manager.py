@@ -318,7 +318,11 @@ class AsyncManager(Service):
                 down; a Worker failed otherwise, or left (every node created
                 is closed again).
         """
-        if live := [node for node, state in self.nodes.items() if state != "SHUTDOWN"]:
+        # Nodes made and not shut down yet (shutdown() forgets the mapping;
+        # a node that failed keeps its state FAILED).
+        if live := [
+            node for nodes in self._mapping.values() for node in nodes if node in self.nodes
+        ]:
             raise RuntimeError(
                 f"the {len(live)} nodes of the graph committed before are not shut down: "
                 "call shutdown() before committing a graph again"

@@ -158,6 +158,11 @@ async def test_stop_returns_after_a_node_failed_under_a_source_that_runs_on(tmp_
             with trio.fail_after(5):
                 await manager.stop()
             assert local.nodes == {source.id: cp.NodeState.STOPPED, sink.id: cp.NodeState.FAILED}
+            await manager.shutdown()
+            # Shut down, failed nodes included: the graph commits again.
+            graph = cp.Graph()
+            graph.add_edge(Camera("camera"), RaisesAtOnce("sink"))
+            assert await manager.commit_graph(graph, {"local": ["camera", "sink"]})
 
 
 async def test_stop_gather_collect_and_shutdown_go_on_after_a_worker_left(tmp_path):
