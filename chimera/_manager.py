@@ -545,7 +545,8 @@ class AsyncManager(Service):
 
     def _check_not_started(self, call: str) -> None:
         """Raise RuntimeError, naming *call*, if the nodes run or have run."""
-        states = set(self.nodes.values())
+        # (The nodes of this graph: those of one before may keep their last state.)
+        states = {self.nodes.get(node) for nodes in self._mapping.values() for node in nodes}
         if "RUNNING" in states:
             raise RuntimeError(f"{call}: the nodes run already (stop() them first)")
         if states & {"STOPPED", "SAVED"}:

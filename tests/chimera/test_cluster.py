@@ -276,6 +276,31 @@ async def test_calls_out_of_order_say_so_and_change_nothing(tmp_path):
     assert SEEN["printer"] == [2 * i for i in range(1, 31)]
 
 
+async def test_a_graph_runs_again_after_a_worker_left_with_stopped_nodes(tmp_path):
+    graph = counter_doubler_printer()[0]
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("local") as local:
+                assert await local.connect(manager.host, manager.port)
+                async with AsyncWorker("remote") as remote:
+                    assert await remote.connect(manager.host, manager.port)
+                    await manager.wait_for_workers(2)
+                    mapping = {"local": ["counter", "doubler"], "remote": ["printer"]}
+                    assert await manager.commit_graph(graph, mapping)
+                    assert await manager.start()
+                    await trio.to_thread.run_sync(ENOUGH.wait, 20)
+                    assert await manager.stop()
+                await manager.wait_for_workers(1)  # "remote" left, its node STOPPED
+                await manager.shutdown()
+                graph = counter_doubler_printer()[0]
+                assert await manager.commit_graph(
+                    graph, {"local": ["counter", "doubler", "printer"]}
+                )
+                assert await manager.start()
+                await trio.to_thread.run_sync(ENOUGH.wait, 20)
+                assert await manager.stop()
+
+
 async def test_a_bad_mapping_is_refused_before_anything_starts(tmp_path):
     a, b = cp.Node("a"), cp.Node("b")
     graph = cp.Graph()
