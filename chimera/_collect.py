@@ -302,8 +302,9 @@ def summarize(folder: Path) -> list[dict[str, Any]]:
 
 
 def _stamps_in(path: Path) -> Any:
-    """The ``timestamp_ns`` column of the CSV at *path*, whole rows only: none
-    if the file is empty (its writer never flushed); None if it has no such column."""
+    """The ``timestamp_ns`` column of the CSV at *path*, whole rows only: an
+    empty one if the file is empty (its writer never flushed); None if it has
+    no such column."""
     import pandas
 
     if path.stat().st_size == 0:

@@ -78,8 +78,10 @@ def _as_uint8(array: numpy.ndarray, what: str) -> numpy.ndarray:
     """*array* as uint8: other numbers are taken if every value is in [0, 255]
     (floats truncated, as ChimeraPy's ``numpy.uint8(frame)`` did).
 
+    Anything but numbers comes back as it is, for the caller's check to refuse.
+
     Raises:
-        ValueError: it holds values out of that range, or is not numbers.
+        ValueError: it holds numbers out of that range (or NaN).
     """
     if array.dtype == numpy.uint8:
         return array
