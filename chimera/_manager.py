@@ -37,7 +37,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
-import cloudpickle
 import hypercorn.config
 import hypercorn.trio
 import msgpack
@@ -56,6 +55,7 @@ from ._mapping import resolve_mapping
 from ._packages import Package, pack
 from ._recording import check_name
 from ._service import Service, run_all, single_exception
+from ._shipping import pickle_node
 
 __all__ = ["AsyncManager", "WorkerInfo"]
 
@@ -147,6 +147,8 @@ class AsyncManager(Service):
         self._mapping: dict[str, list[str]] = {}
         self._graph: Graph | None = None
         self._node_names: dict[str, str] = {}
+        #: Each node of the registered graph, pickled (see register_graph).
+        self._pickled: dict[str, bytes] = {}
         self._addresses: dict[str, str | None] = {}
         #: The state of every committed node, by node id.
         self.nodes: dict[str, str] = {}
@@ -356,12 +358,27 @@ class AsyncManager(Service):
     def register_graph(self, graph: Graph) -> None:
         """Check *graph* and keep it for :meth:`map_graph` and the steps after.
 
+        Every node is pickled here, as it will be sent to its Worker.
+
         Raises:
-            CommitGraphError: the graph cannot run (see :meth:`Graph.problems`).
+            CommitGraphError: the graph cannot run (see :meth:`Graph.problems`),
+                or a node cannot be pickled.
         """
         if problems := graph.problems():
             raise CommitGraphError(problems)
+        pickled: dict[str, bytes] = {}
+        for node_id, node in graph.G.nodes(data="object"):
+            try:
+                pickled[node_id] = pickle_node(node)
+            except Exception as exc:
+                problems.append(
+                    f"node {node.name!r} cannot be pickled to be sent to its worker: {exc} "
+                    "(make what cannot be, such as a lock, a socket or a device, in prep())"
+                )
+        if problems:
+            raise CommitGraphError(problems)
         self._graph = graph
+        self._pickled = pickled
         names = {node_id: name for node_id, name in graph.G.nodes(data="name")}
         self._node_names = names
         self._node_ids = {name: node_id for node_id, name in names.items()}
@@ -804,7 +821,7 @@ class AsyncManager(Service):
         return {
             "id": node_id,
             "name": node.name,
-            "node": base64.b64encode(cloudpickle.dumps(node)).decode("ascii"),
+            "node": base64.b64encode(self._pickled[node_id]).decode("ascii"),
             "inputs": [
                 [names[src], graph.edge_delivery(src, node_id)] for src in graph.inputs(node_id)
             ],

@@ -312,6 +312,26 @@ async def test_a_bad_mapping_is_refused_before_anything_starts(tmp_path):
             assert local.nodes == {}
 
 
+async def test_a_node_that_cannot_be_pickled_is_refused_before_anything_starts(tmp_path):
+    a, b = cp.Node("a"), cp.Node("b")
+    b.lock = threading.Lock()  # made in __init__ rather than in prep
+    graph = cp.Graph()
+    graph.add_edge(a, b)
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, (local,)):
+            with pytest.raises(cp.CommitGraphError) as caught:
+                await manager.commit_graph(graph, {"local": ["a", "b"]})
+            assert local.nodes == {}
+            assert caught.value.problems == [
+                "node 'b' cannot be pickled to be sent to its worker: cannot pickle "
+                "'_thread.lock' object (make what cannot be, such as a lock, a socket "
+                "or a device, in prep())"
+            ]
+            del b.lock
+            assert await manager.commit_graph(graph, {"local": ["a", "b"]})
+            await manager.shutdown()
+
+
 async def test_broadcast_request_runs_chimerapys_worker_routes_on_the_cluster(tmp_path):
     graph, *_ = counter_doubler_printer()
     with trio.fail_after(30):

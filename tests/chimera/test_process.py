@@ -14,6 +14,7 @@ import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import cloudpickle
 import pytest
 import trio
 
@@ -253,6 +254,38 @@ async def test_a_node_whose_module_its_process_cannot_import_is_a_node_error(tmp
                 await manager.commit_graph(graph, {"local": ["ghost"]})
     assert caught.value.node_name == "ghost"
     assert "No module named 'only_here'" in str(caught.value)
+
+
+async def test_a_node_shipped_by_value_names_its_file_and_line_in_the_traceback(
+    tmp_path, monkeypatch
+):
+    # As a class defined in the user's script is shipped: by value (cloudpickle).
+    script = tmp_path / "my_script.py"
+    script.write_text(
+        "import chimera\n"
+        "def open_camera(index):\n"
+        "    raise OSError(f'no camera {index}')\n"
+        "class Camera(chimera.Node):\n"
+        "    def prep(self):\n"
+        "        self.device = open_camera(3)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("my_script")
+    monkeypatch.setitem(sys.modules, "my_script", module)
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        graph = cp.Graph()
+        graph.add_node(module.Camera("camera"))
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                with pytest.raises(cp.NodeError) as caught:
+                    await manager.commit_graph(graph, {"local": ["camera"]})
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert f'File "{script}", line 6, in prep\n    self.device = open_camera(3)' in (
+        caught.value.traceback
+    )
+    assert f'File "{script}", line 3, in open_camera' in caught.value.traceback
 
 
 async def test_a_node_that_ignores_close_and_sigterm_is_killed(tmp_path, monkeypatch):
