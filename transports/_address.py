@@ -40,7 +40,8 @@ def parse_address(address: str, schemes: tuple[str, ...] | None = None) -> Addre
     scheme, rest = address.split("://", 1)
     if schemes is not None and scheme not in schemes:
         known = ", ".join(f"{s}://" for s in schemes)
-        raise ValueError(f"address {address!r}: this transport takes {known}")
+        one_of = "one of " if len(schemes) > 1 else ""
+        raise ValueError(f"address {address!r}: the scheme must be {one_of}{known}")
     if scheme == "memory":
         return Address(scheme, path=rest)
     if scheme not in _NETWORK_SCHEMES:

@@ -42,12 +42,7 @@ def for_address(address: str) -> Transport:
     Raises:
         ValueError: the address is malformed or its scheme is unknown.
     """
-    if isinstance(address, str) and "://" in address:
-        scheme = address.split("://", 1)[0]
-        if scheme not in _BY_SCHEME:  # said before the rest of the address is judged
-            known = ", ".join(f"{s}://" for s in _BY_SCHEME)
-            raise ValueError(f"address {address!r}: unknown scheme; the known ones are {known}")
-    return _BY_SCHEME[parse_address(address).scheme]()
+    return _BY_SCHEME[parse_address(address, tuple(_BY_SCHEME)).scheme]()
 
 
 async def bind(
