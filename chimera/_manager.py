@@ -54,11 +54,15 @@ from ._graph import Graph
 from ._mapping import resolve_mapping
 from ._packages import Package, pack
 from ._recording import check_name
-from ._service import Service, run_all, single_exception
+from ._service import Service, run_all, single_exception, unwrapped
 from ._shipping import pickle_node
 
 __all__ = ["AsyncManager", "WorkerInfo"]
 
+#: How often a commit logs the nodes it still waits for, in seconds.
+COMMIT_PROGRESS_EVERY = 10.0
+#: After how long that log line is a warning, in seconds.
+COMMIT_SLOW = 60.0
 #: Longest wait for closing the nodes of a commit that failed, in seconds.
 COMMIT_CLEANUP_TIMEOUT = 30.0
 #: The largest upload a Worker may send, in bytes.
@@ -339,8 +343,12 @@ class AsyncManager(Service):
             except ValueError as exc:
                 raise CommitGraphError([str(exc)]) from exc
         try:
-            await self.create_p2p_network()
-            await self.setup_p2p_connections()
+            with unwrapped():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._log_what_commit_waits_for)
+                    await self.create_p2p_network()
+                    await self.setup_p2p_connections()
+                    nursery.cancel_scope.cancel()
         except BaseException:
             # Leave nothing running: close what was created (shielded, bounded).
             with trio.CancelScope(shield=True), trio.move_on_after(COMMIT_CLEANUP_TIMEOUT):
@@ -350,6 +358,29 @@ class AsyncManager(Service):
                     log.exception("closing the nodes of a failed commit")
             raise
         return True
+
+    async def _log_what_commit_waits_for(self) -> None:
+        """Every :data:`COMMIT_PROGRESS_EVERY` seconds, log the nodes a commit
+        still waits for (a warning once it has waited :data:`COMMIT_SLOW`)."""
+        doing = {None: "being made", "INITIALIZED": "connecting", "CONNECTED": "in prep"}
+        started = trio.current_time()
+        while True:
+            await trio.sleep(COMMIT_PROGRESS_EVERY)
+            waited = trio.current_time() - started
+            waiting = [
+                f"{info['name']!r} ({doing[info['state']]})"
+                for info in self._node_info.values()
+                if info["state"] in doing
+            ]
+            log.log(
+                logging.WARNING if waited >= COMMIT_SLOW else logging.INFO,
+                "commit_graph: %d of %d nodes not ready after %.0f s: %s%s",
+                len(waiting),
+                len(self._node_info),
+                waited,
+                ", ".join(waiting),
+                " (prep has no time limit)" if waited >= COMMIT_SLOW else "",
+            )
 
     # ChimeraPy's commit, step by step: register_graph, map_graph,
     # create_p2p_network (request_node_creation), request_node_server_data,

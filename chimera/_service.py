@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any
 
 import trio
@@ -12,7 +12,7 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Service", "run_all", "single_exception"]
+__all__ = ["Service", "run_all", "single_exception", "unwrapped"]
 
 
 class Service:
@@ -34,13 +34,8 @@ class Service:
 
     async def __aenter__(self) -> Any:
         self._context = self._running()
-        try:
+        with unwrapped():
             return await self._context.__aenter__()
-        except BaseExceptionGroup as group:
-            only = single_exception(group)
-            if only is None:
-                raise
-            raise only from only.__cause__  # (its own cause kept; not the group)
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         context, self._context = self._context, None
@@ -61,6 +56,20 @@ def single_exception(group: BaseExceptionGroup) -> BaseException | None:
             return only
         group = only
     return None
+
+
+@contextmanager
+def unwrapped() -> Iterator[None]:
+    """Raise the one exception of an exception group raised in the block as
+    itself (its own cause kept), so that ``except NodeError`` around a call
+    that opens a nursery works; a group of several stays as it is."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        only = single_exception(group)
+        if only is None:
+            raise
+        raise only from only.__cause__  # (its own cause kept; not the group)
 
 
 async def run_all(calls: Sequence[Callable[[], Awaitable[Any]]]) -> None:

@@ -6,6 +6,7 @@ Nodes in child processes: test_process.py.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import traceback
@@ -18,6 +19,7 @@ import pytest
 import trio
 
 import chimera as cp
+from chimera import _manager
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 
@@ -330,6 +332,44 @@ async def test_a_node_that_cannot_be_pickled_is_refused_before_anything_starts(t
             del b.lock
             assert await manager.commit_graph(graph, {"local": ["a", "b"]})
             await manager.shutdown()
+
+
+#: Set once the Manager logs that a commit waits for a node in prep.
+SAID_SLOW = threading.Event()
+
+
+class SlowPrep(cp.Node):
+    """A prep that lasts until the Manager says it waits for it."""
+
+    def prep(self):
+        assert SAID_SLOW.wait(20)
+
+
+class _SetOnSlow(logging.Handler):
+    def emit(self, record):
+        if "'model' (in prep)" in record.getMessage():
+            SAID_SLOW.set()
+
+
+async def test_a_slow_commit_says_which_nodes_it_waits_for(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(_manager, "COMMIT_PROGRESS_EVERY", 0.05)
+    SAID_SLOW.clear()
+    graph = cp.Graph()
+    graph.add_edge(cp.Node("camera"), SlowPrep("model"))
+    handler = _SetOnSlow()
+    logging.getLogger("chimera.manager").addHandler(handler)
+    try:
+        with trio.fail_after(30):
+            async with cluster(tmp_path, "local") as (manager, _):
+                caplog.set_level(logging.INFO, logger="chimera.manager")
+                assert await manager.commit_graph(graph, {"local": ["camera", "model"]})
+                said = [r.getMessage() for r in caplog.records if "not ready" in r.getMessage()]
+                await manager.shutdown()
+    finally:
+        logging.getLogger("chimera.manager").removeHandler(handler)
+    assert re.fullmatch(
+        r"commit_graph: 1 of 2 nodes not ready after \d+ s: 'model' \(in prep\)", said[-1]
+    )
 
 
 async def test_broadcast_request_runs_chimerapys_worker_routes_on_the_cluster(tmp_path):
