@@ -236,6 +236,17 @@ async def test_a_prep_that_raises_in_its_process_is_a_node_error(tmp_path):
     )
 
 
+async def commit_error(tmp_path, node: cp.Node) -> cp.NodeError:
+    """The error ``commit_graph`` raises for a graph of *node* alone on one Worker."""
+    graph = cp.Graph()
+    graph.add_node(node)
+    with trio.fail_after(60):
+        async with cluster(tmp_path, "local") as manager:
+            with pytest.raises(cp.NodeError) as caught:
+                await manager.commit_graph(graph, {"local": [node.name]})
+    return caught.value
+
+
 async def test_a_node_whose_module_its_process_cannot_import_is_a_node_error(tmp_path, monkeypatch):
     # A node class from a module that this process imported from a folder the
     # node's process does not search (as if the module were on another machine).
@@ -246,14 +257,9 @@ async def test_a_node_whose_module_its_process_cannot_import_is_a_node_error(tmp
     module = importlib.import_module("only_here")
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(folder)])
     monkeypatch.setitem(sys.modules, "only_here", module)
-    graph = cp.Graph()
-    graph.add_node(module.Camera("ghost"))
-    with trio.fail_after(60):
-        async with cluster(tmp_path, "local") as manager:
-            with pytest.raises(cp.NodeError) as caught:
-                await manager.commit_graph(graph, {"local": ["ghost"]})
-    assert caught.value.node_name == "ghost"
-    assert "No module named 'only_here'" in str(caught.value)
+    error = await commit_error(tmp_path, module.Camera("ghost"))
+    assert error.node_name == "ghost"
+    assert "No module named 'only_here'" in str(error)
 
 
 async def test_a_node_shipped_by_value_names_its_file_and_line_in_the_traceback(
@@ -274,18 +280,11 @@ async def test_a_node_shipped_by_value_names_its_file_and_line_in_the_traceback(
     monkeypatch.setitem(sys.modules, "my_script", module)
     cloudpickle.register_pickle_by_value(module)
     try:
-        graph = cp.Graph()
-        graph.add_node(module.Camera("camera"))
-        with trio.fail_after(60):
-            async with cluster(tmp_path, "local") as manager:
-                with pytest.raises(cp.NodeError) as caught:
-                    await manager.commit_graph(graph, {"local": ["camera"]})
+        error = await commit_error(tmp_path, module.Camera("camera"))
     finally:
         cloudpickle.unregister_pickle_by_value(module)
-    assert f'File "{script}", line 6, in prep\n    self.device = open_camera(3)' in (
-        caught.value.traceback
-    )
-    assert f'File "{script}", line 3, in open_camera' in caught.value.traceback
+    assert f'File "{script}", line 6, in prep\n    self.device = open_camera(3)' in error.traceback
+    assert f'File "{script}", line 3, in open_camera' in error.traceback
 
 
 async def test_a_node_that_ignores_close_and_sigterm_is_killed(tmp_path, monkeypatch):
