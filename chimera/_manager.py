@@ -1138,10 +1138,16 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 
 def _zip_folder(folder: Path) -> None:
-    """Replace *folder* by ``FOLDER.zip`` (stored: media files are compressed already)."""
-    with zipfile.ZipFile(folder.with_suffix(".zip"), "w", zipfile.ZIP_STORED) as archive:
+    """Move *folder*'s files into ``FOLDER.zip`` (stored: media files are
+    compressed already), then remove it. An archive there already (an earlier
+    ``collect``) is added to; a file it holds already is kept as it is."""
+    target = folder.with_suffix(".zip")
+    with zipfile.ZipFile(target, "a" if target.exists() else "w", zipfile.ZIP_STORED) as archive:
+        held = set(archive.namelist())
         for path in files_under(folder):
-            archive.write(path, path.relative_to(folder.parent).as_posix())
+            name = path.relative_to(folder.parent).as_posix()
+            if name not in held:
+                archive.write(path, name)
     shutil.rmtree(folder)
 
 

@@ -364,6 +364,7 @@ async def test_collect_without_unzip_keeps_one_archive_per_worker(tmp_path):
         async with recording_a_second(tmp_path) as manager:
             await manager.stop()
             assert await manager.collect(unzip=False)
+            assert await manager.collect(unzip=False)  # (once more: nothing is lost)
             session = manager.session_folder()
     assert sorted(p.name for p in session.iterdir()) == ["local.zip", "meta.json"]
     with zipfile.ZipFile(session / "local.zip") as archive:
