@@ -30,6 +30,7 @@ says when each frame, audio block, image, value or text was saved
 from __future__ import annotations
 
 import csv
+import fractions
 import io
 import json
 import logging
@@ -62,9 +63,10 @@ VIDEO_OPTIONS = {"preset": "ultrafast", "threads": "2"}
 _AUDIO_FORMATS = {
     1: ("FLOAT", numpy.float32),  # paFloat32
     2: ("PCM_32", numpy.int32),  # paInt32
-    4: ("PCM_24", numpy.int32),  # paInt24 (as int32 samples)
+    4: ("PCM_24", numpy.int32),  # paInt24 (as int32 samples, full scale)
     8: ("PCM_16", numpy.int16),  # paInt16
 }
+_PA_INT24 = 4
 #: With ``format=None``: the subtype for the array's dtype.
 _AUDIO_DTYPES = {
     numpy.dtype(numpy.int16): "PCM_16",
@@ -94,6 +96,24 @@ def _as_uint8(array: numpy.ndarray, what: str) -> numpy.ndarray:
             "uint8 frames, or numbers in [0, 255]"
         )
     return array.astype(numpy.uint8)
+
+
+def _from_pyaudio_bytes(data: Any, format: int, what: str) -> numpy.ndarray:
+    """PyAudio's bytes of *format* as samples (paInt24's packed 3-byte ones as
+    full-scale int32, their low byte 0).
+
+    Raises:
+        ValueError: the bytes are not a whole number of samples.
+    """
+    width = 3 if format == _PA_INT24 else numpy.dtype(_AUDIO_FORMATS[format][1]).itemsize
+    raw = numpy.frombuffer(data, dtype=numpy.uint8)
+    if raw.size % width:
+        raise ValueError(f"{what}: {raw.size} bytes are not a whole number of {width}-byte samples")
+    if format != _PA_INT24:
+        return raw.view(_AUDIO_FORMATS[format][1])
+    padded = numpy.zeros((raw.size // 3, 4), dtype=numpy.uint8)
+    padded[:, 1:] = raw.reshape(-1, 3)  # little-endian: the 3 bytes on top
+    return padded.view("<i4").ravel()
 
 
 def _as_samples(block: numpy.ndarray, dtype: Any, what: str) -> numpy.ndarray:
@@ -170,6 +190,8 @@ class Recorder:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self._streams: dict[str, _Stream] = {}
+        #: The stream each file (or image folder) of the node's folder is of.
+        self._files: dict[str, str] = {}
         self._closed = False
 
     def save(self, kind: str, name: str, data: Any, **params: Any) -> None:
@@ -186,12 +208,35 @@ class Recorder:
             raise RuntimeError("the recorder is closed: nothing more can be saved")
         check_name(name)
         stream = self._streams.get(name)
-        if stream is None:
+        if stream is None:  # a stream begins once its first save is accepted
+            writer = _WRITERS[kind](self.folder, name, **params)
+            for path in writer.files():
+                if path in self._files:
+                    raise ValueError(
+                        f"{kind} {name!r}: its file {path!r} is the {self._files[path]!r} "
+                        "stream's: give it another name"
+                    )
+            item = writer.prepare(data, **params)
             self.folder.mkdir(parents=True, exist_ok=True)
-            stream = self._streams[name] = _Stream(_WRITERS[kind](self.folder, name, **params))
-        elif stream.writer.kind != kind:
-            raise ValueError(f"{name!r} is already a {stream.writer.kind} stream, not a {kind} one")
-        stream.put(stream.writer.prepare(data, **params), cluster_time_ns())
+            stream = self._streams[name] = _Stream(writer, params)
+            self._files.update(dict.fromkeys(writer.files(), name))
+        else:
+            if stream.writer.kind != kind:
+                raise ValueError(
+                    f"{name!r} is already a {stream.writer.kind} stream, not a {kind} one"
+                )
+            if params != stream.params:
+                changed = ", ".join(
+                    f"{key}={params.get(key)!r} after {key}={stream.params.get(key)!r}"
+                    for key in sorted(params.keys() | stream.params.keys())
+                    if params.get(key) != stream.params.get(key)
+                )
+                raise ValueError(
+                    f"{kind} {name!r}: {changed}: a stream keeps the settings of its first "
+                    "save (save under another name for others)"
+                )
+            item = stream.writer.prepare(data, **params)
+        stream.put(item, cluster_time_ns())
 
     def close(self) -> list[StreamInfo]:
         """Let every writer finish what is queued, close its files, and write
@@ -222,8 +267,10 @@ class Recorder:
 class _Stream:
     """A writer, its queue and its thread."""
 
-    def __init__(self, writer: _Writer) -> None:
+    def __init__(self, writer: _Writer, params: dict[str, Any]) -> None:
         self.writer = writer
+        #: The settings of the first save (``fps``, ``rate``, ...), which the others keep.
+        self.params = params
         self.error: OSError | None = None
         self._queue: queue.Queue[tuple[Any, int] | None] = queue.Queue(QUEUE_SIZES[writer.kind])
         self._warned = False
@@ -329,6 +376,8 @@ class _Writer:
 
     kind = ""
     suffix = ""
+    #: Whether the stream has a ``NAME.timestamps.csv``.
+    stamped = True
 
     def __init__(self, folder: Path, name: str, **params: Any) -> None:
         self.folder, self.name = folder, name
@@ -337,9 +386,15 @@ class _Writer:
         #: its timestamps.
         self._file: Any = None
         self._stamps: _AppendFile | None = None
+        self._warned_unit_floats = False
 
     def prepare(self, data: Any, **params: Any) -> Any:
         return data
+
+    def files(self) -> set[str]:
+        """The paths, in the node's folder, of the files (or folder) it writes."""
+        stamps = {f"{self.name}.timestamps.csv"} if self.stamped else set()
+        return {self.info.path} | stamps
 
     def open(self) -> None:
         """Open the files (on the writer's thread)."""
@@ -348,10 +403,11 @@ class _Writer:
         raise NotImplementedError
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        # The timestamps first: a kill in between leaves them covering the data.
         if self._stamps is not None:
             self._stamps.flush()
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
         try:
@@ -361,12 +417,34 @@ class _Writer:
             if self._stamps is not None:
                 self._stamps.close()
 
+    def _as_uint8(self, array: numpy.ndarray) -> numpy.ndarray:
+        """:func:`_as_uint8` for a frame or image of this stream; warns (once)
+        of floats in [0, 1], which it truncates to 0 and 1: black."""
+        if (
+            not self._warned_unit_floats
+            and array.dtype.kind == "f"
+            and array.size
+            and 0 < array.max() <= 1
+        ):
+            self._warned_unit_floats = True
+            log.warning(
+                "%s %r: float values in [0, 1] are saved as 0 or 1 (black): scale them to [0, 255]",
+                self.kind,
+                self.name,
+            )
+        return _as_uint8(array, f"{self.kind} {self.name!r}")
+
     def _open_stamps(self) -> None:
         self._stamps = _AppendFile(self.folder / f"{self.name}.timestamps.csv")
         self._stamps.csv.writerow(["index", "timestamp_ns"])
 
-    def _stamp(self, index: int, stamp: int) -> None:
+    def _stamp(self, index: int, stamp: int, *, at_once: bool = False) -> None:
+        """Add the next timestamp, called before its data is written. *at_once*
+        (for media, which their libraries write as it comes): to the file now,
+        so that whatever a kill leaves of the stream, the timestamps cover it."""
         self._stamps.csv.writerow([index, stamp])
+        if at_once:
+            self._stamps.flush()
 
 
 class _VideoWriter(_Writer):
@@ -382,13 +460,15 @@ class _VideoWriter(_Writer):
         self._stream: Any = None
 
     def prepare(self, data: Any, fps: Any = None) -> numpy.ndarray:
-        frame = _as_uint8(numpy.asarray(data), f"video {self.name!r}")
-        if frame.dtype != numpy.uint8 or not (
-            frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)
+        frame = self._as_uint8(numpy.asarray(data))
+        if (
+            frame.dtype != numpy.uint8
+            or not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3))
+            or frame.size == 0
         ):
             raise ValueError(
-                f"video {self.name!r}: frames are uint8 HxWx3 (BGR) or HxW arrays, "
-                f"not {frame.dtype} of shape {frame.shape}"
+                f"video {self.name!r}: frames are non-empty uint8 HxWx3 (BGR) or HxW "
+                f"arrays, not {frame.dtype} of shape {frame.shape}"
             )
         size = (frame.shape[1], frame.shape[0])
         if self._size is None:
@@ -419,7 +499,8 @@ class _VideoWriter(_Writer):
                 "flush_packets": "1",
             },
         )
-        rate = round(self.fps) if float(self.fps).is_integer() else self.fps
+        # (PyAV takes a whole number or a Fraction: 29.97 as 2997/100.)
+        rate = fractions.Fraction(self.fps).limit_denominator(1001)
         self._stream = self._container.add_stream(
             "libx264", rate=rate, options={**VIDEO_OPTIONS, "g": str(max(1, round(self.fps)))}
         )
@@ -433,8 +514,8 @@ class _VideoWriter(_Writer):
         video_frame = av.VideoFrame.from_ndarray(
             frame, format="gray" if frame.ndim == 2 else "bgr24"
         )
+        self._stamp(self.info.count, stamp, at_once=True)
         self._container.mux(self._stream.encode(video_frame))
-        self._stamp(self.info.count, stamp)
 
     def close(self) -> None:
         try:
@@ -466,14 +547,21 @@ class _AudioWriter(_Writer):
         self._dtype: numpy.dtype | None = None
 
     def prepare(self, data: Any, **params: Any) -> numpy.ndarray:
+        what = f"audio {self.name!r}"
         if isinstance(data, bytes | bytearray | memoryview):  # as PyAudio reads it
             if self.format is None:
-                raise ValueError(f"audio {self.name!r}: bytes need a format (e.g. paInt16)")
-            data = numpy.frombuffer(data, dtype=_AUDIO_FORMATS[self.format][1])
-        block = numpy.asarray(data)
+                raise ValueError(f"{what}: bytes need a format (e.g. paInt16)")
+            block = _from_pyaudio_bytes(data, self.format, what)
+        elif self.format == _PA_INT24:  # int32 samples of 24-bit values
+            block = _as_samples(numpy.asarray(data), numpy.int32, what)
+            if block.size and not (-(1 << 23) <= block.min() and block.max() < 1 << 23):
+                raise ValueError(f"{what}: samples out of paInt24's range [-2**23, 2**23)")
+            block = block << 8  # (soundfile takes int32 as full scale)
+        else:
+            block = numpy.asarray(data)
         if self.format is not None:
             subtype, dtype = _AUDIO_FORMATS[self.format]
-            block = _as_samples(block, dtype, f"audio {self.name!r}")
+            block = _as_samples(block, dtype, what)
         elif block.dtype in _AUDIO_DTYPES:
             subtype = _AUDIO_DTYPES[block.dtype]
         else:
@@ -513,7 +601,7 @@ class _AudioWriter(_Writer):
         self._open_stamps()
 
     def write(self, block: numpy.ndarray, stamp: int) -> None:
-        self._stamp(self.info.samples, stamp)
+        self._stamp(self.info.samples, stamp, at_once=True)
         self._file.write(block)
         self.info.samples += len(block)
 
@@ -522,13 +610,15 @@ class _ImageWriter(_Writer):
     kind, suffix = "image", ""
 
     def prepare(self, data: Any, **params: Any) -> numpy.ndarray:
-        image = _as_uint8(numpy.asarray(data), f"image {self.name!r}")
-        if image.dtype != numpy.uint8 or not (
-            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
+        image = self._as_uint8(numpy.asarray(data))
+        if (
+            image.dtype != numpy.uint8
+            or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)))
+            or image.size == 0
         ):
             raise ValueError(
-                f"image {self.name!r}: images are uint8 HxW, HxWx3 (BGR) or HxWx4 arrays, "
-                f"not {image.dtype} of shape {image.shape}"
+                f"image {self.name!r}: images are non-empty uint8 HxW, HxWx3 (BGR) or "
+                f"HxWx4 arrays, not {image.dtype} of shape {image.shape}"
             )
         return numpy.array(image, copy=True)
 
@@ -540,9 +630,9 @@ class _ImageWriter(_Writer):
         import cv2
 
         path = self.folder / self.name / f"{self.info.count:06d}.png"
+        self._stamp(self.info.count, stamp, at_once=True)
         if not cv2.imwrite(str(path), image):
             raise OSError(f"cannot write {path}")
-        self._stamp(self.info.count, stamp)
 
 
 def _is_pandas(value: Any, kind: str) -> bool:
@@ -553,6 +643,7 @@ def _is_pandas(value: Any, kind: str) -> bool:
 
 class _TableWriter(_Writer):
     kind, suffix = "table", ".csv"
+    stamped = False
 
     def __init__(self, folder: Path, name: str) -> None:
         super().__init__(folder, name)
@@ -601,8 +692,8 @@ class _LinesWriter(_Writer):
         self._open_stamps()
 
     def write(self, text: str, stamp: int) -> None:
-        self._file.add(text)
         self._stamp(self.info.count, stamp)
+        self._file.add(text)
 
 
 class _JsonWriter(_LinesWriter):
@@ -624,11 +715,9 @@ class _TextWriter(_LinesWriter):
     def __init__(self, folder: Path, name: str, suffix: str = "txt") -> None:
         super().__init__(folder, name, suffix)
 
-    def prepare(self, data: Any, suffix: str = "txt") -> str:
+    def prepare(self, data: Any, **params: Any) -> str:
         if not isinstance(data, str):
             raise TypeError(f"text {self.name!r}: a str, not {type(data).__name__}")
-        if f".{suffix}" != self.suffix:
-            raise ValueError(f"text {self.name!r}: suffix {suffix!r} after {self.suffix[1:]!r}")
         return data
 
 

@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -77,7 +78,9 @@ def test_frames_of_other_numbers_in_0_255_are_taken_as_chimerapy_took_them(tmp_p
         recorder.save("video", "camera", np.full((120, 160, 3), 200.7), fps=30)
         recorder.save("image", "still", np.full((40, 60), i * 20, dtype=np.int64))
     with pytest.raises(ValueError, match=r"float64 values from -1.0 to 300.0; uint8 frames"):
-        recorder.save("video", "camera", np.linspace(-1, 300, 120 * 160 * 3).reshape(120, 160, 3))
+        recorder.save(
+            "video", "camera", np.linspace(-1, 300, 120 * 160 * 3).reshape(120, 160, 3), fps=30
+        )
     with pytest.raises(ValueError, match="values from nan"):
         recorder.save("image", "still", np.full((40, 60), np.nan))
     recorder.close()
@@ -210,6 +213,123 @@ def test_a_stream_keeps_its_kind_and_a_closed_recorder_saves_nothing(tmp_path):
     assert check_name("camera-1.left") == "camera-1.left"
 
 
+def test_a_video_at_a_rate_that_is_not_a_whole_number_is_recorded_at_that_rate(tmp_path):
+    import av
+
+    recorder = Recorder(tmp_path)
+    for _ in range(30):
+        recorder.save("video", "ntsc", np.zeros((48, 64, 3), np.uint8), fps=29.97)
+    recorder.close()
+    with av.open(str(tmp_path / "ntsc.mp4")) as container:
+        stream = container.streams.video[0]
+        assert abs(float(stream.average_rate) - 29.97) < 0.01
+        assert sum(1 for _ in container.decode(stream)) == 30
+
+
+@pytest.mark.parametrize(
+    ("kind", "first", "then", "problem"),
+    [
+        ("video", {"fps": 20}, {"fps": 5}, "fps=5 after fps=20"),
+        (
+            "audio",
+            {"channels": 2, "format": 8, "rate": 48000},
+            {"channels": 1, "format": 8, "rate": 48000},
+            "channels=1 after channels=2",
+        ),
+        (
+            "audio",
+            {"channels": 1, "format": 8, "rate": 48000},
+            {"channels": 1, "format": 8, "rate": 16000},
+            "rate=16000 after rate=48000",
+        ),
+        ("text", {"suffix": "md"}, {"suffix": "txt"}, "suffix='txt' after suffix='md'"),
+    ],
+)
+def test_a_stream_keeps_the_settings_of_its_first_save(tmp_path, kind, first, then, problem):
+    data = {"video": np.zeros((48, 64, 3), np.uint8), "audio": np.zeros(1024, np.int16)}
+    data["text"] = "x"
+    recorder = Recorder(tmp_path)
+    recorder.save(kind, "s", data[kind], **first)
+    with pytest.raises(ValueError, match=re.escape(f"{kind} 's': {problem}: a stream keeps")):
+        recorder.save(kind, "s", data[kind], **then)
+    recorder.save(kind, "s", data[kind], **first)
+    (info,) = recorder.close()
+    assert info.count == 2
+
+
+def test_a_stream_whose_first_save_is_refused_does_not_begin(tmp_path):
+    recorder = Recorder(tmp_path)
+    with pytest.raises(ValueError, match="even width and height"):
+        recorder.save("video", "odd", np.zeros((5, 5, 3), np.uint8), fps=30)
+    with pytest.raises(ValueError, match="not a whole number of 2-byte samples"):
+        recorder.save("audio", "mic", b"\0\0\0", channels=1, format=8, rate=8000)
+    recorder.save("json", "fine", 1)
+    assert [info.name for info in recorder.close()] == ["fine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fine.jsonl", "fine.timestamps.csv"]
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_an_empty_frame_is_refused_at_the_call(tmp_path, kind):
+    recorder = Recorder(tmp_path)
+    params = {"fps": 30} if kind == "video" else {}
+    with pytest.raises(ValueError, match=r"non-empty uint8 .* not uint8 of shape \(0, 0\)"):
+        recorder.save(kind, "v", np.zeros((0, 0), np.uint8), **params)
+    assert recorder.close() == []
+
+
+def test_two_streams_cannot_share_a_file(tmp_path):
+    recorder = Recorder(tmp_path)
+    recorder.save("video", "v", np.zeros((48, 64, 3), np.uint8), fps=30)
+    taken = re.escape("its file 'v.timestamps.csv' is the 'v' stream's")
+    with pytest.raises(ValueError, match=taken):
+        recorder.save("table", "v.timestamps", {"x": 1})
+    with pytest.raises(ValueError, match=re.escape("its file 'v.mp4' is the 'v' stream's")):
+        recorder.save("image", "v.mp4", np.zeros((4, 4), np.uint8))
+    recorder.close()
+    index, _ = stamps(tmp_path / "v.timestamps.csv")
+    assert index == [0]
+
+
+def test_float_frames_in_0_1_are_said_to_be_black(tmp_path, caplog):
+    recorder = Recorder(tmp_path)
+    for _ in range(3):
+        recorder.save("video", "v", np.full((48, 64, 3), 0.5), fps=30)
+    recorder.close()
+    said = [r.getMessage() for r in caplog.records if "[0, 1]" in r.getMessage()]
+    assert said == [
+        "video 'v': float values in [0, 1] are saved as 0 or 1 (black): scale them to [0, 255]"
+    ]
+
+
+def test_pyaudio_int24_audio_comes_back_as_its_24_bit_samples(tmp_path):
+    import soundfile
+
+    samples = np.array([-(1 << 23), -1, 0, 1, 12345, (1 << 23) - 1], dtype=np.int32)
+    packed = b"".join(int(v).to_bytes(3, "little", signed=True) for v in samples)
+    recorder = Recorder(tmp_path)
+    recorder.save("audio", "packed", packed, channels=1, format=4, rate=8000)  # as PyAudio reads
+    recorder.save("audio", "array", samples, channels=1, format=4, rate=8000)
+    with pytest.raises(ValueError, match="out of paInt24's range"):
+        recorder.save("audio", "array", samples * 2, channels=1, format=4, rate=8000)
+    recorder.close()
+    for name in ("packed", "array"):
+        assert soundfile.info(tmp_path / f"{name}.wav").subtype == "PCM_24"
+        read, _ = soundfile.read(tmp_path / f"{name}.wav", dtype="int32")
+        assert (read.ravel() >> 8).tolist() == samples.tolist()
+
+
+def test_a_media_timestamp_is_in_its_file_before_its_frame_is_written(tmp_path):
+    # What a node killed at any moment leaves: a timestamp for every frame.
+    from chimera._recording import _WRITERS
+
+    writer = _WRITERS["video"](tmp_path, "v", fps=30)
+    frame = writer.prepare(np.zeros((48, 64, 3), np.uint8))
+    writer.open()
+    writer.write(frame, 123)
+    assert stamps(tmp_path / "v.timestamps.csv") == ([0], [123])
+    writer.close()
+
+
 # --- in a cluster, nodes in processes ------------------------------------------------
 
 
@@ -294,6 +414,7 @@ async def test_a_recording_node_killed_with_sigkill_loses_at_most_two_seconds(tm
     streams = {s["stream"]: s for s in meta["streams"]["local/recorder"]["streams"]}
     # (the video's last fragment may be lost with up to a second of frames its timestamps list)
     assert counts["video"] <= streams["camera"]["count"] <= counts["video"] + 30
+    assert counts["audio"] <= streams["mic"]["count"]  # every block saved has its timestamp
     assert streams["sensor"]["count"] == counts["rows"]
 
 
