@@ -215,7 +215,12 @@ class NodeRuntime:
             NodeError: ``prep`` raised (the node is FAILED).
         """
         async with self._preparing:
-            await self._call("prep", self.node.prep)
+            # What prep saves (a calibration, a device's settings) is recorded.
+            self.node._recording = self._recorder is not None
+            try:
+                await self._call("prep", self.node.prep)
+            finally:
+                self.node._recording = False
             self._prepped = True
         self._set_state(NodeState.READY)
 

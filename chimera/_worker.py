@@ -37,7 +37,7 @@ from . import _protocol as protocol
 from ._clock import ClockEstimator
 from ._collect import move_folder, sees_probe, send_folder
 from ._errors import NodeError
-from ._manifest import Manifest
+from ._manifest import Manifest, manifest_path
 from ._node import NODE_LOGGER, NodeState
 from ._packages import extract
 from ._process import NodeProcess, Zygote
@@ -163,6 +163,8 @@ class AsyncWorker(Service):
         self._session_scope: trio.CancelScope | None = None
         #: The name of each node this Worker runs, by id (their logs go to the Manager).
         self._node_names: dict[str, str] = {}
+        #: The folder each node this Worker runs saves into, by id.
+        self._node_folders: dict[str, Path] = {}
         self._zygote: Zygote | None = None
         self._zygote_scope = trio.CancelScope(shield=True)
         self._shared_offset = 0
@@ -394,9 +396,15 @@ class AsyncWorker(Service):
             self._temp = Path(tempfile.mkdtemp(prefix="chimera-worker-"))
         return self._temp
 
-    def _node_folder(self, node_id: str) -> Path:
-        """Where a node's ``save_*`` calls write: in the temporary folder, by node id."""
-        return self._temp_folder() / "nodes" / node_id
+    def _new_node_folder(self, node_id: str) -> Path:
+        """Where a node made now writes what its ``save_*`` calls save: in the
+        temporary folder, by node id; a node made again (a graph committed
+        again) gets a folder of its own, and the last one's files stay."""
+        folder, number = self._temp_folder() / "nodes" / node_id, 1
+        while folder.exists() or manifest_path(folder).exists():
+            number += 1
+            folder = folder.with_name(f"{node_id}-{number}")
+        return folder
 
     def _remove_temp_folder(self) -> None:
         """Forget the packages loaded; remove the temporary folder unless kept."""
@@ -429,12 +437,20 @@ class AsyncWorker(Service):
 
     async def _do_create_nodes(self, nodes: list[dict[str, Any]]) -> dict[str, Any]:
         """Make every node (in parallel); the address of each one's outlet."""
+        if self._uncollected and not self._runtimes:
+            log.warning(
+                "worker %r: the files the nodes of the last graph saved were never "
+                "collected; they stay in %s until this Worker shuts down",
+                self.name,
+                self._temp_folder() / "nodes",
+            )
         await run_all([partial(self._create_node, spec) for spec in nodes])
         return {"addresses": {spec["id"]: self._runtimes[spec["id"]].address for spec in nodes}}
 
     async def _create_node(self, spec: dict[str, Any]) -> None:
         node_id = spec["id"]
         self._node_names[node_id] = spec["name"]
+        folder = self._node_folders[node_id] = self._new_node_folder(node_id)
 
         def report(state: NodeState, reason: str | None) -> None:
             self._report(node_id, state, reason)
@@ -445,7 +461,7 @@ class AsyncWorker(Service):
             "outputs": spec["outputs"],
             "transport": spec["transport"],
             "bind": self._bind_address(spec["transport"], spec.get("local_outputs", False)),
-            "folder": str(self._node_folder(node_id)),
+            "folder": str(folder),
             "allow_objects": spec.get("allow_objects", False),
         }
         pickled = base64.b64decode(spec["node"])
@@ -564,6 +580,7 @@ class AsyncWorker(Service):
                 nursery.start_soon(runtime.aclose)
         self._runtimes.clear()
         self._node_names.clear()
+        self._node_folders.clear()
         self._runs.clear()
         self._run_scopes.clear()
 
@@ -583,7 +600,7 @@ class AsyncWorker(Service):
         summaries from its manifest (None without one), and this Worker's
         clock estimate."""
         folders = [
-            (self._node_folder(node_id), check_name(name, "a node name"))
+            (self._node_folders[node_id], check_name(name, "a node name"))
             for node_id, name in self._node_names.items()
         ]
         manifests = await trio.to_thread.run_sync(

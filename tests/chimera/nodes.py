@@ -202,3 +202,11 @@ class Recording(cp.Node):
         self.n += 1
         if self.n % self.every == 0:
             notify(self.port, b"%d " % self.n)
+
+
+class RecordingWithSetup(Recording):
+    """:class:`Recording` that also saves its process id from ``prep`` (``setup.jsonl``)."""
+
+    def prep(self):
+        self.save_json("setup", {"pid": os.getpid()})
+        super().prep()

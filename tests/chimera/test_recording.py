@@ -24,7 +24,7 @@ import trio
 import chimera as cp
 from chimera._recording import Recorder, check_name
 
-from .nodes import Recording
+from .nodes import Recording, RecordingWithSetup
 from .test_process import cluster, notifications
 
 
@@ -416,6 +416,39 @@ async def test_a_recording_node_killed_with_sigkill_loses_at_most_two_seconds(tm
     assert counts["video"] <= streams["camera"]["count"] <= counts["video"] + 30
     assert counts["audio"] <= streams["mic"]["count"]  # every block saved has its timestamp
     assert streams["sensor"]["count"] == counts["rows"]
+
+
+async def test_what_prep_saves_is_recorded_and_a_graph_committed_again_keeps_the_last_files(
+    tmp_path, caplog
+):
+    async with notifications() as (port, notified):
+        node = RecordingWithSetup("recorder", port)
+        graph = cp.Graph()
+        graph.add_node(node)
+        pids = []
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                for _ in range(2):  # the second time, the first one's files are not collected
+                    await manager.commit_graph(graph, {"local": ["recorder"]})
+                    while not (said := await notified.receive()).startswith(b"pid"):
+                        pass  # (what the last session's node said)
+                    pids.append(int(said.split()[1]))
+                    await manager.start()
+                    await saved_count(notified, 10)
+                    await manager.stop()
+                    if len(pids) == 1:
+                        first = node_folder(node)
+                        first_events = (first / "events.jsonl").read_text()
+                        await manager.shutdown()
+                assert await manager.collect()
+                second = manager.session_folder() / "local" / "recorder"
+                # Still where the first session left them, until the Worker shuts down.
+                assert (first / "events.jsonl").read_text() == first_events
+                assert json.loads((first / "setup.jsonl").read_text()) == {"pid": pids[0]}
+    assert json.loads((second / "setup.jsonl").read_text()) == {"pid": pids[1]}
+    assert stamps(second / "setup.timestamps.csv")[0] == [0]
+    said = [r.getMessage() for r in caplog.records if "last graph" in r.getMessage()]
+    assert len(said) == 1 and "never collected" in said[0]
 
 
 # --- collection --------------------------------------------------------------------
