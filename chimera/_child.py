@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import traceback
+from functools import partial
 from typing import Any
 
 import cloudpickle
@@ -125,15 +126,22 @@ async def _report_stats(runtime: NodeRuntime, events: _Events) -> None:
             last = stats
 
 
-async def _run_command(events: _Events, command: str, call: Any, *args: Any) -> None:
+async def _run_command(
+    events: _Events, command: str, call: Any, *args: Any, stats_of: NodeRuntime | None = None
+) -> None:
+    """Run a command, then say how it ended; *stats_of*: after sending that
+    runtime's last statistics (a run's: its Worker reports them once it ends)."""
     try:
         await call(*args)
     except NodeError as exc:
-        events.send("failed", command, exc.message, exc.traceback)
+        ended = ("failed", command, exc.message, exc.traceback)
     except Exception as exc:
-        events.send("failed", command, f"{command}: {exc!r}", traceback.format_exc())
+        ended = ("failed", command, f"{command}: {exc!r}", traceback.format_exc())
     else:
-        events.send("done", command, None)
+        ended = ("done", command, None)
+    if stats_of is not None:
+        events.send("stats", stats_of.stats())
+    events.send(*ended)
 
 
 async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
@@ -162,7 +170,9 @@ async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
                     result = None if frames is None else [bytes(frame) for frame in frames]
                     events.send("done", name, result)
                 elif name == "run":
-                    nursery.start_soon(_run_command, events, name, runtime.run)
+                    nursery.start_soon(
+                        partial(_run_command, events, name, runtime.run, stats_of=runtime)
+                    )
                 elif name in ("connect", "prep"):
                     await _run_command(events, name, getattr(runtime, name), *args)
                 elif name == "step":

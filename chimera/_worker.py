@@ -317,8 +317,11 @@ class AsyncWorker(Service):
             await trio.sleep(STATS_PERIOD)
             stats = {node_id: runtime.stats() for node_id, runtime in self._runtimes.items()}
             if stats and stats != last:
-                self._events_in.send_nowait(protocol.make("node_stats", stats=stats))
+                self._send_stats(stats)
                 last = stats
+
+    def _send_stats(self, stats: dict[str, dict[str, int]]) -> None:
+        self._events_in.send_nowait(protocol.make("node_stats", stats=stats))
 
     async def _send_events(self, ws: trio_websocket.WebSocketConnection) -> None:
         async for text in self._events_out:
@@ -666,4 +669,6 @@ class AsyncWorker(Service):
             runtime.request_stop()
         for done in list(self._runs.values()):
             await done.wait()
+        if self._runtimes:  # the last ones (ahead of the reply): what meta.json says
+            self._send_stats({node_id: rt.stats() for node_id, rt in self._runtimes.items()})
         return {node_id: state.value for node_id, state in self.nodes.items()}

@@ -152,6 +152,9 @@ async def test_a_pipeline_over_two_workers_in_processes_loses_nothing(
                 assert await notified.receive() == b"x"
                 assert await manager.stop()
                 assert set(manager.nodes.values()) == {"STOPPED"}
+                # Each node's last statistics arrive with stop(), not up to a second later.
+                steps = {node["name"]: node["steps"] for node in manager.state()["nodes"]}
+                assert steps["doubler"] == steps["sink"] == 200
                 await manager.shutdown()
     assert json.loads((tmp_path / "sink.json").read_text()) == [2 * i for i in range(1, 201)]
     assert not alive(pid)
