@@ -599,12 +599,24 @@ class AsyncManager(Service):
             raise RuntimeError(f"{call}: the nodes run already (stop() them first)")
         if states & {"STOPPED", "SAVED"}:
             raise RuntimeError(
-                f"{call}: the nodes ran and stopped; to run the graph again, "
-                "shutdown() and commit it again"
+                f"{call}: the nodes ran and stopped; a graph runs once per commit: "
+                "shut its nodes down and commit it again (AsyncManager.shutdown(); "
+                "a Manager's shutdown() closes it: make a new one)"
             )
 
     async def record(self) -> bool:
-        """Start recording on a previewing cluster. Returns True."""
+        """Start recording on a previewing cluster (on a recording one, it
+        changes nothing). Returns True.
+
+        Raises:
+            RuntimeError: the nodes do not run (``preview()`` them first).
+        """
+        states = {self.nodes.get(node) for nodes in self._mapping.values() for node in nodes}
+        if "RUNNING" not in states:
+            raise RuntimeError(
+                "record(): the nodes do not run: preview() them first "
+                "(start() runs them and records)"
+            )
         await self._broadcast("record_nodes")
         return True
 
@@ -681,10 +693,12 @@ class AsyncManager(Service):
         return not left
 
     def session_folder(self) -> Path:
-        """This session's folder in the logdir (named when first needed:
-        ``YYYY-MM-DD_HH-MM-SS``, with a suffix if that exists already)."""
+        """This session's folder in the logdir: ``YYYY-MM-DD_HH-MM-SS`` of the
+        first start (or of now, if asked before), with a suffix if that
+        exists already."""
         if self._session is None:
-            stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(self._clock() / 1e9))
+            when = self._started_ns or self._clock()
+            stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(when / 1e9))
             name, suffix = stamp, 1
             while (self.logdir / name).exists():
                 suffix += 1

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -253,6 +254,8 @@ async def test_calls_out_of_order_say_so_and_change_nothing(tmp_path):
     with trio.fail_after(30):
         async with cluster(tmp_path, "local") as (manager, _):
             assert await manager.commit_graph(graph, mapping)
+            with pytest.raises(RuntimeError, match=re.escape("record(): the nodes do not run")):
+                await manager.record()
             assert await manager.start()
             await trio.to_thread.run_sync(ENOUGH.wait, 20)
             first_session = manager.session_folder()
@@ -266,6 +269,8 @@ async def test_calls_out_of_order_say_so_and_change_nothing(tmp_path):
             assert await manager.stop()
             with pytest.raises(RuntimeError, match=r"start\(\): the nodes ran and stopped"):
                 await manager.start()
+            with pytest.raises(RuntimeError, match=re.escape("record(): the nodes do not run")):
+                await manager.record()
             assert set(manager.nodes.values()) == {"STOPPED"}
             await manager.shutdown()
             # Shut down, the graph commits and runs again: a new session.
@@ -276,6 +281,23 @@ async def test_calls_out_of_order_say_so_and_change_nothing(tmp_path):
             assert await manager.stop()
             assert manager.session_folder() != first_session
     assert SEEN["printer"] == [2 * i for i in range(1, 31)]
+
+
+async def test_the_session_folder_is_named_for_the_first_start(tmp_path):
+    graph = counter_doubler_printer()[0]
+    later = [0]
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            manager._clock = lambda: time.time_ns() + later[0]
+            assert await manager.commit_graph(graph, {"local": ["counter", "doubler", "printer"]})
+            assert await manager.start()
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            later[0] = 3600 * 10**9  # collected an hour later
+            assert await manager.stop()
+            assert await manager.collect()
+            meta = json.loads((manager.session_folder() / "meta.json").read_text())
+    named = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(meta["start_ns"] / 1e9))
+    assert meta["session"] == named
 
 
 async def test_a_graph_runs_again_after_a_worker_left_with_stopped_nodes(tmp_path):
