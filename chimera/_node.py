@@ -198,13 +198,13 @@ class Node:
     # chimera._recording for the files. While the cluster previews (not
     # recording), the calls save nothing.
 
-    def save_video(self, name: str, data: Any, fps: int) -> None:
+    def save_video(self, name: str, data: Any, fps: float) -> None:
         """Append a frame (uint8 HxWx3 BGR, or HxW) to ``NAME.mp4`` (H.264).
 
         Raises:
             ValueError: the frame is not such an array, or not of the first
-                frame's size; *fps* is not a positive number; *name* cannot
-                be a file name.
+                frame's size; *fps* is not a number in (0, 1000], or not the
+                first save's; *name* cannot be a file name.
         """
         self._save("video", name, data, fps=fps)
 
@@ -217,7 +217,8 @@ class Node:
         the array's dtype; *rate* in Hz.
 
         Raises:
-            ValueError: the block does not fit *channels* or the format.
+            ValueError: the block does not fit *channels* or the format, or
+                the settings are not the first save's.
         """
         self._save("audio", name, data, channels=channels, format=format, rate=rate)
 
