@@ -366,7 +366,11 @@ class NodeProcess:
                 self._death = crash or exit_reason(code)
                 if not self._closing:
                     log.error("node %r: %s", self.name, self._death)
-                if self.state not in (NodeState.FAILED, NodeState.SHUTDOWN):
+                # (A crash fails it even once SHUTDOWN: its runtime says so
+                # as the error leaves it.)
+                if self.state is not NodeState.FAILED and (
+                    crash is not None or self.state is not NodeState.SHUTDOWN
+                ):
                     self._set_state(NodeState.FAILED, self._death)
             for name in list(self._pending):
                 self._answer(name, (self._death or "its process exited", ""))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,11 +31,15 @@ import trio
 
 import transports
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
 from ._batch import pack_batch, unpack_batch
 from ._data import DataChunk, DecodeError, Frame, decode_chunk, encode_chunk
 from ._errors import NodeError
 from ._node import Node, NodeState
 from ._recording import Recorder, StreamInfo
+from ._service import single_exception
 from ._user_thread import Result, StepLoop, UserThread
 
 __all__ = ["Input", "NodeRuntime"]
@@ -179,7 +184,18 @@ class NodeRuntime:
         self._set_state(NodeState.INITIALIZED)
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        # An error leaving the block (a KeyboardInterrupt in the node's
+        # process, say) ends the node: FAILED, not SHUTDOWN.
+        if isinstance(exc, BaseExceptionGroup):
+            rest = exc.split(trio.Cancelled)[1]  # (a cancellation is no error)
+            exc = None if rest is None else single_exception(rest) or rest
+        if (
+            exc is not None
+            and not isinstance(exc, trio.Cancelled)
+            and self.node.state is not NodeState.FAILED
+        ):
+            self._fail(f"crashed: {exc!r}")
         await self.aclose()
 
     @property
@@ -265,9 +281,12 @@ class NodeRuntime:
                     await self._outlet.aclose()  # the end of stream flows downstream
                 try:
                     await self._teardown()
-                    await self._close_recorder()
                 except NodeError as exc:
                     teardown_error = exc
+                try:  # (a teardown that raised leaves the files to close all the same)
+                    await self._close_recorder()
+                except NodeError as exc:
+                    teardown_error = teardown_error or exc
         if teardown_error is not None:
             raise teardown_error
         if not failed:
@@ -301,8 +320,14 @@ class NodeRuntime:
         if not self._prepped or self._torn_down:
             return
         self._torn_down = True
-        with trio.move_on_after(TEARDOWN_TIMEOUT):
+        with trio.move_on_after(TEARDOWN_TIMEOUT) as waited:
             await self._call("teardown", self.node.teardown, abandon=True)
+        if waited.cancelled_caught:
+            log.warning(
+                "node %r: its teardown did not return within %.0f s: left running",
+                self.node.name,
+                TEARDOWN_TIMEOUT,
+            )
 
     def stats(self) -> dict[str, int]:
         """``steps`` (steps done), ``dropped`` (chunks its inputs dropped, LATEST)
@@ -362,11 +387,11 @@ class NodeRuntime:
                 log.warning("node %r: prep still running; no teardown", self.node.name)
             else:
                 self._preparing.release()
-                try:
-                    await self._teardown()
-                    await self._close_recorder()
-                except NodeError as exc:
-                    log.error("node %r: %s", self.node.name, exc.message)
+                for close in (self._teardown, self._close_recorder):
+                    try:
+                        await close()
+                    except NodeError as exc:
+                        log.error("node %r: %s", self.node.name, exc.message)
             for inlet in self._inlets.values():
                 await inlet.aclose()
             if self._outlet is not None:
@@ -746,7 +771,7 @@ class NodeRuntime:
         if coroutine:
             try:
                 return await fn(*args)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # (not a KeyboardInterrupt: Ctrl-C's)
                 raise self._raised(what, exc) from exc
         try:
             return await self._thread.call(fn, *args, abandon=abandon)

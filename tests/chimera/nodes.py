@@ -77,6 +77,13 @@ class Raises(cp.Node):
         return data_chunks["no such input"]
 
 
+class Interrupted(cp.Node):
+    """An ``async def step`` that raises KeyboardInterrupt, as a SIGINT to its process does."""
+
+    async def step(self, data_chunks):
+        raise KeyboardInterrupt
+
+
 class Talker(cp.Node):
     """A source that logs a warning every 10 ms, and sends nothing."""
 

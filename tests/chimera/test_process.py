@@ -30,6 +30,7 @@ from .nodes import (
     Camera,
     Counter,
     Doubler,
+    Interrupted,
     Pairs,
     Raises,
     Sink,
@@ -219,6 +220,21 @@ async def test_stop_returns_after_a_node_failed_under_a_source_that_runs_on(tmp_
                 with trio.fail_after(10):
                     assert await manager.stop()
                 assert manager.nodes == {camera.id: "STOPPED", sink.id: "FAILED"}
+                await manager.shutdown()
+
+
+async def test_a_node_process_ended_by_keyboardinterrupt_is_failed_not_shut_down(tmp_path):
+    async with notifications() as (port, _):
+        graph = cp.Graph()
+        graph.add_edge(Camera("camera", port, made=9), Interrupted("sink"))
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["camera", "sink"]})
+                await manager.start()
+                assert await manager.wait_for_node_state("sink", "FAILED", "SHUTDOWN") == "FAILED"
+                (sink,) = [n for n in manager.state()["nodes"] if n["name"] == "sink"]
+                assert "KeyboardInterrupt" in sink["reason"]
+                assert await manager.stop()
                 await manager.shutdown()
 
 

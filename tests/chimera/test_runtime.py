@@ -304,20 +304,63 @@ async def test_an_input_that_ended_without_sending_is_said_once(caplog):
     assert said == ["node 'collect': inputs ['silent'] ended without sending: it is not stepped"]
 
 
-@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt])
-async def test_a_step_that_raises_systemexit_fails_its_node_like_any_other(raised):
-    class Exits(Flaky):
-        def step(self, data_chunks):
-            if data_chunks["count"].get("default")["value"] == 3:
-                raise raised("enough")
-            return super().step(data_chunks)
+class Exits(Flaky):
+    def step(self, data_chunks):
+        if data_chunks["count"].get("default")["value"] == 3:
+            raise self.raised("enough")
+        return super().step(data_chunks)
 
+
+class AsyncExits(Exits):
+    async def step(self, data_chunks):
+        return Exits.step(self, data_chunks)
+
+
+@pytest.mark.parametrize(
+    ("exits_type", "raised"),
+    [(Exits, SystemExit), (Exits, KeyboardInterrupt), (AsyncExits, SystemExit)],
+)
+async def test_a_step_that_raises_systemexit_fails_its_node_like_any_other(exits_type, raised):
+    # (An async step's KeyboardInterrupt is left to be Ctrl-C's: see test_process.py.)
     done = threading.Event()
-    count, exits = Count("count", 5, sent_all=done), Exits("exits")
+    count, exits = Count("count", 5, sent_all=done), exits_type("exits")
+    exits.raised = raised
     with trio.fail_after(20):
         _, states = await run_pipeline([count, exits], [(count, exits)], until=done, stop=["count"])
     assert exits.state is cp.NodeState.FAILED and exits.torn_down == 1
     assert states["count"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
+
+
+async def test_a_teardown_that_raises_still_closes_what_its_node_saved(tmp_path):
+    class SavesThenRaises(cp.Node):
+        def step(self, data_chunks):
+            self.save_json("values", data_chunks["count"].get("default")["value"])
+
+        def teardown(self):
+            raise RuntimeError("teardown boom")
+
+    done = threading.Event()
+    count, node = Count("count", 40, sent_all=done), SavesThenRaises("saver")
+    with trio.fail_after(20):
+        async with NodeRuntime(count, outputs=1) as source:
+            async with NodeRuntime(
+                node, inputs=[Input("count")], folder=tmp_path / "saver"
+            ) as sink:
+                await sink.connect({"count": source.address})
+                await source.prep()
+                await sink.prep()
+                await sink.set_recording(True)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(source.run)
+                    await trio.to_thread.run_sync(done.wait, 10)
+                    source.request_stop()
+                    with pytest.raises(cp.NodeError, match="teardown boom"):
+                        await sink.run()
+                # Closed at the end of the run (before a collect), not at shutdown.
+                assert (tmp_path / "saver.saved.json").exists()
+                lines = (tmp_path / "saver" / "values.jsonl").read_text().split()
+    assert lines == [str(i) for i in range(1, 41)]
+    assert node.state is cp.NodeState.FAILED
 
 
 async def test_cancelling_a_run_still_runs_teardown_once():
