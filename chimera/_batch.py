@@ -4,9 +4,13 @@ A link between two nodes carries batches: when a node's steps come faster
 than its outlet sends, every chunk ready goes in the next message, so small
 chunks cost one message (and one wake-up of each side) per batch, not per
 chunk. A batch is the chunks' frames one after another, behind one frame
-that says how many frames each chunk has::
+that numbers its first chunk and says how many frames each chunk has::
 
-    [b"CHB1" + uint32 n + n x uint32 frames, chunk 1 frames..., chunk 2 frames...]
+    [b"CHB2" + uint64 first + uint32 n + n x uint32 frames, chunk 1 frames..., ...]
+
+A node numbers the chunks it sends from 0, so that a node receiving them
+over a LATEST link knows how many it never got (the link drops whole
+messages, which may hold many chunks).
 """
 
 from __future__ import annotations
@@ -18,24 +22,26 @@ from ._data import DecodeError, Frame
 
 __all__ = ["pack_batch", "unpack_batch"]
 
-_MAGIC = b"CHB1"
-_COUNT = struct.Struct("<I")
+_MAGIC = b"CHB2"
+_HEAD = struct.Struct("<QI")  # first, n
 #: Most chunks in one batch (a sender never packs more than its steps in flight).
 MAX_BATCH = 65536
 
 
-def pack_batch(chunks: Sequence[Sequence[Frame]]) -> list[Frame]:
-    """The frames of one message carrying *chunks* (each a chunk's frames), in order."""
+def pack_batch(chunks: Sequence[Sequence[Frame]], first: int = 0) -> list[Frame]:
+    """The frames of one message carrying *chunks* (each a chunk's frames), in
+    order; *first* is the number of the first (see the module's docstring)."""
     counts = [len(frames) for frames in chunks]
-    header = _MAGIC + struct.pack(f"<I{len(counts)}I", len(counts), *counts)
+    header = _MAGIC + _HEAD.pack(first, len(counts)) + struct.pack(f"<{len(counts)}I", *counts)
     message: list[Frame] = [header]
     for frames in chunks:
         message.extend(frames)
     return message
 
 
-def unpack_batch(message: Sequence[Frame]) -> list[Sequence[Frame]]:
-    """The chunks (each its frames) that :func:`pack_batch` put in *message*.
+def unpack_batch(message: Sequence[Frame]) -> tuple[int, list[Sequence[Frame]]]:
+    """The number of the first chunk :func:`pack_batch` put in *message*, and
+    the chunks (each its frames).
 
     Raises:
         DecodeError: *message* is not a batch: its first frame lacks the
@@ -45,20 +51,21 @@ def unpack_batch(message: Sequence[Frame]) -> list[Sequence[Frame]]:
     if not message:
         raise DecodeError("an empty message: a batch has at least its header")
     header = memoryview(message[0]).cast("B")
-    if header.nbytes < 8 or header[:4] != _MAGIC:
+    start = len(_MAGIC) + _HEAD.size
+    if header.nbytes < start or header[:4] != _MAGIC:
         raise DecodeError("the message is not a batch of chunks (no batch header)")
-    (n,) = _COUNT.unpack_from(header, 4)
-    if not 1 <= n <= MAX_BATCH or header.nbytes != 8 + 4 * n:
+    first, n = _HEAD.unpack_from(header, len(_MAGIC))
+    if not 1 <= n <= MAX_BATCH or header.nbytes != start + 4 * n:
         raise DecodeError(f"a batch header of {header.nbytes} bytes announcing {n} chunks")
-    counts = struct.unpack_from(f"<{n}I", header, 8)
+    counts = struct.unpack_from(f"<{n}I", header, start)
     if min(counts) < 1 or sum(counts) != len(message) - 1:
         raise DecodeError(
             f"the batch header counts {sum(counts)} frames in {n} chunks; "
             f"{len(message) - 1} follow it"
         )
     chunks: list[Sequence[Frame]] = []
-    start = 1
+    at = 1
     for count in counts:
-        chunks.append(message[start : start + count])
-        start += count
-    return chunks
+        chunks.append(message[at : at + count])
+        at += count
+    return first, chunks

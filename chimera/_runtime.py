@@ -57,6 +57,9 @@ LARGE_CHUNK = 256 * 1024
 LARGE_SOURCE_STEPS = 1
 #: ...and a node with inputs keeps a few of their chunks in hand.
 LARGE_INPUT_STEPS = 4
+#: A node following a LATEST input takes its next chunk once its step is
+#: done: it steps on the newest, not on chunks queued while it stepped.
+LATEST_STEPS = 1
 #: Longest wait for a node's thread to end once the node is closed.
 THREAD_JOIN_TIMEOUT = 5.0
 
@@ -69,6 +72,8 @@ LINK_CAPACITY = 8
 #: 1080p frames from a source as fast as it can go: ~340 fps, p50 ~4.3 ms;
 #: with 8 chunks and no bound in bytes, ~315 fps, 22 ms.
 LINK_MAX_BYTES = 8 * 1024 * 1024
+#: A LATEST link holds only the newest message: what its node steps on is fresh.
+LATEST_CAPACITY = 1
 
 #: The bind address of a node's outlet, by transport.
 _BIND = {"memory": "memory://", "tcp": "tcp://127.0.0.1:0", "nng": "nng+tcp://127.0.0.1:0"}
@@ -169,8 +174,13 @@ class NodeRuntime:
         self._offline_pending: dict[str, deque[DataChunk]] = {}
         #: Chunks stepped and sent, for the Manager's statistics.
         self.steps = 0
-        #: Chunks of the followed input not stepped on (LATEST: a newer one came with them).
-        self.skipped = 0
+        #: Chunks of its LATEST inputs it never stepped on: the links dropped
+        #: them, or a newer one came with them.
+        self.dropped = 0
+        #: The number of the next chunk expected from each input (a node
+        #: numbers what it sends: see chimera._batch), and of the next it sends.
+        self._next_chunk: dict[str, int] = {}
+        self._chunks_sent = 0
         #: The frames of the last chunk a step returned.
         self._latest: list[Frame] | None = None
 
@@ -219,7 +229,11 @@ class NodeRuntime:
             self._inlets[spec.name] = await transports.connect(
                 addresses[spec.name],
                 delivery=self._delivery[spec.name],
-                capacity=LINK_CAPACITY,
+                capacity=(
+                    LINK_CAPACITY
+                    if self._delivery[spec.name] is transports.Delivery.RELIABLE
+                    else LATEST_CAPACITY
+                ),
                 max_bytes=LINK_MAX_BYTES,
             )
         self._set_state(NodeState.CONNECTED)
@@ -333,10 +347,9 @@ class NodeRuntime:
         """``steps`` (steps done), ``dropped`` (chunks its inputs dropped, LATEST)
         and ``writer_wait_ms`` (how long its ``save_*`` calls waited for writers
         that could not keep up)."""
-        dropped = sum(inlet.stats.messages_dropped for inlet in self._inlets.values())
         streams = self._recorder.streams() if self._recorder is not None else []
         waited = round(sum(stream.waited_s for stream in streams) * 1000)
-        return {"steps": self.steps, "dropped": dropped + self.skipped, "writer_wait_ms": waited}
+        return {"steps": self.steps, "dropped": self.dropped, "writer_wait_ms": waited}
 
     async def gather(self) -> list[Frame] | None:
         """The frames of the last chunk the node's ``step`` returned; None if none yet.
@@ -604,7 +617,8 @@ class NodeRuntime:
         if chunks:
             self._latest = chunks[-1]
             if self._outlet is not None:
-                await self._outlet.send(pack_batch(chunks))
+                first, self._chunks_sent = self._chunks_sent, self._chunks_sent + len(chunks)
+                await self._outlet.send(pack_batch(chunks, first))
         if failure is not None:
             raise failure
 
@@ -665,9 +679,15 @@ class NodeRuntime:
         more than the limit are in flight). *take* empties the list."""
         steps: list[tuple] = []
         warned = False
+        inlet = self._inlets[self._follow]
         try:
-            async for message in self._inlets[self._follow]:
+            while True:
+                # Room first, then the message: a LATEST input's is the newest.
                 await self._wait_for_room()
+                try:
+                    message = await inlet.receive()
+                except trio.EndOfChannel:
+                    break
                 for chunk in self._unpack(message, self._follow):
                     latest[self._follow] = chunk
                     if len(latest) < len(self._inlets):
@@ -711,20 +731,31 @@ class NodeRuntime:
         self, message: list[memoryview], name: str, *, newest: bool = False
     ) -> list[DataChunk]:
         """The chunks in a message from input *name*: all of them, or only the
-        newest when *newest* or the input is LATEST (the others count as
-        dropped). Sets the steps in flight by the chunks' size.
+        newest when *newest* or the input is LATEST (a LATEST input's others,
+        and those its link dropped, count as dropped). Sets the steps in
+        flight by the chunks' size.
 
         Raises:
             NodeError: the message or a chunk in it cannot be decoded (the node is FAILED).
         """
         try:
-            batch = unpack_batch(message)
+            first, batch = unpack_batch(message)
+            expected = self._next_chunk.get(name, 0)
+            if first < expected:
+                raise DecodeError(f"chunk {first} came after chunk {expected - 1}")
+            self._next_chunk[name] = first + len(batch)
+            latest = self._delivery[name] is transports.Delivery.LATEST
+            if latest:
+                self.dropped += first - expected
             if name == self._follow:
                 large = sum(frame.nbytes for frame in message) > LARGE_CHUNK * len(batch)
-                self._limit = LARGE_INPUT_STEPS if large else STEPS_IN_FLIGHT
-            if newest or self._delivery[name] is transports.Delivery.LATEST:
-                if name == self._follow:
-                    self.skipped += len(batch) - 1
+                if latest:
+                    self._limit = LATEST_STEPS
+                else:
+                    self._limit = LARGE_INPUT_STEPS if large else STEPS_IN_FLIGHT
+            if newest or latest:
+                if latest:
+                    self.dropped += len(batch) - 1
                 batch = batch[-1:]
             return [decode_chunk(frames, allow_objects=self._allow_objects) for frames in batch]
         except DecodeError as exc:

@@ -15,10 +15,11 @@ from chimera._data import encode_chunk
 chunk_frames = st.lists(st.binary(max_size=16), min_size=1, max_size=4)
 
 
-@given(st.lists(chunk_frames, min_size=1, max_size=8))
-def test_any_batch_round_trips(chunks):
-    message = [memoryview(bytes(frame)) for frame in pack_batch(chunks)]
-    assert [[bytes(frame) for frame in frames] for frames in unpack_batch(message)] == chunks
+@given(st.lists(chunk_frames, min_size=1, max_size=8), st.integers(0, 2**64 - 1))
+def test_any_batch_round_trips_with_the_number_of_its_first_chunk(chunks, first):
+    message = [memoryview(bytes(frame)) for frame in pack_batch(chunks, first)]
+    got_first, got = unpack_batch(message)
+    assert (got_first, [[bytes(frame) for frame in frames] for frames in got]) == (first, chunks)
 
 
 @given(st.lists(chunk_frames, min_size=1, max_size=8), st.data())
@@ -34,21 +35,22 @@ def test_a_batch_missing_frames_or_with_extra_ones_is_refused(chunks, data):
 @given(st.binary(max_size=64), st.lists(st.binary(max_size=8), max_size=4))
 def test_garbage_is_refused_with_a_decode_error(header, rest):
     try:
-        chunks = unpack_batch([header, *rest])
+        _, chunks = unpack_batch([header, *rest])
     except cp.DecodeError:
         return
     # It parsed: then it was a well-formed header that counts exactly these frames.
     assert sum(len(frames) for frames in chunks) == len(rest)
-    assert header[:4] == b"CHB1"
+    assert header[:4] == b"CHB2"
 
 
 @pytest.mark.parametrize(
     "header",
     [
-        b"CHB1" + struct.pack("<I", 0),  # no chunks
-        b"CHB1" + struct.pack("<III", 2, 0, 1),  # a chunk of no frames (the count adds up)
-        b"CHB1" + struct.pack("<II", 2, 1),  # two chunks announced, one counted
-        b"CHB1" + struct.pack("<I", 2**31) + b"\0" * 8,  # an impossible count
+        b"CHB2" + struct.pack("<QI", 0, 0),  # no chunks
+        b"CHB2" + struct.pack("<QIII", 0, 2, 0, 1),  # a chunk of no frames (the count adds up)
+        b"CHB2" + struct.pack("<QII", 0, 2, 1),  # two chunks announced, one counted
+        b"CHB2" + struct.pack("<QI", 0, 2**31) + b"\0" * 8,  # an impossible count
+        b"CHB1" + struct.pack("<II", 1, 1),  # the batch of an earlier version
     ],
 )
 def test_impossible_headers_are_refused(header):

@@ -162,6 +162,32 @@ async def test_a_slow_node_on_a_latest_input_steps_on_ever_newer_chunks_and_coun
     assert (stats["steps"], stats["dropped"]) == (len(seen), 300 - len(seen))
 
 
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_a_node_on_a_latest_input_steps_next_on_the_newest_chunk(transport):
+    # Not on the chunks that came while it stepped (it would lag behind for good).
+    sent_all = threading.Event()
+
+    class Waits(Collect):
+        def step(self, data_chunks):
+            if not self.seen:
+                sent_all.wait(10)  # while it steps on its first chunk, all the others come
+            super().step(data_chunks)
+
+    count, waits = Count("count", 300, sent_all=sent_all), Waits("waits", 0, threading.Event())
+    with trio.fail_after(20):
+        await run_pipeline(
+            [count, waits],
+            [(count, waits)],
+            until=sent_all,
+            stop=["count"],
+            transport=transport,
+            latest=[(count, waits)],
+        )
+    seen = [chunks["count"] for chunks in waits.seen]
+    assert seen == sorted(set(seen)) and seen[-1] == 300
+    assert len(seen) <= 3, seen  # the first, then the newest (maybe one on its way)
+
+
 async def test_a_source_stops_after_its_current_step_and_what_it_made_arrives():
     class Slow(cp.Node):
         def prep(self):
