@@ -11,14 +11,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._data import DataChunk, DecodeError, cluster_time_ns
-from ._errors import CommitGraphError, NodeError
+from ._errors import CommitGraphError, NodeError, WorkerLeftError
 from ._logging import debug
 from ._node import Node, NodeState
 from ._version import __version__
 
 # Tracebacks name the errors as they are imported: chimera.NodeError, not
 # chimera._errors.NodeError (pickles too: chimera has them).
-for _error in (CommitGraphError, DecodeError, NodeError):
+for _error in (CommitGraphError, DecodeError, NodeError, WorkerLeftError):
     _error.__module__ = __name__
 del _error
 
@@ -49,6 +49,7 @@ __all__ = [
     "NodeError",
     "NodeState",
     "Worker",
+    "WorkerLeftError",
     "__version__",
     "cluster_time_ns",
     "debug",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CommitGraphError", "NodeError"]
+__all__ = ["CommitGraphError", "NodeError", "WorkerLeftError"]
 
 
 class NodeError(Exception):
@@ -35,6 +35,11 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.args[0].rstrip()}\n"""'
+
+
+class WorkerLeftError(RuntimeError):
+    """A Worker left -- it shut down, or its connection was lost -- while a
+    call needed it (its nodes are gone: FAILED, or SHUTDOWN if it closed them)."""
 
 
 class CommitGraphError(ValueError):

@@ -49,7 +49,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 from . import _protocol as protocol
 from ._collect import Incoming, Progress, files_under, read_body, summarize, verify
 from ._data import DataChunk, DecodeError, decode_chunk
-from ._errors import CommitGraphError, NodeError
+from ._errors import CommitGraphError, NodeError, WorkerLeftError
 from ._graph import Graph
 from ._mapping import resolve_mapping
 from ._packages import Package, pack
@@ -78,10 +78,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 #: Node states after which a node's Worker may leave without failing it.
 _ENDED = frozenset({"STOPPED", "SAVED", "SHUTDOWN", "FAILED"})
-
-
-class _WorkerLeft(RuntimeError):
-    """The Worker a request was for left (before it, or during it)."""
 
 
 @dataclass
@@ -897,7 +893,7 @@ class AsyncManager(Service):
                 return
             try:
                 await fn(worker_id, node_ids)
-            except _WorkerLeft:
+            except WorkerLeftError:
                 if not without_left:
                     raise
                 left.append(self._left.get(worker_id, worker_id))
@@ -923,7 +919,7 @@ class AsyncManager(Service):
         info = self._workers.get(worker_id)
         if info is None or info._send is None:
             if worker_id in self._left:
-                raise _WorkerLeft(f"worker {self._left[worker_id]!r} left")
+                raise WorkerLeftError(f"worker {self._left[worker_id]!r} left")
             raise RuntimeError(f"worker {worker_id} is not connected")
         request_id = next(self._request_ids)
         pending = info._pending[request_id] = _Pending()
@@ -932,7 +928,7 @@ class AsyncManager(Service):
         await pending.done.wait()
         reply = pending.reply
         if reply is None:
-            raise _WorkerLeft(f"worker {info.name!r} left during {command}")
+            raise WorkerLeftError(f"worker {info.name!r} left before it answered ({command})")
         if not reply["ok"]:
             if reply["node"] is not None:
                 raise NodeError(reply["node"], reply["error"], reply["traceback"] or "")

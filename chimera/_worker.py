@@ -163,6 +163,8 @@ class AsyncWorker(Service):
         self._session_scope: trio.CancelScope | None = None
         #: The name of each node this Worker runs, by id (their logs go to the Manager).
         self._node_names: dict[str, str] = {}
+        #: Set once the Worker closes its nodes to leave: it answers no more requests.
+        self._leaving = False
         #: The folder each node this Worker runs saves into, by id.
         self._node_folders: dict[str, Path] = {}
         self._zygote: Zygote | None = None
@@ -200,6 +202,7 @@ class AsyncWorker(Service):
             try:
                 yield
             finally:
+                self._leaving = True
                 with trio.CancelScope(shield=True):
                     await self._close_nodes()
                 self._zygote_scope.cancel()
@@ -209,6 +212,7 @@ class AsyncWorker(Service):
 
     async def shutdown(self) -> None:
         """Close every node (stopping those that run) and leave the Manager."""
+        self._leaving = True
         await self._close_nodes()
         if self._session_scope is not None:
             self._session_scope.cancel()
@@ -278,7 +282,7 @@ class AsyncWorker(Service):
                 )
             if answer["type"] != "welcome":
                 raise protocol.ProtocolError(f"expected welcome, got {answer['type']}")
-            self._connected = True
+            self._connected, self._leaving = True, False
             # Nodes listen where this machine reached the Manager: other Workers
             # reach it there too (and a cluster on loopback stays on loopback).
             local = ws.local
@@ -369,6 +373,10 @@ class AsyncWorker(Service):
         except Exception as exc:
             log.exception("worker %r: %s failed", self.name, request["command"])
             reply.update(ok=False, error=f"{request['command']}: {exc!r}")
+        if self._leaving:
+            # Its nodes are being closed, whatever the command did: no answer
+            # (the Manager hears that the Worker left: WorkerLeftError).
+            return
         # Behind the events this request caused (node states): the Manager
         # sees them before the reply.
         self._events_in.send_nowait(protocol.make("reply", id=request["id"], **reply))

@@ -18,6 +18,7 @@ from functools import partial
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 import chimera as cp
 from chimera import _manager
@@ -354,6 +355,35 @@ async def test_a_node_that_cannot_be_pickled_is_refused_before_anything_starts(t
             del b.lock
             assert await manager.commit_graph(graph, {"local": ["a", "b"]})
             await manager.shutdown()
+
+
+#: Lets GatedPrep's prep return.
+PREP_GATE = threading.Event()
+
+
+class GatedPrep(cp.Node):
+    def prep(self):
+        assert PREP_GATE.wait(20)
+
+
+async def test_a_worker_leaving_during_commit_makes_it_raise_not_return_true(tmp_path):
+    PREP_GATE.clear()
+    graph = cp.Graph()
+    graph.add_edge(cp.Node("camera"), GatedPrep("model"))
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local", "remote") as (manager, (local, remote)):
+            async with trio.open_nursery() as nursery:
+
+                async def leave_once_in_prep() -> None:
+                    await manager.wait_for_node_state("model", "CONNECTED")
+                    nursery.start_soon(remote.shutdown)  # (Ctrl-C on `chimera worker`)
+                    await trio.testing.wait_all_tasks_blocked()  # it waits for the prep
+                    PREP_GATE.set()
+
+                nursery.start_soon(leave_once_in_prep)
+                with pytest.raises(cp.WorkerLeftError, match="worker 'remote' left"):
+                    await manager.commit_graph(graph, {"local": ["camera"], "remote": ["model"]})
+            assert local.nodes == {}  # what was created is closed again
 
 
 #: Set once the Manager logs that a commit waits for a node in prep.
