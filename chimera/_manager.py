@@ -212,8 +212,9 @@ class AsyncManager(Service):
     def state(self) -> dict[str, Any]:
         """The cluster's state, as ``GET /api/state`` returns it: the Workers, and
         each committed node (its Worker, state, the reason of a failure, steps
-        done, chunks its inputs dropped, steps per second, and the address its
-        outlet listens on once it is created: None for a node without outputs)."""
+        done, chunks its inputs dropped, steps per second (0 unless it is
+        RUNNING), and the address its outlet listens on once it is created:
+        None for a node without outputs)."""
         return {
             "workers": [
                 {"id": info.id, "name": info.name, "connected_ns": info.connected_ns}
@@ -240,6 +241,8 @@ class AsyncManager(Service):
         self.nodes[node_id] = state
         info = self._node_info.setdefault(node_id, {"name": node_id})
         info["state"], info["reason"] = state, reason
+        if state != "RUNNING":  # it steps no more
+            info["fps"] = 0.0
         self._nodes_changed.unpark_all()
         self._publish({"type": "node_state", "id": node_id, **info})
 
@@ -289,7 +292,9 @@ class AsyncManager(Service):
             if not all(isinstance(value, int) for value in (steps, dropped, waited)):
                 continue
             last = self._steps_sampled.get(node_id)
-            if last is not None and now > last[0]:
+            if info.get("state") != "RUNNING":  # (its last figures, which stop() brings)
+                info["fps"] = 0.0
+            elif last is not None and now > last[0]:
                 info["fps"] = round((steps - last[1]) * 1e9 / (now - last[0]), 1)
             self._steps_sampled[node_id] = (now, steps)
             info["steps"], info["dropped"], info["writer_wait_ms"] = steps, dropped, waited

@@ -273,3 +273,31 @@ async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(
         assert line in (tmp_path / "nodes.log").read_text()
     handlers = logging.getLogger("chimera.node").handlers
     assert not [h for h in handlers if type(h).__name__ == "_ForwardNodeLogs"]
+
+
+async def test_a_node_that_does_not_run_has_no_fps(tmp_path):
+    import chimera as cp
+
+    from .test_runtime import Count, Double
+
+    graph = cp.Graph()
+    graph.add_edge(Count("count", 10**9), Double("double"))
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("local") as worker:
+                assert await worker.connect(manager.host, manager.port)
+                url = f"ws://127.0.0.1:{manager.port}/ws/events"
+                async with trio_websocket.open_websocket_url(url) as events:
+                    await events.get_message()  # the state
+                    await manager.commit_graph(graph, {"local": ["count", "double"]})
+                    await manager.start()
+                    while True:  # until the nodes were seen stepping
+                        event = json.loads(await events.get_message())
+                        if event["type"] == "node_stats" and all(
+                            node["fps"] > 0 for node in event["nodes"]
+                        ):
+                            break
+                    await manager.stop()  # (their last figures come with it)
+                    assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
+                    await manager.shutdown()
+                    assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
