@@ -6,6 +6,7 @@
   :mod:`chimera._protocol`): a ``hello`` registers it, ``clock`` requests are
   answered with the Manager's clock;
 - ``GET /api/state``: the cluster's state as JSON;
+- ``/ws/events``: that state, then each change of it (see :meth:`AsyncManager._events_session`);
 - ``GET /packages/NAME.zip``: a package :meth:`AsyncManager.distribute_packages`
   ships, for the Workers to download;
 - ``POST /uploads/KEY``: what a Worker sends back for a request that named KEY
@@ -216,15 +217,13 @@ class AsyncManager(Service):
         RUNNING), and the address its outlet listens on once it is created:
         None for a node without outputs)."""
         return {
-            "workers": [
-                {"id": info.id, "name": info.name, "connected_ns": info.connected_ns}
-                for info in self._workers.values()
-            ],
-            "nodes": [
-                {"id": node_id, **info, "address": self._addresses.get(node_id)}
-                for node_id, info in self._node_info.items()
-            ],
+            "workers": [_worker_entry(info) for info in self._workers.values()],
+            "nodes": [self._node_entry(node_id) for node_id in self._node_info],
         }
+
+    def _node_entry(self, node_id: str) -> dict[str, Any]:
+        """What :meth:`state` says of a node of the mapped graph."""
+        return {"id": node_id, **self._node_info[node_id], "address": self._addresses.get(node_id)}
 
     def _publish(self, event: dict[str, Any]) -> None:
         """Push *event* to every ``/ws/events`` subscriber (a slow one is dropped)."""
@@ -238,13 +237,26 @@ class AsyncManager(Service):
                 self._subscribers.discard(subscriber)
 
     def _set_node_state(self, node_id: str, state: str, reason: str | None) -> None:
+        """Record a node's state, and publish its entry if that or the reason changed."""
+        info = self._node_info.get(node_id)
+        if self.nodes.get(node_id) == state and (info is None or info["reason"] == reason):
+            return
         self.nodes[node_id] = state
-        info = self._node_info.setdefault(node_id, {"name": node_id})
+        self._nodes_changed.unpark_all()
+        if info is None:  # a node of a graph mapped before: not in the state any more
+            return
         info["state"], info["reason"] = state, reason
         if state != "RUNNING":  # it steps no more
             info["fps"] = 0.0
-        self._nodes_changed.unpark_all()
-        self._publish({"type": "node_state", "id": node_id, **info})
+        self._publish({"type": "node_state", **self._node_entry(node_id)})
+
+    def _set_node_addresses(self, addresses: Mapping[str, str | None]) -> None:
+        """Record where nodes listen, and publish the entry of each whose address changed."""
+        for node_id, address in addresses.items():
+            changed = self._addresses.get(node_id) != address
+            self._addresses[node_id] = address
+            if changed and node_id in self._node_info:
+                self._publish({"type": "node_address", **self._node_entry(node_id)})
 
     def _node_log(self, worker: str, message: dict[str, Any]) -> None:
         """A node's log record: log it here, append it to ``nodes.log``, publish it."""
@@ -414,10 +426,11 @@ class AsyncManager(Service):
         names = {node_id: name for node_id, name in graph.G.nodes(data="name")}
         self._node_names = names
         self._node_ids = {name: node_id for node_id, name in names.items()}
-        self._addresses = {}
 
     def map_graph(self, worker_graph_map: Mapping[str, Sequence[str]]) -> None:
-        """Say which Worker runs which nodes of the registered graph.
+        """Say which Worker runs which nodes of the registered graph: these are
+        the nodes :meth:`state` shows from now on (``/ws/events`` publishes a
+        ``graph`` event).
 
         Raises:
             CommitGraphError: see :meth:`commit_graph`.
@@ -432,6 +445,7 @@ class AsyncManager(Service):
         # A graph mapped anew is a new session (its own folder, start and stop).
         self._session, self._started_ns, self._stopped_ns = None, None, None
         self._steps_sampled = {}
+        self._addresses = {}
         self._node_info = {
             node_id: {
                 "name": self._node_names[node_id],
@@ -446,6 +460,7 @@ class AsyncManager(Service):
             for worker_id, node_ids in self._mapping.items()
             for node_id in node_ids
         }
+        self._publish({"type": "graph", "nodes": self.state()["nodes"]})
 
     async def create_p2p_network(self) -> bool:
         """Create every mapped node on its Worker (each Worker's in parallel). Returns True.
@@ -472,7 +487,7 @@ class AsyncManager(Service):
         local = set(self._mapping.get(worker_id, []))
         specs = [self._spec(graph, node_id, self._node_names, local) for node_id in node_ids]
         result = await self._request(worker_id, "create_nodes", nodes=specs)
-        self._addresses.update(result["addresses"])
+        self._set_node_addresses(result["addresses"])
 
     def request_node_server_data(self, worker_id: str) -> bool:
         """Whether the address of every node of *worker_id* is known (nodes
@@ -1005,7 +1020,10 @@ class AsyncManager(Service):
         return query.get("token") == [self._token]
 
     async def _events_session(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        """``/ws/events``: the state, then every change as it happens (JSON texts)."""
+        """``/ws/events``: the state (``"type": "state"``), then every change of
+        it as it happens (JSON texts: ``graph``, ``node_state``,
+        ``node_address``, ``node_stats``, ``worker_joined``, ``worker_left``;
+        see docs/nodes.md)."""
         if (await receive())["type"] != "websocket.connect":
             return
         if not self._authorized(scope):
@@ -1015,7 +1033,8 @@ class AsyncManager(Service):
         sender, events = trio.open_memory_channel[str](1000)
         self._subscribers.add(sender)
         try:
-            await send({"type": "websocket.send", "text": json.dumps(self.state())})
+            snapshot = {"type": "state", **self.state()}
+            await send({"type": "websocket.send", "text": json.dumps(snapshot)})
             async with trio.open_nursery() as nursery:
 
                 async def until_disconnect() -> None:
@@ -1115,7 +1134,7 @@ class AsyncManager(Service):
                     self._workers[info.id] = info
                     self._workers_changed.unpark_all()
                     log.info("worker %r (%s) connected", info.name, info.id)
-                    self._publish({"type": "worker_joined", "id": info.id, "name": info.name})
+                    self._publish({"type": "worker_joined", **_worker_entry(info)})
                     await reply("welcome", worker_id=info.id)
                 elif kind == "log" and info is not None:
                     self._node_log(info.name, message)
@@ -1138,8 +1157,13 @@ class AsyncManager(Service):
                     pending.done.set()  # no reply will come: the request fails
                 del self._workers[info.id]
                 self._workers_changed.unpark_all()
-                self._publish({"type": "worker_left", "id": info.id, "name": info.name})
+                self._publish({"type": "worker_left", **_worker_entry(info)})
                 self._worker_left(info)
+
+
+def _worker_entry(info: WorkerInfo) -> dict[str, Any]:
+    """What :meth:`AsyncManager.state` says of a Worker."""
+    return {"id": info.id, "name": info.name, "connected_ns": info.connected_ns}
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -301,3 +302,79 @@ async def test_a_node_that_does_not_run_has_no_fps(tmp_path):
                     assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
                     await manager.shutdown()
                     assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
+
+
+def follow(picture: dict, event: dict) -> None:
+    """Update *picture* (what a dashboard shows) with one ``/ws/events`` event,
+    as docs/nodes.md says."""
+    kind = event.pop("type")
+    if kind == "state":
+        picture.clear()
+        picture.update(event)
+    elif kind in ("graph", "node_stats"):
+        picture["nodes"] = event["nodes"]
+    elif kind in ("node_state", "node_address"):
+        others = [node for node in picture["nodes"] if node["id"] != event["id"]]
+        if len(others) == len(picture["nodes"]):
+            picture["nodes"].append(event)
+        else:
+            picture["nodes"] = [event if n["id"] == event["id"] else n for n in picture["nodes"]]
+    elif kind == "worker_joined":
+        picture["workers"].append(event)
+    elif kind == "worker_left":
+        picture["workers"] = [w for w in picture["workers"] if w["id"] != event["id"]]
+
+
+def without_figures(nodes: list[dict]) -> list[dict]:
+    figures = ("steps", "dropped", "writer_wait_ms", "fps")
+    return [{key: value for key, value in node.items() if key not in figures} for node in nodes]
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_a_client_following_the_events_sees_what_api_state_says(tmp_path, transport):
+    import chimera as cp
+
+    from .test_runtime import Count, Double
+
+    first = cp.Graph()
+    first.add_edge(Count("count", 10**9), Double("double"))
+    second = cp.Graph()
+    second.add_edge(Count("again", 10**9), Double("twice"))
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, transport=transport) as manager:
+            url = f"ws://127.0.0.1:{manager.port}/ws/events"
+            async with trio_websocket.open_websocket_url(url) as events:
+                snapshot = json.loads(await events.get_message())
+                assert snapshot == {"type": "state", "workers": [], "nodes": []}
+                picture: dict = {}
+                follow(picture, snapshot)
+                async with AsyncWorker("local") as worker:
+                    assert await worker.connect(manager.host, manager.port)
+                    await manager.commit_graph(first, {"local": ["count", "double"]})
+                    await manager.start()
+                    await manager.stop()
+                    await manager.shutdown()
+                    # Step by step: the nodes of the first graph leave the state,
+                    # and the new one's address comes with its creation.
+                    manager.register_graph(second)
+                    manager.map_graph({"local": ["again", "twice"]})
+                    await manager.create_p2p_network()
+                    published: dict[str, list] = {}
+                    while picture != manager.state():
+                        event = json.loads(await events.get_message())
+                        if event["type"] == "worker_joined":
+                            assert set(event) == {"type", "id", "name", "connected_ns"}
+                        if event["type"] in ("node_state", "node_address"):
+                            assert set(event) == {"type", *manager.state()["nodes"][0]}
+                        if event["type"] == "node_stats":  # only the figures are new
+                            assert without_figures(event["nodes"]) == without_figures(
+                                picture["nodes"]
+                            )
+                        if event["type"] == "node_state":
+                            published.setdefault(event["name"], []).append(
+                                (event["state"], event["reason"])
+                            )
+                        follow(picture, event)
+    for name, changes in published.items():  # each a change
+        assert all(a != b for a, b in itertools.pairwise(changes)), (name, changes)
+    assert published["count"][-1] == ("SHUTDOWN", None)
