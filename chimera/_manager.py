@@ -68,6 +68,9 @@ COMMIT_SLOW = 60.0
 COMMIT_CLEANUP_TIMEOUT = 30.0
 #: The largest upload a Worker may send, in bytes.
 MAX_UPLOAD = 1 << 30
+#: Longest wait, as the Manager closes, for its ``/ws/events`` clients to
+#: answer its close frame, in seconds.
+EVENTS_CLOSE_TIMEOUT = 2.0
 
 log = logging.getLogger("chimera.manager")
 #: The Manager logs each node's records under ``chimera.manager.node.NAME``.
@@ -170,6 +173,9 @@ class AsyncManager(Service):
         self.logs_address: str | None = None
         #: Subscribers to the events (``/ws/events``).
         self._subscribers: set[trio.MemorySendChannel[str]] = set()
+        self._subscribers_changed = trio.lowlevel.ParkingLot()
+        #: Whether the Manager is closing (its ``/ws/events`` clients are told so).
+        self._closing = False
         self._workers_changed = trio.lowlevel.ParkingLot()
         #: The packages shipped to the Workers, by name.
         self._packages: dict[str, Package] = {}
@@ -987,6 +993,8 @@ class AsyncManager(Service):
             try:
                 yield self
             finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(EVENTS_CLOSE_TIMEOUT):
+                    await self._close_events()
                 nursery.cancel_scope.cancel()  # closes the port and every connection
                 self._log_file.close()
                 if self._log_publisher is not None:
@@ -1008,6 +1016,15 @@ class AsyncManager(Service):
                 await receive()  # websocket.connect
                 await send({"type": "websocket.close", "code": 4404})
 
+    async def _close_events(self) -> None:
+        """Close every ``/ws/events`` connection with code 1001 (going away),
+        after the events already published; return once they are closed."""
+        self._closing = True
+        for subscriber in self._subscribers:
+            subscriber.close()
+        while self._subscribers:
+            await self._subscribers_changed.park()
+
     def _authorized(self, scope: dict[str, Any]) -> bool:
         """Whether an API client presents the token (if the Manager has one):
         ``Authorization: Bearer TOKEN``, or ``?token=TOKEN``."""
@@ -1023,7 +1040,8 @@ class AsyncManager(Service):
         """``/ws/events``: the state (``"type": "state"``), then every change of
         it as it happens (JSON texts: ``graph``, ``node_state``,
         ``node_address``, ``node_stats``, ``worker_joined``, ``worker_left``;
-        see docs/nodes.md)."""
+        see docs/nodes.md). Closed with code 1001 when the Manager closes,
+        1008 if the client reads too slowly to keep up."""
         if (await receive())["type"] != "websocket.connect":
             return
         if not self._authorized(scope):
@@ -1032,6 +1050,8 @@ class AsyncManager(Service):
         await send({"type": "websocket.accept"})
         sender, events = trio.open_memory_channel[str](1000)
         self._subscribers.add(sender)
+        if self._closing:
+            sender.close()
         try:
             snapshot = {"type": "state", **self.state()}
             await send({"type": "websocket.send", "text": json.dumps(snapshot)})
@@ -1045,10 +1065,13 @@ class AsyncManager(Service):
                 nursery.start_soon(until_disconnect)
                 async for text in events:
                     await send({"type": "websocket.send", "text": text})
-                await send({"type": "websocket.close", "code": 1008})  # too slow
-                nursery.cancel_scope.cancel()
+                # The channel was closed: the Manager closes, or the client is too slow.
+                await send({"type": "websocket.close", "code": 1001 if self._closing else 1008})
+                # Until the client answers (until_disconnect), or for EVENTS_CLOSE_TIMEOUT.
+                nursery.cancel_scope.deadline = trio.current_time() + EVENTS_CLOSE_TIMEOUT
         finally:
             self._subscribers.discard(sender)
+            self._subscribers_changed.unpark_all()
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]

@@ -378,3 +378,15 @@ async def test_a_client_following_the_events_sees_what_api_state_says(tmp_path, 
     for name, changes in published.items():  # each a change
         assert all(a != b for a, b in itertools.pairwise(changes)), (name, changes)
     assert published["count"][-1] == ("SHUTDOWN", None)
+
+
+async def test_events_clients_hear_that_the_manager_goes_away(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with AsyncManager(tmp_path, port=0) as manager:
+                url = f"ws://127.0.0.1:{manager.port}/ws/events"
+                events = await trio_websocket.connect_websocket_url(nursery, url)
+                await events.get_message()  # the state
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await events.get_message()
+            assert closed.value.reason.code == 1001  # going away (not 1006: abnormal)
