@@ -114,10 +114,12 @@ class AsyncManager(Service):
         max_num_of_workers: the most Workers a graph may be mapped to.
         publish_logs_via_zmq: whether to publish node logs on an nng PUB socket
             (:attr:`logs_address`; the name is ChimeraPy's, the socket nng's:
-            subscribe with pynng, or any nng/NNG-compatible SUB socket).
+            subscribe with pynng, or any nng/NNG-compatible SUB socket). It
+            checks no token: whoever reaches *host* reads the logs.
         dashboard_api: whether ``/api/state`` is served.
         host: the address to listen on (loopback by default).
-        token: if set, a Worker must present it (or ``CHIMERA_TOKEN``) to check in.
+        token: if set, a Worker must present it (or ``CHIMERA_TOKEN``) to check
+            in, and an API client (``/api/state``, ``/ws/events``) to be answered.
         transport: the data plane between nodes: ``"tcp"``, ``"nng"``, or
             ``"memory"`` (every Worker in this Trio run: for tests).
         allow_objects: whether chunks may carry any Python object, pickled
@@ -1014,7 +1016,7 @@ class AsyncManager(Service):
                 await self._events_session(scope, receive, send)
             else:
                 await receive()  # websocket.connect
-                await send({"type": "websocket.close", "code": 4404})
+                await _refuse_websocket(send, 404, {"error": f"no WebSocket {scope['path']}"})
 
     async def _close_events(self) -> None:
         """Close every ``/ws/events`` connection with code 1001 (going away),
@@ -1027,11 +1029,13 @@ class AsyncManager(Service):
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
         """Whether an API client presents the token (if the Manager has one):
-        ``Authorization: Bearer TOKEN``, or ``?token=TOKEN``."""
+        ``Authorization: Bearer TOKEN`` (the scheme in any case), or ``?token=TOKEN``."""
         if self._token is None:
             return True
         headers = dict(scope.get("headers") or [])
-        if headers.get(b"authorization", b"").decode(errors="replace") == f"Bearer {self._token}":
+        authorization = headers.get(b"authorization", b"").decode(errors="replace")
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.lstrip(" ") == self._token:
             return True
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode(errors="replace"))
         return query.get("token") == [self._token]
@@ -1045,7 +1049,7 @@ class AsyncManager(Service):
         if (await receive())["type"] != "websocket.connect":
             return
         if not self._authorized(scope):
-            await send({"type": "websocket.close", "code": 4401})
+            await _refuse_websocket(send, 401, {"error": "refused: wrong or missing token"})
             return
         await send({"type": "websocket.accept"})
         sender, events = trio.open_memory_channel[str](1000)
@@ -1244,6 +1248,15 @@ def _decode_gathered(data: bytes) -> dict[str, DataChunk | None]:
         node_id: None if frames is None else decode_chunk(frames)
         for node_id, frames in gathered.items()
     }
+
+
+async def _refuse_websocket(send: Send, status: int, body: Any) -> None:
+    """Refuse a WebSocket handshake with an HTTP response: *status*, and *body*
+    as JSON (the ASGI extension ``websocket.http.response``, which hypercorn has)."""
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": data})
 
 
 async def _respond(send: Send, status: int, body: Any) -> None:

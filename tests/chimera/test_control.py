@@ -390,3 +390,31 @@ async def test_events_clients_hear_that_the_manager_goes_away(tmp_path):
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await events.get_message()
             assert closed.value.reason.code == 1001  # going away (not 1006: abnormal)
+
+
+async def test_a_refused_events_client_learns_why(tmp_path):
+    async def handshake(url: str, headers=()) -> int:
+        try:
+            async with trio_websocket.open_websocket_url(url, extra_headers=list(headers)):
+                return 101
+        except trio_websocket.ConnectionRejected as refused:
+            assert json.loads(refused.body)["error"]
+            return refused.status_code
+
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0, token="s3cret") as manager:
+            base = f"ws://127.0.0.1:{manager.port}"
+            assert await handshake(f"{base}/ws/events") == 401
+            assert await handshake(f"{base}/ws/events?token=nope") == 401
+            assert await handshake(f"{base}/ws/nothing?token=s3cret") == 404
+            assert await handshake(f"{base}/ws/events?token=s3cret") == 101
+            # An authentication scheme is case-insensitive (RFC 9110).
+            for scheme in ("Bearer", "bearer", "BEARER"):
+                authorization = (b"Authorization", f"{scheme} s3cret".encode())
+                assert await handshake(f"{base}/ws/events", [authorization]) == 101
+                async with httpx.AsyncClient() as client:
+                    answer = await client.get(
+                        f"http://127.0.0.1:{manager.port}/api/state",
+                        headers={"Authorization": f"{scheme} s3cret"},
+                    )
+                assert answer.status_code == 200
