@@ -251,12 +251,24 @@ class Manager:
 
 
 class Worker:
-    """Runs nodes on this machine, blocking (ChimeraPy's ``Worker``)."""
+    """Runs nodes on this machine, blocking (ChimeraPy's ``Worker``).
+
+    Same arguments as :class:`~chimera.AsyncWorker` (``token=`` too).
+
+    Raises:
+        ValueError: *name* cannot name a folder (see :class:`~chimera.AsyncWorker`).
+    """
 
     def __init__(
-        self, name: str, port: int = 10000, delete_temp: bool = True, id: str | None = None
+        self,
+        name: str,
+        port: int = 10000,
+        delete_temp: bool = True,
+        id: str | None = None,
+        *,
+        token: str | None = None,
     ) -> None:
-        worker = AsyncWorker(name, port, delete_temp, id)
+        worker = AsyncWorker(name, port, delete_temp, id, token=token)
         self._loop = _LoopThread(worker, f"chimera-worker-{name}")
         self._worker = worker
 

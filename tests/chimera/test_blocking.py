@@ -55,6 +55,17 @@ def test_manager_and_worker_run_a_graph_and_leave_nothing_behind(tmp_path):
         manager.start()
 
 
+def test_a_worker_presents_the_token_it_is_given(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHIMERA_TOKEN", raising=False)
+    manager = cp.Manager(logdir=tmp_path, port=0, token="s3cret")
+    worker = cp.Worker(name="friend", port=0, token="s3cret")
+    try:
+        assert worker.connect(host=manager.host, port=manager.port)
+    finally:
+        worker.shutdown()
+        manager.shutdown()
+
+
 def test_the_manager_publishes_node_logs_where_it_says(tmp_path):
     import pynng
 
