@@ -75,6 +75,8 @@ EVENTS_CLOSE_TIMEOUT = 2.0
 log = logging.getLogger("chimera.manager")
 #: The Manager logs each node's records under ``chimera.manager.node.NAME``.
 NODE_LOGS = "chimera.manager.node"
+#: What starts each line after the first of a record in ``nodes.log`` (and as published).
+CONTINUATION = "    "
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -267,17 +269,17 @@ class AsyncManager(Service):
                 self._publish({"type": "node_address", **self._node_entry(node_id)})
 
     def _node_log(self, worker: str, message: dict[str, Any]) -> None:
-        """A node's log record: log it here, append it to ``nodes.log``, publish it."""
+        """A node's log record: log it here, append it to ``nodes.log``, publish it
+        (``TIME LEVEL WORKER/NODE: message``, each line of the message after the
+        first starting with :data:`CONTINUATION`; see :func:`_log_time`)."""
         # Not under the node's own logger: a Worker in this process forwards
         # that one's records here, and would again.
         logging.getLogger(f"{NODE_LOGS}.{message['node']}").log(
             message["level"], "[%s/%s] %s", worker, message["node"], message["text"]
         )
-        stamp = datetime.datetime.fromtimestamp(message["time_ns"] / 1e9).isoformat(
-            timespec="milliseconds"
-        )
         level = logging.getLevelName(message["level"])
-        line = f"{stamp} {level} {worker}/{message['node']}: {message['text']}\n"
+        text = f"\n{CONTINUATION}".join(message["text"].splitlines())
+        line = f"{_log_time(message['time_ns'])} {level} {worker}/{message['node']}: {text}\n"
         if self._log_file is not None:
             self._log_file.write(line)
             self._log_file.flush()
@@ -1186,6 +1188,13 @@ class AsyncManager(Service):
                 self._workers_changed.unpark_all()
                 self._publish({"type": "worker_left", **_worker_entry(info)})
                 self._worker_left(info)
+
+
+def _log_time(time_ns: int) -> str:
+    """*time_ns* (cluster time) as ``nodes.log`` says it: ISO 8601, local time
+    with its UTC offset, to the millisecond (``2025-05-01T14:03:07.123+02:00``)."""
+    local = datetime.datetime.fromtimestamp(time_ns / 1e9).astimezone()
+    return local.isoformat(timespec="milliseconds")
 
 
 def _worker_entry(info: WorkerInfo) -> dict[str, Any]:

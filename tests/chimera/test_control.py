@@ -418,3 +418,38 @@ async def test_a_refused_events_client_learns_why(tmp_path):
                         headers={"Authorization": f"{scheme} s3cret"},
                     )
                 assert answer.status_code == 200
+
+
+async def test_a_log_record_of_several_lines_stays_one_record(tmp_path):
+    import datetime
+    import re
+    import time
+
+    import pynng
+
+    import chimera as cp
+
+    class Verbose(cp.Node):
+        def step(self):
+            self.logger.warning("two\nlines\r\nand three\n")
+            threading.Event().wait(0.01)
+
+    graph = cp.Graph()
+    graph.add_node(Verbose("verbose"))
+    with trio.fail_after(30):
+        async with AsyncManager(
+            tmp_path, port=0, transport="memory", publish_logs_via_zmq=True
+        ) as manager:
+            with pynng.Sub0(dial=manager.logs_address, topics=b"") as subscriber:
+                async with AsyncWorker("local") as worker:
+                    assert await worker.connect(manager.host, manager.port)
+                    await manager.commit_graph(graph, {"local": ["verbose"]})
+                    await manager.start()
+                    record = (await subscriber.arecv()).decode()
+                    await manager.stop()
+    stamp, rest = record.split(" ", 1)
+    assert rest == "WARNING local/verbose: two\n    lines\n    and three\n"
+    # ISO 8601 with the UTC offset, to the millisecond.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", stamp)
+    assert abs(datetime.datetime.fromisoformat(stamp).timestamp() - time.time()) < 60
+    assert record in (tmp_path / "nodes.log").read_text()
