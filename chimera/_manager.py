@@ -173,7 +173,9 @@ class AsyncManager(Service):
         self._steps_sampled: dict[str, tuple[int, int]] = {}
         self._log_file: TextIO | None = None
         self._log_publisher: pynng.Pub0 | None = None
-        #: Where node logs are published (``publish_logs_via_zmq=True``), once running.
+        #: Where node logs are published (``publish_logs_via_zmq=True``), once
+        #: running: ``tcp://HOST:PORT``, HOST loopback if *host* is every
+        #: interface (from another machine, dial the Manager's address and PORT).
         self.logs_address: str | None = None
         #: Subscribers to the events (``/ws/events``).
         self._subscribers: set[trio.MemorySendChannel[str]] = set()
@@ -976,7 +978,7 @@ class AsyncManager(Service):
             self._log_publisher = pynng.Pub0(listen=f"tcp://{self._url_host}:0")
             # pynng 0.9's local_address.port is byte-swapped: read the string form.
             port = str(self._log_publisher.listeners[0].local_address).rsplit(":", 1)[1]
-            self.logs_address = f"tcp://{self._url_host}:{port}"
+            self.logs_address = f"tcp://{_dialable(self.host)}:{port}"
         config = hypercorn.config.Config()
         config.bind = [f"{self._url_host}:{self.port}"]
         config.accesslog = None
@@ -1188,6 +1190,14 @@ class AsyncManager(Service):
                 self._workers_changed.unpark_all()
                 self._publish({"type": "worker_left", **_worker_entry(info)})
                 self._worker_left(info)
+
+
+def _dialable(host: str) -> str:
+    """How a client on this machine names, in a URL, a socket listening on
+    *host*: every interface (``0.0.0.0``, ``::``) as loopback, an IPv6
+    address in brackets."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host
 
 
 def _log_time(time_ns: int) -> str:

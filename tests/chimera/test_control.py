@@ -453,3 +453,13 @@ async def test_a_log_record_of_several_lines_stays_one_record(tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", stamp)
     assert abs(datetime.datetime.fromisoformat(stamp).timestamp() - time.time()) < 60
     assert record in (tmp_path / "nodes.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("host", "dialed"),
+    [("0.0.0.0", "127.0.0.1"), ("::", "[::1]"), ("10.0.0.5", "10.0.0.5"), ("::1", "[::1]")],
+)
+def test_logs_are_published_at_an_address_a_client_can_dial(host, dialed):
+    from chimera._manager import _dialable
+
+    assert _dialable(host) == dialed
