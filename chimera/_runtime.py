@@ -804,6 +804,8 @@ class NodeRuntime:
                 return await fn(*args)
             except (Exception, SystemExit) as exc:  # (not a KeyboardInterrupt: Ctrl-C's)
                 raise self._raised(what, exc) from exc
+        if self._thread.closed:  # (closed while this call was on its way)
+            raise NodeError(self.node.name, f"{what}: the node is closed")
         try:
             return await self._thread.call(fn, *args, abandon=abandon)
         except trio.Cancelled:  # (abandon: the call goes on alone)

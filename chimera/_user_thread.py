@@ -53,13 +53,20 @@ class UserThread:
         self._jobs: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"chimera-node-{name}", daemon=True)
         self._token: trio.lowlevel.TrioToken | None = None
+        self._closed = False
 
     def start(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], args: tuple, done: Callable[[Result], None]) -> None:
-        """Queue ``fn(*args)``; *done* gets its result, in the Trio thread."""
+        """Queue ``fn(*args)``; *done* gets its result, in the Trio thread.
+
+        Raises:
+            RuntimeError: the thread was closed (it would never run the call).
+        """
+        if self._closed:
+            raise RuntimeError("the node is closed: its code runs no more")
         self._jobs.put((fn, args, done))
 
     async def call(self, fn: Callable[..., Any], *args: Any, abandon: bool = False) -> Any:
@@ -69,6 +76,7 @@ class UserThread:
         cancellation returns at once and leaves the call to finish alone.
 
         Raises:
+            RuntimeError: the thread was closed.
             Exception: whatever *fn* raised.
         """
         finished = trio.Event()
@@ -91,12 +99,18 @@ class UserThread:
 
     def close(self) -> None:
         """Let the thread end once the calls queued so far are done."""
+        self._closed = True
         self._jobs.put(None)
 
     async def join(self) -> None:
         """Wait for the thread to end after :meth:`close` (cancellable)."""
         if self._thread.ident is not None:
             await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: it takes no more calls."""
+        return self._closed
 
     @property
     def alive(self) -> bool:

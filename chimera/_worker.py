@@ -351,7 +351,8 @@ class AsyncWorker(Service):
                 self._clock_changed.unpark_all()
                 self._share_clock()
             elif message["type"] == "request":
-                nursery.start_soon(self._answer, message)
+                if not self._leaving:  # (leaving, it answers nothing more)
+                    nursery.start_soon(self._answer, message)
             elif message["type"] == "error":
                 log.warning("worker %r: the manager says: %s", self.name, message["error"])
             else:

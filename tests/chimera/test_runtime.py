@@ -389,6 +389,17 @@ async def test_a_teardown_that_raises_still_closes_what_its_node_saved(tmp_path)
     assert node.state is cp.NodeState.FAILED
 
 
+async def test_a_prep_asked_of_a_closed_node_is_refused_not_left_waiting():
+    # (A Worker told to prep while it closes its nodes to leave.)
+    node = Count("count", 1)
+    with trio.fail_after(10):
+        async with NodeRuntime(node) as runtime:
+            await runtime.aclose()
+            with pytest.raises(cp.NodeError, match="prep: the node is closed"):
+                await runtime.prep()
+    assert node.state is cp.NodeState.SHUTDOWN
+
+
 async def test_cancelling_a_run_still_runs_teardown_once():
     class Slow(cp.Node):
         torn_down = 0
