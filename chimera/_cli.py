@@ -11,7 +11,45 @@ from functools import partial
 
 import trio
 
+from ._recording import check_name
 from ._version import __version__
+
+
+def _port(text: str) -> int:
+    """A port to listen on, 0 to 65535 (an argparse type).
+
+    Raises:
+        argparse.ArgumentTypeError: *text* is not such a number.
+    """
+    if not text.isdecimal() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a port 0 to 65535 (0 picks a free one), not {text!r}"
+        )
+    return int(text)
+
+
+def _address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, the port 1 to 65535: the host and the port (an argparse type).
+
+    Raises:
+        argparse.ArgumentTypeError: *text* is not such an address (a URL, no port, ...).
+    """
+    host, _, port = text.rpartition(":")
+    if not host or "/" in host or not port.isdecimal() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, a port 1 to 65535, not {text!r}")
+    return host, int(port)
+
+
+def _worker_name(text: str) -> str:
+    """*text*, if it can name a Worker (an argparse type).
+
+    Raises:
+        argparse.ArgumentTypeError: it cannot name the Worker's folder in a session.
+    """
+    try:
+        return check_name(text, "worker name")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     manager = commands.add_parser(
         "manager", help="run a Manager until Ctrl-C", description="Run a Manager until Ctrl-C."
     )
-    manager.add_argument("--port", type=int, default=9000, help="0 picks a free port")
+    manager.add_argument("--port", type=_port, default=9000, help="0 picks a free port")
     manager.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     manager.add_argument("--logdir", default="chimera-logs", help="where sessions are written")
     manager.add_argument("--token", default=None, help="a token Workers must present")
@@ -38,8 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run a Worker for a Manager until Ctrl-C",
         description="Run a Worker connected to a Manager until Ctrl-C or the Manager leaves.",
     )
-    worker.add_argument("--name", required=True, help="the Worker's name in mappings")
-    worker.add_argument("--manager", required=True, metavar="HOST:PORT", help="the Manager")
+    worker.add_argument(
+        "--name", required=True, type=_worker_name, help="the Worker's name in mappings"
+    )
+    worker.add_argument(
+        "--manager", required=True, type=_address, metavar="HOST:PORT", help="the Manager"
+    )
     worker.add_argument("--token", default=None, help="default: $CHIMERA_TOKEN")
 
     demo = commands.add_parser(
@@ -87,20 +129,18 @@ async def _run_manager(args: argparse.Namespace, signals: AsyncIterator[int]) ->
 async def _run_worker(args: argparse.Namespace, signals: AsyncIterator[int]) -> int:
     from ._worker import AsyncWorker
 
-    host, _, port = args.manager.rpartition(":")
-    if not host or not port.isdigit() or "/" in host:
-        print(f"chimera worker: --manager is HOST:PORT, not {args.manager!r}", file=sys.stderr)
-        return 2
+    host, port = args.manager
+    manager = f"{host}:{port}"
     async with AsyncWorker(args.name, token=args.token) as worker:
         try:
-            connected = await worker.connect(host, int(port))
+            connected = await worker.connect(host, port)
         except PermissionError as exc:
             print(f"chimera worker: {exc}", file=sys.stderr)
             return 1
         if not connected:
-            print(f"chimera worker: no manager at {args.manager}", file=sys.stderr)
+            print(f"chimera worker: no manager at {manager}", file=sys.stderr)
             return 1
-        print(f"chimera worker {args.name!r} connected to {args.manager}", flush=True)
+        print(f"chimera worker {args.name!r} connected to {manager}", flush=True)
         async with trio.open_nursery() as nursery:
 
             async def until(event: Callable[[], Awaitable[None]]) -> None:

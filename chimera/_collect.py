@@ -64,7 +64,7 @@ def member_path(path: str) -> PurePosixPath:
         raise ValueError(f"{path!r} is not a relative path")
     parts = path.split("/")
     for part in parts:
-        check_name(part, "a path part")
+        check_name(part, "path part")
     return PurePosixPath(*parts)
 
 

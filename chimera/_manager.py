@@ -686,7 +686,7 @@ class AsyncManager(Service):
         async def collect_from(worker_id: str, node_ids: list[str]) -> None:
             name = self._workers[worker_id].name
             key = uuid.uuid4().hex
-            root = session / check_name(name, "a worker name")
+            root = session / check_name(name, "worker name")
             incoming = self._collections[key] = Incoming(root, progress.update(name))
             # A Worker that can read this probe shares the folder: it moves its files in.
             probe = root / f".chimera-probe-{key}"

@@ -91,7 +91,7 @@ class Node:
         debug: Literal["step", "stream"] | None = None,
         debug_port: int | None = None,
     ) -> None:
-        check_name(name, "a node's name")
+        check_name(name, "node name")
         if debug not in _DEBUG_MODES:
             raise ValueError(f"debug must be one of {list(_DEBUG_MODES)}, not {debug!r}")
         if debug_port is not None and (

@@ -139,20 +139,26 @@ def _as_samples(block: numpy.ndarray, dtype: Any, what: str) -> numpy.ndarray:
     )
 
 
-def check_name(name: Any, what: str = "a name") -> str:
-    """*name*, if it can be a file name in a node's folder.
+def check_name(name: Any, what: str = "name") -> str:
+    """*name*, if it can be a file name in a node's folder; *what* says what
+    it names in the errors (``"worker name"``: "worker name 'a/b' is not a
+    valid file name: it holds '/'").
 
     Raises:
         TypeError: *name* is not a str.
         ValueError: it is empty, ``.`` or ``..``, or holds ``/``, ``\\`` or NUL.
     """
     if not isinstance(name, str):
-        raise TypeError(f"{what} is a str, not {type(name).__name__}")
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise ValueError(
-            f"{what} {name!r} cannot be a file name (empty, '.', '..', '/', '\\', NUL)"
-        )
-    return name
+        raise TypeError(f"a {what} is a str, not {type(name).__name__}")
+    if not name:
+        problem = "it is empty"
+    elif name in (".", ".."):
+        problem = "it means the folder itself" if name == "." else "it means the parent folder"
+    elif bad := [c for c in "/\\\0" if c in name]:
+        problem = f"it holds {bad[0]!r}"
+    else:
+        return name
+    raise ValueError(f"{what} {name!r} is not a valid file name: {problem}")
 
 
 @dataclass
@@ -684,7 +690,7 @@ class _LinesWriter(_Writer):
     """JSON values, or texts: appended as they come, each stamped."""
 
     def __init__(self, folder: Path, name: str, suffix: str = "jsonl") -> None:
-        self.suffix = f".{check_name(suffix, 'a suffix')}"
+        self.suffix = f".{check_name(suffix, 'suffix')}"
         super().__init__(folder, name)
 
     def open(self) -> None:

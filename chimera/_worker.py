@@ -137,7 +137,7 @@ class AsyncWorker(Service):
         *,
         token: str | None = None,
     ) -> None:
-        self.name = check_name(name, "a worker's name")
+        self.name = check_name(name, "worker name")
         self.port = port
         self.delete_temp = delete_temp
         #: Whether nodes may have saved files since the last collect.
@@ -612,7 +612,7 @@ class AsyncWorker(Service):
         summaries from its manifest (None without one), and this Worker's
         clock estimate."""
         folders = [
-            (self._node_folders[node_id], check_name(name, "a node name"))
+            (self._node_folders[node_id], check_name(name, "node name"))
             for node_id, name in self._node_names.items()
         ]
         manifests = await trio.to_thread.run_sync(

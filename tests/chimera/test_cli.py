@@ -1,7 +1,10 @@
 import subprocess
 import sys
 
+import pytest
+
 import chimera
+from chimera._cli import _parser
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -99,8 +102,48 @@ def test_worker_without_a_manager_fails_clearly():
 def test_a_manager_url_is_not_a_manager_address():
     result = run("worker", "--name", "w", "--manager", "http://127.0.0.1:9000")
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "chimera worker: --manager is HOST:PORT, not 'http://127.0.0.1:9000'"
+    assert result.stderr.splitlines()[-1] == (
+        "chimera worker: error: argument --manager: expected HOST:PORT, a port 1 to 65535, "
+        "not 'http://127.0.0.1:9000'"
+    )
+
+
+BAD_PORT = "argument --port: expected a port 0 to 65535"
+BAD_ADDRESS = "argument --manager: expected HOST:PORT"
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["manager", "--port", "70000"], BAD_PORT),
+        (["manager", "--port", "-1"], BAD_PORT),
+        (["worker", "--name", "w", "--manager", "127.0.0.1:70000"], BAD_ADDRESS),
+        (["worker", "--name", "w", "--manager", "127.0.0.1:0"], BAD_ADDRESS),
+        (["worker", "--name", "w", "--manager", "127.0.0.1"], BAD_ADDRESS),
+        (
+            ["worker", "--name", "", "--manager", "127.0.0.1:9000"],
+            "argument --name: worker name '' is not a valid file name: it is empty",
+        ),
+        (
+            ["worker", "--name", "a/b", "--manager", "127.0.0.1:9000"],
+            "argument --name: worker name 'a/b' is not a valid file name: it holds '/'",
+        ),
+    ],
+)
+def test_bad_arguments_are_usage_errors(capsys, argv, error):
+    with pytest.raises(SystemExit) as exit:
+        _parser().parse_args(argv)
+    assert exit.value.code == 2
+    assert f"chimera {argv[0]}: error: {error}" in capsys.readouterr().err
+
+
+def test_a_bad_port_is_one_line_of_error_not_a_traceback(tmp_path):
+    result = run("manager", "--port", "70000", "--logdir", str(tmp_path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "chimera manager: error: argument --port: expected a port 0 to 65535 "
+        "(0 picks a free one), not '70000'"
     )
 
 

@@ -23,9 +23,9 @@ def test_a_node_has_a_name_a_unique_id_and_starts_initialized():
     ("kwargs", "error", "message"),
     [
         ({"name": 3}, TypeError, "name is a str"),
-        ({"name": ""}, ValueError, "cannot be a file name"),
-        ({"name": "../up"}, ValueError, "cannot be a file name"),
-        ({"name": "a/b"}, ValueError, "cannot be a file name"),
+        ({"name": ""}, ValueError, "is not a valid file name"),
+        ({"name": "../up"}, ValueError, "is not a valid file name"),
+        ({"name": "a/b"}, ValueError, "is not a valid file name"),
         ({"name": "n", "debug": "verbose"}, ValueError, "debug must be one of"),
         ({"name": "n", "debug_port": "9000"}, TypeError, "debug_port"),
     ],

@@ -195,9 +195,9 @@ def test_json_values_and_text_come_back_line_by_line(tmp_path):
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../escape", "a\\b", "nul\0"])
 def test_a_name_that_could_leave_the_nodes_folder_is_refused(tmp_path, name):
-    with pytest.raises(ValueError, match="cannot be a file name"):
+    with pytest.raises(ValueError, match="is not a valid file name"):
         Recorder(tmp_path / "node").save("json", name, 1)
-    with pytest.raises(ValueError, match="cannot be a file name"):
+    with pytest.raises(ValueError, match="is not a valid file name"):
         Recorder(tmp_path / "node").save("text", "notes", "x", suffix=name or ".")
     assert not any(tmp_path.rglob("*.jsonl"))
 
