@@ -66,9 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     manager = commands.add_parser(
         "manager", help="run a Manager until Ctrl-C", description="Run a Manager until Ctrl-C."
     )
-    manager.add_argument("--port", type=_port, default=9000, help="0 picks a free port")
-    manager.add_argument("--host", default="127.0.0.1", help="the address to listen on")
-    manager.add_argument("--logdir", default="chimera-logs", help="where sessions are written")
+    manager.add_argument(
+        "--port", type=_port, default=9000, help="default: %(default)s; 0 picks a free port"
+    )
+    manager.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)"
+    )
+    manager.add_argument(
+        "--logdir", default="chimera-logs", help="where sessions are written (default: %(default)s)"
+    )
     manager.add_argument("--token", default=None, help="a token Workers must present")
 
     worker = commands.add_parser(

@@ -25,6 +25,13 @@ def test_help():
     assert "usage: chimera" in result.stdout
 
 
+def test_the_manager_help_shows_the_default_port(capsys):
+    with pytest.raises(SystemExit) as exit:
+        _parser().parse_args(["manager", "--help"])
+    assert exit.value.code == 0
+    assert "default: 9000; 0 picks a free port" in " ".join(capsys.readouterr().out.split())
+
+
 def test_unknown_option_is_an_error():
     result = run("--frobnicate")
     assert result.returncode == 2
