@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -75,7 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     manager.add_argument(
         "--logdir", default="chimera-logs", help="where sessions are written (default: %(default)s)"
     )
-    manager.add_argument("--token", default=None, help="a token Workers must present")
+    manager.add_argument(
+        "--token",
+        default=None,
+        help=(
+            "a token Workers must present, and API clients too (/api/state, /ws/events): "
+            "'Authorization: Bearer TOKEN' or ?token=TOKEN (default: $CHIMERA_TOKEN; "
+            "empty: none)"
+        ),
+    )
 
     worker = commands.add_parser(
         "worker",
@@ -88,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--manager", required=True, type=_address, metavar="HOST:PORT", help="the Manager"
     )
-    worker.add_argument("--token", default=None, help="default: $CHIMERA_TOKEN")
+    worker.add_argument(
+        "--token", default=None, help="the Manager's token, if it has one (default: $CHIMERA_TOKEN)"
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -121,8 +132,9 @@ async def _until(signals: AsyncIterator[int]) -> None:
 async def _run_manager(args: argparse.Namespace, signals: AsyncIterator[int]) -> int:
     from ._manager import AsyncManager
 
+    token = args.token if args.token is not None else os.environ.get("CHIMERA_TOKEN")
     try:
-        manager = AsyncManager(args.logdir, args.port, host=args.host, token=args.token)
+        manager = AsyncManager(args.logdir, args.port, host=args.host, token=token or None)
         async with manager:
             print(f"chimera manager listening on {manager.host}:{manager.port}", flush=True)
             await _until(signals)

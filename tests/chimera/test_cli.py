@@ -1,5 +1,8 @@
+import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -38,13 +41,52 @@ def test_unknown_option_is_an_error():
     assert "unrecognized arguments: --frobnicate" in result.stderr
 
 
-def start(*args: str) -> subprocess.Popen:
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "chimera", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
+
+
+def stop(*processes: subprocess.Popen | None) -> None:
+    """Kill what is still running of *processes* (started by this test)."""
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def status(port: int, token: str | None) -> int:
+    """The HTTP status of the manager's ``/api/state`` with *token* presented."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/state")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_the_manager_takes_its_token_from_chimera_token_unless_given_one(tmp_path):
+    from_env = start(
+        "manager", "--port", "0", "--logdir", str(tmp_path), env={"CHIMERA_TOKEN": "env"}
+    )
+    given = start(
+        "manager",
+        *("--port", "0", "--logdir", str(tmp_path), "--token", "option"),
+        env={"CHIMERA_TOKEN": "env"},
+    )
+    try:
+        port = int(from_env.stdout.readline().rsplit(":", 1)[1])
+        assert [status(port, token) for token in (None, "option", "env")] == [401, 401, 200]
+        port = int(given.stdout.readline().rsplit(":", 1)[1])
+        assert [status(port, token) for token in (None, "env", "option")] == [401, 401, 200]
+    finally:
+        stop(from_env, given)
 
 
 def test_manager_and_worker_commands_connect_and_stop_on_ctrl_c(tmp_path):
