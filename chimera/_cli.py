@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--token", default=None, help="the Manager's token, if it has one (default: $CHIMERA_TOKEN)"
     )
+    worker.add_argument(
+        "--keep-temp",
+        action="store_true",
+        help="keep the Worker's temporary folder, with what its nodes saved, when it stops "
+        "(its path is logged)",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -149,7 +155,7 @@ async def _run_worker(args: argparse.Namespace, signals: AsyncIterator[int]) -> 
 
     host, port = args.manager
     manager = f"{host}:{port}"
-    async with AsyncWorker(args.name, token=args.token) as worker:
+    async with AsyncWorker(args.name, delete_temp=not args.keep_temp, token=args.token) as worker:
         try:
             connected = await worker.connect(host, port)
         except PermissionError as exc:

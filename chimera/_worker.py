@@ -441,7 +441,8 @@ class AsyncWorker(Service):
             log.warning(
                 "worker %r: %d files (%.1f MB) its nodes saved were never collected, and are "
                 "deleted with its temporary folder (call the Manager's collect() before "
-                "shutting down, or make the Worker with delete_temp=False to keep them)",
+                "shutting down, or keep the folder: Worker(..., delete_temp=False), "
+                "chimera worker --keep-temp)",
                 self.name,
                 len(files),
                 size,

@@ -1,13 +1,17 @@
 import os
+import signal
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 
 import pytest
+import trio
 
-import chimera
+import chimera as cp
 from chimera._cli import _parser
+
+from .nodes import Counter
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -19,7 +23,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_version():
     result = run("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"chimera {chimera.__version__}"
+    assert result.stdout.strip() == f"chimera {cp.__version__}"
 
 
 def test_help():
@@ -235,6 +239,37 @@ def test_a_worker_stops_on_ctrl_c_and_the_manager_sees_it_leave(tmp_path):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+async def test_a_worker_with_keep_temp_keeps_its_temporary_folder(tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    graph = cp.Graph()
+    graph.add_node(Counter("counter", limit=0))
+    command = [sys.executable, "-m", "chimera", "worker", "--name", "keeper", "--keep-temp"]
+    with trio.fail_after(30):
+        async with cp.AsyncManager(tmp_path / "logs", port=0) as manager:
+            with open(tmp_path / "worker.log", "w") as log:
+                process = await trio.lowlevel.open_process(
+                    [*command, "--manager", f"127.0.0.1:{manager.port}"],
+                    env={**os.environ, "TMPDIR": str(temp)},
+                    stderr=log,
+                )
+            try:
+                await manager.wait_for_workers(1)
+                await manager.commit_graph(graph, {"keeper": ["counter"]})  # makes the folder
+                await manager.shutdown()
+                process.send_signal(signal.SIGINT)
+                assert await process.wait() == 0
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+    (kept,) = temp.glob("chimera-worker-*")
+    assert (
+        f"worker 'keeper': its temporary folder {kept} is kept"
+        in (tmp_path / "worker.log").read_text()
+    )
 
 
 def test_demo_records_collects_and_sums_up_a_multimodal_session(tmp_path):

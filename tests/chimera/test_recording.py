@@ -532,7 +532,8 @@ async def test_shutting_down_without_collecting_says_what_is_deleted(tmp_path, c
             await manager.stop()
             await manager.shutdown()
     warnings = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
-    assert len(warnings) == 1 and "delete_temp=False" in warnings[0]
+    assert len(warnings) == 1
+    assert "delete_temp=False" in warnings[0] and "chimera worker --keep-temp" in warnings[0]
 
 
 @pytest.mark.parametrize("way", ["sent", "moved"])
