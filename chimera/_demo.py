@@ -66,6 +66,7 @@ async def run_demo(
             say("collecting ...")
             await manager.collect()
             session = manager.session_folder()
+            await manager.shutdown()  # before the Worker leaves: it leaves no nodes behind
     meta = json.loads((session / "meta.json").read_text())
     for line in summary(meta, session):
         say(line)

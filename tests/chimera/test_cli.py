@@ -281,6 +281,7 @@ def test_demo_records_collects_and_sums_up_a_multimodal_session(tmp_path):
 
     result = run("demo", "--seconds", "2", "--logdir", str(tmp_path))
     assert result.returncode == 0, result.stderr
+    assert " WARNING " not in result.stderr and " ERROR " not in result.stderr, result.stderr
     (session,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert result.stdout.strip().endswith(f"session: {session}")
     assert "recording" in result.stdout and "collecting" in result.stdout
