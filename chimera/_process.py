@@ -300,6 +300,12 @@ class NodeProcess:
         if self._stdin is not None and not self._exited.is_set():
             self._nursery.start_soon(self._send_quietly, command)
 
+    def kill(self) -> None:
+        """Kill the node's process group now (SIGKILL): its ``teardown`` does
+        not run. Its exit is taken as any other: the node goes FAILED."""
+        if self._pid is not None and not self._exited.is_set():
+            _signal_group(self._pid, signal.SIGKILL)
+
     async def aclose(self) -> None:
         """Close the node and end its process (see :meth:`_stop_process`).
 

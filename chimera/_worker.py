@@ -42,7 +42,7 @@ from ._node import NODE_LOGGER, NodeState
 from ._packages import extract
 from ._process import NodeProcess, Zygote
 from ._recording import check_name
-from ._runtime import Input, NodeRuntime
+from ._runtime import TEARDOWN_TIMEOUT, Input, NodeRuntime
 from ._service import Service, run_all
 
 __all__ = ["AsyncWorker"]
@@ -56,6 +56,8 @@ CLOCK_PERIOD = 1.0
 STATS_PERIOD = 1.0
 #: Longest wait for a download from the Manager, or an upload to it, in seconds.
 HTTP_TIMEOUT = 60.0
+#: After closing its nodes for this many seconds, a Worker logs those not closed yet.
+CLOSE_PATIENCE = 2.0
 #: Longest path a Unix socket may have (``sun_path``: 108 bytes on Linux, 104 on macOS).
 _UNIX_PATH_MAX = 100
 
@@ -580,8 +582,53 @@ class AsyncWorker(Service):
     async def _do_shutdown_nodes(self) -> None:
         await self._close_nodes()
 
+    def kill_nodes(self) -> None:
+        """Kill every node that runs in a process of its own, now: SIGKILL to
+        its process group.
+
+        For a stop that cannot wait (a second Ctrl-C): the nodes' ``teardown``
+        does not run, what they were saving ends where it was, and they go
+        FAILED ("its process was killed by SIGKILL"). Closing them then
+        (:meth:`shutdown`, leaving ``async with``) waits for no teardown.
+        Nodes that run inline (the ``memory`` transport) are not killed.
+        """
+        for runtime in self._runtimes.values():
+            if isinstance(runtime, NodeProcess):
+                runtime.kill()
+
     async def _close_nodes(self) -> None:
-        """Stop what runs (at once), then close every node's endpoints."""
+        """Stop what runs (at once), then close every node's endpoints; log
+        the nodes not closed yet after :data:`CLOSE_PATIENCE` seconds."""
+        # The timer is a task of the Worker's nursery, not of a nursery here
+        # (whose exit would let other tasks run before closing returns);
+        # shielded, as the closing may be, until closing ends.
+        timer = trio.CancelScope(shield=True)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._log_what_closing_waits_for, timer)
+        try:
+            await self._stop_and_close_nodes()
+        finally:
+            timer.cancel()
+
+    async def _log_what_closing_waits_for(self, timer: trio.CancelScope) -> None:
+        with timer:
+            await trio.sleep(CLOSE_PATIENCE)
+            closing = [
+                repr(self._node_names.get(node_id, node_id))
+                for node_id, runtime in self._runtimes.items()
+                if runtime.state not in (NodeState.SHUTDOWN, NodeState.FAILED)
+            ]
+            if closing:
+                log.info(
+                    "worker %r: still closing %s after %g s (a teardown gets %g s, then the "
+                    "node's process is ended)",
+                    self.name,
+                    ", ".join(closing),
+                    CLOSE_PATIENCE,
+                    TEARDOWN_TIMEOUT,
+                )
+
+    async def _stop_and_close_nodes(self) -> None:
         # Until no run is left: a start request may add runs meanwhile.
         while running := [done for done in self._runs.values() if not done.is_set()]:
             for scope in self._run_scopes:

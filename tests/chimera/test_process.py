@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -304,6 +305,55 @@ async def test_a_node_shipped_by_value_names_its_file_and_line_in_the_traceback(
         cloudpickle.unregister_pickle_by_value(module)
     assert f'File "{script}", line 6, in prep\n    self.device = open_camera(3)' in error.traceback
     assert f'File "{script}", line 3, in open_camera' in error.traceback
+
+
+class _Said(logging.Handler):
+    """Sets :attr:`said` once a record says *text*; keeps what it said."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text, self.said, self.message = text, trio.Event(), ""
+
+    def emit(self, record: logging.LogRecord) -> None:  # (in the Worker's Trio thread)
+        if self.text in record.getMessage():
+            self.message = record.getMessage()
+            self.said.set()
+
+
+async def test_a_slow_close_says_what_it_waits_for_and_killing_the_nodes_ends_it(
+    tmp_path, monkeypatch, caplog
+):
+    from chimera import _worker
+
+    monkeypatch.setattr(_worker, "CLOSE_PATIENCE", 0.2)
+    caplog.set_level(logging.INFO, logger="chimera.worker")
+    said = _Said("still closing")
+    logging.getLogger("chimera.worker").addHandler(said)
+    graph = cp.Graph()
+    graph.add_node(Stubborn("stubborn"))  # its teardown never ends; it ignores SIGTERM
+    try:
+        with trio.fail_after(60):
+            async with AsyncManager(tmp_path / "logs", port=0) as manager:
+                async with AsyncWorker("local") as worker:
+                    assert await worker.connect(manager.host, manager.port)
+                    await manager.commit_graph(graph, {"local": ["stubborn"]})
+                    await manager.start()
+                    with trio.fail_after(5):  # not EXIT_GRACE + TERM_GRACE (14 s)
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(manager.shutdown)
+                            await said.said.wait()
+                            worker.kill_nodes()
+                    (node,) = manager.state()["nodes"]
+                    assert (node["state"], node["reason"]) == (
+                        "FAILED",
+                        "its process was killed by SIGKILL",
+                    )
+    finally:
+        logging.getLogger("chimera.worker").removeHandler(said)
+    assert said.message == (
+        "worker 'local': still closing 'stubborn' after 0.2 s (a teardown gets 10 s, then the "
+        "node's process is ended)"
+    )
 
 
 async def test_a_node_that_ignores_close_and_sigterm_is_killed(tmp_path, monkeypatch):
