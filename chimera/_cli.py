@@ -1,4 +1,4 @@
-"""The ``chimera`` command: ``chimera manager`` and ``chimera worker``."""
+"""The ``chimera`` command: ``chimera manager``, ``chimera worker`` and ``chimera demo``."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from functools import partial
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import trio
 
 from ._recording import check_name
 from ._version import __version__
+
+#: The signals that stop a command: Ctrl-C, and what ``kill`` and service managers send.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: After a second signal, the exit status is this plus the signal's number.
+FORCED = 128
 
 
 def _port(text: str) -> int:
@@ -128,14 +133,72 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _until(signals: AsyncIterator[int]) -> None:
-    """Return at the first signal *signals* receives."""
-    async for signum in signals:
-        print(f"chimera: {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True)
-        return
+class _Stop:
+    """What Ctrl-C and SIGTERM do to a command: the first stops it
+    gracefully, a second at once; *stopping* says what the first does.
+
+    The first sets :attr:`requested` and cancels the blocks run in
+    :meth:`until_requested`: the command then ends as it would by itself (a
+    Worker closes its nodes, their ``teardown`` runs). A second calls what
+    :meth:`on_force` was given (killing node processes), cancels
+    :attr:`scope` (the whole command's), and sets :attr:`forced` to its number.
+    """
+
+    def __init__(self, command: str, stopping: str) -> None:
+        self._command = command
+        self._stopping = stopping
+        #: Set by the first signal.
+        self.requested = trio.Event()
+        #: The number of the second signal, once it came.
+        self.forced: int | None = None
+        #: Cancelled by the second signal: run the command in it.
+        self.scope = trio.CancelScope()
+        self._until_requested: set[trio.CancelScope] = set()
+        self._on_force: list[Callable[[], None]] = []
+
+    @contextmanager
+    def until_requested(self) -> Iterator[None]:
+        """Run the block until a stop is requested: it is cancelled then (at
+        once if a stop was requested already)."""
+        with trio.CancelScope() as scope:
+            if self.requested.is_set():
+                scope.cancel()
+            self._until_requested.add(scope)
+            try:
+                yield
+            finally:
+                self._until_requested.discard(scope)
+
+    def on_force(self, kill: Callable[[], None]) -> None:
+        """Call *kill* (it must not block) when a stop is forced."""
+        self._on_force.append(kill)
+
+    def take(self, signum: int) -> None:
+        """Act on one Ctrl-C or SIGTERM, and say so."""
+        name = signal.Signals(signum).name
+        if not self.requested.is_set():
+            again = "Ctrl-C" if signum == signal.SIGINT else name
+            self._say(f"{name}, {self._stopping}; {again} again stops at once")
+            self.requested.set()
+            for scope in self._until_requested:
+                scope.cancel()
+        elif self.forced is None:
+            self._say(f"{name} again, stopping at once (exit status {FORCED + signum})")
+            self.forced = signum
+            for kill in self._on_force:
+                kill()
+            self.scope.cancel()
+
+    async def watch(self, signals: AsyncIterator[int]) -> None:
+        """Take every signal *signals* receives."""
+        async for signum in signals:
+            self.take(signum)
+
+    def _say(self, text: str) -> None:
+        print(f"chimera {self._command}: {text}", file=sys.stderr, flush=True)
 
 
-async def _run_manager(args: argparse.Namespace, signals: AsyncIterator[int]) -> int:
+async def _run_manager(args: argparse.Namespace, stop: _Stop) -> int:
     from ._manager import AsyncManager
 
     token = args.token if args.token is not None else os.environ.get("CHIMERA_TOKEN")
@@ -143,92 +206,104 @@ async def _run_manager(args: argparse.Namespace, signals: AsyncIterator[int]) ->
         manager = AsyncManager(args.logdir, args.port, host=args.host, token=token or None)
         async with manager:
             print(f"chimera manager listening on {manager.host}:{manager.port}", flush=True)
-            await _until(signals)
+            await stop.requested.wait()
     except OSError as exc:  # the port is taken, or the host is not this machine's
         print(f"chimera manager: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _run_worker(args: argparse.Namespace, signals: AsyncIterator[int]) -> int:
+async def _run_worker(args: argparse.Namespace, stop: _Stop) -> int:
     from ._worker import AsyncWorker
 
     host, port = args.manager
     manager = f"{host}:{port}"
     async with AsyncWorker(args.name, delete_temp=not args.keep_temp, token=args.token) as worker:
-        try:
-            connected = await worker.connect(host, port)
-        except PermissionError as exc:
-            print(f"chimera worker: {exc}", file=sys.stderr)
-            return 1
-        if not connected:
-            print(f"chimera worker: no manager at {manager}", file=sys.stderr)
-            return 1
-        print(f"chimera worker {args.name!r} connected to {manager}", flush=True)
-        async with trio.open_nursery() as nursery:
-
-            async def until(event: Callable[[], Awaitable[None]]) -> None:
-                await event()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(until, partial(_until, signals))
-            nursery.start_soon(until, worker.wait_for_disconnect)
-        if not worker.connected:
+        stop.on_force(worker.kill_nodes)
+        with stop.until_requested():  # connecting included
+            try:
+                connected = await worker.connect(host, port)
+            except PermissionError as exc:
+                print(f"chimera worker: {exc}", file=sys.stderr)
+                return 1
+            if not connected:
+                print(f"chimera worker: no manager at {manager}", file=sys.stderr)
+                return 1
+            print(f"chimera worker {args.name!r} connected to {manager}", flush=True)
+            await worker.wait_for_disconnect()
             print("chimera worker: the manager left", flush=True)
     return 0
 
 
-async def _run_demo(args: argparse.Namespace, signals: AsyncIterator[int]) -> int:
+async def _run_demo(args: argparse.Namespace, stop: _Stop) -> int:
     from ._demo import run_demo
     from ._errors import NodeError
 
     microphone = args.microphone
     if microphone is not None and microphone.isdigit():
         microphone = int(microphone)
-    async with trio.open_nursery() as nursery:
-        enough = trio.Event()
+    try:
+        await run_demo(args.seconds, args.logdir, args.camera, microphone, enough=stop.requested)
+    except (NodeError, ValueError, OSError) as exc:
+        print(f"chimera demo: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
-        async def interrupt() -> None:
-            await _until(signals)  # the first: stop recording, collect what was recorded
-            enough.set()
-            await _until(signals)  # the second: stop at once
-            print("chimera demo: interrupted; the session is not collected", file=sys.stderr)
+
+#: What a command does at the first signal, unless it just stops.
+_STOPPING = {"demo": "stopping the recording, then collecting it"}
+
+
+async def _run(args: argparse.Namespace, early: list[int]) -> int:
+    """Run the command; its exit status. *early*: the signals that came before this run."""
+    run = {"manager": _run_manager, "worker": _run_worker, "demo": _run_demo}[args.command]
+    stop = _Stop(args.command, _STOPPING.get(args.command, "stopping"))
+    # Ctrl-C and SIGTERM are received as events (the ones before this run
+    # too), so that they end the command by leaving its blocks, never as a
+    # KeyboardInterrupt in whatever task happens to run.
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        for signum in early:
+            stop.take(signum)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop.watch, signals)
+            with stop.scope:
+                status = await run(args, stop)
             nursery.cancel_scope.cancel()
-
-        nursery.start_soon(interrupt)
-        try:
-            await run_demo(args.seconds, args.logdir, args.camera, microphone, enough=enough)
-        except (NodeError, ValueError, OSError) as exc:
-            print(f"chimera demo: {exc}", file=sys.stderr)
-            nursery.cancel_scope.cancel()
-            return 1
-        nursery.cancel_scope.cancel()
-        return 0
-    return 1  # interrupted
-
-
-async def _run(args: argparse.Namespace) -> int:
-    # Ctrl-C and SIGTERM are received as events from the start, so that they
-    # end the run by leaving its blocks, never as a KeyboardInterrupt in
-    # whatever task happens to run.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        run = {"manager": _run_manager, "worker": _run_worker, "demo": _run_demo}[args.command]
-        return await run(args, signals)
+    return status if stop.forced is None else FORCED + stop.forced
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 after Ctrl-C or SIGTERM too)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    # The demo says how it goes itself: only warnings and errors from the log,
-    # and how collecting goes.
-    level = logging.WARNING if args.command == "demo" else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("chimera.collect").setLevel(logging.INFO)
-    return trio.run(_run, args)
+    """Run the command line; its exit status.
+
+    0 when the command ends as it should, after a first Ctrl-C or SIGTERM
+    too (it stops gracefully); 1 when it fails; 2 for bad arguments; after a
+    second Ctrl-C or SIGTERM, which stops at once, :data:`FORCED` + the
+    signal's number (130 for Ctrl-C, 143 for SIGTERM, as shells report).
+
+    Ctrl-C and SIGTERM are the command's from the call on, and ignored once
+    it returns (for the rest of the process, which is about to exit): they
+    never raise KeyboardInterrupt.
+    """
+    early: list[int] = []
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: early.append(signum))
+    try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        # The demo says how it goes itself: only warnings and errors from the
+        # log, and how collecting goes.
+        level = logging.WARNING if args.command == "demo" else logging.INFO
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger("chimera.collect").setLevel(logging.INFO)
+        return trio.run(_run, args, early)
+    finally:
+        # Not a handler: as it finalizes, Python resets the signals it handles
+        # to their default (a Ctrl-C then kills the process), but not ignored ones.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

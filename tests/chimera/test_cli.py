@@ -11,7 +11,8 @@ import trio
 import chimera as cp
 from chimera._cli import _parser
 
-from .nodes import Counter
+from .nodes import Counter, Stubborn
+from .test_process import children_of
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -270,6 +271,72 @@ async def test_a_worker_with_keep_temp_keeps_its_temporary_folder(tmp_path):
         f"worker 'keeper': its temporary folder {kept} is kept"
         in (tmp_path / "worker.log").read_text()
     )
+
+
+async def read_until(stream: trio.abc.ReceiveStream, text: str) -> str:
+    """What *stream* says until it has said *text* (or until it ends, if never)."""
+    said = b""
+    while text.encode() not in said and (chunk := await stream.receive_some()):
+        said += chunk
+    return said.decode()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_a_worker_stops_at_once_on_a_signal_while_it_connects(signum):
+    command = [sys.executable, "-m", "chimera", "worker", "--name", "w", "--manager"]
+    with trio.socket.socket() as silent:  # accepts, and never answers
+        await silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        worker = await trio.lowlevel.open_process(
+            [*command, f"127.0.0.1:{silent.getsockname()[1]}"], stderr=subprocess.PIPE
+        )
+        try:
+            with trio.fail_after(30):
+                connection, _ = await silent.accept()  # the worker waits for an answer
+            with connection, trio.fail_after(5):  # not the 10 s it waits for one
+                worker.send_signal(signum)
+                assert await worker.wait() == 0
+                said = await read_until(worker.stderr, "(the end)")
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+    assert f"chimera worker: {signum.name}, stopping" in said
+    assert "Traceback" not in said and "no manager" not in said
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
+async def test_a_second_ctrl_c_stops_a_worker_at_once_killing_its_nodes(tmp_path):
+    graph = cp.Graph()
+    graph.add_node(Stubborn("stubborn"))  # its teardown never ends; it ignores SIGTERM
+    command = [sys.executable, "-m", "chimera", "worker", "--name", "w", "--manager"]
+    with trio.fail_after(60):
+        async with cp.AsyncManager(tmp_path / "logs", port=0) as manager:
+            worker = await trio.lowlevel.open_process(
+                [*command, f"127.0.0.1:{manager.port}"], stderr=subprocess.PIPE
+            )
+            try:
+                await manager.wait_for_workers(1)
+                await manager.commit_graph(graph, {"w": ["stubborn"]})
+                await manager.start()
+                (zygote,) = children_of(worker.pid)
+                (node,) = children_of(zygote)
+                node_exit = os.pidfd_open(node)
+                worker.send_signal(signal.SIGINT)
+                said = await read_until(worker.stderr, "still closing 'stubborn'")
+                worker.send_signal(signal.SIGINT)
+                with trio.fail_after(5):  # not the 12 s + 2 s that closing the node takes
+                    assert await worker.wait() == 130
+                    said += await read_until(worker.stderr, "(the end)")
+                    await trio.lowlevel.wait_readable(node_exit)  # the node's process is gone
+                os.close(node_exit)
+            finally:
+                if worker.returncode is None:
+                    worker.kill()
+                    await worker.wait()
+    assert "chimera worker: SIGINT, stopping; Ctrl-C again stops at once" in said
+    assert "chimera worker: SIGINT again, stopping at once (exit status 130)" in said
+    assert "Traceback" not in said
 
 
 def test_demo_records_collects_and_sums_up_a_multimodal_session(tmp_path):
