@@ -58,6 +58,13 @@ def _worker_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+#: What each command's help says of Ctrl-C.
+_SIGNALS_HELP = (
+    "Ctrl-C or SIGTERM stops it cleanly (exit status 0); a second one stops it at once "
+    "(exit status 128 + the signal's number: 130, 143)."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chimera",
@@ -70,7 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     manager = commands.add_parser(
-        "manager", help="run a Manager until Ctrl-C", description="Run a Manager until Ctrl-C."
+        "manager",
+        help="run a Manager until Ctrl-C",
+        description="Run a Manager until Ctrl-C.",
+        epilog=_SIGNALS_HELP,
     )
     manager.add_argument(
         "--port", type=_port, default=9000, help="default: %(default)s; 0 picks a free port"
@@ -95,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "worker",
         help="run a Worker for a Manager until Ctrl-C",
         description="Run a Worker connected to a Manager until Ctrl-C or the Manager leaves.",
+        epilog=_SIGNALS_HELP,
     )
     worker.add_argument(
         "--name", required=True, type=_worker_name, help="the Worker's name in mappings"
@@ -120,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
             "(test signals unless devices are given) and the camera's motion energy, "
             "collect the session, and print a summary of its streams."
         ),
+        epilog="Ctrl-C or SIGTERM stops the recording and collects it; a second one stops at "
+        "once (exit status 128 + the signal's number: 130, 143).",
     )
     demo.add_argument("--seconds", type=float, default=10.0, help="how long to record")
     demo.add_argument("--logdir", default="chimera-sessions", help="where the session goes")

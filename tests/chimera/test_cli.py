@@ -40,6 +40,14 @@ def test_the_manager_help_shows_the_default_port(capsys):
     assert "default: 9000; 0 picks a free port" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.parametrize("command", ["manager", "worker", "demo"])
+def test_the_help_of_each_command_says_what_a_second_ctrl_c_does(capsys, command):
+    with pytest.raises(SystemExit):
+        _parser().parse_args([command, "--help"])
+    help = " ".join(capsys.readouterr().out.split())
+    assert "a second one stops" in help and "(exit status 128 + the signal's number" in help
+
+
 def test_unknown_option_is_an_error():
     result = run("--frobnicate")
     assert result.returncode == 2
