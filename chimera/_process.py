@@ -6,8 +6,9 @@
 (:mod:`chimera._child`). Children are forked by the Worker's
 :class:`Zygote` (:mod:`chimera._zygote`), each in a process group of its
 own, and are stopped in steps: ``close`` (the node's ``teardown`` runs), then
-SIGTERM to the process group, then SIGKILL -- when a node is closed, and when
-the Worker's nursery is cancelled.
+SIGTERM to the process group, then SIGKILL -- when a node is closed, when
+the Worker's nursery is cancelled, and when the zygote that forked them dies
+(it reported their exits: see :meth:`Zygote.run`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ._errors import NodeError
 from ._node import NODE_LOGGER, NodeState
 from ._runtime import TEARDOWN_TIMEOUT
 
-__all__ = ["NodeProcess", "Zygote"]
+__all__ = ["NodeProcess", "Zygote", "ZygoteDied"]
 
 log = logging.getLogger("chimera.worker")
 
@@ -39,6 +40,8 @@ EXIT_GRACE = TEARDOWN_TIMEOUT + 2.0
 TERM_GRACE = 2.0
 #: After SIGKILL, how long to wait for the exit to be reported.
 KILL_GRACE = 5.0
+#: Seconds between looks at whether a process has exited, where there is no pidfd.
+POLL_PERIOD = 0.05
 
 
 def _signal_group(pid: int, signum: int) -> None:
@@ -48,17 +51,83 @@ def _signal_group(pid: int, signum: int) -> None:
         pass
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def exit_reason(code: int | None) -> str:
     """How a process that exited with *code* (``Popen.returncode``) ended, in words."""
     if code is None:
         return "its process ended"
     if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"its process was killed by {name}"
+        return f"its process was killed by {_signal_name(-code)}"
     return f"its process exited with code {code}"
+
+
+def _how_it_died(code: int) -> str:
+    """How a process that exited with *code* (``Popen.returncode``) ended, briefly."""
+    return f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+
+
+def _zygote_death(code: int | None) -> str:
+    """Why the nodes of a zygote that exited with *code* failed, in words."""
+    died = "its Worker's process starter died"
+    return died if code is None else f"{died} ({_how_it_died(code)})"
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for process *pid* (readable once it exits); None where there are none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or it is gone already
+        return None
+
+
+def _reap(pidfd: int) -> int | None:
+    """The return code of the exited process of *pidfd*, reaping it, if it is
+    a child of this process (orphans come to a subreaper, or to PID 1 in a
+    container); else None."""
+    try:
+        result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    except (AttributeError, OSError):  # init reaps it, as a rule (ChildProcessError)
+        return None
+    if result is None:
+        return None
+    return result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
+
+
+def _gone(pid: int) -> bool:
+    """Whether process *pid* is gone (reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # its pid is another user's process now
+        return True
+    return False
+
+
+class ZygoteDied(RuntimeError):
+    """The zygote died: it forks no more node processes (its Worker starts another)."""
+
+
+class _Child:
+    """A node process the zygote forked, until its exit is known."""
+
+    def __init__(self, pidfd: int | None, on_orphaned: Callable[[str], None] | None) -> None:
+        self.exited = trio.Event()
+        #: Its return code once it exited (None too if the zygote died first: unknown).
+        self.code: int | None = None
+        self.pidfd = pidfd
+        self.on_orphaned = on_orphaned
+
+    def close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
 class Zygote:
@@ -66,20 +135,43 @@ class Zygote:
 
     Run :meth:`run` in the Worker's nursery (``await nursery.start(zygote.run)``);
     cancelling it ends the zygote (the node processes end by their lifeline).
+
+    Args:
+        owner: who it works for, in its log messages (``"worker 'w1'"``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "the worker") -> None:
+        self._owner = owner
         self._stream: trio.SocketStream | None = None
         self._lock = trio.Lock()
         self._started: trio.MemorySendChannel[int] | None = None
         self._next_pid: trio.MemoryReceiveChannel[int] | None = None
-        self._exits: dict[int, tuple[trio.Event, list[int]]] = {}
+        self._children: dict[int, _Child] = {}
+        #: The ``on_orphaned`` of the process being forked (one at a time: the lock).
+        self._on_orphaned: Callable[[str], None] | None = None
+        #: Its process id, once started.
+        self.pid: int | None = None
+        #: Why it died, once it has (see :meth:`run`).
+        self.death: str | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether it has started and not died: :meth:`start` may fork."""
+        return self._stream is not None and self.death is None
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the zygote, then relay what it says until cancelled.
+        """Start the zygote, then relay what it says until cancelled, or until it dies.
+
+        If it dies (killed, say), the exits of the node processes it forked can
+        no longer be reported: it logs one error, sets :attr:`death`, calls
+        the ``on_orphaned`` of each node process that has not exited (see
+        :meth:`start`), and watches those processes itself (a pidfd where
+        there is one, else polling) until every one has exited, and returns;
+        :meth:`start` raises :class:`ZygoteDied` from then on.
 
         Raises:
-            RuntimeError: the zygote died.
+            chimera._pipe.PipeError: the zygote sent something that is not a
+                message (a bug).
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._started, self._next_pid = trio.open_memory_channel[int](1)
@@ -94,51 +186,111 @@ class Zygote:
                     )
                 )
                 theirs.close()
+                self.pid = process.pid
                 self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
                 task_status.started()
                 await self._relay()
-                code = await process.wait()
-                raise RuntimeError(f"the node process zygote died ({exit_reason(code)})")
+                self._died(await process.wait())
+                for pid, child in self._children.items():
+                    if not child.exited.is_set():
+                        nursery.start_soon(self._watch, pid, child)
         finally:
             theirs.close()
             ours.close()
+            for child in self._children.values():
+                child.close_pidfd()
 
     async def _relay(self) -> None:
-        reader = _pipe.MessageReader(self._stream)
-        while (message := await reader.read()) is not None:
-            if message[0] == "started":
-                self._started.send_nowait(message[1])
-            elif message[0] == "exited":
-                event, code = self._exit(message[1])
-                code.append(message[2])
-                event.set()
-
-    def _exit(self, pid: int) -> tuple[trio.Event, list[int]]:
-        return self._exits.setdefault(pid, (trio.Event(), []))
-
-    async def start(self, stdin: int, events: int) -> int:
-        """Fork a node process with these pipe ends as its stdin and events pipe; its pid.
+        """Take in what the zygote says, until it closes its end (it died).
 
         Raises:
-            RuntimeError: the zygote is not running.
+            chimera._pipe.PipeError: it sent something that is not a message.
+        """
+        reader = _pipe.MessageReader(self._stream)
+        try:
+            while (message := await reader.read()) is not None:
+                if message[0] == "started":
+                    pid = message[1]
+                    self._children[pid] = _Child(_open_pidfd(pid), self._on_orphaned)
+                    self._started.send_nowait(pid)
+                elif message[0] == "exited":
+                    self._exited(message[1], message[2])
+        except trio.BrokenResourceError:  # it died with a request unread
+            pass
+
+    def _exited(self, pid: int, code: int | None) -> None:
+        child = self._children.get(pid)
+        if child is not None and not child.exited.is_set():
+            child.code = code
+            child.close_pidfd()
+            child.exited.set()
+
+    def _died(self, code: int) -> None:
+        """Say that the zygote died with *code*; tell its orphans."""
+        self.death = _zygote_death(code)
+        self._started.close()  # a start() waiting for a pid: it raises ZygoteDied
+        orphans = [child for child in self._children.values() if not child.exited.is_set()]
+        log.error(
+            "%s: its node process starter (the zygote, pid %d) died (%s): the node "
+            "processes it started that still run (%d) are ended, and the next node "
+            "created starts a new one",
+            self._owner,
+            self.pid,
+            _how_it_died(code),
+            len(orphans),
+        )
+        for child in orphans:
+            if child.on_orphaned is not None:
+                child.on_orphaned(self.death)
+
+    async def _watch(self, pid: int, child: _Child) -> None:
+        """Wait for node process *pid*, whose zygote died, to exit; then say so."""
+        code = None
+        if child.pidfd is not None:
+            await trio.lowlevel.wait_readable(child.pidfd)
+            code = _reap(child.pidfd)
+        else:
+            while not _gone(pid):  # noqa: ASYNC110 (no event says a non-child exited)
+                await trio.sleep(POLL_PERIOD)
+        self._exited(pid, code)
+
+    async def start(
+        self, stdin: int, events: int, on_orphaned: Callable[[str], None] | None = None
+    ) -> int:
+        """Fork a node process with these pipe ends as its stdin and events pipe; its pid.
+
+        *on_orphaned* is called with :attr:`death` if the zygote dies before
+        the process exits (then :meth:`wait` still returns once it exits, its
+        return code unknown: None).
+
+        Raises:
+            RuntimeError: the zygote has not started.
+            ZygoteDied: the zygote died (before or while forking it).
         """
         if self._stream is None:
             raise RuntimeError("the zygote is not running")
         fds = array.array("i", [stdin, events])
         async with self._lock:
-            await self._stream.send_all(_pipe.encode(("start", None)))
-            await self._stream.socket.sendmsg(
-                [b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
-            )
-            pid = await self._next_pid.receive()
-        self._exit(pid)
-        return pid
+            if self.death is not None:
+                raise ZygoteDied(self.death)
+            self._on_orphaned = on_orphaned
+            try:
+                await self._stream.send_all(_pipe.encode(("start", None)))
+                await self._stream.socket.sendmsg(
+                    [b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                )
+                return await self._next_pid.receive()
+            except (trio.BrokenResourceError, trio.EndOfChannel, OSError) as exc:
+                raise ZygoteDied(self.death or _zygote_death(None)) from exc
+            finally:
+                self._on_orphaned = None
 
-    async def wait(self, pid: int) -> int:
-        """The return code of node process *pid*, once it has exited."""
-        event, code = self._exit(pid)
-        await event.wait()
-        return code[0]
+    async def wait(self, pid: int) -> int | None:
+        """The return code of node process *pid* (forked by :meth:`start`), once
+        it has exited; None if the zygote died before it did (unknown)."""
+        child = self._children[pid]
+        await child.exited.wait()
+        return child.code
 
 
 class _Pending:
@@ -203,6 +355,8 @@ class NodeProcess:
         self._closing = False
         #: Why the process died, once it has (None while it runs, or if asked to exit).
         self._death: str | None = None
+        #: Whether the zygote died before the process exited (see :meth:`_orphaned`).
+        self._orphan = False
 
     @property
     def address(self) -> str | None:
@@ -222,16 +376,18 @@ class NodeProcess:
         Raises:
             NodeError: the node cannot be made in the child (its class does
                 not import there, its ``__init__`` state does not unpickle, ...)
-                or the child died.
+                or the child died, or the zygote did.
         """
         self._nursery = nursery
         stdin, stdin_ours = os.pipe()
         events_ours, events = os.pipe()
         try:
-            self._pid = await self._zygote.start(stdin, events)
-        except BaseException:
+            self._pid = await self._zygote.start(stdin, events, self._orphaned)
+        except BaseException as exc:
             os.close(stdin_ours)
             os.close(events_ours)
+            if isinstance(exc, ZygoteDied):
+                raise NodeError(self.name, str(exc)) from None
             raise
         finally:
             os.close(stdin)
@@ -333,6 +489,23 @@ class NodeProcess:
             with trio.CancelScope(shield=True):
                 await self._stop_process()
 
+    def _orphaned(self, death: str) -> None:
+        """The zygote died (*death* says how) before the child exited: nothing
+        reports its exit now. End it in steps (:meth:`_stop_process`; its exit
+        is seen without the zygote), and fail the node -- unless it had ended
+        (STOPPED, SAVED) or is being closed."""
+        self._orphan = True
+        if not self._closing and self.state not in (
+            NodeState.STOPPED,
+            NodeState.SAVED,
+            NodeState.SHUTDOWN,
+            NodeState.FAILED,
+        ):
+            self._death = death
+            self._set_state(NodeState.FAILED, death)
+        self._closing = True
+        self._kill_scope.cancel()
+
     async def _stop_process(self) -> None:
         """End the child in steps, unless it has exited.
 
@@ -368,7 +541,9 @@ class NodeProcess:
             code = None
             with trio.move_on_after(KILL_GRACE):
                 code = await self._zygote.wait(self._pid)
-            if not self._closing or code != 0:
+            if self._orphan and crash is None:
+                pass  # how it exited is unknown: _orphaned said what it means
+            elif not self._closing or code != 0:
                 self._death = crash or exit_reason(code)
                 if not self._closing:
                     log.error("node %r: %s", self.name, self._death)
@@ -390,7 +565,8 @@ class NodeProcess:
             while (event := await reader.read()) is not None:
                 kind = event[0]
                 if kind == "state":
-                    self._set_state(NodeState(event[1]), event[2])
+                    if not self._orphan:  # (_orphaned said what it is)
+                        self._set_state(NodeState(event[1]), event[2])
                 elif kind == "stats":
                     self._stats = event[1]
                 elif kind == "log":

@@ -170,7 +170,9 @@ class AsyncWorker(Service):
         #: The folder each node this Worker runs saves into, by id.
         self._node_folders: dict[str, Path] = {}
         self._zygote: Zygote | None = None
-        self._zygote_scope = trio.CancelScope(shield=True)
+        #: The scope of each zygote's task (one, and those of zygotes that died
+        #: while their node processes have not all exited).
+        self._zygote_scopes: list[trio.CancelScope] = []
         self._shared_offset = 0
         #: The address this Worker reached the Manager from, once connected.
         self._host: str | None = None
@@ -207,7 +209,8 @@ class AsyncWorker(Service):
                 self._leaving = True
                 with trio.CancelScope(shield=True):
                     await self._close_nodes()
-                self._zygote_scope.cancel()
+                for scope in self._zygote_scopes:
+                    scope.cancel()
                 self._remove_temp_folder()
                 self._nursery = None
                 nursery.cancel_scope.cancel()
@@ -530,10 +533,11 @@ class AsyncWorker(Service):
                     runtime.follow_clock(offset)
 
     async def _start_zygote(self) -> Zygote:
-        """The zygote that forks this Worker's node processes (started on first use)."""
+        """The zygote that forks this Worker's node processes (started on first
+        use, and again after it died)."""
         async with self._zygote_lock:
-            if self._zygote is None:
-                zygote = Zygote()
+            if self._zygote is None or not self._zygote.running:
+                zygote = Zygote(f"worker {self.name!r}")
                 await self._nursery.start(self._run_zygote, zygote)
                 self._zygote = zygote
         return self._zygote
@@ -542,8 +546,12 @@ class AsyncWorker(Service):
         # Shielded: the node processes report their exit through the zygote, so
         # it must outlive them even when the Worker is cancelled; the Worker
         # ends it once they are gone (see _running).
-        with self._zygote_scope:
-            await zygote.run(task_status=task_status)
+        with trio.CancelScope(shield=True) as scope:
+            self._zygote_scopes.append(scope)
+            try:
+                await zygote.run(task_status=task_status)
+            finally:
+                self._zygote_scopes.remove(scope)
 
     async def _do_connect_nodes(self, addresses: dict[str, dict[str, str]]) -> None:
         connects = [partial(self._runtimes[node].connect, to) for node, to in addresses.items()]

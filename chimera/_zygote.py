@@ -18,7 +18,9 @@ command's argument), with :mod:`chimera._pipe` messages:
 
 Each node process leads a process group of its own. When the Worker's end of
 the socket closes, the zygote exits; the node processes end by themselves
-when their stdin does (their lifeline).
+when their stdin does (their lifeline). If the zygote dies first (killed),
+the Worker ends them itself, and sees them exit without it (see
+:meth:`chimera._process.Zygote.run`).
 """
 
 from __future__ import annotations

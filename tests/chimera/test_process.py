@@ -34,6 +34,7 @@ from .nodes import (
     Interrupted,
     Pairs,
     Raises,
+    Recording,
     Sink,
     StampSink,
     Stubborn,
@@ -396,6 +397,108 @@ async def test_nodes_end_when_their_worker_process_dies(tmp_path):
                     await worker.wait()
     # Its teardown ran before it exited.
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4, 5]
+
+
+ZYGOTE_KILLED = "its Worker's process starter died (killed by SIGKILL)"
+
+
+def no_graces_to_wait_out(monkeypatch) -> None:
+    """Make each grace a node's process has to exit longer than the 10 s these
+    tests give what follows a zygote's death: waiting one out fails them."""
+    for grace in ("EXIT_GRACE", "TERM_GRACE", "KILL_GRACE"):
+        monkeypatch.setattr(_process, grace, 20.0)
+
+
+@asynccontextmanager
+async def one_worker(tmp_path) -> AsyncIterator[tuple[AsyncManager, AsyncWorker]]:
+    """A Manager (nodes in processes) and one Worker, 'local', connected to it."""
+    async with (
+        AsyncManager(tmp_path / "logs", port=0, transport="tcp") as manager,
+        AsyncWorker("local") as worker,
+    ):
+        assert await worker.connect(manager.host, manager.port)
+        await manager.wait_for_workers(1)
+        yield manager, worker
+
+
+async def test_a_zygote_killed_while_nodes_run_fails_them_and_the_worker_goes_on(
+    tmp_path, monkeypatch
+):
+    from .test_recording import read_streams, saved_count  # (it imports this module)
+
+    no_graces_to_wait_out(monkeypatch)
+    before = set(children_of(os.getpid()))
+    async with notifications() as (port, notified), notifications() as (saving, saved):
+        graph = counter_to_sink(tmp_path, port, 5)
+        recorder = Recording("recorder", saving)
+        graph.add_node(recorder)
+        with trio.fail_after(60):
+            async with one_worker(tmp_path) as (manager, worker):
+                await manager.commit_graph(graph, {"local": ["counter", "sink", "recorder"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await saved_count(saved, 10)
+                nodes = [runtime.pid for runtime in worker._runtimes.values()]
+                zygote = worker._zygote
+                os.kill(zygote.pid, signal.SIGKILL)
+                with trio.fail_after(10):
+                    for name in ("counter", "sink", "recorder"):
+                        await manager.wait_for_node_state(name, "FAILED")
+                    reasons = {node["reason"] for node in manager.state()["nodes"]}
+                    assert reasons == {ZYGOTE_KILLED}
+                    assert await manager.stop()
+                    assert await manager.collect()
+                    assert set(manager.nodes.values()) == {"FAILED"}
+                    await manager.shutdown()
+                assert worker.connected and len(manager.workers) == 1
+                assert not any(alive(pid) for pid in nodes)
+                # Each node was closed: the sink's teardown ran, the recorder's files are whole.
+                assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4, 5]
+                counts = read_streams(manager.session_folder() / "local" / "recorder")
+                assert len(set(counts.values())) == 1 and counts["json"] >= 10, counts
+                # A new commit starts a new zygote.
+                graph = counter_to_sink(tmp_path, port, 3)
+                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                assert worker._zygote is not zygote and worker._zygote.running
+                await manager.start()
+                assert await notified.receive() == b"x"
+                assert await manager.stop()
+                # (manager.nodes keeps the last graph's nodes too)
+                assert {node["state"] for node in manager.state()["nodes"]} == {"STOPPED"}
+                await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+    assert set(children_of(os.getpid())) <= before
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polled"])
+async def test_nodes_that_stopped_before_their_zygote_died_stay_stopped(
+    tmp_path, monkeypatch, pidfd
+):
+    no_graces_to_wait_out(monkeypatch)
+    if not pidfd:  # as where there are none: the Worker polls for the exits
+        monkeypatch.setattr(_process, "_open_pidfd", lambda pid: None)
+    before = set(children_of(os.getpid()))
+    async with notifications() as (port, notified):
+        graph = counter_to_sink(tmp_path, port, 3)
+        with trio.fail_after(60):
+            async with one_worker(tmp_path) as (manager, worker):
+                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                assert await manager.stop()
+                nodes = [os.pidfd_open(runtime.pid) for runtime in worker._runtimes.values()]
+                os.kill(worker._zygote.pid, signal.SIGKILL)
+                with trio.fail_after(10):
+                    for node in nodes:  # its process is ended
+                        await trio.lowlevel.wait_readable(node)
+                        os.close(node)
+                    assert set(manager.nodes.values()) == {"STOPPED"}
+                    assert await manager.collect()
+                    await manager.shutdown()
+                assert set(manager.nodes.values()) == {"SHUTDOWN"}
+                assert worker.connected
+    assert set(children_of(os.getpid())) <= before
 
 
 async def test_objects_travel_between_node_processes_when_the_cluster_allows_them(tmp_path):
