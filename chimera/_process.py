@@ -493,7 +493,9 @@ class NodeProcess:
         """The zygote died (*death* says how) before the child exited: nothing
         reports its exit now. End it in steps (:meth:`_stop_process`; its exit
         is seen without the zygote), and fail the node -- unless it had ended
-        (STOPPED, SAVED) or is being closed."""
+        (STOPPED, SAVED) or is being closed. The commands it carries out then
+        fail (once it has answered, or exited: a run returns once its
+        ``teardown`` ran and its files are closed)."""
         self._orphan = True
         if not self._closing and self.state not in (
             NodeState.STOPPED,
@@ -573,9 +575,9 @@ class NodeProcess:
                     logging.getLogger(event[2]).log(event[1], "%s", event[3])
                 elif kind == "created":
                     self._address = event[1]
-                    self._answer("create", None)
+                    self._answer("create", self._orphan_failure())
                 elif kind == "done":
-                    self._answer(event[1], None, event[2])
+                    self._answer(event[1], self._orphan_failure(), event[2])
                 elif kind == "failed":
                     self._answer(event[1], event[2:])
                 elif kind == "crashed":
@@ -587,6 +589,10 @@ class NodeProcess:
         return crash
 
     # --- helpers ---------------------------------------------------------------
+
+    def _orphan_failure(self) -> tuple[str, str] | None:
+        """The error of a command the child carried out, if the zygote's death failed the node."""
+        return (self._death, "") if self._orphan and self._death is not None else None
 
     async def _command(self, name: str, *args: Any) -> Any:
         """Have the child carry out *name*; its result. Raises NodeError."""

@@ -164,6 +164,19 @@ class BrokenPrep(cp.Node):
         raise OSError("no such camera")
 
 
+class SlowPrep(cp.Node):
+    """Notifies the test on *port* (``b"prep"``) as its ``prep`` begins, which
+    then takes *seconds*."""
+
+    def __init__(self, name: str, port: int, seconds: float = 1.0) -> None:
+        super().__init__(name)
+        self.port, self.seconds = port, seconds
+
+    def prep(self):
+        notify(self.port, b"prep")
+        threading.Event().wait(self.seconds)
+
+
 class StampSink(cp.Node):
     """Writes the timestamps of the records it receives, and its clock then, to ``NAME.json``."""
 

@@ -36,6 +36,7 @@ from .nodes import (
     Raises,
     Recording,
     Sink,
+    SlowPrep,
     StampSink,
     Stubborn,
 )
@@ -465,6 +466,36 @@ async def test_a_zygote_killed_while_nodes_run_fails_them_and_the_worker_goes_on
                 assert await manager.stop()
                 # (manager.nodes keeps the last graph's nodes too)
                 assert {node["state"] for node in manager.state()["nodes"]} == {"STOPPED"}
+                await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+    assert set(children_of(os.getpid())) <= before
+
+
+async def test_a_zygote_killed_during_a_commit_fails_it_and_the_next_commit_works(
+    tmp_path, monkeypatch
+):
+    no_graces_to_wait_out(monkeypatch)
+    before = set(children_of(os.getpid()))
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_node(SlowPrep("slow", port))
+        with trio.fail_after(60):
+            async with one_worker(tmp_path) as (manager, worker):
+
+                async def commit() -> None:
+                    with pytest.raises(cp.NodeError) as caught:
+                        await manager.commit_graph(graph, {"local": ["slow"]})
+                    assert str(caught.value) == f"node 'slow': {ZYGOTE_KILLED}"
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(commit)
+                    assert await notified.receive() == b"prep"
+                    os.kill(worker._zygote.pid, signal.SIGKILL)
+                graph = counter_to_sink(tmp_path, port, 3)
+                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                assert await manager.stop()
                 await manager.shutdown()
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
     assert set(children_of(os.getpid())) <= before
