@@ -1140,7 +1140,18 @@ class AsyncManager(Service):
         info = None
         try:
             while True:
-                event = await receive()
+                with trio.move_on_after(protocol.SILENCE_TIMEOUT) as silence:
+                    event = await receive()
+                if silence.cancelled_caught:
+                    name = repr(info.name) if info is not None else "(not checked in)"
+                    log.warning(
+                        "worker %s: no word for %g s: taken as gone",
+                        name,
+                        protocol.SILENCE_TIMEOUT,
+                    )
+                    with trio.move_on_after(1):
+                        await send_locked({"type": "websocket.close", "code": 1001})
+                    return
                 if event["type"] == "websocket.disconnect":
                     return
                 received_ns = self._clock()

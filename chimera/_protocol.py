@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["COMMANDS", "VERSION", "ProtocolError", "make", "parse"]
+__all__ = ["COMMANDS", "SILENCE_TIMEOUT", "VERSION", "ProtocolError", "make", "parse"]
 
 #: The protocol version this side speaks.
 VERSION = 1
@@ -73,6 +73,11 @@ COMMANDS = frozenset(
         "shutdown_nodes",
     }
 )
+
+#: Seconds without a message after which either side takes the other as gone
+#: (a frozen process, a machine asleep, a network cut: nothing closes the
+#: connection). The Worker's clock exchange, every second, keeps both talking.
+SILENCE_TIMEOUT = 15.0
 
 #: The longest message accepted, in characters.
 MAX_MESSAGE = 16 * 1024 * 1024

@@ -37,7 +37,7 @@ from . import _protocol as protocol
 from ._clock import ClockEstimator
 from ._collect import move_folder, sees_probe, send_folder
 from ._errors import NodeError
-from ._manifest import Manifest, manifest_path
+from ._manifest import Manifest, files_under, manifest_path
 from ._node import NODE_LOGGER, NodeState
 from ._packages import extract
 from ._process import NodeProcess, Zygote
@@ -167,6 +167,10 @@ class AsyncWorker(Service):
         self._node_names: dict[str, str] = {}
         #: Set once the Worker closes its nodes to leave: it answers no more requests.
         self._leaving = False
+        #: Set when the Manager closed the connection, or fell silent, while
+        #: this Worker stayed: what the nodes saved is then kept (see
+        #: _remove_temp_folder).
+        self._manager_gone = False
         #: The folder each node this Worker runs saves into, by id.
         self._node_folders: dict[str, Path] = {}
         self._zygote: Zygote | None = None
@@ -287,7 +291,7 @@ class AsyncWorker(Service):
                 )
             if answer["type"] != "welcome":
                 raise protocol.ProtocolError(f"expected welcome, got {answer['type']}")
-            self._connected, self._leaving = True, False
+            self._connected, self._leaving, self._manager_gone = True, False, False
             # Nodes listen where this machine reached the Manager: other Workers
             # reach it there too (and a cluster on loopback stays on loopback).
             local = ws.local
@@ -340,9 +344,19 @@ class AsyncWorker(Service):
         """Handle the Manager's messages until the connection closes."""
         while True:
             try:
-                text = await ws.get_message()
+                with trio.move_on_after(protocol.SILENCE_TIMEOUT) as silence:
+                    text = await ws.get_message()
             except trio_websocket.ConnectionClosed:
                 log.info("worker %r: the manager closed the connection", self.name)
+                self._manager_gone = not self._leaving
+                return
+            if silence.cancelled_caught:
+                self._manager_gone = True
+                log.warning(
+                    "worker %r: no word from the manager for %g s: taken as gone",
+                    self.name,
+                    protocol.SILENCE_TIMEOUT,
+                )
                 return
             received_ns = time.time_ns()
             try:
@@ -430,17 +444,28 @@ class AsyncWorker(Service):
         packages = str(self._temp / "packages")
         if packages in sys.path:
             sys.path.remove(packages)
-        if self.delete_temp:
-            if self._uncollected:
-                self._warn_uncollected(self._temp / "nodes")
+        files = files_under(self._temp / "nodes") if self._uncollected else []
+        if self.delete_temp and files and self._manager_gone:
+            # The Manager is gone (crashed, killed, cut off) before collecting:
+            # these files may be the only copy of the session.
+            log.warning(
+                "worker %r: the manager left before collecting what its nodes saved: "
+                "%d files (%.1f MB) are kept in %s",
+                self.name,
+                len(files),
+                sum(path.stat().st_size for path in files) / 1e6,
+                self._temp,
+            )
+        elif self.delete_temp:
+            if files:
+                self._warn_uncollected(files)
             shutil.rmtree(self._temp, ignore_errors=True)
         else:
             log.info("worker %r: its temporary folder %s is kept", self.name, self._temp)
         self._temp = None
 
-    def _warn_uncollected(self, folder: Path) -> None:
-        """Say so if the nodes saved files in *folder* that are about to go uncollected."""
-        files = [path for path in folder.rglob("*") if path.is_file()]
+    def _warn_uncollected(self, files: list[Path]) -> None:
+        """Say that the nodes' *files*, never collected, are about to be deleted."""
         if files:
             size = sum(path.stat().st_size for path in files) / 1e6
             log.warning(

@@ -57,6 +57,48 @@ async def test_a_bad_message_gets_an_error_and_the_connection_stays(tmp_path):
                 assert answer["type"] == "clock_ack" and answer["t0"] == 1
 
 
+async def test_a_worker_that_falls_silent_is_taken_as_gone(tmp_path, monkeypatch, caplog):
+    # As a frozen process, or a machine asleep: nothing closes its connection.
+    monkeypatch.setattr(protocol, "SILENCE_TIMEOUT", 0.5)
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0) as manager:
+            url = f"ws://127.0.0.1:{manager.port}/ws/worker"
+            async with trio_websocket.open_websocket_url(url) as ws:
+                await ws.send_message(
+                    protocol.make("hello", name="frozen", worker_id="f", token=None)
+                )
+                assert protocol.parse(await ws.get_message())["type"] == "welcome"
+                await manager.wait_for_workers(1)
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    await ws.get_message()  # says nothing more: the manager closes
+                assert closed.value.reason.code == 1001
+            assert manager.workers == {}
+    said = [r.getMessage() for r in caplog.records if "no word" in r.getMessage()]
+    assert said == ["worker 'frozen': no word for 0.5 s: taken as gone"]
+
+
+async def test_a_manager_that_falls_silent_is_taken_as_gone(monkeypatch, caplog):
+    monkeypatch.setattr(protocol, "SILENCE_TIMEOUT", 0.5)
+
+    async def silent_manager(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # hello
+        await ws.send_message(protocol.make("welcome", worker_id="w"))
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                trio_websocket.serve_websocket, silent_manager, "127.0.0.1", 0, None
+            )
+            async with AsyncWorker("lab-pc") as worker:
+                assert await worker.connect("127.0.0.1", server.port)
+                await worker.wait_for_disconnect()
+            nursery.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records if "no word" in r.getMessage()]
+    assert said == ["worker 'lab-pc': no word from the manager for 0.5 s: taken as gone"]
+
+
 async def test_a_worker_without_the_token_is_refused_clearly(tmp_path, monkeypatch):
     monkeypatch.delenv("CHIMERA_TOKEN", raising=False)
     with trio.fail_after(20):

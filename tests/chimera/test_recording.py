@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -534,6 +535,33 @@ async def test_shutting_down_without_collecting_says_what_is_deleted(tmp_path, c
     warnings = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
     assert len(warnings) == 1
     assert "delete_temp=False" in warnings[0] and "chimera worker --keep-temp" in warnings[0]
+
+
+async def test_a_worker_whose_manager_left_before_collecting_keeps_the_files(tmp_path, caplog):
+    # The Manager's script ended (or crashed) before collect(): the files may be
+    # the session's only copy.
+    async with notifications() as (port, notified):
+        node = Recording("recorder", port)
+        graph = cp.Graph()
+        graph.add_node(node)
+        with trio.fail_after(60):
+            async with cp.AsyncWorker("local") as worker:
+                async with cp.AsyncManager(tmp_path, port=0, transport="tcp") as manager:
+                    assert await worker.connect(manager.host, manager.port)
+                    await manager.commit_graph(graph, {"local": ["recorder"]})
+                    await manager.start()
+                    await saved_count(notified, 10)
+                    await manager.stop()
+                await worker.wait_for_disconnect()
+    kept = node_folder(node)
+    try:
+        assert read_streams(kept)["video"] >= 10
+        said = [
+            r.getMessage() for r in caplog.records if "left before collecting" in r.getMessage()
+        ]
+        assert len(said) == 1 and str(kept.parent.parent) in said[0]
+    finally:
+        shutil.rmtree(kept.parent.parent)
 
 
 @pytest.mark.parametrize("way", ["sent", "moved"])
