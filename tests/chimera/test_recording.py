@@ -345,10 +345,11 @@ async def saved_count(notified, at_least: int) -> int:
 
 
 def node_folder(node: cp.Node) -> Path:
-    """Where the node's Worker keeps what it saves (its temporary folder, by node id)."""
+    """Where the node's Worker keeps what it saves (its temporary folder, by node
+    id); a path that does not exist if there is none."""
     found = list(Path(tempfile.gettempdir()).glob(f"chimera-worker-*/nodes/{node.id}"))
     assert len(found) <= 1
-    return found[0] if found else Path("/nonexistent")
+    return found[0] if found else Path(tempfile.gettempdir(), "chimera-none", "nodes", node.id)
 
 
 def read_streams(folder: Path) -> dict[str, int]:
@@ -554,14 +555,17 @@ async def test_a_worker_whose_manager_left_before_collecting_keeps_the_files(tmp
                     await manager.stop()
                 await worker.wait_for_disconnect()
     kept = node_folder(node)
+    assert kept.exists(), "the Worker deleted its folder"
+    temp = kept.parent.parent  # the Worker's temporary folder: removed below, so checked first
+    assert temp.parent == Path(tempfile.gettempdir()) and temp.name.startswith("chimera-worker-")
     try:
         assert read_streams(kept)["video"] >= 10
         said = [
             r.getMessage() for r in caplog.records if "left before collecting" in r.getMessage()
         ]
-        assert len(said) == 1 and str(kept.parent.parent) in said[0]
+        assert len(said) == 1 and str(temp) in said[0]
     finally:
-        shutil.rmtree(kept.parent.parent)
+        shutil.rmtree(temp)
 
 
 @pytest.mark.parametrize("way", ["sent", "moved"])
