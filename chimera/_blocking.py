@@ -72,10 +72,28 @@ class _LoopThread(Generic[T]):
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``await fn(*args)`` in the loop; its result.
 
+        A KeyboardInterrupt (Ctrl-C) in the calling thread cancels the call in
+        the loop -- it cleans up as on any cancellation -- and is raised at once.
+
         Raises:
             RuntimeError: the loop has stopped.
         """
-        return trio.from_thread.run(fn, *args, trio_token=self._running_token())
+        token = self._running_token()
+        scope = trio.CancelScope()
+
+        async def run() -> Any:
+            with scope:
+                return await fn(*args)
+            raise RuntimeError("cancelled: Ctrl-C in the calling thread")  # (not read)
+
+        try:
+            return trio.from_thread.run(run, trio_token=token)
+        except KeyboardInterrupt:
+            try:  # (if the call has not started yet, it ends as it starts)
+                trio.from_thread.run_sync(scope.cancel, trio_token=token)
+            except trio.RunFinishedError:
+                pass
+            raise
 
     def call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` (not async) in the loop's thread; its result.

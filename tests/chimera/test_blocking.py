@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import trio
 
 import chimera as cp
 
@@ -170,3 +172,45 @@ def test_commit_step_by_step_as_chimerapy_scripts_may(tmp_path):
     finally:
         manager.shutdown()
     assert chimera_threads() == []
+
+
+#: Set by InPrep once its prep runs; InPrep's prep returns once GATE is set.
+IN_PREP, GATE = threading.Event(), threading.Event()
+
+
+class InPrep(cp.Node):
+    def prep(self):
+        IN_PREP.set()
+        assert GATE.wait(20)
+
+
+def test_ctrl_c_in_a_blocking_call_cancels_the_call(tmp_path):
+    IN_PREP.clear()
+    GATE.clear()
+    graph = cp.Graph()
+    graph.add_node(InPrep("model"))
+    manager = cp.Manager(logdir=tmp_path, port=0, transport="memory")
+    worker = cp.Worker(name="local", port=0)
+    main = threading.get_ident()
+
+    def press_ctrl_c() -> None:
+        assert IN_PREP.wait(20)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    try:
+        assert worker.connect(host=manager.host, port=manager.port)
+        threading.Thread(target=press_ctrl_c).start()
+        with pytest.raises(KeyboardInterrupt):
+            manager.commit_graph(graph, mapping={"local": ["model"]})
+        GATE.set()
+
+        async def closed() -> str:
+            with trio.fail_after(20):  # (the commit, had it gone on, would leave it READY)
+                return await manager._manager.wait_for_node_state("model", "SHUTDOWN")
+
+        # The commit was cancelled: it closed the node it made.
+        assert manager._loop.call(closed) == "SHUTDOWN"
+    finally:
+        GATE.set()
+        manager.shutdown()
+        worker.shutdown()
