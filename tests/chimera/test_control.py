@@ -6,6 +6,9 @@ import itertools
 import json
 import socket
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -195,43 +198,51 @@ async def test_an_api_client_without_the_token_is_refused(tmp_path):
                     pass
 
 
-async def test_events_push_every_node_state_and_the_steps(tmp_path):
+@asynccontextmanager
+async def following_events(
+    tmp_path,
+) -> AsyncIterator[tuple[AsyncManager, Any, trio_websocket.WebSocketConnection]]:
+    """A Manager (memory transport) with Worker 'local', a graph count -> double
+    for it, and a /ws/events client connected once the Worker is."""
     import chimera as cp
 
     from .test_runtime import Count, Double
 
     graph = cp.Graph()
     graph.add_edge(Count("count", 10**9), Double("double"))
+    async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+        async with AsyncWorker("local") as worker:
+            assert await worker.connect(manager.host, manager.port)
+            await manager.wait_for_workers(1)
+            url = f"ws://127.0.0.1:{manager.port}/ws/events"
+            async with trio_websocket.open_websocket_url(url) as events:
+                yield manager, graph, events
+
+
+async def test_events_push_every_node_state_and_the_steps(tmp_path):
     with trio.fail_after(30):
-        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
-            async with AsyncWorker("local") as worker:
-                assert await worker.connect(manager.host, manager.port)
-                await manager.wait_for_workers(1)
-                url = f"ws://127.0.0.1:{manager.port}/ws/events"
-                async with trio_websocket.open_websocket_url(url) as events:
-                    first = json.loads(await events.get_message())
-                    assert [w["name"] for w in first["workers"]] == ["local"]
-                    await manager.commit_graph(graph, {"local": ["count", "double"]})
-                    await manager.start()
-                    seen: dict[str, list[str]] = {"count": [], "double": []}
-                    while True:
-                        event = json.loads(await events.get_message())
-                        if event["type"] == "node_state":
-                            seen[event["name"]].append(event["state"])
-                        if event["type"] == "node_stats":
-                            double = {n["name"]: n for n in event["nodes"]}["double"]
-                            if double["steps"] > 0:
-                                break
-                    assert seen["double"][:4] == ["INITIALIZED", "CONNECTED", "READY", "RUNNING"]
-                    async with httpx.AsyncClient() as client:
-                        state = (
-                            await client.get(f"http://{manager.host}:{manager.port}/api/state")
-                        ).json()
-                    nodes = {n["name"]: n for n in state["nodes"]}
-                    assert nodes["double"]["worker"] == "local"
-                    assert nodes["double"]["state"] == "RUNNING"
-                    assert nodes["double"]["steps"] > 0 and nodes["double"]["dropped"] == 0
-                    await manager.stop()
+        async with following_events(tmp_path) as (manager, graph, events):
+            first = json.loads(await events.get_message())
+            assert [w["name"] for w in first["workers"]] == ["local"]
+            await manager.commit_graph(graph, {"local": ["count", "double"]})
+            await manager.start()
+            seen: dict[str, list[str]] = {"count": [], "double": []}
+            while True:
+                event = json.loads(await events.get_message())
+                if event["type"] == "node_state":
+                    seen[event["name"]].append(event["state"])
+                if event["type"] == "node_stats":
+                    double = {n["name"]: n for n in event["nodes"]}["double"]
+                    if double["steps"] > 0:
+                        break
+            assert seen["double"][:4] == ["INITIALIZED", "CONNECTED", "READY", "RUNNING"]
+            async with httpx.AsyncClient() as client:
+                state = (await client.get(f"http://{manager.host}:{manager.port}/api/state")).json()
+            nodes = {n["name"]: n for n in state["nodes"]}
+            assert nodes["double"]["worker"] == "local"
+            assert nodes["double"]["state"] == "RUNNING"
+            assert nodes["double"]["steps"] > 0 and nodes["double"]["dropped"] == 0
+            await manager.stop()
 
 
 @pytest.fixture
@@ -319,31 +330,21 @@ async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(
 
 
 async def test_a_node_that_does_not_run_has_no_fps(tmp_path):
-    import chimera as cp
-
-    from .test_runtime import Count, Double
-
-    graph = cp.Graph()
-    graph.add_edge(Count("count", 10**9), Double("double"))
     with trio.fail_after(30):
-        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
-            async with AsyncWorker("local") as worker:
-                assert await worker.connect(manager.host, manager.port)
-                url = f"ws://127.0.0.1:{manager.port}/ws/events"
-                async with trio_websocket.open_websocket_url(url) as events:
-                    await events.get_message()  # the state
-                    await manager.commit_graph(graph, {"local": ["count", "double"]})
-                    await manager.start()
-                    while True:  # until the nodes were seen stepping
-                        event = json.loads(await events.get_message())
-                        if event["type"] == "node_stats" and all(
-                            node["fps"] > 0 for node in event["nodes"]
-                        ):
-                            break
-                    await manager.stop()  # (their last figures come with it)
-                    assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
-                    await manager.shutdown()
-                    assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
+        async with following_events(tmp_path) as (manager, graph, events):
+            await events.get_message()  # the state
+            await manager.commit_graph(graph, {"local": ["count", "double"]})
+            await manager.start()
+            while True:  # until the nodes were seen stepping
+                event = json.loads(await events.get_message())
+                if event["type"] == "node_stats" and all(
+                    node["fps"] > 0 for node in event["nodes"]
+                ):
+                    break
+            await manager.stop()  # (their last figures come with it)
+            assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
+            await manager.shutdown()
+            assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
 
 
 def follow(picture: dict, event: dict) -> None:
