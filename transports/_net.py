@@ -278,7 +278,14 @@ class _NetOutlet(_OutletBase):
         except trio.TooSlowError:
             log.warning("%s: %s did not complete the handshake", self._address, conduit.peer)
         except _LINK_ERRORS as exc:
-            log.warning("%s: link to %s ended: %s", self._address, conduit.peer, exc or repr(exc))
+            # (While the outlet closes, its inlets may be closing too: no news.)
+            log.log(
+                logging.DEBUG if self._closed else logging.WARNING,
+                "%s: link to %s ended: %s",
+                self._address,
+                conduit.peer,
+                exc or repr(exc),
+            )
         finally:
             if link is not None:
                 self._drop_link(link)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -126,6 +128,35 @@ async def test_inlet_process_killed_frees_the_outlet(net_address, child_factory,
             received = [bytes(m[0]) async for m in healthy]
     assert received == [b"0", b"1", b"2"]
     assert [link.messages_sent for link in outlet.stats.links] == [1, 3]
+
+
+@pytest.mark.parametrize("backend", STREAM_BACKENDS)
+async def test_an_inlet_breaking_off_while_the_outlet_closes_is_no_warning(
+    backend, short_dir, caplog
+):
+    # As a cluster shutting down: every node closes at once.
+    caplog.set_level(logging.DEBUG, logger="transports")
+    with trio.fail_after(10):
+        outlet = await transports.bind(BACKENDS[backend].format(dir=short_dir), close_timeout=5)
+        early, late = [await open_raw_stream(outlet.address) for _ in range(2)]
+        for raw in (early, late):
+            await raw.send_all(encode_hello(transports.Delivery.RELIABLE, 4))
+            await receive_exactly(raw, WELCOME_SIZE)
+        await outlet.wait_for_inlets(2)
+        await outlet.send(b"unread")
+
+        async def break_off(raw: trio.SocketStream) -> None:
+            await raw.receive_some(1)  # the message is here, most of it unread...
+            raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await raw.aclose()  # ... and the inlet breaks off (a reset)
+
+        await break_off(early)  # while the outlet runs: news
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outlet.aclose)  # waits for the end of stream's acknowledgement
+            await break_off(late)
+    ended = [r for r in caplog.records if "ended:" in r.getMessage()]
+    assert [r.levelname for r in ended] == ["WARNING", "DEBUG"]
 
 
 @pytest.mark.parametrize("backend", STREAM_BACKENDS)
