@@ -619,10 +619,14 @@ class AsyncManager(Service):
         await self._broadcast("start_nodes", record=False)
         return True
 
+    def _mapped_states(self) -> set[str | None]:
+        """The states of the nodes of the graph mapped now (those of a graph
+        before may keep their last state)."""
+        return {self.nodes.get(node) for nodes in self._mapping.values() for node in nodes}
+
     def _check_not_started(self, call: str) -> None:
         """Raise RuntimeError, naming *call*, if the nodes run or have run."""
-        # (The nodes of this graph: those of one before may keep their last state.)
-        states = {self.nodes.get(node) for nodes in self._mapping.values() for node in nodes}
+        states = self._mapped_states()
         if "RUNNING" in states:
             raise RuntimeError(f"{call}: the nodes run already (stop() them first)")
         if states & {"STOPPED", "SAVED"}:
@@ -639,8 +643,7 @@ class AsyncManager(Service):
         Raises:
             RuntimeError: the nodes do not run (``preview()`` them first).
         """
-        states = {self.nodes.get(node) for nodes in self._mapping.values() for node in nodes}
-        if "RUNNING" not in states:
+        if "RUNNING" not in self._mapped_states():
             raise RuntimeError(
                 "record(): the nodes do not run: preview() them first "
                 "(start() runs them and records)"
