@@ -73,6 +73,11 @@ def _why_unreachable(exc: BaseException, timeout: float) -> str:
     return f"{text or type(exc).__name__} (is the manager running, on that host and port?)"
 
 
+def _how_many(files: list[Path]) -> str:
+    """*files* counted, in words: ``"3 files (1.2 MB)"``."""
+    return f"{len(files)} files ({sum(path.stat().st_size for path in files) / 1e6:.1f} MB)"
+
+
 def _bracketed(host: str) -> str:
     """*host* as a URL takes it: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -328,10 +333,14 @@ class AsyncWorker(Service):
         last: dict[str, dict[str, int]] = {}
         while True:
             await trio.sleep(STATS_PERIOD)
-            stats = {node_id: runtime.stats() for node_id, runtime in self._runtimes.items()}
+            stats = self._node_stats()
             if stats and stats != last:
                 self._send_stats(stats)
                 last = stats
+
+    def _node_stats(self) -> dict[str, dict[str, int]]:
+        """Each node's statistics (see :meth:`NodeRuntime.stats`), by id."""
+        return {node_id: runtime.stats() for node_id, runtime in self._runtimes.items()}
 
     def _send_stats(self, stats: dict[str, dict[str, int]]) -> None:
         self._events_in.send_nowait(protocol.make("node_stats", stats=stats))
@@ -450,33 +459,25 @@ class AsyncWorker(Service):
             # these files may be the only copy of the session.
             log.warning(
                 "worker %r: the manager left before collecting what its nodes saved: "
-                "%d files (%.1f MB) are kept in %s",
+                "%s are kept in %s",
                 self.name,
-                len(files),
-                sum(path.stat().st_size for path in files) / 1e6,
+                _how_many(files),
                 self._temp,
             )
         elif self.delete_temp:
             if files:
-                self._warn_uncollected(files)
+                log.warning(
+                    "worker %r: %s its nodes saved were never collected, and are deleted "
+                    "with its temporary folder (call the Manager's collect() before "
+                    "shutting down, or keep the folder: Worker(..., delete_temp=False), "
+                    "chimera worker --keep-temp)",
+                    self.name,
+                    _how_many(files),
+                )
             shutil.rmtree(self._temp, ignore_errors=True)
         else:
             log.info("worker %r: its temporary folder %s is kept", self.name, self._temp)
         self._temp = None
-
-    def _warn_uncollected(self, files: list[Path]) -> None:
-        """Say that the nodes' *files*, never collected, are about to be deleted."""
-        if files:
-            size = sum(path.stat().st_size for path in files) / 1e6
-            log.warning(
-                "worker %r: %d files (%.1f MB) its nodes saved were never collected, and are "
-                "deleted with its temporary folder (call the Manager's collect() before "
-                "shutting down, or keep the folder: Worker(..., delete_temp=False), "
-                "chimera worker --keep-temp)",
-                self.name,
-                len(files),
-                size,
-            )
 
     async def _do_create_nodes(self, nodes: list[dict[str, Any]]) -> dict[str, Any]:
         """Make every node (in parallel); the address of each one's outlet."""
@@ -760,5 +761,5 @@ class AsyncWorker(Service):
         for done in list(self._runs.values()):
             await done.wait()
         if self._runtimes:  # the last ones (ahead of the reply): what meta.json says
-            self._send_stats({node_id: rt.stats() for node_id, rt in self._runtimes.items()})
+            self._send_stats(self._node_stats())
         return {node_id: state.value for node_id, state in self.nodes.items()}
