@@ -271,7 +271,7 @@ class NodeRuntime:
             NodeError: ``teardown`` raised.
         """
         failed = False
-        teardown_error: NodeError | None = None
+        errors: list[NodeError] = []
         try:
             if self._outlet is not None:
                 await self._outlet.wait_for_inlets(self._outputs)
@@ -293,16 +293,9 @@ class NodeRuntime:
                     await inlet.aclose()
                 if self._outlet is not None:
                     await self._outlet.aclose()  # the end of stream flows downstream
-                try:
-                    await self._teardown()
-                except NodeError as exc:
-                    teardown_error = exc
-                try:  # (a teardown that raised leaves the files to close all the same)
-                    await self._close_recorder()
-                except NodeError as exc:
-                    teardown_error = teardown_error or exc
-        if teardown_error is not None:
-            raise teardown_error
+                errors = await self._finish()
+        if errors:
+            raise errors[0]
         if not failed:
             self._set_state(NodeState.STOPPED)
             if self.saved:
@@ -327,6 +320,17 @@ class NodeRuntime:
             self.saved = self._recorder.streams()
             self._fail(f"recording failed: {exc}")
             raise NodeError(self.node.name, f"recording failed: {exc}") from exc
+
+    async def _finish(self) -> list[NodeError]:
+        """Run ``teardown`` (see :meth:`_teardown`), then close what the node
+        saved, even if it raised; what each raised."""
+        errors = []
+        for finish in (self._teardown, self._close_recorder):
+            try:
+                await finish()
+            except NodeError as exc:
+                errors.append(exc)
+        return errors
 
     async def _teardown(self) -> None:
         """Run ``teardown`` if ``prep`` ran and it has not yet (at most
@@ -400,11 +404,8 @@ class NodeRuntime:
                 log.warning("node %r: prep still running; no teardown", self.node.name)
             else:
                 self._preparing.release()
-                for close in (self._teardown, self._close_recorder):
-                    try:
-                        await close()
-                    except NodeError as exc:
-                        log.error("node %r: %s", self.node.name, exc.message)
+                for error in await self._finish():
+                    log.error("node %r: %s", self.node.name, error.message)
             for inlet in self._inlets.values():
                 await inlet.aclose()
             if self._outlet is not None:
