@@ -76,9 +76,12 @@ _AUDIO_DTYPES = {
 }
 
 
-def _as_uint8(array: numpy.ndarray, what: str) -> numpy.ndarray:
+def _as_uint8(
+    array: numpy.ndarray, what: str, unit_floats: Callable[[], None] | None = None
+) -> numpy.ndarray:
     """*array* as uint8: other numbers are taken if every value is in [0, 255]
-    (floats truncated, as ChimeraPy's ``numpy.uint8(frame)`` did).
+    (floats truncated, as ChimeraPy's ``numpy.uint8(frame)`` did); floats
+    all in [0, 1], not all 0 (which that makes black), call *unit_floats*.
 
     Anything but numbers comes back as it is, for the caller's check to refuse.
 
@@ -95,6 +98,8 @@ def _as_uint8(array: numpy.ndarray, what: str) -> numpy.ndarray:
             f"{what}: {array.dtype} values from {low} to {high}; "
             "uint8 frames, or numbers in [0, 255]"
         )
+    if unit_floats is not None and array.dtype.kind == "f" and 0 < high <= 1:
+        unit_floats()
     return array.astype(numpy.uint8)
 
 
@@ -426,19 +431,16 @@ class _Writer:
     def _as_uint8(self, array: numpy.ndarray) -> numpy.ndarray:
         """:func:`_as_uint8` for a frame or image of this stream; warns (once)
         of floats in [0, 1], which it truncates to 0 and 1: black."""
-        if (
-            not self._warned_unit_floats
-            and array.dtype.kind == "f"
-            and array.size
-            and 0 < array.max() <= 1
-        ):
+        return _as_uint8(array, f"{self.kind} {self.name!r}", self._warn_unit_floats)
+
+    def _warn_unit_floats(self) -> None:
+        if not self._warned_unit_floats:
             self._warned_unit_floats = True
             log.warning(
                 "%s %r: float values in [0, 1] are saved as 0 or 1 (black): scale them to [0, 255]",
                 self.kind,
                 self.name,
             )
-        return _as_uint8(array, f"{self.kind} {self.name!r}")
 
     def _open_stamps(self) -> None:
         self._stamps = _AppendFile(self.folder / f"{self.name}.timestamps.csv")
