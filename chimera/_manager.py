@@ -975,7 +975,7 @@ class AsyncManager(Service):
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[AsyncManager]:
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._url_host = f"[{self.host}]" if ":" in self.host else self.host
+        self._url_host = protocol.in_url(self.host)
         self._log_file = open(self.logdir / "nodes.log", "a", encoding="utf-8")
         if self.publish_logs_via_zmq:
             self._log_publisher = pynng.Pub0(listen=f"tcp://{self._url_host}:0")
@@ -1210,8 +1210,7 @@ def _dialable(host: str) -> str:
     """How a client on this machine names, in a URL, a socket listening on
     *host*: every interface (``0.0.0.0``, ``::``) as loopback, an IPv6
     address in brackets."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"[{host}]" if ":" in host else host
+    return protocol.in_url({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host))
 
 
 def _log_time(time_ns: int) -> str:

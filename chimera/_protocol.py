@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["COMMANDS", "SILENCE_TIMEOUT", "VERSION", "ProtocolError", "make", "parse"]
+__all__ = ["COMMANDS", "SILENCE_TIMEOUT", "VERSION", "ProtocolError", "in_url", "make", "parse"]
 
 #: The protocol version this side speaks.
 VERSION = 1
@@ -78,6 +78,12 @@ COMMANDS = frozenset(
 #: (a frozen process, a machine asleep, a network cut: nothing closes the
 #: connection). The Worker's clock exchange, every second, keeps both talking.
 SILENCE_TIMEOUT = 15.0
+
+
+def in_url(host: str) -> str:
+    """*host* as a URL takes it (the Manager's, a Worker's): an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
 
 #: The longest message accepted, in characters.
 MAX_MESSAGE = 16 * 1024 * 1024

@@ -78,11 +78,6 @@ def _how_many(files: list[Path]) -> str:
     return f"{len(files)} files ({sum(path.stat().st_size for path in files) / 1e6:.1f} MB)"
 
 
-def _bracketed(host: str) -> str:
-    """*host* as a URL takes it: an IPv6 address in brackets."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
 class _ForwardNodeLogs(logging.Handler):
     """Sends the log records of this Worker's nodes to the Manager.
 
@@ -252,8 +247,8 @@ class AsyncWorker(Service):
             raise RuntimeError("the worker is not running: use `async with AsyncWorker(...)`")
         if self._connected:
             raise RuntimeError("the worker is connected already")
-        url = f"ws://{_bracketed(host)}:{port}/ws/worker"
-        self._manager_url = f"http://{_bracketed(host)}:{port}"
+        url = f"ws://{protocol.in_url(host)}:{port}/ws/worker"
+        self._manager_url = f"http://{protocol.in_url(host)}:{port}"
         try:
             with trio.fail_after(timeout):
                 await self._nursery.start(self._session, url)
@@ -263,7 +258,7 @@ class AsyncWorker(Service):
             log.error(
                 "worker %r: cannot reach the manager at %s:%s: %s",
                 self.name,
-                _bracketed(host),
+                protocol.in_url(host),
                 port,
                 _why_unreachable(exc, timeout),
             )
@@ -543,7 +538,7 @@ class AsyncWorker(Service):
         if self._host is None:
             return None
         scheme = "nng+tcp" if transport == "nng" else "tcp"
-        return f"{scheme}://{_bracketed(str(self._host))}:0"
+        return f"{scheme}://{protocol.in_url(str(self._host))}:0"
 
     def _offset_ns(self) -> int:
         estimate = self.clock.estimate()
