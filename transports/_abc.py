@@ -121,6 +121,20 @@ class Outlet(trio.abc.AsyncResource):
         """
 
     @abstractmethod
+    def cut(self, label: str) -> int:
+        """End at once every link whose inlet connected with *label*; how many there were.
+
+        For an inlet known to be gone while its connection stays open (its
+        process frozen, its machine asleep), which would otherwise hold up
+        :meth:`send` on a ``RELIABLE`` link forever: the messages its link
+        holds are dropped, :meth:`send` no longer waits for it, and its
+        connection is closed. The inlet, if it still reads, receives what had
+        arrived, then :exc:`trio.BrokenResourceError`. Inlets with another
+        label are unaffected; no inlet with *label* (or a closed outlet) is no
+        error: nothing is cut.
+        """
+
+    @abstractmethod
     async def aclose(self) -> None:
         """End the stream.
 
@@ -214,6 +228,7 @@ class Transport(ABC):
         capacity: int = 8,
         max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        label: str = "",
     ) -> Inlet:
         """Make an :class:`Inlet` connected to the outlet at *address*.
 
@@ -226,9 +241,14 @@ class Transport(ABC):
         always fits). For large messages this keeps the link short, and so
         their latency low: 8 buffered 6 MB frames are 8 frames old.
 
+        *label* names the inlet to the outlet: in its link's
+        :class:`LinkStats`, and for :meth:`Outlet.cut`. Several inlets may
+        share one.
+
         Raises:
             ValueError: *address* is malformed, *capacity* or *max_bytes* is
-                not a positive integer, or *delivery* is not a :class:`Delivery`.
+                not a positive integer, *delivery* is not a :class:`Delivery`,
+                or *label* is not a str of at most 1024 bytes of UTF-8.
             OSError: nothing listens at *address*, or the connection failed.
             trio.BrokenResourceError: the peer does not speak this protocol.
         """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._abc import Delivery
-from ._framing import MAX_CAPACITY
+from ._framing import MAX_CAPACITY, MAX_LABEL
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,10 @@ def parse_address(address: str, schemes: tuple[str, ...] | None = None) -> Addre
     return Address(scheme, host=host, port=int(port_text))
 
 
-def check_connect_args(delivery: Delivery, capacity: int, max_bytes: int | None = None) -> None:
-    """Raises ValueError unless *delivery*, *capacity* and *max_bytes* are valid for a link."""
+def check_connect_args(
+    delivery: Delivery, capacity: int, max_bytes: int | None = None, label: str = ""
+) -> None:
+    """Raises ValueError unless *delivery*, *capacity*, *max_bytes* and *label* are valid for a link."""
     if not isinstance(delivery, Delivery):
         raise ValueError(f"delivery must be Delivery.RELIABLE or Delivery.LATEST, not {delivery!r}")
     if (
@@ -72,3 +74,11 @@ def check_connect_args(delivery: Delivery, capacity: int, max_bytes: int | None 
         isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
     ):
         raise ValueError(f"max_bytes must be a positive integer or None, not {max_bytes!r}")
+    if not isinstance(label, str):
+        raise ValueError(f"label must be a str, not {type(label).__name__}")
+    try:
+        size = len(label.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"label {label!r} cannot be encoded as UTF-8") from None
+    if size > MAX_LABEL:
+        raise ValueError(f"label is {size} bytes of UTF-8, over {MAX_LABEL}")

@@ -1,8 +1,9 @@
 """The wire protocol of the networked backends, and its byte-stream framing.
 
 A link starts with a handshake: the inlet sends ``HELLO`` (magic, version,
-delivery, capacity, u64 bound in bytes or 0 for none), the outlet answers
-``WELCOME`` (magic, version) once it counts the link. Then records, each
+delivery, capacity, u64 bound in bytes or 0 for none, u16 size of its
+label), then its label (UTF-8) if it has one; the outlet answers ``WELCOME``
+(magic, version) once it counts the link. Then records, each
 starting with a one-byte kind; integers are little-endian:
 
 ========  =========  ====================================================
@@ -37,19 +38,21 @@ from ._abc import Delivery
 from ._schedule import _SchedulePoints
 
 MAGIC = b"\x89TRP"
-VERSION = 2
+VERSION = 3
 
 #: Most frames one message may have.
 MAX_FRAMES = 4096
 #: Largest capacity a link may ask for.
 MAX_CAPACITY = 1 << 20
+#: Largest label an inlet may give itself, in bytes of UTF-8.
+MAX_LABEL = 1024
 
 KIND_MESSAGE = 1
 KIND_END = 2
 KIND_CREDIT = 3
 KIND_ACK = 4
 
-_HELLO = struct.Struct("<4sHBIQ")
+_HELLO = struct.Struct("<4sHBIQH")
 _WELCOME = struct.Struct("<4sH")
 _MESSAGE = struct.Struct("<BQI")
 _END = struct.Struct("<BQ")
@@ -83,21 +86,40 @@ class ProtocolError(Exception):
 # --- handshake -------------------------------------------------------------------
 
 
-def encode_hello(delivery: Delivery, capacity: int, max_bytes: int | None = None) -> bytes:
-    return _HELLO.pack(MAGIC, VERSION, _DELIVERY_CODES[delivery], capacity, max_bytes or 0)
+def encode_hello(
+    delivery: Delivery, capacity: int, max_bytes: int | None = None, label: str = ""
+) -> bytes:
+    """The fixed part of a HELLO; the label, if any, follows it (:func:`encode_label`)."""
+    size = len(encode_label(label))
+    return _HELLO.pack(MAGIC, VERSION, _DELIVERY_CODES[delivery], capacity, max_bytes or 0, size)
 
 
-def decode_hello(data: bytes | memoryview) -> tuple[Delivery, int, int | None]:
-    """(delivery, capacity, max_bytes); raises ProtocolError unless *data* is a valid HELLO."""
+def decode_hello(data: bytes | memoryview) -> tuple[Delivery, int, int | None, int]:
+    """(delivery, capacity, max_bytes, size of the label that follows); raises
+    ProtocolError unless *data* is a valid HELLO."""
     if len(data) != _HELLO.size:
         raise ProtocolError(f"handshake of {len(data)} bytes, expected {_HELLO.size}")
-    magic, version, code, capacity, max_bytes = _HELLO.unpack(data)
+    magic, version, code, capacity, max_bytes, label_size = _HELLO.unpack(data)
     _check_magic(magic, version)
     if code not in _DELIVERIES:
         raise ProtocolError(f"unknown delivery code {code}")
     if not 1 <= capacity <= MAX_CAPACITY:
         raise ProtocolError(f"capacity {capacity} out of range 1..{MAX_CAPACITY}")
-    return _DELIVERIES[code], capacity, max_bytes or None
+    if label_size > MAX_LABEL:
+        raise ProtocolError(f"a label of {label_size} bytes, over {MAX_LABEL}")
+    return _DELIVERIES[code], capacity, max_bytes or None, label_size
+
+
+def encode_label(label: str) -> bytes:
+    return label.encode("utf-8")
+
+
+def decode_label(data: bytes | memoryview) -> str:
+    """The label an inlet gave; raises ProtocolError unless it is UTF-8."""
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("a label that is not UTF-8") from None
 
 
 def encode_welcome() -> bytes:

@@ -74,11 +74,17 @@ class _Wire:
 
 class _MemoryOutlet(_OutletBase):
     async def _connect(
-        self, delivery: Delivery, capacity: int, max_bytes: int | None, peer: str
+        self, delivery: Delivery, capacity: int, max_bytes: int | None, peer: str, label: str
     ) -> _MemoryInlet:
         counters = _Counters(self._address, delivery, capacity, max_bytes)
         wire = _Wire(self, _InletBuffer(counters, lambda: wire.credit()))
-        wire.queue = self._new_link(peer, delivery, capacity, max_bytes, on_change=wire.move)
+
+        def cut() -> None:
+            wire.buffer.fail(trio.BrokenResourceError("the outlet cut this link"))
+
+        wire.queue = self._new_link(
+            peer, delivery, capacity, max_bytes, on_change=wire.move, label=label, on_cut=cut
+        )
         return _MemoryInlet(wire)
 
     async def _shutdown(self) -> None:
@@ -139,12 +145,13 @@ class MemoryTransport(Transport):
         capacity: int = 8,
         max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        label: str = "",
     ) -> Inlet:
-        check_connect_args(delivery, capacity, max_bytes)
+        check_connect_args(delivery, capacity, max_bytes, label)
         name = parse_address(address, self.schemes).path
         await trio.lowlevel.checkpoint()
         outlet = _registry().get(name)
         if outlet is None or outlet._closed:
             raise ConnectionRefusedError(errno.ECONNREFUSED, f"nothing is bound at {address}")
         peer = f"memory-inlet-{next(_anonymous)}"
-        return await outlet._connect(delivery, capacity, max_bytes, peer=peer)
+        return await outlet._connect(delivery, capacity, max_bytes, peer=peer, label=label)

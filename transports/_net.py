@@ -23,11 +23,13 @@ from ._framing import (
     WELCOME_SIZE,
     ProtocolError,
     decode_hello,
+    decode_label,
     decode_welcome,
     encode_ack,
     encode_credit,
     encode_end,
     encode_hello,
+    encode_label,
     encode_welcome,
 )
 from ._link import _InletBuffer, _LinkQueue
@@ -254,27 +256,41 @@ class _NetOutlet(_OutletBase):
         self._background = background
 
     async def _serve_link(self, conduit: _Conduit) -> None:
-        """Handshake with a new connection, then run its link until it ends."""
+        """Handshake with a new connection, then run its link until it ends (or is cut)."""
         link = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                delivery, capacity, max_bytes = decode_hello(
+                delivery, capacity, max_bytes, label_size = decode_hello(
                     await conduit.receive_handshake(HELLO_SIZE)
                 )
+                label = ""
+                if label_size:
+                    label = decode_label(await conduit.receive_handshake(label_size))
             if self._closed:
                 return
             transmitter = _Transmitter(conduit)
-            link = self._new_link(conduit.peer, delivery, capacity, max_bytes, transmitter.poke)
-            transmitter.link = link
-            await conduit.send_record(encode_welcome())
-            log.debug(
-                "%s: inlet %s connected (%s, %d)",
-                self._address,
+            running = trio.CancelScope()  # cancelled by cut()
+            link = self._new_link(
                 conduit.peer,
-                delivery.value,
+                delivery,
                 capacity,
+                max_bytes,
+                transmitter.poke,
+                label=label,
+                on_cut=running.cancel,
             )
-            await first_completed(transmitter.run, partial(self._take_credit, link, conduit))
+            transmitter.link = link
+            with running:
+                await conduit.send_record(encode_welcome())
+                log.debug(
+                    "%s: inlet %s %r connected (%s, %d)",
+                    self._address,
+                    conduit.peer,
+                    label,
+                    delivery.value,
+                    capacity,
+                )
+                await first_completed(transmitter.run, partial(self._take_credit, link, conduit))
         except trio.TooSlowError:
             log.warning("%s: %s did not complete the handshake", self._address, conduit.peer)
         except _LINK_ERRORS as exc:
@@ -354,6 +370,7 @@ class _NetInlet(Inlet):
         delivery: Delivery,
         capacity: int,
         max_bytes: int | None = None,
+        label: str = "",
     ) -> _NetInlet:
         """Handshake over *conduit* and start the inlet's tasks.
 
@@ -364,7 +381,9 @@ class _NetInlet(Inlet):
         try:
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    await conduit.send_record(encode_hello(delivery, capacity, max_bytes))
+                    await conduit.send_record(encode_hello(delivery, capacity, max_bytes, label))
+                    if label:
+                        await conduit.send_record(encode_label(label))
                     decode_welcome(await conduit.receive_handshake(WELCOME_SIZE))
             except ProtocolError as exc:
                 raise trio.BrokenResourceError(f"{address}: {exc}") from exc

@@ -335,8 +335,9 @@ class NngTransport(Transport):
         capacity: int = 8,
         max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        label: str = "",
     ) -> Inlet:
-        check_connect_args(delivery, capacity, max_bytes)
+        check_connect_args(delivery, capacity, max_bytes, label)
         parsed = parse_address(address, self.schemes)
         with pynng.Req0(recv_max_size=1024) as request:
             await _dial(request, _nng_url(parsed), address)
@@ -355,4 +356,4 @@ class NngTransport(Transport):
             socket.close()
             raise
         conduit = _SocketConduit(socket, str(parsed), max_frame_size)
-        return await _NetInlet.open(conduit, str(parsed), delivery, capacity, max_bytes)
+        return await _NetInlet.open(conduit, str(parsed), delivery, capacity, max_bytes, label)

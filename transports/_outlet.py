@@ -67,6 +67,8 @@ class _OutletBase(Outlet):
         self._max_frame_size = max_frame_size
         self._close_timeout = close_timeout
         self._links: list[_LinkQueue] = []
+        #: What ends each link's I/O when it is cut.
+        self._on_cut: dict[_LinkQueue, Callable[[], None] | None] = {}
         self._history: list[_Counters] = []
         self._messages_sent = 0
         self._bytes_sent = 0
@@ -138,11 +140,15 @@ class _OutletBase(Outlet):
         capacity: int,
         max_bytes: int | None = None,
         on_change: Callable[[], None] | None = None,
+        *,
+        label: str = "",
+        on_cut: Callable[[], None] | None = None,
     ) -> _LinkQueue:
         """Make a link to a new inlet and count it (it receives what is sent from now on).
 
         *on_change* is called whenever the link changes (a message put or
-        credited, the link closing).
+        credited, the link closing); *on_cut*, once :meth:`cut` drops the
+        link: it ends the link's I/O.
         """
 
         def changed() -> None:
@@ -151,8 +157,9 @@ class _OutletBase(Outlet):
             if on_change is not None:
                 on_change()
 
-        counters = _Counters(peer, delivery, capacity, max_bytes)
+        counters = _Counters(peer, delivery, capacity, max_bytes, label=label)
         link = _LinkQueue(counters, changed)
+        self._on_cut[link] = on_cut
         self._history.append(counters)
         self._links.append(link)
         self._inlets_changed.unpark_all()
@@ -162,8 +169,19 @@ class _OutletBase(Outlet):
         """Forget a link that ended (acknowledged, closed by its inlet, or broken)."""
         if link in self._links:
             self._links.remove(link)
+        self._on_cut.pop(link, None)
         link.done.set()
         self._room.unpark_all()
+
+    def cut(self, label: str) -> int:
+        links = [link for link in self._links if link.counters.label == label]
+        for link in links:
+            on_cut = self._on_cut.get(link)
+            log.info("%s: link to %s (%r) cut", self._address, link.counters.peer, label)
+            self._drop_link(link)
+            if on_cut is not None:
+                on_cut()
+        return len(links)
 
     async def aclose(self) -> None:
         if self._closed:

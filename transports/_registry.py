@@ -64,6 +64,7 @@ async def connect(
     capacity: int = 8,
     max_bytes: int | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    label: str = "",
 ) -> Inlet:
     """:meth:`Transport.connect` on the backend chosen by *address*'s scheme."""
     return await for_address(address).connect(
@@ -72,4 +73,5 @@ async def connect(
         capacity=capacity,
         max_bytes=max_bytes,
         max_frame_size=max_frame_size,
+        label=label,
     )

@@ -22,6 +22,8 @@ class LinkStats:
     messages_dropped: int = 0
     #: The link's bound in bytes, if it has one.
     max_bytes: int | None = None
+    #: The label the inlet gave itself when it connected ("" for none).
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class _Counters:
     messages_received: int = 0
     bytes_received: int = 0
     messages_dropped: int = 0
+    label: str = ""
 
     def snapshot(self) -> LinkStats:
         return LinkStats(
@@ -61,6 +64,7 @@ class _Counters:
             self.bytes_received,
             self.messages_dropped,
             self.max_bytes,
+            self.label,
         )
 
 

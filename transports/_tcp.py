@@ -249,8 +249,9 @@ class TcpTransport(Transport):
         capacity: int = 8,
         max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        label: str = "",
     ) -> Inlet:
-        check_connect_args(delivery, capacity, max_bytes)
+        check_connect_args(delivery, capacity, max_bytes, label)
         parsed = parse_address(address, self.schemes)
         if parsed.scheme == "unix":
             stream = await trio.open_unix_socket(parsed.path)
@@ -258,5 +259,10 @@ class TcpTransport(Transport):
             stream = await trio.open_tcp_stream(parsed.host, parsed.port)
         _tune(stream.socket)
         return await _NetInlet.open(
-            _StreamConduit(stream, max_frame_size), str(parsed), delivery, capacity, max_bytes
+            _StreamConduit(stream, max_frame_size),
+            str(parsed),
+            delivery,
+            capacity,
+            max_bytes,
+            label,
         )

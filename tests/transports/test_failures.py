@@ -174,6 +174,29 @@ async def test_garbage_from_an_inlet_ends_only_its_link(backend, short_dir, capl
     assert any("not a transports peer" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize(
+    ("label", "problem"), [(b"\xff\xfe", "not UTF-8"), (bytes(1025), "over 1024")]
+)
+@pytest.mark.parametrize("backend", STREAM_BACKENDS)
+async def test_a_bad_label_in_a_hello_ends_only_its_link(
+    backend, label, problem, short_dir, caplog
+):
+    hello = bytearray(encode_hello(transports.Delivery.RELIABLE, 4))
+    hello[-2:] = len(label).to_bytes(2, "little")  # (the label's size ends the HELLO)
+    with trio.fail_after(10):
+        async with await transports.bind(BACKENDS[backend].format(dir=short_dir)) as outlet:
+            good = await transports.connect(outlet.address)
+            raw = await open_raw_stream(outlet.address)
+            await raw.send_all(bytes(hello) + label)
+            assert await raw.receive_some(100) == b""  # the outlet hangs up, no WELCOME
+            await outlet.send(b"still serving")
+            assert await good.receive() == [b"still serving"]
+            assert len(outlet.stats.links) == 1
+            await raw.aclose()
+            await good.aclose()
+    assert any(problem in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("backend", STREAM_BACKENDS)
 async def test_credit_beyond_what_was_sent_ends_the_link(backend, short_dir, caplog):
     with trio.fail_after(10):
