@@ -165,6 +165,8 @@ async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
                     _follow_clock(args[0])
                 elif name == "record":
                     await runtime.set_recording(args[0])
+                elif name == "forget":
+                    await runtime.forget(args[0])
                 elif name == "gather":
                     frames = await runtime.gather()
                     result = None if frames is None else [bytes(frame) for frame in frames]

@@ -165,6 +165,8 @@ class AsyncManager(Service):
         self._workers: dict[str, WorkerInfo] = {}
         #: The names of mapped Workers that left, by id (their nodes are gone).
         self._left: dict[str, str] = {}
+        #: Where the Manager runs tasks of its own (while it serves).
+        self._tasks: trio.Nursery | None = None
         #: The cluster's clock (tests move it to check that Workers follow).
         self._clock = time.time_ns
         #: What the dashboard shows of each committed node, by node id.
@@ -291,9 +293,12 @@ class AsyncManager(Service):
             except pynng.exceptions.TryAgain:  # nobody keeps up: the line is dropped
                 pass
 
-    def _worker_left(self, info: WorkerInfo) -> None:
+    def _worker_left(self, info: WorkerInfo, silent: bool) -> None:
         """A Worker left: its nodes are gone. Those that had not ended are
-        FAILED; requests to it from now on skip it (see :meth:`_request`)."""
+        FAILED; requests to it from now on skip it (see :meth:`_request`).
+        If it fell *silent*, its connections to other Workers' nodes may stay
+        open for ever (a frozen process, a machine asleep): those nodes are
+        told to stop waiting for its nodes (see :meth:`_forget_nodes`)."""
         node_ids = self._mapping.get(info.id)
         if not node_ids:
             log.info("worker %r (%s) left", info.name, info.id)
@@ -304,6 +309,18 @@ class AsyncManager(Service):
         for node_id in node_ids:
             if self.nodes.get(node_id) not in _ENDED:
                 self._set_node_state(node_id, "FAILED", f"its worker {info.name!r} left")
+        if silent and self._tasks is not None:
+            gone = [self._node_names[node] for node in node_ids if node in self._node_names]
+            self._tasks.start_soon(self._forget_nodes, gone)
+
+    async def _forget_nodes(self, names: list[str]) -> None:
+        """Tell every Worker still here that the nodes *names* are gone: the
+        links to them are cut and their streams taken as ended, so that a
+        source sending to one of them, or a node it fed, can still stop."""
+        try:
+            await self._broadcast("forget_nodes", without_left=True, names=names)
+        except Exception as exc:  # (a Worker that fails this fails the next request too)
+            log.warning("telling the workers that nodes %s are gone failed: %s", names, exc)
 
     def _set_node_stats(self, stats: dict[str, Any]) -> None:
         now = self._clock()
@@ -999,9 +1016,11 @@ class AsyncManager(Service):
                 ) from None
             self.port = int(binds[0].rsplit(":", 1)[1])
             log.info("manager serving on %s:%d", self.host, self.port)
+            self._tasks = nursery
             try:
                 yield self
             finally:
+                self._tasks = None
                 with trio.CancelScope(shield=True), trio.move_on_after(EVENTS_CLOSE_TIMEOUT):
                     await self._close_events()
                 nursery.cancel_scope.cancel()  # closes the port and every connection
@@ -1141,11 +1160,13 @@ class AsyncManager(Service):
             await send_locked({"type": "websocket.send", "text": protocol.make(type_, **fields)})
 
         info = None
+        silent = False
         try:
             while True:
                 with trio.move_on_after(protocol.SILENCE_TIMEOUT) as silence:
                     event = await receive()
                 if silence.cancelled_caught:
+                    silent = True
                     name = repr(info.name) if info is not None else "(not checked in)"
                     log.warning(
                         "worker %s: no word for %g s: taken as gone",
@@ -1203,7 +1224,7 @@ class AsyncManager(Service):
                 del self._workers[info.id]
                 self._workers_changed.unpark_all()
                 self._publish({"type": "worker_left", **_worker_entry(info)})
-                self._worker_left(info)
+                self._worker_left(info, silent)
 
 
 def _dialable(host: str) -> str:

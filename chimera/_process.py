@@ -442,6 +442,11 @@ class NodeProcess:
         told to the child before any command sent after this returns."""
         await self._send_quietly(("record", (on,)))
 
+    async def forget(self, names: list[str]) -> None:
+        """The nodes *names* are gone (see :meth:`NodeRuntime.forget`); told
+        to the child before any command sent after this returns."""
+        await self._send_quietly(("forget", (names,)))
+
     def request_stop(self) -> None:
         """Ask a source to stop after its current step."""
         self._tell(("stop", ()))

@@ -68,6 +68,7 @@ COMMANDS = frozenset(
         "record_nodes",
         "step_nodes",
         "stop_nodes",
+        "forget_nodes",
         "gather_nodes",
         "collect_nodes",
         "shutdown_nodes",

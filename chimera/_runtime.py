@@ -22,7 +22,7 @@ import logging
 import sys
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,8 @@ class NodeRuntime:
         self._on_state = on_state
         self._outlet: transports.Outlet | None = None
         self._inlets: dict[str, transports.Inlet] = {}
+        #: The inputs :meth:`forget` took as gone.
+        self._gone: set[str] = set()
         self._delivery = {i.name: transports.Delivery(i.delivery) for i in inputs}
         #: Cancelled when a source is asked to stop (for async steps: the
         #: current step's; each step has its own).
@@ -235,6 +237,7 @@ class NodeRuntime:
                     else LATEST_CAPACITY
                 ),
                 max_bytes=LINK_MAX_BYTES,
+                label=self.node.name,  # (what its input's outlet may cut: see forget)
             )
         self._set_state(NodeState.CONNECTED)
 
@@ -384,6 +387,33 @@ class NodeRuntime:
                     pending.extend(self._unpack(await inlet.receive(), name))
                 self._offline_latest[name] = pending.popleft()
         await self._send([await self._call("step", self.node.step, dict(self._offline_latest))])
+
+    async def forget(self, names: Collection[str]) -> None:
+        """The nodes *names* are gone without closing their connections (their
+        Worker fell silent: a frozen process, a machine asleep): stop waiting
+        for them.
+
+        The links of this node's output to them are cut, with what they had
+        not taken in, so that sending goes on for the others (a full link to a
+        frozen node would hold it up forever). The input from each of them is
+        taken as ended, its messages not yet taken in dropped: a node they
+        fed ends as when its input ends. Names of nodes that are neither
+        inputs nor outputs of this one are ignored.
+        """
+        for name in names:
+            if self._outlet is not None and self._outlet.cut(name):
+                log.warning(
+                    "node %r: node %r is gone: its link is cut, with what it had not taken in",
+                    self.node.name,
+                    name,
+                )
+            inlet = self._inlets.get(name)
+            if inlet is not None and name not in self._gone:
+                self._gone.add(name)
+                log.warning(
+                    "node %r: input %r is gone: its stream is taken as ended", self.node.name, name
+                )
+                await inlet.aclose()
 
     def request_stop(self) -> None:
         """Ask a source to stop after its current step (others stop when their
@@ -689,6 +719,10 @@ class NodeRuntime:
                     message = await inlet.receive()
                 except trio.EndOfChannel:
                     break
+                except trio.ClosedResourceError:
+                    if self._follow in self._gone:
+                        break
+                    raise
                 for chunk in self._unpack(message, self._follow):
                     latest[self._follow] = chunk
                     if len(latest) < len(self._inlets):
@@ -723,6 +757,9 @@ class NodeRuntime:
             async for message in self._inlets[name]:
                 latest[name] = self._unpack(message, name, newest=True)[-1]
                 received()
+        except trio.ClosedResourceError:
+            if name not in self._gone:
+                raise
         except trio.BrokenResourceError as exc:
             log.warning("node %r: input %r broke: %s", self.node.name, name, exc)
         except NodeError as exc:

@@ -750,6 +750,11 @@ class AsyncWorker(Service):
         response = await self._http.post(path, content=data)
         response.raise_for_status()
 
+    async def _do_forget_nodes(self, names: list[str]) -> None:
+        """The nodes *names* of another Worker are gone, that Worker silent:
+        this Worker's nodes stop waiting for them (see :meth:`NodeRuntime.forget`)."""
+        await run_all([partial(runtime.forget, names) for runtime in self._runtimes.values()])
+
     async def _do_stop_nodes(self) -> dict[str, str]:
         for runtime in self._runtimes.values():
             runtime.request_stop()

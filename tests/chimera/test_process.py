@@ -21,6 +21,7 @@ import trio
 
 import chimera as cp
 from chimera import _process
+from chimera import _protocol as protocol
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 
@@ -398,6 +399,65 @@ async def test_nodes_end_when_their_worker_process_dies(tmp_path):
                     await worker.wait()
     # Its teardown ran before it exited.
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4, 5]
+
+
+def descendants_of(pid: int) -> list[int]:
+    """The processes under *pid*: its children, theirs, and so on."""
+    found = []
+    for child in children_of(pid):
+        found += [child, *descendants_of(child)]
+    return found
+
+
+async def test_stop_returns_when_a_worker_froze_with_its_nodes(tmp_path, monkeypatch):
+    # As a laptop gone to sleep mid-session: its Worker and nodes answer no
+    # more, and their connections stay open. A source sending to a node there,
+    # and a node fed by one, would wait for them for ever, and stop() with them.
+    monkeypatch.setattr(protocol, "SILENCE_TIMEOUT", 3.0)  # (the Manager's: this process)
+    async with notifications() as (port, notified):
+        counter = Counter("counter", limit=10**9)
+        far_sink = Sink("far_sink", str(tmp_path), source="counter", expect=20, port=port)
+        camera = Camera("camera", port, made=5)
+        near_sink = Sink("near_sink", str(tmp_path), source="camera", expect=10**9, port=port)
+        graph = cp.Graph()
+        graph.add_edges_from([(counter, far_sink), (camera, near_sink)])
+        mapping = {"awake": ["counter", "near_sink"], "asleep": ["far_sink", "camera"]}
+        with trio.fail_after(60):
+            async with (
+                AsyncManager(tmp_path / "logs", port=0, transport="tcp") as manager,
+                AsyncWorker("awake") as awake,
+            ):
+                assert await awake.connect(manager.host, manager.port)
+                command = [sys.executable, "-m", "chimera", "worker", "--name", "asleep"]
+                command += ["--manager", f"{manager.host}:{manager.port}"]
+                env = {**os.environ, "TMPDIR": str(tmp_path)}  # (frozen, then killed)
+                worker = await trio.lowlevel.open_process(command, env=env)
+                frozen = [worker.pid]
+                try:
+                    await manager.wait_for_workers(2)
+                    await manager.commit_graph(graph, mapping)
+                    await manager.start()
+                    assert [await notified.receive() for _ in range(2)] == [b"x", b"x"]
+                    frozen += descendants_of(worker.pid)
+                    for pid in frozen:
+                        os.kill(pid, signal.SIGSTOP)
+                    assert await manager.stop()
+                    states = {node["name"]: node["state"] for node in manager.state()["nodes"]}
+                    await manager.shutdown()
+                finally:
+                    for pid in frozen:
+                        os.kill(pid, signal.SIGKILL)
+                    await worker.wait()
+    assert states == {
+        "counter": "STOPPED",
+        "near_sink": "STOPPED",
+        "far_sink": "FAILED",
+        "camera": "FAILED",
+    }
+    # What the frozen camera sent before is there, in order (its last, not
+    # yet taken in, may be lost).
+    seen = json.loads((tmp_path / "near_sink.json").read_text())
+    assert len(seen) >= 5 and seen == list(range(1, len(seen) + 1))
 
 
 ZYGOTE_KILLED = "its Worker's process starter died (killed by SIGKILL)"

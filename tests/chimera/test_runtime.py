@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 import trio
+import trio.testing
 
 import chimera as cp
 from chimera._runtime import Input, NodeRuntime
@@ -474,6 +475,93 @@ async def test_a_chunk_that_cannot_be_decoded_fails_the_node_and_teardown_runs()
     await run_on_garbage(collect)
     assert collect.state is cp.NodeState.FAILED
     assert collect.seen == [] and collect.torn_down == 1
+
+
+def batch_of(value: int):
+    """A message as a node sends it: chunk number *value* - 1, its record "default" *value*."""
+    from chimera._batch import pack_batch
+    from chimera._data import encode_chunk
+
+    chunk = cp.DataChunk()
+    chunk.add("default", value)
+    return pack_batch([encode_chunk(chunk)], value - 1)
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_a_node_whose_consumer_froze_ends_once_that_consumer_is_forgotten(
+    transport, caplog
+):
+    # A consumer whose process froze keeps its connection open and takes in
+    # nothing more: once its link is full, the node's sends wait for it for
+    # ever, and so does the end of its run (and the stop of the cluster).
+    import transports
+
+    first, second = threading.Event(), threading.Event()
+    relay, sink = Double("double"), Collect("sink", 1, first)
+    bind = "memory://" if transport == "memory" else "tcp://127.0.0.1:0"
+    with trio.fail_after(20):
+        async with (
+            await transports.bind(bind) as count,
+            NodeRuntime(relay, inputs=[Input("count")], outputs=2, transport=transport) as runtime,
+            NodeRuntime(sink, inputs=[Input("double")], transport=transport) as reader,
+        ):
+            await runtime.connect({"count": count.address})
+            await reader.connect({"double": runtime.address})
+            frozen = await transports.connect(runtime.address, capacity=1, label="frozen")
+            for each in (runtime, reader):
+                await each.prep()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(runtime.run)
+                nursery.start_soon(reader.run)
+                await count.send(batch_of(1))
+                await trio.to_thread.run_sync(first.wait, 10)  # and the frozen link is full
+                sink.n, sink.done = 2, second
+                await count.send(batch_of(2))
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                assert len(sink.seen) == 1  # the relay waits for the frozen consumer
+                await runtime.forget(["frozen", "no such node"])
+                await trio.to_thread.run_sync(second.wait, 10)
+                await count.aclose()
+            assert relay.state is cp.NodeState.STOPPED and sink.state is cp.NodeState.STOPPED
+            await frozen.aclose()
+    assert sink.seen == [{"double": 2}, {"double": 4}]
+    said = [r.getMessage() for r in caplog.records if "gone" in r.getMessage()]
+    assert said == [
+        "node 'double': node 'frozen' is gone: its link is cut, with what it had not taken in"
+    ]
+
+
+@pytest.mark.parametrize("follow", [True, False], ids=["followed", "other"])
+async def test_a_node_whose_input_froze_ends_once_that_input_is_forgotten(follow, caplog):
+    # Its input's process froze: no end of stream will ever come.
+    import transports
+
+    done = threading.Event()
+    sink = Collect("sink", 1, done)
+    with trio.fail_after(20):
+        async with (
+            await transports.bind("memory://") as frozen,
+            await transports.bind("memory://") as alive,
+            NodeRuntime(
+                sink, inputs=[Input("frozen"), Input("alive")], follow=None if follow else "alive"
+            ) as runtime,
+        ):
+            await runtime.connect({"frozen": frozen.address, "alive": alive.address})
+            await runtime.prep()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(runtime.run)
+                await frozen.send(batch_of(1))
+                await alive.send(batch_of(1))
+                await trio.to_thread.run_sync(done.wait, 10)
+                await runtime.forget(["frozen"])
+                if not follow:  # it goes on with the input it follows, until that ends
+                    await alive.send(batch_of(2))
+                    await alive.aclose()
+            assert sink.state is cp.NodeState.STOPPED and sink.torn_down == 1
+    expected = [{"alive": 1, "frozen": 1}]
+    assert sink.seen == expected + ([] if follow else [{"alive": 2, "frozen": 1}])
+    said = [r.getMessage() for r in caplog.records if "gone" in r.getMessage()]
+    assert said == ["node 'sink': input 'frozen' is gone: its stream is taken as ended"]
 
 
 class Looping(cp.Node):
