@@ -61,7 +61,8 @@ def parse_address(address: str, schemes: tuple[str, ...] | None = None) -> Addre
 def check_connect_args(
     delivery: Delivery, capacity: int, max_bytes: int | None = None, label: str = ""
 ) -> None:
-    """Raises ValueError unless *delivery*, *capacity*, *max_bytes* and *label* are valid for a link."""
+    """Raises ValueError unless *delivery*, *capacity*, *max_bytes* and *label*
+    are valid for a link."""
     if not isinstance(delivery, Delivery):
         raise ValueError(f"delivery must be Delivery.RELIABLE or Delivery.LATEST, not {delivery!r}")
     if (

@@ -488,9 +488,7 @@ def batch_of(value: int):
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
-async def test_a_node_whose_consumer_froze_ends_once_that_consumer_is_forgotten(
-    transport, caplog
-):
+async def test_a_node_whose_consumer_froze_ends_once_that_consumer_is_forgotten(transport, caplog):
     # A consumer whose process froze keeps its connection open and takes in
     # nothing more: once its link is full, the node's sends wait for it for
     # ever, and so does the end of its run (and the stop of the cluster).
