@@ -43,6 +43,9 @@ KILL_GRACE = 5.0
 #: Seconds between looks at whether a process has exited, where there is no pidfd.
 POLL_PERIOD = 0.05
 
+#: The states of a node whose run has ended (not FAILED): its process may end then.
+_ENDED = (NodeState.STOPPED, NodeState.SAVED, NodeState.SHUTDOWN)
+
 
 def _signal_group(pid: int, signum: int) -> None:
     try:
@@ -502,12 +505,7 @@ class NodeProcess:
         fail (once it has answered, or exited: a run returns once its
         ``teardown`` ran and its files are closed)."""
         self._orphan = True
-        if not self._closing and self.state not in (
-            NodeState.STOPPED,
-            NodeState.SAVED,
-            NodeState.SHUTDOWN,
-            NodeState.FAILED,
-        ):
+        if not self._closing and self.state not in (*_ENDED, NodeState.FAILED):
             self._death = death
             self._set_state(NodeState.FAILED, death)
         self._closing = True
@@ -552,13 +550,21 @@ class NodeProcess:
                 pass  # how it exited is unknown: _orphaned said what it means
             elif not self._closing or code != 0:
                 self._death = crash or exit_reason(code)
-                if not self._closing:
+                # A node whose run had ended (its teardown ran, its files are
+                # closed) stays STOPPED or SAVED: its process ended idle. A
+                # crash fails it even once SHUTDOWN: its runtime says so as
+                # the error leaves it.
+                ended = crash is None and self.state in _ENDED
+                if ended and not self._closing:
+                    log.warning(
+                        "node %r: %s after it had ended (%s): it stays so",
+                        self.name,
+                        self._death,
+                        self.state.value,
+                    )
+                elif not self._closing:
                     log.error("node %r: %s", self.name, self._death)
-                # (A crash fails it even once SHUTDOWN: its runtime says so
-                # as the error leaves it.)
-                if self.state is not NodeState.FAILED and (
-                    crash is not None or self.state is not NodeState.SHUTDOWN
-                ):
+                if self.state is not NodeState.FAILED and not ended:
                     self._set_state(NodeState.FAILED, self._death)
             for name in list(self._pending):
                 self._answer(name, (self._death or "its process exited", ""))

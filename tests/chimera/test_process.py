@@ -208,6 +208,34 @@ async def test_a_killed_node_fails_and_the_others_go_on(tmp_path):
     assert not (tmp_path / "first.json").exists()  # killed: no teardown
 
 
+async def test_a_node_process_that_dies_after_its_node_stopped_leaves_it_stopped(tmp_path):
+    # Killed idle, between stop() and shutdown() (the OOM killer, say): its
+    # run had ended, its teardown ran, its files were closed.
+    said = _Said("after it had ended")
+    logging.getLogger("chimera.worker").addHandler(said)
+    try:
+        async with notifications() as (port, notified):
+            graph = counter_to_sink(tmp_path, port, 5)
+            with trio.fail_after(60):
+                async with cluster(tmp_path, "local") as manager:
+                    await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                    await manager.start()
+                    assert await notified.receive() == b"x"
+                    assert await manager.stop()
+                    os.kill(int((tmp_path / "sink.pid").read_text()), signal.SIGKILL)
+                    await said.said.wait()
+                    states = {node["name"]: node["state"] for node in manager.state()["nodes"]}
+                    assert await manager.collect()
+                    await manager.shutdown()
+    finally:
+        logging.getLogger("chimera.worker").removeHandler(said)
+    assert states == {"counter": "STOPPED", "sink": "STOPPED"}
+    assert said.message == (
+        "node 'sink': its process was killed by SIGKILL after it had ended (STOPPED): it stays so"
+    )
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4, 5]
+
+
 async def test_stop_returns_after_a_node_failed_under_a_source_that_runs_on(tmp_path):
     # The sink fails at its first chunk; the source's 9th does not fit in
     # the link (8 messages), so the source waits to send it when asked to stop.
