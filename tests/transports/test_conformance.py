@@ -239,48 +239,35 @@ async def test_closed_endpoints_raise_closed_resource_error(address):
         await inlet.aclose()
 
 
-async def test_inlet_leaving_frees_the_outlet(address):
+@pytest.mark.parametrize("how", ["leaves", "is cut"])
+async def test_an_inlet_that_leaves_or_is_cut_frees_the_outlet(address, how):
     with trio.fail_after(10):
         async with await transports.bind(address) as outlet:
-            leaving = await transports.connect(outlet.address, capacity=1)
-            staying = await transports.connect(outlet.address, capacity=100)
+            gone = await transports.connect(outlet.address, capacity=1, label="sink")
+            staying = await transports.connect(outlet.address, capacity=100, label="logger")
             await outlet.wait_for_inlets(2)
-            await outlet.send(b"0")  # fills `leaving`
+            await outlet.send(b"0")  # fills `gone`'s link
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(outlet.send, b"1")  # waits for `leaving`
+                nursery.start_soon(outlet.send, b"1")  # waits for `gone`
                 await trio.testing.wait_all_tasks_blocked(0.05)
-                await leaving.aclose()
+                if how == "leaves":
+                    await gone.aclose()
+                else:  # connected, reading nothing (its process frozen): only cut() frees it
+                    assert outlet.cut("nobody") == 0
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    assert nursery.child_tasks  # still waiting
+                    assert outlet.cut("sink") == 1
             await outlet.send(b"2")
-            await outlet.aclose()
+            await outlet.aclose()  # (nor does the end of stream wait for it)
             assert await receive_all(staying) == [[b"0"], [b"1"], [b"2"]]
-
-
-async def test_cut_frees_the_outlet_of_a_frozen_inlet_and_spares_the_others(address):
-    # An inlet that reads no more while its connection stays open (its process
-    # frozen): only cut() frees a send waiting on its full link.
-    with trio.fail_after(10):
-        async with await transports.bind(address) as outlet:
-            frozen = await transports.connect(outlet.address, capacity=1, label="sink")
-            other = await transports.connect(outlet.address, capacity=100, label="logger")
-            await outlet.wait_for_inlets(2)
-            assert sorted(link.label for link in outlet.stats.links) == ["logger", "sink"]
-            await outlet.send(b"0")  # fills `frozen`'s link
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(outlet.send, b"1")  # waits for `frozen`
-                await trio.testing.wait_all_tasks_blocked(0.05)
-                assert outlet.cut("nobody") == 0
-                await trio.testing.wait_all_tasks_blocked(0.05)
-                assert nursery.child_tasks  # still waiting
-                assert outlet.cut("sink") == 1
-            await outlet.send(b"2")  # no more waiting for it
+        assert sorted(link.label for link in outlet.stats.links) == ["logger", "sink"]
+        if how == "is cut":
             assert outlet.cut("sink") == 0
-            await outlet.aclose()  # nor at the end of stream
-            assert await receive_all(other) == [[b"0"], [b"1"], [b"2"]]
-        # What had arrived is received; then the link is broken, not ended.
-        assert await frozen.receive() == [b"0"]
-        with pytest.raises(trio.BrokenResourceError):
-            await frozen.receive()
-        await frozen.aclose()
+            # What had arrived is received; then the link is broken, not ended.
+            assert await gone.receive() == [b"0"]
+            with pytest.raises(trio.BrokenResourceError):
+                await gone.receive()
+            await gone.aclose()
 
 
 async def test_a_bad_label_is_refused(address):
