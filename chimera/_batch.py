@@ -50,7 +50,10 @@ def unpack_batch(message: Sequence[Frame]) -> tuple[int, list[Sequence[Frame]]]:
     """
     if not message:
         raise DecodeError("an empty message: a batch has at least its header")
-    header = memoryview(message[0]).cast("B")
+    try:
+        header = memoryview(message[0]).cast("B")
+    except (TypeError, ValueError):  # not bytes-like, or not contiguous
+        raise DecodeError("the message is not a batch of chunks (no batch header)") from None
     start = len(_MAGIC) + _HEAD.size
     if header.nbytes < start or header[:4] != _MAGIC:
         raise DecodeError("the message is not a batch of chunks (no batch header)")

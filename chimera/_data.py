@@ -134,16 +134,20 @@ def _check_json(value: Any, where: str = "value", depth: int = 0) -> None:
     would come back as another type, so they are refused.
     """
     kind = type(value)
-    if value is None or kind in (bool, float, str, bytes):
+    if value is None or kind in (bool, float, bytes):
+        return
+    if kind is str:
+        _check_utf8(value, where)
         return
     if kind is int:
         if not -(2**63) <= value < 2**64:
             raise ValueError(f"{where} is an integer out of the 64-bit range msgpack can encode")
         return
     if kind not in (list, dict):
+        name = kind.__qualname__ if kind.__module__ == "builtins" else str(kind)[8:-2]
         raise TypeError(
-            f"{where} is a {kind.__name__}: json records hold only None, bool, int, float, "
-            "str, bytes, list and dict"
+            f"{where} is of type {name}; msgpack carries as they are only None, bool, int, "
+            "float, str, bytes, list and dict"
         )
     if depth >= MAX_JSON_DEPTH:
         raise ValueError(f"{where} nests lists and dicts deeper than {MAX_JSON_DEPTH} levels")
@@ -156,6 +160,17 @@ def _check_json(value: Any, where: str = "value", depth: int = 0) -> None:
                 raise TypeError(f"{where} has a key that is a {type(key).__name__}")
             _check_json(key, f"key {key!r} of {where}", depth + 1)
             _check_json(item, f"{where}[{key!r}]", depth + 1)
+
+
+def _check_utf8(text: str, where: str) -> None:
+    """Raise ValueError unless *text* can be encoded as UTF-8 (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{where} is a str with {text[exc.start : exc.end]!r} at {exc.start}, "
+            "which UTF-8 cannot encode (a lone surrogate)"
+        ) from None
 
 
 def _is_json(value: Any) -> bool:
@@ -180,7 +195,12 @@ def _is_dataframe(value: Any) -> bool:
 
 
 def _require_array(value: Any, content_type: str) -> numpy.ndarray:
-    if not isinstance(value, numpy.ndarray):
+    if type(value) is not numpy.ndarray:
+        if isinstance(value, numpy.ndarray):  # what makes it one (a mask...) would not travel
+            raise TypeError(
+                f"{content_type} records hold plain numpy arrays, not a "
+                f"{type(value).__name__}: pass numpy.asarray(value) if its data is all it needs"
+            )
         raise TypeError(f"{content_type} records hold numpy arrays, not {type(value).__name__}")
     return value
 
@@ -209,10 +229,22 @@ def _check_table(value: Any) -> None:
         if type(name) in (list, dict):
             raise TypeError(f"column name {name!r} is not a scalar")
     for position, dtype in enumerate(value.dtypes):
-        _check_frame_dtype(dtype, f"column {value.columns[position]!r}")
+        where = f"column {value.columns[position]!r}"
+        _check_frame_dtype(dtype, where)
+        if dtype == numpy.dtype(object):
+            _check_object_column(value.iloc[:, position].tolist(), where)
     _check_json(value.index.name, "the index name")
     if not isinstance(value.index, pandas.RangeIndex):
         _check_frame_dtype(value.index.dtype, "the index")
+
+
+def _check_object_column(items: list[Any], where: str) -> None:
+    """Raise TypeError or ValueError unless a table's object column of *items*
+    can travel (as a msgpack list)."""
+    try:
+        _check_json(items, where)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{exc} (object columns travel as msgpack lists)") from None
 
 
 def _check_value(value: Any, content_type: str) -> None:
@@ -249,7 +281,7 @@ def _check_value(value: Any, content_type: str) -> None:
 
 def _values_equal(a: Any, b: Any) -> bool:
     if isinstance(a, numpy.ndarray) or isinstance(b, numpy.ndarray):
-        if not (isinstance(a, numpy.ndarray) and isinstance(b, numpy.ndarray)):
+        if type(a) is not type(b):  # (a masked array is not its data)
             return False
         if a.dtype != b.dtype or a.shape != b.shape:
             return False
@@ -258,6 +290,8 @@ def _values_equal(a: Any, b: Any) -> bool:
         if not (_is_dataframe(a) and _is_dataframe(b)):
             return False
         return bool(a.equals(b)) and a.index.names == b.index.names
+    if _is_nan(a) and _is_nan(b):
+        return True
     try:
         return bool(a == b)
     except Exception:
@@ -317,11 +351,14 @@ class DataChunk:
             timestamp = cluster_time_ns()
         elif type(timestamp) is not int:
             raise TypeError(f"a timestamp is an int (ns), not {type(timestamp).__name__}")
+        elif not -(2**63) <= timestamp < 2**64:
+            raise ValueError(f"timestamp {timestamp} is out of the 64-bit range a chunk holds")
         self._store(name, record["value"], record["content-type"], timestamp)
 
     def _store(self, name: str, value: Any, content_type: str, timestamp: int) -> None:
         if not isinstance(name, str):
             raise TypeError(f"a record name is a str, not {type(name).__name__}")
+        _check_utf8(name, "the record name")
         if not isinstance(content_type, str):
             raise TypeError(f"a content type is a str, not {type(content_type).__name__}")
         _check_value(value, content_type)
@@ -374,6 +411,12 @@ class DataChunk:
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
+    def __copy__(self) -> DataChunk:
+        """A chunk of its own with the same records (their values shared, not copied)."""
+        chunk = DataChunk()
+        chunk._records = {name: dict(record) for name, record in self._records.items()}
+        return chunk
+
     def __repr__(self) -> str:
         parts = []
         for name, record in self._records.items():
@@ -421,10 +464,14 @@ class _Encoder:
     def pickle(self, name: str, value: Any) -> dict[str, Any]:
         if not self.allow_objects:
             raise ValueError(
-                f"record {name!r} needs pickling ({type(value).__name__}): objects travel "
+                f"it needs pickling ({type(value).__name__}): objects travel "
                 "only if the cluster allows them (Manager(..., allow_objects=True))"
             )
-        return {"kind": "pickle", "frame": self.add_frame(cloudpickle.dumps(value))}
+        try:
+            data = cloudpickle.dumps(value)
+        except Exception as exc:  # (PicklingError, a __reduce__ that raises, RecursionError...)
+            raise ValueError(f"it cannot be pickled: {exc!r}") from exc
+        return {"kind": "pickle", "frame": self.add_frame(data)}
 
     def column(self, where: str, values: pandas.Series | pandas.Index) -> dict[str, Any]:
         pandas = _pandas()
@@ -437,10 +484,7 @@ class _Encoder:
         elif dtype == numpy.dtype(object):
             name = "object"
             items = values.tolist()
-            try:
-                _check_json(items, where)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{exc} (object columns travel as msgpack lists)") from None
+            _check_object_column(items, where)
         else:
             raise ValueError(f"{where} has dtype {dtype}, which tables cannot hold")
         return {"kind": "list", "dtype": name, "values": items}
@@ -475,17 +519,18 @@ class _Encoder:
         if content_type == "table":
             return self.table(name, value)
         if content_type == "json":
+            _check_json(value)  # again: it may have changed since it was added
             return {"kind": "inline", "value": value}
         if content_type == "object":
             return self.pickle(name, value)
         # "other": whatever fits best
-        if isinstance(value, numpy.ndarray) and value.dtype.kind in _RAW_KINDS:
+        if type(value) is numpy.ndarray and value.dtype.kind in _RAW_KINDS:
             return self.array(value)
         if isinstance(value, numpy.generic) and value.dtype.kind in _RAW_KINDS:
             return self.array(numpy.asarray(value), kind="scalar")
         if _is_dataframe(value):
             try:
-                _check_table(value)
+                _check_table(value)  # (object columns included: nothing fails past this)
             except (TypeError, ValueError):
                 return self.pickle(name, value)
             return self.table(name, value)
@@ -510,19 +555,22 @@ def encode_chunk(chunk: DataChunk, *, allow_objects: bool = False) -> list[bytes
     Raises:
         ValueError: a record must be pickled (content type ``object``, or an
             ``other`` value that fits nothing else) and *allow_objects* is
-            false; or a table column holds values msgpack cannot encode.
+            false, or it cannot be pickled; a ``table`` or ``json`` record
+            holds what msgpack cannot encode (a value changed since it was
+            added, say).
+        TypeError: likewise, for a value of a type its record cannot hold.
+        Each names its record.
     """
     encoder = _Encoder(allow_objects)
     records = []
     for name, record in chunk._records.items():
         content_type = record["content-type"]
+        try:
+            value = encoder.value(name, record["value"], content_type)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"record {name!r}: {exc}") from exc
         records.append(
-            {
-                "name": name,
-                "type": content_type,
-                "timestamp": record["timestamp"],
-                "value": encoder.value(name, record["value"], content_type),
-            }
+            {"name": name, "type": content_type, "timestamp": record["timestamp"], "value": value}
         )
     envelope = _packer().pack({"version": VERSION, "records": records})
     return [envelope, *encoder.frames]
@@ -727,6 +775,8 @@ def _dtype(text: str, where: str) -> numpy.dtype:
         raise DecodeError(f"{where} has dtype {text!r}, which numpy cannot parse") from None
     if dtype.kind not in _RAW_KINDS or dtype.str != text or dtype.itemsize == 0:
         raise DecodeError(f"{where} has dtype {text!r}, which is not allowed")
+    if dtype.kind in "mM" and numpy.datetime_data(dtype)[1] == 0:  # ("M8[0s]": unusable)
+        raise DecodeError(f"{where} has dtype {text!r}, a time unit of 0")
     if len(_ALLOWED_DTYPES) < _MAX_ALLOWED_DTYPES:
         _ALLOWED_DTYPES[text] = dtype
     return dtype

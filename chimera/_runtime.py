@@ -813,7 +813,7 @@ class NodeRuntime:
                 chunk.add("default", result)
                 result = chunk
             frames = encode_chunk(result, allow_objects=self._allow_objects)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # (TypeError, ValueError; anything else is a codec bug)
             self._fail(f"step returned what cannot be sent: {exc}")
             raise NodeError(self.node.name, f"step returned what cannot be sent: {exc}") from exc
         if not self._inputs:

@@ -58,6 +58,12 @@ def test_impossible_headers_are_refused(header):
         unpack_batch([header, b"x"])
 
 
+@pytest.mark.parametrize("header", [None, "CHB2", 5, memoryview(b"CHB2" * 8)[::2]])
+def test_a_header_that_is_not_contiguous_bytes_is_refused_with_a_decode_error(header):
+    with pytest.raises(cp.DecodeError, match="not a batch"):
+        unpack_batch([header, b"x"])
+
+
 def test_a_lone_chunk_is_not_a_batch():
     chunk = cp.DataChunk()
     chunk.add("x", 1)

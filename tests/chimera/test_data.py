@@ -169,7 +169,7 @@ def test_equality_and_repr():
         ({"a": 1}, "table", TypeError, "DataFrame"),
         (pd.DataFrame({"c": pd.Categorical(["a"])}), "table", ValueError, "category"),
         ((1, 2), "json", TypeError, "tuple"),
-        ({"a": [1, {2}]}, "json", TypeError, r"\['a'\]\[1\] is a set"),
+        ({"a": [1, {2}]}, "json", TypeError, r"\['a'\]\[1\] is of type set"),
         (2**70, "json", ValueError, "64-bit"),
         (1, "video", ValueError, "unknown content type 'video'"),
     ],
@@ -272,8 +272,13 @@ def test_round_trip_table_shapes(table):
 
 def test_table_with_unencodable_object_column_is_refused():
     chunk = DataChunk()
-    chunk.add("t", pd.DataFrame({"o": [object()]}), "table")
-    with pytest.raises(ValueError, match="column 'o'"):
+    with pytest.raises(TypeError, match=r"column 'o'\[0\] is of type object; msgpack"):
+        chunk.add("t", pd.DataFrame({"o": [object()]}), "table")
+    # Changed once added: refused as it is sent, naming the record...
+    table = pd.DataFrame({"o": ["fine"], "x": [1.5]})
+    chunk.add("t", table, "table")
+    table["o"] = pd.Series([(1, 2)], dtype=object)
+    with pytest.raises(TypeError, match=r"record 't': column 'o'\[0\] is of type tuple"):
         encode_chunk(chunk)
     # ...and leaves nothing behind for the next chunk.
     good = DataChunk()
@@ -337,6 +342,97 @@ def test_other_falls_back_to_pickle_only_when_allowed():
     with pytest.raises(ValueError, match="allow_objects"):
         encode_chunk(chunk)
     assert round_trip(chunk, allow_objects=True).get("tuple")["value"] == (1, 2)
+
+
+@pytest.mark.parametrize("content_type", ["image", "audio", "array"])
+def test_array_subclasses_are_refused_where_only_their_data_would_travel(content_type):
+    masked = np.ma.masked_array(np.zeros((2, 2), np.uint8), mask=[[0, 1], [0, 0]])
+    with pytest.raises(TypeError, match="plain numpy arrays, not a MaskedArray"):
+        DataChunk().add("m", masked, content_type)
+
+
+def test_an_array_subclass_as_other_travels_pickled_only():
+    chunk = DataChunk()
+    chunk.add("m", np.ma.masked_array([1.0, -9999.0, 3.0], mask=[0, 1, 0]))
+    with pytest.raises(ValueError, match=r"record 'm': it needs pickling \(MaskedArray\)"):
+        encode_chunk(chunk)
+    value = round_trip(chunk, allow_objects=True).get("m")["value"]
+    assert isinstance(value, np.ma.MaskedArray) and value.mean() == 2.0
+    plain = DataChunk()
+    plain.add("m", np.array([1.0, -9999.0, 3.0]))
+    assert plain != chunk  # (its data alone is not the masked array)
+
+
+def test_a_json_value_changed_after_it_was_added_is_checked_as_it_is_sent():
+    value = {"a": 1}
+    chunk = DataChunk()
+    chunk.add("j", value, "json")
+    value["t"] = (1, 2)  # msgpack would make it a list
+    with pytest.raises(TypeError, match=r"record 'j': value\['t'\] is of type tuple"):
+        encode_chunk(chunk)
+    del value["t"]
+    value[(1, 2)] = 3  # a key the receiver could not even rebuild
+    with pytest.raises(TypeError, match=r"record 'j': key \(1, 2\) of value is of type tuple"):
+        encode_chunk(chunk)
+
+
+@pytest.mark.parametrize("content_type", ["json", "other"])
+def test_a_str_utf8_cannot_encode_is_refused_at_add_or_pickled(content_type):
+    chunk = DataChunk()
+    with pytest.raises(ValueError, match=r"the record name is a str with '\\udc80' at 0"):
+        chunk.add("\udc80", 1, content_type)
+    if content_type == "json":
+        with pytest.raises(ValueError, match=r"value is a str with '\\ud800' at 1"):
+            chunk.add("x", "a\ud800b", content_type)
+        return
+    chunk.add("x", "a\ud800b", content_type)  # "other": no json, so pickled
+    with pytest.raises(ValueError, match="record 'x': it needs pickling"):
+        encode_chunk(chunk)
+    assert round_trip(chunk, allow_objects=True).get("x")["value"] == "a\ud800b"
+
+
+def test_what_cannot_be_pickled_is_a_value_error_naming_its_record():
+    class Refuses:
+        def __reduce__(self):
+            raise RuntimeError("no")
+
+    chunk = DataChunk()
+    chunk.add("x", Refuses(), "object")
+    with pytest.raises(ValueError, match=r"record 'x': it cannot be pickled: RuntimeError\('no'\)"):
+        encode_chunk(chunk, allow_objects=True)
+
+
+def test_an_other_table_msgpack_cannot_hold_travels_pickled_when_allowed():
+    table = pd.DataFrame(
+        {"x": [1.5, 2.5], "when": pd.Series([pd.Timestamp("2020")] * 2, dtype=object)}
+    )
+    chunk = DataChunk()
+    chunk.add("t", table)
+    with pytest.raises(ValueError, match=r"record 't': it needs pickling \(DataFrame\)"):
+        encode_chunk(chunk)
+    assert round_trip(chunk, allow_objects=True) == chunk
+
+
+def test_a_copy_has_records_of_its_own():
+    chunk = DataChunk()
+    chunk.add("a", 1)
+    copied = copy.copy(chunk)
+    copied.add("b", 2)
+    copied.update("a", {"value": 3, "content-type": "other"})
+    assert chunk.names() == ["a"] and chunk.get("a")["value"] == 1
+
+
+def test_nan_round_trips_equal():
+    chunk = DataChunk()
+    chunk.add("f", float("nan"))
+    chunk.add("j", float("nan"), "json")
+    assert round_trip(chunk) == chunk
+
+
+@pytest.mark.parametrize("timestamp", [-(2**63) - 1, 2**64])
+def test_a_timestamp_out_of_64_bits_is_refused(timestamp):
+    with pytest.raises(ValueError, match="out of the 64-bit range"):
+        DataChunk().update("x", {"value": 1, "content-type": "json", "timestamp": timestamp})
 
 
 def test_timestamps_survive():
@@ -491,6 +587,7 @@ TABLE_X = ("records", 1, "value", "columns", 0, "data")
         (_set((*IMAGE, "dtype"), "|O"), "not allowed"),
         (_set((*IMAGE, "dtype"), "<f99"), "numpy cannot parse"),
         (_set((*IMAGE, "dtype"), "float32"), "not allowed"),
+        (_set((*IMAGE, "dtype"), "<M8[0s]"), "a time unit of 0"),
         (_set((*IMAGE, "shape"), [7, 7]), "needs 49 bytes"),
         (_set((*IMAGE, "shape"), [-2, -3]), "invalid shape"),
         (_set((*IMAGE, "dtype"), "<f2"), "needs 12 bytes"),
