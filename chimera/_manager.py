@@ -512,7 +512,11 @@ class AsyncManager(Service):
         return True
 
     async def _create_on(self, worker_id: str, node_ids: list[str]) -> None:
+        """Create the nodes *node_ids* on *worker_id*, but those created already."""
         graph = self._registered()
+        node_ids = [node_id for node_id in node_ids if node_id not in self._addresses]
+        if not node_ids:
+            return
         local = set(self._mapping.get(worker_id, []))
         specs = [self._spec(graph, node_id, self._node_names, local) for node_id in node_ids]
         result = await self._request(worker_id, "create_nodes", nodes=specs)

@@ -221,13 +221,16 @@ class NodeRuntime:
         return self._outlet.address if self._outlet is not None else None
 
     async def connect(self, addresses: Mapping[str, str]) -> None:
-        """Connect an inlet to the outlet of each input, by the input's name.
+        """Connect an inlet to the outlet of each input, by the input's name
+        (but those connected already: a second link would hold its input up).
 
         Raises:
             KeyError: an input has no address in *addresses*.
             OSError: an input's outlet cannot be reached.
         """
         for spec in self._inputs:
+            if spec.name in self._inlets:
+                continue
             self._inlets[spec.name] = await transports.connect(
                 addresses[spec.name],
                 delivery=self._delivery[spec.name],

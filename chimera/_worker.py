@@ -488,6 +488,8 @@ class AsyncWorker(Service):
 
     async def _create_node(self, spec: dict[str, Any]) -> None:
         node_id = spec["id"]
+        if node_id in self._runtimes:  # (a second would leave the first running, unowned)
+            raise RuntimeError(f"node {spec['name']!r} exists already on this worker")
         self._node_names[node_id] = spec["name"]
         folder = self._node_folders[node_id] = self._new_node_folder(node_id)
 

@@ -135,8 +135,10 @@ def test_commit_step_by_step_as_chimerapy_scripts_may(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(30)
         port = listener.getsockname()[1]
-        source = Counter("source", limit=4)
-        sink = Sink("sink", str(tmp_path), source="source", expect=4, port=port)
+        # More than a link holds (8 messages of at most 64 chunks), so that a second,
+        # unread link would hold the source up.
+        source = Counter("source", limit=2000)
+        sink = Sink("sink", str(tmp_path), source="source", expect=2000, port=port)
         graph = cp.Graph()
         graph.add_edge(source, sink)
         manager = cp.Manager(logdir=tmp_path / "logs", port=0)
@@ -147,8 +149,12 @@ def test_commit_step_by_step_as_chimerapy_scripts_may(tmp_path):
             manager.map_graph({"lab": ["source", "sink"]})
             assert manager.request_node_creation(worker.id, source.id)
             assert not manager.request_node_server_data(worker.id)  # the sink is not made yet
-            assert manager.request_node_creation(worker.id, sink.id)
+            # What is made already is not made again (a second would run on, unowned)...
+            assert manager.request_node_creation(worker.id, source.id)
+            assert manager.create_p2p_network()
             assert manager.request_node_server_data(worker.id)
+            # ... nor wired again.
+            assert manager.request_connection_creation(worker.id)
             assert manager.setup_p2p_connections()
             meta = json.loads(manager.save_meta().read_text())
             assert meta["mapping"] == {"lab": ["source", "sink"]}
@@ -161,7 +167,7 @@ def test_commit_step_by_step_as_chimerapy_scripts_may(tmp_path):
         finally:
             manager.shutdown()
             worker.shutdown()
-    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "sink.json").read_text()) == list(range(1, 2001))
     cyclic = cp.Graph()
     a, b = cp.Node("a"), cp.Node("b")
     cyclic.add_edges_from([(a, b), (b, a)])
