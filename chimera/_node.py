@@ -13,6 +13,7 @@ import enum
 import inspect
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 import trio
@@ -57,6 +58,14 @@ class NodeState(str, enum.Enum):
     FAILED = "FAILED"
 
 
+def _run_by_hand(method: Callable[[], Any]) -> Any:
+    """Call one of a node's methods outside a cluster, in a Trio run of its
+    own if it is ``async def``; what it returns."""
+    if inspect.iscoroutinefunction(method):
+        return trio.run(method)
+    return method()
+
+
 class Node:
     """A step of a pipeline: override :meth:`prep`, :meth:`step` and :meth:`teardown`.
 
@@ -75,14 +84,18 @@ class Node:
     Args:
         name: the node's name, unique in its graph; it names the node's
             folder in a session, so it must be able to name a file.
-        debug: ChimeraPy's debug mode, ``None``, ``"step"`` or ``"stream"``;
-            kept for compatibility.
+        debug: ChimeraPy's debug mode, ``None``, ``"step"`` or ``"stream"``.
+            With ``"step"`` the node is to be run by hand, and the
+            constructor runs :meth:`prep` (as ChimeraPy's did): then call
+            :meth:`step`, then :meth:`shutdown`. ``"stream"`` is accepted
+            and does nothing.
         debug_port: kept for compatibility.
 
     Raises:
         TypeError: *name* is not a str, or *debug_port* not an int.
         ValueError: *name* cannot name a file (empty, ``.``, ``..``, or with
             ``/``, ``\\`` or NUL), or *debug* is not one of the modes above.
+        Exception: with ``debug="step"``, whatever :meth:`prep` raised.
     """
 
     def __init__(
@@ -116,6 +129,8 @@ class Node:
         self._recording = False
         #: Whether a runtime runs the node (in a cluster); else it is run by hand.
         self._in_cluster = False
+        if debug == "step":
+            _run_by_hand(self.prep)
 
     @property
     def id(self) -> str:
@@ -186,10 +201,7 @@ class Node:
         if self.state is NodeState.SHUTDOWN:
             return
         self.state = NodeState.SHUTDOWN
-        if inspect.iscoroutinefunction(self.teardown):
-            trio.run(self.teardown)
-        else:
-            self.teardown()
+        _run_by_hand(self.teardown)
 
     # --- recording --------------------------------------------------------------
     #

@@ -6,6 +6,7 @@ import pickle
 
 import cloudpickle
 import pytest
+import trio
 
 import chimera as cp
 
@@ -81,14 +82,22 @@ class ByHand(cp.Node):
 
 
 class AsyncByHand(ByHand):
+    async def prep(self):
+        ByHand.prep(self)
+
     async def teardown(self):
         ByHand.teardown(self)
 
 
 @pytest.mark.parametrize("node_type", [ByHand, AsyncByHand])
-def test_a_node_run_by_hand_ends_with_shutdown_as_in_chimerapy(node_type):
-    node = node_type("camera", debug="step")
-    node.prep()
+@pytest.mark.parametrize("debug", ["step", None])
+def test_a_node_run_by_hand_ends_with_shutdown_as_in_chimerapy(node_type, debug):
+    node = node_type("camera", debug=debug)
+    if debug is None:  # (with debug="step", the constructor ran prep, as ChimeraPy's did)
+        if node_type is AsyncByHand:
+            trio.run(node.prep)
+        else:
+            node.prep()
     assert [node.step() for _ in range(3)] == [1, 2, 3]
     node.shutdown()
     node.shutdown({})  # (ChimeraPy's message argument; once is enough)
