@@ -10,6 +10,7 @@ interpreter exits.
 from __future__ import annotations
 
 import atexit
+import logging
 import socket
 import threading
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from ._node import NodeState
 from ._worker import AsyncWorker
 
 __all__ = ["Manager", "Worker"]
+
+log = logging.getLogger("chimera.manager")
 
 T = TypeVar("T")
 
@@ -130,7 +133,15 @@ class _LoopThread(Generic[T]):
 class Manager:
     """The cluster's coordinator, blocking (ChimeraPy's ``Manager``).
 
-    Same arguments as :class:`~chimera.AsyncManager`; ``port=0`` picks a free port.
+    Same arguments as :class:`~chimera.AsyncManager`; ``port=0`` picks a free
+    port. ChimeraPy's settings of its log publisher are taken too:
+    ``publisher_port`` is the log PUB socket's port (``logs_port``);
+    ``publisher_transport`` and ``publisher_root_topic`` (ZMQ's) are logged
+    and ignored.
+
+    Raises:
+        TypeError: an argument neither AsyncManager nor ChimeraPy's Manager takes.
+        OSError: the port (or the log PUB socket's) cannot be listened on.
     """
 
     def __init__(
@@ -142,6 +153,16 @@ class Manager:
         dashboard_api: bool = True,
         **kwargs: Any,
     ) -> None:
+        if "publisher_port" in kwargs:
+            kwargs.setdefault("logs_port", kwargs.pop("publisher_port"))
+        for option in ("publisher_transport", "publisher_root_topic"):
+            if option in kwargs:
+                log.warning(
+                    "Manager(%s=%r): ChimeraPy's ZMQ setting, ignored: logs are published "
+                    "on an nng PUB socket over tcp (manager.logs_address), without a topic",
+                    option,
+                    kwargs.pop(option),
+                )
         manager = AsyncManager(
             logdir, port, max_num_of_workers, publish_logs_via_zmq, dashboard_api, **kwargs
         )
@@ -318,6 +339,16 @@ class Worker:
     def connect(self, host: str, port: int, timeout: float = 10.0) -> bool:
         """See :meth:`chimera.AsyncWorker.connect`."""
         return self._loop.call(self._worker.connect, host, port, timeout)
+
+    def idle(self) -> None:
+        """Wait until this Worker is not connected any more: its Manager shut
+        down or took it as gone (at once if it is not connected). ChimeraPy's
+        ``cp-worker`` runs it between :meth:`connect` and :meth:`shutdown`.
+
+        Raises:
+            KeyboardInterrupt: Ctrl-C ended the wait.
+        """
+        self._loop.call(self._worker.wait_for_disconnect)
 
     def shutdown(self, msg: dict[str, Any] | None = None) -> None:
         """Close every node, leave the Manager, and end the Worker."""

@@ -253,9 +253,9 @@ def _check_value(value: Any, content_type: str) -> None:
         array = _require_array(value, "image")
         if array.dtype != numpy.uint8:
             raise TypeError(f"image records hold uint8 arrays, not {array.dtype}")
-        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))):
             raise ValueError(
-                f"image records hold HxW, HxWx3 or HxWx4 arrays, not shape {array.shape}"
+                f"image records hold HxW, HxWx1, HxWx3 or HxWx4 arrays, not shape {array.shape}"
             )
     elif content_type == "audio":
         array = _require_array(value, "audio")

@@ -33,7 +33,7 @@ import uuid
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
@@ -94,6 +94,10 @@ class WorkerInfo:
     name: str
     #: When it checked in (the Manager's clock, ns).
     connected_ns: int
+    #: The address it connected from.
+    ip: str = ""
+    #: The state of each of its nodes, by node id (see :attr:`AsyncManager.nodes`).
+    nodes: dict[str, str] = field(default_factory=dict)
     _send: Send | None = field(default=None, repr=False)
     _pending: dict[int, Any] = field(default_factory=dict, repr=False)
 
@@ -119,6 +123,8 @@ class AsyncManager(Service):
             subscribe with pynng, or any nng/NNG-compatible SUB socket). It
             checks no token: whoever reaches *host* reads the logs.
         dashboard_api: whether ``/api/state`` is served.
+        logs_port: the port of the log PUB socket (with *publish_logs_via_zmq*);
+            0 picks a free one (see :attr:`logs_address`).
         host: the address to listen on (loopback by default).
         token: if set, a Worker must present it (or ``CHIMERA_TOKEN``) to check
             in, and an API client (``/api/state``, ``/ws/events``) to be answered.
@@ -141,8 +147,10 @@ class AsyncManager(Service):
         token: str | None = None,
         transport: str = "tcp",
         allow_objects: bool = False,
+        logs_port: int = 0,
     ) -> None:
         self.logdir = Path(logdir) if logdir is not None else Path.cwd() / "chimera-logs"
+        self._logs_port = logs_port
         self.host = host
         self.port = port
         self.max_num_of_workers = max_num_of_workers
@@ -198,8 +206,18 @@ class AsyncManager(Service):
 
     @property
     def workers(self) -> dict[str, WorkerInfo]:
-        """The Workers connected now, by id."""
-        return dict(self._workers)
+        """The Workers connected now, by id, each with the states of its nodes now."""
+        return {
+            worker_id: replace(
+                info,
+                nodes={
+                    node_id: self.nodes[node_id]
+                    for node_id in self._mapping.get(worker_id, [])
+                    if node_id in self.nodes
+                },
+            )
+            for worker_id, info in self._workers.items()
+        }
 
     @property
     def graph(self) -> Graph | None:
@@ -373,7 +391,8 @@ class AsyncManager(Service):
         ]:
             raise RuntimeError(
                 f"the {len(live)} nodes of the graph committed before are not shut down: "
-                "call shutdown() before committing a graph again"
+                "shut them down before committing a graph again (AsyncManager.shutdown(); "
+                "the blocking Manager's shutdown() ends the Manager too: make a new one)"
             )
         # Every problem of the graph and of the mapping at once, before anything starts.
         resolve_mapping(graph, self._names(), mapping, self.max_num_of_workers)
@@ -998,11 +1017,32 @@ class AsyncManager(Service):
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._url_host = protocol.in_url(self.host)
         self._log_file = open(self.logdir / "nodes.log", "a", encoding="utf-8")
-        if self.publish_logs_via_zmq:
-            self._log_publisher = pynng.Pub0(listen=f"tcp://{self._url_host}:0")
-            # pynng 0.9's local_address.port is byte-swapped: read the string form.
-            port = str(self._log_publisher.listeners[0].local_address).rsplit(":", 1)[1]
-            self.logs_address = f"tcp://{_dialable(self.host)}:{port}"
+        try:
+            if self.publish_logs_via_zmq:
+                self._log_publisher = pynng.Pub0()
+                try:
+                    self._log_publisher.listen(f"tcp://{self._url_host}:{self._logs_port}")
+                except pynng.NNGException as exc:
+                    raise OSError(
+                        f"the manager cannot publish logs on {self.host}:{self._logs_port}: {exc}"
+                    ) from None
+                # pynng 0.9's local_address.port is byte-swapped: read the string form.
+                port = str(self._log_publisher.listeners[0].local_address).rsplit(":", 1)[1]
+                self.logs_address = f"tcp://{_dialable(self.host)}:{port}"
+            async with self._serving():
+                yield self
+        finally:
+            self._log_file.close()
+            if self._log_publisher is not None:
+                self._log_publisher.close()
+
+    @asynccontextmanager
+    async def _serving(self) -> AsyncIterator[None]:
+        """Serve HTTP and WebSockets on :attr:`port` while in the block.
+
+        Raises:
+            OSError: the port cannot be listened on.
+        """
         config = hypercorn.config.Config()
         config.bind = [f"{self._url_host}:{self.port}"]
         config.accesslog = None
@@ -1022,15 +1062,12 @@ class AsyncManager(Service):
             log.info("manager serving on %s:%d", self.host, self.port)
             self._tasks = nursery
             try:
-                yield self
+                yield
             finally:
                 self._tasks = None
                 with trio.CancelScope(shield=True), trio.move_on_after(EVENTS_CLOSE_TIMEOUT):
                     await self._close_events()
                 nursery.cancel_scope.cancel()  # closes the port and every connection
-                self._log_file.close()
-                if self._log_publisher is not None:
-                    self._log_publisher.close()
 
     # --- the ASGI application ----------------------------------------------------
 
@@ -1041,7 +1078,7 @@ class AsyncManager(Service):
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
             if scope["path"] == "/ws/worker":
-                await self._worker_session(receive, send)
+                await self._worker_session(scope, receive, send)
             elif scope["path"] == "/ws/events" and self.dashboard_api:
                 await self._events_session(scope, receive, send)
             else:
@@ -1148,7 +1185,7 @@ class AsyncManager(Service):
         else:
             await _respond(send, 404, {"error": f"no {method} {path}"})
 
-    async def _worker_session(self, receive: Receive, send: Send) -> None:
+    async def _worker_session(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """One Worker's control connection, from its ``hello`` until it leaves."""
         if (await receive())["type"] != "websocket.connect":
             return
@@ -1199,7 +1236,11 @@ class AsyncManager(Service):
                         await send_locked({"type": "websocket.close", "code": 4403})
                         return
                     info = WorkerInfo(
-                        message["worker_id"], message["name"], received_ns, send_locked
+                        message["worker_id"],
+                        message["name"],
+                        received_ns,
+                        ip=(scope.get("client") or ("",))[0],
+                        _send=send_locked,
                     )
                     self._workers[info.id] = info
                     self._workers_changed.unpark_all()

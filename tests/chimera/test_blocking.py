@@ -88,6 +88,55 @@ def test_the_manager_publishes_node_logs_where_it_says(tmp_path):
         worker.shutdown()
 
 
+def test_the_manager_takes_chimerapys_log_publisher_settings(tmp_path, caplog):
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        port = spare.getsockname()[1]
+    manager = cp.Manager(
+        tmp_path,
+        port=0,
+        publish_logs_via_zmq=True,
+        publisher_port=port,
+        publisher_transport="ws",
+    )
+    try:
+        assert manager.logs_address == f"tcp://127.0.0.1:{port}"
+        # The port is taken now: a second Manager says so, and leaves nothing open.
+        files = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(OSError, match=f"cannot publish logs on 127.0.0.1:{port}"):
+            cp.Manager(tmp_path, port=0, publish_logs_via_zmq=True, publisher_port=port)
+        assert len(os.listdir("/proc/self/fd")) == files
+    finally:
+        manager.shutdown()
+    said = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert said == [
+        "Manager(publisher_transport='ws'): ChimeraPy's ZMQ setting, ignored: logs are "
+        "published on an nng PUB socket over tcp (manager.logs_address), without a topic"
+    ]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'publisher_prot'"):
+        cp.Manager(tmp_path, port=0, publisher_prot=port)
+
+
+def test_a_worker_idles_until_its_manager_shuts_down(tmp_path):
+    manager = cp.Manager(logdir=tmp_path, port=0)
+    worker = cp.Worker(name="lab", port=0)
+    idled = threading.Event()
+
+    def idle():
+        worker.idle()
+        idled.set()
+
+    try:
+        assert worker.connect(host=manager.host, port=manager.port)
+        threading.Thread(target=idle, daemon=True).start()
+        assert not idled.wait(0.5)  # connected: it waits
+        manager.shutdown()
+        assert idled.wait(30)
+    finally:
+        manager.shutdown()
+        worker.shutdown()
+
+
 def test_the_simple_pipeline_example_runs():
     example = Path(__file__).parents[2] / "examples" / "simple_pipeline.py"
     result = subprocess.run(
@@ -156,6 +205,10 @@ def test_commit_step_by_step_as_chimerapy_scripts_may(tmp_path):
             # ... nor wired again.
             assert manager.request_connection_creation(worker.id)
             assert manager.setup_p2p_connections()
+            # As ChimeraPy's WorkerState: its nodes, by id, and where it is.
+            lab = manager.workers[worker.id]
+            assert lab.nodes == {source.id: "READY", sink.id: "READY"}
+            assert lab.ip == "127.0.0.1"
             meta = json.loads(manager.save_meta().read_text())
             assert meta["mapping"] == {"lab": ["source", "sink"]}
             assert meta["edges"] == [

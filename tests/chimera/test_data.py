@@ -196,11 +196,13 @@ def test_round_trip_image_and_audio():
     chunk = DataChunk()
     chunk.add("frame", image, "image")
     chunk.add("gray", image[:, :, 0], "image")  # not C-contiguous
+    chunk.add("channel", image[:, :, :1], "image")  # HxWx1, as OpenCV may keep a gray image
     chunk.add("sound", audio, "audio")
     decoded = round_trip(chunk)
     assert decoded == chunk
     assert_same_array(decoded.get("frame")["value"], image)
     assert_same_array(decoded.get("gray")["value"], np.ascontiguousarray(image[:, :, 0]))
+    assert_same_array(decoded.get("channel")["value"], np.ascontiguousarray(image[:, :, :1]))
     assert_same_array(decoded.get("sound")["value"], audio)
     assert decoded.get("sound")["content-type"] == "audio"
 
