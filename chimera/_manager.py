@@ -701,7 +701,8 @@ class AsyncManager(Service):
             RuntimeError: a Worker failed.
         """
         await self._broadcast("stop_nodes", without_left=True)
-        self._stopped_ns = self._clock()
+        if self._started_ns is not None and self._stopped_ns is None:
+            self._stopped_ns = self._clock()  # (the session's end: a stop after it is none)
         return True
 
     async def collect(self, unzip: bool = True) -> bool:

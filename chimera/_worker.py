@@ -758,8 +758,9 @@ class AsyncWorker(Service):
         await run_all([partial(runtime.forget, names) for runtime in self._runtimes.values()])
 
     async def _do_stop_nodes(self) -> dict[str, str]:
-        for runtime in self._runtimes.values():
-            runtime.request_stop()
+        for node_id, runtime in self._runtimes.items():
+            if node_id in self._runs:  # (a node never run is left alone: it may run next)
+                runtime.request_stop()
         for done in list(self._runs.values()):
             await done.wait()
         if self._runtimes:  # the last ones (ahead of the reply): what meta.json says

@@ -257,13 +257,14 @@ async def test_calls_out_of_order_say_so_and_change_nothing(tmp_path):
             assert await manager.commit_graph(graph, mapping)
             with pytest.raises(RuntimeError, match=re.escape("record(): the nodes do not run")):
                 await manager.record()
+            assert await manager.stop()  # nothing runs: nothing to stop, and the run is intact
             assert await manager.start()
-            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            assert await trio.to_thread.run_sync(ENOUGH.wait, 20)
             first_session = manager.session_folder()
             for call, problem in [
                 (manager.start, "start(): the nodes run already"),
                 (manager.step, "step(): the nodes run already"),
-                (partial(manager.commit_graph, graph, mapping), "call shutdown() before"),
+                (partial(manager.commit_graph, graph, mapping), "shut them down before committing"),
             ]:
                 with pytest.raises(RuntimeError, match=re.escape(problem)):
                     await call()
@@ -295,10 +296,13 @@ async def test_the_session_folder_is_named_for_the_first_start(tmp_path):
             await trio.to_thread.run_sync(ENOUGH.wait, 20)
             later[0] = 3600 * 10**9  # collected an hour later
             assert await manager.stop()
+            later[0] = 7200 * 10**9
+            assert await manager.stop()  # (stopped already: the session ended at the first)
             assert await manager.collect()
             meta = json.loads((manager.session_folder() / "meta.json").read_text())
     named = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(meta["start_ns"] / 1e9))
     assert meta["session"] == named
+    assert 3600 <= (meta["stop_ns"] - meta["start_ns"]) / 1e9 < 3700
 
 
 async def test_a_graph_runs_again_after_a_worker_left_with_stopped_nodes(tmp_path):
