@@ -226,6 +226,7 @@ class Zygote:
         if child is not None and not child.exited.is_set():
             child.code = code
             child.close_pidfd()
+            child.on_orphaned = None  # (it cannot be orphaned now)
             child.exited.set()
 
     def _died(self, code: int) -> None:
@@ -290,10 +291,21 @@ class Zygote:
 
     async def wait(self, pid: int) -> int | None:
         """The return code of node process *pid* (forked by :meth:`start`), once
-        it has exited; None if the zygote died before it did (unknown)."""
+        it has exited; None if the zygote died before it did (unknown).
+
+        Raises:
+            KeyError: *pid* was never forked, or was forgotten (:meth:`forget`).
+        """
         child = self._children[pid]
         await child.exited.wait()
         return child.code
+
+    def forget(self, pid: int) -> None:
+        """Forget node process *pid*, which exited, once nothing waits for it
+        any more (else a Worker would keep every node it ever ran)."""
+        child = self._children.get(pid)
+        if child is not None and child.exited.is_set():
+            del self._children[pid]
 
 
 class _Pending:
@@ -481,6 +493,7 @@ class NodeProcess:
         with trio.CancelScope(shield=True):
             self._kill_scope.cancel()
             await self._exited.wait()
+            self._zygote.forget(self._pid)  # (its exit is known: nothing waits for it)
             _signal_group(self._pid, signal.SIGKILL)  # whatever the node started
             await self._stdin.aclose()
         if self.state is not NodeState.FAILED:

@@ -510,6 +510,26 @@ async def one_worker(tmp_path) -> AsyncIterator[tuple[AsyncManager, AsyncWorker]
         yield manager, worker
 
 
+async def test_a_worker_keeps_nothing_of_the_nodes_it_shut_down(tmp_path):
+    # A lab script commits graph after graph for hours: the Worker must not grow.
+    import gc
+    import weakref
+
+    async with notifications() as (port, notified):
+        with trio.fail_after(60):
+            async with one_worker(tmp_path) as (manager, worker):
+                for _ in range(2):
+                    graph = counter_to_sink(tmp_path, port, 5)
+                    await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                    nodes = [weakref.ref(runtime) for runtime in worker._runtimes.values()]
+                    await manager.start()
+                    assert await notified.receive() == b"x"
+                    await manager.stop()
+                    await manager.shutdown()
+                    gc.collect()
+                    assert [node() for node in nodes] == [None, None]
+
+
 async def test_a_zygote_killed_while_nodes_run_fails_them_and_the_worker_goes_on(
     tmp_path, monkeypatch
 ):
