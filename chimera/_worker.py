@@ -73,6 +73,19 @@ def _why_unreachable(exc: BaseException, timeout: float) -> str:
     return f"{text or type(exc).__name__} (is the manager running, on that host and port?)"
 
 
+def _remove_emptied_folders(folders: list[Path]) -> None:
+    """Remove the node folders that hold no file (a collect moved them into
+    its session folder), with their manifests: a Worker that runs graph after
+    graph keeps nothing of them. Removes folders only, never a file.
+    Blocking: run it in a thread."""
+    for folder in folders:
+        if not folder.is_dir() or files_under(folder):
+            continue
+        for inside, _, _ in os.walk(folder, topdown=False):
+            os.rmdir(inside)
+        manifest_path(folder).unlink(missing_ok=True)
+
+
 def _how_many(files: list[Path]) -> str:
     """*files* counted, in words: ``"3 files (1.2 MB)"``."""
     return f"{len(files)} files ({sum(path.stat().st_size for path in files) / 1e6:.1f} MB)"
@@ -669,6 +682,12 @@ class AsyncWorker(Service):
         async with trio.open_nursery() as nursery:
             for runtime in self._runtimes.values():
                 nursery.start_soon(runtime.aclose)
+        try:
+            await trio.to_thread.run_sync(
+                _remove_emptied_folders, list(self._node_folders.values())
+            )
+        except OSError as exc:  # (only room on disk is at stake)
+            log.warning("worker %r: cleaning up its node folders: %s", self.name, exc)
         self._runtimes.clear()
         self._node_names.clear()
         self._node_folders.clear()

@@ -577,6 +577,14 @@ async def test_nothing_is_said_of_what_was_collected(tmp_path, caplog, monkeypat
     with trio.fail_after(60):
         async with recording_a_second(tmp_path) as manager:
             assert await manager.collect()
+            (node,) = manager.graph.nodes
+            folder = node_folder(node)
+            saved = folder.with_name(f"{folder.name}.saved.json")
+            assert saved.exists()
+            await manager.shutdown()
+            # Moved out, its folder is gone with its node (not kept for each graph
+            # run until the Worker ends); sent, its files stay until then.
+            assert folder.is_dir() == saved.exists() == (way == "sent")
     assert not [r for r in caplog.records if "never collected" in r.getMessage()]
 
 
