@@ -166,7 +166,7 @@ class AsyncManager(Service):
         #: Each node of the registered graph, pickled (see register_graph).
         self._pickled: dict[str, bytes] = {}
         self._addresses: dict[str, str | None] = {}
-        #: The state of every committed node, by node id.
+        #: The state of every node of the graph mapped now (see map_graph), by node id.
         self.nodes: dict[str, str] = {}
         self._node_ids: dict[str, str] = {}
         self._nodes_changed = trio.lowlevel.ParkingLot()
@@ -271,12 +271,12 @@ class AsyncManager(Service):
     def _set_node_state(self, node_id: str, state: str, reason: str | None) -> None:
         """Record a node's state, and publish its entry if that or the reason changed."""
         info = self._node_info.get(node_id)
-        if self.nodes.get(node_id) == state and (info is None or info["reason"] == reason):
+        if info is None:  # a node of a graph mapped before (a late word): forgotten
+            return
+        if self.nodes.get(node_id) == state and info["reason"] == reason:
             return
         self.nodes[node_id] = state
         self._nodes_changed.unpark_all()
-        if info is None:  # a node of a graph mapped before: not in the state any more
-            return
         info["state"], info["reason"] = state, reason
         if state != "RUNNING":  # it steps no more
             info["fps"] = 0.0
@@ -494,6 +494,7 @@ class AsyncManager(Service):
         self._session, self._started_ns, self._stopped_ns = None, None, None
         self._steps_sampled = {}
         self._addresses = {}
+        self.nodes.clear()  # (those of the graph before: shut down)
         self._node_info = {
             node_id: {
                 "name": self._node_names[node_id],
@@ -721,7 +722,7 @@ class AsyncManager(Service):
             ValueError: a file did not arrive whole (each named).
             RuntimeError: a Worker failed.
         """
-        if "RUNNING" in self.nodes.values():
+        if "RUNNING" in self._mapped_states():
             await self.stop()
         session = self.session_folder()
         progress = Progress()

@@ -58,6 +58,8 @@ STATS_PERIOD = 1.0
 HTTP_TIMEOUT = 60.0
 #: After closing its nodes for this many seconds, a Worker logs those not closed yet.
 CLOSE_PATIENCE = 2.0
+#: Leaving, the longest wait for what it has to tell the Manager (its nodes' last states).
+FLUSH_TIMEOUT = 2.0
 #: Longest path a Unix socket may have (``sun_path``: 108 bytes on Linux, 104 on macOS).
 _UNIX_PATH_MAX = 100
 
@@ -195,6 +197,9 @@ class AsyncWorker(Service):
         self._host: str | None = None
         self._zygote_lock = trio.Lock()
         self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
+        #: Whether a message is being sent; woken when none is left to send.
+        self._sending = False
+        self._sent_all = trio.lowlevel.ParkingLot()
 
     @property
     def nodes(self) -> dict[str, NodeState]:
@@ -226,6 +231,7 @@ class AsyncWorker(Service):
                 self._leaving = True
                 with trio.CancelScope(shield=True):
                     await self._close_nodes()
+                    await self._flush_events()  # the Manager hears they were closed
                 for scope in self._zygote_scopes:
                     scope.cancel()
                 self._remove_temp_folder()
@@ -236,6 +242,7 @@ class AsyncWorker(Service):
         """Close every node (stopping those that run) and leave the Manager."""
         self._leaving = True
         await self._close_nodes()
+        await self._flush_events()  # the Manager hears they were closed
         if self._session_scope is not None:
             self._session_scope.cancel()
 
@@ -327,6 +334,7 @@ class AsyncWorker(Service):
             finally:
                 self._connected = False
                 self._clock_changed.unpark_all()  # wakes wait_for_disconnect
+                self._sent_all.unpark_all()  # (and _flush_events: nothing more is sent)
 
     async def _keep_clock(self, ws: trio_websocket.WebSocketConnection) -> None:
         for exchange in range(CLOCK_BURST):
@@ -355,7 +363,22 @@ class AsyncWorker(Service):
 
     async def _send_events(self, ws: trio_websocket.WebSocketConnection) -> None:
         async for text in self._events_out:
-            await ws.send_message(text)
+            self._sending = True
+            try:
+                await ws.send_message(text)
+            finally:
+                self._sending = False
+            if not self._events_out.statistics().current_buffer_used:
+                self._sent_all.unpark_all()
+
+    async def _flush_events(self) -> None:
+        """Wait until what was queued for the Manager is sent (its nodes' last
+        states, say), while connected, for at most :data:`FLUSH_TIMEOUT`."""
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            while self._connected and (
+                self._sending or self._events_out.statistics().current_buffer_used
+            ):
+                await self._sent_all.park()
 
     async def _read(self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
         """Handle the Manager's messages until the connection closes."""

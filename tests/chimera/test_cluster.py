@@ -183,7 +183,7 @@ async def test_stop_gather_collect_and_shutdown_go_on_after_a_worker_left(tmp_pa
                     assert await manager.start()
                     await trio.to_thread.run_sync(ENOUGH.wait, 20)
                 await manager.wait_for_workers(1)  # "remote" left, and its node with it
-                assert manager.nodes[printer.id] == "FAILED"
+                assert manager.nodes[printer.id] == "SHUTDOWN"  # (it left cleanly: closed)
                 assert await manager.stop()
                 assert manager.nodes[doubler.id] == "STOPPED"
                 gathered = await manager.gather()
@@ -278,6 +278,7 @@ async def test_calls_out_of_order_say_so_and_change_nothing(tmp_path):
             # Shut down, the graph commits and runs again: a new session.
             graph = counter_doubler_printer()[0]
             assert await manager.commit_graph(graph, mapping)
+            assert set(manager.nodes) == {node.id for node in graph.nodes}  # (not the last's)
             assert await manager.start()
             await trio.to_thread.run_sync(ENOUGH.wait, 20)
             assert await manager.stop()
