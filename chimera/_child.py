@@ -47,7 +47,7 @@ import cloudpickle
 import trio
 
 from . import _pipe
-from ._data import set_clock
+from ._data import cluster_time_ns, set_clock
 from ._errors import NodeError
 from ._runtime import TEARDOWN_TIMEOUT, NodeRuntime
 
@@ -122,7 +122,7 @@ async def _report_stats(runtime: NodeRuntime, events: _Events) -> None:
     while True:
         await trio.sleep(STATS_PERIOD)
         if (stats := runtime.stats()) != last:
-            events.send("stats", stats)
+            events.send("stats", {**stats, "at_ns": cluster_time_ns()})
             last = stats
 
 
@@ -140,7 +140,7 @@ async def _run_command(
     else:
         ended = ("done", command, None)
     if stats_of is not None:
-        events.send("stats", stats_of.stats())
+        events.send("stats", {**stats_of.stats(), "at_ns": cluster_time_ns()})
     events.send(*ended)
 
 

@@ -341,14 +341,17 @@ class AsyncManager(Service):
             log.warning("telling the workers that nodes %s are gone failed: %s", names, exc)
 
     def _set_node_stats(self, stats: dict[str, Any]) -> None:
-        now = self._clock()
+        """Take a Worker's figures of its nodes (see ``AsyncWorker._node_stats``);
+        each node's fps is over the time between two readings of its steps
+        (``at_ns``, where they were read), not between their arrivals here."""
         for node_id, values in stats.items():
             info = self._node_info.get(node_id)
             if info is None or not isinstance(values, dict):
                 continue
             steps, dropped = values.get("steps"), values.get("dropped")
             waited = values.get("writer_wait_ms", 0)
-            if not all(isinstance(value, int) for value in (steps, dropped, waited)):
+            now = values.get("at_ns", self._clock())
+            if not all(isinstance(value, int) for value in (steps, dropped, waited, now)):
                 continue
             last = self._steps_sampled.get(node_id)
             if info.get("state") != "RUNNING":  # (its last figures, which stop() brings)

@@ -36,6 +36,7 @@ import trio_websocket
 from . import _protocol as protocol
 from ._clock import ClockEstimator
 from ._collect import move_folder, sees_probe, send_folder
+from ._data import cluster_time_ns
 from ._errors import NodeError
 from ._manifest import Manifest, files_under, manifest_path
 from ._node import NODE_LOGGER, NodeState
@@ -355,8 +356,14 @@ class AsyncWorker(Service):
                 last = stats
 
     def _node_stats(self) -> dict[str, dict[str, int]]:
-        """Each node's statistics (see :meth:`NodeRuntime.stats`), by id."""
-        return {node_id: runtime.stats() for node_id, runtime in self._runtimes.items()}
+        """Each node's statistics (see :meth:`NodeRuntime.stats`), by id, with
+        ``at_ns``: when they were read (cluster time; in its process, for a
+        node in a process of its own)."""
+        now = cluster_time_ns()
+        return {
+            node_id: {"at_ns": now, **runtime.stats()}
+            for node_id, runtime in self._runtimes.items()
+        }
 
     def _send_stats(self, stats: dict[str, dict[str, int]]) -> None:
         self._events_in.send_nowait(protocol.make("node_stats", stats=stats))

@@ -347,6 +347,22 @@ async def test_a_node_that_does_not_run_has_no_fps(tmp_path):
             assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
 
 
+async def test_fps_is_over_the_time_between_readings_not_between_arrivals(tmp_path):
+    # Steps are read in the node's process (every 0.5 s) and forwarded by its
+    # Worker (every 1 s): their arrivals are not evenly spaced.
+    with trio.fail_after(30):
+        async with following_events(tmp_path) as (manager, graph, _):
+            await manager.commit_graph(graph, {"local": ["count", "double"]})
+            await manager.start()
+            await manager.wait_for_node_state("count", "RUNNING")
+            count = graph.get_id_by_name("count")
+            manager._set_node_stats({count: {"steps": 0, "dropped": 0, "at_ns": 10**9}})
+            manager._set_node_stats({count: {"steps": 300, "dropped": 0, "at_ns": 3 * 10**9}})
+            fps = {node["name"]: node["fps"] for node in manager.state()["nodes"]}
+            await manager.stop()
+    assert fps["count"] == 150.0  # 300 steps in 2 s, whenever they arrived
+
+
 def follow(picture: dict, event: dict) -> None:
     """Update *picture* (what a dashboard shows) with one ``/ws/events`` event,
     as docs/nodes.md says."""
