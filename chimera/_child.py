@@ -178,7 +178,9 @@ async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
                 elif name in ("connect", "prep"):
                     await _run_command(events, name, getattr(runtime, name), *args)
                 elif name == "step":
-                    nursery.start_soon(_run_command, events, name, runtime.step_once)
+                    nursery.start_soon(
+                        partial(_run_command, events, name, runtime.step_once, stats_of=runtime)
+                    )
                 else:
                     events.send("failed", name, f"unknown command {name!r}", None)
             nursery.cancel_scope.cancel()  # a run still going: its teardown runs

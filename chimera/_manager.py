@@ -629,7 +629,8 @@ class AsyncManager(Service):
     async def step(self) -> bool:
         """Step every node once (ChimeraPy's offline mode, instead of :meth:`start`):
         sources step and send, then each node steps on what its inputs sent.
-        Returns True once every node has stepped.
+        Returns True once every node has stepped (its steps counted in
+        :meth:`state`). What ``save_*`` saves in these steps is not recorded.
 
         Raises:
             NodeError: a node's ``step`` raised.
@@ -687,7 +688,9 @@ class AsyncManager(Service):
         Raises:
             RuntimeError: the nodes do not run (``preview()`` them first).
         """
-        if "RUNNING" not in self._mapped_states():
+        states = self._mapped_states()
+        if "RUNNING" not in states:
+            self._check_not_started("record()")  # (ran and stopped: it says so)
             raise RuntimeError(
                 "record(): the nodes do not run: preview() them first "
                 "(start() runs them and records)"

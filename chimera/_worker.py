@@ -628,6 +628,7 @@ class AsyncWorker(Service):
 
     async def _do_step_nodes(self) -> None:
         await run_all([runtime.step_once for runtime in self._runtimes.values()])
+        self._send_stats(self._node_stats())  # (ahead of the reply: the steps counted)
 
     async def _do_start_nodes(self, record: bool = True) -> None:
         """Run every node; their ``save_*`` calls save if *record*."""

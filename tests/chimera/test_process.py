@@ -692,6 +692,12 @@ async def test_step_runs_one_step_of_every_node(tmp_path, transport, counter_typ
                     await manager.commit_graph(graph, {"local": ["counter", "doubler", "sink"]})
                     for _ in range(3):
                         assert await manager.step()
+                    # Counted as soon as step() returns.
+                    assert {n["name"]: n["steps"] for n in manager.state()["nodes"]} == {
+                        "counter": 3,
+                        "doubler": 3,
+                        "sink": 3,
+                    }
                     assert await notified.receive() == b"x"
                     await manager.shutdown()  # teardown runs: the sink writes what it saw
     assert json.loads((tmp_path / "sink.json").read_text()) == [2, 4, 6]
