@@ -234,6 +234,7 @@ def _check_table(value: Any) -> None:
         if dtype == numpy.dtype(object):
             _check_object_column(value.iloc[:, position].tolist(), where)
     _check_json(value.index.name, "the index name")
+    _check_json(value.columns.name, "the columns' name")
     if not isinstance(value.index, pandas.RangeIndex):
         _check_frame_dtype(value.index.dtype, "the index")
 
@@ -289,7 +290,11 @@ def _values_equal(a: Any, b: Any) -> bool:
     if _is_dataframe(a) or _is_dataframe(b):
         if not (_is_dataframe(a) and _is_dataframe(b)):
             return False
-        return bool(a.equals(b)) and a.index.names == b.index.names
+        return (
+            bool(a.equals(b))
+            and a.index.names == b.index.names
+            and a.columns.names == b.columns.names
+        )
     if _is_nan(a) and _is_nan(b):
         return True
     try:
@@ -511,7 +516,10 @@ class _Encoder:
                 index = {"name": frame_index.name, "data": data}
         else:
             index = {"name": frame_index.name, "data": self.column("the index", frame_index)}
-        return {"kind": "table", "rows": len(frame), "columns": columns, "index": index}
+        table = {"kind": "table", "rows": len(frame), "columns": columns, "index": index}
+        if frame.columns.name is not None:
+            table["columns_name"] = frame.columns.name
+        return table
 
     def value(self, name: str, value: Any, content_type: str) -> dict[str, Any]:
         if content_type in ("image", "audio", "array"):
@@ -674,7 +682,7 @@ class _Decoder:
     def table(self, storage: dict[str, Any], where: str) -> pandas.DataFrame:
         pandas = _pandas()
         rows = _field(storage, "rows", int, where)
-        if rows < 0:
+        if not 0 <= rows < 2**48:
             raise DecodeError(f"{where} has {rows} rows")
         names, columns = [], {}
         for position, column in enumerate(_field(storage, "columns", list, where)):
@@ -691,6 +699,11 @@ class _Decoder:
             )
         frame = pandas.DataFrame(columns, index=pandas.RangeIndex(rows))
         frame.columns = pandas.Index(names) if names else pandas.RangeIndex(0)
+        columns_name = storage.get("columns_name")
+        _check_inline(columns_name, f"{where} columns' name")
+        if type(columns_name) in (list, dict):
+            raise DecodeError(f"{where} columns' name is not a scalar")
+        frame.columns.name = columns_name
         index = _field(storage, "index", (dict, type(None)), where)
         if index is not None:
             here = f"{where}, index"
@@ -699,6 +712,8 @@ class _Decoder:
             )
             name = _field(index, "name", object, here)
             _check_inline(name, f"{here} name")
+            if type(name) in (list, dict):
+                raise DecodeError(f"{here} name is not a scalar")
             if isinstance(data, pandas.RangeIndex):
                 frame.index = data.rename(name)
             else:

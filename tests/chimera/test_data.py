@@ -264,12 +264,15 @@ def test_round_trip_table():
         pd.DataFrame(index=pd.RangeIndex(3)),
         pd.DataFrame({"x": pd.Series([], dtype=np.float32)}),
         pd.DataFrame({"s": pd.array(["a", None], dtype="string")}),
+        pd.DataFrame({"x": [1, 2]}).rename_axis("field", axis=1),  # a name for the columns
     ],
 )
 def test_round_trip_table_shapes(table):
     chunk = DataChunk()
     chunk.add("t", table, "table")
-    pd.testing.assert_frame_equal(round_trip(chunk).get("t")["value"], table)
+    decoded = round_trip(chunk)
+    pd.testing.assert_frame_equal(decoded.get("t")["value"], table)
+    assert decoded == chunk
 
 
 def test_table_with_unencodable_object_column_is_refused():
@@ -597,6 +600,8 @@ TABLE_X = ("records", 1, "value", "columns", 0, "data")
         (_set((*IMAGE, "kind"), "pickle"), "stored as 'pickle'"),
         (_set(("records", 2, "value", "value"), [msgpack.ExtType(1, b"")]), "ExtType"),
         (_set(("records", 1, "value", "rows"), 3), "rows"),
+        (_set(("records", 1, "value", "rows"), 2**63), "has 9223372036854775808 rows"),
+        (_set(("records", 1, "value", "columns_name"), [1]), "columns' name is not a scalar"),
         (_set((*TABLE_X, "dtype"), "|O"), "not allowed"),
         (_set(("records", 1, "value", "columns", 1, "data", "dtype"), "category"), "list dtype"),
     ],
