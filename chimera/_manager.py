@@ -688,8 +688,7 @@ class AsyncManager(Service):
         Raises:
             RuntimeError: the nodes do not run (``preview()`` them first).
         """
-        states = self._mapped_states()
-        if "RUNNING" not in states:
+        if "RUNNING" not in self._mapped_states():
             self._check_not_started("record()")  # (ran and stopped: it says so)
             raise RuntimeError(
                 "record(): the nodes do not run: preview() them first "
