@@ -66,6 +66,8 @@ COMMIT_PROGRESS_EVERY = 10.0
 COMMIT_SLOW = 60.0
 #: Longest wait for closing the nodes of a commit that failed, in seconds.
 COMMIT_CLEANUP_TIMEOUT = 30.0
+#: The largest node, pickled: it travels in base64 within one control message.
+MAX_NODE_BYTES = protocol.MAX_MESSAGE // 2
 #: The largest upload a Worker may send, in bytes.
 MAX_UPLOAD = 1 << 30
 #: Longest wait, as the Manager closes, for its ``/ws/events`` clients to
@@ -469,6 +471,13 @@ class AsyncManager(Service):
                 problems.append(
                     f"node {node.name!r} cannot be pickled to be sent to its worker: {exc} "
                     "(make what cannot be, such as a lock, a socket or a device, in prep())"
+                )
+                continue
+            if len(pickled[node_id]) > MAX_NODE_BYTES:
+                problems.append(
+                    f"node {node.name!r} is {len(pickled[node_id]) / 1e6:.1f} MB pickled, over "
+                    f"{MAX_NODE_BYTES / 1e6:.1f} MB: it travels to its worker in one control "
+                    "message (load large data, such as a model, in prep())"
                 )
         if problems:
             raise CommitGraphError(problems)

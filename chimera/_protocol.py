@@ -120,6 +120,8 @@ def parse(text: str | bytes) -> dict[str, Any]:
         message = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("JSON nested too deep") from None
     _check(message)
     return message
 

@@ -301,7 +301,9 @@ class AsyncWorker(Service):
             await self._talk(url, task_status)
 
     async def _talk(self, url: str, task_status: Any) -> None:
-        async with trio_websocket.open_websocket_url(url) as ws:
+        async with trio_websocket.open_websocket_url(
+            url, max_message_size=protocol.MAX_MESSAGE
+        ) as ws:
             await ws.send_message(
                 protocol.make("hello", name=self.name, worker_id=self.id, token=self._token)
             )

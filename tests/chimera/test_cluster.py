@@ -358,6 +358,11 @@ async def test_a_node_that_cannot_be_pickled_is_refused_before_anything_starts(t
                 "or a device, in prep())"
             ]
             del b.lock
+            b.table = np.random.default_rng(0).bytes(9_000_000)  # (random: no compression)
+            too_large = r"node 'b' is 9\.0 MB pickled, over 8\.4"
+            with pytest.raises(cp.CommitGraphError, match=too_large):
+                await manager.commit_graph(graph, {"local": ["a", "b"]})
+            b.table = b.table[:2_000_000]  # over a WebSocket's default bound (1 MiB): fine
             assert await manager.commit_graph(graph, {"local": ["a", "b"]})
             await manager.shutdown()
 

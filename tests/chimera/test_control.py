@@ -51,7 +51,8 @@ async def test_a_bad_message_gets_an_error_and_the_connection_stays(tmp_path):
         async with AsyncManager(tmp_path, port=0) as manager:
             url = f"ws://127.0.0.1:{manager.port}/ws/worker"
             async with trio_websocket.open_websocket_url(url) as ws:
-                for bad in ["not json", "[1, 2]", '{"v": 99, "type": "hello"}', '{"v": 1}']:
+                deep = "[" * 100_000 + "]" * 100_000
+                for bad in ["not json", "[1, 2]", '{"v": 99, "type": "hello"}', '{"v": 1}', deep]:
                     await ws.send_message(bad)
                     answer = protocol.parse(await ws.get_message())
                     assert answer["type"] == "error"
