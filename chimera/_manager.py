@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hmac
 import itertools
 import json
 import logging
@@ -303,7 +304,11 @@ class AsyncManager(Service):
         )
         level = logging.getLevelName(message["level"])
         text = f"\n{CONTINUATION}".join(message["text"].splitlines())
-        line = f"{_log_time(message['time_ns'])} {level} {worker}/{message['node']}: {text}\n"
+        try:
+            when = _log_time(message["time_ns"])
+        except (OverflowError, OSError, ValueError):  # (no date: a broken clock, or a forgery)
+            when = _log_time(self._clock())
+        line = f"{when} {level} {worker}/{message['node']}: {text}\n"
         if self._log_file is not None:
             self._log_file.write(line)
             self._log_file.flush()
@@ -552,7 +557,8 @@ class AsyncManager(Service):
         local = set(self._mapping.get(worker_id, []))
         specs = [self._spec(graph, node_id, self._node_names, local) for node_id in node_ids]
         result = await self._request(worker_id, "create_nodes", nodes=specs)
-        self._set_node_addresses(result["addresses"])
+        # (Only those asked for: a Worker does not say where another's nodes are.)
+        self._set_node_addresses({node: result["addresses"].get(node) for node in node_ids})
 
     def request_node_server_data(self, worker_id: str) -> bool:
         """Whether the address of every node of *worker_id* is known (nodes
@@ -943,6 +949,10 @@ class AsyncManager(Service):
     def _names(self) -> dict[str, str]:
         return {worker_id: info.name for worker_id, info in self._workers.items()}
 
+    def _names_on(self, worker_id: str) -> set[str]:
+        """The names of the nodes mapped to *worker_id*."""
+        return {self._node_names[node] for node in self._mapping.get(worker_id, [])}
+
     def _spec(
         self, graph: Graph, node_id: str, names: Mapping[str, str], local: set[str]
     ) -> dict[str, Any]:
@@ -1118,10 +1128,11 @@ class AsyncManager(Service):
         headers = dict(scope.get("headers") or [])
         authorization = headers.get(b"authorization", b"").decode(errors="replace")
         scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() == "bearer" and credentials.lstrip(" ") == self._token:
+        if scheme.lower() == "bearer" and _same_token(credentials.lstrip(" "), self._token):
             return True
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode(errors="replace"))
-        return query.get("token") == [self._token]
+        tokens = query.get("token", [])
+        return len(tokens) == 1 and _same_token(tokens[0], self._token)
 
     async def _events_session(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """``/ws/events``: the state (``"type": "state"``), then every change of
@@ -1246,9 +1257,10 @@ class AsyncManager(Service):
                 if kind == "clock":
                     await reply("clock_ack", t0=message["t0"], t1=received_ns, t2=self._clock())
                 elif kind == "hello" and info is None:
-                    if self._token is not None and message["token"] != self._token:
-                        log.warning("worker %r refused: wrong token", message["name"])
-                        await reply("error", error="refused: wrong or missing token", re="hello")
+                    workers = list(self._workers.values())
+                    if refusal := _hello_refusal(message, self._token, workers):
+                        log.warning("worker %r refused: %s", message["name"], refusal)
+                        await reply("error", error=f"refused: {refusal}", re="hello")
                         await send_locked({"type": "websocket.close", "code": 4403})
                         return
                     info = WorkerInfo(
@@ -1264,14 +1276,19 @@ class AsyncManager(Service):
                     self._publish({"type": "worker_joined", **_worker_entry(info)})
                     await reply("welcome", worker_id=info.id)
                 elif kind == "log" and info is not None:
-                    self._node_log(info.name, message)
+                    if message["node"] in self._names_on(info.id):
+                        self._node_log(info.name, message)
                 elif kind == "node_stats" and info is not None:
-                    self._set_node_stats(message["stats"])
+                    mapped = self._mapping.get(info.id, [])
+                    stats = message["stats"]
+                    self._set_node_stats({node: stats[node] for node in mapped if node in stats})
                 elif kind == "reply" and info is not None and message["id"] in info._pending:
                     pending = info._pending.pop(message["id"])
                     pending.reply = message
                     pending.done.set()
                 elif kind == "node_state" and info is not None:
+                    if message["node_id"] not in self._mapping.get(info.id, []):
+                        continue  # (not its node: an old graph's, or a forgery)
                     self._set_node_state(message["node_id"], message["state"], message["reason"])
                     if message["reason"]:
                         name = self._node_names.get(message["node_id"], message["node_id"])
@@ -1282,10 +1299,38 @@ class AsyncManager(Service):
             if info is not None:
                 for pending in info._pending.values():
                     pending.done.set()  # no reply will come: the request fails
-                del self._workers[info.id]
+                del self._workers[info.id]  # (its id was not taken: see _hello_refusal)
                 self._workers_changed.unpark_all()
                 self._publish({"type": "worker_left", **_worker_entry(info)})
                 self._worker_left(info, silent)
+
+
+def _same_token(given: str | None, token: str) -> bool:
+    """Whether *given* is *token* (in a time that does not tell how much of it is)."""
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _hello_refusal(
+    message: dict[str, Any], token: str | None, workers: Sequence[WorkerInfo]
+) -> str | None:
+    """Why a Worker's ``hello`` is refused, if it is."""
+    if token is not None and not _same_token(message["token"], token):
+        return "wrong or missing token"
+    name = message["name"]
+    try:
+        check_name(name, "worker name")
+    except ValueError as exc:
+        return str(exc)
+    if any(not character.isprintable() for character in name) or name == "meta.json":
+        return f"worker name {name!r} cannot name its folder in a session"
+    if any(worker.id == message["worker_id"] for worker in workers):
+        return f"a worker with id {message['worker_id']!r} is connected already"
+    if any(worker.name == name for worker in workers):
+        return (
+            f"a worker named {name!r} is connected already: give each worker a name of "
+            "its own (its files are collected in a folder of that name)"
+        )
+    return None
 
 
 def _dialable(host: str) -> str:

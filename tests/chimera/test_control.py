@@ -115,6 +115,30 @@ async def test_a_worker_without_the_token_is_refused_clearly(tmp_path, monkeypat
             assert all(w.name != "intruder" for w in manager.workers.values())
 
 
+async def test_a_second_worker_of_the_same_name_or_id_is_refused(tmp_path):
+    # Their files would be collected into one folder, one over the other.
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0) as manager:
+            async with AsyncWorker("lab-pc") as first, AsyncWorker("lab-pc") as second:
+                assert await first.connect(manager.host, manager.port)
+                with pytest.raises(PermissionError, match="named 'lab-pc' is connected already"):
+                    await second.connect(manager.host, manager.port)
+                url = f"ws://127.0.0.1:{manager.port}/ws/worker"
+                for name, worker_id, problem in [
+                    ("other", first.id, f"a worker with id {first.id!r} is connected already"),
+                    ("a\nb", "x", "worker name 'a\\nb' cannot name its folder in a session"),
+                    ("meta.json", "y", "worker name 'meta.json' cannot name its folder"),
+                    ("../up", "z", "it holds '/'"),
+                ]:
+                    async with trio_websocket.open_websocket_url(url) as ws:
+                        hello = protocol.make("hello", name=name, worker_id=worker_id, token=None)
+                        await ws.send_message(hello)
+                        answer = protocol.parse(await ws.get_message())
+                        assert answer["type"] == "error" and problem in answer["error"]
+                assert [w.name for w in manager.workers.values()] == ["lab-pc"]
+                assert first.connected
+
+
 async def test_an_unreachable_manager_is_false_not_an_exception():
     with socket.socket() as spare:
         spare.bind(("127.0.0.1", 0))
@@ -362,6 +386,36 @@ async def test_fps_is_over_the_time_between_readings_not_between_arrivals(tmp_pa
             fps = {node["name"]: node["fps"] for node in manager.state()["nodes"]}
             await manager.stop()
     assert fps["count"] == 150.0  # 300 steps in 2 s, whenever they arrived
+
+
+async def test_a_worker_speaks_only_for_its_own_nodes(tmp_path):
+    # Another Worker (a bug, or a forgery) has no say on the nodes of 'local'.
+    with trio.fail_after(30):
+        async with following_events(tmp_path) as (manager, graph, _):
+            await manager.commit_graph(graph, {"local": ["count", "double"]})
+            count = graph.get_id_by_name("count")
+            url = f"ws://127.0.0.1:{manager.port}/ws/worker"
+            async with trio_websocket.open_websocket_url(url) as ws:
+                await ws.send_message(
+                    protocol.make("hello", name="other", worker_id="o", token=None)
+                )
+                assert protocol.parse(await ws.get_message())["type"] == "welcome"
+                for forged in [
+                    protocol.make("node_state", node_id=count, state="FAILED", reason="forged"),
+                    protocol.make("node_stats", stats={count: {"steps": 10**12, "dropped": 9}}),
+                    protocol.make(
+                        "log", node="count", level=40, logger="x", text="forged", time_ns=10**30
+                    ),
+                ]:
+                    await ws.send_message(forged)
+                await ws.send_message(protocol.make("clock", t0=1))  # (once it is answered,
+                assert (
+                    protocol.parse(await ws.get_message())["type"] == "clock_ack"
+                )  # all was read)
+            entry = {node["name"]: node for node in manager.state()["nodes"]}["count"]
+            await manager.shutdown()
+    assert (entry["state"], entry["reason"], entry["steps"]) == ("READY", None, 0)
+    assert "forged" not in (tmp_path / "nodes.log").read_text()
 
 
 def follow(picture: dict, event: dict) -> None:
