@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import keyword
 import os
 import shutil
+import sys
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +36,17 @@ class Package:
     sha256: str
 
 
+def _check_name(name: Any) -> None:
+    """Raise ValueError unless *name* can be a package's import name here."""
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise ValueError(f"package name {name!r} is not a Python identifier")
+    if name in sys.stdlib_module_names:
+        raise ValueError(
+            f"package name {name!r} is a module of Python's standard library: shipped, it "
+            "would replace that module for the Worker and its nodes"
+        )
+
+
 def pack(meta: Mapping[str, Any]) -> Package:
     """Zip the package *meta* names: ``{"name": ..., "path": ...}``.
 
@@ -42,13 +55,13 @@ def pack(meta: Mapping[str, Any]) -> Package:
 
     Raises:
         ValueError: *meta* lacks ``name`` or ``path``, the name is not a
-            Python identifier, or the path is neither a folder nor a ``.py`` file.
+            Python identifier (or is a keyword, or names a module of the
+            standard library), or the path is neither a folder nor a ``.py`` file.
     """
     if not isinstance(meta, Mapping) or "name" not in meta or "path" not in meta:
         raise ValueError(f'a package is {{"name": ..., "path": ...}}, not {meta!r}')
     name, path = meta["name"], Path(meta["path"])
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"package name {name!r} is not a Python identifier")
+    _check_name(name)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         if path.is_dir():
@@ -71,12 +84,11 @@ def extract(name: str, data: bytes, sha256: str, folder: Path) -> None:
     Blocking: run it in a thread.
 
     Raises:
-        ValueError: *name* is not a Python identifier, *data* does not have
+        ValueError: *name* cannot be a package's (see :func:`pack`), *data* does not have
             the SHA-256 *sha256*, is not a zip,
             or holds a file outside ``NAME/`` and ``NAME.py``.
     """
-    if not name.isidentifier():
-        raise ValueError(f"package name {name!r} is not a Python identifier")
+    _check_name(name)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(f"package {name!r}: the download does not match its SHA-256")
     try:

@@ -71,6 +71,8 @@ async def test_send_packages_lets_node_processes_import_a_package_only_the_manag
     [
         ({"name": "devpkg", "path": "/nonexistent/devpkg"}, "neither a folder nor a .py file"),
         ({"name": "dev-pkg", "path": "."}, "not a Python identifier"),
+        ({"name": "class", "path": "."}, "not a Python identifier"),
+        ({"name": "json", "path": "."}, "a module of Python's standard library"),
         ({"path": "."}, '{"name": ..., "path": ...}'),
     ],
 )
