@@ -739,7 +739,9 @@ class AsyncManager(Service):
         MB) goes to the log every few seconds.
 
         Raises:
-            ValueError: a file did not arrive whole (each named).
+            ValueError: a file did not arrive whole (each named). ``meta.json``
+                is written first: the nodes of a Worker whose files did not
+                all arrive whole are ``"collected": false`` there.
             RuntimeError: a Worker failed.
         """
         if "RUNNING" in self._mapped_states():
@@ -747,6 +749,8 @@ class AsyncManager(Service):
         session = self.session_folder()
         progress = Progress()
         workers: dict[str, dict[str, Any]] = {}
+        #: What each Worker sent that did not arrive whole (its nodes count as not collected).
+        broken: list[str] = []
 
         async def collect_from(worker_id: str, node_ids: list[str]) -> None:
             name = self._workers[worker_id].name
@@ -767,7 +771,11 @@ class AsyncManager(Service):
                 probe.unlink(missing_ok=True)
             if result["moved"]:
                 await trio.to_thread.run_sync(incoming.hash_moved, result["files"])
-            verify(name, result["files"], incoming.received)
+            try:
+                verify(name, result["files"], incoming.received)
+            except ValueError as exc:
+                broken.append(str(exc))
+                return
             workers[name] = {
                 "clock": result["clock"],
                 "files": len(result["files"]),
@@ -783,6 +791,8 @@ class AsyncManager(Service):
         if not unzip:
             for name in workers:
                 await trio.to_thread.run_sync(_zip_folder, session / name)
+        if broken:  # (after meta.json: what did arrive whole is described)
+            raise ValueError("; ".join(broken))
         return not left
 
     def session_folder(self) -> Path:

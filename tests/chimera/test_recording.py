@@ -617,6 +617,9 @@ async def test_a_file_changed_on_its_way_fails_the_collection_naming_it(tmp_path
         async with recording_a_second(tmp_path) as manager:
             with pytest.raises(ValueError, match=r"recorder/sensor.csv differs from what"):
                 await manager.collect()
+            # The session is described all the same, that node not collected.
+            meta = json.loads((manager.session_folder() / "meta.json").read_text())
+    assert meta["streams"]["local/recorder"]["collected"] is False
 
 
 @pytest.mark.parametrize(
