@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -44,6 +45,32 @@ def _address(text: str) -> tuple[str, int]:
     if not host or "/" in host or not port.isdecimal() or not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, a port 1 to 65535, not {text!r}")
     return host, int(port)
+
+
+def _seconds(text: str) -> float:
+    """A duration in seconds, finite and above 0 (an argparse type).
+
+    Raises:
+        argparse.ArgumentTypeError: *text* is not such a number.
+    """
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {text!r}")
+    return seconds
+
+
+def _camera(text: str) -> int:
+    """A camera's index, 0 or more (an argparse type).
+
+    Raises:
+        argparse.ArgumentTypeError: *text* is not such a number.
+    """
+    if not text.isdecimal():
+        raise argparse.ArgumentTypeError(f"expected a camera index, 0 or more, not {text!r}")
+    return int(text)
 
 
 def _worker_name(text: str) -> str:
@@ -134,9 +161,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Ctrl-C or SIGTERM stops the recording and collects it; a second one stops at "
         "once (exit status 128 + the signal's number: 130, 143).",
     )
-    demo.add_argument("--seconds", type=float, default=10.0, help="how long to record")
+    demo.add_argument("--seconds", type=_seconds, default=10.0, help="how long to record")
     demo.add_argument("--logdir", default="chimera-sessions", help="where the session goes")
-    demo.add_argument("--camera", type=int, default=None, metavar="INDEX", help="a real camera")
+    demo.add_argument("--camera", type=_camera, default=None, metavar="INDEX", help="a real camera")
     demo.add_argument(
         "--microphone",
         default=None,

@@ -200,6 +200,8 @@ class AsyncManager(Service):
         self._packages: dict[str, Package] = {}
         #: The uploads expected from Workers (None until it came), by key.
         self._uploads: dict[str, bytes | None] = {}
+        #: The keys of the uploads being read (one at a time each).
+        self._uploading: set[str] = set()
         #: The collections under way, by key.
         self._collections: dict[str, Incoming] = {}
         #: The session's folder name in the logdir, once there is one.
@@ -330,7 +332,13 @@ class AsyncManager(Service):
             return
         self._left[info.id] = info.name
         names = ", ".join(repr(self._node_names.get(node, node)) for node in node_ids)
-        log.warning("worker %r left, and with it its nodes %s", info.name, names)
+        ended = all(self.nodes.get(node) in _ENDED for node in node_ids)
+        log.log(  # (news only if some of them were still at work)
+            logging.INFO if ended else logging.WARNING,
+            "worker %r left, and with it its nodes %s",
+            info.name,
+            names,
+        )
         for node_id in node_ids:
             if self.nodes.get(node_id) not in _ENDED:
                 self._set_node_state(node_id, "FAILED", f"its worker {info.name!r} left")
@@ -1190,14 +1198,23 @@ class AsyncManager(Service):
                 return
             await _respond(send, 200, self.state())
         elif method == "POST" and path.removeprefix("/uploads/") in self._uploads:
+            key = path.removeprefix("/uploads/")
             if not self._authorized(scope):
                 await _respond(send, 401, {"error": "refused: wrong or missing token"})
                 return
-            data = await _read_body(receive, MAX_UPLOAD)
+            if self._uploads[key] is not None or key in self._uploading:
+                await _respond(send, 409, {"error": "this upload came already"})
+                return
+            self._uploading.add(key)
+            try:
+                data = await _read_body(receive, MAX_UPLOAD)
+            finally:
+                self._uploading.discard(key)
             if data is None:
                 await _respond(send, 413, {"error": f"larger than {MAX_UPLOAD} bytes"})
                 return
-            self._uploads[path.removeprefix("/uploads/")] = data
+            if key in self._uploads:  # (still expected: the request did not give up)
+                self._uploads[key] = data
             await _respond(send, 200, {})
         elif method == "POST" and path.startswith("/collect/"):
             key, _, member = path.removeprefix("/collect/").partition("/")

@@ -366,7 +366,8 @@ class NodeProcess:
         #: Set once the child has exited and its events are all taken in.
         self._exited = trio.Event()
         self._code: int | None = None
-        self._stats = {"steps": 0, "dropped": 0}
+        #: What the child last said of its steps (``at_ns`` None: it said nothing yet).
+        self._stats: dict[str, Any] = {"steps": 0, "dropped": 0, "at_ns": None}
         self._closing = False
         #: Why the process died, once it has (None while it runs, or if asked to exit).
         self._death: str | None = None

@@ -340,12 +340,15 @@ class AsyncWorker(Service):
                 self._sent_all.unpark_all()  # (and _flush_events: nothing more is sent)
 
     async def _keep_clock(self, ws: trio_websocket.WebSocketConnection) -> None:
-        for exchange in range(CLOCK_BURST):
-            await ws.send_message(protocol.make("clock", t0=time.time_ns()))
-            await trio.sleep(0.05 if exchange < CLOCK_BURST - 1 else CLOCK_PERIOD)
-        while True:
-            await ws.send_message(protocol.make("clock", t0=time.time_ns()))
-            await trio.sleep(CLOCK_PERIOD)
+        try:
+            for exchange in range(CLOCK_BURST):
+                await ws.send_message(protocol.make("clock", t0=time.time_ns()))
+                await trio.sleep(0.05 if exchange < CLOCK_BURST - 1 else CLOCK_PERIOD)
+            while True:
+                await ws.send_message(protocol.make("clock", t0=time.time_ns()))
+                await trio.sleep(CLOCK_PERIOD)
+        except trio_websocket.ConnectionClosed:
+            pass  # (_read says why, and ends the session)
 
     async def _report_stats(self) -> None:
         """Send the Manager each node's statistics, once a second while they change."""
@@ -353,9 +356,10 @@ class AsyncWorker(Service):
         while True:
             await trio.sleep(STATS_PERIOD)
             stats = self._node_stats()
-            if stats and stats != last:
+            counts = {node: {**values, "at_ns": None} for node, values in stats.items()}
+            if counts and counts != last:
                 self._send_stats(stats)
-                last = stats
+                last = counts
 
     def _node_stats(self) -> dict[str, dict[str, int]]:
         """Each node's statistics (see :meth:`NodeRuntime.stats`), by id, with
@@ -375,6 +379,8 @@ class AsyncWorker(Service):
             self._sending = True
             try:
                 await ws.send_message(text)
+            except trio_websocket.ConnectionClosed:
+                return  # (_read says why, and ends the session)
             finally:
                 self._sending = False
             if not self._events_out.statistics().current_buffer_used:
@@ -535,6 +541,7 @@ class AsyncWorker(Service):
         node_id = spec["id"]
         if node_id in self._runtimes:  # (a second would leave the first running, unowned)
             raise RuntimeError(f"node {spec['name']!r} exists already on this worker")
+        check_name(node_id, "node id")  # (it names the node's folder)
         self._node_names[node_id] = spec["name"]
         folder = self._node_folders[node_id] = self._new_node_folder(node_id)
 

@@ -190,6 +190,17 @@ BAD_ADDRESS = "argument --manager: expected HOST:PORT"
             ["worker", "--name", "a/b", "--manager", "127.0.0.1:9000"],
             "argument --name: worker name 'a/b' is not a valid file name: it holds '/'",
         ),
+        *[
+            (
+                ["demo", "--seconds", bad],
+                f"argument --seconds: expected a number of seconds above 0, not '{bad}'",
+            )
+            for bad in ("0", "-1", "nan", "inf", "ten")
+        ],
+        (
+            ["demo", "--camera", "-5"],
+            "argument --camera: expected a camera index, 0 or more, not '-5'",
+        ),
     ],
 )
 def test_bad_arguments_are_usage_errors(capsys, argv, error):
