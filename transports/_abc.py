@@ -211,11 +211,19 @@ class Transport(ABC):
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        key: bytes | None = None,
     ) -> Outlet:
         """Make an :class:`Outlet` listening on *address*.
 
+        With a *key*, only inlets that present the same key (see
+        :meth:`connect`) are let in; others are refused at the handshake
+        (logged), so that whoever reaches the address cannot read the stream
+        nor hold it up. The key travels as it is: it keeps out those who do
+        not know it, not those who can read the network.
+
         Raises:
-            ValueError: *address* is malformed or not one of this backend's.
+            ValueError: *address* is malformed or not one of this backend's,
+                or *key* is not None or 1 to 64 bytes.
             OSError: the address cannot be bound (in use, no permission...).
         """
 
@@ -229,6 +237,7 @@ class Transport(ABC):
         max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         label: str = "",
+        key: bytes | None = None,
     ) -> Inlet:
         """Make an :class:`Inlet` connected to the outlet at *address*.
 
@@ -243,12 +252,13 @@ class Transport(ABC):
 
         *label* names the inlet to the outlet: in its link's
         :class:`LinkStats`, and for :meth:`Outlet.cut`. Several inlets may
-        share one.
+        share one. *key* is what the outlet requires, if it was bound with one.
 
         Raises:
             ValueError: *address* is malformed, *capacity* or *max_bytes* is
                 not a positive integer, *delivery* is not a :class:`Delivery`,
                 or *label* is not a str of at most 1024 bytes of UTF-8.
             OSError: nothing listens at *address*, or the connection failed.
-            trio.BrokenResourceError: the peer does not speak this protocol.
+            trio.BrokenResourceError: the peer does not speak this protocol, or
+                refused the link (its key is not *key*).
         """

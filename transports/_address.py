@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._abc import Delivery
-from ._framing import MAX_CAPACITY, MAX_LABEL
+from ._framing import MAX_CAPACITY, MAX_KEY, MAX_LABEL
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,22 @@ def parse_address(address: str, schemes: tuple[str, ...] | None = None) -> Addre
     return Address(scheme, host=host, port=int(port_text))
 
 
+def check_key(key: bytes | None) -> None:
+    """Raises ValueError unless *key* is None or 1 to :data:`MAX_KEY` bytes."""
+    if key is not None and (not isinstance(key, bytes) or not 1 <= len(key) <= MAX_KEY):
+        raise ValueError(f"key must be None or 1 to {MAX_KEY} bytes, not {key!r}")
+
+
 def check_connect_args(
-    delivery: Delivery, capacity: int, max_bytes: int | None = None, label: str = ""
+    delivery: Delivery,
+    capacity: int,
+    max_bytes: int | None = None,
+    label: str = "",
+    key: bytes | None = None,
 ) -> None:
-    """Raises ValueError unless *delivery*, *capacity*, *max_bytes* and *label*
-    are valid for a link."""
+    """Raises ValueError unless *delivery*, *capacity*, *max_bytes*, *label*
+    and *key* are valid for a link."""
+    check_key(key)
     if not isinstance(delivery, Delivery):
         raise ValueError(f"delivery must be Delivery.RELIABLE or Delivery.LATEST, not {delivery!r}")
     if (

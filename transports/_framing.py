@@ -2,8 +2,9 @@
 
 A link starts with a handshake: the inlet sends ``HELLO`` (magic, version,
 delivery, capacity, u64 bound in bytes or 0 for none, u16 size of its
-label), then its label (UTF-8) if it has one; the outlet answers ``WELCOME``
-(magic, version) once it counts the link. Then records, each
+label, u16 size of its key), then its label (UTF-8) and its key, each if it
+has one; the outlet answers ``WELCOME`` (magic, version) once it counts the
+link, or closes the connection if the key is not its own. Then records, each
 starting with a one-byte kind; integers are little-endian:
 
 ========  =========  ====================================================
@@ -46,13 +47,15 @@ MAX_FRAMES = 4096
 MAX_CAPACITY = 1 << 20
 #: Largest label an inlet may give itself, in bytes of UTF-8.
 MAX_LABEL = 1024
+#: Largest key an outlet may require, in bytes.
+MAX_KEY = 64
 
 KIND_MESSAGE = 1
 KIND_END = 2
 KIND_CREDIT = 3
 KIND_ACK = 4
 
-_HELLO = struct.Struct("<4sHBIQH")
+_HELLO = struct.Struct("<4sHBIQHH")
 _WELCOME = struct.Struct("<4sH")
 _MESSAGE = struct.Struct("<BQI")
 _END = struct.Struct("<BQ")
@@ -87,19 +90,25 @@ class ProtocolError(Exception):
 
 
 def encode_hello(
-    delivery: Delivery, capacity: int, max_bytes: int | None = None, label: str = ""
+    delivery: Delivery,
+    capacity: int,
+    max_bytes: int | None = None,
+    label: str = "",
+    key: bytes = b"",
 ) -> bytes:
-    """The fixed part of a HELLO; the label, if any, follows it (:func:`encode_label`)."""
-    size = len(encode_label(label))
-    return _HELLO.pack(MAGIC, VERSION, _DELIVERY_CODES[delivery], capacity, max_bytes or 0, size)
+    """The fixed part of a HELLO; the label (:func:`encode_label`) and the key,
+    if any, follow it."""
+    code = _DELIVERY_CODES[delivery]
+    label_size = len(encode_label(label))
+    return _HELLO.pack(MAGIC, VERSION, code, capacity, max_bytes or 0, label_size, len(key))
 
 
-def decode_hello(data: bytes | memoryview) -> tuple[Delivery, int, int | None, int]:
-    """(delivery, capacity, max_bytes, size of the label that follows); raises
-    ProtocolError unless *data* is a valid HELLO."""
+def decode_hello(data: bytes | memoryview) -> tuple[Delivery, int, int | None, int, int]:
+    """(delivery, capacity, max_bytes, size of the label and of the key that
+    follow); raises ProtocolError unless *data* is a valid HELLO."""
     if len(data) != _HELLO.size:
         raise ProtocolError(f"handshake of {len(data)} bytes, expected {_HELLO.size}")
-    magic, version, code, capacity, max_bytes, label_size = _HELLO.unpack(data)
+    magic, version, code, capacity, max_bytes, label_size, key_size = _HELLO.unpack(data)
     _check_magic(magic, version)
     if code not in _DELIVERIES:
         raise ProtocolError(f"unknown delivery code {code}")
@@ -107,7 +116,9 @@ def decode_hello(data: bytes | memoryview) -> tuple[Delivery, int, int | None, i
         raise ProtocolError(f"capacity {capacity} out of range 1..{MAX_CAPACITY}")
     if label_size > MAX_LABEL:
         raise ProtocolError(f"a label of {label_size} bytes, over {MAX_LABEL}")
-    return _DELIVERIES[code], capacity, max_bytes or None, label_size
+    if key_size > MAX_KEY:
+        raise ProtocolError(f"a key of {key_size} bytes, over {MAX_KEY}")
+    return _DELIVERIES[code], capacity, max_bytes or None, label_size, key_size
 
 
 def encode_label(label: str) -> bytes:

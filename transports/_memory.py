@@ -20,7 +20,7 @@ from ._abc import (
     Outlet,
     Transport,
 )
-from ._address import check_connect_args, parse_address
+from ._address import check_connect_args, check_key, parse_address
 from ._link import _InletBuffer, _LinkQueue
 from ._outlet import _OutletBase
 from ._stats import Stats, _Counters, _inlet_stats
@@ -74,8 +74,18 @@ class _Wire:
 
 class _MemoryOutlet(_OutletBase):
     async def _connect(
-        self, delivery: Delivery, capacity: int, max_bytes: int | None, peer: str, label: str
+        self,
+        delivery: Delivery,
+        capacity: int,
+        max_bytes: int | None,
+        peer: str,
+        label: str,
+        key: bytes | None,
     ) -> _MemoryInlet:
+        if not self._admits(key):
+            raise trio.BrokenResourceError(
+                f"{self._address}: refused: {'a wrong key' if key else 'no key'}"
+            )
         counters = _Counters(self._address, delivery, capacity, max_bytes)
         wire = _Wire(self, _InletBuffer(counters, lambda: wire.credit()))
 
@@ -127,12 +137,14 @@ class MemoryTransport(Transport):
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        key: bytes | None = None,
     ) -> Outlet:
+        check_key(key)
         name = parse_address(address, self.schemes).path or f"anonymous-{next(_anonymous)}"
         registry = _registry()
         if name in registry:
             raise OSError(errno.EADDRINUSE, f"memory://{name} is already bound")
-        outlet = _MemoryOutlet(f"memory://{name}", max_frame_size, close_timeout)
+        outlet = _MemoryOutlet(f"memory://{name}", max_frame_size, close_timeout, key)
         registry[name] = outlet
         await trio.lowlevel.checkpoint()
         return outlet
@@ -146,12 +158,13 @@ class MemoryTransport(Transport):
         max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         label: str = "",
+        key: bytes | None = None,
     ) -> Inlet:
-        check_connect_args(delivery, capacity, max_bytes, label)
+        check_connect_args(delivery, capacity, max_bytes, label, key)
         name = parse_address(address, self.schemes).path
         await trio.lowlevel.checkpoint()
         outlet = _registry().get(name)
         if outlet is None or outlet._closed:
             raise ConnectionRefusedError(errno.ECONNREFUSED, f"nothing is bound at {address}")
         peer = f"memory-inlet-{next(_anonymous)}"
-        return await outlet._connect(delivery, capacity, max_bytes, peer=peer, label=label)
+        return await outlet._connect(delivery, capacity, max_bytes, peer=peer, label=label, key=key)

@@ -250,9 +250,14 @@ class _NetOutlet(_OutletBase):
     """An outlet serving each connected inlet from its background tasks."""
 
     def __init__(
-        self, address: str, max_frame_size: int, close_timeout: float, background: _Background
+        self,
+        address: str,
+        max_frame_size: int,
+        close_timeout: float,
+        background: _Background,
+        key: bytes | None = None,
     ) -> None:
-        super().__init__(address, max_frame_size, close_timeout)
+        super().__init__(address, max_frame_size, close_timeout, key)
         self._background = background
 
     async def _serve_link(self, conduit: _Conduit) -> None:
@@ -260,13 +265,25 @@ class _NetOutlet(_OutletBase):
         link = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                delivery, capacity, max_bytes, label_size = decode_hello(
+                delivery, capacity, max_bytes, label_size, key_size = decode_hello(
                     await conduit.receive_handshake(HELLO_SIZE)
                 )
                 label = ""
                 if label_size:
                     label = decode_label(await conduit.receive_handshake(label_size))
+                key = None
+                if key_size:
+                    key = bytes(await conduit.receive_handshake(key_size))
             if self._closed:
+                return
+            if not self._admits(key):
+                log.warning(
+                    "%s: inlet %s (%r) refused: %s",
+                    self._address,
+                    conduit.peer,
+                    label,
+                    "a wrong key" if key else "no key",
+                )
                 return
             transmitter = _Transmitter(conduit)
             running = trio.CancelScope()  # cancelled by cut()
@@ -371,6 +388,7 @@ class _NetInlet(Inlet):
         capacity: int,
         max_bytes: int | None = None,
         label: str = "",
+        key: bytes | None = None,
     ) -> _NetInlet:
         """Handshake over *conduit* and start the inlet's tasks.
 
@@ -381,12 +399,17 @@ class _NetInlet(Inlet):
         try:
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    await conduit.send_record(encode_hello(delivery, capacity, max_bytes, label))
+                    hello = encode_hello(delivery, capacity, max_bytes, label, key or b"")
+                    await conduit.send_record(hello)
                     if label:
                         await conduit.send_record(encode_label(label))
+                    if key:
+                        await conduit.send_record(key)
                     decode_welcome(await conduit.receive_handshake(WELCOME_SIZE))
             except ProtocolError as exc:
-                raise trio.BrokenResourceError(f"{address}: {exc}") from exc
+                raise trio.BrokenResourceError(
+                    f"{address}: {exc} (not an outlet, or one that refused this inlet: a key?)"
+                ) from exc
             except trio.TooSlowError as exc:
                 raise trio.BrokenResourceError(f"{address}: no answer to the handshake") from exc
             background = await _Background.open(f"inlet from {address}")

@@ -33,7 +33,7 @@ from ._abc import (
     Outlet,
     Transport,
 )
-from ._address import Address, check_connect_args, parse_address
+from ._address import Address, check_connect_args, check_key, parse_address
 from ._background import _Background
 from ._framing import (
     KIND_MESSAGE,
@@ -225,8 +225,9 @@ class _NngOutlet(_NetOutlet):
         close_timeout: float,
         background: _Background,
         socket: pynng.Rep0,
+        key: bytes | None = None,
     ) -> None:
-        super().__init__(str(address), max_frame_size, close_timeout, background)
+        super().__init__(str(address), max_frame_size, close_timeout, background, key)
         self._parsed = address
         self._socket = socket
         self._links_opened = itertools.count(1)
@@ -307,7 +308,9 @@ class NngTransport(Transport):
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        key: bytes | None = None,
     ) -> Outlet:
+        check_key(key)
         parsed = parse_address(address, self.schemes)
         socket = pynng.Rep0(recv_max_size=1024)
         try:
@@ -323,7 +326,7 @@ class NngTransport(Transport):
         except BaseException:
             socket.close()
             raise
-        outlet = _NngOutlet(parsed, max_frame_size, close_timeout, background, socket)
+        outlet = _NngOutlet(parsed, max_frame_size, close_timeout, background, socket, key)
         background.start_soon(outlet._answer_forever)
         return outlet
 
@@ -336,8 +339,9 @@ class NngTransport(Transport):
         max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         label: str = "",
+        key: bytes | None = None,
     ) -> Inlet:
-        check_connect_args(delivery, capacity, max_bytes, label)
+        check_connect_args(delivery, capacity, max_bytes, label, key)
         parsed = parse_address(address, self.schemes)
         with pynng.Req0(recv_max_size=1024) as request:
             await _dial(request, _nng_url(parsed), address)
@@ -356,4 +360,4 @@ class NngTransport(Transport):
             socket.close()
             raise
         conduit = _SocketConduit(socket, str(parsed), max_frame_size)
-        return await _NetInlet.open(conduit, str(parsed), delivery, capacity, max_bytes, label)
+        return await _NetInlet.open(conduit, str(parsed), delivery, capacity, max_bytes, label, key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from abc import abstractmethod
 from collections.abc import Callable
@@ -62,8 +63,12 @@ def _as_frames(message: Message, max_frame_size: int) -> tuple[list[memoryview],
 class _OutletBase(Outlet):
     """An outlet's links and the rules of sending; backends add binding and I/O."""
 
-    def __init__(self, address: str, max_frame_size: int, close_timeout: float) -> None:
+    def __init__(
+        self, address: str, max_frame_size: int, close_timeout: float, key: bytes | None = None
+    ) -> None:
         self._address = address
+        #: What an inlet must present to be let in, if anything.
+        self._key = key
         self._max_frame_size = max_frame_size
         self._close_timeout = close_timeout
         self._links: list[_LinkQueue] = []
@@ -172,6 +177,10 @@ class _OutletBase(Outlet):
         self._on_cut.pop(link, None)
         link.done.set()
         self._room.unpark_all()
+
+    def _admits(self, key: bytes | None) -> bool:
+        """Whether an inlet presenting *key* is let in."""
+        return self._key is None or hmac.compare_digest(key or b"", self._key)
 
     def cut(self, label: str) -> int:
         links = [link for link in self._links if link.counters.label == label]

@@ -50,10 +50,11 @@ async def bind(
     *,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    key: bytes | None = None,
 ) -> Outlet:
     """:meth:`Transport.bind` on the backend chosen by *address*'s scheme."""
     return await for_address(address).bind(
-        address, max_frame_size=max_frame_size, close_timeout=close_timeout
+        address, max_frame_size=max_frame_size, close_timeout=close_timeout, key=key
     )
 
 
@@ -65,6 +66,7 @@ async def connect(
     max_bytes: int | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     label: str = "",
+    key: bytes | None = None,
 ) -> Inlet:
     """:meth:`Transport.connect` on the backend chosen by *address*'s scheme."""
     return await for_address(address).connect(
@@ -74,4 +76,5 @@ async def connect(
         max_bytes=max_bytes,
         max_frame_size=max_frame_size,
         label=label,
+        key=key,
     )

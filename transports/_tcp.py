@@ -21,7 +21,7 @@ from ._abc import (
     Outlet,
     Transport,
 )
-from ._address import Address, check_connect_args, parse_address
+from ._address import Address, check_connect_args, check_key, parse_address
 from ._background import _Background
 from ._framing import StreamReader, encode_messages
 from ._net import _Conduit, _NetInlet, _NetOutlet
@@ -155,8 +155,9 @@ class _TcpOutlet(_NetOutlet):
         background: _Background,
         listener: trio.SocketListener,
         unix_path: str | None,
+        key: bytes | None = None,
     ) -> None:
-        super().__init__(address, max_frame_size, close_timeout, background)
+        super().__init__(address, max_frame_size, close_timeout, background, key)
         self._listener = listener
         self._unix_path = unix_path
 
@@ -222,7 +223,9 @@ class TcpTransport(Transport):
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        key: bytes | None = None,
     ) -> Outlet:
+        check_key(key)
         parsed = parse_address(address, self.schemes)
         sock, concrete, unix_path = await _listen(parsed)
         try:
@@ -236,7 +239,7 @@ class TcpTransport(Transport):
                 os.unlink(unix_path)
             raise
         outlet = _TcpOutlet(
-            concrete, max_frame_size, close_timeout, background, listener, unix_path
+            concrete, max_frame_size, close_timeout, background, listener, unix_path, key
         )
         background.start_soon(outlet._accept_forever)
         return outlet
@@ -250,8 +253,9 @@ class TcpTransport(Transport):
         max_bytes: int | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         label: str = "",
+        key: bytes | None = None,
     ) -> Inlet:
-        check_connect_args(delivery, capacity, max_bytes, label)
+        check_connect_args(delivery, capacity, max_bytes, label, key)
         parsed = parse_address(address, self.schemes)
         if parsed.scheme == "unix":
             stream = await trio.open_unix_socket(parsed.path)
@@ -265,4 +269,5 @@ class TcpTransport(Transport):
             capacity,
             max_bytes,
             label,
+            key,
         )

@@ -270,6 +270,26 @@ async def test_an_inlet_that_leaves_or_is_cut_frees_the_outlet(address, how):
             await gone.aclose()
 
 
+async def test_an_outlet_with_a_key_lets_in_only_inlets_that_present_it(address, caplog):
+    with trio.fail_after(10):
+        async with await transports.bind(address, key=b"k" * 16) as outlet:
+            for key in (None, b"wrong"):  # a stranger, or a mistake
+                with pytest.raises(trio.BrokenResourceError):
+                    await transports.connect(outlet.address, label="stranger", key=key)
+            inlet = await transports.connect(outlet.address, label="sink", key=b"k" * 16)
+            await outlet.wait_for_inlets(1)
+            await outlet.send(b"for the sink only")
+            assert await inlet.receive() == [b"for the sink only"]
+            assert [link.label for link in outlet.stats.links] == ["sink"]
+            await inlet.aclose()
+        for key in (b"", b"k" * 65, "text"):
+            with pytest.raises(ValueError, match="key must be None or 1 to 64 bytes"):
+                await transports.bind(address, key=key)
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    if not address.startswith("memory"):  # (in memory, the connect itself says so)
+        assert [m.rsplit(": ", 1)[1] for m in refused] == ["no key", "a wrong key"]
+
+
 async def test_a_bad_label_is_refused(address):
     with trio.fail_after(10):
         async with await transports.bind(address) as outlet:

@@ -182,7 +182,7 @@ async def test_a_bad_label_in_a_hello_ends_only_its_link(
     backend, label, problem, short_dir, caplog
 ):
     hello = bytearray(encode_hello(transports.Delivery.RELIABLE, 4))
-    hello[-2:] = len(label).to_bytes(2, "little")  # (the label's size ends the HELLO)
+    hello[-4:-2] = len(label).to_bytes(2, "little")  # (the label's size, then the key's)
     with trio.fail_after(10):
         async with await transports.bind(BACKENDS[backend].format(dir=short_dir)) as outlet:
             good = await transports.connect(outlet.address)
