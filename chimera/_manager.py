@@ -26,6 +26,7 @@ import hmac
 import itertools
 import json
 import logging
+import secrets
 import shutil
 import sys
 import time
@@ -176,6 +177,8 @@ class AsyncManager(Service):
         self._workers: dict[str, WorkerInfo] = {}
         #: The names of mapped Workers that left, by id (their nodes are gone).
         self._left: dict[str, str] = {}
+        #: The key the nodes of the graph mapped now present to each other (hex).
+        self._link_key: str | None = None
         #: Where the Manager runs tasks of its own (while it serves).
         self._tasks: trio.Nursery | None = None
         #: The cluster's clock (tests move it to check that Workers follow).
@@ -519,6 +522,7 @@ class AsyncManager(Service):
         self._session, self._started_ns, self._stopped_ns = None, None, None
         self._steps_sampled = {}
         self._addresses = {}
+        self._link_key = secrets.token_hex(16)
         self.nodes.clear()  # (those of the graph before: shut down)
         self._node_info = {
             node_id: {
@@ -991,6 +995,9 @@ class AsyncManager(Service):
             "local_outputs": bool(outputs) and all(dst in local for dst in outputs),
             "transport": self.transport,
             "allow_objects": self.allow_objects,
+            # What its inputs' outlets ask of it, and its outlet of its outputs: only
+            # the nodes of this graph link to each other (see transports.bind).
+            "link_key": self._link_key,
         }
 
     async def _on_every_worker(

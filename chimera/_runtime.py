@@ -112,6 +112,8 @@ class NodeRuntime:
         transport: ``"memory"``, ``"tcp"`` or ``"nng"``.
         bind: the outlet's bind address (default: a fresh one on loopback).
         allow_objects: whether chunks may carry pickled objects.
+        link_key: what the node's outlet requires of the inlets that connect,
+            and its inlets present (see :func:`transports.bind`); None: nothing.
         folder: where the node's ``save_*`` calls write (see
             :mod:`chimera._recording`); it records once :meth:`set_recording`
             says so. Without a folder, ``save_*`` raises.
@@ -132,6 +134,7 @@ class NodeRuntime:
         transport: str = "memory",
         bind: str | None = None,
         allow_objects: bool = False,
+        link_key: bytes | None = None,
         folder: str | None = None,
         on_state: Callable[[NodeState, str | None], None] | None = None,
     ) -> None:
@@ -148,6 +151,7 @@ class NodeRuntime:
         self._transport = transport
         self._bind = bind or _BIND[transport]
         self._allow_objects = allow_objects
+        self._link_key = link_key
         self._recorder = Recorder(Path(folder)) if folder is not None else None
         #: What each stream saved, once the recorder is closed.
         self.saved: list[StreamInfo] | None = None
@@ -192,7 +196,7 @@ class NodeRuntime:
         self.node._recorder, self.node._recording = self._recorder, False
         self._thread.start()
         if self._outputs:
-            self._outlet = await transports.bind(self._bind)
+            self._outlet = await transports.bind(self._bind, key=self._link_key)
         self._set_state(NodeState.INITIALIZED)
         return self
 
@@ -241,6 +245,7 @@ class NodeRuntime:
                 ),
                 max_bytes=LINK_MAX_BYTES,
                 label=self.node.name,  # (what its input's outlet may cut: see forget)
+                key=self._link_key,
             )
         self._set_state(NodeState.CONNECTED)
 

@@ -556,6 +556,7 @@ class AsyncWorker(Service):
             "bind": self._bind_address(spec["transport"], spec.get("local_outputs", False)),
             "folder": str(folder),
             "allow_objects": spec.get("allow_objects", False),
+            "link_key": bytes.fromhex(spec["link_key"]) if spec.get("link_key") else None,
         }
         pickled = base64.b64decode(spec["node"])
         if spec["transport"] == "memory":  # in this Trio loop: memory links live here

@@ -185,6 +185,25 @@ async def test_gather_brings_each_nodes_last_chunk_from_its_process(tmp_path):
     assert gathered[graph.get_id_by_name("sink")] is None
 
 
+async def test_a_stranger_cannot_link_to_a_node(tmp_path):
+    # Whoever reaches a node's port (listed in /api/state) could read its stream,
+    # or link and never read, holding the node up: only the graph's nodes link.
+    import transports
+
+    async with notifications() as (port, notified):
+        graph = counter_to_sink(tmp_path, port, 50)
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                with pytest.raises(trio.BrokenResourceError, match="refused this inlet"):
+                    await transports.connect(addresses_of(manager)["counter"], capacity=1)
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+                await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == list(range(1, 51))
+
+
 async def test_a_killed_node_fails_and_the_others_go_on(tmp_path):
     async with notifications() as (port, notified):
         counter = Counter("counter", limit=10)
