@@ -51,12 +51,14 @@ def pack(meta: Mapping[str, Any]) -> Package:
     """Zip the package *meta* names: ``{"name": ..., "path": ...}``.
 
     A folder goes in as ``NAME/...`` (without ``__pycache__`` and tool
-    caches); a ``.py`` file as ``NAME.py``. Blocking: run it in a thread.
+    caches; what symbolic links point to, as files and folders of their
+    own); a ``.py`` file as ``NAME.py``. Blocking: run it in a thread.
 
     Raises:
         ValueError: *meta* lacks ``name`` or ``path``, the name is not a
             Python identifier (or is a keyword, or names a module of the
-            standard library), or the path is neither a folder nor a ``.py`` file.
+            standard library), the path is neither a folder nor a ``.py``
+            file, or a link in the folder leads back into it (a loop).
     """
     if not isinstance(meta, Mapping) or "name" not in meta or "path" not in meta:
         raise ValueError(f'a package is {{"name": ..., "path": ...}}, not {meta!r}')
@@ -65,8 +67,19 @@ def pack(meta: Mapping[str, Any]) -> Package:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         if path.is_dir():
-            for folder, subfolders, files in os.walk(path):
+            # The folders (resolved) each folder walked is in: a link to one of
+            # them would make the walk endless.
+            within: dict[str, frozenset[Path]] = {str(path): frozenset()}
+            for folder, subfolders, files in os.walk(path, followlinks=True):
                 subfolders[:] = sorted(d for d in subfolders if d not in _SKIPPED)
+                above = within.pop(folder) | {Path(folder).resolve()}
+                for subfolder in subfolders:
+                    inside = os.path.join(folder, subfolder)
+                    if Path(inside).resolve() in above:
+                        raise ValueError(
+                            f"package {name!r}: {inside!r} links to a folder it is in (a loop)"
+                        )
+                    within[inside] = above
                 for file in sorted(files):
                     full = Path(folder, file)
                     archive.write(full, PurePosixPath(name, *full.relative_to(path).parts))

@@ -114,6 +114,24 @@ def test_a_module_file_is_a_package_too(tmp_path):
     assert (tmp_path / "out" / "tool.py").read_text() == "VALUE = 1\n"
 
 
+def test_links_in_a_package_are_shipped_as_what_they_point_to(tmp_path):
+    # A package in development often links to a folder of data or code beside it.
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "calibration.py").write_text("GAIN = 2\n")
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "__init__.py").write_text("")
+    (source / "shared").symlink_to(tmp_path / "shared", target_is_directory=True)
+    (source / "config.py").symlink_to(tmp_path / "shared" / "calibration.py")
+    package = pack({"name": "devpkg", "path": source})
+    extract("devpkg", package.data, package.sha256, tmp_path / "out")
+    assert (tmp_path / "out" / "devpkg" / "shared" / "calibration.py").read_text() == "GAIN = 2\n"
+    assert (tmp_path / "out" / "devpkg" / "config.py").read_text() == "GAIN = 2\n"
+    (source / "shared" / "up").symlink_to(source, target_is_directory=True)
+    with pytest.raises(ValueError, match="links to a folder it is in"):
+        pack({"name": "devpkg", "path": source})
+
+
 def test_a_download_that_is_not_what_was_packed_is_refused(tmp_path):
     package = pack({"name": "devpkg", "path": write_package(tmp_path / "src")})
     with pytest.raises(ValueError, match="SHA-256"):
