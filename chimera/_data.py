@@ -237,6 +237,8 @@ def _check_table(value: Any) -> None:
     _check_json(value.columns.name, "the columns' name")
     if not isinstance(value.index, pandas.RangeIndex):
         _check_frame_dtype(value.index.dtype, "the index")
+        if value.index.dtype == numpy.dtype(object):
+            _check_object_column(value.index.tolist(), "the index")
 
 
 def _check_object_column(items: list[Any], where: str) -> None:
@@ -486,17 +488,16 @@ class _Encoder:
         if isinstance(dtype, pandas.StringDtype):
             name = "str" if _is_nan(dtype.na_value) else "string"
             items = [None if pandas.isna(item) else item for item in values.tolist()]
-        elif dtype == numpy.dtype(object):
+        elif dtype == numpy.dtype(object):  # (its items checked by _check_table)
             name = "object"
             items = values.tolist()
-            _check_object_column(items, where)
         else:
             raise ValueError(f"{where} has dtype {dtype}, which tables cannot hold")
         return {"kind": "list", "dtype": name, "values": items}
 
     def table(self, name: str, frame: pandas.DataFrame) -> dict[str, Any]:
+        """The storage of *frame*, which :func:`_check_table` passed."""
         pandas = _pandas()
-        _check_table(frame)
         columns = [
             {"name": column, "data": self.column(f"column {column!r}", frame.iloc[:, position])}
             for position, column in enumerate(frame.columns)
@@ -525,6 +526,7 @@ class _Encoder:
         if content_type in ("image", "audio", "array"):
             return self.array(value)
         if content_type == "table":
+            _check_table(value)  # again: it may have changed since it was added
             return self.table(name, value)
         if content_type == "json":
             _check_json(value)  # again: it may have changed since it was added
@@ -538,7 +540,7 @@ class _Encoder:
             return self.array(numpy.asarray(value), kind="scalar")
         if _is_dataframe(value):
             try:
-                _check_table(value)  # (object columns included: nothing fails past this)
+                _check_table(value)
             except (TypeError, ValueError):
                 return self.pickle(name, value)
             return self.table(name, value)
@@ -689,31 +691,20 @@ class _Decoder:
             here = f"{where}, column {position}"
             if not isinstance(column, dict):
                 raise DecodeError(f"{here} is not a map")
-            name = _field(column, "name", object, here)
-            _check_inline(name, f"{here} name")
-            if type(name) in (list, dict):
-                raise DecodeError(f"{here} name is not a scalar")
-            names.append(name)
+            names.append(_scalar_name(_field(column, "name", object, here), f"{here} name"))
             columns[position] = self.column(
                 _field(column, "data", dict, here), here, rows, ("array", "list")
             )
         frame = pandas.DataFrame(columns, index=pandas.RangeIndex(rows))
         frame.columns = pandas.Index(names) if names else pandas.RangeIndex(0)
-        columns_name = storage.get("columns_name")
-        _check_inline(columns_name, f"{where} columns' name")
-        if type(columns_name) in (list, dict):
-            raise DecodeError(f"{where} columns' name is not a scalar")
-        frame.columns.name = columns_name
+        frame.columns.name = _scalar_name(storage.get("columns_name"), f"{where} columns' name")
         index = _field(storage, "index", (dict, type(None)), where)
         if index is not None:
             here = f"{where}, index"
             data = self.column(
                 _field(index, "data", dict, here), here, rows, ("array", "list", "range")
             )
-            name = _field(index, "name", object, here)
-            _check_inline(name, f"{here} name")
-            if type(name) in (list, dict):
-                raise DecodeError(f"{here} name is not a scalar")
+            name = _scalar_name(_field(index, "name", object, here), f"{here} name")
             if isinstance(data, pandas.RangeIndex):
                 frame.index = data.rename(name)
             else:
@@ -795,6 +786,15 @@ def _dtype(text: str, where: str) -> numpy.dtype:
     if len(_ALLOWED_DTYPES) < _MAX_ALLOWED_DTYPES:
         _ALLOWED_DTYPES[text] = dtype
     return dtype
+
+
+def _scalar_name(value: Any, where: str) -> Any:
+    """*value*, the name of a table's column, columns or index; raises
+    DecodeError unless it is a scalar msgpack round-trips."""
+    _check_inline(value, where)
+    if type(value) in (list, dict):
+        raise DecodeError(f"{where} is not a scalar")
+    return value
 
 
 def _check_inline(value: Any, where: str) -> None:

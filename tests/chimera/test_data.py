@@ -279,6 +279,8 @@ def test_table_with_unencodable_object_column_is_refused():
     chunk = DataChunk()
     with pytest.raises(TypeError, match=r"column 'o'\[0\] is of type object; msgpack"):
         chunk.add("t", pd.DataFrame({"o": [object()]}), "table")
+    with pytest.raises(TypeError, match=r"the index\[0\] is of type object; msgpack"):
+        chunk.add("t", pd.DataFrame({"x": [1]}, index=pd.Index([object()], dtype=object)), "table")
     # Changed once added: refused as it is sent, naming the record...
     table = pd.DataFrame({"o": ["fine"], "x": [1.5]})
     chunk.add("t", table, "table")
