@@ -2,7 +2,8 @@
 
 A chunk travels as a list of frames. Frame 0 is a msgpack envelope; every numpy
 buffer (an array, a table column) and every pickled object follows as a frame
-of its own, so that arrays are neither pickled nor copied::
+of its own, so that arrays are not pickled, nor copied into the envelope
+(encoding copies each writeable array once: see :func:`encode_chunk`)::
 
     {"version": 1,
      "records": [{"name": str, "type": content type, "timestamp": int ns,
@@ -441,6 +442,18 @@ class DataChunk:
 # --- encoding --------------------------------------------------------------------
 
 
+def _read_only(array: numpy.ndarray) -> bool:
+    """Whether nothing can change *array*'s data without making an array
+    writeable again: it and every array it views are read-only, down to
+    memory of their own or ``bytes``."""
+    base: object = array
+    while isinstance(base, numpy.ndarray):
+        if base.flags.writeable:
+            return False
+        base = base.base
+    return base is None or type(base) is bytes
+
+
 class _Encoder:
     """Builds the envelope of one chunk, collecting the frames it references."""
 
@@ -454,8 +467,13 @@ class _Encoder:
 
     def array(self, array: numpy.ndarray, kind: str = "array") -> dict[str, Any]:
         shape = list(array.shape)
-        if not array.flags.c_contiguous:  # (ascontiguousarray makes a 0-d array 1-d)
-            array = numpy.ascontiguousarray(array)
+        if not (array.flags.c_contiguous and _read_only(array)):
+            # A copy of its own, read-only: the node may change its array once
+            # its step has returned (a buffer it reuses), and a receiver in the
+            # same process (the memory transport) must not change what the
+            # others receive.
+            array = numpy.array(array, order="C")  # (ascontiguousarray makes 0-d 1-d)
+            array.flags.writeable = False
         try:
             raw = memoryview(array).cast("B")
         except (TypeError, ValueError):  # memoryview refuses some dtypes (datetime64)
@@ -556,9 +574,11 @@ def _is_nan(value: Any) -> bool:
 def encode_chunk(chunk: DataChunk, *, allow_objects: bool = False) -> list[bytes | memoryview]:
     """The frames of *chunk*: a msgpack envelope, then one frame per buffer.
 
-    Arrays are not copied: their frames are byte views of them (of a
-    C-contiguous copy if the array is not C-contiguous), so the caller must not
-    change an array until the frames are sent. ``other`` records travel as json
+    Arrays are copied, once each, so the caller may change an array as soon
+    as this returns; their frames are byte views of the copies. A read-only
+    array (and every array it views read-only, down to memory of its own or
+    ``bytes``) is not copied: its frame is a view of it, and it must not be made
+    writeable again while the frames are in use. ``other`` records travel as json
     if msgpack round-trips them exactly, as arrays if they are numpy arrays or
     scalars, as tables if they are DataFrames a table can hold, else pickled.
 

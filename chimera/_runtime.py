@@ -91,6 +91,18 @@ def _ended(outcome: Result) -> None:
 
 
 @dataclass(frozen=True)
+class _Unsendable:
+    """What a step returned cannot be sent, for *error*."""
+
+    error: Exception
+
+
+#: What a step's value sends (:meth:`NodeRuntime._output`): its frames, nothing
+#: (None), or why it cannot be sent.
+Output = list[Frame] | _Unsendable | None
+
+
+@dataclass(frozen=True)
 class Input:
     """One input of a node: the in-bound node's name and how it delivers."""
 
@@ -367,10 +379,8 @@ class NodeRuntime:
         return {"steps": self.steps, "dropped": self.dropped, "writer_wait_ms": waited}
 
     async def gather(self) -> list[Frame] | None:
-        """The frames of the last chunk the node's ``step`` returned; None if none yet.
-
-        Arrays travel without copies: their frames show them as they are now.
-        """
+        """The frames of the last chunk the node's ``step`` returned (as it was
+        when the step returned); None if none yet."""
         return self._latest
 
     async def step_once(self) -> None:
@@ -386,7 +396,7 @@ class NodeRuntime:
         if self._outlet is not None:
             await self._outlet.wait_for_inlets(self._outputs)
         if not self._inputs:
-            await self._send([await self._call("step", self.node.step)])
+            await self._send([self._output(await self._call("step", self.node.step))])
             return
         for name, inlet in self._inlets.items():
             if name == self._follow or name not in self._offline_latest:
@@ -394,7 +404,8 @@ class NodeRuntime:
                 while not pending:
                     pending.extend(self._unpack(await inlet.receive(), name))
                 self._offline_latest[name] = pending.popleft()
-        await self._send([await self._call("step", self.node.step, dict(self._offline_latest))])
+        value = await self._call("step", self.node.step, dict(self._offline_latest))
+        await self._send([self._output(value)])
 
     async def forget(self, names: Collection[str]) -> None:
         """The nodes *names* are gone without closing their connections (their
@@ -547,7 +558,7 @@ class NodeRuntime:
                 value = await self._call("step", self.node.step)
             if self._feeding.cancelled_caught:
                 return
-            await self._send([value])
+            await self._send([self._output(value)])
 
     async def _feed_source(self, loop: StepLoop, fail: Callable[[NodeError], None]) -> None:
         with self._feeding:  # cancelled by request_stop
@@ -586,7 +597,7 @@ class NodeRuntime:
         taken = list(steps)
         steps.clear()
         for args in taken:
-            await self._send([await self._call("step", self.node.step, *args)])
+            await self._send([self._output(await self._call("step", self.node.step, *args))])
 
     async def _stepping(
         self, feed: Callable[[StepLoop, Callable[[NodeError], None]], Awaitable[None]]
@@ -598,7 +609,7 @@ class NodeRuntime:
                 chunk received could not be decoded.
         """
         failures: list[NodeError] = []
-        loop = StepLoop(self.node.step)
+        loop = StepLoop(self.node.step, self._output)
         self._thread.submit(loop.run, (), _ended)
         try:
             async with trio.open_nursery() as nursery:
@@ -623,43 +634,51 @@ class NodeRuntime:
         """Send what the steps return, until the loop ends (or a step fails:
         the chunks before it are sent, then NodeError)."""
         while results := await loop.results():
-            values: list[Any] = []
+            outputs: list[Output] = []
             failure: NodeError | None = None
-            for value, error in results:
+            for output, error in results:
                 if error is not None:  # (SystemExit too: the node fails, not its process)
                     failure = self._raised("step", error)
                     break
-                values.append(value)
-            await self._send(values)
+                outputs.append(output)
+            await self._send(outputs)
             if failure is not None:
                 raise failure
             self._in_flight -= len(results)
             self._room.unpark_all()
 
-    async def _send(self, values: list[Any]) -> None:
-        """Count a step for each of *values* (what steps returned) and send
-        them, but None, in one message.
+    async def _send(self, outputs: list[Output]) -> None:
+        """Count a step for each of *outputs* (see :meth:`_output`) and send
+        their frames in one message.
 
         Raises:
-            NodeError: a value cannot be sent (the ones before it are sent).
+            NodeError: an output cannot be sent (the ones before it are sent;
+                the node is FAILED).
         """
         chunks: list[list[Frame]] = []
-        failure: NodeError | None = None
-        for value in values:
+        unsendable: _Unsendable | None = None
+        for output in outputs:
             self.steps += 1
-            if value is not None:
-                try:
-                    chunks.append(self._encode(value))
-                except NodeError as exc:
-                    failure = exc
-                    break
+            if isinstance(output, _Unsendable):
+                unsendable = output
+                break
+            if output is not None:
+                chunks.append(output)
         if chunks:
             self._latest = chunks[-1]
+            if not self._inputs:
+                # A source making large chunks makes the next only once the last
+                # has left, so that it is fresh (1080p p50: ~8 ms with 4 steps in
+                # flight, ~5.5 with 1).
+                large = sum(map(len, chunks[-1])) > LARGE_CHUNK  # (flat bytes: len is the size)
+                self._limit = LARGE_SOURCE_STEPS if large else STEPS_IN_FLIGHT
             if self._outlet is not None:
                 first, self._chunks_sent = self._chunks_sent, self._chunks_sent + len(chunks)
                 await self._outlet.send(pack_batch(chunks, first))
-        if failure is not None:
-            raise failure
+        if unsendable is not None:
+            reason = f"step returned what cannot be sent: {unsendable.error}"
+            self._fail(reason)
+            raise NodeError(self.node.name, reason) from unsendable.error
 
     def _put(self, loop: StepLoop, steps: list[tuple]) -> None:
         """Put *steps* in the loop, and empty the list."""
@@ -808,29 +827,23 @@ class NodeRuntime:
             self._fail(f"a chunk it received cannot be decoded: {exc}")
             raise NodeError(self.node.name, str(exc)) from exc
 
-    def _encode(self, result: Any) -> list[Frame]:
-        """The frames of what ``step`` returned (see :class:`~chimera.Node`); a
-        source's steps in flight follow their size.
-
-        Raises:
-            NodeError: it cannot be sent (the node is FAILED).
+    def _output(self, value: Any) -> Output:
+        """What *value*, a step's, sends: its frames (a value not a DataChunk is
+        wrapped as record "default"; see :class:`~chimera.Node`), None for
+        None, or why it cannot be sent. Arrays are copied: the node's code may
+        change them once it steps again. Changes nothing of the runtime's, so
+        the node's thread calls it, before its next step.
         """
+        if value is None:
+            return None
         try:
-            if not isinstance(result, DataChunk):
+            if not isinstance(value, DataChunk):
                 chunk = DataChunk()
-                chunk.add("default", result)
-                result = chunk
-            frames = encode_chunk(result, allow_objects=self._allow_objects)
+                chunk.add("default", value)
+                value = chunk
+            return encode_chunk(value, allow_objects=self._allow_objects)
         except Exception as exc:  # (TypeError, ValueError; anything else is a codec bug)
-            self._fail(f"step returned what cannot be sent: {exc}")
-            raise NodeError(self.node.name, f"step returned what cannot be sent: {exc}") from exc
-        if not self._inputs:
-            # A source making large chunks makes the next only once the last
-            # has left, so that it is fresh (1080p p50: ~8 ms with 4 steps in
-            # flight, ~5.5 with 1).
-            large = sum(map(len, frames)) > LARGE_CHUNK  # (flat bytes: len is the size)
-            self._limit = LARGE_SOURCE_STEPS if large else STEPS_IN_FLIGHT
-        return frames
+            return _Unsendable(exc)
 
     # --- helpers ---------------------------------------------------------------
 

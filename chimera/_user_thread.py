@@ -140,10 +140,18 @@ class StepLoop:
     thread costs more than a 1 KB chunk's whole journey). The loop ends once
     :meth:`close`-d and done with what was put, or right after a step raised.
     :meth:`release` frees its wake-up socket once the Trio side is done.
+
+    *finish*, if given, is called on the thread with each step's value before
+    the next step runs, and what it returns is the step's result: the node's
+    code may change what it returned once it steps again. A raise in *finish*
+    counts as the step's.
     """
 
-    def __init__(self, step: Callable[..., Any]) -> None:
+    def __init__(
+        self, step: Callable[..., Any], finish: Callable[[Any], Any] | None = None
+    ) -> None:
         self._step = step
+        self._finish = finish
         #: The loop writes a byte to ``_wake_out`` when there is news; the
         #: Trio side waits for ``_wake_in`` to be readable. Each side closes its own.
         self._wake_in, self._wake_out = socket.socketpair()
@@ -229,7 +237,10 @@ class StepLoop:
                     if self._discard:
                         return
                     try:
-                        outcome: Result = (self._step(*args), None)
+                        value = self._step(*args)
+                        if self._finish is not None:
+                            value = self._finish(value)
+                        outcome: Result = (value, None)
                     except BaseException as exc:  # handed to the Trio side, which raises it
                         outcome = (None, exc)
                     self._hand_out(outcome)

@@ -449,3 +449,55 @@ async def test_broadcast_request_runs_chimerapys_worker_routes_on_the_cluster(tm
             assert await manager.broadcast_request("post", "/shutdown")
             assert local.nodes == {}
     assert SEEN["printer"] == [2 * i for i in range(1, 31)]
+
+
+class ReusesItsBuffer(cp.Node):
+    """Sends 1..30, each in the same array, changed in place at each step."""
+
+    def prep(self):
+        self.buffer = np.zeros(256, np.int64)
+
+    def step(self):
+        if self.buffer[0] == 30:
+            threading.Event().wait(0.001)
+            return None
+        self.buffer += 1
+        chunk = cp.DataChunk()
+        chunk.add("count", self.buffer, "array")
+        return chunk
+
+
+class AsyncReusesItsBuffer(ReusesItsBuffer):
+    async def step(self):
+        await trio.lowlevel.checkpoint()
+        return super().step()
+
+
+class SlowCollector(cp.Node):
+    """Keeps what it receives (first and last element), slower than its source."""
+
+    def prep(self):
+        SEEN[self.name] = []
+
+    def step(self, data_chunks):
+        threading.Event().wait(0.002)
+        value = data_chunks["source"].get("count")["value"]
+        SEEN[self.name].append((int(value[0]), int(value[-1])))
+        if len(SEEN[self.name]) == 30:
+            ENOUGH.set()
+
+
+@pytest.mark.parametrize("source_class", [ReusesItsBuffer, AsyncReusesItsBuffer])
+async def test_a_node_may_change_an_array_it_returned_once_it_steps_again(tmp_path, source_class):
+    # As a camera reading into the same buffer does: what was sent stays as it was.
+    ENOUGH.clear()
+    source, collector = source_class("source"), SlowCollector("collector")
+    graph = cp.Graph()
+    graph.add_edge(source, collector)
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["source", "collector"]})
+            assert await manager.start()
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            assert await manager.stop()
+    assert SEEN["collector"] == [(n, n) for n in range(1, 31)]

@@ -468,18 +468,36 @@ def test_empty_chunk_round_trips():
 # --- no copies -------------------------------------------------------------------
 
 
-def test_encoding_does_not_copy_arrays():
+def test_encoded_frames_keep_arrays_as_they_were_at_encoding():
+    # A node may reuse its buffers as soon as its step has returned.
     image = np.zeros((480, 640, 3), np.uint8)
     audio = np.zeros((100, 2), np.float32)
     chunk = DataChunk()
     chunk.add("image", image, "image")
-    chunk.add("audio", audio, "audio")
+    chunk.add("audio", audio[::2], "audio")  # (not C-contiguous)
     frames = encode_chunk(chunk)
+    image[:] = 7
+    audio[:] = 7
     assert len(frames) == 3
-    assert all(isinstance(frame, memoryview) for frame in frames[1:])
-    assert np.shares_memory(image, np.frombuffer(frames[1], np.uint8))
-    assert np.shares_memory(audio, np.frombuffer(frames[2], np.uint8))
-    assert frames[1].nbytes == image.nbytes
+    assert all(frame.readonly for frame in frames[1:])
+    decoded = decode_chunk(frames)
+    assert not decoded.get("image")["value"].any()
+    assert not decoded.get("audio")["value"].any()
+    assert decoded.get("audio")["value"].shape == (50, 2)
+
+
+def test_a_read_only_array_travels_without_a_copy():
+    frozen = np.zeros((480, 640, 3), np.uint8)
+    frozen.flags.writeable = False
+    buffer = np.zeros((480, 640, 3), np.uint8)
+    view = buffer[:]  # read-only, of an array that is not
+    view.flags.writeable = False
+    chunk = DataChunk()
+    chunk.add("frozen", frozen, "image")
+    chunk.add("view", view, "image")
+    frames = encode_chunk(chunk)
+    assert np.shares_memory(frozen, np.frombuffer(frames[1], np.uint8))
+    assert not np.shares_memory(buffer, np.frombuffer(frames[2], np.uint8))
 
 
 def test_decoding_does_not_copy_arrays():
