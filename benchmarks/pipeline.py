@@ -9,11 +9,16 @@ transport on loopback. Measured:
    records) as fast as it can to a sink, for ``--seconds``. Delivered fps (at
    the sink, first to last frame), chunks lost (produced - received: both
    nodes count), and latency per frame (the sink's clock minus the record's
-   timestamp, both cluster time): p50 and p99.
+   timestamp, both cluster time): p50 and p99. The frame never changes and
+   is read-only, so it travels without a copy; the same again with a
+   writeable frame, which is copied as the step returns.
 2. **1 KB chunks** between two nodes: the burst rate (the source as fast as
    it can), and one-way latency p50/p99 paced at 1 kHz: with nodes written
    as ChimeraPy's (``def step``: on the node's thread), and with ``async def
-   step`` (on the node's event loop, no hand-off to a thread).
+   step`` (on the node's event loop, no hand-off to a thread). If ``pylsl``
+   is installed (``pip install -e ".[bench]"``), Lab Streaming Layer's
+   latency is measured the same way in each round (``_lsl.py``), and the
+   table gives chimera's p50 as a multiple of it.
 3. **Lifecycle**: ``commit_graph`` for 2 nodes on one Worker and for 20 nodes
    (a chain) over 2 Workers, then ``stop`` and ``shutdown``; and the peak RSS
    (``VmHWM``) of every node process, read before ``shutdown``.
@@ -22,8 +27,8 @@ Each measurement runs ``--rounds`` times; the table shows the median of the
 rounds (latency percentiles over all rounds' samples). Targets (issue #3) are
 checked at the end. For comparison, ChimeraPy 0.0.10 on this kind of machine:
 57-64 fps with more than 99% of frames dropped, p50 17-23 ms, commit 5.3-6.0 s,
-shutdown 10.0 s; Lab Streaming Layer 1.18: 27.9k samples/s burst (256 float32
-channels), 145/310 µs p50/p99 paced.
+shutdown 10.0 s; Lab Streaming Layer 1.18 (issue #3): 27.9k samples/s burst (256
+float32 channels), 145/310 µs p50/p99 paced.
 
 Usage::
 
@@ -34,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -61,14 +67,20 @@ from _cluster import Cluster, children  # noqa: E402
 
 
 class FrameSource(cp.Node):
-    """Sends the same 1080p frame as fast as it can; counts what it sent."""
+    """Sends the same 1080p frame as fast as it can; counts what it sent.
 
-    def __init__(self, name: str, folder: str) -> None:
+    The frame never changes: it is read-only, and travels without a copy.
+    *writeable* leaves it writeable, as a frame a camera library hands over
+    is: then each is copied as the step returns (the node might change it).
+    """
+
+    def __init__(self, name: str, folder: str, writeable: bool = False) -> None:
         super().__init__(name)
-        self.folder = folder
+        self.folder, self.writeable = folder, writeable
 
     def prep(self) -> None:
         self.frame = np.random.default_rng(0).integers(0, 255, (1080, 1920, 3), dtype=np.uint8)
+        self.frame.flags.writeable = self.writeable
         self.sent = 0
 
     def step(self) -> cp.DataChunk:
@@ -237,19 +249,32 @@ async def measure_lifecycle(folder: str, nodes: int, workers: int) -> dict:
     return {"commit": commit, "stop": stop, "shutdown": shutdown, "rss_mb": rss}
 
 
+async def measure_lsl(rate: float, seconds: float) -> dict:
+    """Lab Streaming Layer's paced latency, the same measure (``_lsl.py``, in processes)."""
+    script = os.path.join(_HERE, "_lsl.py")
+    command = [sys.executable, script, "--rate", str(rate), "--seconds", str(seconds)]
+    done = await trio.run_process(command, capture_stdout=True, capture_stderr=True)
+    return json.loads(done.stdout)
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {
-        key: [] for key in ("frames", "burst", "paced", "paced_async", "life2", "life20")
-    }
+    streams = ("frames", "frames_copied", "burst", "paced", "paced_async", "paced_lsl")
+    results: dict[str, Any] = {key: [] for key in (*streams, "life2", "life20")}
+    lsl = importlib.util.find_spec("pylsl") is not None
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
             results["frames"].append(
                 await measure_stream(FrameSource("camera", folder), folder, "frame", args.seconds)
+            )
+        with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
+            source = FrameSource("camera", folder, writeable=True)
+            results["frames_copied"].append(
+                await measure_stream(source, folder, "frame", args.seconds)
             )
         with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
             source = SmallSource("sensor", folder, rate=None)
@@ -262,11 +287,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["paced_async"].append(
                 await measure_stream(source, folder, "samples", args.seconds, AsyncTimingSink)
             )
+        if lsl:
+            results["paced_lsl"].append(await measure_lsl(1000.0, args.seconds))
         with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
             results["life2"].append(await measure_lifecycle(folder, 2, 1))
         with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
             results["life20"].append(await measure_lifecycle(folder, 20, 2))
     return results
+
+
+def _lsl_rows(lsl: list[dict], paced: list[float], paced_async: list[float]) -> list[tuple]:
+    """The rows of Lab Streaming Layer's paced latency, run between the others."""
+    if not lsl:
+        return [("Lab Streaming Layer, paced 1 kHz p50", "not run (no pylsl)", "")]
+    p50 = statistics.median(r["p50_us"] for r in lsl)
+    p99 = statistics.median(r["p99_us"] for r in lsl)
+    ratios = f"{_percentile(paced, 50) / p50:.2f}x / {_percentile(paced_async, 50) / p50:.2f}x"
+    return [
+        ("Lab Streaming Layer, paced 1 kHz p50 / p99", f"{p50:,.0f} / {p99:,.0f} µs", ""),
+        ("1 KB paced p50 / LSL's: def step / async def", ratios, ""),
+    ]
 
 
 def summarize(results: dict[str, Any]) -> tuple[str, list[str]]:
@@ -278,13 +318,16 @@ def summarize(results: dict[str, Any]) -> tuple[str, list[str]]:
 
     frames_lat, burst_lat, paced_lat = latencies("frames"), latencies("burst"), latencies("paced")
     async_lat = latencies("paced_async")
-    streams = ("frames", "burst", "paced", "paced_async")
+    copied_lat = latencies("frames_copied")
+    streams = ("frames", "frames_copied", "burst", "paced", "paced_async")
     lost = [r["sent"] - r["received"] for key in streams for r in results[key]]
-    rss = [mb for key in results for r in results[key] for mb in r["rss_mb"]]
+    rss = [mb for key in results for r in results[key] for mb in r.get("rss_mb", ())]
     rows = [
         ("1080p frames delivered", f"{median('frames', 'rate'):,.0f} fps", ">= 300 fps"),
         ("1080p latency p50", f"{_percentile(frames_lat, 50) / 1e3:.2f} ms", "<= 5 ms"),
         ("1080p latency p99", f"{_percentile(frames_lat, 99) / 1e3:.2f} ms", ""),
+        ("1080p writeable frames (copied)", f"{median('frames_copied', 'rate'):,.0f} fps", ""),
+        ("the same, latency p50", f"{_percentile(copied_lat, 50) / 1e3:.2f} ms", ""),
         ("chunks lost (all streams)", f"{sum(lost)}", "0"),
         ("1 KB burst", f"{median('burst', 'rate'):,.0f} chunks/s", ">= 30,000/s"),
         ("1 KB paced 1 kHz p50", f"{_percentile(paced_lat, 50):,.0f} µs", "<= 200 µs"),
@@ -292,6 +335,7 @@ def summarize(results: dict[str, Any]) -> tuple[str, list[str]]:
         ("1 KB paced 1 kHz p50, async def", f"{_percentile(async_lat, 50):,.0f} µs", "<= 200 µs"),
         ("1 KB paced 1 kHz p99, async def", f"{_percentile(async_lat, 99):,.0f} µs", ""),
         ("1 KB burst latency p50", f"{_percentile(burst_lat, 50):,.0f} µs", ""),
+        *_lsl_rows(results["paced_lsl"], paced_lat, async_lat),
         ("commit_graph, 2 nodes", f"{median('life2', 'commit'):.2f} s", "<= 1 s"),
         ("commit_graph, 20 nodes / 2 workers", f"{median('life20', 'commit'):.2f} s", "<= 3 s"),
         ("stop, 20 nodes", f"{median('life20', 'stop'):.2f} s", ""),
