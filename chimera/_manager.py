@@ -1262,6 +1262,9 @@ class AsyncManager(Service):
             await send_locked({"type": "websocket.send", "text": protocol.make(type_, **fields)})
 
         info = None
+        #: The Worker's hello, and the nonce of the challenge it was sent.
+        hello: dict[str, Any] | None = None
+        nonce = ""
         silent = False
         try:
             while True:
@@ -1290,16 +1293,25 @@ class AsyncManager(Service):
                 kind = message["type"]
                 if kind == "clock":
                     await reply("clock_ack", t0=message["t0"], t1=received_ns, t2=self._clock())
-                elif kind == "hello" and info is None:
+                elif kind == "hello" and info is None and hello is None:
+                    hello, nonce = message, protocol.new_nonce()
+                    proof = None
+                    if self._token is not None:
+                        proof = protocol.proof(self._token, "manager", nonce, hello["nonce"])
+                    await reply("challenge", nonce=nonce, proof=proof)
+                elif kind == "auth" and info is None and hello is not None:
                     workers = list(self._workers.values())
-                    if refusal := _hello_refusal(message, self._token, workers):
-                        log.warning("worker %r refused: %s", message["name"], refusal)
-                        await reply("error", error=f"refused: {refusal}", re="hello")
+                    proven = self._token is None or protocol.proves(
+                        message["proof"], self._token, "worker", hello["nonce"], nonce
+                    )
+                    if refusal := _hello_refusal(hello, proven, workers):
+                        log.warning("worker %r refused: %s", hello["name"], refusal)
+                        await reply("error", error=f"refused: {refusal}", re="auth")
                         await send_locked({"type": "websocket.close", "code": 4403})
                         return
                     info = WorkerInfo(
-                        message["worker_id"],
-                        message["name"],
+                        hello["worker_id"],
+                        hello["name"],
                         received_ns,
                         ip=(scope.get("client") or ("",))[0],
                         _send=send_locked,
@@ -1345,10 +1357,11 @@ def _same_token(given: str | None, token: str) -> bool:
 
 
 def _hello_refusal(
-    message: dict[str, Any], token: str | None, workers: Sequence[WorkerInfo]
+    message: dict[str, Any], proven: bool, workers: Sequence[WorkerInfo]
 ) -> str | None:
-    """Why a Worker's ``hello`` is refused, if it is."""
-    if token is not None and not _same_token(message["token"], token):
+    """Why a Worker's ``hello`` is refused, if it is; *proven*: whether it
+    proved it knows the token (or the Manager has none)."""
+    if not proven:
         return "wrong or missing token"
     name = message["name"]
     try:

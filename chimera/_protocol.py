@@ -8,7 +8,9 @@ raises :class:`ProtocolError` saying what is wrong; the receiver answers an
 =============  ===============  ==============================================
 type           direction        fields
 =============  ===============  ==============================================
-``hello``      worker->manager  ``name``, ``worker_id``, ``token`` (str|None)
+``hello``      worker->manager  ``name``, ``worker_id``, ``nonce`` (str)
+``challenge``  manager->worker  ``nonce`` (str), ``proof`` (str|None)
+``auth``       worker->manager  ``proof`` (str|None)
 ``welcome``    manager->worker  ``worker_id``
 ``clock``      worker->manager  ``t0`` (the Worker's clock, ns)
 ``clock_ack``  manager->worker  ``t0``, ``t1``, ``t2`` (the Manager's clock, ns)
@@ -22,23 +24,45 @@ type           direction        fields
 
 A ``request``'s ``command`` is one of :data:`COMMANDS`; its ``reply`` carries
 the same ``id``.
+
+Checking in, each side proves it knows the cluster's token (if it has one)
+without sending it: ``hello`` carries the Worker's nonce; ``challenge``, the
+Manager's nonce and its :func:`proof` over both; ``auth``, the Worker's proof.
+A Worker with a token thus runs nothing for a Manager that cannot prove it
+knows the token, and neither side's proof is of use for another connection.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 from typing import Any
 
-__all__ = ["COMMANDS", "SILENCE_TIMEOUT", "VERSION", "ProtocolError", "in_url", "make", "parse"]
+__all__ = [
+    "COMMANDS",
+    "SILENCE_TIMEOUT",
+    "VERSION",
+    "ProtocolError",
+    "in_url",
+    "make",
+    "new_nonce",
+    "parse",
+    "proof",
+    "proves",
+]
 
 #: The protocol version this side speaks.
-VERSION = 1
+VERSION = 2
 
 _OPTIONAL_STR = (str, type(None))
 
 #: For each message type, its fields and the types they may have.
 _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "hello": {"name": str, "worker_id": str, "token": _OPTIONAL_STR},
+    "hello": {"name": str, "worker_id": str, "nonce": str},
+    "challenge": {"nonce": str, "proof": _OPTIONAL_STR},
+    "auth": {"proof": _OPTIONAL_STR},
     "welcome": {"worker_id": str},
     "clock": {"t0": int},
     "clock_ack": {"t0": int, "t1": int, "t2": int},
@@ -84,6 +108,25 @@ SILENCE_TIMEOUT = 15.0
 def in_url(host: str) -> str:
     """*host* as a URL takes it (the Manager's, a Worker's): an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def new_nonce() -> str:
+    """A nonce for the check-in: 128 random bits, in hex."""
+    return secrets.token_hex(16)
+
+
+def proof(token: str, role: str, own_nonce: str, other_nonce: str) -> str:
+    """The proof that the *role* side (``"manager"`` or ``"worker"``) knows
+    *token*, for the check-in where it sent *own_nonce* and got *other_nonce*."""
+    text = f"chimera {role} {own_nonce} {other_nonce}".encode()
+    return hmac.new(token.encode(), text, hashlib.sha256).hexdigest()
+
+
+def proves(given: str | None, token: str, role: str, own_nonce: str, other_nonce: str) -> bool:
+    """Whether *given* is :func:`proof` of *token* (compared in a time that
+    does not tell how much of it matched)."""
+    expected = proof(token, role, own_nonce, other_nonce)
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 #: The longest message accepted, in characters.

@@ -304,16 +304,7 @@ class AsyncWorker(Service):
         async with trio_websocket.open_websocket_url(
             url, max_message_size=protocol.MAX_MESSAGE
         ) as ws:
-            await ws.send_message(
-                protocol.make("hello", name=self.name, worker_id=self.id, token=self._token)
-            )
-            answer = protocol.parse(await ws.get_message())
-            if answer["type"] == "error":
-                raise PermissionError(
-                    f"the manager refused worker {self.name!r}: {answer['error']}"
-                )
-            if answer["type"] != "welcome":
-                raise protocol.ProtocolError(f"expected welcome, got {answer['type']}")
+            await self._check_in(ws)
             self._connected, self._leaving, self._manager_gone = True, False, False
             # Nodes listen where this machine reached the Manager: other Workers
             # reach it there too (and a cluster on loopback stays on loopback).
@@ -338,6 +329,55 @@ class AsyncWorker(Service):
                 self._connected = False
                 self._clock_changed.unpark_all()  # wakes wait_for_disconnect
                 self._sent_all.unpark_all()  # (and _flush_events: nothing more is sent)
+
+    async def _check_in(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """Say hello, check the Manager's proof of the token (if this Worker
+        has one), prove it in turn, and wait for the welcome.
+
+        Raises:
+            PermissionError: the Manager refused the Worker, or could not
+                prove it knows this Worker's token (nothing is sent to it then).
+            protocol.ProtocolError: the Manager answered out of protocol.
+        """
+        nonce = protocol.new_nonce()
+        await ws.send_message(
+            protocol.make("hello", name=self.name, worker_id=self.id, nonce=nonce)
+        )
+        challenge = await self._check_in_answer(ws, "challenge")
+        proof = None
+        if self._token is not None:
+            if challenge["proof"] is None:
+                raise PermissionError(
+                    f"worker {self.name!r} has a token (token= or CHIMERA_TOKEN), but the "
+                    f"manager at {self._manager_url} asks for none: it may not be the "
+                    "manager meant, and the worker runs no code for it"
+                )
+            if not protocol.proves(
+                challenge["proof"], self._token, "manager", challenge["nonce"], nonce
+            ):
+                raise PermissionError(
+                    f"the manager at {self._manager_url} does not know worker "
+                    f"{self.name!r}'s token: the worker runs no code for it"
+                )
+            proof = protocol.proof(self._token, "worker", nonce, challenge["nonce"])
+        await ws.send_message(protocol.make("auth", proof=proof))
+        await self._check_in_answer(ws, "welcome")
+
+    async def _check_in_answer(
+        self, ws: trio_websocket.WebSocketConnection, expected: str
+    ) -> dict[str, Any]:
+        """The Manager's next message, which must be of type *expected*.
+
+        Raises:
+            PermissionError: it is an error (the Manager refused the Worker).
+            protocol.ProtocolError: it is of another type, or not valid.
+        """
+        answer = protocol.parse(await ws.get_message())
+        if answer["type"] == "error":
+            raise PermissionError(f"the manager refused worker {self.name!r}: {answer['error']}")
+        if answer["type"] != expected:
+            raise protocol.ProtocolError(f"expected {expected}, got {answer['type']}")
+        return answer
 
     async def _keep_clock(self, ws: trio_websocket.WebSocketConnection) -> None:
         try:

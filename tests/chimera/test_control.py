@@ -68,10 +68,7 @@ async def test_a_worker_that_falls_silent_is_taken_as_gone(tmp_path, monkeypatch
         async with AsyncManager(tmp_path, port=0) as manager:
             url = f"ws://127.0.0.1:{manager.port}/ws/worker"
             async with trio_websocket.open_websocket_url(url) as ws:
-                await ws.send_message(
-                    protocol.make("hello", name="frozen", worker_id="f", token=None)
-                )
-                assert protocol.parse(await ws.get_message())["type"] == "welcome"
+                assert (await check_in(ws, "frozen", "f"))["type"] == "welcome"
                 await manager.wait_for_workers(1)
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                     await ws.get_message()  # says nothing more: the manager closes
@@ -87,6 +84,8 @@ async def test_a_manager_that_falls_silent_is_taken_as_gone(monkeypatch, caplog)
     async def silent_manager(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
         await ws.get_message()  # hello
+        await ws.send_message(protocol.make("challenge", nonce="n", proof=None))
+        await ws.get_message()  # auth
         await ws.send_message(protocol.make("welcome", worker_id="w"))
         await trio.sleep_forever()
 
@@ -115,6 +114,68 @@ async def test_a_worker_without_the_token_is_refused_clearly(tmp_path, monkeypat
             assert all(w.name != "intruder" for w in manager.workers.values())
 
 
+async def check_in(
+    ws: trio_websocket.WebSocketConnection, name: str, worker_id: str, proof: str | None = None
+) -> dict[str, Any]:
+    """Check in by hand as a Worker named *name* (with *proof* as its proof of
+    the token); the Manager's last answer (a welcome, or an error)."""
+    await ws.send_message(protocol.make("hello", name=name, worker_id=worker_id, nonce="n"))
+    answer = protocol.parse(await ws.get_message())
+    if answer["type"] == "challenge":
+        await ws.send_message(protocol.make("auth", proof=proof))
+        answer = protocol.parse(await ws.get_message())
+    return answer
+
+
+async def test_a_worker_with_a_wrong_proof_or_a_replayed_one_is_refused(tmp_path):
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0, token="s3cret") as manager:
+            url = f"ws://127.0.0.1:{manager.port}/ws/worker"
+            # A proof for another challenge (as one overheard would be) is of no use.
+            replayed = protocol.proof("s3cret", "worker", "n", "an earlier nonce")
+            for proof in ["s3cret", replayed, None]:
+                async with trio_websocket.open_websocket_url(url) as ws:
+                    answer = await check_in(ws, "intruder", "i", proof)
+                    assert answer == {**answer, "type": "error"}
+                    assert "wrong or missing token" in answer["error"]
+            assert manager.workers == {}
+
+
+async def fake_manager(
+    heard: list[str], proof: str | None, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
+    """A "Manager" that does not know the token: it keeps what Workers send
+    and challenges them with *proof*."""
+
+    async def handle(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        heard.append(await ws.get_message())
+        await ws.send_message(protocol.make("challenge", nonce="m", proof=proof))
+        try:
+            while True:
+                heard.append(await ws.get_message())
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    await trio_websocket.serve_websocket(handle, "127.0.0.1", 0, None, task_status=task_status)
+
+
+@pytest.mark.parametrize("proof", [None, "0" * 64])
+async def test_a_worker_tells_its_token_to_no_manager_that_cannot_prove_it_knows_it(proof):
+    # Else whoever a Worker is pointed at learns the token, and runs code on it.
+    heard: list[str] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(fake_manager, heard, proof)
+            async with AsyncWorker("lab-pc", token="s3cret") as worker:
+                with pytest.raises(PermissionError, match="runs no code for it"):
+                    await worker.connect("127.0.0.1", server.port)
+                assert not worker.connected
+            nursery.cancel_scope.cancel()
+    assert heard and not any("s3cret" in message for message in heard)
+    assert [protocol.parse(message)["type"] for message in heard] == ["hello"]
+
+
 async def test_a_second_worker_of_the_same_name_or_id_is_refused(tmp_path):
     # Their files would be collected into one folder, one over the other.
     with trio.fail_after(20):
@@ -131,9 +192,7 @@ async def test_a_second_worker_of_the_same_name_or_id_is_refused(tmp_path):
                     ("../up", "z", "it holds '/'"),
                 ]:
                     async with trio_websocket.open_websocket_url(url) as ws:
-                        hello = protocol.make("hello", name=name, worker_id=worker_id, token=None)
-                        await ws.send_message(hello)
-                        answer = protocol.parse(await ws.get_message())
+                        answer = await check_in(ws, name, worker_id)
                         assert answer["type"] == "error" and problem in answer["error"]
                 assert [w.name for w in manager.workers.values()] == ["lab-pc"]
                 assert first.connected
@@ -196,10 +255,10 @@ async def test_unknown_paths_are_404(tmp_path):
     [
         ("{", "not JSON"),
         ('"hello"', "JSON object"),
-        ('{"v": 2, "type": "clock", "t0": 1}', "version 2"),
-        ('{"v": 1, "type": "dance"}', "unknown message type"),
-        ('{"v": 1, "type": "clock"}', "without 't0'"),
-        ('{"v": 1, "type": "clock", "t0": true}', "'t0' of type bool"),
+        ('{"v": 1, "type": "clock", "t0": 1}', "version 1"),
+        ('{"v": 2, "type": "dance"}', "unknown message type"),
+        ('{"v": 2, "type": "clock"}', "without 't0'"),
+        ('{"v": 2, "type": "clock", "t0": true}', "'t0' of type bool"),
     ],
 )
 def test_parse_says_what_is_wrong(text, problem):
@@ -396,10 +455,7 @@ async def test_a_worker_speaks_only_for_its_own_nodes(tmp_path):
             count = graph.get_id_by_name("count")
             url = f"ws://127.0.0.1:{manager.port}/ws/worker"
             async with trio_websocket.open_websocket_url(url) as ws:
-                await ws.send_message(
-                    protocol.make("hello", name="other", worker_id="o", token=None)
-                )
-                assert protocol.parse(await ws.get_message())["type"] == "welcome"
+                assert (await check_in(ws, "other", "o"))["type"] == "welcome"
                 for forged in [
                     protocol.make("node_state", node_id=count, state="FAILED", reason="forged"),
                     protocol.make("node_stats", stats={count: {"steps": 10**12, "dropped": 9}}),
