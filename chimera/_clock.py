@@ -10,9 +10,14 @@ stamps the answer's arrival (``t3``)::
     delay  = (t3 - t0) - (t2 - t1)              the round trip on the wire
 
 The true offset lies within ``delay / 2`` of the measured one, whichever way
-the delay splits. Samples that met a queue on the way are far off, so the
-estimate keeps the samples with the lowest delays: the offset of the
-lowest-delay sample among the recent ones, its error bound ``delay / 2``.
+the delay splits, at the time of the exchange; since then the two clocks may
+have drifted apart by up to :data:`MAX_DRIFT` of the time passed. Samples
+that met a queue on the way are far off, so the estimate is the sample whose
+bound is the tightest now: ``delay / 2`` plus the drift its age allows. A
+clock that steps (set by hand, or by NTP) makes earlier samples wrong: a new
+sample whose bounds miss an earlier one's shows it, and the earlier goes. An
+exchange that cannot be (its answer came back before it left, once a clock
+stepped in between) is dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +27,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["ClockEstimate", "ClockEstimator"]
+__all__ = ["MAX_DRIFT", "ClockEstimate", "ClockEstimator"]
+
+#: How fast two clocks may drift apart, as a fraction (100 ppm: 0.1 ms a
+#: second; quartz clocks are within ~50 ppm, virtual machines' not always).
+MAX_DRIFT = 100e-6
 
 
 @dataclass(frozen=True)
@@ -37,51 +46,94 @@ class ClockEstimate:
     samples: int
 
 
+@dataclass(frozen=True)
+class _Sample:
+    #: When it was taken (the monotonic clock, ns).
+    at_ns: int
+    offset_ns: int
+    #: Half the round trip's delay: the bound when it was taken.
+    half_delay_ns: int
+
+    def error_ns(self, now_ns: int) -> int:
+        """Its bound at *now_ns* (the monotonic clock): widened by the drift since."""
+        return self.half_delay_ns + int((now_ns - self.at_ns) * MAX_DRIFT)
+
+
 class ClockEstimator:
     """Estimates the offset to a reference clock from request/answer timestamps.
 
-    Keeps the last *window* samples; the estimate is the lowest-delay one.
+    Keeps the last *window* samples that agree with the newest; the estimate is
+    the one whose bound is the tightest (see the module's docstring).
 
     Args:
-        window: how many recent samples to choose from (a clock drifts, so old
-            samples go).
+        window: how many recent samples to choose from.
         clock: the local clock, in ns (``time.time_ns`` by default).
+        monotonic: a monotonic clock, in ns, that dates the samples
+            (``time.monotonic_ns`` by default).
 
     Raises:
         ValueError: *window* is not positive.
     """
 
-    def __init__(self, window: int = 64, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(
+        self,
+        window: int = 64,
+        clock: Callable[[], int] = time.time_ns,
+        monotonic: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
         if window < 1:
             raise ValueError(f"window must be positive, not {window}")
-        self._samples: deque[tuple[int, int]] = deque(maxlen=window)  # (delay, offset)
-        self._clock = clock
+        self._samples: deque[_Sample] = deque(maxlen=window)
+        self._clock, self._monotonic = clock, monotonic
+        #: The sample with the tightest bound (which one does not change as
+        #: they age: all widen alike), or None.
+        self._best: _Sample | None = None
 
-    def add(self, t0: int, t1: int, t2: int, t3: int) -> None:
+    def add(self, t0: int, t1: int, t2: int, t3: int) -> bool:
         """Add one exchange: sent at *t0*, received at *t1*, answered at *t2*
-        (the reference clock), answer received at *t3* (the local clock), all ns.
+        (the reference clock), answer received at *t3* (the local clock), all
+        ns. Earlier samples that the new one shows wrong (a clock stepped, or
+        drifted faster than :data:`MAX_DRIFT`) go.
 
-        Raises:
-            ValueError: the timestamps are impossible (the answer came back
-                before the request left, or was sent before it arrived).
+        Returns:
+            Whether the exchange was kept: False if it cannot be (the answer
+            came back before the request left, was sent before it arrived, or
+            took less time than the reference spent on it: a clock stepped).
         """
-        if t3 < t0 or t2 < t1:
-            raise ValueError(f"impossible exchange: t0={t0} t1={t1} t2={t2} t3={t3}")
         delay = (t3 - t0) - (t2 - t1)
-        offset = ((t1 - t0) + (t2 - t3)) // 2
-        self._samples.append((max(delay, 0), offset))
+        if t3 < t0 or t2 < t1 or delay < 0:
+            return False
+        now = self._monotonic()
+        new = _Sample(now, ((t1 - t0) + (t2 - t3)) // 2, (delay + 1) // 2)
+        agree = [
+            sample
+            for sample in self._samples
+            if abs(sample.offset_ns - new.offset_ns) <= sample.error_ns(now) + new.half_delay_ns
+        ]
+        self._samples.clear()
+        self._samples.extend(agree)
+        self._samples.append(new)
+        self._best = min(self._samples, key=lambda s: s.error_ns(now))
+        return True
+
+    def reset(self) -> None:
+        """Forget every sample (another reference: a new connection)."""
+        self._samples.clear()
+        self._best = None
 
     def estimate(self) -> ClockEstimate | None:
-        """The best estimate so far, or None before the first sample."""
-        if not self._samples:
+        """The best estimate now, or None before the first sample."""
+        best = self._best
+        if best is None:
             return None
-        delay, offset = min(self._samples)
         return ClockEstimate(
-            offset_ns=offset, error_ns=(delay + 1) // 2, samples=len(self._samples)
+            offset_ns=best.offset_ns,
+            error_ns=best.error_ns(self._monotonic()),
+            samples=len(self._samples),
         )
 
     def now(self) -> int:
         """Cluster time: the local clock plus the estimated offset, in ns (the
         local clock alone before the first sample)."""
-        estimate = self.estimate()
-        return self._clock() + (estimate.offset_ns if estimate is not None else 0)
+        best = self._best
+        return self._clock() + (best.offset_ns if best is not None else 0)
