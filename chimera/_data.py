@@ -35,6 +35,7 @@ when the caller allows objects.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import re
 import sys
@@ -58,6 +59,7 @@ __all__ = [
     "decode_chunk",
     "encode_chunk",
     "set_clock",
+    "use_clock",
 ]
 
 #: The version of the envelope this module writes and reads.
@@ -101,16 +103,30 @@ class DecodeError(ValueError):
 # --- the clock -------------------------------------------------------------------
 
 _clock: Callable[[], int] = time.time_ns
+#: The clock of the Worker whose tasks and node threads run in this context
+#: (see :func:`use_clock`); None: the process's, :data:`_clock`.
+_context_clock: contextvars.ContextVar[Callable[[], int] | None] = contextvars.ContextVar(
+    "chimera_cluster_clock", default=None
+)
 
 
 def set_clock(fn: Callable[[], int] | None) -> None:
-    """Use *fn* (no arguments, returns cluster time in ns) to stamp new records.
+    """Use *fn* (no arguments, returns cluster time in ns) to stamp new records
+    in this process (a node's process: its Worker's offset-corrected clock).
 
-    ``None`` restores the default, :func:`time.time_ns`. The worker plugs in its
-    offset-corrected clock here once it knows the Manager's time.
+    ``None`` restores the default, :func:`time.time_ns`.
     """
     global _clock
     _clock = time.time_ns if fn is None else fn
+
+
+def use_clock(fn: Callable[[], int]) -> None:
+    """Use *fn* as :func:`set_clock` does, but only in the current context: this
+    Trio task, the tasks it starts from now on, and the node threads they
+    start. A Worker plugs in its clock so: the nodes it runs inline (the
+    ``memory`` transport) follow it, whatever other Workers share the process.
+    """
+    _context_clock.set(fn)
 
 
 def cluster_time_ns() -> int:
@@ -121,7 +137,8 @@ def cluster_time_ns() -> int:
     Outside a cluster (and until a Worker knows its offset) it is
     :func:`time.time_ns`.
     """
-    return int(_clock())
+    clock = _context_clock.get()
+    return int(clock() if clock is not None else _clock())
 
 
 # --- validation ------------------------------------------------------------------

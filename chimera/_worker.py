@@ -36,7 +36,7 @@ import trio_websocket
 from . import _protocol as protocol
 from ._clock import ClockEstimator
 from ._collect import move_folder, sees_probe, send_folder
-from ._data import cluster_time_ns
+from ._data import cluster_time_ns, use_clock
 from ._errors import NodeError
 from ._manifest import Manifest, files_under, manifest_path
 from ._node import NODE_LOGGER, NodeState
@@ -297,6 +297,10 @@ class AsyncWorker(Service):
             await self._clock_changed.park()
 
     async def _session(self, url: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        # A new Manager, a new clock to follow: the last one's samples go. The
+        # tasks of the session, and the nodes they run inline, stamp with it.
+        self.clock.reset()
+        use_clock(self.clock.now)
         with trio.CancelScope() as self._session_scope:
             await self._talk(url, task_status)
 
@@ -461,7 +465,12 @@ class AsyncWorker(Service):
                 await ws.send_message(protocol.make("error", error=str(exc), re=None))
                 continue
             if message["type"] == "clock_ack":
-                self.clock.add(message["t0"], message["t1"], message["t2"], received_ns)
+                if not self.clock.add(message["t0"], message["t1"], message["t2"], received_ns):
+                    log.warning(
+                        "worker %r: a clock exchange that cannot be (a clock stepped?): dropped",
+                        self.name,
+                    )
+                    continue
                 self._clock_changed.unpark_all()
                 self._share_clock()
             elif message["type"] == "request":

@@ -22,6 +22,7 @@ import trio.testing
 
 import chimera as cp
 from chimera import _manager
+from chimera._clock import ClockEstimator
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 
@@ -501,3 +502,41 @@ async def test_a_node_may_change_an_array_it_returned_once_it_steps_again(tmp_pa
             await trio.to_thread.run_sync(ENOUGH.wait, 20)
             assert await manager.stop()
     assert SEEN["collector"] == [(n, n) for n in range(1, 31)]
+
+
+class StampsItsClock(cp.Node):
+    """Keeps how far a record's timestamp is from this machine's clock (ns)."""
+
+    def prep(self):
+        SEEN[self.name] = []
+
+    def step(self):
+        chunk = cp.DataChunk()
+        chunk.add("x", 1)
+        SEEN[self.name].append(chunk.get("x")["timestamp"] - time.time_ns())
+        ENOUGH.set()
+        threading.Event().wait(0.001)
+
+
+class AsyncStampsItsClock(StampsItsClock):
+    async def step(self):
+        await trio.lowlevel.checkpoint()
+        super().step()
+
+
+@pytest.mark.parametrize("node_class", [StampsItsClock, AsyncStampsItsClock])
+async def test_nodes_inline_stamp_records_with_their_workers_clock(tmp_path, node_class):
+    # As with a Worker whose clock is 5 s behind the Manager's: its offset applies.
+    ENOUGH.clear()
+    graph = cp.Graph()
+    graph.add_node(node_class("stamper"))
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("local") as worker:
+                worker.clock = ClockEstimator(clock=lambda: time.time_ns() + 5 * 10**9)
+                assert await worker.connect(manager.host, manager.port)
+                assert await manager.commit_graph(graph, {"local": ["stamper"]})
+                assert await manager.start()
+                await trio.to_thread.run_sync(ENOUGH.wait, 20)
+                assert await manager.stop()
+    assert all(4.9e9 < ahead < 5.1e9 for ahead in SEEN["stamper"])

@@ -633,3 +633,35 @@ def test_logs_are_published_at_an_address_a_client_can_dial(host, dialed):
     from chimera._manager import _dialable
 
     assert _dialable(host) == dialed
+
+
+async def test_a_clock_exchange_that_cannot_be_is_dropped_and_the_worker_stays(caplog):
+    # As when a clock steps during an exchange: its answer seems to take less
+    # time than the Manager spent on it. Then a good exchange.
+
+    async def stepping_manager(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # hello
+        await ws.send_message(protocol.make("challenge", nonce="n", proof=None))
+        await ws.get_message()  # auth
+        await ws.send_message(protocol.make("welcome", worker_id="w"))
+        t0 = protocol.parse(await ws.get_message())["t0"]
+        await ws.send_message(protocol.make("clock_ack", t0=t0, t1=t0, t2=t0 + 10**10))
+        t0 = protocol.parse(await ws.get_message())["t0"]
+        await ws.send_message(protocol.make("clock_ack", t0=t0, t1=t0, t2=t0))
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                trio_websocket.serve_websocket, stepping_manager, "127.0.0.1", 0, None
+            )
+            async with AsyncWorker("lab-pc") as worker:
+                assert await worker.connect("127.0.0.1", server.port)
+                await worker.wait_for_clock(1)  # (the answers are read in order)
+                assert worker.connected
+                assert worker.clock.estimate().samples == 1
+                assert abs(worker.clock.estimate().offset_ns) < 10**9
+            nursery.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records if "cannot be" in r.getMessage()]
+    assert said == ["worker 'lab-pc': a clock exchange that cannot be (a clock stepped?): dropped"]
