@@ -649,6 +649,11 @@ def _is_pandas(value: Any, kind: str) -> bool:
     return pandas is not None and isinstance(value, getattr(pandas, kind))
 
 
+#: The cells a table keeps as they are, since they cannot change (numbers, numpy's
+#: included, str, None); any other is taken as its text at the call.
+_UNCHANGING_CELLS = (int, float, str, numpy.number, numpy.bool_, type(None))
+
+
 class _TableWriter(_Writer):
     kind, suffix = "table", ".csv"
     stamped = False
@@ -658,6 +663,15 @@ class _TableWriter(_Writer):
         self._columns: list[str] | None = None
 
     def prepare(self, data: Any, **params: Any) -> list[list[Any]]:
+        """The rows of *data*, each as it is now: a cell but a number, a str
+        or None (a list, an array, a dict: the node may reuse it) is taken as
+        its text, as the CSV holds it.
+
+        Raises:
+            TypeError: *data* is not a dict, a Series or a DataFrame.
+            ValueError: it has a ``timestamp_ns`` column, or other columns
+                than the first rows.
+        """
         if isinstance(data, Mapping):  # one row; no pandas (its import takes ~0.3 s)
             columns, rows = [str(key) for key in data], [list(data.values())]
         elif _is_pandas(data, "DataFrame"):
@@ -677,7 +691,10 @@ class _TableWriter(_Writer):
             raise ValueError(
                 f"table {self.name!r}: rows with columns {columns}, the first had {self._columns}"
             )
-        return rows
+        return [
+            [cell if isinstance(cell, _UNCHANGING_CELLS) else str(cell) for cell in row]
+            for row in rows
+        ]
 
     def open(self) -> None:
         self._file = _AppendFile(self.folder / f"{self.name}.csv")

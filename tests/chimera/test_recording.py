@@ -178,6 +178,26 @@ def test_table_rows_come_back_from_the_csv_with_a_timestamp_column(tmp_path):
     assert (info.count, info.samples) == (3, 4)
 
 
+def test_a_table_row_holds_what_its_cells_were_at_the_call(tmp_path):
+    # A node that reuses an array, a list and a dict as cells, changing them
+    # before each save (as a pose tracker filling one buffer).
+    joints, tags, pose = np.zeros(3), [], {}
+    recorder = Recorder(tmp_path)
+    saved = []
+    for i in range(200):
+        joints[:] = i
+        tags[:] = [i]
+        pose["i"] = i
+        saved.append([str(joints), str(tags), str(pose)])
+        row = {"joints": joints, "tags": tags, "pose": pose}
+        recorder.save(
+            "table", "pose", row if i % 2 else pd.DataFrame({k: [v] for k, v in row.items()})
+        )
+    recorder.close()
+    table = pd.read_csv(tmp_path / "pose.csv")
+    assert table[["joints", "tags", "pose"]].to_numpy().tolist() == saved
+
+
 def test_json_values_and_text_come_back_line_by_line(tmp_path):
     recorder = Recorder(tmp_path)
     values = [{"event": "start", "n": 1}, [1, 2, 3], "plain", None]
