@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy
 
-from ._data import cluster_time_ns
+from ._data import _check_utf8, cluster_time_ns
 from ._manifest import Manifest, stream_summary
 
 __all__ = ["FLUSH_PERIOD", "Recorder", "StreamInfo", "check_name"]
@@ -151,10 +151,12 @@ def check_name(name: Any, what: str = "name") -> str:
 
     Raises:
         TypeError: *name* is not a str.
-        ValueError: it is empty, ``.`` or ``..``, or holds ``/``, ``\\`` or NUL.
+        ValueError: it is empty, ``.`` or ``..``, holds ``/``, ``\\`` or NUL,
+            or UTF-8 cannot encode it (a lone surrogate).
     """
     if not isinstance(name, str):
         raise TypeError(f"a {what} is a str, not {type(name).__name__}")
+    _check_utf8(name, f"{what} {name!r}")
     if not name:
         problem = "it is empty"
     elif name in (".", ".."):
@@ -669,8 +671,9 @@ class _TableWriter(_Writer):
 
         Raises:
             TypeError: *data* is not a dict, a Series or a DataFrame.
-            ValueError: it has a ``timestamp_ns`` column, or other columns
-                than the first rows.
+            ValueError: it has a ``timestamp_ns`` column, other columns than
+                the first rows, or a str (a name or a cell) UTF-8 cannot
+                encode (a lone surrogate, which the writer could not write).
         """
         if isinstance(data, Mapping):  # one row; no pandas (its import takes ~0.3 s)
             columns, rows = [str(key) for key in data], [list(data.values())]
@@ -686,15 +689,22 @@ class _TableWriter(_Writer):
         if "timestamp_ns" in columns:
             raise ValueError(f"table {self.name!r}: 'timestamp_ns' is the column chimera adds")
         if self._columns is None:
+            for column in columns:
+                _check_utf8(column, f"table {self.name!r}: the column name {column!r}")
             self._columns = columns
         elif columns != self._columns:
             raise ValueError(
                 f"table {self.name!r}: rows with columns {columns}, the first had {self._columns}"
             )
-        return [
+        rows = [
             [cell if isinstance(cell, _UNCHANGING_CELLS) else str(cell) for cell in row]
             for row in rows
         ]
+        for row in rows:
+            for column, cell in zip(columns, row, strict=True):
+                if isinstance(cell, str) and not cell.isascii():  # (ASCII is UTF-8)
+                    _check_utf8(cell, f"table {self.name!r}: column {column!r}")
+        return rows
 
     def open(self) -> None:
         self._file = _AppendFile(self.folder / f"{self.name}.csv")
@@ -741,8 +751,16 @@ class _TextWriter(_LinesWriter):
         super().__init__(folder, name, suffix)
 
     def prepare(self, data: Any, **params: Any) -> str:
+        """*data*, checked.
+
+        Raises:
+            TypeError: it is not a str.
+            ValueError: UTF-8 cannot encode it (a lone surrogate, which the
+                writer could not write).
+        """
         if not isinstance(data, str):
             raise TypeError(f"text {self.name!r}: a str, not {type(data).__name__}")
+        _check_utf8(data, f"text {self.name!r}")
         return data
 
 

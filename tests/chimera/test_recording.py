@@ -214,6 +214,39 @@ def test_json_values_and_text_come_back_line_by_line(tmp_path):
     assert stamps(tmp_path / "notes.timestamps.csv")[0] == [0, 1]
 
 
+def test_a_str_utf8_cannot_encode_is_refused_at_the_call_and_what_came_before_is_kept(tmp_path):
+    # A lone surrogate, as os.fsdecode makes of a file name that is not UTF-8.
+    bad = "bad \udcff name"
+    recorder = Recorder(tmp_path)
+    for i in range(10):
+        if i == 5:
+            with pytest.raises(ValueError, match=r"text 'log' is a str with '\\udcff' at 4, wh"):
+                recorder.save("text", "log", f"{bad}\n")
+            with pytest.raises(
+                ValueError, match=r"table 'tab': column 's' is a str with '\\udcff'"
+            ):
+                recorder.save("table", "tab", {"i": i, "s": bad})
+            with pytest.raises(ValueError, match="UTF-8 cannot encode"):
+                recorder.save("table", "tab", pd.DataFrame({"i": [i], "s": [bad]}))
+            with pytest.raises(ValueError, match=r"name 'bad \\udcff name' is a str with"):
+                recorder.save("text", bad, "x")
+        recorder.save("text", "log", f"line {i}\n")
+        recorder.save("table", "tab", {"i": i, "s": f"line {i}"})
+    recorder.save("json", "events", bad)  # (the json module writes it as the ASCII \\udcff)
+    counts = {info.name: info.count for info in recorder.close()}
+    assert (tmp_path / "log.txt").read_text() == "".join(f"line {i}\n" for i in range(10))
+    assert pd.read_csv(tmp_path / "tab.csv")["s"].tolist() == [f"line {i}" for i in range(10)]
+    assert json.loads((tmp_path / "events.jsonl").read_text()) == bad
+    assert counts == {"log": 10, "tab": 10, "events": 1}  # (what meta.json says)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "events.jsonl",
+        "events.timestamps.csv",
+        "log.timestamps.csv",
+        "log.txt",
+        "tab.csv",
+    ]
+
+
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../escape", "a\\b", "nul\0"])
 def test_a_name_that_could_leave_the_nodes_folder_is_refused(tmp_path, name):
     with pytest.raises(ValueError, match="is not a valid file name"):
