@@ -359,12 +359,19 @@ class _Stream:
 class _AppendFile:
     """A text file written whole lines at a time: what is added goes to the
     file at the next :meth:`flush`, in one write, so that a process killed at
-    any moment leaves no half line (readers of csv and json lines choke on one)."""
+    any moment leaves no half line (readers of csv and json lines choke on one).
 
-    def __init__(self, path: Path) -> None:
+    A CSV file's *header* is in the file once it is open: killed before its
+    first flush, it leaves a table of no rows, which pandas reads (not an
+    empty file, which it cannot)."""
+
+    def __init__(self, path: Path, header: list[str] | None = None) -> None:
         self._file = open(path, "wb", buffering=0)
         self._pending = io.StringIO()
         self.csv = csv.writer(self._pending, lineterminator="\n")
+        if header is not None:
+            self.csv.writerow(header)
+            self.flush()
 
     def add(self, text: str) -> None:
         self._pending.write(text)
@@ -445,8 +452,8 @@ class _Writer:
             )
 
     def _open_stamps(self) -> None:
-        self._stamps = _AppendFile(self.folder / f"{self.name}.timestamps.csv")
-        self._stamps.csv.writerow(["index", "timestamp_ns"])
+        path = self.folder / f"{self.name}.timestamps.csv"
+        self._stamps = _AppendFile(path, ["index", "timestamp_ns"])
 
     def _stamp(self, index: int, stamp: int, *, at_once: bool = False) -> None:
         """Add the next timestamp, called before its data is written. *at_once*
@@ -707,8 +714,7 @@ class _TableWriter(_Writer):
         return rows
 
     def open(self) -> None:
-        self._file = _AppendFile(self.folder / f"{self.name}.csv")
-        self._file.csv.writerow(["timestamp_ns", *self._columns])
+        self._file = _AppendFile(self.folder / f"{self.name}.csv", ["timestamp_ns", *self._columns])
 
     def write(self, rows: list[list[Any]], stamp: int) -> None:
         self._file.csv.writerows([stamp, *row] for row in rows)

@@ -384,6 +384,30 @@ def test_a_media_timestamp_is_in_its_file_before_its_frame_is_written(tmp_path):
     writer.close()
 
 
+@pytest.mark.parametrize(
+    ("kind", "data", "file", "columns"),
+    [
+        ("table", {"x": 1}, "s.csv", ["timestamp_ns", "x"]),
+        ("json", {"x": 1}, "s.timestamps.csv", ["index", "timestamp_ns"]),
+        ("text", "x\n", "s.timestamps.csv", ["index", "timestamp_ns"]),
+    ],
+)
+def test_a_csv_file_has_its_header_as_soon_as_its_stream_is_open(
+    tmp_path, kind, data, file, columns
+):
+    # What a node killed before its stream's first flush leaves: a table of no
+    # rows, which pandas reads (an empty file it cannot).
+    from chimera._recording import _WRITERS
+
+    writer = _WRITERS[kind](tmp_path, "s")
+    item = writer.prepare(data)
+    writer.open()
+    writer.write(item, 123)
+    table = pd.read_csv(tmp_path / file)
+    assert list(table.columns) == columns and len(table) == 0
+    writer.close()
+
+
 # --- in a cluster, nodes in processes ------------------------------------------------
 
 
