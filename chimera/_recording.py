@@ -367,6 +367,8 @@ class _AppendFile:
 
     def __init__(self, path: Path, header: list[str] | None = None) -> None:
         self._file = open(path, "wb", buffering=0)
+        #: Bytes in the file: whole lines.
+        self._size = 0
         self._pending = io.StringIO()
         self.csv = csv.writer(self._pending, lineterminator="\n")
         if header is not None:
@@ -377,11 +379,27 @@ class _AppendFile:
         self._pending.write(text)
 
     def flush(self) -> None:
-        text = self._pending.getvalue()
-        if text:
-            self._file.write(text.encode())
-            self._pending.seek(0)
-            self._pending.truncate()
+        """Write what was added since the last flush, every byte of it.
+
+        Raises:
+            OSError: it could not be written whole (a full disk): the file is
+                cut back to the lines it held before, and what was added is
+                kept, for the next flush to write.
+        """
+        data = self._pending.getvalue().encode()
+        if not data:
+            return
+        try:
+            written = 0
+            while written < len(data):  # (a write may be short: the disk is full)
+                written += self._file.write(data[written:])
+        except OSError:
+            self._file.truncate(self._size)  # no half line
+            self._file.seek(self._size)
+            raise
+        self._size += len(data)
+        self._pending.seek(0)
+        self._pending.truncate()
 
     def close(self) -> None:
         try:

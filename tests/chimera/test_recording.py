@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import itertools
 import json
 import os
@@ -406,6 +407,46 @@ def test_a_csv_file_has_its_header_as_soon_as_its_stream_is_open(
     table = pd.read_csv(tmp_path / file)
     assert list(table.columns) == columns and len(table) == 0
     writer.close()
+
+
+# Writes a table and a text, flushing every 10 rows, past a file size limit
+# (RLIMIT_FSIZE: a write that reaches it is short, the next fails with EFBIG,
+# as on a full disk); prints the error the writer raises.
+_FILL_UP_TO_THE_LIMIT = """
+import resource, sys
+from pathlib import Path
+from chimera._recording import _WRITERS
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY))
+writers = [_WRITERS["table"](Path(sys.argv[1]), "tab"), _WRITERS["text"](Path(sys.argv[1]), "tx")]
+items = [{"i": 0, "pad": "p" * 100}, "q" * 100 + "\\n"]
+for writer, item in zip(writers, items):
+    writer.prepare(item)
+    writer.open()
+try:
+    for i in range(200):
+        for writer, item in zip(writers, items):
+            writer.write(writer.prepare(item), i)
+        if i % 10 == 9:
+            for writer in writers:
+                writer.flush()
+except OSError as exc:
+    print(type(exc).__name__, exc.errno)
+"""
+
+
+async def test_a_full_disk_leaves_whole_lines_and_is_an_error(tmp_path):
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-c", _FILL_UP_TO_THE_LIMIT, str(tmp_path)], capture_stdout=True
+        )
+    assert done.stdout.decode().split() == ["OSError", str(errno.EFBIG)]
+    table = pd.read_csv(tmp_path / "tab.csv")
+    assert 50 <= len(table) < 200  # what fitted, every row whole
+    assert table["timestamp_ns"].tolist() == list(range(len(table)))
+    assert (table["pad"] == "p" * 100).all()
+    lines = (tmp_path / "tx.txt").read_text().split("\n")
+    assert lines[-1] == "" and set(lines[:-1]) == {"q" * 100} and len(lines) > 50
 
 
 # --- in a cluster, nodes in processes ------------------------------------------------
