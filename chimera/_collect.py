@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -106,8 +107,8 @@ class Incoming:
         if self._progress is not None:
             self._progress(len(self.received), self._bytes)
 
-    async def write(self, path: str, body: AsyncIterator[bytes]) -> None:
-        """Write *body* to ``root/path``, hashing it.
+    async def write(self, path: str, body: AsyncIterator[bytes]) -> FileEntry:
+        """Write *body* to ``root/path``, hashing it; what was written.
 
         Raises:
             ValueError: *path* would not be inside *root*.
@@ -130,7 +131,9 @@ class Incoming:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(file.close)
-        self._add(relative, FileEntry(size, digest.hexdigest()))
+        entry = FileEntry(size, digest.hexdigest())
+        self._add(relative, entry)
+        return entry
 
 
 def _hash_and_write(digest: Any, file: Any, pieces: list[bytes]) -> None:
@@ -197,21 +200,26 @@ def verify(worker: str, sent: list[dict[str, Any]], received: dict[str, FileEntr
 
 async def send_folder(
     client: httpx.AsyncClient, url: str, folder: Path, prefix: str
-) -> list[dict[str, Any]]:
-    """POST every file under *folder* to ``url/prefix/RELATIVE PATH``; what was
-    sent: ``{"path", "size", "sha256"}`` per file.
+) -> tuple[list[dict[str, Any]], bool]:
+    """POST every file under *folder* to ``url/prefix/RELATIVE PATH`` (the path
+    percent-encoded: any name travels); what was sent, ``{"path", "size",
+    "sha256"}`` per file, and whether the Manager received each as it was sent
+    (its answer names the SHA-256 of what it wrote).
 
     Raises:
         httpx.HTTPError: the Manager could not be reached, or refused a file.
     """
     sent = []
+    whole = True
     for path in await trio.to_thread.run_sync(files_under, folder):
         relative = f"{prefix}/{path.relative_to(folder).as_posix()}"
         body = _FileBody(path)
-        response = await client.post(f"{url}/{relative}", content=body)
+        response = await client.post(f"{url}/{urllib.parse.quote(relative)}", content=body)
         response.raise_for_status()
-        sent.append({"path": relative, "size": body.size, "sha256": body.digest.hexdigest()})
-    return sent
+        digest = body.digest.hexdigest()
+        whole = whole and response.json().get("sha256") == digest
+        sent.append({"path": relative, "size": body.size, "sha256": digest})
+    return sent, whole
 
 
 class _FileBody:

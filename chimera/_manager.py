@@ -696,12 +696,17 @@ class AsyncManager(Service):
         before may keep their last state)."""
         return {self.nodes.get(node) for nodes in self._mapping.values() for node in nodes}
 
+    def _nodes_run(self) -> bool:
+        """Whether the nodes run: started (or previewed) and not stopped since,
+        or RUNNING (as the Workers say: a moment after :meth:`start` returns)."""
+        started = self._started_ns is not None and self._stopped_ns is None
+        return started or "RUNNING" in self._mapped_states()
+
     def _check_not_started(self, call: str) -> None:
         """Raise RuntimeError, naming *call*, if the nodes run or have run."""
-        states = self._mapped_states()
-        if "RUNNING" in states:
+        if self._nodes_run():
             raise RuntimeError(f"{call}: the nodes run already (stop() them first)")
-        if states & {"STOPPED", "SAVED"}:
+        if self._stopped_ns is not None or self._mapped_states() & {"STOPPED", "SAVED"}:
             raise RuntimeError(
                 f"{call}: the nodes ran and stopped; a graph runs once per commit: "
                 "shut its nodes down and commit it again (AsyncManager.shutdown(); "
@@ -715,7 +720,7 @@ class AsyncManager(Service):
         Raises:
             RuntimeError: the nodes do not run (``preview()`` them first).
         """
-        if "RUNNING" not in self._mapped_states():
+        if not self._nodes_run():
             self._check_not_started("record()")  # (ran and stopped: it says so)
             raise RuntimeError(
                 "record(): the nodes do not run: preview() them first "
@@ -756,7 +761,7 @@ class AsyncManager(Service):
                 all arrive whole are ``"collected": false`` there.
             RuntimeError: a Worker failed.
         """
-        if "RUNNING" in self._mapped_states():
+        if self._nodes_run():
             await self.stop()
         session = self.session_folder()
         progress = Progress()
@@ -1231,13 +1236,13 @@ class AsyncManager(Service):
             elif not self._authorized(scope):
                 await _respond(send, 401, {"error": "refused: wrong or missing token"})
             else:
-                try:
-                    await incoming.write(urllib.parse.unquote(member), read_body(receive))
+                try:  # (the path is decoded already: once is all)
+                    written = await incoming.write(member, read_body(receive))
                 except ValueError as exc:
                     log.error("collect: refused %r: %s", member, exc)
                     await _respond(send, 400, {"error": str(exc)})
                     return
-                await _respond(send, 200, {})
+                await _respond(send, 200, {"sha256": written.sha256})
         elif method == "GET" and path.startswith("/packages/") and package is not None:
             if not self._authorized(scope):
                 await _respond(send, 401, {"error": "refused: wrong or missing token"})

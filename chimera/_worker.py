@@ -810,6 +810,7 @@ class AsyncWorker(Service):
             sees_probe, local["folder"], local["probe"], local["key"]
         )
         sent: list[dict[str, Any]] = []
+        whole = True  # (a file the Manager got otherwise stays uncollected: kept, or warned of)
         if moved:
             target = Path(local["folder"])
             sent = await trio.to_thread.run_sync(
@@ -821,7 +822,9 @@ class AsyncWorker(Service):
             )
         else:
             for folder, name in folders:
-                sent += await send_folder(self._http, upload, folder, name)
+                sent_here, whole_here = await send_folder(self._http, upload, folder, name)
+                sent += sent_here
+                whole = whole and whole_here
         estimate = self.clock.estimate()
         clock = (
             None
@@ -832,7 +835,7 @@ class AsyncWorker(Service):
             name: manifest.streams if manifest is not None else None
             for (_, name), manifest in zip(folders, manifests, strict=True)
         }
-        self._uncollected = False
+        self._uncollected = not whole
         return {"files": sent, "moved": moved, "clock": clock, "streams": streams}
 
     async def _do_gather_nodes(self, upload: str) -> None:

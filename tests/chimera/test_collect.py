@@ -1,0 +1,86 @@
+"""Collecting what nodes saved: over HTTP (as from another machine), and at once after start."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+
+import chimera as cp
+from chimera._manager import AsyncManager
+from chimera._worker import AsyncWorker
+
+#: Names a save accepts that a URL does not carry as they are.
+ODD_NAMES = ["cam#1", "what?", "50%25", "two words", "café"]
+
+
+class SavesUnderOddNames(cp.Node):
+    def prep(self):
+        for name in ODD_NAMES:
+            self.save_text(name, f"{name} said")
+
+    def step(self):
+        threading.Event().wait(0.001)  # (a source with nothing to send)
+
+
+@pytest.mark.parametrize("way", ["sent", "moved"])
+async def test_files_of_any_name_a_save_takes_are_collected(tmp_path, monkeypatch, way):
+    if way == "sent":  # (as from a Worker on another machine)
+        monkeypatch.setattr("chimera._worker.sees_probe", lambda *args: False)
+    graph = cp.Graph()
+    graph.add_node(SavesUnderOddNames("odd"))
+    with trio.fail_after(60):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("remote") as worker:
+                assert await worker.connect(manager.host, manager.port)
+                assert await manager.commit_graph(graph, {"remote": ["odd"]})
+                assert await manager.start()
+                # At once: the nodes have yet to say they run; collect stops them all the same.
+                assert await manager.collect()
+                folder = manager.session_folder() / "remote" / "odd"
+                texts = {path.name: path.read_text() for path in folder.glob("*.txt")}
+    assert texts == {f"{name}.txt": f"{name} said" for name in ODD_NAMES}
+
+
+async def test_a_second_start_at_once_is_refused(tmp_path):
+    graph = cp.Graph()
+    graph.add_node(SavesUnderOddNames("odd"))
+    with trio.fail_after(60):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("local") as worker:
+                assert await worker.connect(manager.host, manager.port)
+                assert await manager.commit_graph(graph, {"local": ["odd"]})
+                assert await manager.start()
+                with pytest.raises(RuntimeError, match="the nodes run already"):
+                    await manager.start()
+                assert await manager.stop()
+
+
+async def test_files_that_did_not_arrive_whole_are_not_forgotten_by_their_worker(
+    tmp_path, monkeypatch, caplog
+):
+    # Sent, then changed on the way: the Worker does not take them as collected.
+    from chimera import _collect
+
+    original = _collect._FileBody.__aiter__
+
+    async def tampered(self):
+        async for chunk in original(self):
+            yield chunk
+        yield b"!"  # sent, not hashed
+
+    monkeypatch.setattr("chimera._worker.sees_probe", lambda *args: False)
+    monkeypatch.setattr(_collect._FileBody, "__aiter__", tampered)
+    graph = cp.Graph()
+    graph.add_node(SavesUnderOddNames("odd"))
+    with trio.fail_after(60):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("remote") as worker:
+                assert await worker.connect(manager.host, manager.port)
+                assert await manager.commit_graph(graph, {"remote": ["odd"]})
+                assert await manager.start()
+                with pytest.raises(ValueError, match="differs from what"):
+                    await manager.collect()
+    said = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
+    assert len(said) == 1
