@@ -662,12 +662,28 @@ class _ImageWriter(_Writer):
         self._open_stamps()
 
     def write(self, image: numpy.ndarray, stamp: int) -> None:
+        """Write the image whole under a temporary name, ``.NNNNNN.png.partial``
+        (not a PNG's), then its timestamp, then rename it: a kill at any
+        moment leaves the whole image with its timestamp, or neither (and
+        maybe the temporary file).
+
+        Raises:
+            OSError: it cannot be encoded or written (no temporary file is left).
+        """
         import cv2
 
         path = self.folder / self.name / f"{self.info.count:06d}.png"
-        self._stamp(self.info.count, stamp, at_once=True)
-        if not cv2.imwrite(str(path), image):
-            raise OSError(f"cannot write {path}")
+        partial = path.with_name(f".{path.name}.partial")
+        encoded, png = cv2.imencode(".png", image)
+        if not encoded:
+            raise OSError(f"cannot encode {path.name} as PNG")
+        try:
+            partial.write_bytes(png)
+            self._stamp(self.info.count, stamp, at_once=True)
+            partial.replace(path)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            raise
 
 
 def _is_pandas(value: Any, kind: str) -> bool:

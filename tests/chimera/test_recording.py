@@ -449,6 +449,42 @@ async def test_a_full_disk_leaves_whole_lines_and_is_an_error(tmp_path):
     assert lines[-1] == "" and set(lines[:-1]) == {"q" * 100} and len(lines) > 50
 
 
+# Saves a small image, then a large one, in a process that the kernel kills
+# (SIGXFSZ, whose default is to end the process) once a file it writes passes
+# 1 MB: in the middle of the large one.
+_KILLED_WRITING_AN_IMAGE = """
+import resource, signal, sys
+import numpy as np
+from chimera._recording import Recorder
+
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+recorder = Recorder(sys.argv[1])
+recorder.save("image", "shot", np.full((40, 60, 3), 7, np.uint8))
+noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+recorder.save("image", "shot", noise)  # ~3 MB as PNG
+recorder.close()
+"""
+
+
+async def test_a_node_killed_while_it_writes_an_image_leaves_whole_images(tmp_path):
+    import cv2
+
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-c", _KILLED_WRITING_AN_IMAGE, str(tmp_path)],
+            check=False,
+            cwd=tmp_path,
+        )
+    assert done.returncode == -signal.SIGXFSZ
+    pngs = sorted((tmp_path / "shot").glob("*.png"))
+    assert [p.name for p in pngs] == ["000000.png"]
+    assert (cv2.imread(str(pngs[0])) == 7).all()
+    # The large one is not counted: meta.json counts a killed node's timestamps.
+    assert stamps(tmp_path / "shot.timestamps.csv")[0] == [0]
+
+
 # --- in a cluster, nodes in processes ------------------------------------------------
 
 
