@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -24,37 +26,39 @@ class SavesUnderOddNames(cp.Node):
         threading.Event().wait(0.001)  # (a source with nothing to send)
 
 
+@asynccontextmanager
+async def running(tmp_path) -> AsyncIterator[AsyncManager]:
+    """A Manager whose Worker, "remote", has started a :class:`SavesUnderOddNames`
+    (inline: the memory transport), "odd", a moment ago."""
+    graph = cp.Graph()
+    graph.add_node(SavesUnderOddNames("odd"))
+    async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+        async with AsyncWorker("remote") as worker:
+            assert await worker.connect(manager.host, manager.port)
+            assert await manager.commit_graph(graph, {"remote": ["odd"]})
+            assert await manager.start()
+            yield manager
+
+
 @pytest.mark.parametrize("way", ["sent", "moved"])
 async def test_files_of_any_name_a_save_takes_are_collected(tmp_path, monkeypatch, way):
     if way == "sent":  # (as from a Worker on another machine)
         monkeypatch.setattr("chimera._worker.sees_probe", lambda *args: False)
-    graph = cp.Graph()
-    graph.add_node(SavesUnderOddNames("odd"))
     with trio.fail_after(60):
-        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
-            async with AsyncWorker("remote") as worker:
-                assert await worker.connect(manager.host, manager.port)
-                assert await manager.commit_graph(graph, {"remote": ["odd"]})
-                assert await manager.start()
-                # At once: the nodes have yet to say they run; collect stops them all the same.
-                assert await manager.collect()
-                folder = manager.session_folder() / "remote" / "odd"
-                texts = {path.name: path.read_text() for path in folder.glob("*.txt")}
+        async with running(tmp_path) as manager:
+            # At once: the nodes have yet to say they run; collect stops them all the same.
+            assert await manager.collect()
+            folder = manager.session_folder() / "remote" / "odd"
+            texts = {path.name: path.read_text() for path in folder.glob("*.txt")}
     assert texts == {f"{name}.txt": f"{name} said" for name in ODD_NAMES}
 
 
 async def test_a_second_start_at_once_is_refused(tmp_path):
-    graph = cp.Graph()
-    graph.add_node(SavesUnderOddNames("odd"))
     with trio.fail_after(60):
-        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
-            async with AsyncWorker("local") as worker:
-                assert await worker.connect(manager.host, manager.port)
-                assert await manager.commit_graph(graph, {"local": ["odd"]})
-                assert await manager.start()
-                with pytest.raises(RuntimeError, match="the nodes run already"):
-                    await manager.start()
-                assert await manager.stop()
+        async with running(tmp_path) as manager:
+            with pytest.raises(RuntimeError, match="the nodes run already"):
+                await manager.start()
+            assert await manager.stop()
 
 
 async def test_files_that_did_not_arrive_whole_are_not_forgotten_by_their_worker(
@@ -72,15 +76,9 @@ async def test_files_that_did_not_arrive_whole_are_not_forgotten_by_their_worker
 
     monkeypatch.setattr("chimera._worker.sees_probe", lambda *args: False)
     monkeypatch.setattr(_collect._FileBody, "__aiter__", tampered)
-    graph = cp.Graph()
-    graph.add_node(SavesUnderOddNames("odd"))
     with trio.fail_after(60):
-        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
-            async with AsyncWorker("remote") as worker:
-                assert await worker.connect(manager.host, manager.port)
-                assert await manager.commit_graph(graph, {"remote": ["odd"]})
-                assert await manager.start()
-                with pytest.raises(ValueError, match="differs from what"):
-                    await manager.collect()
+        async with running(tmp_path) as manager:
+            with pytest.raises(ValueError, match="differs from what"):
+                await manager.collect()
     said = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
     assert len(said) == 1

@@ -78,26 +78,39 @@ async def test_a_worker_that_falls_silent_is_taken_as_gone(tmp_path, monkeypatch
     assert said == ["worker 'frozen': no word for 0.5 s: taken as gone"]
 
 
+async def welcomed(
+    request: trio_websocket.WebSocketRequest,
+) -> trio_websocket.WebSocketConnection:
+    """Check a Worker in as a Manager without a token does; its connection."""
+    ws = await request.accept()
+    await ws.get_message()  # hello
+    await ws.send_message(protocol.make("challenge", nonce="n", proof=None))
+    await ws.get_message()  # auth
+    await ws.send_message(protocol.make("welcome", worker_id="w"))
+    return ws
+
+
+@asynccontextmanager
+async def worker_of(handler: Any) -> AsyncIterator[AsyncWorker]:
+    """A Worker, "lab-pc", connected to a stand-in Manager: *handler* serves it."""
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+        async with AsyncWorker("lab-pc") as worker:
+            assert await worker.connect("127.0.0.1", server.port)
+            yield worker
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_manager_that_falls_silent_is_taken_as_gone(monkeypatch, caplog):
     monkeypatch.setattr(protocol, "SILENCE_TIMEOUT", 0.5)
 
     async def silent_manager(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        await ws.get_message()  # hello
-        await ws.send_message(protocol.make("challenge", nonce="n", proof=None))
-        await ws.get_message()  # auth
-        await ws.send_message(protocol.make("welcome", worker_id="w"))
+        await welcomed(request)
         await trio.sleep_forever()
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                trio_websocket.serve_websocket, silent_manager, "127.0.0.1", 0, None
-            )
-            async with AsyncWorker("lab-pc") as worker:
-                assert await worker.connect("127.0.0.1", server.port)
-                await worker.wait_for_disconnect()
-            nursery.cancel_scope.cancel()
+        async with worker_of(silent_manager) as worker:
+            await worker.wait_for_disconnect()
     said = [r.getMessage() for r in caplog.records if "no word" in r.getMessage()]
     assert said == ["worker 'lab-pc': no word from the manager for 0.5 s: taken as gone"]
 
@@ -640,11 +653,7 @@ async def test_a_clock_exchange_that_cannot_be_is_dropped_and_the_worker_stays(c
     # time than the Manager spent on it. Then a good exchange.
 
     async def stepping_manager(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        await ws.get_message()  # hello
-        await ws.send_message(protocol.make("challenge", nonce="n", proof=None))
-        await ws.get_message()  # auth
-        await ws.send_message(protocol.make("welcome", worker_id="w"))
+        ws = await welcomed(request)
         t0 = protocol.parse(await ws.get_message())["t0"]
         await ws.send_message(protocol.make("clock_ack", t0=t0, t1=t0, t2=t0 + 10**10))
         t0 = protocol.parse(await ws.get_message())["t0"]
@@ -652,16 +661,10 @@ async def test_a_clock_exchange_that_cannot_be_is_dropped_and_the_worker_stays(c
         await trio.sleep_forever()
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                trio_websocket.serve_websocket, stepping_manager, "127.0.0.1", 0, None
-            )
-            async with AsyncWorker("lab-pc") as worker:
-                assert await worker.connect("127.0.0.1", server.port)
-                await worker.wait_for_clock(1)  # (the answers are read in order)
-                assert worker.connected
-                assert worker.clock.estimate().samples == 1
-                assert abs(worker.clock.estimate().offset_ns) < 10**9
-            nursery.cancel_scope.cancel()
+        async with worker_of(stepping_manager) as worker:
+            await worker.wait_for_clock(1)  # (the answers are read in order)
+            assert worker.connected
+            assert worker.clock.estimate().samples == 1
+            assert abs(worker.clock.estimate().offset_ns) < 10**9
     said = [r.getMessage() for r in caplog.records if "cannot be" in r.getMessage()]
     assert said == ["worker 'lab-pc': a clock exchange that cannot be (a clock stepped?): dropped"]
