@@ -56,8 +56,9 @@ log = logging.getLogger("chimera.recording")
 FLUSH_PERIOD = 1.0
 #: Items a stream's queue holds, by kind (a full queue makes the node wait).
 QUEUE_SIZES = {"video": 16, "audio": 256, "image": 16, "table": 1024, "json": 1024, "text": 1024}
-#: H.264 settings: fast enough for 1080p at 30 fps on two cores.
-VIDEO_OPTIONS = {"preset": "ultrafast", "threads": "2"}
+#: H.264 settings: fast enough for 1080p at 30 fps on two cores. libx264 makes
+#: no keyframe of its own: the writer asks for one each :data:`FLUSH_PERIOD`.
+VIDEO_OPTIONS = {"preset": "ultrafast", "threads": "2", "x264-params": "keyint=infinite"}
 
 #: PyAudio's sample formats (as ChimeraPy takes them): soundfile subtype and dtype.
 _AUDIO_FORMATS = {
@@ -493,6 +494,8 @@ class _VideoWriter(_Writer):
         self._size: tuple[int, int] | None = None
         self._container: Any = None
         self._stream: Any = None
+        #: The timestamp of the last keyframe's frame.
+        self._keyframe_ns: int | None = None
 
     def prepare(self, data: Any, fps: Any = None) -> numpy.ndarray:
         frame = self._as_uint8(numpy.asarray(data))
@@ -527,8 +530,9 @@ class _VideoWriter(_Writer):
             str(self.folder / f"{self.name}.mp4"),
             "w",
             format="mp4",
-            # A fragment at each keyframe, each written at once: what a crash
-            # leaves is readable up to the last fragment.
+            # A fragment at each keyframe (one a second: see write), each
+            # written at once: what a crash leaves is readable up to the last
+            # fragment.
             options={
                 "movflags": "frag_keyframe+empty_moov+default_base_moof",
                 "flush_packets": "1",
@@ -536,19 +540,24 @@ class _VideoWriter(_Writer):
         )
         # (PyAV takes a whole number or a Fraction: 29.97 as 2997/100.)
         rate = fractions.Fraction(self.fps).limit_denominator(1001)
-        self._stream = self._container.add_stream(
-            "libx264", rate=rate, options={**VIDEO_OPTIONS, "g": str(max(1, round(self.fps)))}
-        )
+        self._stream = self._container.add_stream("libx264", rate=rate, options=VIDEO_OPTIONS)
         self._stream.width, self._stream.height = self._size
         self._stream.pix_fmt = "yuv420p"
         self._open_stamps()
 
     def write(self, frame: numpy.ndarray, stamp: int) -> None:
+        """Encode *frame*, a keyframe if it was saved :data:`FLUSH_PERIOD` or
+        more after the last keyframe (whatever the rate the node declared):
+        a kill loses the frames since the last keyframe, about a second."""
         import av
+        from av.video.frame import PictureType
 
         video_frame = av.VideoFrame.from_ndarray(
             frame, format="gray" if frame.ndim == 2 else "bgr24"
         )
+        if self._keyframe_ns is None or stamp - self._keyframe_ns >= FLUSH_PERIOD * 1e9:
+            video_frame.pict_type = PictureType.I  # (libx264 makes it a keyframe)
+            self._keyframe_ns = stamp
         self._stamp(self.info.count, stamp, at_once=True)
         self._container.mux(self._stream.encode(video_frame))
 

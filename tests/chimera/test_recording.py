@@ -485,6 +485,29 @@ async def test_a_node_killed_while_it_writes_an_image_leaves_whole_images(tmp_pa
     assert stamps(tmp_path / "shot.timestamps.csv")[0] == [0]
 
 
+def test_a_video_saved_slower_than_its_fps_has_a_keyframe_a_second_so_a_kill_loses_one(
+    tmp_path,
+):
+    # A node that declares its camera's 30 fps, but saves 5 frames a second.
+    import av
+
+    from chimera._recording import _WRITERS
+
+    writer = _WRITERS["video"](tmp_path, "v", fps=30)
+    frames = [writer.prepare(np.full((48, 64, 3), 10 * i, np.uint8)) for i in range(16)]
+    writer.open()
+    for i, frame in enumerate(frames):
+        writer.write(frame, i * 200_000_000)  # 3 s of frames
+    # What a kill now leaves: the fragments up to the last keyframe or the one before.
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        left = sum(1 for _ in container.decode(video=0))
+    writer.close()
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        keyframes = [i for i, packet in enumerate(container.demux(video=0)) if packet.is_keyframe]
+    assert keyframes == [0, 5, 10, 15]
+    assert left >= 10  # (at most 6 frames lost: 1.2 s)
+
+
 # --- in a cluster, nodes in processes ------------------------------------------------
 
 
