@@ -14,7 +14,10 @@ kind       files                               written with
 =========  ==================================  ==========================================
 video      ``NAME.mp4``                        PyAV: H.264 in fragmented MP4, a fragment
                                                per second (readable after a crash)
-audio      ``NAME.wav``                        soundfile (the header is kept up to date)
+audio      ``NAME.wav``                        soundfile; the header gets its sizes when
+                                               the file is closed: after a kill they are
+                                               0, which soundfile reads past (every
+                                               sample flushed), Python's wave module not
 image      ``NAME/000000.png``, ...            OpenCV
 table      ``NAME.csv`` (``timestamp_ns`` the  the csv module
            first column)

@@ -508,6 +508,41 @@ def test_a_video_saved_slower_than_its_fps_has_a_keyframe_a_second_so_a_kill_los
     assert left >= 10  # (at most 6 frames lost: 1.2 s)
 
 
+# Saves ten audio blocks, flushes (as the writer does each second), and is killed.
+_KILLED_AFTER_AN_AUDIO_FLUSH = """
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from chimera._recording import _WRITERS
+
+writer = _WRITERS["audio"](Path(sys.argv[1]), "mic", channels=1, format=8, rate=8000)
+block = writer.prepare(np.arange(800, dtype=np.int16))
+writer.open()
+for i in range(10):
+    writer.write(block, i)
+writer.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+async def test_a_wav_left_by_a_kill_reads_whole_with_soundfile_not_with_wave(tmp_path):
+    # As docs/recording.md says: its header's sizes are written at close.
+    import wave
+
+    import soundfile
+
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-c", _KILLED_AFTER_AN_AUDIO_FLUSH, str(tmp_path)], check=False
+        )
+    assert done.returncode == -signal.SIGKILL
+    samples, rate = soundfile.read(tmp_path / "mic.wav", dtype="int16")
+    assert rate == 8000 and samples.tolist() == list(range(800)) * 10
+    assert stamps(tmp_path / "mic.timestamps.csv")[0] == [800 * i for i in range(10)]
+    with pytest.raises(wave.Error, match="data chunk missing"):
+        wave.open(str(tmp_path / "mic.wav"))
+
+
 # --- in a cluster, nodes in processes ------------------------------------------------
 
 
