@@ -550,15 +550,16 @@ class _VideoWriter(_Writer):
 
     def write(self, frame: numpy.ndarray, stamp: int) -> None:
         """Encode *frame*, a keyframe if it was saved :data:`FLUSH_PERIOD` or
-        more after the last keyframe (whatever the rate the node declared):
-        a kill loses the frames since the last keyframe, about a second."""
+        more after the last keyframe (whatever the rate the node declared), or
+        before it (the cluster clock stepped back): a kill loses the frames
+        since the last keyframe, about a second."""
         import av
         from av.video.frame import PictureType
 
         video_frame = av.VideoFrame.from_ndarray(
             frame, format="gray" if frame.ndim == 2 else "bgr24"
         )
-        if self._keyframe_ns is None or stamp - self._keyframe_ns >= FLUSH_PERIOD * 1e9:
+        if self._keyframe_ns is None or not 0 <= stamp - self._keyframe_ns < FLUSH_PERIOD * 1e9:
             video_frame.pict_type = PictureType.I  # (libx264 makes it a keyframe)
             self._keyframe_ns = stamp
         self._stamp(self.info.count, stamp, at_once=True)

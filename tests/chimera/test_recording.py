@@ -508,6 +508,22 @@ def test_a_video_saved_slower_than_its_fps_has_a_keyframe_a_second_so_a_kill_los
     assert left >= 10  # (at most 6 frames lost: 1.2 s)
 
 
+def test_a_video_whose_cluster_clock_steps_back_still_has_a_keyframe_a_second(tmp_path):
+    import av
+
+    from chimera._recording import _WRITERS
+
+    writer = _WRITERS["video"](tmp_path, "v", fps=5)
+    frames = [writer.prepare(np.full((48, 64, 3), 10 * i, np.uint8)) for i in range(12)]
+    writer.open()
+    for i, frame in enumerate(frames):  # 5 frames a second, the clock set 10 s back at frame 3
+        writer.write(frame, i * 200_000_000 - (10_000_000_000 if i >= 3 else 0))
+    writer.close()
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        keyframes = [i for i, packet in enumerate(container.demux(video=0)) if packet.is_keyframe]
+    assert keyframes == [0, 3, 8]
+
+
 # Saves ten audio blocks, flushes (as the writer does each second), and is killed.
 _KILLED_AFTER_AN_AUDIO_FLUSH = """
 import os, signal, sys
