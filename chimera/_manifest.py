@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "PARTIAL",
     "FileEntry",
     "Manifest",
     "files_under",
@@ -85,9 +86,17 @@ def hash_file(path: Path) -> FileEntry:
     return FileEntry(size, digest.hexdigest(), after.st_ino, after.st_mtime_ns)
 
 
+#: How the name of a file a writer has not finished ends (a node killed while
+#: it wrote an image leaves one): not a file of the recording, never collected.
+PARTIAL = ".partial"
+
+
 def files_under(folder: Path) -> list[Path]:
-    """Every file under *folder*, in order (none if it does not exist). Blocking."""
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    """Every file under *folder* but unfinished ones (:data:`PARTIAL`), in order
+    (none if it does not exist). Blocking."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(PARTIAL))
 
 
 def manifest_path(folder: Path) -> Path:

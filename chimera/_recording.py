@@ -49,7 +49,7 @@ from typing import Any
 import numpy
 
 from ._data import _check_utf8, cluster_time_ns
-from ._manifest import Manifest, stream_summary
+from ._manifest import PARTIAL, Manifest, stream_summary
 
 __all__ = ["FLUSH_PERIOD", "Recorder", "StreamInfo", "check_name"]
 
@@ -678,7 +678,7 @@ class _ImageWriter(_Writer):
         """Write the image whole under a temporary name, ``.NNNNNN.png.partial``
         (not a PNG's), then its timestamp, then rename it: a kill at any
         moment leaves the whole image with its timestamp, or neither (and
-        maybe the temporary file).
+        maybe the temporary file, which is not collected).
 
         Raises:
             OSError: it cannot be encoded or written (no temporary file is left).
@@ -686,7 +686,7 @@ class _ImageWriter(_Writer):
         import cv2
 
         path = self.folder / self.name / f"{self.info.count:06d}.png"
-        partial = path.with_name(f".{path.name}.partial")
+        partial = path.with_name(f".{path.name}{PARTIAL}")
         encoded, png = cv2.imencode(".png", image)
         if not encoded:
             raise OSError(f"cannot encode {path.name} as PNG")

@@ -12,7 +12,7 @@ import pytest
 
 from chimera._collect import Incoming, move_folder, summarize, verify
 from chimera._data import set_clock
-from chimera._manifest import FileEntry, Manifest, hash_file, manifest_path
+from chimera._manifest import FileEntry, Manifest, files_under, hash_file, manifest_path
 from chimera._recording import Recorder
 
 
@@ -150,3 +150,11 @@ def test_the_files_of_a_node_killed_before_its_first_flush_are_summarized(tmp_pa
         "mic": ("mic.wav", 2, 1000),
         "readings": ("readings.csv", 0, None),
     }
+
+
+def test_a_file_left_unfinished_is_no_file_of_the_recording(tmp_path):
+    # As the image a node was writing when it was killed.
+    (tmp_path / "shot").mkdir()
+    (tmp_path / "shot" / "000000.png").write_bytes(b"whole")
+    (tmp_path / "shot" / ".000001.png.partial").write_bytes(b"half")
+    assert files_under(tmp_path) == [tmp_path / "shot" / "000000.png"]
