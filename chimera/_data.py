@@ -471,6 +471,11 @@ def _read_only(array: numpy.ndarray) -> bool:
     return base is None or type(base) is bytes
 
 
+#: Arrays up to this many bytes are copied into ``bytes``, the quickest way;
+#: larger ones into a numpy array, which numpy copies without holding the GIL.
+SMALL_ARRAY = 64 * 1024
+
+
 class _Encoder:
     """Builds the envelope of one chunk, collecting the frames it references."""
 
@@ -483,25 +488,34 @@ class _Encoder:
         return len(self.frames)  # frame 0 is the envelope
 
     def array(self, array: numpy.ndarray, kind: str = "array") -> dict[str, Any]:
-        shape = list(array.shape)
-        if not (array.flags.c_contiguous and _read_only(array)):
-            # A copy of its own, read-only: the node may change its array once
-            # its step has returned (a buffer it reuses), and a receiver in the
-            # same process (the memory transport) must not change what the
-            # others receive.
-            array = numpy.array(array, order="C")  # (ascontiguousarray makes 0-d 1-d)
-            array.flags.writeable = False
-        try:
-            raw = memoryview(array).cast("B")
-        except (TypeError, ValueError):  # memoryview refuses some dtypes (datetime64)
-            # and casts of empty arrays: view them as bytes
-            raw = memoryview(array.reshape(-1).view(numpy.uint8))
+        # The node may change its array once its step has returned (a buffer it
+        # reuses), and a receiver in the same process (the memory transport)
+        # must not change what the others receive: the frame is a read-only
+        # copy, unless the array is read-only itself.
+        frame: Frame
+        if array.flags.c_contiguous and _read_only(array):
+            frame = self.view(array)
+        elif array.nbytes <= SMALL_ARRAY:
+            frame = array.tobytes()  # (C order; a 1 KB array's in ~0.2 µs)
+        else:  # (numpy copies it without holding the GIL: the event loop goes on)
+            copy = numpy.array(array, order="C")  # (ascontiguousarray makes 0-d 1-d)
+            copy.flags.writeable = False
+            frame = self.view(copy)
         return {
             "kind": kind,
-            "frame": self.add_frame(raw),
+            "frame": self.add_frame(frame),
             "dtype": array.dtype.str,
-            "shape": shape,
+            "shape": list(array.shape),
         }
+
+    @staticmethod
+    def view(array: numpy.ndarray) -> memoryview:
+        """The bytes of *array* (C-contiguous), without a copy."""
+        try:
+            return memoryview(array).cast("B")
+        except (TypeError, ValueError):  # memoryview refuses some dtypes (datetime64)
+            # and casts of empty arrays: view them as bytes
+            return memoryview(array.reshape(-1).view(numpy.uint8))
 
     def pickle(self, name: str, value: Any) -> dict[str, Any]:
         if not self.allow_objects:

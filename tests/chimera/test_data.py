@@ -479,7 +479,7 @@ def test_encoded_frames_keep_arrays_as_they_were_at_encoding():
     image[:] = 7
     audio[:] = 7
     assert len(frames) == 3
-    assert all(frame.readonly for frame in frames[1:])
+    assert all(memoryview(frame).readonly for frame in frames[1:])
     decoded = decode_chunk(frames)
     assert not decoded.get("image")["value"].any()
     assert not decoded.get("audio")["value"].any()
