@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._abc import Delivery
-from ._framing import MAX_CAPACITY, MAX_KEY, MAX_LABEL
+from ._framing import MAX_CAPACITY, MAX_KEY, MAX_LABEL, MAX_LINK_BYTES
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ def parse_address(address: str, schemes: tuple[str, ...] | None = None) -> Addre
     host, sep, port_text = rest.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+    digits = port_text.isascii() and port_text.isdigit()  # (not "٣", which int() takes)
+    if not sep or not host or not digits or int(port_text) > 65535:
         raise ValueError(f"address {address!r}: expected {scheme}://HOST:PORT (PORT 0 for any)")
     return Address(scheme, host=host, port=int(port_text))
 
@@ -83,9 +84,13 @@ def check_connect_args(
     ):
         raise ValueError(f"capacity must be an integer from 1 to {MAX_CAPACITY}, not {capacity!r}")
     if max_bytes is not None and (
-        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
+        isinstance(max_bytes, bool)
+        or not isinstance(max_bytes, int)
+        or not 1 <= max_bytes <= MAX_LINK_BYTES
     ):
-        raise ValueError(f"max_bytes must be a positive integer or None, not {max_bytes!r}")
+        raise ValueError(
+            f"max_bytes must be None or an integer from 1 to {MAX_LINK_BYTES}, not {max_bytes!r}"
+        )
     if not isinstance(label, str):
         raise ValueError(f"label must be a str, not {type(label).__name__}")
     try:

@@ -49,6 +49,8 @@ MAX_CAPACITY = 1 << 20
 MAX_LABEL = 1024
 #: Largest key an outlet may require, in bytes.
 MAX_KEY = 64
+#: Largest bound in bytes a link may ask for (the handshake's 64 bits).
+MAX_LINK_BYTES = (1 << 64) - 1
 
 KIND_MESSAGE = 1
 KIND_END = 2

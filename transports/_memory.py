@@ -86,7 +86,7 @@ class _MemoryOutlet(_OutletBase):
             raise trio.BrokenResourceError(
                 f"{self._address}: refused: {'a wrong key' if key else 'no key'}"
             )
-        counters = _Counters(self._address, delivery, capacity, max_bytes)
+        counters = _Counters(self._address, delivery, capacity, max_bytes, label=label)
         wire = _Wire(self, _InletBuffer(counters, lambda: wire.credit()))
 
         def cut() -> None:

@@ -416,7 +416,7 @@ class _NetInlet(Inlet):
         except BaseException:
             await _close_conduit(conduit)
             raise
-        counters = _Counters(address, delivery, capacity, max_bytes)
+        counters = _Counters(address, delivery, capacity, max_bytes, label=label)
         inlet = cls(conduit, background, counters)
         background.start_soon(inlet._run)
         return inlet

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import trio
 
 from ._abc import Delivery, Message, Outlet
+from ._framing import MAX_FRAMES
 from ._link import _LinkQueue
 from ._schedule import _SchedulePoints
 from ._stats import Stats, _Counters, _outlet_stats
@@ -22,7 +23,8 @@ def _as_frames(message: Message, max_frame_size: int) -> tuple[list[memoryview],
 
     Raises:
         TypeError: a frame is not bytes-like.
-        ValueError: no frames, a frame not C-contiguous, or one over *max_frame_size*.
+        ValueError: no frames, more than :data:`MAX_FRAMES`, a frame not
+            C-contiguous, or one over *max_frame_size*.
     """
     if isinstance(message, (list, tuple)):  # the usual case: no exception to catch
         parts = message
@@ -39,6 +41,8 @@ def _as_frames(message: Message, max_frame_size: int) -> tuple[list[memoryview],
                 ) from None
     if not parts:
         raise ValueError("a message needs at least one frame")
+    if len(parts) > MAX_FRAMES:
+        raise ValueError(f"a message of {len(parts)} frames: at most {MAX_FRAMES}")
     frames = []
     total = 0
     for part in parts:

@@ -290,6 +290,15 @@ async def test_an_outlet_with_a_key_lets_in_only_inlets_that_present_it(address,
         assert [m.rsplit(": ", 1)[1] for m in refused] == ["no key", "a wrong key"]
 
 
+async def test_both_ends_of_a_link_name_its_inlets_label(address):
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            async with await transports.connect(outlet.address, label="sink") as inlet:
+                await outlet.wait_for_inlets(1)
+                assert [link.label for link in outlet.stats.links] == ["sink"]
+                assert [link.label for link in inlet.stats.links] == ["sink"]
+
+
 async def test_a_bad_label_is_refused(address):
     with trio.fail_after(10):
         async with await transports.bind(address) as outlet:
@@ -392,13 +401,15 @@ async def test_bad_arguments_are_rejected(address):
             for capacity in (0, -1, 1.5, True):
                 with pytest.raises(ValueError, match="capacity"):
                     await transports.connect(outlet.address, capacity=capacity)
-            for max_bytes in (0, -1, 1.5, True):
+            for max_bytes in (0, -1, 1.5, True, 2**64):
                 with pytest.raises(ValueError, match="max_bytes"):
                     await transports.connect(outlet.address, max_bytes=max_bytes)
             with pytest.raises(ValueError, match="delivery"):
                 await transports.connect(outlet.address, delivery="latest")
             with pytest.raises(ValueError, match="at least one frame"):
                 await outlet.send([])
+            with pytest.raises(ValueError, match="4097 frames: at most 4096"):
+                await outlet.send([b"x"] * 4097)  # (the inlets would break the link)
             with pytest.raises(TypeError, match="bytes-like"):
                 await outlet.send(["text"])
             np = pytest.importorskip("numpy")
@@ -412,6 +423,7 @@ async def test_bad_arguments_are_rejected(address):
         ("zmq://127.0.0.1:5", "the scheme must be one of memory://, tcp://"),
         ("127.0.0.1:5", "an address looks like 'tcp://127.0.0.1:5555'"),
         ("tcp://127.0.0.1", "expected tcp://HOST:PORT"),
+        ("tcp://127.0.0.1:\u0663", "expected tcp://HOST:PORT"),  # (an Arabic-Indic 3)
         ("unix://relative/path", "the path must be absolute"),
     ],
 )
