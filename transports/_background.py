@@ -33,9 +33,18 @@ class _Background:
 
     @classmethod
     async def open(cls, name: str) -> _Background:
+        """A new one, its nursery open.
+
+        Raises:
+            trio.Cancelled: cancelled while it opened (its system task ends too).
+        """
         self = cls(name)
         trio.lowlevel.spawn_system_task(self._run, name=f"transports:{name}")
-        await self._started.wait()
+        try:
+            await self._started.wait()
+        except BaseException:
+            self._scope.cancel()  # (else the task would run until trio.run ends)
+            raise
         return self
 
     async def _run(self) -> None:

@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -109,3 +110,31 @@ def test_random_cancellation_keeps_every_link_whole(backend, send_plan, receive_
         trio.run(scenario, address, send_plan, receive_plans)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _transport_tasks() -> list[str]:
+    """The names of the endpoints' I/O tasks running now (Trio system tasks)."""
+    root = trio.lowlevel.current_root_task()
+    return [
+        task.name
+        for nursery in root.child_nurseries
+        for task in nursery.child_tasks
+        if task.name.startswith("transports:")
+    ]
+
+
+async def test_binds_and_connects_cancelled_at_any_point_leave_no_task_behind():
+    address = "tcp://127.0.0.1:0"
+    # As a service retrying under a timeout: nothing piles up.
+    with trio.fail_after(30):
+        async with await transports.bind(address) as outlet:
+            before = _transport_tasks()
+            for step in range(60):
+                with trio.move_on_after(step * 20e-6):
+                    async with await transports.bind(address):
+                        pass
+                with trio.move_on_after(step * 20e-6):
+                    async with await transports.connect(outlet.address):
+                        pass
+            await trio.testing.wait_all_tasks_blocked()
+            assert _transport_tasks() == before
