@@ -155,7 +155,11 @@ class _InletBuffer:
         #: better) the records and wake-ups it costs. While the application
         #: waits on an empty buffer, fewer than this -- fewer than ``capacity``
         #: -- are uncredited, so the outlet can always transmit.
-        self.credit_batch = max(1, self.capacity // 2)
+        #: A LATEST link bound in bytes credits each message as it arrives: its
+        #: outlet may wait for the bytes of a single one (and send the newest
+        #: only once it may), while the application reads nothing.
+        latest_in_bytes = self.delivery is Delivery.LATEST and self.max_bytes is not None
+        self.credit_batch = 1 if latest_in_bytes else max(1, self.capacity // 2)
         self._ended = False
         self._error: BaseException | None = None
         self._closed = False
@@ -272,6 +276,8 @@ class _InletBuffer:
                 # The outlet may wait for these few messages' bytes: credit them now.
                 self._flush = True
                 self._on_credit()
+                if self._messages:  # (the memory backend moves the next one at once)
+                    continue
             if read is None or not await read():
                 await self._waiters.park()
                 self._schedule.waited()

@@ -139,6 +139,25 @@ async def test_latest_keeps_the_newest_and_counts_the_rest(address):
     assert outlet.stats.messages_dropped == count - capacity
 
 
+async def test_latest_bound_in_bytes_keeps_the_newest_while_nobody_reads(address):
+    # Messages larger than the bound: the outlet sends one at a time, and the
+    # inlet must credit each as it comes (not wait for the application).
+    capacity, count = 8, 100
+    with trio.fail_after(20):
+        async with await transports.bind(address) as outlet:
+            latest = await transports.connect(
+                outlet.address, delivery=Delivery.LATEST, capacity=capacity, max_bytes=1000
+            )
+            await outlet.wait_for_inlets(1)
+            for i in range(count):
+                await outlet.send([b"%d" % i, bytes(2000)])
+            await trio.testing.wait_all_tasks_blocked(0.05)  # (all that may move has)
+            first = int(bytes((await latest.receive())[0]))
+            second = int(bytes((await latest.receive())[0]))
+            await latest.aclose()
+    assert count - capacity <= first < second
+
+
 async def test_latest_link_does_not_slow_a_reliable_one(address):
     with trio.fail_after(20):
         async with await transports.bind(address) as outlet:
