@@ -22,7 +22,7 @@ import logging
 import sys
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,22 @@ def _ended(outcome: Result) -> None:
     nothing of the steps'; anything else is a bug, logged."""
     if outcome[1] is not None:
         log.error("a step loop broke", exc_info=outcome[1])
+
+
+def _batches(chunks: list[list[Frame]]) -> Iterator[list[list[Frame]]]:
+    """*chunks* (each its frames), in order, in groups that each fit one
+    message: at most :data:`transports.MAX_FRAMES` frames with the batch's
+    header (a chunk has fewer: see :meth:`NodeRuntime._output`)."""
+    batch: list[list[Frame]] = []
+    frames = 1  # (the header)
+    for chunk in chunks:
+        if batch and frames + len(chunk) > transports.MAX_FRAMES:
+            yield batch
+            batch, frames = [], 1
+        batch.append(chunk)
+        frames += len(chunk)
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -673,8 +689,9 @@ class NodeRuntime:
                 large = sum(map(len, chunks[-1])) > LARGE_CHUNK  # (flat bytes: len is the size)
                 self._limit = LARGE_SOURCE_STEPS if large else STEPS_IN_FLIGHT
             if self._outlet is not None:
-                first, self._chunks_sent = self._chunks_sent, self._chunks_sent + len(chunks)
-                await self._outlet.send(pack_batch(chunks, first))
+                for batch in _batches(chunks):
+                    first, self._chunks_sent = self._chunks_sent, self._chunks_sent + len(batch)
+                    await self._outlet.send(pack_batch(batch, first))
         if unsendable is not None:
             reason = f"step returned what cannot be sent: {unsendable.error}"
             self._fail(reason)
@@ -706,15 +723,21 @@ class NodeRuntime:
         """Hand *take* a step for each chunk of the followed input, with the
         latest chunk of every input, until the followed input ends."""
         latest: dict[str, DataChunk] = {}
+        #: The inputs that ended without sending a chunk.
+        silent: set[str] = set()
         every_input = trio.Event()
 
         def all_in() -> None:
-            if len(latest) == len(self._inlets):
+            """Set *every_input* once each input but the followed one has sent
+            a chunk, or ended."""
+            if len((latest.keys() - {self._follow}) | silent) == len(self._inlets) - 1:
                 every_input.set()
 
         async def keep(name: str) -> None:
             await self._keep_latest(name, latest, all_in, fail)
-            every_input.set()  # it will send nothing more: do not wait for it
+            if name not in latest:  # it will send nothing: do not wait for it
+                silent.add(name)
+                all_in()
 
         async with trio.open_nursery() as nursery:
             for name in self._inlets:
@@ -841,9 +864,25 @@ class NodeRuntime:
                 chunk = DataChunk()
                 chunk.add("default", value)
                 value = chunk
-            return encode_chunk(value, allow_objects=self._allow_objects)
+            frames = encode_chunk(value, allow_objects=self._allow_objects)
         except Exception as exc:  # (TypeError, ValueError; anything else is a codec bug)
             return _Unsendable(exc)
+        if len(frames) >= transports.MAX_FRAMES:  # (a message's batch header is one more)
+            return _Unsendable(
+                ValueError(
+                    f"a chunk of {len(frames) - 1} arrays, table columns and pickled "
+                    f"values: at most {transports.MAX_FRAMES - 2}"
+                )
+            )
+        largest = max(map(len, frames))  # (flat bytes: len is the size)
+        if largest > transports.DEFAULT_MAX_FRAME_SIZE:
+            return _Unsendable(
+                ValueError(
+                    f"an array or pickled value of {largest} bytes: "
+                    f"at most {transports.DEFAULT_MAX_FRAME_SIZE} bytes"
+                )
+            )
+        return frames
 
     # --- helpers ---------------------------------------------------------------
 

@@ -21,12 +21,14 @@ from ._abc import (
     Outlet,
     Transport,
 )
+from ._framing import MAX_FRAMES
 from ._registry import bind, connect, get
 from ._stats import LinkStats, Stats
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
     "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_FRAMES",
     "Delivery",
     "Inlet",
     "LinkStats",

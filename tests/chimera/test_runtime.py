@@ -6,11 +6,13 @@ import pickle
 import threading
 from contextlib import AsyncExitStack
 
+import numpy as np
 import pytest
 import trio
 import trio.testing
 
 import chimera as cp
+import transports
 from chimera._runtime import Input, NodeRuntime
 
 
@@ -329,6 +331,114 @@ async def test_an_input_that_ended_without_sending_is_said_once(caplog):
     assert collect.seen == []  # never stepped: "silent" sent nothing
     said = [r.getMessage() for r in caplog.records if "ended without sending" in r.getMessage()]
     assert said == ["node 'collect': inputs ['silent'] ended without sending: it is not stepped"]
+
+
+class SendsOnceThenFails(cp.Node):
+    def prep(self):
+        self.sent = False
+
+    def step(self):
+        if self.sent:
+            raise RuntimeError("boom")
+        self.sent = True
+        return 1
+
+
+async def test_a_followed_chunk_waits_for_an_input_yet_to_send_whatever_others_do(monkeypatch):
+    # "once" sends, then fails: its stream ends; then "count" sends, and "late"
+    # only after "count" has sent all: every chunk of "count" waits for it.
+    made, done, once_ended = threading.Event(), threading.Event(), threading.Event()
+    keep_latest = NodeRuntime._keep_latest
+
+    async def keep_latest_telling(self, name, *args):
+        await keep_latest(self, name, *args)
+        if name == "once":
+            once_ended.set()
+
+    monkeypatch.setattr(NodeRuntime, "_keep_latest", keep_latest_telling)
+    count, once = Count("count", 5, gate=once_ended, sent_all=made), SendsOnceThenFails("once")
+    late, collect = Count("late", 1, gate=made), Collect("collect", 5, done)
+    with trio.fail_after(20):
+        await run_pipeline(
+            [count, once, late, collect],
+            [(count, collect), (once, collect), (late, collect)],
+            follow={"collect": "count"},
+            until=done,
+            stop=["count", "late"],
+        )
+    assert collect.seen == [{"count": n, "late": 1, "once": 1} for n in range(1, 6)]
+
+
+class ManyRecords(cp.Node):
+    """Sends 1..n, each in a chunk of *records* arrays (a frame each)."""
+
+    def __init__(self, name, n, records):
+        super().__init__(name)
+        self.n, self.records, self.sent = n, records, 0
+
+    def step(self):
+        if self.sent == self.n:
+            threading.Event().wait(0.001)
+            return None
+        self.sent += 1
+        chunk = cp.DataChunk()
+        chunk.add("default", self.sent)
+        for i in range(self.records):
+            chunk.add(f"r{i}", np.full(4, self.sent), "array")
+        return chunk
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_chunks_of_many_arrays_travel_whole_however_many_go_at_once(transport):
+    # 80 arrays a chunk: a message of 64 such chunks is over the 4096 frames
+    # a message may have; they go in several.
+    done = threading.Event()
+    count, collect = ManyRecords("count", 300, 80), Collect("collect", 300, done)
+    with trio.fail_after(30):
+        await run_pipeline(
+            [count, collect], [(count, collect)], until=done, stop=["count"], transport=transport
+        )
+    assert [seen["count"] for seen in collect.seen] == list(range(1, 301))
+
+
+class Returns(cp.Node):
+    """A source whose every step returns *value*."""
+
+    def __init__(self, name, value):
+        super().__init__(name)
+        self.value = value
+
+    def step(self):
+        return self.value
+
+
+def _arrays(count: int, size: int) -> cp.DataChunk:
+    chunk = cp.DataChunk()
+    for i in range(count):
+        chunk.add(f"r{i}", np.zeros(size, np.uint8), "array")
+    return chunk
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (
+            _arrays(5000, 1),
+            "a chunk of 5000 arrays, table columns and pickled values: at most 4094",
+        ),
+        (_arrays(1, 4096), "an array or pickled value of 4096 bytes: at most 1000 bytes"),
+    ],
+)
+async def test_a_chunk_too_large_to_travel_fails_its_node_saying_why(
+    monkeypatch, caplog, value, problem
+):
+    monkeypatch.setattr(transports, "DEFAULT_MAX_FRAME_SIZE", 1000)  # (256 MiB, as a test)
+    source = Returns("source", value)
+    with trio.fail_after(20):
+        await run_pipeline([source], [])
+    assert source.state is cp.NodeState.FAILED
+    (said,) = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert said.startswith(f"node 'source' failed: step returned what cannot be sent: {problem}")
 
 
 class Exits(Flaky):
