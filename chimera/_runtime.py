@@ -402,7 +402,8 @@ class NodeRuntime:
     async def step_once(self) -> None:
         """Step once (ChimeraPy's offline mode): a source steps and sends; a node
         with inputs waits for the next chunk of its followed input (and the
-        first of every other input), then steps and sends.
+        first of every other input), then steps on it and the latest chunk of
+        each other input, and sends.
 
         Raises:
             NodeError: ``step`` raised, or returned what cannot be sent, or a
@@ -414,14 +415,55 @@ class NodeRuntime:
         if not self._inputs:
             await self._send([self._output(await self._call("step", self.node.step))])
             return
-        for name, inlet in self._inlets.items():
-            if name == self._follow or name not in self._offline_latest:
-                pending = self._offline_pending.setdefault(name, deque())
+        errors: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+            # The other inputs are read while the followed one is waited for:
+            # their latest chunks are at hand, and their links never fill up.
+            others_in = trio.Event()
+            for name in self._inlets:
+                if name != self._follow:
+                    nursery.start_soon(self._keep_offline, name, others_in, errors)
+            if not self._offline_missing():
+                others_in.set()
+            try:
+                pending = self._offline_pending.setdefault(self._follow, deque())
+                inlet = self._inlets[self._follow]
                 while not pending:
-                    pending.extend(self._unpack(await inlet.receive(), name))
-                self._offline_latest[name] = pending.popleft()
+                    pending.extend(self._unpack(await inlet.receive(), self._follow))
+                await others_in.wait()
+            except (NodeError, trio.EndOfChannel, trio.BrokenResourceError) as exc:
+                errors.append(exc)  # (raised below: not in an exception group)
+            nursery.cancel_scope.cancel()
+        if errors:
+            raise errors[0]
+        self._offline_latest[self._follow] = pending.popleft()
         value = await self._call("step", self.node.step, dict(self._offline_latest))
         await self._send([self._output(value)])
+
+    def _offline_missing(self) -> bool:
+        """Whether an input but the followed one has yet to send its first chunk."""
+        return any(
+            name not in self._offline_latest for name in self._inlets if name != self._follow
+        )
+
+    async def _keep_offline(self, name: str, others_in: trio.Event, errors: list) -> None:
+        """Keep the latest chunk of input *name* in offline mode until
+        cancelled; set *others_in* once no other input lacks a first chunk.
+        What ends it (the input ended before its first chunk, a chunk that
+        cannot be decoded) goes in *errors*, and sets *others_in* too."""
+        try:
+            async for message in self._inlets[name]:
+                self._offline_latest[name] = self._unpack(message, name, newest=True)[-1]
+                if not self._offline_missing():
+                    others_in.set()
+        except NodeError as exc:
+            errors.append(exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # (as if it ended)
+        if name not in self._offline_latest and not errors:
+            errors.append(trio.EndOfChannel(f"input {name!r} ended before sending a chunk"))
+        if errors:
+            others_in.set()
 
     async def forget(self, names: Collection[str]) -> None:
         """The nodes *names* are gone without closing their connections (their
