@@ -448,18 +448,16 @@ class NodeRuntime:
 
     async def _keep_offline(self, name: str, others_in: trio.Event, errors: list) -> None:
         """Keep the latest chunk of input *name* in offline mode until
-        cancelled; set *others_in* once no other input lacks a first chunk.
-        What ends it (the input ended before its first chunk, a chunk that
-        cannot be decoded) goes in *errors*, and sets *others_in* too."""
-        try:
-            async for message in self._inlets[name]:
-                self._offline_latest[name] = self._unpack(message, name, newest=True)[-1]
-                if not self._offline_missing():
-                    others_in.set()
-        except NodeError as exc:
-            errors.append(exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # (as if it ended)
+        cancelled (see :meth:`_keep_latest`); set *others_in* once no other
+        input lacks a first chunk. What ends it (the input ended before its
+        first chunk, a chunk that cannot be decoded) goes in *errors*, and
+        sets *others_in* too."""
+
+        def received() -> None:
+            if not self._offline_missing():
+                others_in.set()
+
+        await self._keep_latest(name, self._offline_latest, received, errors.append)
         if name not in self._offline_latest and not errors:
             errors.append(trio.EndOfChannel(f"input {name!r} ended before sending a chunk"))
         if errors:
