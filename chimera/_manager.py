@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import hmac
 import itertools
 import json
 import logging
@@ -1158,11 +1157,13 @@ class AsyncManager(Service):
         headers = dict(scope.get("headers") or [])
         authorization = headers.get(b"authorization", b"").decode(errors="replace")
         scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() == "bearer" and _same_token(credentials.lstrip(" "), self._token):
+        if scheme.lower() == "bearer" and protocol.same_secret(
+            credentials.lstrip(" "), self._token
+        ):
             return True
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode(errors="replace"))
         tokens = query.get("token", [])
-        return len(tokens) == 1 and _same_token(tokens[0], self._token)
+        return len(tokens) == 1 and protocol.same_secret(tokens[0], self._token)
 
     async def _events_session(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """``/ws/events``: the state (``"type": "state"``), then every change of
@@ -1354,11 +1355,6 @@ class AsyncManager(Service):
                 self._workers_changed.unpark_all()
                 self._publish({"type": "worker_left", **_worker_entry(info)})
                 self._worker_left(info, silent)
-
-
-def _same_token(given: str | None, token: str) -> bool:
-    """Whether *given* is *token* (in a time that does not tell how much of it is)."""
-    return given is not None and hmac.compare_digest(given.encode(), token.encode())
 
 
 def _hello_refusal(

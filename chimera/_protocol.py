@@ -51,6 +51,7 @@ __all__ = [
     "parse",
     "proof",
     "proves",
+    "same_secret",
 ]
 
 #: The protocol version this side speaks.
@@ -123,10 +124,13 @@ def proof(token: str, role: str, own_nonce: str, other_nonce: str) -> str:
 
 
 def proves(given: str | None, token: str, role: str, own_nonce: str, other_nonce: str) -> bool:
-    """Whether *given* is :func:`proof` of *token* (compared in a time that
-    does not tell how much of it matched)."""
-    expected = proof(token, role, own_nonce, other_nonce)
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+    """Whether *given* is :func:`proof` of *token*."""
+    return same_secret(given, proof(token, role, own_nonce, other_nonce))
+
+
+def same_secret(given: str | None, secret: str) -> bool:
+    """Whether *given* is *secret* (in a time that does not tell how much of it is)."""
+    return given is not None and hmac.compare_digest(given.encode(), secret.encode())
 
 
 #: The longest message accepted, in characters.
