@@ -8,6 +8,10 @@ that numbers its first chunk and says how many frames each chunk has::
 
     [b"CHB2" + uint64 first + uint32 n + n x uint32 frames, chunk 1 frames..., ...]
 
+A batch of no chunks (the header alone) says "nothing this step": in offline
+mode (``Manager.step()``) every node sends one message per step, so that the
+nodes downstream know not to wait for a chunk (see ``NodeRuntime.step_once``).
+
 A node numbers the chunks it sends from 0, so that a node receiving them
 over a LATEST link knows how many it never got (the link drops whole
 messages, which may hold many chunks).
@@ -58,10 +62,10 @@ def unpack_batch(message: Sequence[Frame]) -> tuple[int, list[Sequence[Frame]]]:
     if header.nbytes < start or header[:4] != _MAGIC:
         raise DecodeError("the message is not a batch of chunks (no batch header)")
     first, n = _HEAD.unpack_from(header, len(_MAGIC))
-    if not 1 <= n <= MAX_BATCH or header.nbytes != start + 4 * n:
+    if n > MAX_BATCH or header.nbytes != start + 4 * n:
         raise DecodeError(f"a batch header of {header.nbytes} bytes announcing {n} chunks")
     counts = struct.unpack_from(f"<{n}I", header, start)
-    if min(counts) < 1 or sum(counts) != len(message) - 1:
+    if 0 in counts or sum(counts) != len(message) - 1:
         raise DecodeError(
             f"the batch header counts {sum(counts)} frames in {n} chunks; "
             f"{len(message) - 1} follow it"

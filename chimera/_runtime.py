@@ -24,6 +24,7 @@ import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from ._data import DataChunk, DecodeError, Frame, decode_chunk, encode_chunk
 from ._errors import NodeError
 from ._node import Node, NodeState
 from ._recording import Recorder, StreamInfo
-from ._service import single_exception
+from ._service import run_all, single_exception
 from ._user_thread import Result, StepLoop, UserThread
 
 __all__ = ["Input", "NodeRuntime"]
@@ -205,7 +206,9 @@ class NodeRuntime:
         #: The latest chunk of each input, and the chunks received not yet
         #: stepped on, in offline mode (:meth:`step_once`).
         self._offline_latest: dict[str, DataChunk] = {}
-        self._offline_pending: dict[str, deque[DataChunk]] = {}
+        self._offline_pending: deque[DataChunk] = deque()
+        #: The inputs found ended in offline mode.
+        self._offline_ended: set[str] = set()
         #: Chunks stepped and sent, for the Manager's statistics.
         self.steps = 0
         #: Chunks of its LATEST inputs it never stepped on: the links dropped
@@ -401,67 +404,80 @@ class NodeRuntime:
 
     async def step_once(self) -> None:
         """Step once (ChimeraPy's offline mode): a source steps and sends; a node
-        with inputs waits for the next chunk of its followed input (and the
-        first of every other input), then steps on it and the latest chunk of
+        with inputs reads one message of each input, then steps on the oldest
+        chunk of its followed input not yet stepped on and the latest chunk of
         each other input, and sends.
+
+        Each call sends one message, whatever happens: the chunk, or a batch
+        of none when there is none (the step returned None, the node did not
+        step, or it failed). So a node with inputs, stepped with its inputs'
+        nodes, reads the chunks they sent in the same round, and never waits
+        for one that will not come. It does not step when its followed input
+        sent nothing, or another input has yet to send its first chunk.
 
         Raises:
             NodeError: ``step`` raised, or returned what cannot be sent, or a
                 chunk received cannot be decoded.
-            trio.EndOfChannel: an input ended before sending a chunk.
+            trio.EndOfChannel: an input ended before sending a chunk, or the
+                followed input ended and no chunk of it is left to step on.
         """
         if self._outlet is not None:
             await self._outlet.wait_for_inlets(self._outputs)
-        if not self._inputs:
-            await self._send([self._output(await self._call("step", self.node.step))])
-            return
-        errors: list[BaseException] = []
-        async with trio.open_nursery() as nursery:
-            # The other inputs are read while the followed one is waited for:
-            # their latest chunks are at hand, and their links never fill up.
-            others_in = trio.Event()
-            for name in self._inlets:
-                if name != self._follow:
-                    nursery.start_soon(self._keep_offline, name, others_in, errors)
-            if not self._offline_missing():
-                others_in.set()
+        sent = self._chunks_sent
+        failure: Exception | None = None
+        try:
+            if not self._inputs:
+                await self._send([self._output(await self._call("step", self.node.step))])
+            else:
+                await run_all([partial(self._read_offline, name) for name in self._inlets])
+                if not self._offline_missing():
+                    self._offline_latest[self._follow] = self._offline_pending.popleft()
+                    value = await self._call("step", self.node.step, dict(self._offline_latest))
+                    await self._send([self._output(value)])
+        except Exception as exc:  # (not a cancellation: then the nodes downstream stop too)
+            failure = exc
+        if self._chunks_sent == sent and self._outlet is not None:
+            await self._outlet.send(pack_batch([], sent))
+        if failure is not None:
+            raise failure
+
+    async def _read_offline(self, name: str) -> None:
+        """Read one message of input *name* (see :meth:`step_once`), unless it ended.
+
+        Raises:
+            NodeError: a chunk in it cannot be decoded.
+            trio.EndOfChannel: the input ended before sending a chunk, or (the
+                followed input) with no chunk left to step on.
+        """
+        if name not in self._offline_ended:
             try:
-                pending = self._offline_pending.setdefault(self._follow, deque())
-                inlet = self._inlets[self._follow]
-                while not pending:
-                    pending.extend(self._unpack(await inlet.receive(), self._follow))
-                await others_in.wait()
-            except (NodeError, trio.EndOfChannel, trio.BrokenResourceError) as exc:
-                errors.append(exc)  # (raised below: not in an exception group)
-            nursery.cancel_scope.cancel()
-        if errors:
-            raise errors[0]
-        self._offline_latest[self._follow] = pending.popleft()
-        value = await self._call("step", self.node.step, dict(self._offline_latest))
-        await self._send([self._output(value)])
+                chunks = self._unpack(await self._inlets[name].receive(), name)
+            except trio.EndOfChannel:
+                self._offline_ended.add(name)
+            except trio.BrokenResourceError as exc:
+                log.warning("node %r: input %r broke: %s", self.node.name, name, exc)
+                self._offline_ended.add(name)
+            except trio.ClosedResourceError:
+                if name not in self._gone:
+                    raise
+                self._offline_ended.add(name)
+            else:
+                if name == self._follow:
+                    self._offline_pending.extend(chunks)
+                elif chunks:
+                    self._offline_latest[name] = chunks[-1]
+        if name in self._offline_ended:
+            if name == self._follow and not self._offline_pending:
+                raise trio.EndOfChannel(f"input {name!r} ended")
+            if name != self._follow and name not in self._offline_latest:
+                raise trio.EndOfChannel(f"input {name!r} ended before sending a chunk")
 
     def _offline_missing(self) -> bool:
-        """Whether an input but the followed one has yet to send its first chunk."""
-        return any(
+        """Whether the followed input has no chunk to step on, or another has
+        yet to send its first."""
+        return not self._offline_pending or any(
             name not in self._offline_latest for name in self._inlets if name != self._follow
         )
-
-    async def _keep_offline(self, name: str, others_in: trio.Event, errors: list) -> None:
-        """Keep the latest chunk of input *name* in offline mode until
-        cancelled (see :meth:`_keep_latest`); set *others_in* once no other
-        input lacks a first chunk. What ends it (the input ended before its
-        first chunk, a chunk that cannot be decoded) goes in *errors*, and
-        sets *others_in* too."""
-
-        def received() -> None:
-            if not self._offline_missing():
-                others_in.set()
-
-        await self._keep_latest(name, self._offline_latest, received, errors.append)
-        if name not in self._offline_latest and not errors:
-            errors.append(trio.EndOfChannel(f"input {name!r} ended before sending a chunk"))
-        if errors:
-            others_in.set()
 
     async def forget(self, names: Collection[str]) -> None:
         """The nodes *names* are gone without closing their connections (their
@@ -841,12 +857,14 @@ class NodeRuntime:
         fail: Callable[[NodeError], None],
     ) -> None:
         """Keep the latest chunk of input *name* in *latest* until the input
-        ends, calling *received* after each message; *fail* gets the
+        ends, calling *received* after each message that holds one; *fail* gets the
         NodeError of a chunk that cannot be decoded (and it stops)."""
         try:
             async for message in self._inlets[name]:
-                latest[name] = self._unpack(message, name, newest=True)[-1]
-                received()
+                chunks = self._unpack(message, name, newest=True)
+                if chunks:  # (none: a step of offline mode had nothing)
+                    latest[name] = chunks[-1]
+                    received()
         except trio.ClosedResourceError:
             if name not in self._gone:
                 raise
@@ -875,13 +893,13 @@ class NodeRuntime:
             latest = self._delivery[name] is transports.Delivery.LATEST
             if latest:
                 self.dropped += first - expected
-            if name == self._follow:
+            if name == self._follow and batch:
                 large = sum(frame.nbytes for frame in message) > LARGE_CHUNK * len(batch)
                 if latest:
                     self._limit = LATEST_STEPS
                 else:
                     self._limit = LARGE_INPUT_STEPS if large else STEPS_IN_FLIGHT
-            if newest or latest:
+            if (newest or latest) and batch:
                 if latest:
                     self.dropped += len(batch) - 1
                 batch = batch[-1:]

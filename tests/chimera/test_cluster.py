@@ -554,7 +554,7 @@ class Pair(cp.Node):
         )
 
 
-async def test_offline_steps_take_the_latest_of_every_input(tmp_path):
+async def test_offline_steps_take_what_every_input_sent_in_the_same_step(tmp_path):
     # More steps than a link holds: the input not followed is read at each step.
     a, b, pair = Counter("a"), Counter("b"), Pair("pair")
     graph = cp.Graph()
@@ -566,6 +566,76 @@ async def test_offline_steps_take_the_latest_of_every_input(tmp_path):
             assert await manager.commit_graph(graph, {"local": ["a", "b", "pair"]})
             for _ in range(12):
                 assert await manager.step()
-    assert [seen_a for seen_a, _ in SEEN["pair"]] == list(range(1, 13))
-    seen_b = [seen_b for _, seen_b in SEEN["pair"]]
-    assert seen_b == sorted(seen_b) and seen_b[-1] >= 11  # (this step's, or the one before)
+    assert SEEN["pair"] == [(n, n) for n in range(1, 13)]
+
+
+class EveryOther(cp.Node):
+    """Sends 1, None, 3, None, ...: its odd steps only; raises at its 7th if *breaks*."""
+
+    def __init__(self, name, breaks=False):
+        super().__init__(name)
+        self.breaks = breaks
+
+    def prep(self):
+        self.n = 0
+
+    def step(self):
+        self.n += 1
+        if self.n == 7 and self.breaks:
+            raise ValueError("no reading")
+        return self.n if self.n % 2 else None
+
+
+class Keep(cp.Node):
+    """Keeps the value of each of its inputs, by name, at each step."""
+
+    def prep(self):
+        SEEN[self.name] = []
+
+    def step(self, data_chunks):
+        SEEN[self.name].append({k: v.get("default")["value"] for k, v in data_chunks.items()})
+
+
+@pytest.mark.parametrize("breaks", [False, True], ids=["none", "raises"])
+async def test_offline_a_step_that_sends_nothing_leaves_the_nodes_below_unstepped(tmp_path, breaks):
+    source, doubler, keep = EveryOther("counter", breaks), Doubler("doubler"), Keep("keep")
+    graph = cp.Graph()
+    graph.add_edges_from([(source, doubler), (doubler, keep)])
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["counter", "doubler", "keep"]})
+            for n in range(1, 10):
+                if n == 7 and breaks:
+                    with pytest.raises(cp.NodeError, match="no reading"):
+                        await manager.step()
+                else:
+                    assert await manager.step()
+    expected = [1, 3, 5, 9] if breaks else [1, 3, 5, 7, 9]
+    assert SEEN["keep"] == [{"doubler": 2 * n} for n in expected]
+
+
+class Late(cp.Node):
+    """Sends nothing at its first step, then its step's number."""
+
+    def prep(self):
+        self.n = 0
+
+    def step(self):
+        self.n += 1
+        return None if self.n == 1 else self.n
+
+
+async def test_offline_a_node_steps_once_every_input_has_sent(tmp_path):
+    # "a" (followed) sends from the first step, "b" from the second: a's first
+    # chunk waits for b's, and is not lost.
+    a, b, keep = Counter("a"), Late("b"), Keep("keep")
+    graph = cp.Graph()
+    graph.add_nodes_from([a, b, keep])
+    graph.add_edge(a, keep, follow=True)
+    graph.add_edge(b, keep)
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["a", "b", "keep"]})
+            for _ in range(4):
+                assert await manager.step()
+    assert SEEN["keep"] == [{"a": 1, "b": 2}, {"a": 2, "b": 3}, {"a": 3, "b": 4}]
