@@ -14,10 +14,9 @@ kind       files                               written with
 =========  ==================================  ==========================================
 video      ``NAME.mp4``                        PyAV: H.264 in fragmented MP4, a fragment
                                                per second (readable after a crash)
-audio      ``NAME.wav``                        soundfile; the header gets its sizes when
-                                               the file is closed: after a kill they are
-                                               0, which soundfile reads past (every
-                                               sample flushed), Python's wave module not
+audio      ``NAME.wav``                        soundfile; the header's sizes are
+                                               written at each flush (libsndfile writes
+                                               them at close only)
 image      ``NAME/000000.png``, ...            OpenCV
 table      ``NAME.csv`` (``timestamp_ns`` the  the csv module
            first column)
@@ -37,7 +36,9 @@ import fractions
 import io
 import json
 import logging
+import os
 import queue
+import struct
 import sys
 import threading
 import time
@@ -652,6 +653,52 @@ class _AudioWriter(_Writer):
         self._stamp(self.info.samples, stamp, at_once=True)
         self._file.write(block)
         self.info.samples += len(block)
+
+    def flush(self) -> None:
+        super().flush()
+        if self._file is not None:
+            _update_wav_header(self.folder / f"{self.name}.wav")
+
+
+def _update_wav_header(path: Path) -> None:
+    """Write the sizes of the WAV file at *path* in its header, as they are
+    now: libsndfile writes them at close only, and a file left by a kill
+    said 0 (Python's ``wave``, and readers like it, found no samples in it).
+    The RIFF size, the ``data`` chunk's and the ``fact`` chunk's frame count
+    (float samples) are written in place, through a file of its own: the
+    writer's position is not moved, and at close libsndfile writes the same.
+    Whole frames only are counted.
+
+    Raises:
+        OSError: the file cannot be read or written.
+    """
+    with open(path, "r+b") as file:
+        head = file.read(4096)
+        size = os.fstat(file.fileno()).st_size
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise OSError(f"{path}: not a WAV file")
+        at, fact, align = 12, None, 0
+        while at + 8 <= len(head):
+            chunk, length = head[at : at + 4], struct.unpack_from("<I", head, at + 4)[0]
+            if chunk == b"fmt " and at + 22 <= len(head):
+                align = struct.unpack_from("<H", head, at + 20)[0]  # (nBlockAlign)
+            elif chunk == b"fact":
+                fact = at + 8
+            elif chunk == b"data":
+                break
+            at += 8 + length + (length & 1)
+        else:
+            raise OSError(f"{path}: no data chunk in the WAV file's first 4096 bytes")
+        if not align:
+            raise OSError(f"{path}: no format chunk before the WAV file's data")
+        frames = min(size - (at + 8), 0xFFFF_FFFF) // align
+        file.seek(4)
+        file.write(struct.pack("<I", min(at + frames * align, 0xFFFF_FFFF)))
+        file.seek(at + 4)
+        file.write(struct.pack("<I", frames * align))
+        if fact is not None:
+            file.seek(fact)
+            file.write(struct.pack("<I", frames))
 
 
 class _ImageWriter(_Writer):
