@@ -14,9 +14,9 @@ kind       files                               written with
 =========  ==================================  ==========================================
 video      ``NAME.mp4``                        PyAV: H.264 in fragmented MP4, a fragment
                                                per second (readable after a crash)
-audio      ``NAME.wav``                        soundfile; the header's sizes are
-                                               written at each flush (libsndfile writes
-                                               them at close only)
+audio      ``NAME.wav``                        :mod:`chimera._wav`: the header says what
+                                               the file holds at each flush; RF64 past
+                                               4 GiB
 image      ``NAME/000000.png``, ...            OpenCV
 table      ``NAME.csv`` (``timestamp_ns`` the  the csv module
            first column)
@@ -36,9 +36,7 @@ import fractions
 import io
 import json
 import logging
-import os
 import queue
-import struct
 import sys
 import threading
 import time
@@ -51,6 +49,7 @@ import numpy
 
 from ._data import _check_utf8, cluster_time_ns
 from ._manifest import PARTIAL, Manifest, stream_summary
+from ._wav import WavWriter
 
 __all__ = ["FLUSH_PERIOD", "Recorder", "StreamInfo", "check_name"]
 
@@ -64,7 +63,7 @@ QUEUE_SIZES = {"video": 16, "audio": 256, "image": 16, "table": 1024, "json": 10
 #: no keyframe of its own: the writer asks for one each :data:`FLUSH_PERIOD`.
 VIDEO_OPTIONS = {"preset": "ultrafast", "threads": "2", "x264-params": "keyint=infinite"}
 
-#: PyAudio's sample formats (as ChimeraPy takes them): soundfile subtype and dtype.
+#: PyAudio's sample formats (as ChimeraPy takes them): sample format and dtype.
 _AUDIO_FORMATS = {
     1: ("FLOAT", numpy.float32),  # paFloat32
     2: ("PCM_32", numpy.int32),  # paInt32
@@ -605,7 +604,7 @@ class _AudioWriter(_Writer):
             block = _as_samples(numpy.asarray(data), numpy.int32, what)
             if block.size and not (-(1 << 23) <= block.min() and block.max() < 1 << 23):
                 raise ValueError(f"{what}: samples out of paInt24's range [-2**23, 2**23)")
-            block = block << 8  # (soundfile takes int32 as full scale)
+            block = block << 8  # (PCM_24 is written from int32 at full scale)
         else:
             block = numpy.asarray(data)
         if self.format is not None:
@@ -637,15 +636,8 @@ class _AudioWriter(_Writer):
         return numpy.array(block, copy=True)
 
     def open(self) -> None:
-        import soundfile
-
-        self._file = soundfile.SoundFile(
-            self.folder / f"{self.name}.wav",
-            "w",
-            samplerate=self.rate,
-            channels=self.channels,
-            subtype=self._subtype,
-            format="WAV",
+        self._file = WavWriter(
+            self.folder / f"{self.name}.wav", self.rate, self.channels, self._subtype
         )
         self._open_stamps()
 
@@ -653,52 +645,6 @@ class _AudioWriter(_Writer):
         self._stamp(self.info.samples, stamp, at_once=True)
         self._file.write(block)
         self.info.samples += len(block)
-
-    def flush(self) -> None:
-        super().flush()
-        if self._file is not None:
-            _update_wav_header(self.folder / f"{self.name}.wav")
-
-
-def _update_wav_header(path: Path) -> None:
-    """Write the sizes of the WAV file at *path* in its header, as they are
-    now: libsndfile writes them at close only, and a file left by a kill
-    said 0 (Python's ``wave``, and readers like it, found no samples in it).
-    The RIFF size, the ``data`` chunk's and the ``fact`` chunk's frame count
-    (float samples) are written in place, through a file of its own: the
-    writer's position is not moved, and at close libsndfile writes the same.
-    Whole frames only are counted.
-
-    Raises:
-        OSError: the file cannot be read or written.
-    """
-    with open(path, "r+b") as file:
-        head = file.read(4096)
-        size = os.fstat(file.fileno()).st_size
-        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            raise OSError(f"{path}: not a WAV file")
-        at, fact, align = 12, None, 0
-        while at + 8 <= len(head):
-            chunk, length = head[at : at + 4], struct.unpack_from("<I", head, at + 4)[0]
-            if chunk == b"fmt " and at + 22 <= len(head):
-                align = struct.unpack_from("<H", head, at + 20)[0]  # (nBlockAlign)
-            elif chunk == b"fact":
-                fact = at + 8
-            elif chunk == b"data":
-                break
-            at += 8 + length + (length & 1)
-        else:
-            raise OSError(f"{path}: no data chunk in the WAV file's first 4096 bytes")
-        if not align:
-            raise OSError(f"{path}: no format chunk before the WAV file's data")
-        frames = min(size - (at + 8), 0xFFFF_FFFF) // align
-        file.seek(4)
-        file.write(struct.pack("<I", min(at + frames * align, 0xFFFF_FFFF)))
-        file.seek(at + 4)
-        file.write(struct.pack("<I", frames * align))
-        if fact is not None:
-            file.seek(fact)
-            file.write(struct.pack("<I", frames))
 
 
 class _ImageWriter(_Writer):
