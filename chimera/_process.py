@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -362,7 +363,13 @@ class NodeProcess:
         self._nursery: trio.Nursery | None = None
         self._kill_scope = trio.CancelScope()
         self._write_lock = trio.Lock()
-        self._pending: dict[str, _Pending] = {}
+        #: The commands sent and not yet answered, by name, oldest first (the
+        #: child answers those of one name in order).
+        self._pending: dict[str, deque[_Pending]] = {}
+        #: Set once :meth:`open` is done (the node made, or not): no command
+        #: goes to the child before its spec.
+        self._opened = trio.Event()
+        self._made = False
         #: Set once the child has exited and its events are all taken in.
         self._exited = trio.Event()
         self._code: int | None = None
@@ -394,6 +401,12 @@ class NodeProcess:
                 not import there, its ``__init__`` state does not unpickle, ...)
                 or the child died, or the zygote did.
         """
+        try:
+            await self._open(nursery)
+        finally:
+            self._opened.set()
+
+    async def _open(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         stdin, stdin_ours = os.pipe()
         events_ours, events = os.pipe()
@@ -411,9 +424,10 @@ class NodeProcess:
         self._stdin = trio.lowlevel.FdStream(stdin_ours)
         nursery.start_soon(self._supervise)
         nursery.start_soon(self._read_events, trio.lowlevel.FdStream(events_ours))
-        pending = self._pending["create"] = _Pending()
+        pending = self._expect("create")
         await self._send_quietly(self._spec)
         await self._wait(pending)
+        self._made = True
 
     async def connect(self, addresses: dict[str, str]) -> None:
         """Connect the node's inlets to its inputs' outlets. Raises NodeError."""
@@ -456,12 +470,12 @@ class NodeProcess:
     async def set_recording(self, on: bool) -> None:
         """Whether the node's ``save_*`` calls save (see :meth:`NodeRuntime.set_recording`);
         told to the child before any command sent after this returns."""
-        await self._send_quietly(("record", (on,)))
+        await self._send_once_made(("record", (on,)))
 
     async def forget(self, names: list[str]) -> None:
         """The nodes *names* are gone (see :meth:`NodeRuntime.forget`); told
         to the child before any command sent after this returns."""
-        await self._send_quietly(("forget", (names,)))
+        await self._send_once_made(("forget", (names,)))
 
     def request_stop(self) -> None:
         """Ask a source to stop after its current step."""
@@ -581,7 +595,8 @@ class NodeProcess:
                 if self.state is not NodeState.FAILED and not ended:
                     self._set_state(NodeState.FAILED, self._death)
             for name in list(self._pending):
-                self._answer(name, (self._death or "its process exited", ""))
+                while name in self._pending:
+                    self._answer(name, (self._death or "its process exited", ""))
             self._exited.set()
 
     async def _take_events(self, events: trio.lowlevel.FdStream) -> str | None:
@@ -621,11 +636,20 @@ class NodeProcess:
 
     async def _command(self, name: str, *args: Any) -> Any:
         """Have the child carry out *name*; its result. Raises NodeError."""
+        await self._opened.wait()
         if self._exited.is_set():
             raise NodeError(self.name, self._death or "its process exited")
-        pending = self._pending[name] = _Pending()
+        if not self._made:
+            raise NodeError(self.name, "the node was not made in its process")
+        pending = self._expect(name)
         await self._send_quietly((name, args))
         return await self._wait(pending)
+
+    def _expect(self, name: str) -> _Pending:
+        """A command *name* about to be sent: its answer, to wait for."""
+        pending = _Pending()
+        self._pending.setdefault(name, deque()).append(pending)
+        return pending
 
     async def _wait(self, pending: _Pending) -> Any:
         await pending.done.wait()
@@ -635,10 +659,19 @@ class NodeProcess:
         return pending.result
 
     def _answer(self, name: str, error: tuple[str, str] | None, result: Any = None) -> None:
-        pending = self._pending.pop(name, None)
-        if pending is not None:
+        waiting = self._pending.get(name)
+        if waiting:
+            pending = waiting.popleft()
+            if not waiting:
+                del self._pending[name]
             pending.error, pending.result = error, result
             pending.done.set()
+
+    async def _send_once_made(self, message: Any) -> None:
+        """Send *message* to the child once it has its spec (if the node was made)."""
+        await self._opened.wait()
+        if self._made:
+            await self._send_quietly(message)
 
     async def _send_quietly(self, message: Any) -> None:
         """Send *message* to the child; if it is gone, its death is reported elsewhere."""

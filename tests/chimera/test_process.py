@@ -185,6 +185,40 @@ async def test_gather_brings_each_nodes_last_chunk_from_its_process(tmp_path):
     assert gathered[graph.get_id_by_name("sink")] is None
 
 
+async def test_gathers_at_once_and_during_a_commit_all_return(tmp_path):
+    # As from two threads of a blocking Manager: a monitor gathering while the
+    # script commits, then gathers at once.
+    async with notifications() as (port, notified):
+        graph = counter_to_sink(tmp_path, port, 50)
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                gathered = []
+
+                async def gather_during_commit(done: trio.Event) -> None:
+                    while not done.is_set():
+                        gathered.append(await manager.gather())
+
+                committed = trio.Event()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(gather_during_commit, committed)
+                    assert await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                    committed.set()
+                assert gathered and all(g == {} or set(g.values()) == {None} for g in gathered)
+                assert await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+                at_once: list[dict] = []
+
+                async def gather() -> None:
+                    at_once.append(await manager.gather())
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(8):
+                        nursery.start_soon(gather)
+    counter = graph.get_id_by_name("counter")
+    assert [g[counter].get("default")["value"] for g in at_once] == [50] * 8
+
+
 async def test_a_stranger_cannot_link_to_a_node(tmp_path):
     # Whoever reaches a node's port (listed in /api/state) could read its stream,
     # or link and never read, holding the node up: only the graph's nodes link.
