@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -109,12 +110,27 @@ def _read_commands(stdin: Any, token: trio.lowlevel.TrioToken, send: Any) -> Non
         pass
     except trio.RunFinishedError:
         return
+    WORKER_GONE.set()
     try:
         trio.from_thread.run_sync(send.close, trio_token=token)
     except trio.RunFinishedError:
         return
     time.sleep(ORPHAN_GRACE)
-    os._exit(3)
+    end_group()
+
+
+#: Set once the node's stdin has ended before a ``close`` command: its Worker is
+#: gone (it would have killed the node's process group once the node exited).
+WORKER_GONE = threading.Event()
+
+
+def end_group() -> None:
+    """End this process and every process it started (its process group: a
+    node's process leads its own), with SIGKILL: what a Worker does once a
+    node's process exits, for a node whose Worker is gone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.killpg(0, signal.SIGKILL)
 
 
 async def _report_stats(runtime: NodeRuntime, events: _Events) -> None:
@@ -216,6 +232,8 @@ def main(events_fd: int) -> None:
             raise
     finally:
         events.close()
+        if WORKER_GONE.is_set():
+            end_group()
 
 
 def _follow_clock(offset_ns: int) -> None:

@@ -41,6 +41,10 @@ EXIT_GRACE = TEARDOWN_TIMEOUT + 2.0
 TERM_GRACE = 2.0
 #: After SIGKILL, how long to wait for the exit to be reported.
 KILL_GRACE = 5.0
+#: Once a node's process has exited, how long processes it started (a
+#: ``multiprocessing`` helper forked from it) may hold its pipes open before
+#: its process group is killed.
+HELD_GRACE = 1.0
 #: Seconds between looks at whether a process has exited, where there is no pidfd.
 POLL_PERIOD = 0.05
 
@@ -564,13 +568,22 @@ class NodeProcess:
     async def _read_events(self, events: trio.lowlevel.FdStream) -> None:
         """Take the child's events until it exits, then tell how it ended.
 
-        Shielded: closing relies on it, and it ends when the child does (the
-        events pipe is the child's alone, so its end is the child's exit),
-        which :meth:`_stop_process` makes sure of.
+        Shielded: closing relies on it, and it ends when the child does, which
+        :meth:`_stop_process` makes sure of: the events pipe ends with the
+        child, or, if a process it forked holds the pipe (a ``multiprocessing``
+        helper), once :meth:`_end_holders` has killed its group.
         """
         with trio.CancelScope(shield=True):
-            async with events:
-                crash = await self._take_events(events)
+            crash: str | None = None
+            async with events, trio.open_nursery() as nursery:
+
+                async def take() -> None:
+                    nonlocal crash
+                    crash = await self._take_events(events)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(take)
+                nursery.start_soon(self._end_holders, nursery.cancel_scope)
             code = None
             with trio.move_on_after(KILL_GRACE):
                 code = await self._zygote.wait(self._pid)
@@ -598,6 +611,27 @@ class NodeProcess:
                 while name in self._pending:
                     self._answer(name, (self._death or "its process exited", ""))
             self._exited.set()
+
+    async def _end_holders(self, reading: trio.CancelScope) -> None:
+        """Once the child has exited (as the zygote says), kill the processes
+        it started that still hold its events pipe, after :data:`HELD_GRACE`:
+        its process group (they would keep the node RUNNING for ever, and
+        its links open). Cancel *reading* if the pipe stays open even then
+        (a process that left the group). Nothing if the zygote died first."""
+        try:
+            if await self._zygote.wait(self._pid) is None:
+                return  # the zygote died: the exit is unknown (see _orphaned)
+        except KeyError:  # forgotten: it exited and was closed
+            pass
+        await trio.sleep(HELD_GRACE)
+        log.warning(
+            "node %r: its process exited, and processes it started hold its pipes: they are killed",
+            self.name,
+        )
+        _signal_group(self._pid, signal.SIGKILL)
+        await trio.sleep(KILL_GRACE)
+        log.error("node %r: its events pipe is still open; it is taken as ended", self.name)
+        reading.cancel()
 
     async def _take_events(self, events: trio.lowlevel.FdStream) -> str | None:
         """Handle the child's events until the pipe ends; why it crashed, if it said."""

@@ -124,6 +124,22 @@ class Sink(cp.Node):
         Path(self.folder, f"{self.name}.json").write_text(json.dumps(self.seen))
 
 
+class WithAHelper(Sink):
+    """A :class:`Sink` with a helper process forked by ``multiprocessing`` (as
+    device and model libraries start them), which holds every file the node's
+    process had open; writes its pid in ``NAME.helper``."""
+
+    def prep(self):
+        import multiprocessing
+
+        super().prep()
+        self.helper = multiprocessing.get_context("fork").Process(
+            target=time.sleep, args=(600,), daemon=True
+        )
+        self.helper.start()
+        Path(self.folder, f"{self.name}.helper").write_text(str(self.helper.pid))
+
+
 class AsyncCounter(Counter):
     """:class:`Counter` with ``async def`` methods (on its process's event loop)."""
 

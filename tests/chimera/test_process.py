@@ -40,6 +40,7 @@ from .nodes import (
     SlowPrep,
     StampSink,
     Stubborn,
+    WithAHelper,
 )
 
 
@@ -261,6 +262,31 @@ async def test_a_killed_node_fails_and_the_others_go_on(tmp_path):
     assert not (tmp_path / "first.json").exists()  # killed: no teardown
 
 
+@pytest.mark.parametrize("kill", [True, False], ids=["killed", "closed"])
+async def test_a_node_whose_helper_process_holds_its_pipes_still_ends(tmp_path, kill):
+    # Its helper, forked, holds the node's pipes: the node's end is still seen,
+    # the helper killed with it, and the node below ends as its input does.
+    before = set(children_of(os.getpid()))
+    async with notifications() as (port, notified):
+        counter = Counter("counter", limit=5)
+        helped = WithAHelper("helped", str(tmp_path), source="counter", expect=5, port=port)
+        graph = cp.Graph()
+        graph.add_edge(counter, helped)
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["counter", "helped"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                helper = int((tmp_path / "helped.helper").read_text())
+                if kill:
+                    os.kill(int((tmp_path / "helped.pid").read_text()), signal.SIGKILL)
+                    assert await manager.wait_for_node_state("helped", "FAILED") == "FAILED"
+                assert await manager.stop()
+                await manager.shutdown()
+            assert not alive(helper)
+    assert set(children_of(os.getpid())) <= before
+
+
 async def test_a_node_process_that_dies_after_its_node_stopped_leaves_it_stopped(tmp_path):
     # Killed idle, between stop() and shutdown() (the OOM killer, say): its
     # run had ended, its teardown ran, its files were closed.
@@ -457,8 +483,13 @@ async def test_a_node_that_ignores_close_and_sigterm_is_killed(tmp_path, monkeyp
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
 async def test_nodes_end_when_their_worker_process_dies(tmp_path):
+    # With the processes they started: the sink's helper process too.
     async with notifications() as (port, notified):
-        graph = counter_to_sink(tmp_path, port, 5)
+        graph = cp.Graph()
+        graph.add_edge(
+            Counter("counter", limit=5),
+            WithAHelper("sink", str(tmp_path), source="counter", expect=5, port=port),
+        )
         with trio.fail_after(60):
             async with AsyncManager(tmp_path / "logs", port=0) as manager:
                 command = [sys.executable, "-m", "chimera", "worker", "--name", "doomed"]
@@ -472,9 +503,12 @@ async def test_nodes_end_when_their_worker_process_dies(tmp_path):
                     await manager.start()
                     assert await notified.receive() == b"x"
                     node = os.pidfd_open(int((tmp_path / "sink.pid").read_text()))
+                    helper = os.pidfd_open(int((tmp_path / "sink.helper").read_text()))
                     worker.kill()
                     await trio.lowlevel.wait_readable(node)  # the node's process exited
+                    await trio.lowlevel.wait_readable(helper)  # and its helper
                     os.close(node)
+                    os.close(helper)
                 finally:
                     worker.kill()
                     await worker.wait()
