@@ -71,6 +71,10 @@ def _why_unreachable(exc: BaseException, timeout: float) -> str:
         return f"no answer within {timeout:g} s"
     if isinstance(exc, trio_websocket.ConnectionRejected):
         return f"what answers there is not a chimera manager (HTTP {exc.status_code})"
+    if isinstance(exc, protocol.ProtocolError):
+        return f"what answers there is not a chimera manager of this version ({exc})"
+    if isinstance(exc, trio_websocket.ConnectionClosed):
+        return f"it closed the connection during check-in ({exc.reason})"
     cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
     text = str(cause) if cause is not None else ""
     return f"{text or type(exc).__name__} (is the manager running, on that host and port?)"
@@ -257,7 +261,9 @@ class AsyncWorker(Service):
 
         Returns:
             True once the Manager welcomed the Worker; False if it could not be
-            reached within *timeout* seconds.
+            reached within *timeout* seconds, or what answers is not a chimera
+            Manager of this protocol version, or it closed the connection
+            during check-in (the reason is logged).
 
         Raises:
             PermissionError: the Manager refused the Worker (wrong or missing token).
@@ -275,7 +281,13 @@ class AsyncWorker(Service):
                 await self._nursery.start(self._session, url)
         except PermissionError:
             raise
-        except (trio.TooSlowError, OSError, trio_websocket.HandshakeError) as exc:
+        except (
+            trio.TooSlowError,
+            OSError,
+            trio_websocket.HandshakeError,
+            trio_websocket.ConnectionClosed,
+            protocol.ProtocolError,
+        ) as exc:
             log.error(
                 "worker %r: cannot reach the manager at %s:%s: %s",
                 self.name,

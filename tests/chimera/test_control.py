@@ -173,6 +173,41 @@ async def fake_manager(
     await trio_websocket.serve_websocket(handle, "127.0.0.1", 0, None, task_status=task_status)
 
 
+async def not_a_manager(answer: str | None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A WebSocket server that answers a hello with *answer*, or closes (None)."""
+
+    async def handle(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()
+        if answer is None:
+            await ws.aclose()
+        else:
+            await ws.send_message(answer)
+            await trio.sleep_forever()
+
+    await trio_websocket.serve_websocket(handle, "127.0.0.1", 0, None, task_status=task_status)
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        ("not json", "not a chimera manager"),
+        (json.dumps({"type": "welcome", "v": 99}), "not a chimera manager"),
+        (None, "closed the connection during check-in"),
+    ],
+    ids=["junk", "another-version", "closes"],
+)
+async def test_connecting_to_what_is_not_a_manager_returns_false_saying_why(answer, why, caplog):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(not_a_manager, answer)
+            async with AsyncWorker("lab-pc") as worker:
+                assert await worker.connect("127.0.0.1", server.port) is False
+                assert not worker.connected
+            nursery.cancel_scope.cancel()
+    assert why in caplog.text
+
+
 @pytest.mark.parametrize("proof", [None, "0" * 64])
 async def test_a_worker_tells_its_token_to_no_manager_that_cannot_prove_it_knows_it(proof):
     # Else whoever a Worker is pointed at learns the token, and runs code on it.
