@@ -106,6 +106,16 @@ class _LoopThread(Generic[T]):
         """
         return trio.from_thread.run_sync(fn, *args, trio_token=self._running_token())
 
+    def read(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, which reads the loop's objects: in the loop's thread while
+        it runs (they change there), else here."""
+        try:
+            return self.call_sync(fn)
+        except (RuntimeError, trio.RunFinishedError):
+            if self._thread.is_alive():
+                raise
+            return fn()
+
     def _running_token(self) -> trio.lowlevel.TrioToken:
         if self._token is None or not self._thread.is_alive():
             raise RuntimeError("this object has been shut down")
@@ -184,7 +194,7 @@ class Manager:
     @property
     def workers(self) -> dict[str, WorkerInfo]:
         """The Workers connected now, by id."""
-        return self._manager.workers
+        return self._loop.read(lambda: self._manager.workers)
 
     @property
     def graph(self) -> Graph | None:
@@ -194,7 +204,7 @@ class Manager:
     @property
     def nodes(self) -> dict[str, str]:
         """The state of every committed node, by node id."""
-        return dict(self._manager.nodes)
+        return self._loop.read(lambda: dict(self._manager.nodes))
 
     @property
     def logs_address(self) -> str | None:
@@ -334,7 +344,7 @@ class Worker:
     @property
     def nodes(self) -> dict[str, NodeState]:
         """The state of each node this Worker runs, by node id."""
-        return self._worker.nodes
+        return self._loop.read(lambda: self._worker.nodes)
 
     def connect(self, host: str, port: int, timeout: float = 10.0) -> bool:
         """See :meth:`chimera.AsyncWorker.connect`."""
