@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import trio
 
-from ._manifest import FileEntry, Manifest, files_under, hash_file, stream_summary
+from ._manifest import FileEntry, Manifest, files_under, hash_file, partial_path, stream_summary
 from ._recording import check_name
 
 __all__ = [
@@ -115,9 +115,11 @@ class Incoming:
             OSError: the file cannot be written.
         """
         relative, target = self._target(path)
+        partial = partial_path(target)
         digest, size = hashlib.sha256(), 0
         await trio.to_thread.run_sync(lambda: target.parent.mkdir(parents=True, exist_ok=True))
-        file = await trio.to_thread.run_sync(open, target, "wb")
+        file = await trio.to_thread.run_sync(open, partial, "wb")
+        whole = False
         try:
             pending, pending_size = [], 0
             async for chunk in body:
@@ -128,12 +130,26 @@ class Incoming:
                     size, pending, pending_size = size + pending_size, [], 0
             await trio.to_thread.run_sync(_hash_and_write, digest, file, pending)
             size += pending_size
+            whole = True
         finally:
+            # Under its name once whole: a transfer cut short leaves no file
+            # that looks like the recording's.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(file.close)
+                await trio.to_thread.run_sync(_finish, file, partial, target if whole else None)
         entry = FileEntry(size, digest.hexdigest())
         self._add(relative, entry)
         return entry
+
+
+def _finish(file: Any, partial: Path, target: Path | None) -> None:
+    """Close *file*, written at *partial*; rename it *target*, or remove it if None."""
+    try:
+        file.close()
+    finally:
+        if target is None:
+            partial.unlink(missing_ok=True)
+    if target is not None:
+        partial.replace(target)
 
 
 def _hash_and_write(digest: Any, file: Any, pieces: list[bytes]) -> None:
@@ -172,7 +188,13 @@ def move_folder(
             os.replace(path, destination)
             item.update(ino=entry.ino, mtime_ns=entry.mtime_ns)
         except OSError:  # another file system: the Manager hashes the copy
-            shutil.copyfile(path, destination)
+            partial = partial_path(destination)
+            try:
+                shutil.copyfile(path, partial)
+                partial.replace(destination)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
         moved.append(item)
     return moved
 

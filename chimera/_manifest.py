@@ -36,6 +36,7 @@ __all__ = [
     "files_under",
     "hash_file",
     "manifest_path",
+    "partial_path",
     "stream_summary",
 ]
 
@@ -87,8 +88,15 @@ def hash_file(path: Path) -> FileEntry:
 
 
 #: How the name of a file a writer has not finished ends (a node killed while
-#: it wrote an image leaves one): not a file of the recording, never collected.
+#: it wrote an image leaves one, a Worker killed while its files were being
+#: collected too): not a file of the recording, never collected.
 PARTIAL = ".partial"
+
+
+def partial_path(path: Path) -> Path:
+    """Where a file for *path* is written until it is whole (then renamed to
+    *path*): a hidden name in the same folder, ending in :data:`PARTIAL`."""
+    return path.with_name(f".{path.name}{PARTIAL}")
 
 
 def files_under(folder: Path) -> list[Path]:

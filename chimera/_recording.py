@@ -48,7 +48,7 @@ from typing import Any
 import numpy
 
 from ._data import _check_utf8, cluster_time_ns
-from ._manifest import PARTIAL, Manifest, stream_summary
+from ._manifest import Manifest, partial_path, stream_summary
 from ._wav import WavWriter
 
 __all__ = ["FLUSH_PERIOD", "Recorder", "StreamInfo", "check_name"]
@@ -679,7 +679,7 @@ class _ImageWriter(_Writer):
         import cv2
 
         path = self.folder / self.name / f"{self.info.count:06d}.png"
-        partial = path.with_name(f".{path.name}{PARTIAL}")
+        partial = partial_path(path)
         encoded, png = cv2.imencode(".png", image)
         if not encoded:
             raise OSError(f"cannot encode {path.name} as PNG")

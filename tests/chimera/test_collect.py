@@ -10,6 +10,7 @@ import pytest
 import trio
 
 import chimera as cp
+from chimera._collect import Incoming
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 
@@ -82,3 +83,23 @@ async def test_files_that_did_not_arrive_whole_are_not_forgotten_by_their_worker
                 await manager.collect()
     said = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
     assert len(said) == 1
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut-short"])
+async def test_a_file_arrives_under_its_name_only_whole(tmp_path, cut):
+    # As a Worker killed while its files are collected over HTTP: what it had
+    # sent of a file is not left in the session under the file's name.
+    incoming = Incoming(tmp_path)
+
+    async def body():
+        yield b"x" * 1000
+        if cut:
+            raise ConnectionError("the worker left")
+        yield b"y" * 10
+
+    if cut:
+        with pytest.raises(ConnectionError):
+            await incoming.write("w1/cam/cam.mp4", body())
+    else:
+        assert (await incoming.write("w1/cam/cam.mp4", body())).size == 1010
+    assert [p.name for p in (tmp_path / "w1" / "cam").iterdir()] == ([] if cut else ["cam.mp4"])
