@@ -51,7 +51,12 @@ class _LoopThread(Generic[T]):
         self.resource: T | None = None
         self._thread = threading.Thread(target=trio.run, args=(self._main,), name=name, daemon=True)
         self._thread.start()
-        self._ready.wait()
+        try:
+            self._ready.wait()
+        except KeyboardInterrupt:  # (Ctrl-C): the loop must not be left running
+            self._ready.wait()
+            self.close()
+            raise
         if self._error is not None:
             self._thread.join()
             raise self._error
@@ -91,6 +96,8 @@ class _LoopThread(Generic[T]):
 
         try:
             return trio.from_thread.run(run, trio_token=token)
+        except trio.RunFinishedError:  # (it stopped meanwhile)
+            raise RuntimeError("this object has been shut down") from None
         except KeyboardInterrupt:
             try:  # (if the call has not started yet, it ends as it starts)
                 trio.from_thread.run_sync(scope.cancel, trio_token=token)
@@ -104,14 +111,17 @@ class _LoopThread(Generic[T]):
         Raises:
             RuntimeError: the loop has stopped.
         """
-        return trio.from_thread.run_sync(fn, *args, trio_token=self._running_token())
+        try:
+            return trio.from_thread.run_sync(fn, *args, trio_token=self._running_token())
+        except trio.RunFinishedError:  # (it stopped meanwhile)
+            raise RuntimeError("this object has been shut down") from None
 
     def read(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, which reads the loop's objects: in the loop's thread while
         it runs (they change there), else here."""
         try:
             return self.call_sync(fn)
-        except (RuntimeError, trio.RunFinishedError):
+        except RuntimeError:
             if self._thread.is_alive():
                 raise
             return fn()
