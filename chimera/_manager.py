@@ -53,7 +53,7 @@ from ._collect import Incoming, Progress, files_under, read_body, summarize, ver
 from ._data import DataChunk, DecodeError, decode_chunk
 from ._errors import CommitGraphError, NodeError, WorkerLeftError
 from ._graph import Graph
-from ._mapping import resolve_mapping
+from ._mapping import resolve_mapping, resolve_placement
 from ._packages import Package, pack
 from ._recording import check_name
 from ._service import Service, run_all, single_exception, unwrapped
@@ -546,17 +546,25 @@ class AsyncManager(Service):
             NodeError: a node cannot be made where it runs.
             RuntimeError: no graph is mapped, or a Worker failed or left.
         """
+        self._registered()
+        if not self._mapping:
+            raise RuntimeError("no graph is mapped: call map_graph (or commit_graph)")
         await self._on_every_worker(self._create_on)
         return True
 
     async def request_node_creation(self, worker_id: str, node_id: str) -> bool:
-        """Create one node of the registered graph on one Worker. Returns True.
+        """Create one node of the mapped graph on the Worker it is mapped to
+        (each given by its id or its name). Returns True.
 
         Raises:
             NodeError: the node cannot be made there.
+            CommitGraphError: no such Worker or node, or the node is not
+                mapped to that Worker.
             RuntimeError: no graph is registered, or the Worker failed or left.
         """
-        await self._create_on(worker_id, [node_id])
+        graph = self._registered()
+        worker, node = resolve_placement(graph, self._names(), self._mapping, worker_id, node_id)
+        await self._create_on(worker, [node])
         return True
 
     async def _create_on(self, worker_id: str, node_ids: list[str]) -> None:
@@ -593,15 +601,17 @@ class AsyncManager(Service):
         """Connect the nodes of one Worker to their inputs. Returns True.
 
         Raises:
-            RuntimeError: an input of theirs is not created yet, or the Worker failed or left.
+            RuntimeError: one of them or of their inputs is not created yet, or
+                the Worker failed or left.
         """
         graph = self._registered()
         wiring = {}
         for node_id in self._mapping.get(worker_id, []):
             wiring[node_id] = {}
-            for src in graph.inputs(node_id):
+            for src in (node_id, *graph.inputs(node_id)):  # (the node, then its inputs)
                 if src not in self._addresses:
                     raise RuntimeError(f"node {self._node_names[src]!r} is not created yet")
+            for src in graph.inputs(node_id):
                 wiring[node_id][self._node_names[src]] = self._addresses[src]
         await self._request(worker_id, "connect_nodes", addresses=wiring)
         return True

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from ._errors import CommitGraphError
 from ._graph import Graph
 
-__all__ = ["resolve_mapping"]
+__all__ = ["resolve_mapping", "resolve_placement"]
 
 
 def resolve_mapping(
@@ -33,9 +33,7 @@ def resolve_mapping(
             Workers.
     """
     problems = list(graph.problems())
-    by_name: dict[str, list[str]] = {}
-    for worker_id, name in workers.items():
-        by_name.setdefault(name, []).append(worker_id)
+    by_name = _by_name(workers)
     resolved: dict[str, list[str]] = {}
     placed: dict[str, str] = {}
     for worker, nodes in mapping.items():
@@ -65,6 +63,37 @@ def resolve_mapping(
     if problems:
         raise CommitGraphError(problems)
     return resolved
+
+
+def resolve_placement(
+    graph: Graph,
+    workers: Mapping[str, str],
+    mapping: Mapping[str, list[str]],
+    worker: str,
+    node: str,
+) -> tuple[str, str]:
+    """The ids of *worker* and *node* (each an id or a name), checked against
+    a resolved *mapping* (see :func:`resolve_mapping`).
+
+    Raises:
+        CommitGraphError: no such worker or node, or the node is not mapped to the worker.
+    """
+    problems: list[str] = []
+    worker_id = _worker_id(worker, workers, _by_name(workers), problems)
+    node_id = _node_id(graph, node, problems)
+    if worker_id is not None and node_id is not None and node_id not in mapping.get(worker_id, []):
+        problems.append(f"node {node!r} is not mapped to worker {worker!r}")
+    if problems:
+        raise CommitGraphError(problems)
+    return worker_id, node_id
+
+
+def _by_name(workers: Mapping[str, str]) -> dict[str, list[str]]:
+    """The ids of *workers* (``{id: name}``) by name."""
+    by_name: dict[str, list[str]] = {}
+    for worker_id, name in workers.items():
+        by_name.setdefault(name, []).append(worker_id)
+    return by_name
 
 
 def _worker_id(

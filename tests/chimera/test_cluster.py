@@ -639,3 +639,24 @@ async def test_offline_a_node_steps_once_every_input_has_sent(tmp_path):
             for _ in range(4):
                 assert await manager.step()
     assert SEEN["keep"] == [{"a": 1, "b": 2}, {"a": 2, "b": 3}, {"a": 3, "b": 4}]
+
+
+async def test_the_step_by_step_commit_takes_names_and_says_what_is_missing(tmp_path):
+    graph, *_ = counter_doubler_printer()
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            manager.register_graph(graph)
+            with pytest.raises(RuntimeError, match="no graph is mapped"):
+                await manager.create_p2p_network()
+            manager.map_graph({"local": ["counter", "doubler", "printer"]})
+            with pytest.raises(cp.CommitGraphError, match="no node 'nope'"):
+                await manager.request_node_creation("local", "nope")
+            assert await manager.request_node_creation("local", "counter")  # names
+            with pytest.raises(RuntimeError, match="'doubler' is not created yet"):
+                await manager.setup_p2p_connections()
+            assert await manager.create_p2p_network()
+            assert await manager.setup_p2p_connections()
+            assert await manager.start()
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            assert await manager.stop()
+    assert SEEN["printer"] == [2 * n for n in range(1, 31)]
