@@ -83,11 +83,6 @@ class WavWriter:
             self._file.close()
             raise
 
-    @property
-    def frames(self) -> int:
-        """The frames (a sample of each channel) written."""
-        return self._frames
-
     def write(self, block: numpy.ndarray) -> None:
         """Append *block*, a (frames, channels) array of the file's samples
         (int16, int32 for PCM_24 and PCM_32, float32, float64).
