@@ -450,22 +450,12 @@ class NodeRuntime:
                 followed input) with no chunk left to step on.
         """
         if name not in self._offline_ended:
-            try:
-                chunks = self._unpack(await self._inlets[name].receive(), name)
-            except trio.EndOfChannel:
+            if (message := await self._receive(name)) is None:
                 self._offline_ended.add(name)
-            except trio.BrokenResourceError as exc:
-                log.warning("node %r: input %r broke: %s", self.node.name, name, exc)
-                self._offline_ended.add(name)
-            except trio.ClosedResourceError:
-                if name not in self._gone:
-                    raise
-                self._offline_ended.add(name)
-            else:
-                if name == self._follow:
-                    self._offline_pending.extend(chunks)
-                elif chunks:
-                    self._offline_latest[name] = chunks[-1]
+            elif name == self._follow:
+                self._offline_pending.extend(self._unpack(message, name))
+            elif chunks := self._unpack(message, name):
+                self._offline_latest[name] = chunks[-1]
         if name in self._offline_ended:
             if name == self._follow and not self._offline_pending:
                 raise trio.EndOfChannel(f"input {name!r} ended")
@@ -816,38 +806,47 @@ class NodeRuntime:
         more than the limit are in flight). *take* empties the list."""
         steps: list[tuple] = []
         warned = False
-        inlet = self._inlets[self._follow]
+        while True:
+            # Room first, then the message: a LATEST input's is the newest.
+            await self._wait_for_room()
+            if (message := await self._receive(self._follow)) is None:
+                break
+            for chunk in self._unpack(message, self._follow):
+                latest[self._follow] = chunk
+                if len(latest) < len(self._inlets):
+                    await take(steps)
+                    await every.wait()
+                if len(latest) < len(self._inlets):
+                    if not warned:  # (once: the chunks that follow are not stepped either)
+                        missing = sorted(set(self._inlets) - set(latest))
+                        log.warning(
+                            "node %r: inputs %s ended without sending: it is not stepped",
+                            self.node.name,
+                            missing,
+                        )
+                        warned = True
+                    continue
+                steps.append((dict(latest),))
+            await take(steps)
+
+    async def _receive(self, name: str) -> list[memoryview] | None:
+        """The next message of input *name*; None once the input has ended:
+        closed by its node, taken as gone (:meth:`forget`), or broken (logged).
+
+        Raises:
+            trio.ClosedResourceError: the input was closed here (the node closes).
+        """
         try:
-            while True:
-                # Room first, then the message: a LATEST input's is the newest.
-                await self._wait_for_room()
-                try:
-                    message = await inlet.receive()
-                except trio.EndOfChannel:
-                    break
-                except trio.ClosedResourceError:
-                    if self._follow in self._gone:
-                        break
-                    raise
-                for chunk in self._unpack(message, self._follow):
-                    latest[self._follow] = chunk
-                    if len(latest) < len(self._inlets):
-                        await take(steps)
-                        await every.wait()
-                    if len(latest) < len(self._inlets):
-                        if not warned:  # (once: the chunks that follow are not stepped either)
-                            missing = sorted(set(self._inlets) - set(latest))
-                            log.warning(
-                                "node %r: inputs %s ended without sending: it is not stepped",
-                                self.node.name,
-                                missing,
-                            )
-                            warned = True
-                        continue
-                    steps.append((dict(latest),))
-                await take(steps)
+            return await self._inlets[name].receive()
+        except trio.EndOfChannel:
+            return None
+        except trio.ClosedResourceError:
+            if name in self._gone:
+                return None
+            raise
         except trio.BrokenResourceError as exc:
-            log.warning("node %r: input %r broke: %s", self.node.name, self._follow, exc)
+            log.warning("node %r: input %r broke: %s", self.node.name, name, exc)
+            return None
 
     async def _keep_latest(
         self,
@@ -860,16 +859,11 @@ class NodeRuntime:
         ends, calling *received* after each message that holds one; *fail* gets the
         NodeError of a chunk that cannot be decoded (and it stops)."""
         try:
-            async for message in self._inlets[name]:
+            while (message := await self._receive(name)) is not None:
                 chunks = self._unpack(message, name, newest=True)
                 if chunks:  # (none: a step of offline mode had nothing)
                     latest[name] = chunks[-1]
                     received()
-        except trio.ClosedResourceError:
-            if name not in self._gone:
-                raise
-        except trio.BrokenResourceError as exc:
-            log.warning("node %r: input %r broke: %s", self.node.name, name, exc)
         except NodeError as exc:
             fail(exc)
 
@@ -893,13 +887,15 @@ class NodeRuntime:
             latest = self._delivery[name] is transports.Delivery.LATEST
             if latest:
                 self.dropped += first - expected
-            if name == self._follow and batch:
+            if not batch:  # (a step of offline mode had nothing: see chimera._batch)
+                return []
+            if name == self._follow:
                 large = sum(frame.nbytes for frame in message) > LARGE_CHUNK * len(batch)
                 if latest:
                     self._limit = LATEST_STEPS
                 else:
                     self._limit = LARGE_INPUT_STEPS if large else STEPS_IN_FLIGHT
-            if (newest or latest) and batch:
+            if newest or latest:
                 if latest:
                     self.dropped += len(batch) - 1
                 batch = batch[-1:]
