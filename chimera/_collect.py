@@ -33,7 +33,15 @@ from typing import Any
 import httpx
 import trio
 
-from ._manifest import FileEntry, Manifest, files_under, hash_file, partial_path, stream_summary
+from ._manifest import (
+    FileEntry,
+    Manifest,
+    files_under,
+    hash_file,
+    partial_path,
+    stream_summary,
+    written_whole,
+)
 from ._recording import check_name
 
 __all__ = [
@@ -188,13 +196,8 @@ def move_folder(
             os.replace(path, destination)
             item.update(ino=entry.ino, mtime_ns=entry.mtime_ns)
         except OSError:  # another file system: the Manager hashes the copy
-            partial = partial_path(destination)
-            try:
+            with written_whole(destination) as partial:
                 shutil.copyfile(path, partial)
-                partial.replace(destination)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
         moved.append(item)
     return moved
 

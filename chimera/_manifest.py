@@ -24,7 +24,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ __all__ = [
     "manifest_path",
     "partial_path",
     "stream_summary",
+    "written_whole",
 ]
 
 log = logging.getLogger("chimera.collect")
@@ -97,6 +100,25 @@ def partial_path(path: Path) -> Path:
     """Where a file for *path* is written until it is whole (then renamed to
     *path*): a hidden name in the same folder, ending in :data:`PARTIAL`."""
     return path.with_name(f".{path.name}{PARTIAL}")
+
+
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """Where to write the file *path* in the ``with`` block (its
+    :func:`partial_path`): renamed *path* once the block ends, removed if it
+    raises. A kill or an error leaves the file whole under its name, or not
+    there. Blocking.
+
+    Raises:
+        OSError: it could not be renamed (it is removed).
+    """
+    partial = partial_path(path)
+    try:
+        yield partial
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def files_under(folder: Path) -> list[Path]:

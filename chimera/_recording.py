@@ -48,7 +48,7 @@ from typing import Any
 import numpy
 
 from ._data import _check_utf8, cluster_time_ns
-from ._manifest import Manifest, partial_path, stream_summary
+from ._manifest import Manifest, stream_summary, written_whole
 from ._wav import WavWriter
 
 __all__ = ["FLUSH_PERIOD", "Recorder", "StreamInfo", "check_name"]
@@ -679,17 +679,12 @@ class _ImageWriter(_Writer):
         import cv2
 
         path = self.folder / self.name / f"{self.info.count:06d}.png"
-        partial = partial_path(path)
         encoded, png = cv2.imencode(".png", image)
         if not encoded:
             raise OSError(f"cannot encode {path.name} as PNG")
-        try:
+        with written_whole(path) as partial:
             partial.write_bytes(png)
             self._stamp(self.info.count, stamp, at_once=True)
-            partial.replace(path)
-        except OSError:
-            partial.unlink(missing_ok=True)
-            raise
 
 
 def _is_pandas(value: Any, kind: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -12,7 +13,14 @@ import pytest
 
 from chimera._collect import Incoming, move_folder, summarize, verify
 from chimera._data import set_clock
-from chimera._manifest import FileEntry, Manifest, files_under, hash_file, manifest_path
+from chimera._manifest import (
+    FileEntry,
+    Manifest,
+    files_under,
+    hash_file,
+    manifest_path,
+    written_whole,
+)
 from chimera._recording import Recorder
 
 
@@ -158,3 +166,16 @@ def test_a_file_left_unfinished_is_no_file_of_the_recording(tmp_path):
     (tmp_path / "shot" / "000000.png").write_bytes(b"whole")
     (tmp_path / "shot" / ".000001.png.partial").write_bytes(b"half")
     assert files_under(tmp_path) == [tmp_path / "shot" / "000000.png"]
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["whole", "fails"])
+def test_a_file_written_whole_is_there_under_its_name_or_not_at_all(tmp_path, fails):
+    with pytest.raises(OSError) if fails else contextlib.nullcontext():
+        with written_whole(tmp_path / "frame.png") as partial:
+            partial.write_bytes(b"half")
+            if fails:
+                raise OSError("no space left on device")
+            partial.write_bytes(b"whole")
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == (
+        [] if fails else [("frame.png", b"whole")]
+    )
