@@ -607,12 +607,11 @@ class AsyncManager(Service):
         graph = self._registered()
         wiring = {}
         for node_id in self._mapping.get(worker_id, []):
-            wiring[node_id] = {}
-            for src in (node_id, *graph.inputs(node_id)):  # (the node, then its inputs)
+            inputs = graph.inputs(node_id)
+            for src in (node_id, *inputs):
                 if src not in self._addresses:
                     raise RuntimeError(f"node {self._node_names[src]!r} is not created yet")
-            for src in graph.inputs(node_id):
-                wiring[node_id][self._node_names[src]] = self._addresses[src]
+            wiring[node_id] = {self._node_names[src]: self._addresses[src] for src in inputs}
         await self._request(worker_id, "connect_nodes", addresses=wiring)
         return True
 

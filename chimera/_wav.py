@@ -107,7 +107,7 @@ class WavWriter:
             OSError: it could not be written.
         """
         self._file.flush()
-        self._write_sizes(self._data_size_at + 4 + self._frames * self._align)
+        self._write_sizes(self._end())
 
     def close(self) -> None:
         """Flush, pad the samples to an even size (as RIFF wants), and close.
@@ -116,13 +116,17 @@ class WavWriter:
             OSError: it could not be written (the file is closed anyway).
         """
         try:
-            end = self._data_size_at + 4 + self._frames * self._align
+            end = self._end()
             if end % 2:
                 self._file.write(b"\0")
             self._file.flush()
             self._write_sizes(end + end % 2)
         finally:
             self._file.close()
+
+    def _end(self) -> int:
+        """Where the samples written end (the file's size, but a pad byte)."""
+        return self._data_size_at + 4 + self._frames * self._align
 
     def _write_sizes(self, end: int) -> None:
         """Write the sizes of a file of *end* bytes in its header, in place.
