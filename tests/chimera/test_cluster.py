@@ -554,18 +554,23 @@ class Pair(cp.Node):
         )
 
 
-async def test_offline_steps_take_what_every_input_sent_in_the_same_step(tmp_path):
-    # More steps than a link holds: the input not followed is read at each step.
-    a, b, pair = Counter("a"), Counter("b"), Pair("pair")
+async def step_offline(tmp_path, a: cp.Node, b: cp.Node, node: cp.Node, steps: int) -> None:
+    """Commit *a* and *b* feeding *node* (following *a*), all on one Worker,
+    and step them *steps* times (offline mode)."""
     graph = cp.Graph()
-    graph.add_nodes_from([a, b, pair])
-    graph.add_edge(a, pair, follow=True)
-    graph.add_edge(b, pair)
+    graph.add_nodes_from([a, b, node])
+    graph.add_edge(a, node, follow=True)
+    graph.add_edge(b, node)
     with trio.fail_after(30):
         async with cluster(tmp_path, "local") as (manager, _):
-            assert await manager.commit_graph(graph, {"local": ["a", "b", "pair"]})
-            for _ in range(12):
+            assert await manager.commit_graph(graph, {"local": [a.name, b.name, node.name]})
+            for _ in range(steps):
                 assert await manager.step()
+
+
+async def test_offline_steps_take_what_every_input_sent_in_the_same_step(tmp_path):
+    # More steps than a link holds: the input not followed is read at each step.
+    await step_offline(tmp_path, Counter("a"), Counter("b"), Pair("pair"), 12)
     assert SEEN["pair"] == [(n, n) for n in range(1, 13)]
 
 
@@ -628,16 +633,7 @@ class Late(cp.Node):
 async def test_offline_a_node_steps_once_every_input_has_sent(tmp_path):
     # "a" (followed) sends from the first step, "b" from the second: a's first
     # chunk waits for b's, and is not lost.
-    a, b, keep = Counter("a"), Late("b"), Keep("keep")
-    graph = cp.Graph()
-    graph.add_nodes_from([a, b, keep])
-    graph.add_edge(a, keep, follow=True)
-    graph.add_edge(b, keep)
-    with trio.fail_after(30):
-        async with cluster(tmp_path, "local") as (manager, _):
-            assert await manager.commit_graph(graph, {"local": ["a", "b", "keep"]})
-            for _ in range(4):
-                assert await manager.step()
+    await step_offline(tmp_path, Counter("a"), Late("b"), Keep("keep"), 4)
     assert SEEN["keep"] == [{"a": 1, "b": 2}, {"a": 2, "b": 3}, {"a": 3, "b": 4}]
 
 
