@@ -34,6 +34,8 @@ T = TypeVar("T")
 
 #: Longest wait for a loop thread to finish its shutdown.
 JOIN_TIMEOUT = 30.0
+#: How long a call waits, without saying so, for a cancelled call's clean-up.
+CANCELLED_QUIET = 0.2
 
 
 class _LoopThread(Generic[T]):
@@ -48,6 +50,9 @@ class _LoopThread(Generic[T]):
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
+        #: The call Ctrl-C cancelled last (its name; set once it has ended)
+        #: until the next call has waited for it.
+        self._cancelled: tuple[str, threading.Event] | None = None
         self.resource: T | None = None
         self._thread = threading.Thread(target=trio.run, args=(self._main,), name=name, daemon=True)
         self._thread.start()
@@ -81,29 +86,53 @@ class _LoopThread(Generic[T]):
         """Run ``await fn(*args)`` in the loop; its result.
 
         A KeyboardInterrupt (Ctrl-C) in the calling thread cancels the call in
-        the loop -- it cleans up as on any cancellation -- and is raised at once.
+        the loop -- it cleans up as on any cancellation -- and is raised at
+        once. The next call waits, at most :data:`JOIN_TIMEOUT` seconds,
+        until that clean-up is done (a commit cancelled closes the nodes it
+        made), so that it starts clean; a Ctrl-C ends the wait.
 
         Raises:
             RuntimeError: the loop has stopped.
         """
+        self._wait_for_cancelled()
         token = self._running_token()
         scope = trio.CancelScope()
+        finished = threading.Event()
 
         async def run() -> Any:
-            with scope:
-                return await fn(*args)
-            raise RuntimeError("cancelled: Ctrl-C in the calling thread")  # (not read)
+            try:
+                with scope:
+                    return await fn(*args)
+                raise RuntimeError("cancelled: Ctrl-C in the calling thread")  # (not read)
+            finally:
+                finished.set()
 
         try:
             return trio.from_thread.run(run, trio_token=token)
         except trio.RunFinishedError:  # (it stopped meanwhile)
             raise RuntimeError("this object has been shut down") from None
         except KeyboardInterrupt:
+            self._cancelled = (getattr(fn, "__name__", "call"), finished)
             try:  # (if the call has not started yet, it ends as it starts)
                 trio.from_thread.run_sync(scope.cancel, trio_token=token)
             except trio.RunFinishedError:
                 pass
             raise
+
+    def _wait_for_cancelled(self) -> None:
+        """Wait until the call that Ctrl-C cancelled last has cleaned up."""
+        if self._cancelled is None:
+            return
+        name, finished = self._cancelled
+        if not finished.wait(CANCELLED_QUIET) and self._thread.is_alive():
+            log.warning(
+                "%s: waiting for the %s that Ctrl-C cancelled to clean up (at most %.0f s)",
+                self._thread.name,
+                name,
+                JOIN_TIMEOUT,
+            )
+            finished.wait(JOIN_TIMEOUT)
+        self._cancelled = None
 
     def call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` (not async) in the loop's thread; its result.

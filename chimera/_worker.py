@@ -65,6 +65,10 @@ FLUSH_TIMEOUT = 2.0
 _UNIX_PATH_MAX = 100
 
 
+class _ShutDownWhileConnecting(Exception):
+    """:meth:`AsyncWorker.shutdown` ended a session before its check-in was done."""
+
+
 def _why_unreachable(exc: BaseException, timeout: float) -> str:
     """Why connecting to a manager failed, in words (the exceptions' own texts are often empty)."""
     if isinstance(exc, trio.TooSlowError):
@@ -183,6 +187,8 @@ class AsyncWorker(Service):
         self._runs: dict[str, trio.Event] = {}
         self._run_scopes: list[trio.CancelScope] = []
         self._session_scope: trio.CancelScope | None = None
+        #: Whether the current session got past check-in (``connect`` returned).
+        self._checked_in = False
         #: The name of each node this Worker runs, by id (their logs go to the Manager).
         self._node_names: dict[str, str] = {}
         #: Set once the Worker closes its nodes to leave: it answers no more requests.
@@ -263,7 +269,8 @@ class AsyncWorker(Service):
             True once the Manager welcomed the Worker; False if it could not be
             reached within *timeout* seconds, or what answers is not a chimera
             Manager of this protocol version, or it closed the connection
-            during check-in (the reason is logged).
+            during check-in, or :meth:`shutdown` was called meanwhile (the
+            reason is logged).
 
         Raises:
             PermissionError: the Manager refused the Worker (wrong or missing token).
@@ -281,6 +288,9 @@ class AsyncWorker(Service):
                 await self._nursery.start(self._session, url)
         except PermissionError:
             raise
+        except _ShutDownWhileConnecting:
+            log.warning("worker %r: shut down while connecting to %s", self.name, url)
+            return False
         except (
             trio.TooSlowError,
             OSError,
@@ -313,8 +323,11 @@ class AsyncWorker(Service):
         # tasks of the session, and the nodes they run inline, stamp with it.
         self.clock.reset()
         use_clock(self.clock.now)
+        self._checked_in = False
         with trio.CancelScope() as self._session_scope:
             await self._talk(url, task_status)
+        if not self._checked_in:  # (cancelled by shutdown(): connect() still waits)
+            raise _ShutDownWhileConnecting
 
     async def _talk(self, url: str, task_status: Any) -> None:
         async with trio_websocket.open_websocket_url(
@@ -333,6 +346,7 @@ class AsyncWorker(Service):
             self._http = httpx.AsyncClient(
                 base_url=self._manager_url, headers=headers, timeout=HTTP_TIMEOUT
             )
+            self._checked_in = True
             task_status.started()
             try:
                 async with self._http, trio.open_nursery() as nursery:

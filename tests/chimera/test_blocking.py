@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,28 @@ def test_a_worker_idles_until_its_manager_shuts_down(tmp_path):
         worker.shutdown()
 
 
+def test_shutdown_from_another_thread_ends_a_connect_under_way():
+    worker = cp.Worker(name="local", port=0)
+    results: list[object] = []
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # (it never answers)
+        silent.settimeout(20)
+
+        def connect() -> None:
+            try:
+                results.append(worker.connect("127.0.0.1", silent.getsockname()[1], timeout=20))
+            except BaseException as exc:
+                results.append(exc)
+
+        connecting = threading.Thread(target=connect)
+        connecting.start()
+        peer, _ = silent.accept()  # the worker waits for the handshake's answer
+        with peer:
+            worker.shutdown()
+            connecting.join(20)
+    assert results == [False]
+    assert chimera_threads() == []
+
+
 def test_the_simple_pipeline_example_runs():
     example = Path(__file__).parents[2] / "examples" / "simple_pipeline.py"
     result = subprocess.run(
@@ -243,7 +267,19 @@ class InPrep(cp.Node):
         assert GATE.wait(20)
 
 
-def test_ctrl_c_in_a_blocking_call_cancels_the_call(tmp_path):
+class _OnRecord(logging.Handler):
+    """Calls *action* on each record whose message contains *text*."""
+
+    def __init__(self, text: str, action: Callable[[], None]) -> None:
+        super().__init__()
+        self.text, self.action = text, action
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.action()
+
+
+def test_ctrl_c_in_a_blocking_call_cancels_the_call_and_the_next_starts_clean(tmp_path):
     IN_PREP.clear()
     GATE.clear()
     graph = cp.Graph()
@@ -256,20 +292,25 @@ def test_ctrl_c_in_a_blocking_call_cancels_the_call(tmp_path):
         assert IN_PREP.wait(20)
         signal.pthread_kill(main, signal.SIGINT)
 
+    # The cancelled commit's clean-up waits for the node's prep, which returns
+    # only once the next call says it waits for that clean-up.
+    waiting = _OnRecord("that Ctrl-C cancelled to clean up", GATE.set)
+    logging.getLogger("chimera.manager").addHandler(waiting)
     try:
         assert worker.connect(host=manager.host, port=manager.port)
         threading.Thread(target=press_ctrl_c).start()
         with pytest.raises(KeyboardInterrupt):
             manager.commit_graph(graph, mapping={"local": ["model"]})
-        GATE.set()
+        assert not GATE.is_set()  # the node is still in prep, its commit cleaning up
 
-        async def closed() -> str:
-            with trio.fail_after(20):  # (the commit, had it gone on, would leave it READY)
-                return await manager._manager.wait_for_node_state("model", "SHUTDOWN")
-
-        # The commit was cancelled: it closed the node it made.
-        assert manager._loop.call(closed) == "SHUTDOWN"
+        again = cp.Graph()
+        again.add_edge(Counter("source", limit=3), cp.Node("sink"))
+        assert manager.commit_graph(again, mapping={"local": ["source", "sink"]})
+        # The cancelled commit closed the node it made; the new graph's are READY.
+        assert sorted(manager.nodes.values()) == ["READY", "READY"]
+        assert len(worker.nodes) == 2
     finally:
+        logging.getLogger("chimera.manager").removeHandler(waiting)
         GATE.set()
         manager.shutdown()
         worker.shutdown()
