@@ -13,6 +13,7 @@ import atexit
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -41,11 +42,21 @@ CANCELLED_QUIET = 0.2
 class _LoopThread(Generic[T]):
     """An async context manager entered in a Trio loop on a thread of its own.
 
+    *hurry* (not async, run in the loop) makes leaving it quick: a Ctrl-C
+    while it is being shut down (:meth:`finish`, :meth:`close`) calls it,
+    as a second Ctrl-C does to ``chimera worker``.
+
     Raises (from the constructor) whatever entering it raised.
     """
 
-    def __init__(self, resource: AbstractAsyncContextManager[T], name: str) -> None:
+    def __init__(
+        self,
+        resource: AbstractAsyncContextManager[T],
+        name: str,
+        hurry: Callable[[], None] | None = None,
+    ) -> None:
         self._resource_cm = resource
+        self._hurry = hurry
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -54,7 +65,11 @@ class _LoopThread(Generic[T]):
         #: until the next call has waited for it.
         self._cancelled: tuple[str, threading.Event] | None = None
         self.resource: T | None = None
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), name=name, daemon=True)
+        #: Set once the loop has ended. (Waited for rather than the thread:
+        #: before Python 3.13, a Ctrl-C that interrupts ``Thread.join`` can
+        #: leave the thread counted as ended while it runs.)
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         try:
             self._ready.wait()
@@ -65,7 +80,17 @@ class _LoopThread(Generic[T]):
         if self._error is not None:
             self._thread.join()
             raise self._error
-        atexit.register(self.close)
+        atexit.register(self._close_at_exit)
+
+    @property
+    def _alive(self) -> bool:
+        return not self._ended.is_set()
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        finally:
+            self._ended.set()
 
     async def _main(self) -> None:
         try:
@@ -124,7 +149,7 @@ class _LoopThread(Generic[T]):
         if self._cancelled is None:
             return
         name, finished = self._cancelled
-        if not finished.wait(CANCELLED_QUIET) and self._thread.is_alive():
+        if not finished.wait(CANCELLED_QUIET) and self._alive:
             log.warning(
                 "%s: waiting for the %s that Ctrl-C cancelled to clean up (at most %.0f s)",
                 self._thread.name,
@@ -151,32 +176,70 @@ class _LoopThread(Generic[T]):
         try:
             return self.call_sync(fn)
         except RuntimeError:
-            if self._thread.is_alive():
+            if self._alive:
                 raise
             return fn()
 
     def _running_token(self) -> trio.lowlevel.TrioToken:
-        if self._token is None or not self._thread.is_alive():
+        if self._token is None or not self._alive:
             raise RuntimeError("this object has been shut down")
         return self._token
 
     def finish(self, fn: Callable[[], Any]) -> None:
-        """Run ``await fn()`` in the loop unless it has stopped, then :meth:`close` it."""
+        """Run ``await fn()`` in the loop unless it has stopped, then :meth:`close` it.
+
+        A Ctrl-C meanwhile hurries the rest (see :class:`_LoopThread`), which
+        still ends the loop, and is raised once it has ended.
+        """
         try:
-            if self._token is not None and self._thread.is_alive():
+            if self._token is not None and self._alive:
                 self.call(fn)
+        except KeyboardInterrupt:
+            self._close(hurried=True)
+            raise
         finally:
-            self.close()
+            self.close()  # (at once if closed above)
 
     def close(self) -> None:
-        """Leave the context manager and end the loop (once; later calls return)."""
-        atexit.unregister(self.close)
-        if self._thread.is_alive() and self._token is not None:
+        """Leave the context manager and end the loop (once; later calls return).
+
+        A Ctrl-C meanwhile hurries it (see :class:`_LoopThread`) and is
+        raised once the loop has ended.
+        """
+        try:
+            self._close(hurried=False)
+        except KeyboardInterrupt:
+            self._close(hurried=True)
+            raise
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except KeyboardInterrupt:  # (the loop has ended: the interpreter may too)
+            pass
+
+    def _close(self, *, hurried: bool) -> None:
+        """End the loop and wait for it; *hurried*, call *hurry* first, and let
+        no Ctrl-C stop the wait (what is left is quick)."""
+        atexit.unregister(self._close_at_exit)
+        if not self._alive or self._token is None:
+            return
+        try:
+            if hurried and self._hurry is not None:
+                log.warning("%s: Ctrl-C, stopping at once", self._thread.name)
+                trio.from_thread.run_sync(self._hurry, trio_token=self._token)
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        except trio.RunFinishedError:
+            pass
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while True:
             try:
-                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-            self._thread.join(JOIN_TIMEOUT)
+                if self._ended.wait(max(0.0, deadline - time.monotonic())):
+                    self._thread.join()  # (its loop has ended: at once)
+                return
+            except KeyboardInterrupt:
+                if not hurried:
+                    raise
 
 
 class Manager:
@@ -357,7 +420,7 @@ class Worker:
         token: str | None = None,
     ) -> None:
         worker = AsyncWorker(name, port, delete_temp, id, token=token)
-        self._loop = _LoopThread(worker, f"chimera-worker-{name}")
+        self._loop = _LoopThread(worker, f"chimera-worker-{name}", hurry=worker.kill_nodes)
         self._worker = worker
 
     @property

@@ -175,6 +175,16 @@ class Stubborn(cp.Node):
         threading.Event().wait()
 
 
+class StuckInTeardown(cp.Node):
+    """A source whose teardown never ends (its process ends on SIGTERM)."""
+
+    def step(self):
+        time.sleep(0.01)
+
+    def teardown(self):
+        threading.Event().wait()
+
+
 class BrokenPrep(cp.Node):
     def prep(self):
         raise OSError("no such camera")

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,8 @@ import trio
 
 import chimera as cp
 
-from .nodes import Counter, Sink, Talker
+from .nodes import Counter, Sink, StuckInTeardown, Talker
+from .test_cli import read_until
 from .test_process import children_of
 
 
@@ -314,3 +316,76 @@ def test_ctrl_c_in_a_blocking_call_cancels_the_call_and_the_next_starts_clean(tm
         GATE.set()
         manager.shutdown()
         worker.shutdown()
+
+
+def test_ctrl_c_while_a_worker_shuts_down_stops_it_at_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (read TMPDIR again)
+    caplog.set_level(logging.INFO, logger="chimera")
+    graph = cp.Graph()
+    graph.add_node(StuckInTeardown("stuck"))
+    manager = cp.Manager(logdir=tmp_path / "logs", port=0)
+    worker = cp.Worker(name="local", port=0)
+    main = threading.get_ident()
+    press = _OnRecord("still closing 'stuck'", lambda: signal.pthread_kill(main, signal.SIGINT))
+    logging.getLogger("chimera.worker").addHandler(press)
+    try:
+        assert worker.connect(host=manager.host, port=manager.port)
+        assert manager.commit_graph(graph, mapping={"local": ["stuck"]})
+        assert manager.start()
+        with pytest.raises(KeyboardInterrupt):
+            worker.shutdown()  # the node's teardown never ends
+    finally:
+        logging.getLogger("chimera.worker").removeHandler(press)
+        manager.shutdown()
+        worker.shutdown()
+    assert "node 'stuck' on 'local' failed: its process was killed by SIGKILL" in caplog.messages
+    assert not list(tmp_path.glob("chimera-worker-*"))
+    assert chimera_threads() == []
+    assert children_of(os.getpid()) == []
+
+
+#: A script that leaves its Manager and Worker to be closed at exit, with a
+#: node whose teardown never ends.
+LEFT_TO_EXIT = """
+import logging, sys
+import chimera as cp
+from tests.chimera.nodes import StuckInTeardown
+
+logging.basicConfig(level=logging.INFO)
+manager = cp.Manager(logdir=sys.argv[1], port=0)
+worker = cp.Worker(name="local", port=0)
+assert worker.connect(manager.host, manager.port)
+graph = cp.Graph()
+graph.add_node(StuckInTeardown("stuck"))
+assert manager.commit_graph(graph, {"local": ["stuck"]})
+assert manager.start()
+"""
+
+
+async def test_ctrl_c_while_a_script_closes_its_worker_at_exit_stops_it_at_once(tmp_path):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    root = Path(__file__).parents[2]
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", LEFT_TO_EXIT, str(tmp_path / "logs")],
+        env={**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(root)},
+        cwd=root,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with trio.fail_after(60):
+            said = await read_until(process.stderr, "still closing 'stuck'")
+            assert "still closing 'stuck'" in said, said
+            assert list(temp.glob("chimera-worker-*"))  # (the node's folder is in there)
+            process.send_signal(signal.SIGINT)
+            said += await read_until(process.stderr, "never said")
+            assert await process.wait() == 0, said
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert "Ctrl-C, stopping at once" in said
+    assert "killed by SIGKILL" in said
+    assert "Traceback" not in said
+    assert list(temp.iterdir()) == []
