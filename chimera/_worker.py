@@ -273,7 +273,9 @@ class AsyncWorker(Service):
             reason is logged).
 
         Raises:
-            PermissionError: the Manager refused the Worker (wrong or missing token).
+            PermissionError: the Manager refused the Worker, saying why: a wrong
+                or missing token, or a Worker of the same name (or id) is
+                connected already, or the name cannot name a folder there.
             RuntimeError: the Worker is not running (use ``async with``), or
                 is connected already.
         """
