@@ -16,8 +16,9 @@ import trio
 from ._recording import check_name
 from ._version import __version__
 
-#: The signals that stop a command: Ctrl-C, and what ``kill`` and service managers send.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: The signals that stop a command: Ctrl-C, what ``kill`` and service managers
+#: send, and what a terminal that closes sends.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: After a second signal, the exit status is this plus the signal's number.
 FORCED = 128
 
@@ -87,8 +88,8 @@ def _worker_name(text: str) -> str:
 
 #: What each command's help says of Ctrl-C.
 _SIGNALS_HELP = (
-    "Ctrl-C or SIGTERM stops it cleanly (exit status 0); a second one stops it at once "
-    "(exit status 128 + the signal's number: 130, 143)."
+    "Ctrl-C, SIGTERM or SIGHUP stops it cleanly (exit status 0); a second one stops it at "
+    "once (exit status 128 + the signal's number: 130, 143, 129)."
 )
 
 
@@ -158,8 +159,8 @@ def _parser() -> argparse.ArgumentParser:
             "(test signals unless devices are given) and the camera's motion energy, "
             "collect the session, and print a summary of its streams."
         ),
-        epilog="Ctrl-C or SIGTERM stops the recording and collects it; a second one stops at "
-        "once (exit status 128 + the signal's number: 130, 143).",
+        epilog="Ctrl-C, SIGTERM or SIGHUP stops the recording and collects it; a second one "
+        "stops at once (exit status 128 + the signal's number: 130, 143, 129).",
     )
     demo.add_argument("--seconds", type=_seconds, default=10.0, help="how long to record")
     demo.add_argument("--logdir", default="chimera-sessions", help="where the session goes")
@@ -174,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _Stop:
-    """What Ctrl-C and SIGTERM do to a command: the first stops it
+    """What Ctrl-C, SIGTERM and SIGHUP do to a command: the first stops it
     gracefully, a second at once; *stopping* says what the first does.
 
     The first sets :attr:`requested` and cancels the blocks run in
@@ -214,7 +215,7 @@ class _Stop:
         self._on_force.append(kill)
 
     def take(self, signum: int) -> None:
-        """Act on one Ctrl-C or SIGTERM, and say so."""
+        """Act on one of :data:`STOP_SIGNALS`, and say so."""
         name = signal.Signals(signum).name
         if not self.requested.is_set():
             again = "Ctrl-C" if signum == signal.SIGINT else name
@@ -235,7 +236,10 @@ class _Stop:
             self.take(signum)
 
     def _say(self, text: str) -> None:
-        print(f"chimera {self._command}: {text}", file=sys.stderr, flush=True)
+        try:
+            print(f"chimera {self._command}: {text}", file=sys.stderr, flush=True)
+        except OSError:  # (SIGHUP: its terminal may be gone)
+            pass
 
 
 async def _run_manager(args: argparse.Namespace, stop: _Stop) -> int:
@@ -298,7 +302,7 @@ async def _run(args: argparse.Namespace, early: list[int]) -> int:
     """Run the command; its exit status. *early*: the signals that came before this run."""
     run = {"manager": _run_manager, "worker": _run_worker, "demo": _run_demo}[args.command]
     stop = _Stop(args.command, _STOPPING.get(args.command, "stopping"))
-    # Ctrl-C and SIGTERM are received as events (the ones before this run
+    # Stop signals are received as events (the ones before this run
     # too), so that they end the command by leaving its blocks, never as a
     # KeyboardInterrupt in whatever task happens to run.
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
@@ -315,12 +319,12 @@ async def _run(args: argparse.Namespace, early: list[int]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; its exit status.
 
-    0 when the command ends as it should, after a first Ctrl-C or SIGTERM
-    too (it stops gracefully); 1 when it fails; 2 for bad arguments; after a
-    second Ctrl-C or SIGTERM, which stops at once, :data:`FORCED` + the
-    signal's number (130 for Ctrl-C, 143 for SIGTERM, as shells report).
+    0 when the command ends as it should, after a first Ctrl-C, SIGTERM or
+    SIGHUP too (it stops gracefully); 1 when it fails; 2 for bad arguments;
+    after a second one, which stops at once, :data:`FORCED` + the signal's
+    number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP, as shells report).
 
-    Ctrl-C and SIGTERM are the command's from the call on, and ignored once
+    These signals (:data:`STOP_SIGNALS`) are the command's from the call on, and ignored once
     it returns (for the rest of the process, which is about to exit): they
     never raise KeyboardInterrupt.
     """

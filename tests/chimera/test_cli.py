@@ -300,7 +300,7 @@ async def read_until(stream: trio.abc.ReceiveStream, text: str) -> str:
     return said.decode()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=str)
 async def test_a_worker_stops_at_once_on_a_signal_while_it_connects(signum):
     command = [sys.executable, "-m", "chimera", "worker", "--name", "w", "--manager"]
     with trio.socket.socket() as silent:  # accepts, and never answers
