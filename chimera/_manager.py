@@ -61,10 +61,10 @@ from ._shipping import pickle_node
 
 __all__ = ["AsyncManager", "WorkerInfo"]
 
-#: How often a commit logs the nodes it still waits for, in seconds.
-COMMIT_PROGRESS_EVERY = 10.0
+#: How often a commit, or a stop, logs the nodes it still waits for, in seconds.
+PROGRESS_EVERY = 10.0
 #: After how long that log line is a warning, in seconds.
-COMMIT_SLOW = 60.0
+SLOW = 60.0
 #: Longest wait for closing the nodes of a commit that failed, in seconds.
 COMMIT_CLEANUP_TIMEOUT = 30.0
 #: The largest node, pickled: it travels in base64 within one control message.
@@ -441,26 +441,52 @@ class AsyncManager(Service):
         return True
 
     async def _log_what_commit_waits_for(self) -> None:
-        """Every :data:`COMMIT_PROGRESS_EVERY` seconds, log the nodes a commit
-        still waits for (a warning once it has waited :data:`COMMIT_SLOW`)."""
         doing = {None: "being made", "INITIALIZED": "connecting", "CONNECTED": "in prep"}
+        await self._log_what_waits(
+            "commit_graph", "ready", lambda info: doing.get(info["state"]), "prep has no time limit"
+        )
+
+    async def _log_what_stop_waits_for(self) -> None:
+        def doing(info: dict[str, Any]) -> str | None:
+            if info["state"] != "RUNNING":
+                return None
+            steps = info.get("steps")
+            return "running" if steps is None else f"running, {steps} steps so far"
+
+        await self._log_what_waits(
+            "stop",
+            "stopped",
+            doing,
+            "every chunk sent before stop is stepped first; a step that never returns keeps "
+            "stop waiting",
+        )
+
+    async def _log_what_waits(
+        self, call: str, done: str, doing: Callable[[dict[str, Any]], str | None], slow: str
+    ) -> None:
+        """Every :data:`PROGRESS_EVERY` seconds, log the nodes that *call*
+        still waits for (a warning, saying *slow*, once it has waited
+        :data:`SLOW`): each with what *doing* says of its info, those for
+        which it says something."""
         started = trio.current_time()
         while True:
-            await trio.sleep(COMMIT_PROGRESS_EVERY)
+            await trio.sleep(PROGRESS_EVERY)
             waited = trio.current_time() - started
             waiting = [
-                f"{info['name']!r} ({doing[info['state']]})"
+                f"{info['name']!r} ({what})"
                 for info in self._node_info.values()
-                if info["state"] in doing
+                if (what := doing(info)) is not None
             ]
             log.log(
-                logging.WARNING if waited >= COMMIT_SLOW else logging.INFO,
-                "commit_graph: %d of %d nodes not ready after %.0f s: %s%s",
+                logging.WARNING if waited >= SLOW else logging.INFO,
+                "%s: %d of %d nodes not %s after %.0f s: %s%s",
+                call,
                 len(waiting),
                 len(self._node_info),
+                done,
                 waited,
                 ", ".join(waiting),
-                " (prep has no time limit)" if waited >= COMMIT_SLOW else "",
+                f" ({slow})" if waited >= SLOW else "",
             )
 
     # ChimeraPy's commit, step by step: register_graph, map_graph,
@@ -740,13 +766,19 @@ class AsyncManager(Service):
     async def stop(self) -> bool:
         """Stop the sources; every chunk they sent is stepped downstream before
         each node's ``teardown``. Returns once every node has stopped: True.
+        Every :data:`PROGRESS_EVERY` seconds it logs the nodes it waits for,
+        with the steps each has taken (a warning after :data:`SLOW`).
 
         The nodes of a Worker that left are gone (FAILED): the others stop.
 
         Raises:
             RuntimeError: a Worker failed.
         """
-        await self._broadcast("stop_nodes", without_left=True)
+        with unwrapped():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._log_what_stop_waits_for)
+                await self._broadcast("stop_nodes", without_left=True)
+                nursery.cancel_scope.cancel()
         if self._started_ns is not None and self._stopped_ns is None:
             self._stopped_ns = self._clock()  # (the session's end: a stop after it is none)
         return True

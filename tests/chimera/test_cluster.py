@@ -415,7 +415,7 @@ class _SetOnSlow(logging.Handler):
 
 
 async def test_a_slow_commit_says_which_nodes_it_waits_for(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(_manager, "COMMIT_PROGRESS_EVERY", 0.05)
+    monkeypatch.setattr(_manager, "PROGRESS_EVERY", 0.05)
     SAID_SLOW.clear()
     graph = cp.Graph()
     graph.add_edge(cp.Node("camera"), SlowPrep("model"))
@@ -432,6 +432,49 @@ async def test_a_slow_commit_says_which_nodes_it_waits_for(tmp_path, monkeypatch
         logging.getLogger("chimera.manager").removeHandler(handler)
     assert re.fullmatch(
         r"commit_graph: 1 of 2 nodes not ready after \d+ s: 'model' \(in prep\)", said[-1]
+    )
+
+
+#: Set once the Manager logged that its stop waits for the node 'slow'.
+SAID_STOP_WAITS = threading.Event()
+
+
+class StepUntilSaid(cp.Node):
+    """A source whose steps last until the Manager says its stop waits for it."""
+
+    def step(self):
+        assert SAID_STOP_WAITS.wait(20)
+
+
+class _SetOnStopWaits(logging.Handler):
+    def emit(self, record):
+        if "'slow' (running" in record.getMessage():
+            SAID_STOP_WAITS.set()
+
+
+async def test_a_slow_stop_says_which_nodes_it_waits_for(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(_manager, "PROGRESS_EVERY", 0.05)
+    SAID_STOP_WAITS.clear()
+    graph = cp.Graph()
+    graph.add_edge(StepUntilSaid("slow"), cp.Node("sink"))
+    handler = _SetOnStopWaits()
+    logging.getLogger("chimera.manager").addHandler(handler)
+    try:
+        with trio.fail_after(30):
+            async with cluster(tmp_path, "local") as (manager, _):
+                caplog.set_level(logging.INFO, logger="chimera.manager")
+                await manager.commit_graph(graph, {"local": ["slow", "sink"]})
+                await manager.start()
+                assert await manager.stop()
+                said = [r.getMessage() for r in caplog.records if "not stopped" in r.getMessage()]
+                await manager.shutdown()
+    finally:
+        logging.getLogger("chimera.manager").removeHandler(handler)
+    # (the sink runs until the end of its input)
+    assert re.fullmatch(
+        r"stop: 2 of 2 nodes not stopped after \d+ s: 'slow' \(running(, 0 steps so far)?\), "
+        r"'sink' \(running(, 0 steps so far)?\)",
+        said[0],
     )
 
 
