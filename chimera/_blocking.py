@@ -219,13 +219,14 @@ class _LoopThread(Generic[T]):
             pass
 
     def _close(self, *, hurried: bool) -> None:
-        """End the loop and wait for it; *hurried*, call *hurry* first, and let
-        no Ctrl-C stop the wait (what is left is quick)."""
+        """End the loop and wait for it; *hurried*, call *hurry* first, if
+        there is one, and let no Ctrl-C stop the wait (what is left is quick)."""
         atexit.unregister(self._close_at_exit)
         if not self._alive or self._token is None:
             return
+        hurried = hurried and self._hurry is not None
         try:
-            if hurried and self._hurry is not None:
+            if hurried:
                 log.warning("%s: Ctrl-C, stopping at once", self._thread.name)
                 trio.from_thread.run_sync(self._hurry, trio_token=self._token)
             trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
