@@ -189,7 +189,7 @@ async def _serve(runtime: NodeRuntime, stdin: Any, events: _Events) -> None:
                     events.send("done", name, result)
                 elif name == "run":
                     nursery.start_soon(
-                        partial(_run_command, events, name, runtime.run, stats_of=runtime)
+                        partial(_run_command, events, name, runtime.run, *args, stats_of=runtime)
                     )
                 elif name in ("connect", "prep"):
                     await _run_command(events, name, getattr(runtime, name), *args)

@@ -693,9 +693,14 @@ class AsyncManager(Service):
         Returns True once every node has stepped (its steps counted in
         :meth:`state`). What ``save_*`` saves in these steps is not recorded.
 
+        A node that failed (its ``step`` raised) steps no more, and takes in
+        nothing more.
+
         Raises:
-            NodeError: a node's ``step`` raised.
-            RuntimeError: the nodes run (or ran: they are stopped).
+            NodeError: a node's ``step`` raised, or it overrides ``main``
+                (which only :meth:`start` runs).
+            RuntimeError: no graph is committed; the nodes run (or ran: they
+                are stopped, by :meth:`stop` or :meth:`collect`).
         """
         self._check_not_started("step()")
         await self._broadcast("step_nodes")
@@ -736,8 +741,15 @@ class AsyncManager(Service):
         started = self._started_ns is not None and self._stopped_ns is None
         return started or "RUNNING" in self._mapped_states()
 
+    def _check_committed(self, call: str) -> None:
+        """Raise RuntimeError, naming *call*, if no graph is committed."""
+        if not self._mapping:
+            raise RuntimeError(f"{call}: no graph is committed (commit_graph() first)")
+
     def _check_not_started(self, call: str) -> None:
-        """Raise RuntimeError, naming *call*, if the nodes run or have run."""
+        """Raise RuntimeError, naming *call*, if no graph is committed, or
+        its nodes run or have run."""
+        self._check_committed(call)
         if self._nodes_run():
             raise RuntimeError(f"{call}: the nodes run already (stop() them first)")
         if self._stopped_ns is not None or self._mapped_states() & {"STOPPED", "SAVED"}:
@@ -774,22 +786,33 @@ class AsyncManager(Service):
         Raises:
             RuntimeError: a Worker failed.
         """
+        self._check_committed("stop()")
+        await self._stop(ending=False)
+        return True
+
+    async def _stop(self, *, ending: bool) -> None:
+        """:meth:`stop`; with *ending*, the nodes never started end too (see
+        :meth:`collect`)."""
         with unwrapped():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._log_what_stop_waits_for)
-                await self._broadcast("stop_nodes", without_left=True)
+                await self._broadcast("stop_nodes", without_left=True, ending=ending)
                 nursery.cancel_scope.cancel()
         if self._started_ns is not None and self._stopped_ns is None:
             self._stopped_ns = self._clock()  # (the session's end: a stop after it is none)
-        return True
 
     async def collect(self, unzip: bool = True) -> bool:
         """Bring what every node saved into this session's folder,
         ``LOGDIR/SESSION/WORKER/NODE/``, each file verified against the SHA-256
-        its Worker computed; write ``meta.json`` there. Stops the cluster first
-        if it runs. Returns True; False if a Worker left, so that its nodes'
-        files could not be collected (logged; ``meta.json`` says which nodes:
-        ``"collected": false``).
+        its Worker computed; write ``meta.json`` there. Returns True; False if
+        a Worker left, so that its nodes' files could not be collected
+        (logged; ``meta.json`` says which nodes: ``"collected": false``).
+
+        It ends the session first, so that every file is whole: the nodes that
+        run are stopped (see :meth:`stop`), and those never started (stepped
+        with :meth:`step`, or only prepared) end too: each steps on what its
+        inputs sent and it has not stepped on, then its ``teardown`` runs
+        and its files are closed (STOPPED, or SAVED).
 
         Nodes that failed are collected like the others. With *unzip* False,
         each Worker's folder ends as ``WORKER.zip`` instead. Progress (files,
@@ -801,8 +824,8 @@ class AsyncManager(Service):
                 all arrive whole are ``"collected": false`` there.
             RuntimeError: a Worker failed.
         """
-        if self._nodes_run():
-            await self.stop()
+        if self._mapping:
+            await self._stop(ending=True)
         session = self.session_folder()
         progress = Progress()
         workers: dict[str, dict[str, Any]] = {}

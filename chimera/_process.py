@@ -441,7 +441,7 @@ class NodeProcess:
         """Run the node's ``prep``. Raises NodeError."""
         await self._command("prep")
 
-    async def run(self) -> None:
+    async def run(self, stopped: bool = False) -> None:
         """Run the node until it stops (see :meth:`NodeRuntime.run`).
 
         A process that dies meanwhile makes the node FAILED; this returns then.
@@ -450,7 +450,7 @@ class NodeProcess:
             NodeError: ``teardown`` raised.
         """
         try:
-            await self._command("run")
+            await self._command("run", stopped)
         except NodeError:
             if self._death is None:
                 raise

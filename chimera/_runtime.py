@@ -22,7 +22,15 @@ import logging
 import sys
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -301,9 +309,16 @@ class NodeRuntime:
             self._prepped = True
         self._set_state(NodeState.READY)
 
-    async def run(self) -> None:
+    async def run(self, stopped: bool = False) -> None:
         """Step until stopped (a source) or until the followed input ends, then
-        end the node's stream, run ``teardown``, and return.
+        end the node's stream, run ``teardown``, and return. *stopped*: stop
+        at once (a source does not step; a node with inputs steps on what they
+        sent until its followed input ends): how nodes stepped offline, or
+        never run, end.
+
+        A node stepped offline (:meth:`step_once`) first steps on the chunks
+        of its followed input it has not stepped on, with the latest of the
+        others. One that failed there runs no more: it only ends.
 
         Every chunk the followed input delivers under RELIABLE is stepped once,
         in order. A ``step`` that raises makes the node FAILED and ends its
@@ -317,21 +332,24 @@ class NodeRuntime:
         Raises:
             NodeError: ``teardown`` raised.
         """
-        failed = False
+        failed = self.state is NodeState.FAILED
         errors: list[NodeError] = []
+        if stopped:
+            self.request_stop()
         try:
-            if self._outlet is not None:
+            if self._outlet is not None and not failed:
                 await self._outlet.wait_for_inlets(self._outputs)
-            self._set_state(NodeState.RUNNING)
-            try:
-                if type(self.node).main is not Node.main:
-                    await self._run_main()
-                elif self._inputs:
-                    await self._step_on_inputs()
-                else:
-                    await self._step_as_source()
-            except NodeError:
-                failed = True
+            if not failed:
+                self._set_state(NodeState.RUNNING)
+                try:
+                    if type(self.node).main is not Node.main:
+                        await self._run_main()
+                    elif self._inputs:
+                        await self._step_on_inputs()
+                    else:
+                        await self._step_as_source()
+                except NodeError:
+                    failed = True
         finally:
             with trio.CancelScope(shield=True):
                 # It takes in nothing more: its inputs' outlets forget it at
@@ -420,9 +438,13 @@ class NodeRuntime:
         for one that will not come. It does not step when its followed input
         sent nothing, or another input has yet to send its first chunk.
 
+        A node that failed steps no more, and takes in nothing more (its
+        inputs go on without it).
+
         Raises:
             NodeError: ``step`` raised, or returned what cannot be sent, or a
-                chunk received cannot be decoded.
+                chunk received cannot be decoded; or the node overrides
+                ``main``, which cannot be stepped (it is not FAILED for that).
             trio.EndOfChannel: an input ended before sending a chunk, or the
                 followed input ended and no chunk of it is left to step on.
         """
@@ -431,7 +453,15 @@ class NodeRuntime:
         sent = self._chunks_sent
         failure: Exception | None = None
         try:
-            if not self._inputs:
+            if self.state is NodeState.FAILED:
+                pass
+            elif type(self.node).main is not Node.main:
+                raise NodeError(
+                    self.node.name,
+                    "it overrides main(), which runs until it returns: step() steps nodes "
+                    "that override step() (start() runs main)",
+                )
+            elif not self._inputs:
                 await self._send([self._output(await self._call("step", self.node.step))])
             else:
                 await run_all([partial(self._read_offline, name) for name in self._inlets])
@@ -443,6 +473,10 @@ class NodeRuntime:
             failure = exc
         if self._chunks_sent == sent and self._outlet is not None:
             await self._outlet.send(pack_batch([], sent))
+        if self.state is NodeState.FAILED:
+            with trio.CancelScope(shield=True):
+                for inlet in self._inlets.values():  # (it takes in nothing more)
+                    await inlet.aclose()
         if failure is not None:
             raise failure
 
@@ -629,7 +663,7 @@ class NodeRuntime:
 
     async def _feed_source(self, loop: StepLoop, fail: Callable[[NodeError], None]) -> None:
         with self._feeding:  # cancelled by request_stop
-            while True:
+            while not self._stop_requested:
                 await self._wait_for_room()
                 if self._outlet is not None:
                     # Step once the chunk can leave at once: it is sent fresh, not
@@ -773,7 +807,8 @@ class NodeRuntime:
     ) -> None:
         """Hand *take* a step for each chunk of the followed input, with the
         latest chunk of every input, until the followed input ends."""
-        latest: dict[str, DataChunk] = {}
+        # (What the inputs sent in offline mode's steps, if any, is taken first.)
+        latest = {name: c for name, c in self._offline_latest.items() if name != self._follow}
         #: The inputs that ended without sending a chunk.
         silent: set[str] = set()
         every_input = trio.Event()
@@ -791,6 +826,7 @@ class NodeRuntime:
                 all_in()
 
         async with trio.open_nursery() as nursery:
+            all_in()
             for name in self._inlets:
                 if name != self._follow:
                     nursery.start_soon(keep, name)
@@ -811,15 +847,11 @@ class NodeRuntime:
         more than the limit are in flight). *take* empties the list."""
         steps: list[tuple] = []
         warned = False
+        # The chunks offline mode's steps left (none if it did not step).
+        chunks: Iterable[DataChunk] = list(self._offline_pending)
+        self._offline_pending.clear()
         while True:
-            # Room first, then the message: a LATEST input's is the newest.
-            await self._wait_for_room()
-            try:  # (not _receive: one coroutine less per message, on the hot path)
-                message = await self._inlets[self._follow].receive()
-            except _ENDS as exc:
-                self._ended(self._follow, exc)
-                break
-            for chunk in self._unpack(message, self._follow):
+            for chunk in chunks:
                 latest[self._follow] = chunk
                 if len(latest) < len(self._inlets):
                     await take(steps)
@@ -836,6 +868,14 @@ class NodeRuntime:
                     continue
                 steps.append((dict(latest),))
             await take(steps)
+            # Room first, then the message: a LATEST input's is the newest.
+            await self._wait_for_room()
+            try:  # (not _receive: one coroutine less per message, on the hot path)
+                message = await self._inlets[self._follow].receive()
+            except _ENDS as exc:
+                self._ended(self._follow, exc)
+                break
+            chunks = self._unpack(message, self._follow)
 
     async def _receive(self, name: str) -> list[memoryview] | None:
         """The next message of input *name*; None once the input has ended:

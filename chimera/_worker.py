@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -714,28 +714,40 @@ class AsyncWorker(Service):
         await run_all([runtime.prep for runtime in self._runtimes.values()])
 
     async def _do_step_nodes(self) -> None:
-        await run_all([runtime.step_once for runtime in self._runtimes.values()])
-        self._send_stats(self._node_stats())  # (ahead of the reply: the steps counted)
+        try:
+            await run_all([runtime.step_once for runtime in self._runtimes.values()])
+        finally:
+            self._send_stats(self._node_stats())  # (ahead of the reply: the steps counted)
 
     async def _do_start_nodes(self, record: bool = True) -> None:
         """Run every node; their ``save_*`` calls save if *record*."""
         self._uncollected = self._uncollected or record
         for runtime in self._runtimes.values():
             await runtime.set_recording(record)
-        for node_id, runtime in self._runtimes.items():
+        self._run_nodes(self._runtimes)
+
+    def _run_nodes(
+        self, runtimes: Mapping[str, NodeRuntime | NodeProcess], stopped: bool = False
+    ) -> None:
+        """Run each of *runtimes*, by id (see :meth:`NodeRuntime.run` for *stopped*)."""
+        for node_id, runtime in runtimes.items():
             done = self._runs[node_id] = trio.Event()
             # Made here, not in the task: closing the nodes before the task
             # runs still cancels the run.
             scope = trio.CancelScope()
             self._run_scopes.append(scope)
-            self._nursery.start_soon(self._run_node, runtime, scope, done)
+            self._nursery.start_soon(self._run_node, runtime, scope, done, stopped)
 
     async def _run_node(
-        self, runtime: NodeRuntime | NodeProcess, scope: trio.CancelScope, done: trio.Event
+        self,
+        runtime: NodeRuntime | NodeProcess,
+        scope: trio.CancelScope,
+        done: trio.Event,
+        stopped: bool,
     ) -> None:
         try:
             with scope:
-                await runtime.run()
+                await runtime.run(stopped)
         except NodeError as exc:
             log.error("worker %r: %s", self.name, exc)
         finally:
@@ -897,10 +909,19 @@ class AsyncWorker(Service):
         this Worker's nodes stop waiting for them (see :meth:`NodeRuntime.forget`)."""
         await run_all([partial(runtime.forget, names) for runtime in self._runtimes.values()])
 
-    async def _do_stop_nodes(self) -> dict[str, str]:
+    async def _do_stop_nodes(self, ending: bool = False) -> dict[str, str]:
+        """Stop the nodes that run; with *ending*, end those never run too
+        (stepped offline, or only prepared): each steps on what its inputs
+        sent, runs ``teardown`` and closes its files. The state of each node, by id."""
         for node_id, runtime in self._runtimes.items():
             if node_id in self._runs:  # (a node never run is left alone: it may run next)
                 runtime.request_stop()
+        if ending:
+            # (Not recording, as in offline mode's steps.)
+            self._run_nodes(
+                {i: runtime for i, runtime in self._runtimes.items() if i not in self._runs},
+                stopped=True,
+            )
         for done in list(self._runs.values()):
             await done.wait()
         if self._runtimes:  # the last ones (ahead of the reply): what meta.json says

@@ -658,8 +658,16 @@ async def test_offline_a_step_that_sends_nothing_leaves_the_nodes_below_unsteppe
                         await manager.step()
                 else:
                     assert await manager.step()
-    expected = [1, 3, 5, 9] if breaks else [1, 3, 5, 7, 9]
-    assert SEEN["keep"] == [{"doubler": 2 * n} for n in expected]
+            # A node that failed stays so: it runs no more, and the others end.
+            assert await manager.start()
+            assert await manager.stop()
+            states = {node["name"]: node["state"] for node in manager.state()["nodes"]}
+    if breaks:  # (it failed at its 7th step: it steps no more)
+        assert SEEN["keep"] == [{"doubler": 2 * n} for n in (1, 3, 5)]
+        assert states == {"counter": "FAILED", "doubler": "STOPPED", "keep": "STOPPED"}
+    else:
+        assert SEEN["keep"][:5] == [{"doubler": 2 * n} for n in (1, 3, 5, 7, 9)]
+        assert set(states.values()) == {"STOPPED"}
 
 
 class Late(cp.Node):
@@ -678,6 +686,71 @@ async def test_offline_a_node_steps_once_every_input_has_sent(tmp_path):
     # chunk waits for b's, and is not lost.
     await step_offline(tmp_path, Counter("a"), Late("b"), Keep("keep"), 4)
     assert SEEN["keep"] == [{"a": 1, "b": 2}, {"a": 2, "b": 3}, {"a": 3, "b": 4}]
+
+
+async def test_offline_chunks_not_stepped_on_yet_are_stepped_as_collect_ends_the_nodes(tmp_path):
+    # "a" (followed) sends 1 and 2; "b" sends from its second step: a's 1 waited
+    # for it; a's 2 waits for nothing more, and the step on it ends the session.
+    graph = cp.Graph()
+    a, b, keep = Counter("a"), Late("b"), Keep("keep")
+    graph.add_nodes_from([a, b, keep])
+    graph.add_edge(a, keep, follow=True)
+    graph.add_edge(b, keep)
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["a", "b", "keep"]})
+            assert await manager.step()
+            assert await manager.step()
+            assert SEEN["keep"] == [{"a": 1, "b": 2}]
+            assert await manager.collect()
+            assert set(manager.nodes.values()) == {"STOPPED"}
+            with pytest.raises(RuntimeError, match="ran and stopped"):
+                await manager.step()
+    assert SEEN["keep"] == [{"a": 1, "b": 2}, {"a": 2, "b": 2}]
+
+
+class SavesInPrep(cp.Node):
+    def prep(self):
+        self.save_json("calibration", {"gain": 2})
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+async def test_collect_takes_what_prep_saved_from_nodes_never_started(tmp_path, steps):
+    graph = cp.Graph()
+    graph.add_node(SavesInPrep("camera"))
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["camera"]})
+            for _ in range(steps):
+                assert await manager.step()
+            assert await manager.collect()
+            saved = manager.session_folder() / "local" / "camera" / "calibration.jsonl"
+            assert saved.read_text() == '{"gain": 2}\n'
+            assert list(manager.nodes.values()) == ["SAVED"]
+
+
+class Main(cp.Node):
+    def main(self):
+        pass
+
+
+async def test_offline_mode_says_a_node_with_a_main_cannot_be_stepped(tmp_path):
+    graph = cp.Graph()
+    graph.add_node(Main("own"))
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["own"]})
+            with pytest.raises(cp.NodeError, match=r"overrides main\(\)"):
+                await manager.step()
+            assert list(manager.nodes.values()) == ["READY"]
+
+
+async def test_calls_before_a_commit_say_so(tmp_path):
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            for call in (manager.step, manager.start, manager.preview, manager.stop):
+                with pytest.raises(RuntimeError, match="no graph is committed"):
+                    await call()
 
 
 async def test_the_step_by_step_commit_takes_names_and_says_what_is_missing(tmp_path):

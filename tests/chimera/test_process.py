@@ -786,8 +786,12 @@ async def test_step_runs_one_step_of_every_node(tmp_path, transport, counter_typ
                         "sink": 3,
                     }
                     assert await notified.receive() == b"x"
-                    await manager.shutdown()  # teardown runs: the sink writes what it saw
-    assert json.loads((tmp_path / "sink.json").read_text()) == [2, 4, 6]
+                    # It ends the nodes (the sources do not step again): teardown
+                    # runs, and the sink writes what it saw.
+                    assert await manager.collect()
+                    assert set(manager.nodes.values()) == {"STOPPED"}
+                    assert json.loads((tmp_path / "sink.json").read_text()) == [2, 4, 6]
+                    await manager.shutdown()
 
 
 async def test_cancelling_a_worker_with_running_nodes_ends_them_at_once(tmp_path):
