@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -245,9 +244,8 @@ class _Stop:
 async def _run_manager(args: argparse.Namespace, stop: _Stop) -> int:
     from ._manager import AsyncManager
 
-    token = args.token if args.token is not None else os.environ.get("CHIMERA_TOKEN")
     try:
-        manager = AsyncManager(args.logdir, args.port, host=args.host, token=token or None)
+        manager = AsyncManager(args.logdir, args.port, host=args.host, token=args.token)
         async with manager:
             print(f"chimera manager listening on {manager.host}:{manager.port}", flush=True)
             await stop.requested.wait()

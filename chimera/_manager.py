@@ -129,8 +129,9 @@ class AsyncManager(Service):
         logs_port: the port of the log PUB socket (with *publish_logs_via_zmq*);
             0 picks a free one (see :attr:`logs_address`).
         host: the address to listen on (loopback by default).
-        token: if set, a Worker must present it (or ``CHIMERA_TOKEN``) to check
-            in, and an API client (``/api/state``, ``/ws/events``) to be answered.
+        token: if set, a Worker must present it to check in, and an API
+            client (``/api/state``, ``/ws/events``) to be answered. Default:
+            the ``CHIMERA_TOKEN`` environment variable; an empty one is none.
         transport: the data plane between nodes: ``"tcp"``, ``"nng"``, or
             ``"memory"`` (every Worker in this Trio run: for tests).
         allow_objects: whether chunks may carry any Python object, pickled
@@ -159,7 +160,7 @@ class AsyncManager(Service):
         self.max_num_of_workers = max_num_of_workers
         self.publish_logs_via_zmq = publish_logs_via_zmq
         self.dashboard_api = dashboard_api
-        self._token = token
+        self._token = protocol.token_or_default(token)
         self.transport = transport
         self.allow_objects = allow_objects
         self._request_ids = itertools.count(1)

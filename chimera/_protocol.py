@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 from typing import Any
 
@@ -104,6 +105,14 @@ COMMANDS = frozenset(
 #: (a frozen process, a machine asleep, a network cut: nothing closes the
 #: connection). The Worker's clock exchange, every second, keeps both talking.
 SILENCE_TIMEOUT = 15.0
+
+
+def token_or_default(token: str | None) -> str | None:
+    """The token a Manager or Worker uses: *token*, else the ``CHIMERA_TOKEN``
+    environment variable; an empty one is none."""
+    if token is None:
+        token = os.environ.get("CHIMERA_TOKEN")
+    return token or None
 
 
 def in_url(host: str) -> str:

@@ -147,7 +147,7 @@ class AsyncWorker(Service):
         delete_temp: whether its temporary folder goes when it shuts down.
         id: its id; a fresh one when None.
         token: what to present to a Manager that asks for one (default: the
-            ``CHIMERA_TOKEN`` environment variable).
+            ``CHIMERA_TOKEN`` environment variable; an empty one is none).
 
     Raises:
         ValueError: *name* cannot name a folder (it names the Worker's in a
@@ -169,7 +169,7 @@ class AsyncWorker(Service):
         #: Whether nodes may have saved files since the last collect.
         self._uncollected = False
         self.id = id or uuid.uuid4().hex
-        self._token = token if token is not None else os.environ.get("CHIMERA_TOKEN")
+        self._token = protocol.token_or_default(token)
         #: The offset from this Worker's clock to the Manager's.
         self.clock = ClockEstimator()
         #: Woken by each clock sample, and when the connection ends.

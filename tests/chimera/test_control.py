@@ -127,6 +127,21 @@ async def test_a_worker_without_the_token_is_refused_clearly(tmp_path, monkeypat
             assert all(w.name != "intruder" for w in manager.workers.values())
 
 
+@pytest.mark.parametrize("token", ["s3cret", ""], ids=["a-token", "empty"])
+async def test_a_manager_and_a_worker_both_take_the_token_from_the_environment(
+    tmp_path, monkeypatch, token
+):
+    monkeypatch.setenv("CHIMERA_TOKEN", token)
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0) as manager:
+            async with AsyncWorker("friend") as worker:
+                assert await worker.connect(manager.host, manager.port)
+            async with httpx.AsyncClient() as client:
+                answer = await client.get(f"http://127.0.0.1:{manager.port}/api/state")
+    # An empty token is none: the API answers whoever asks.
+    assert answer.status_code == (401 if token else 200)
+
+
 async def check_in(
     ws: trio_websocket.WebSocketConnection, name: str, worker_id: str, proof: str | None = None
 ) -> dict[str, Any]:
