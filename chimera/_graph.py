@@ -50,6 +50,12 @@ def _check_node(node: object) -> None:
         )
 
 
+def _check_follow(follow: object) -> None:
+    """Raise TypeError unless *follow* is True or False."""
+    if not isinstance(follow, bool):
+        raise TypeError(f"follow must be True or False, not {follow!r}")
+
+
 def _check_delivery(delivery: object) -> None:
     """Raise ValueError unless *delivery* is one of :data:`_DELIVERIES`."""
     if not isinstance(delivery, str) or delivery not in _DELIVERIES:
@@ -141,15 +147,17 @@ class Graph:
         If the call raises, the graph is unchanged.
 
         Raises:
-            TypeError: *src* or *dst* has no str ``id`` or no str ``name``.
+            TypeError: *src* or *dst* has no str ``id`` or no str ``name``;
+                *follow* is not a bool.
             ValueError: *delivery* is not ``"reliable"`` or ``"latest"``; another
                 node object with the id of *src* or *dst* is in the graph.
         """
         self._check_new_nodes([src, dst])
+        _check_follow(follow)
         _check_delivery(delivery)
         self.add_node(src)
         self.add_node(dst)
-        self.G.add_edge(src.id, dst.id, follow=bool(follow), delivery=delivery)
+        self.G.add_edge(src.id, dst.id, follow=follow, delivery=delivery)
 
     def add_edges_from(
         self,
@@ -165,7 +173,7 @@ class Graph:
 
         Raises:
             TypeError: an item is not a sequence; an option is unknown; a node
-                has no str ``id`` or no str ``name``.
+                has no str ``id`` or no str ``name``; a ``follow`` is not a bool.
             ValueError: an item does not have 2 or 3 elements; a ``delivery``
                 is not ``"reliable"`` or ``"latest"``; another node object with
                 the id of a node is in the graph.
@@ -195,6 +203,7 @@ class Graph:
                 raise ValueError(
                     f"an edge is (src, dst) or (src, dst, options), not {len(item)} items"
                 )
+            _check_follow(options.get("follow", False))
             _check_delivery(options.get("delivery", _DELIVERIES[0]))
             edges.append((src, dst, options))
         self._check_new_nodes([node for src, dst, _ in edges for node in (src, dst)])

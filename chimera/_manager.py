@@ -54,6 +54,7 @@ from ._data import DataChunk, DecodeError, decode_chunk
 from ._errors import CommitGraphError, NodeError, WorkerLeftError
 from ._graph import Graph
 from ._mapping import resolve_mapping, resolve_placement
+from ._node import Node
 from ._packages import Package, pack
 from ._recording import check_name
 from ._service import Service, run_all, single_exception, unwrapped
@@ -416,6 +417,7 @@ class AsyncManager(Service):
                 "the blocking Manager's shutdown() ends the Manager too: make a new one)"
             )
         # Every problem of the graph and of the mapping at once, before anything starts.
+        _check_graph(graph)
         resolve_mapping(graph, self._names(), mapping, self.max_num_of_workers)
         self.register_graph(graph)
         self.map_graph(mapping)
@@ -501,9 +503,21 @@ class AsyncManager(Service):
 
         Raises:
             CommitGraphError: the graph cannot run (see :meth:`Graph.problems`),
-                or a node cannot be pickled.
+                has no nodes, or holds what is not a :class:`chimera.Node`, or
+                a node cannot be pickled.
+            TypeError: *graph* is not a :class:`chimera.Graph`.
         """
-        if problems := graph.problems():
+        _check_graph(graph)
+        problems = graph.problems()
+        if not graph.G.nodes:
+            problems.append("the graph has no nodes")
+        for node in graph.G.nodes.values():
+            if not isinstance(node["object"], Node):
+                problems.append(
+                    f"node {node['name']!r} is a {type(node['object']).__name__}, "
+                    "not a chimera.Node: a Worker could not run it"
+                )
+        if problems:
             raise CommitGraphError(problems)
         pickled: dict[str, bytes] = {}
         for node_id, node in graph.G.nodes(data="object"):
@@ -1444,6 +1458,12 @@ def _hello_refusal(
             "its own (its files are collected in a folder of that name)"
         )
     return None
+
+
+def _check_graph(graph: object) -> None:
+    """Raise TypeError unless *graph* is a :class:`Graph`."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"the graph must be a chimera.Graph, not {type(graph).__name__}")
 
 
 def _dialable(host: str) -> str:

@@ -26,12 +26,18 @@ def resolve_mapping(
         max_workers: the most Workers the cluster may use (None: no limit).
 
     Raises:
+        TypeError: *mapping* is not a mapping.
         CommitGraphError: naming every problem found: the graph is not valid
             (see :meth:`chimera.Graph.problems`); a worker or a node of the
             mapping does not exist, or is named ambiguously; a node is mapped
             twice, or not at all; the mapping uses more than *max_workers*
             Workers.
     """
+    if not isinstance(mapping, Mapping):
+        raise TypeError(
+            "the mapping must be a dict of {worker: [node, ...]}, "
+            f"not {type(mapping).__name__}"
+        )
     problems = list(graph.problems())
     by_name = _by_name(workers)
     resolved: dict[str, list[str]] = {}

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 import traceback
+import types
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -341,6 +342,23 @@ async def test_a_bad_mapping_is_refused_before_anything_starts(tmp_path):
             with pytest.raises(cp.CommitGraphError, match="nodes not mapped to any worker: 'b'"):
                 await manager.commit_graph(graph, {"local": ["a"]})
             assert local.nodes == {}
+
+
+async def test_what_is_not_a_graph_of_nodes_is_refused_saying_what_it_is(tmp_path):
+    odd = cp.Graph()
+    odd.add_edge(cp.Node("a"), types.SimpleNamespace(id="b-id", name="b"))
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, (local,)):
+            with pytest.raises(cp.CommitGraphError, match="the graph has no nodes"):
+                await manager.commit_graph(cp.Graph(), {})
+            with pytest.raises(cp.CommitGraphError, match="'b' is a SimpleNamespace, not a"):
+                await manager.commit_graph(odd, {"local": ["a", "b"]})
+            with pytest.raises(TypeError, match=r"must be a chimera\.Graph, not DiGraph"):
+                await manager.commit_graph(odd.G, {"local": ["a", "b"]})
+            with pytest.raises(TypeError, match="must be a dict of"):
+                await manager.commit_graph(odd, ["local"])
+            assert local.nodes == {}
+            assert manager.graph is None
 
 
 async def test_a_node_that_cannot_be_pickled_is_refused_before_anything_starts(tmp_path):

@@ -177,6 +177,17 @@ def test_unknown_delivery_is_a_value_error_listing_the_allowed_ones(delivery):
     assert len(g) == 0  # a refused edge adds no node
 
 
+@pytest.mark.parametrize("follow", ["no", None, 1])
+def test_follow_that_is_not_a_bool_is_a_type_error(follow):
+    a, b = make("a", "b")
+    g = Graph()
+    with pytest.raises(TypeError, match="follow must be True or False"):
+        g.add_edge(a, b, follow=follow)
+    with pytest.raises(TypeError, match="follow must be True or False"):
+        g.add_edges_from([(a, b, {"follow": follow})])
+    assert len(g) == 0
+
+
 def test_edge_delivery_of_a_missing_edge_is_a_key_error():
     a, b = make("a", "b")
     g = Graph()
