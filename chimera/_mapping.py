@@ -35,8 +35,7 @@ def resolve_mapping(
     """
     if not isinstance(mapping, Mapping):
         raise TypeError(
-            "the mapping must be a dict of {worker: [node, ...]}, "
-            f"not {type(mapping).__name__}"
+            f"the mapping must be a dict of {{worker: [node, ...]}}, not {type(mapping).__name__}"
         )
     problems = list(graph.problems())
     by_name = _by_name(workers)
