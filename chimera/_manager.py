@@ -287,7 +287,9 @@ class AsyncManager(Service):
         self.nodes[node_id] = state
         self._nodes_changed.unpark_all()
         info["state"], info["reason"] = state, reason
-        if state != "RUNNING":  # it steps no more
+        if state == "RUNNING":  # (its first figures' fps: since now)
+            self._steps_sampled[node_id] = (self._clock(), info.get("steps") or 0)
+        else:  # it steps no more
             info["fps"] = 0.0
         self._publish({"type": "node_state", **self._node_entry(node_id)})
 

@@ -494,6 +494,20 @@ async def test_a_node_that_does_not_run_has_no_fps(tmp_path):
             assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
 
 
+async def test_the_first_figures_of_a_running_node_give_its_fps(tmp_path):
+    with trio.fail_after(30):
+        async with following_events(tmp_path) as (manager, graph, events):
+            await events.get_message()  # the state
+            await manager.commit_graph(graph, {"local": ["count", "double"]})
+            await manager.start()
+            while True:  # until the first figures of both nodes stepping
+                event = json.loads(await events.get_message())
+                if event["type"] == "node_stats" and all(n["steps"] for n in event["nodes"]):
+                    break
+            await manager.stop()
+    assert all(node["fps"] > 0 for node in event["nodes"]), event
+
+
 async def test_fps_is_over_the_time_between_readings_not_between_arrivals(tmp_path):
     # Steps are read in the node's process (every 0.5 s) and forwarded by its
     # Worker (every 1 s): their arrivals are not evenly spaced.
