@@ -1330,6 +1330,9 @@ class AsyncManager(Service):
                 await _respond(send, 401, {"error": "refused: wrong or missing token"})
                 return
             await _respond_bytes(send, package.data, b"application/zip")
+        elif path == "/api/state" and self.dashboard_api:
+            error = {"error": f"{method} {path}: only GET"}
+            await _respond(send, 405, error, headers=[(b"allow", b"GET")])
         else:
             await _respond(send, 404, {"error": f"no {method} {path}"})
 
@@ -1553,11 +1556,23 @@ async def _refuse_websocket(send: Send, status: int, body: Any) -> None:
     await send({"type": "websocket.http.response.body", "body": data})
 
 
-async def _respond(send: Send, status: int, body: Any) -> None:
-    await _respond_bytes(send, json.dumps(body).encode(), b"application/json", status)
+async def _respond(
+    send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await _respond_bytes(send, json.dumps(body).encode(), b"application/json", status, headers)
 
 
-async def _respond_bytes(send: Send, data: bytes, content_type: bytes, status: int = 200) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(data))]
+async def _respond_bytes(
+    send: Send,
+    data: bytes,
+    content_type: bytes,
+    status: int = 200,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", b"%d" % len(data)),
+        *(headers or []),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})

@@ -305,12 +305,16 @@ async def test_a_manager_on_a_port_in_use_raises_oserror_naming_it(tmp_path):
                 pass
 
 
-async def test_unknown_paths_are_404(tmp_path):
+async def test_unknown_paths_are_404_and_other_methods_on_the_state_405(tmp_path):
     with trio.fail_after(20):
         async with AsyncManager(tmp_path, port=0) as manager:
             async with httpx.AsyncClient() as client:
                 answer = await client.get(f"http://127.0.0.1:{manager.port}/nothing")
+                other = await client.post(f"http://127.0.0.1:{manager.port}/api/state")
     assert answer.status_code == 404
+    assert other.status_code == 405
+    assert other.headers["allow"] == "GET"
+    assert other.json() == {"error": "POST /api/state: only GET"}
 
 
 @pytest.mark.parametrize(
