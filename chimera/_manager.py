@@ -971,7 +971,7 @@ class AsyncManager(Service):
                 del self._uploads[key]
             if data is None:
                 raise RuntimeError(f"worker {self._workers[worker_id].name!r} sent nothing")
-            gathered.update(_decode_gathered(data))
+            gathered.update(_decode_gathered(data, self.allow_objects))
 
         await self._on_every_worker(gather_from, without_left=True)
         return gathered
@@ -1529,8 +1529,9 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _decode_gathered(data: bytes) -> dict[str, DataChunk | None]:
-    """What a Worker's ``gather_nodes`` uploaded: node id to chunk (or None).
+def _decode_gathered(data: bytes, allow_objects: bool) -> dict[str, DataChunk | None]:
+    """What a Worker's ``gather_nodes`` uploaded: node id to chunk (or None);
+    pickled records are unpickled if *allow_objects*.
 
     Raises:
         DecodeError: *data* is not such a map, or a chunk cannot be decoded.
@@ -1542,7 +1543,7 @@ def _decode_gathered(data: bytes) -> dict[str, DataChunk | None]:
     if not isinstance(gathered, dict) or not all(isinstance(k, str) for k in gathered):
         raise DecodeError("a gather upload is not a map of node ids")
     return {
-        node_id: None if frames is None else decode_chunk(frames)
+        node_id: None if frames is None else decode_chunk(frames, allow_objects=allow_objects)
         for node_id, frames in gathered.items()
     }
 

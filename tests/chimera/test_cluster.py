@@ -240,6 +240,9 @@ async def test_objects_travel_only_in_a_cluster_that_allows_them(tmp_path, allow
                 assert await manager.start()
                 if allowed:
                     await trio.to_thread.run_sync(ENOUGH.wait, 20)
+                    gathered = await manager.gather()  # (a pair, pickled)
+                    (last,) = [c for c in gathered.values() if c is not None]
+                    assert isinstance(last.get("default")["value"], tuple)
                 else:
                     assert await manager.wait_for_node_state("pairs", "FAILED") == "FAILED"
                     nodes = manager.state()["nodes"]
