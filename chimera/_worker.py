@@ -387,9 +387,12 @@ class AsyncWorker(Service):
             if not protocol.proves(
                 challenge["proof"], self._token, "manager", challenge["nonce"], nonce
             ):
+                # (No proof: the Manager logs the refusal too, and learns nothing.)
+                await ws.send_message(protocol.make("auth", proof=None))
                 raise PermissionError(
-                    f"the manager at {self._manager_url} does not know worker "
-                    f"{self.name!r}'s token: the worker runs no code for it"
+                    f"the manager at {self._manager_url} has another token than worker "
+                    f"{self.name!r} (token= or CHIMERA_TOKEN): it may not be the manager "
+                    "meant, and the worker runs no code for it"
                 )
             proof = protocol.proof(self._token, "worker", nonce, challenge["nonce"])
         await ws.send_message(protocol.make("auth", proof=proof))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import socket
 import threading
 from collections.abc import AsyncIterator
@@ -236,7 +237,38 @@ async def test_a_worker_tells_its_token_to_no_manager_that_cannot_prove_it_knows
                 assert not worker.connected
             nursery.cancel_scope.cancel()
     assert heard and not any("s3cret" in message for message in heard)
-    assert [protocol.parse(message)["type"] for message in heard] == ["hello"]
+    said = [protocol.parse(message) for message in heard]
+    if proof is None:  # (a Manager with no token)
+        assert [message["type"] for message in said] == ["hello"]
+    else:  # (one with another token: it hears that the Worker has no proof for it)
+        assert [(m["type"], m.get("proof")) for m in said] == [("hello", None), ("auth", None)]
+
+
+class _SetOn(logging.Handler):
+    """Sets *event* (a Trio one: log in its loop's thread) on a record saying *text*."""
+
+    def __init__(self, text: str, event: trio.Event) -> None:
+        super().__init__()
+        self.text, self.event = text, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+async def test_a_worker_and_a_manager_with_different_tokens_both_say_so(tmp_path):
+    refused = trio.Event()
+    handler = _SetOn("worker 'lab-pc' refused: wrong or missing token", refused)
+    logging.getLogger("chimera.manager").addHandler(handler)
+    try:
+        with trio.fail_after(20):
+            async with AsyncManager(tmp_path, port=0, token="ours") as manager:
+                async with AsyncWorker("lab-pc", token="theirs") as worker:
+                    with pytest.raises(PermissionError, match="has another token than worker"):
+                        await worker.connect(manager.host, manager.port)
+                await refused.wait()  # (the Manager logs it as the Worker's word arrives)
+    finally:
+        logging.getLogger("chimera.manager").removeHandler(handler)
 
 
 async def test_a_second_worker_of_the_same_name_or_id_is_refused(tmp_path):
