@@ -340,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = logging.WARNING if args.command == "demo" else logging.INFO
         logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         logging.getLogger("chimera.collect").setLevel(logging.INFO)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # (a line per file collected)
         return trio.run(_run, args, early)
     finally:
         # Not a handler: as it finalizes, Python resets the signals it handles
