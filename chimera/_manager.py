@@ -54,7 +54,7 @@ from ._data import DataChunk, DecodeError, decode_chunk
 from ._errors import CommitGraphError, NodeError, WorkerLeftError
 from ._graph import Graph
 from ._mapping import resolve_mapping, resolve_placement
-from ._node import Node
+from ._node import WORKERS_HERE, Node
 from ._packages import Package, pack
 from ._recording import check_name
 from ._service import Service, run_all, single_exception, unwrapped
@@ -301,15 +301,18 @@ class AsyncManager(Service):
             if changed and node_id in self._node_info:
                 self._publish({"type": "node_address", **self._node_entry(node_id)})
 
-    def _node_log(self, worker: str, message: dict[str, Any]) -> None:
-        """A node's log record: log it here, append it to ``nodes.log``, publish it
-        (``TIME LEVEL WORKER/NODE: message``, each line of the message after the
-        first starting with :data:`CONTINUATION`; see :func:`_log_time`)."""
-        # Not under the node's own logger: a Worker in this process forwards
-        # that one's records here, and would again.
-        logging.getLogger(f"{NODE_LOGS}.{message['node']}").log(
-            message["level"], "[%s/%s] %s", worker, message["node"], message["text"]
-        )
+    def _node_log(self, info: WorkerInfo, message: dict[str, Any]) -> None:
+        """A node's log record: log it here (unless its Worker runs in this
+        process, and has), append it to ``nodes.log``, publish it (``TIME
+        LEVEL WORKER/NODE: message``, each line of the message after the first
+        starting with :data:`CONTINUATION`; see :func:`_log_time`)."""
+        worker = info.name
+        if info.id not in WORKERS_HERE:
+            # Not under the node's own logger: a Worker in this process
+            # forwards that one's records here, and would again.
+            logging.getLogger(f"{NODE_LOGS}.{message['node']}").log(
+                message["level"], "[%s/%s] %s", worker, message["node"], message["text"]
+            )
         level = logging.getLevelName(message["level"])
         text = f"\n{CONTINUATION}".join(message["text"].splitlines())
         try:
@@ -1413,7 +1416,7 @@ class AsyncManager(Service):
                     await reply("welcome", worker_id=info.id)
                 elif kind == "log" and info is not None:
                     if message["node"] in self._names_on(info.id):
-                        self._node_log(info.name, message)
+                        self._node_log(info, message)
                 elif kind == "node_stats" and info is not None:
                     mapped = self._mapping.get(info.id, [])
                     stats = message["stats"]

@@ -31,6 +31,10 @@ _DEBUG_MODES = (None, "step", "stream")
 NODE_LOGGER = "chimera.node"
 if logging.getLogger(NODE_LOGGER).level == logging.NOTSET:
     logging.getLogger(NODE_LOGGER).setLevel(logging.INFO)
+#: The ids of the Workers running in this process. Each logs its nodes'
+#: records here (under :data:`NODE_LOGGER`): a Manager in this process does
+#: not log them a second time.
+WORKERS_HERE: set[str] = set()
 
 
 class NodeState(str, enum.Enum):

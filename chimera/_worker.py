@@ -39,7 +39,7 @@ from ._collect import move_folder, sees_probe, send_folder
 from ._data import cluster_time_ns, use_clock
 from ._errors import NodeError
 from ._manifest import Manifest, files_under, manifest_path
-from ._node import NODE_LOGGER, NodeState
+from ._node import NODE_LOGGER, WORKERS_HERE, NodeState
 from ._packages import extract
 from ._process import NodeProcess, Zygote
 from ._recording import check_name
@@ -226,10 +226,12 @@ class AsyncWorker(Service):
     async def _running(self) -> AsyncIterator[AsyncWorker]:
         handler = _ForwardNodeLogs(self)
         logging.getLogger(NODE_LOGGER).addHandler(handler)
+        WORKERS_HERE.add(self.id)
         try:
             async with self._nursery_running():
                 yield self
         finally:
+            WORKERS_HERE.discard(self.id)
             logging.getLogger(NODE_LOGGER).removeHandler(handler)
 
     @asynccontextmanager

@@ -92,6 +92,13 @@ class Talker(cp.Node):
         threading.Event().wait(0.01)
 
 
+class SaysHello(cp.Node):
+    """Logs a warning in its prep."""
+
+    def prep(self):
+        self.logger.warning("hello from my process")
+
+
 class Doubler(cp.Node):
     def __init__(self, name: str, source: str) -> None:
         super().__init__(name)

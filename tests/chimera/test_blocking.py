@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ import trio
 import chimera as cp
 
 from .nodes import Counter, Sink, StuckInTeardown, Talker
+from .records import on_record
 from .test_cli import read_until
 from .test_process import children_of
 
@@ -269,18 +270,6 @@ class InPrep(cp.Node):
         assert GATE.wait(20)
 
 
-class _OnRecord(logging.Handler):
-    """Calls *action* on each record whose message contains *text*."""
-
-    def __init__(self, text: str, action: Callable[[], None]) -> None:
-        super().__init__()
-        self.text, self.action = text, action
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.action()
-
-
 def test_ctrl_c_in_a_blocking_call_cancels_the_call_and_the_next_starts_clean(tmp_path):
     IN_PREP.clear()
     GATE.clear()
@@ -296,23 +285,21 @@ def test_ctrl_c_in_a_blocking_call_cancels_the_call_and_the_next_starts_clean(tm
 
     # The cancelled commit's clean-up waits for the node's prep, which returns
     # only once the next call says it waits for that clean-up.
-    waiting = _OnRecord("that Ctrl-C cancelled to clean up", GATE.set)
-    logging.getLogger("chimera.manager").addHandler(waiting)
     try:
-        assert worker.connect(host=manager.host, port=manager.port)
-        threading.Thread(target=press_ctrl_c).start()
-        with pytest.raises(KeyboardInterrupt):
-            manager.commit_graph(graph, mapping={"local": ["model"]})
-        assert not GATE.is_set()  # the node is still in prep, its commit cleaning up
+        with on_record("chimera.manager", "that Ctrl-C cancelled to clean up", GATE.set):
+            assert worker.connect(host=manager.host, port=manager.port)
+            threading.Thread(target=press_ctrl_c).start()
+            with pytest.raises(KeyboardInterrupt):
+                manager.commit_graph(graph, mapping={"local": ["model"]})
+            assert not GATE.is_set()  # the node is still in prep, its commit cleaning up
 
-        again = cp.Graph()
-        again.add_edge(Counter("source", limit=3), cp.Node("sink"))
-        assert manager.commit_graph(again, mapping={"local": ["source", "sink"]})
+            again = cp.Graph()
+            again.add_edge(Counter("source", limit=3), cp.Node("sink"))
+            assert manager.commit_graph(again, mapping={"local": ["source", "sink"]})
         # The cancelled commit closed the node it made; the new graph's are READY.
         assert sorted(manager.nodes.values()) == ["READY", "READY"]
         assert len(worker.nodes) == 2
     finally:
-        logging.getLogger("chimera.manager").removeHandler(waiting)
         GATE.set()
         manager.shutdown()
         worker.shutdown()
@@ -326,17 +313,15 @@ def test_ctrl_c_while_a_worker_shuts_down_stops_it_at_once(tmp_path, monkeypatch
     graph.add_node(StuckInTeardown("stuck"))
     manager = cp.Manager(logdir=tmp_path / "logs", port=0)
     worker = cp.Worker(name="local", port=0)
-    main = threading.get_ident()
-    press = _OnRecord("still closing 'stuck'", lambda: signal.pthread_kill(main, signal.SIGINT))
-    logging.getLogger("chimera.worker").addHandler(press)
+    press = partial(signal.pthread_kill, threading.get_ident(), signal.SIGINT)
     try:
         assert worker.connect(host=manager.host, port=manager.port)
         assert manager.commit_graph(graph, mapping={"local": ["stuck"]})
         assert manager.start()
-        with pytest.raises(KeyboardInterrupt):
-            worker.shutdown()  # the node's teardown never ends
+        with on_record("chimera.worker", "still closing 'stuck'", press):
+            with pytest.raises(KeyboardInterrupt):
+                worker.shutdown()  # the node's teardown never ends
     finally:
-        logging.getLogger("chimera.worker").removeHandler(press)
         manager.shutdown()
         worker.shutdown()
     assert "node 'stuck' on 'local' failed: its process was killed by SIGKILL" in caplog.messages

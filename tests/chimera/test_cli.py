@@ -11,7 +11,8 @@ import trio
 import chimera as cp
 from chimera._cli import _parser
 
-from .nodes import Counter, Stubborn
+from .nodes import Counter, SaysHello, Stubborn
+from .records import on_record
 from .test_process import children_of
 
 
@@ -290,6 +291,27 @@ async def test_a_worker_with_keep_temp_keeps_its_temporary_folder(tmp_path):
         f"worker 'keeper': its temporary folder {kept} is kept"
         in (tmp_path / "worker.log").read_text()
     )
+
+
+async def test_the_manager_logs_the_nodes_of_a_worker_in_another_process(tmp_path):
+    graph = cp.Graph()
+    graph.add_node(SaysHello("greeter"))
+    said = trio.Event()  # (set in this thread: the Manager's loop is this one)
+    command = [sys.executable, "-m", "chimera", "worker", "--name", "far", "--manager"]
+    with on_record("chimera.manager.node", "[far/greeter] hello from my process", said.set):
+        with trio.fail_after(30):
+            async with cp.AsyncManager(tmp_path / "logs", port=0) as manager:
+                process = await trio.lowlevel.open_process(
+                    [*command, f"127.0.0.1:{manager.port}"], stderr=subprocess.DEVNULL
+                )
+                try:
+                    await manager.wait_for_workers(1)
+                    await manager.commit_graph(graph, {"far": ["greeter"]})
+                    await said.wait()
+                    await manager.shutdown()
+                finally:
+                    process.send_signal(signal.SIGINT)
+                    await process.wait()
 
 
 async def read_until(stream: trio.abc.ReceiveStream, text: str) -> str:

@@ -27,6 +27,8 @@ from chimera._clock import ClockEstimator
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 
+from .records import on_record
+
 #: Set by the sink (in this process: nodes run inline) once it has seen enough.
 SEEN: dict[str, list] = {}
 ENOUGH = threading.Event()
@@ -429,28 +431,17 @@ class SlowPrep(cp.Node):
         assert SAID_SLOW.wait(20)
 
 
-class _SetOnSlow(logging.Handler):
-    def emit(self, record):
-        if "'model' (in prep)" in record.getMessage():
-            SAID_SLOW.set()
-
-
 async def test_a_slow_commit_says_which_nodes_it_waits_for(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(_manager, "PROGRESS_EVERY", 0.05)
     SAID_SLOW.clear()
     graph = cp.Graph()
     graph.add_edge(cp.Node("camera"), SlowPrep("model"))
-    handler = _SetOnSlow()
-    logging.getLogger("chimera.manager").addHandler(handler)
-    try:
-        with trio.fail_after(30):
-            async with cluster(tmp_path, "local") as (manager, _):
-                caplog.set_level(logging.INFO, logger="chimera.manager")
-                assert await manager.commit_graph(graph, {"local": ["camera", "model"]})
-                said = [r.getMessage() for r in caplog.records if "not ready" in r.getMessage()]
-                await manager.shutdown()
-    finally:
-        logging.getLogger("chimera.manager").removeHandler(handler)
+    with trio.fail_after(30), on_record("chimera.manager", "'model' (in prep)", SAID_SLOW.set):
+        async with cluster(tmp_path, "local") as (manager, _):
+            caplog.set_level(logging.INFO, logger="chimera.manager")
+            assert await manager.commit_graph(graph, {"local": ["camera", "model"]})
+            said = [r.getMessage() for r in caplog.records if "not ready" in r.getMessage()]
+            await manager.shutdown()
     assert re.fullmatch(
         r"commit_graph: 1 of 2 nodes not ready after \d+ s: 'model' \(in prep\)", said[-1]
     )
@@ -467,30 +458,19 @@ class StepUntilSaid(cp.Node):
         assert SAID_STOP_WAITS.wait(20)
 
 
-class _SetOnStopWaits(logging.Handler):
-    def emit(self, record):
-        if "'slow' (running" in record.getMessage():
-            SAID_STOP_WAITS.set()
-
-
 async def test_a_slow_stop_says_which_nodes_it_waits_for(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(_manager, "PROGRESS_EVERY", 0.05)
     SAID_STOP_WAITS.clear()
     graph = cp.Graph()
     graph.add_edge(StepUntilSaid("slow"), cp.Node("sink"))
-    handler = _SetOnStopWaits()
-    logging.getLogger("chimera.manager").addHandler(handler)
-    try:
-        with trio.fail_after(30):
-            async with cluster(tmp_path, "local") as (manager, _):
-                caplog.set_level(logging.INFO, logger="chimera.manager")
-                await manager.commit_graph(graph, {"local": ["slow", "sink"]})
-                await manager.start()
-                assert await manager.stop()
-                said = [r.getMessage() for r in caplog.records if "not stopped" in r.getMessage()]
-                await manager.shutdown()
-    finally:
-        logging.getLogger("chimera.manager").removeHandler(handler)
+    with trio.fail_after(30), on_record("chimera.manager", "'slow' (running", SAID_STOP_WAITS.set):
+        async with cluster(tmp_path, "local") as (manager, _):
+            caplog.set_level(logging.INFO, logger="chimera.manager")
+            await manager.commit_graph(graph, {"local": ["slow", "sink"]})
+            await manager.start()
+            assert await manager.stop()
+            said = [r.getMessage() for r in caplog.records if "not stopped" in r.getMessage()]
+            await manager.shutdown()
     # (the sink runs until the end of its input)
     assert re.fullmatch(
         r"stop: 2 of 2 nodes not stopped after \d+ s: 'slow' \(running(, 0 steps so far)?\), "

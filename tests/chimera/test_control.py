@@ -20,6 +20,8 @@ from chimera import _protocol as protocol
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 
+from .records import on_record
+
 
 def port_is_closed(port: int) -> bool:
     with socket.socket() as probe:
@@ -244,31 +246,15 @@ async def test_a_worker_tells_its_token_to_no_manager_that_cannot_prove_it_knows
         assert [(m["type"], m.get("proof")) for m in said] == [("hello", None), ("auth", None)]
 
 
-class _SetOn(logging.Handler):
-    """Sets *event* (a Trio one: log in its loop's thread) on a record saying *text*."""
-
-    def __init__(self, text: str, event: trio.Event) -> None:
-        super().__init__()
-        self.text, self.event = text, event
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.event.set()
-
-
 async def test_a_worker_and_a_manager_with_different_tokens_both_say_so(tmp_path):
-    refused = trio.Event()
-    handler = _SetOn("worker 'lab-pc' refused: wrong or missing token", refused)
-    logging.getLogger("chimera.manager").addHandler(handler)
-    try:
+    refused = trio.Event()  # (set in this thread: the Manager's loop is this one)
+    with on_record("chimera.manager", "'lab-pc' refused: wrong or missing token", refused.set):
         with trio.fail_after(20):
             async with AsyncManager(tmp_path, port=0, token="ours") as manager:
                 async with AsyncWorker("lab-pc", token="theirs") as worker:
                     with pytest.raises(PermissionError, match="has another token than worker"):
                         await worker.connect(manager.host, manager.port)
                 await refused.wait()  # (the Manager logs it as the Worker's word arrives)
-    finally:
-        logging.getLogger("chimera.manager").removeHandler(handler)
 
 
 async def test_a_second_worker_of_the_same_name_or_id_is_refused(tmp_path):
@@ -431,7 +417,6 @@ async def test_events_push_every_node_state_and_the_steps(tmp_path):
 @pytest.fixture
 def log_levels():
     """Puts back the levels of chimera's loggers after the test."""
-    import logging
 
     names = ("chimera", "chimera.node")
     saved = {name: logging.getLogger(name).level for name in names}
@@ -471,7 +456,6 @@ async def test_debug_shows_what_nodes_log_at_debug_from_their_processes(tmp_path
 async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(
     tmp_path, transport, caplog
 ):
-    import logging
 
     import pynng
 
@@ -488,7 +472,7 @@ async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(
             self.frame += 1
             threading.Event().wait(0.01)
 
-    caplog.set_level(logging.INFO, logger="chimera.manager.node")  # (as basicConfig(level=INFO))
+    caplog.set_level(logging.INFO, logger="chimera")  # (as basicConfig(level=INFO))
     graph = cp.Graph()
     graph.add_node(Chatty("chatty"))
     with trio.fail_after(30):
@@ -503,11 +487,14 @@ async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(
                     await manager.start()
                     lines = [(await subscriber.arecv()).decode() for _ in range(10)]
                     await manager.stop()
-    logged = [r.getMessage() for r in caplog.records if r.name == "chimera.manager.node.chatty"]
+    # Logged once in this process: by the node's logger (the Manager does
+    # not log again what a Worker of this process logged).
+    logged = [(r.name, r.getMessage()) for r in caplog.records if "chatty" in r.name]
     for frame, line in enumerate(lines):
         assert line.endswith(f" INFO local/chatty: frame {frame} is late\n")
-        assert logged[frame] == f"[local/chatty] frame {frame} is late"
+        assert logged[frame] == ("chimera.node.chatty", f"frame {frame} is late")
         assert line in (tmp_path / "nodes.log").read_text()
+    assert not [name for name, _ in logged if name.startswith("chimera.manager")]
     handlers = logging.getLogger("chimera.node").handlers
     assert not [h for h in handlers if type(h).__name__ == "_ForwardNodeLogs"]
 
