@@ -25,9 +25,10 @@ async def run_demo(
     microphone: int | str | None = None,
     say: Callable[[str], None] = print,
     enough: trio.Event | None = None,
-) -> Path:
+) -> Path | None:
     """Record a session of *seconds* (less if *enough* is set meanwhile); say
-    how it goes; return the session's folder.
+    how it goes; return the session's folder (None if *enough* was set
+    before the recording began: nothing is recorded then).
 
     Raises:
         NodeError: a node failed to start (no such camera, no sounddevice, ...).
@@ -54,9 +55,13 @@ async def run_demo(
             await worker.wait_for_clock(8)
             say(f"manager on {manager.host}:{manager.port}, worker 'local': starting 4 nodes")
             await manager.commit_graph(graph, mapping)
+            enough = trio.Event() if enough is None else enough
+            if enough.is_set():
+                await manager.shutdown()
+                say("stopped before the recording began: nothing recorded")
+                return None
             await manager.start()
             started = time.monotonic()
-            enough = trio.Event() if enough is None else enough
             while (elapsed := time.monotonic() - started) < seconds and not enough.is_set():
                 with trio.move_on_after(min(1.0, seconds - elapsed)):
                     await enough.wait()

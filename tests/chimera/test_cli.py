@@ -413,6 +413,19 @@ def test_demo_records_collects_and_sums_up_a_multimodal_session(tmp_path):
     assert counts["video"] == frames and counts["sensor"] == rows
 
 
+async def test_demo_stopped_before_it_records_records_nothing(tmp_path):
+    from chimera._demo import run_demo
+
+    said: list[str] = []
+    enough = trio.Event()
+    enough.set()  # (a Ctrl-C while the nodes were being made)
+    with trio.fail_after(60):
+        session = await run_demo(2, tmp_path, say=said.append, enough=enough)
+    assert session is None
+    assert said[-1] == "stopped before the recording began: nothing recorded"
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
 def test_demo_refuses_a_camera_it_cannot_open(tmp_path):
     result = run("demo", "--seconds", "1", "--logdir", str(tmp_path), "--camera", "99")
     assert result.returncode == 1
