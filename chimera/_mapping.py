@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from ._errors import CommitGraphError
@@ -58,7 +59,17 @@ def resolve_mapping(
                 continue
             placed[node_id] = worker_id
             resolved.setdefault(worker_id, []).append(node_id)
-    unmapped = [name for node_id, name in graph.G.nodes(data="name") if node_id not in placed]
+    # (Nodes that share a name are a problem of the graph already, said above.)
+    shared = {
+        name
+        for name, count in Counter(graph.G.nodes[n]["name"] for n in graph.G).items()
+        if count > 1
+    }
+    unmapped = [
+        name
+        for node_id, name in graph.G.nodes(data="name")
+        if node_id not in placed and name not in shared
+    ]
     if unmapped:
         problems.append(f"nodes not mapped to any worker: {', '.join(map(repr, unmapped))}")
     if max_workers is not None and len(resolved) > max_workers:

@@ -55,6 +55,16 @@ def test_an_invalid_graph_is_refused_with_its_problems(chain):
     assert printed.startswith("chimera.CommitGraphError: cannot commit the graph: ")
 
 
+def test_two_nodes_of_one_name_are_one_problem(chain):
+    graph = chain[0]
+    graph.add_node(cp.Node("a"))
+    with pytest.raises(cp.CommitGraphError) as caught:
+        resolve_mapping(graph, WORKERS, {"local": ["a", "b", "c"]})
+    assert caught.value.problems == ["two nodes named 'a'"]
+    with pytest.raises(TypeError, match="must be a dict"):
+        resolve_mapping(graph, WORKERS, ["local"])
+
+
 def test_more_workers_than_allowed_is_refused(chain):
     graph = chain[0]
     with pytest.raises(cp.CommitGraphError, match="more than max_num_of_workers=1"):
