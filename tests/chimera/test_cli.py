@@ -4,6 +4,9 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -262,30 +265,40 @@ def test_a_worker_stops_on_ctrl_c_and_the_manager_sees_it_leave(tmp_path):
                 process.wait()
 
 
+@asynccontextmanager
+async def cli_worker(
+    manager: cp.AsyncManager, name: str, *options: str, **process: Any
+) -> AsyncIterator[trio.Process]:
+    """``chimera worker --name NAME OPTIONS`` for *manager*, once checked in;
+    killed at the end if it still runs. *process*: ``open_process``'s options."""
+    command = [sys.executable, "-m", "chimera", "worker", "--name", name, *options]
+    worker = await trio.lowlevel.open_process(
+        [*command, "--manager", f"127.0.0.1:{manager.port}"], **process
+    )
+    try:
+        await manager.wait_for_workers(1)
+        yield worker
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+
+
 async def test_a_worker_with_keep_temp_keeps_its_temporary_folder(tmp_path):
     temp = tmp_path / "tmp"
     temp.mkdir()
     graph = cp.Graph()
     graph.add_node(Counter("counter", limit=0))
-    command = [sys.executable, "-m", "chimera", "worker", "--name", "keeper", "--keep-temp"]
-    with trio.fail_after(30):
+    environment = {**os.environ, "TMPDIR": str(temp)}
+    with trio.fail_after(30), open(tmp_path / "worker.log", "w") as log:
         async with cp.AsyncManager(tmp_path / "logs", port=0) as manager:
-            with open(tmp_path / "worker.log", "w") as log:
-                process = await trio.lowlevel.open_process(
-                    [*command, "--manager", f"127.0.0.1:{manager.port}"],
-                    env={**os.environ, "TMPDIR": str(temp)},
-                    stderr=log,
-                )
-            try:
-                await manager.wait_for_workers(1)
+            async with cli_worker(
+                manager, "keeper", "--keep-temp", env=environment, stderr=log
+            ) as process:
                 await manager.commit_graph(graph, {"keeper": ["counter"]})  # makes the folder
                 await manager.shutdown()
                 process.send_signal(signal.SIGINT)
                 assert await process.wait() == 0
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
     (kept,) = temp.glob("chimera-worker-*")
     assert (
         f"worker 'keeper': its temporary folder {kept} is kept"
@@ -297,21 +310,13 @@ async def test_the_manager_logs_the_nodes_of_a_worker_in_another_process(tmp_pat
     graph = cp.Graph()
     graph.add_node(SaysHello("greeter"))
     said = trio.Event()  # (set in this thread: the Manager's loop is this one)
-    command = [sys.executable, "-m", "chimera", "worker", "--name", "far", "--manager"]
     with on_record("chimera.manager.node", "[far/greeter] hello from my process", said.set):
         with trio.fail_after(30):
             async with cp.AsyncManager(tmp_path / "logs", port=0) as manager:
-                process = await trio.lowlevel.open_process(
-                    [*command, f"127.0.0.1:{manager.port}"], stderr=subprocess.DEVNULL
-                )
-                try:
-                    await manager.wait_for_workers(1)
+                async with cli_worker(manager, "far", stderr=subprocess.DEVNULL):
                     await manager.commit_graph(graph, {"far": ["greeter"]})
                     await said.wait()
                     await manager.shutdown()
-                finally:
-                    process.send_signal(signal.SIGINT)
-                    await process.wait()
 
 
 async def read_until(stream: trio.abc.ReceiveStream, text: str) -> str:
@@ -350,14 +355,9 @@ async def test_a_worker_stops_at_once_on_a_signal_while_it_connects(signum):
 async def test_a_second_ctrl_c_stops_a_worker_at_once_killing_its_nodes(tmp_path):
     graph = cp.Graph()
     graph.add_node(Stubborn("stubborn"))  # its teardown never ends; it ignores SIGTERM
-    command = [sys.executable, "-m", "chimera", "worker", "--name", "w", "--manager"]
     with trio.fail_after(60):
         async with cp.AsyncManager(tmp_path / "logs", port=0) as manager:
-            worker = await trio.lowlevel.open_process(
-                [*command, f"127.0.0.1:{manager.port}"], stderr=subprocess.PIPE
-            )
-            try:
-                await manager.wait_for_workers(1)
+            async with cli_worker(manager, "w", stderr=subprocess.PIPE) as worker:
                 await manager.commit_graph(graph, {"w": ["stubborn"]})
                 await manager.start()
                 (zygote,) = children_of(worker.pid)
@@ -371,10 +371,6 @@ async def test_a_second_ctrl_c_stops_a_worker_at_once_killing_its_nodes(tmp_path
                     said += await read_until(worker.stderr, "(the end)")
                     await trio.lowlevel.wait_readable(node_exit)  # the node's process is gone
                 os.close(node_exit)
-            finally:
-                if worker.returncode is None:
-                    worker.kill()
-                    await worker.wait()
     assert "chimera worker: SIGINT, stopping; Ctrl-C again stops at once" in said
     assert "chimera worker: SIGINT again, stopping at once (exit status 130)" in said
     assert "Traceback" not in said

@@ -420,62 +420,50 @@ async def test_a_worker_leaving_during_commit_makes_it_raise_not_return_true(tmp
             assert local.nodes == {}  # what was created is closed again
 
 
-#: Set once the Manager logs that a commit waits for a node in prep.
-SAID_SLOW = threading.Event()
+#: Set once the Manager logs that a commit waits for a node in prep, and that a stop does.
+SAID_PREP_WAITS, SAID_STOP_WAITS = threading.Event(), threading.Event()
 
 
-class SlowPrep(cp.Node):
-    """A prep that lasts until the Manager says it waits for it."""
+class Slow(cp.Node):
+    """A source whose prep, then whose steps, last until the Manager says it
+    waits for them."""
 
     def prep(self):
-        assert SAID_SLOW.wait(20)
-
-
-async def test_a_slow_commit_says_which_nodes_it_waits_for(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(_manager, "PROGRESS_EVERY", 0.05)
-    SAID_SLOW.clear()
-    graph = cp.Graph()
-    graph.add_edge(cp.Node("camera"), SlowPrep("model"))
-    with trio.fail_after(30), on_record("chimera.manager", "'model' (in prep)", SAID_SLOW.set):
-        async with cluster(tmp_path, "local") as (manager, _):
-            caplog.set_level(logging.INFO, logger="chimera.manager")
-            assert await manager.commit_graph(graph, {"local": ["camera", "model"]})
-            said = [r.getMessage() for r in caplog.records if "not ready" in r.getMessage()]
-            await manager.shutdown()
-    assert re.fullmatch(
-        r"commit_graph: 1 of 2 nodes not ready after \d+ s: 'model' \(in prep\)", said[-1]
-    )
-
-
-#: Set once the Manager logged that its stop waits for the node 'slow'.
-SAID_STOP_WAITS = threading.Event()
-
-
-class StepUntilSaid(cp.Node):
-    """A source whose steps last until the Manager says its stop waits for it."""
+        assert SAID_PREP_WAITS.wait(20)
 
     def step(self):
         assert SAID_STOP_WAITS.wait(20)
 
 
-async def test_a_slow_stop_says_which_nodes_it_waits_for(tmp_path, monkeypatch, caplog):
+async def test_a_slow_commit_and_a_slow_stop_say_which_nodes_they_wait_for(
+    tmp_path, monkeypatch, caplog
+):
     monkeypatch.setattr(_manager, "PROGRESS_EVERY", 0.05)
+    SAID_PREP_WAITS.clear()
     SAID_STOP_WAITS.clear()
     graph = cp.Graph()
-    graph.add_edge(StepUntilSaid("slow"), cp.Node("sink"))
-    with trio.fail_after(30), on_record("chimera.manager", "'slow' (running", SAID_STOP_WAITS.set):
+    graph.add_edge(Slow("slow"), cp.Node("sink"))
+    with (
+        trio.fail_after(30),
+        on_record("chimera.manager", "'slow' (in prep)", SAID_PREP_WAITS.set),
+        on_record("chimera.manager", "'slow' (running", SAID_STOP_WAITS.set),
+    ):
         async with cluster(tmp_path, "local") as (manager, _):
             caplog.set_level(logging.INFO, logger="chimera.manager")
-            await manager.commit_graph(graph, {"local": ["slow", "sink"]})
+            assert await manager.commit_graph(graph, {"local": ["slow", "sink"]})
             await manager.start()
             assert await manager.stop()
-            said = [r.getMessage() for r in caplog.records if "not stopped" in r.getMessage()]
             await manager.shutdown()
+    said = [r.getMessage() for r in caplog.records if r.name == "chimera.manager"]
+    assert re.fullmatch(
+        r"commit_graph: 1 of 2 nodes not ready after \d+ s: 'slow' \(in prep\)",
+        [line for line in said if "not ready" in line][-1],
+    )
     # (the sink runs until the end of its input)
     assert re.fullmatch(
         r"stop: 2 of 2 nodes not stopped after \d+ s: 'slow' \(running(, 0 steps so far)?\), "
         r"'sink' \(running(, 0 steps so far)?\)",
-        said[0],
+        next(line for line in said if "not stopped" in line),
     )
 
 

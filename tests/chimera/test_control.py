@@ -499,25 +499,7 @@ async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(
     assert not [h for h in handlers if type(h).__name__ == "_ForwardNodeLogs"]
 
 
-async def test_a_node_that_does_not_run_has_no_fps(tmp_path):
-    with trio.fail_after(30):
-        async with following_events(tmp_path) as (manager, graph, events):
-            await events.get_message()  # the state
-            await manager.commit_graph(graph, {"local": ["count", "double"]})
-            await manager.start()
-            while True:  # until the nodes were seen stepping
-                event = json.loads(await events.get_message())
-                if event["type"] == "node_stats" and all(
-                    node["fps"] > 0 for node in event["nodes"]
-                ):
-                    break
-            await manager.stop()  # (their last figures come with it)
-            assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
-            await manager.shutdown()
-            assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
-
-
-async def test_the_first_figures_of_a_running_node_give_its_fps(tmp_path):
+async def test_a_nodes_fps_shows_from_its_first_figures_and_is_0_once_it_stops(tmp_path):
     with trio.fail_after(30):
         async with following_events(tmp_path) as (manager, graph, events):
             await events.get_message()  # the state
@@ -527,8 +509,11 @@ async def test_the_first_figures_of_a_running_node_give_its_fps(tmp_path):
                 event = json.loads(await events.get_message())
                 if event["type"] == "node_stats" and all(n["steps"] for n in event["nodes"]):
                     break
-            await manager.stop()
-    assert all(node["fps"] > 0 for node in event["nodes"]), event
+            assert all(node["fps"] > 0 for node in event["nodes"]), event
+            await manager.stop()  # (their last figures come with it)
+            assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
+            await manager.shutdown()
+            assert [n["fps"] for n in manager.state()["nodes"]] == [0.0, 0.0]
 
 
 async def test_fps_is_over_the_time_between_readings_not_between_arrivals(tmp_path):
