@@ -422,6 +422,8 @@ async def test_a_worker_leaving_during_commit_makes_it_raise_not_return_true(tmp
 
 #: Set once the Manager logs that a commit waits for a node in prep, and that a stop does.
 SAID_PREP_WAITS, SAID_STOP_WAITS = threading.Event(), threading.Event()
+#: Set as Slow's first step begins.
+STEPPING = threading.Event()
 
 
 class Slow(cp.Node):
@@ -432,6 +434,7 @@ class Slow(cp.Node):
         assert SAID_PREP_WAITS.wait(20)
 
     def step(self):
+        STEPPING.set()
         assert SAID_STOP_WAITS.wait(20)
 
 
@@ -439,8 +442,8 @@ async def test_a_slow_commit_and_a_slow_stop_say_which_nodes_they_wait_for(
     tmp_path, monkeypatch, caplog
 ):
     monkeypatch.setattr(_manager, "PROGRESS_EVERY", 0.05)
-    SAID_PREP_WAITS.clear()
-    SAID_STOP_WAITS.clear()
+    for event in (SAID_PREP_WAITS, SAID_STOP_WAITS, STEPPING):
+        event.clear()
     graph = cp.Graph()
     graph.add_edge(Slow("slow"), cp.Node("sink"))
     with (
@@ -452,6 +455,7 @@ async def test_a_slow_commit_and_a_slow_stop_say_which_nodes_they_wait_for(
             caplog.set_level(logging.INFO, logger="chimera.manager")
             assert await manager.commit_graph(graph, {"local": ["slow", "sink"]})
             await manager.start()
+            await trio.to_thread.run_sync(STEPPING.wait, 20)  # (a stop before: no step)
             assert await manager.stop()
             await manager.shutdown()
     said = [r.getMessage() for r in caplog.records if r.name == "chimera.manager"]
