@@ -222,6 +222,9 @@ class NodeRuntime:
         self._offline_pending: deque[DataChunk] = deque()
         #: The inputs found ended in offline mode.
         self._offline_ended: set[str] = set()
+        #: Whether every node this one sends to has connected (since, one may
+        #: have gone: failed in offline mode, and closed its input).
+        self._outputs_connected = False
         #: Chunks stepped and sent, for the Manager's statistics.
         self.steps = 0
         #: Chunks of its LATEST inputs it never stepped on: the links dropped
@@ -337,9 +340,8 @@ class NodeRuntime:
         if stopped:
             self.request_stop()
         try:
-            if self._outlet is not None and not failed:
-                await self._outlet.wait_for_inlets(self._outputs)
             if not failed:
+                await self._wait_for_outputs()
                 self._set_state(NodeState.RUNNING)
                 try:
                     if type(self.node).main is not Node.main:
@@ -448,8 +450,7 @@ class NodeRuntime:
             trio.EndOfChannel: an input ended before sending a chunk, or the
                 followed input ended and no chunk of it is left to step on.
         """
-        if self._outlet is not None:
-            await self._outlet.wait_for_inlets(self._outputs)
+        await self._wait_for_outputs()
         sent = self._chunks_sent
         failure: Exception | None = None
         try:
@@ -479,6 +480,13 @@ class NodeRuntime:
                     await inlet.aclose()
         if failure is not None:
             raise failure
+
+    async def _wait_for_outputs(self) -> None:
+        """Wait until every node this one sends to has connected: the first
+        time only (nothing it sends is lost; later, one may have gone)."""
+        if self._outlet is not None and not self._outputs_connected:
+            await self._outlet.wait_for_inlets(self._outputs)
+            self._outputs_connected = True
 
     async def _read_offline(self, name: str) -> None:
         """Read one message of input *name* (see :meth:`step_once`), unless it ended.

@@ -663,6 +663,27 @@ async def test_offline_a_step_that_sends_nothing_leaves_the_nodes_below_unsteppe
         assert set(states.values()) == {"STOPPED"}
 
 
+class Refuses(cp.Node):
+    def step(self, data_chunks):
+        raise ValueError("not this")
+
+
+async def test_offline_a_node_that_failed_holds_up_nothing(tmp_path):
+    source, keep, refuses = Counter("source"), Keep("keep"), Refuses("refuses")
+    graph = cp.Graph()
+    graph.add_edges_from([(source, keep), (source, refuses)])
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["source", "keep", "refuses"]})
+            with pytest.raises(cp.NodeError, match="not this"):
+                await manager.step()
+            assert await manager.step()
+            assert await manager.collect()  # (it ends the nodes)
+            states = {node["name"]: node["state"] for node in manager.state()["nodes"]}
+    assert SEEN["keep"] == [{"source": 1}, {"source": 2}]
+    assert states == {"source": "STOPPED", "keep": "STOPPED", "refuses": "FAILED"}
+
+
 class Late(cp.Node):
     """Sends nothing at its first step, then its step's number."""
 
