@@ -212,6 +212,8 @@ class AsyncManager(Service):
         self._session: str | None = None
         self._started_ns: int | None = None
         self._stopped_ns: int | None = None
+        #: Whether collect() ended this session's nodes (they run no more).
+        self._ended = False
 
     @property
     def workers(self) -> dict[str, WorkerInfo]:
@@ -565,6 +567,7 @@ class AsyncManager(Service):
         self._left = {}
         # A graph mapped anew is a new session (its own folder, start and stop).
         self._session, self._started_ns, self._stopped_ns = None, None, None
+        self._ended = False
         self._steps_sampled = {}
         self._addresses = {}
         self._link_key = secrets.token_hex(16)
@@ -772,7 +775,11 @@ class AsyncManager(Service):
         self._check_committed(call)
         if self._nodes_run():
             raise RuntimeError(f"{call}: the nodes run already (stop() them first)")
-        if self._stopped_ns is not None or self._mapped_states() & {"STOPPED", "SAVED"}:
+        if (
+            self._stopped_ns is not None
+            or self._ended
+            or self._mapped_states() & {"STOPPED", "SAVED"}
+        ):
             raise RuntimeError(
                 f"{call}: the nodes ran and stopped; a graph runs once per commit: "
                 "shut its nodes down and commit it again (AsyncManager.shutdown(); "
@@ -818,6 +825,7 @@ class AsyncManager(Service):
                 nursery.start_soon(self._log_what_stop_waits_for)
                 await self._broadcast("stop_nodes", without_left=True, ending=ending)
                 nursery.cancel_scope.cancel()
+        self._ended = self._ended or ending
         if self._started_ns is not None and self._stopped_ns is None:
             self._stopped_ns = self._clock()  # (the session's end: a stop after it is none)
 

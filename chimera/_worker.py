@@ -716,6 +716,7 @@ class AsyncWorker(Service):
         await run_all(connects)
 
     async def _do_prep_nodes(self) -> None:
+        self._uncollected = True  # (what prep saves is recorded)
         await run_all([runtime.prep for runtime in self._runtimes.values()])
 
     async def _do_step_nodes(self) -> None:

@@ -743,6 +743,33 @@ async def test_collect_takes_what_prep_saved_from_nodes_never_started(tmp_path, 
             assert list(manager.nodes.values()) == ["SAVED"]
 
 
+async def test_what_prep_saved_is_not_deleted_silently(tmp_path, caplog):
+    graph = cp.Graph()
+    graph.add_node(SavesInPrep("camera"))
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, (worker,)):
+            assert await manager.commit_graph(graph, {"local": ["camera"]})
+            await worker.shutdown()  # (never collected)
+    said = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
+    assert len(said) == 1, caplog.messages
+
+
+async def test_a_session_collected_runs_no_more_even_if_every_node_failed(tmp_path):
+    graph = cp.Graph()
+    graph.add_node(EveryOther("counter", breaks=True))
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["counter"]})
+            for _ in range(6):
+                assert await manager.step()
+            with pytest.raises(cp.NodeError):
+                await manager.step()
+            assert await manager.collect()
+            for call in (manager.step, manager.start, manager.preview):
+                with pytest.raises(RuntimeError, match="ran and stopped"):
+                    await call()
+
+
 class Main(cp.Node):
     def main(self):
         pass
