@@ -222,9 +222,6 @@ class NodeRuntime:
         self._offline_pending: deque[DataChunk] = deque()
         #: The inputs found ended in offline mode.
         self._offline_ended: set[str] = set()
-        #: Whether every node this one sends to has connected (since, one may
-        #: have gone: failed in offline mode, and closed its input).
-        self._outputs_connected = False
         #: Chunks stepped and sent, for the Manager's statistics.
         self.steps = 0
         #: Chunks of its LATEST inputs it never stepped on: the links dropped
@@ -482,11 +479,10 @@ class NodeRuntime:
             raise failure
 
     async def _wait_for_outputs(self) -> None:
-        """Wait until every node this one sends to has connected: the first
-        time only (nothing it sends is lost; later, one may have gone)."""
-        if self._outlet is not None and not self._outputs_connected:
+        """Wait until every node this one sends to has connected (so that
+        nothing it sends is lost), or connected and gone since (failed)."""
+        if self._outlet is not None:
             await self._outlet.wait_for_inlets(self._outputs)
-            self._outputs_connected = True
 
     async def _read_offline(self, name: str) -> None:
         """Read one message of input *name* (see :meth:`step_once`), unless it ended.

@@ -114,7 +114,9 @@ class Outlet(trio.abc.AsyncResource):
 
     @abstractmethod
     async def wait_for_inlets(self, count: int = 1) -> None:
-        """Return once at least *count* inlets are connected.
+        """Return once at least *count* inlets have connected, counting those
+        that have gone since (a sender waiting for its receivers never waits
+        for one that came and went).
 
         Raises:
             trio.ClosedResourceError: the outlet is closed.

@@ -134,7 +134,7 @@ class _OutletBase(Outlet):
 
     async def wait_for_inlets(self, count: int = 1) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        while len(self._links) < count:
+        while len(self._history) < count:  # (every inlet that connected, gone since or not)
             if self._closed:
                 raise trio.ClosedResourceError("the outlet is closed")
             await self._inlets_changed.park()

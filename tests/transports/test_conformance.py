@@ -351,6 +351,17 @@ async def test_wait_for_inlets_and_late_inlets(address):
         assert outlet.stats.messages_sent == 2
 
 
+async def test_wait_for_inlets_counts_those_that_came_and_went(address):
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            first = await transports.connect(outlet.address)
+            await outlet.wait_for_inlets(1)
+            await first.aclose()
+            await trio.testing.wait_all_tasks_blocked(0.05)  # (the outlet saw it go)
+            async with await transports.connect(outlet.address):
+                await outlet.wait_for_inlets(2)  # (the first has gone: it counts)
+
+
 async def test_cancelled_receive_leaves_the_inlet_usable(address):
     with trio.fail_after(10):
         async with await transports.bind(address) as outlet:
