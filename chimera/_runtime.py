@@ -83,6 +83,11 @@ LINK_CAPACITY = 8
 LINK_MAX_BYTES = 8 * 1024 * 1024
 #: A LATEST link holds only the newest message: what its node steps on is fresh.
 LATEST_CAPACITY = 1
+#: How many chunks of its followed input a node keeps waiting until each of
+#: its other inputs has sent one (their oldest are dropped beyond)...
+WAITING_CHUNKS = 256
+#: ...and about how many bytes of them (ten 1080p frames).
+WAITING_BYTES = 64 * 1024 * 1024
 
 #: The bind address of a node's outlet, by transport.
 _BIND = {"memory": "memory://", "tcp": "tcp://127.0.0.1:0", "nng": "nng+tcp://127.0.0.1:0"}
@@ -815,13 +820,12 @@ class NodeRuntime:
         latest = {name: c for name, c in self._offline_latest.items() if name != self._follow}
         #: The inputs that ended without sending a chunk.
         silent: set[str] = set()
-        every_input = trio.Event()
+        #: Cancelled once each input but the followed one has sent a chunk, or ended.
+        every_input = trio.CancelScope()
 
         def all_in() -> None:
-            """Set *every_input* once each input but the followed one has sent
-            a chunk, or ended."""
             if len((latest.keys() - {self._follow}) | silent) == len(self._inlets) - 1:
-                every_input.set()
+                every_input.cancel()
 
         async def keep(name: str) -> None:
             await self._keep_latest(name, latest, all_in, fail)
@@ -844,42 +848,91 @@ class NodeRuntime:
         self,
         take: Callable[[list[tuple]], Awaitable[None]],
         latest: dict[str, DataChunk],
-        every: trio.Event,
+        every_input: trio.CancelScope,
     ) -> None:
         """Hand *take* a step for each chunk of the followed input, until it
         ends: those of one message at once (so at most one message's chunks
-        more than the limit are in flight). *take* empties the list."""
-        steps: list[tuple] = []
-        warned = False
+        more than the limit are in flight). *take* empties the list.
+
+        Its chunks wait until every other input has sent one, or ended
+        (*every_input* is cancelled then): see :meth:`_wait_for_every_input`.
+        """
         # The chunks offline mode's steps left (none if it did not step).
-        chunks: Iterable[DataChunk] = list(self._offline_pending)
+        waiting: deque[tuple[DataChunk, int]] = deque((c, 0) for c in self._offline_pending)
         self._offline_pending.clear()
+        ended = await self._wait_for_every_input(waiting, every_input)
+        missing = sorted(set(self._inlets) - {self._follow} - set(latest))
+        if missing:  # (they ended: the node cannot step)
+            log.warning(
+                "node %r: inputs %s ended without sending: it is not stepped",
+                self.node.name,
+                missing,
+            )
+        steps: list[tuple] = []
+        chunks: Iterable[DataChunk] = [chunk for chunk, _ in waiting]
+        inlet = self._inlets[self._follow]
         while True:
             for chunk in chunks:
                 latest[self._follow] = chunk
-                if len(latest) < len(self._inlets):
-                    await take(steps)
-                    await every.wait()
-                if len(latest) < len(self._inlets):
-                    if not warned:  # (once: the chunks that follow are not stepped either)
-                        missing = sorted(set(self._inlets) - set(latest))
-                        log.warning(
-                            "node %r: inputs %s ended without sending: it is not stepped",
-                            self.node.name,
-                            missing,
-                        )
-                        warned = True
-                    continue
-                steps.append((dict(latest),))
+                if missing:
+                    self.dropped += 1  # (never stepped on)
+                else:
+                    steps.append((dict(latest),))
             await take(steps)
+            if ended:
+                return
             # Room first, then the message: a LATEST input's is the newest.
             await self._wait_for_room()
             try:  # (not _receive: one coroutine less per message, on the hot path)
-                message = await self._inlets[self._follow].receive()
+                message = await inlet.receive()
             except _ENDS as exc:
                 self._ended(self._follow, exc)
-                break
+                return
             chunks = self._unpack(message, self._follow)
+
+    async def _wait_for_every_input(
+        self, waiting: deque[tuple[DataChunk, int]], every_input: trio.CancelScope
+    ) -> bool:
+        """Until *every_input* is cancelled (every other input has sent a
+        chunk, or ended), read the followed input on, its chunks waiting in
+        *waiting* (each with its share of its message's bytes); whether the
+        followed input ended meanwhile.
+
+        Read on, so that a node never holds up the one it follows when
+        another input sends nothing yet (a detector that has found nothing):
+        else that node, held up, holds up whatever else it feeds. At most
+        :data:`WAITING_CHUNKS` chunks, or :data:`WAITING_BYTES`, wait: beyond,
+        the oldest are dropped, counted (``dropped``) and logged once.
+        """
+        inlet = self._inlets[self._follow]
+        size = sum(nbytes for _, nbytes in waiting)
+        dropped = 0
+        ended = False
+        with every_input:
+            while True:
+                try:
+                    message = await inlet.receive()
+                except _ENDS as exc:
+                    self._ended(self._follow, exc)
+                    ended = True
+                    await trio.sleep_forever()  # (the others end in turn)
+                chunks = self._unpack(message, self._follow)
+                share = sum(frame.nbytes for frame in message) // max(len(chunks), 1)
+                waiting.extend((chunk, share) for chunk in chunks)
+                size += share * len(chunks)
+                while len(waiting) > WAITING_CHUNKS or size > WAITING_BYTES:
+                    size -= waiting.popleft()[1]
+                    self.dropped += 1
+                    dropped += 1
+                    if dropped == 1:
+                        log.warning(
+                            "node %r: its inputs %s have sent nothing yet: the oldest chunks "
+                            "of %r waiting for them are dropped (counted)",
+                            self.node.name,
+                            sorted(set(self._inlets) - {self._follow}),
+                            self._follow,
+                        )
+        return ended
 
     async def _receive(self, name: str) -> list[memoryview] | None:
         """The next message of input *name*; None once the input has ended:

@@ -22,11 +22,12 @@ import trio
 import trio.testing
 
 import chimera as cp
-from chimera import _manager
+from chimera import _manager, _runtime
 from chimera._clock import ClockEstimator
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 
+from . import nodes
 from .records import on_record
 
 #: Set by the sink (in this process: nodes run inline) once it has seen enough.
@@ -682,6 +683,64 @@ async def test_offline_a_node_that_failed_holds_up_nothing(tmp_path):
             states = {node["name"]: node["state"] for node in manager.state()["nodes"]}
     assert SEEN["keep"] == [{"source": 1}, {"source": 2}]
     assert states == {"source": "STOPPED", "keep": "STOPPED", "refuses": "FAILED"}
+
+
+#: Set once Detector has stepped on 200 chunks.
+SAW_200 = threading.Event()
+
+
+class PacedCounter(nodes.Counter):
+    """:class:`nodes.Counter` paced as a camera: its chunks travel one by one."""
+
+    def step(self):
+        threading.Event().wait(0.0005)
+        return super().step()
+
+
+class Detector(cp.Node):
+    """Finds nothing until its step *found_from* (never if None), then its step's number."""
+
+    def __init__(self, name, found_from):
+        super().__init__(name)
+        self.found_from = found_from
+
+    def prep(self):
+        self.n = 0
+
+    def step(self, data_chunks):
+        self.n += 1
+        if self.n == 200:
+            SAW_200.set()
+        return self.n if self.found_from is not None and self.n >= self.found_from else None
+
+
+@pytest.mark.parametrize("found_from", [None, 50], ids=["never", "late"])
+async def test_an_input_that_sends_nothing_yet_holds_up_nothing(tmp_path, monkeypatch, found_from):
+    # camera -> detector, and both -> fusion (following the camera): the
+    # camera's chunks wait at the fusion node for the detector's first
+    # (the newest 16 of them); the camera, and the detector, go on meanwhile.
+    monkeypatch.setattr(_runtime, "WAITING_CHUNKS", 16)
+    SAW_200.clear()
+    camera, detector, fusion = (
+        PacedCounter("camera", limit=200),
+        Detector("detector", found_from),
+        Keep("fusion"),
+    )
+    graph = cp.Graph()
+    graph.add_edges_from([(camera, detector), (camera, fusion), (detector, fusion)])
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["camera", "detector", "fusion"]})
+            assert await manager.start()
+            assert await trio.to_thread.run_sync(SAW_200.wait, 20)  # (the camera went on)
+            assert await manager.stop()
+            dropped = {n["name"]: n["dropped"] for n in manager.state()["nodes"]}["fusion"]
+    stepped = [seen["camera"] for seen in SEEN["fusion"]]
+    if found_from is None:
+        assert stepped == [] and dropped == 200
+    else:  # every chunk from the oldest one kept on, the others counted
+        assert stepped == list(range(dropped + 1, 201))
+        assert len(stepped) >= 16  # (at least the 16 waiting as the detector's first came)
 
 
 class Late(cp.Node):
