@@ -793,6 +793,7 @@ class AsyncManager(Service):
         Raises:
             RuntimeError: the nodes do not run (``preview()`` them first).
         """
+        self._check_committed("record()")
         if not self._nodes_run():
             self._check_not_started("record()")  # (ran and stopped: it says so)
             raise RuntimeError(
@@ -850,10 +851,11 @@ class AsyncManager(Service):
             ValueError: a file did not arrive whole (each named). ``meta.json``
                 is written first: the nodes of a Worker whose files did not
                 all arrive whole are ``"collected": false`` there.
-            RuntimeError: a Worker failed.
+            RuntimeError: a Worker failed; no graph is committed (none yet,
+                or it was shut down: collect before :meth:`shutdown`).
         """
-        if self._mapping:
-            await self._stop(ending=True)
+        self._check_committed("collect()")
+        await self._stop(ending=True)
         session = self.session_folder()
         progress = Progress()
         workers: dict[str, dict[str, Any]] = {}

@@ -851,6 +851,19 @@ async def test_calls_before_a_commit_say_so(tmp_path):
             for call in (manager.step, manager.start, manager.preview, manager.stop):
                 with pytest.raises(RuntimeError, match="no graph is committed"):
                     await call()
+            for call in (manager.record, manager.collect):
+                with pytest.raises(RuntimeError, match="no graph is committed"):
+                    await call()
+            assert not [path for path in tmp_path.iterdir() if path.is_dir()]  # (no session)
+            # After a shutdown, as before a commit.
+            graph = cp.Graph()
+            graph.add_node(Counter("counter"))
+            assert await manager.commit_graph(graph, {"local": ["counter"]})
+            assert await manager.preview()
+            await manager.shutdown()
+            for call in (manager.record, manager.collect):
+                with pytest.raises(RuntimeError, match="no graph is committed"):
+                    await call()
 
 
 async def test_the_step_by_step_commit_takes_names_and_says_what_is_missing(tmp_path):
