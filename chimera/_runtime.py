@@ -224,9 +224,11 @@ class NodeRuntime:
         #: The latest chunk of each input, and the chunks received not yet
         #: stepped on, in offline mode (:meth:`step_once`).
         self._offline_latest: dict[str, DataChunk] = {}
-        self._offline_pending: deque[DataChunk] = deque()
+        self._offline_pending: deque[tuple[DataChunk, int]] = deque()
         #: The inputs found ended in offline mode.
         self._offline_ended: set[str] = set()
+        #: Whether the node said it drops chunks waiting for its other inputs' first.
+        self._warned_waiting = False
         #: Chunks stepped and sent, for the Manager's statistics.
         self.steps = 0
         #: Chunks of its LATEST inputs it never stepped on: the links dropped
@@ -410,10 +412,8 @@ class NodeRuntime:
         with trio.move_on_after(TEARDOWN_TIMEOUT) as waited:
             await self._call("teardown", self.node.teardown, abandon=True)
         if waited.cancelled_caught:
-            log.warning(
-                "node %r: its teardown did not return within %.0f s: left running",
-                self.node.name,
-                TEARDOWN_TIMEOUT,
+            self.node.logger.warning(
+                "its teardown did not return within %.0f s: left running", TEARDOWN_TIMEOUT
             )
 
     def stats(self) -> dict[str, int]:
@@ -469,7 +469,7 @@ class NodeRuntime:
             else:
                 await run_all([partial(self._read_offline, name) for name in self._inlets])
                 if not self._offline_missing():
-                    self._offline_latest[self._follow] = self._offline_pending.popleft()
+                    self._offline_latest[self._follow] = self._offline_pending.popleft()[0]
                     value = await self._call("step", self.node.step, dict(self._offline_latest))
                     await self._send([self._output(value)])
         except Exception as exc:  # (not a cancellation: then the nodes downstream stop too)
@@ -501,7 +501,7 @@ class NodeRuntime:
             if (message := await self._receive(name)) is None:
                 self._offline_ended.add(name)
             elif name == self._follow:
-                self._offline_pending.extend(self._unpack(message, name))
+                self._keep_waiting(self._offline_pending, message)
             elif chunks := self._unpack(message, name):
                 self._offline_latest[name] = chunks[-1]
         if name in self._offline_ended:
@@ -531,17 +531,13 @@ class NodeRuntime:
         """
         for name in names:
             if self._outlet is not None and self._outlet.cut(name):
-                log.warning(
-                    "node %r: node %r is gone: its link is cut, with what it had not taken in",
-                    self.node.name,
-                    name,
+                self.node.logger.warning(
+                    "node %r is gone: its link is cut, with what it had not taken in", name
                 )
             inlet = self._inlets.get(name)
             if inlet is not None and name not in self._gone:
                 self._gone.add(name)
-                log.warning(
-                    "node %r: input %r is gone: its stream is taken as ended", self.node.name, name
-                )
+                self.node.logger.warning("input %r is gone: its stream is taken as ended", name)
                 await inlet.aclose()
 
     def request_stop(self) -> None:
@@ -858,16 +854,11 @@ class NodeRuntime:
         (*every_input* is cancelled then): see :meth:`_wait_for_every_input`.
         """
         # The chunks offline mode's steps left (none if it did not step).
-        waiting: deque[tuple[DataChunk, int]] = deque((c, 0) for c in self._offline_pending)
-        self._offline_pending.clear()
+        waiting, self._offline_pending = self._offline_pending, deque()
         ended = await self._wait_for_every_input(waiting, every_input)
         missing = sorted(set(self._inlets) - {self._follow} - set(latest))
         if missing:  # (they ended: the node cannot step)
-            log.warning(
-                "node %r: inputs %s ended without sending: it is not stepped",
-                self.node.name,
-                missing,
-            )
+            self.node.logger.warning("inputs %s ended without sending: it is not stepped", missing)
         steps: list[tuple] = []
         chunks: Iterable[DataChunk] = [chunk for chunk, _ in waiting]
         inlet = self._inlets[self._follow]
@@ -890,6 +881,36 @@ class NodeRuntime:
                 return
             chunks = self._unpack(message, self._follow)
 
+    def _keep_waiting(self, waiting: deque[tuple[DataChunk, int]], message: list[Frame]) -> None:
+        """Add the chunks of *message*, from the followed input, to those
+        *waiting* for the other inputs' first (each with its share of its
+        message's bytes): at most :data:`WAITING_CHUNKS`, or about
+        :data:`WAITING_BYTES`; beyond, the oldest are dropped, counted
+        (``dropped``) and said once in the node's log. Following a LATEST
+        input, only the newest waits (the others count as dropped, as its
+        link's do).
+
+        Raises:
+            NodeError: a chunk cannot be decoded (see :meth:`_unpack`).
+        """
+        chunks = self._unpack(message, self._follow)
+        share = sum(frame.nbytes for frame in message) // max(len(chunks), 1)
+        waiting.extend((chunk, share) for chunk in chunks)
+        latest = self._delivery[self._follow] is transports.Delivery.LATEST
+        limit = 1 if latest else WAITING_CHUNKS
+        size = sum(nbytes for _, nbytes in waiting)
+        while len(waiting) > limit or size > WAITING_BYTES:
+            size -= waiting.popleft()[1]
+            self.dropped += 1
+            if not self._warned_waiting and not latest:
+                self._warned_waiting = True
+                self.node.logger.warning(
+                    "its inputs %s have sent nothing yet: the oldest chunks of %r "
+                    "waiting for them are dropped (counted)",
+                    sorted(set(self._inlets) - {self._follow}),
+                    self._follow,
+                )
+
     async def _wait_for_every_input(
         self, waiting: deque[tuple[DataChunk, int]], every_input: trio.CancelScope
     ) -> bool:
@@ -905,8 +926,6 @@ class NodeRuntime:
         the oldest are dropped, counted (``dropped``) and logged once.
         """
         inlet = self._inlets[self._follow]
-        size = sum(nbytes for _, nbytes in waiting)
-        dropped = 0
         ended = False
         with every_input:
             while True:
@@ -916,22 +935,7 @@ class NodeRuntime:
                     self._ended(self._follow, exc)
                     ended = True
                     await trio.sleep_forever()  # (the others end in turn)
-                chunks = self._unpack(message, self._follow)
-                share = sum(frame.nbytes for frame in message) // max(len(chunks), 1)
-                waiting.extend((chunk, share) for chunk in chunks)
-                size += share * len(chunks)
-                while len(waiting) > WAITING_CHUNKS or size > WAITING_BYTES:
-                    size -= waiting.popleft()[1]
-                    self.dropped += 1
-                    dropped += 1
-                    if dropped == 1:
-                        log.warning(
-                            "node %r: its inputs %s have sent nothing yet: the oldest chunks "
-                            "of %r waiting for them are dropped (counted)",
-                            self.node.name,
-                            sorted(set(self._inlets) - {self._follow}),
-                            self._follow,
-                        )
+                self._keep_waiting(waiting, message)
         return ended
 
     async def _receive(self, name: str) -> list[memoryview] | None:
@@ -953,7 +957,7 @@ class NodeRuntime:
         (:meth:`forget`), or broken (logged) -- else raise it (the input was
         closed here: the node closes)."""
         if isinstance(exc, trio.BrokenResourceError):
-            log.warning("node %r: input %r broke: %s", self.node.name, name, exc)
+            self.node.logger.warning("input %r broke: %s", name, exc)
         elif isinstance(exc, trio.ClosedResourceError) and name not in self._gone:
             raise exc
 

@@ -866,6 +866,55 @@ async def test_calls_before_a_commit_say_so(tmp_path):
                     await call()
 
 
+class FindsNothing(cp.Node):
+    def step(self):
+        return None
+
+
+async def test_offline_chunks_waiting_for_a_silent_input_are_bounded_and_said(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_runtime, "WAITING_CHUNKS", 4)
+    graph = cp.Graph()
+    a, b, keep = Counter("a"), FindsNothing("b"), Keep("keep")
+    graph.add_nodes_from([a, b, keep])
+    graph.add_edge(a, keep, follow=True)
+    graph.add_edge(b, keep)
+
+    def dropped() -> int:
+        return {n["name"]: n["dropped"] for n in manager.state()["nodes"]}["keep"]
+
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["a", "b", "keep"]})
+            for _ in range(10):
+                assert await manager.step()
+            assert dropped() == 6  # (4 wait)
+            assert await manager.collect()  # b ends, having sent nothing: none is stepped
+            assert dropped() == 10
+    assert SEEN["keep"] == []
+    said = (tmp_path / "nodes.log").read_text()
+    assert "local/keep: its inputs ['b'] have sent nothing yet" in said
+    assert "local/keep: inputs ['b'] ended without sending" in said
+
+
+async def test_offline_a_latest_input_waits_with_its_newest_chunk_only(tmp_path):
+    graph = cp.Graph()
+    a, b, keep = Counter("a"), Late("b"), Keep("keep")
+    graph.add_nodes_from([a, b, keep])
+    graph.add_edge(a, keep, follow=True, delivery="latest")
+    graph.add_edge(b, keep)
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["a", "b", "keep"]})
+            for _ in range(3):
+                assert await manager.step()
+            dropped = {n["name"]: n["dropped"] for n in manager.state()["nodes"]}["keep"]
+    # a's 1 waited for b's first (2), and was replaced by a's 2 meanwhile.
+    assert SEEN["keep"] == [{"a": 2, "b": 2}, {"a": 3, "b": 3}]
+    assert dropped == 1
+
+
 async def test_the_step_by_step_commit_takes_names_and_says_what_is_missing(tmp_path):
     graph, *_ = counter_doubler_printer()
     with trio.fail_after(30):

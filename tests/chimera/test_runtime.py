@@ -330,7 +330,7 @@ async def test_an_input_that_ended_without_sending_is_said_once(caplog):
         )
     assert collect.seen == []  # never stepped: "silent" sent nothing
     said = [r.getMessage() for r in caplog.records if "ended without sending" in r.getMessage()]
-    assert said == ["node 'collect': inputs ['silent'] ended without sending: it is not stepped"]
+    assert said == ["inputs ['silent'] ended without sending: it is not stepped"]
 
 
 class SendsOnceThenFails(cp.Node):
@@ -633,9 +633,12 @@ async def test_a_node_whose_consumer_froze_ends_once_that_consumer_is_forgotten(
             assert relay.state is cp.NodeState.STOPPED and sink.state is cp.NodeState.STOPPED
             await frozen.aclose()
     assert sink.seen == [{"double": 2}, {"double": 4}]
-    said = [r.getMessage() for r in caplog.records if "gone" in r.getMessage()]
+    said = [(r.name, r.getMessage()) for r in caplog.records if "gone" in r.getMessage()]
     assert said == [
-        "node 'double': node 'frozen' is gone: its link is cut, with what it had not taken in"
+        (
+            "chimera.node.double",
+            "node 'frozen' is gone: its link is cut, with what it had not taken in",
+        )
     ]
 
 
@@ -668,8 +671,8 @@ async def test_a_node_whose_input_froze_ends_once_that_input_is_forgotten(follow
             assert sink.state is cp.NodeState.STOPPED and sink.torn_down == 1
     expected = [{"alive": 1, "frozen": 1}]
     assert sink.seen == expected + ([] if follow else [{"alive": 2, "frozen": 1}])
-    said = [r.getMessage() for r in caplog.records if "gone" in r.getMessage()]
-    assert said == ["node 'sink': input 'frozen' is gone: its stream is taken as ended"]
+    said = [(r.name, r.getMessage()) for r in caplog.records if "gone" in r.getMessage()]
+    assert said == [("chimera.node.sink", "input 'frozen' is gone: its stream is taken as ended")]
 
 
 class Looping(cp.Node):
