@@ -270,7 +270,8 @@ async def cli_worker(
     manager: cp.AsyncManager, name: str, *options: str, **process: Any
 ) -> AsyncIterator[trio.Process]:
     """``chimera worker --name NAME OPTIONS`` for *manager*, once checked in;
-    killed at the end if it still runs. *process*: ``open_process``'s options."""
+    killed at the end if it still runs (its temporary folder then stays: stop
+    it in the block). *process*: ``open_process``'s options."""
     command = [sys.executable, "-m", "chimera", "worker", "--name", name, *options]
     worker = await trio.lowlevel.open_process(
         [*command, "--manager", f"127.0.0.1:{manager.port}"], **process
@@ -313,10 +314,12 @@ async def test_the_manager_logs_the_nodes_of_a_worker_in_another_process(tmp_pat
     with on_record("chimera.manager.node", "[far/greeter] hello from my process", said.set):
         with trio.fail_after(30):
             async with cp.AsyncManager(tmp_path / "logs", port=0) as manager:
-                async with cli_worker(manager, "far", stderr=subprocess.DEVNULL):
+                async with cli_worker(manager, "far", stderr=subprocess.DEVNULL) as worker:
                     await manager.commit_graph(graph, {"far": ["greeter"]})
                     await said.wait()
                     await manager.shutdown()
+                    worker.send_signal(signal.SIGINT)  # (it removes its folder as it leaves)
+                    assert await worker.wait() == 0
 
 
 async def read_until(stream: trio.abc.ReceiveStream, text: str) -> str:
