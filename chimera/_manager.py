@@ -290,7 +290,7 @@ class AsyncManager(Service):
         self._nodes_changed.unpark_all()
         info["state"], info["reason"] = state, reason
         if state == "RUNNING":  # (its first figures' fps: since now)
-            self._steps_sampled[node_id] = (self._clock(), info.get("steps") or 0)
+            self._steps_sampled[node_id] = (self._clock(), info["steps"])
         else:  # it steps no more
             info["fps"] = 0.0
         self._publish({"type": "node_state", **self._node_entry(node_id)})
@@ -458,10 +458,7 @@ class AsyncManager(Service):
 
     async def _log_what_stop_waits_for(self) -> None:
         def doing(info: dict[str, Any]) -> str | None:
-            if info["state"] != "RUNNING":
-                return None
-            steps = info.get("steps")
-            return "running" if steps is None else f"running, {steps} steps so far"
+            return f"running, {info['steps']} steps so far" if info["state"] == "RUNNING" else None
 
         await self._log_what_waits(
             "stop",

@@ -466,8 +466,8 @@ async def test_a_slow_commit_and_a_slow_stop_say_which_nodes_they_wait_for(
     )
     # (the sink runs until the end of its input)
     assert re.fullmatch(
-        r"stop: 2 of 2 nodes not stopped after \d+ s: 'slow' \(running(, 0 steps so far)?\), "
-        r"'sink' \(running(, 0 steps so far)?\)",
+        r"stop: 2 of 2 nodes not stopped after \d+ s: 'slow' \(running, 0 steps so far\), "
+        r"'sink' \(running, 0 steps so far\)",
         next(line for line in said if "not stopped" in line),
     )
 
