@@ -355,6 +355,8 @@ class _Stream:
                 log.exception("closing the %s writer of %r", writer.kind, writer.info.name)
                 if self.error is None:
                     self.error = OSError(f"closing {writer.info.name!r} failed: {exc}")
+            if self.error is not None:
+                writer.count_only_flushed()
 
 
 # --- the writers ------------------------------------------------------------------
@@ -420,6 +422,9 @@ class _Writer:
     suffix = ""
     #: Whether the stream has a ``NAME.timestamps.csv``.
     stamped = True
+    #: Whether what is written waits in memory until :meth:`flush` (lines of
+    #: text): a flush that fails cuts it off, so it is counted once flushed.
+    buffered = False
 
     def __init__(self, folder: Path, name: str, **params: Any) -> None:
         self.folder, self.name = folder, name
@@ -429,6 +434,8 @@ class _Writer:
         self._file: Any = None
         self._stamps: _AppendFile | None = None
         self._warned_unit_floats = False
+        #: A buffered stream's counts as of its last flush.
+        self._flushed = self._counts()
 
     def prepare(self, data: Any, **params: Any) -> Any:
         return data
@@ -450,9 +457,24 @@ class _Writer:
             self._stamps.flush()
         if self._file is not None:
             self._file.flush()
+        if self.buffered:
+            self._flushed = self._counts()
+
+    def count_only_flushed(self) -> None:
+        """Count only what the last flush wrote (a flush failed: the lines
+        written since were cut off)."""
+        if self.buffered:
+            info = self.info
+            info.count, info.samples, info.first_ns, info.last_ns, info.max_gap_ns = self._flushed
+
+    def _counts(self) -> tuple[int, int, int | None, int | None, int | None]:
+        info = self.info
+        return info.count, info.samples, info.first_ns, info.last_ns, info.max_gap_ns
 
     def close(self) -> None:
         try:
+            if self.buffered:
+                self.flush()  # (first: so that it counts)
             if self._file is not None:
                 self._file.close()
         finally:
@@ -700,7 +722,7 @@ _UNCHANGING_CELLS = (int, float, str, numpy.number, numpy.bool_, type(None))
 
 class _TableWriter(_Writer):
     kind, suffix = "table", ".csv"
-    stamped = False
+    stamped, buffered = False, True
 
     def __init__(self, folder: Path, name: str) -> None:
         super().__init__(folder, name)
@@ -758,6 +780,8 @@ class _TableWriter(_Writer):
 
 class _LinesWriter(_Writer):
     """JSON values, or texts: appended as they come, each stamped."""
+
+    buffered = True
 
     def __init__(self, folder: Path, name: str, suffix: str = "jsonl") -> None:
         self.suffix = f".{check_name(suffix, 'suffix')}"

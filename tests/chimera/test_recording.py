@@ -449,6 +449,47 @@ async def test_a_full_disk_leaves_whole_lines_and_is_an_error(tmp_path):
     assert lines[-1] == "" and set(lines[:-1]) == {"q" * 100} and len(lines) > 50
 
 
+# Saves rows and texts through a Recorder past a file size limit (as on a
+# full disk), its writers flushing every millisecond or so; prints what it
+# counted (the manifest's streams) once its close raised the writer's error.
+_COUNT_PAST_THE_LIMIT = """
+import json, resource, sys, time
+import chimera._recording as recording
+from chimera._manifest import Manifest
+
+recording.FLUSH_PERIOD = 0.001
+resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY))
+recorder = recording.Recorder(sys.argv[1])
+try:
+    for i in range(300):
+        recorder.save("table", "tab", {"i": i, "pad": "p" * 100})
+        recorder.save("text", "tx", "q" * 100 + "\\n")
+        if i % 10 == 9:
+            time.sleep(0.003)  # (pacing: some flushes succeed before one fails)
+except OSError:
+    pass  # (a save after the writer failed says so)
+try:
+    recorder.close()
+except OSError as exc:
+    print(json.dumps(Manifest.read(recorder.folder).streams))
+"""
+
+
+async def test_a_full_disk_counts_only_what_its_files_hold(tmp_path):
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-c", _COUNT_PAST_THE_LIMIT, str(tmp_path)], capture_stdout=True
+        )
+    streams = {stream["stream"]: stream for stream in json.loads(done.stdout)}
+    rows = pd.read_csv(tmp_path / "tab.csv")
+    assert streams["tab"]["count"] == len(rows)  # one row a save
+    if len(rows):
+        assert streams["tab"]["last_ns"] == rows["timestamp_ns"].iloc[-1]
+    texts = (tmp_path / "tx.txt").read_text().count("\n")
+    assert streams["tx"]["count"] == texts
+    assert texts < 300 and len(rows) < 300
+
+
 # Saves a small image, then a large one, in a process that the kernel kills
 # (SIGXFSZ, whose default is to end the process) once a file it writes passes
 # 1 MB: in the middle of the large one.
