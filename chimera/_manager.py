@@ -33,7 +33,7 @@ import urllib.parse
 import uuid
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -1006,7 +1006,8 @@ class AsyncManager(Service):
         ``get /nodes/gather``       :meth:`gather`
         ``post /packages/load``     :meth:`distribute_packages` (*data*: the
                                     packages, or ``{"packages": [...]}``)
-        ``post /shutdown``          :meth:`shutdown`
+        ``post /shutdown``          :meth:`shutdown`, then every Worker leaves
+                                    (as ChimeraPy's Workers ended then)
         ==========================  ============================================
 
         Returns:
@@ -1024,7 +1025,7 @@ class AsyncManager(Service):
             ("post", "/nodes/step"): self.step,
             ("get", "/nodes/gather"): self.gather,
             ("post", "/packages/load"): partial(self.distribute_packages, packages),
-            ("post", "/shutdown"): self.shutdown,
+            ("post", "/shutdown"): self._shut_workers_down,
         }
         call = routes.get((htype, route))
         if call is None:
@@ -1035,6 +1036,16 @@ class AsyncManager(Service):
             return True
         log.error("broadcast_request %s %s: no answer within %s s", htype, route, timeout)
         return False
+
+    async def _shut_workers_down(self) -> None:
+        """Close every node, then have every connected Worker leave; return once all left."""
+        await self.shutdown()
+
+        async def leave(worker_id: str) -> None:
+            with suppress(WorkerLeftError):  # (it leaves: it does not answer)
+                await self._request(worker_id, "leave")
+
+        await run_all([partial(leave, worker_id) for worker_id in list(self._workers)])
 
     async def distribute_packages(self, packages_meta: Sequence[Mapping[str, Any]]) -> bool:
         """Ship local packages to every connected Worker, where its nodes import

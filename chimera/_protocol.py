@@ -98,6 +98,7 @@ COMMANDS = frozenset(
         "gather_nodes",
         "collect_nodes",
         "shutdown_nodes",
+        "leave",
     }
 )
 

@@ -762,6 +762,11 @@ class AsyncWorker(Service):
     async def _do_shutdown_nodes(self) -> None:
         await self._close_nodes()
 
+    async def _do_leave(self) -> None:
+        # No reply: the Manager hears the Worker left (ChimeraPy's Workers
+        # ended at its ``post /shutdown``).
+        await self.shutdown()
+
     def kill_nodes(self) -> None:
         """Kill every node that runs in a process of its own, now: SIGKILL to
         its process group.

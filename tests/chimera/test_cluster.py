@@ -484,8 +484,11 @@ async def test_broadcast_request_runs_chimerapys_worker_routes_on_the_cluster(tm
             assert await manager.broadcast_request("get", "/nodes/gather", timeout=0) is False
             with pytest.raises(ValueError, match="no route get /nodes/start; the routes are: post"):
                 await manager.broadcast_request("get", "/nodes/start")
+            # As ChimeraPy's: the nodes are closed, and every Worker leaves.
             assert await manager.broadcast_request("post", "/shutdown")
             assert local.nodes == {}
+            assert manager.workers == {}
+            await local.wait_for_disconnect()
     assert SEEN["printer"] == [2 * i for i in range(1, 31)]
 
 
