@@ -66,6 +66,9 @@ __all__ = ["AsyncManager", "WorkerInfo"]
 PROGRESS_EVERY = 10.0
 #: After how long that log line is a warning, in seconds.
 SLOW = 60.0
+#: Log records queued for each subscriber of the published logs (nng's
+#: largest): beyond, nng drops the newest for that subscriber, uncounted.
+LOG_QUEUE = 8192
 #: Longest wait for closing the nodes of a commit that failed, in seconds.
 COMMIT_CLEANUP_TIMEOUT = 30.0
 #: The largest node, pickled: it travels in base64 within one control message.
@@ -1176,7 +1179,9 @@ class AsyncManager(Service):
         self._log_file = open(self.logdir / "nodes.log", "a", encoding="utf-8")
         try:
             if self.publish_logs_via_zmq:
-                self._log_publisher = pynng.Pub0()
+                # Each subscriber's queue: nng's largest (its default, 16, drops
+                # records at the first burst of a few hundred lines).
+                self._log_publisher = pynng.Pub0(send_buffer_size=LOG_QUEUE)
                 try:
                     self._log_publisher.listen(f"tcp://{self._url_host}:{self._logs_port}")
                 except pynng.NNGException as exc:

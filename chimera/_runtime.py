@@ -1085,11 +1085,14 @@ class NodeRuntime:
         return NodeError(self.node.name, f"{what} raised {exc!r}", text)
 
     def _fail(self, reason: str, traceback_text: str = "") -> None:
-        """The node is FAILED for *reason*: logged (with the traceback of its code, if given)."""
+        """The node is FAILED for *reason*: logged by the node's logger (so
+        that it reaches the Manager's ``nodes.log``), with the traceback of its
+        code if given."""
+        logger = self.node.logger
         if traceback_text:
-            log.error("node %r failed: %s\n%s", self.node.name, reason, traceback_text.rstrip())
+            logger.error("node %r failed: %s\n%s", self.node.name, reason, traceback_text.rstrip())
         else:
-            log.error("node %r failed: %s", self.node.name, reason)
+            logger.error("node %r failed: %s", self.node.name, reason)
         self._set_state(NodeState.FAILED, reason)
 
     def _set_state(self, state: NodeState, reason: str | None = None) -> None:

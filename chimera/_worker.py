@@ -18,7 +18,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -113,7 +112,6 @@ class _ForwardNodeLogs(logging.Handler):
         super().__init__(logging.DEBUG)
         self._worker = worker
         self._token = trio.lowlevel.current_trio_token()
-        self._trio_thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
         node = record.name.removeprefix(NODE_LOGGER + ".")
@@ -128,10 +126,10 @@ class _ForwardNodeLogs(logging.Handler):
                 text=self.format(record),  # the message, then the traceback if any
                 time_ns=self._worker.clock.now(),
             )
-            if threading.get_ident() == self._trio_thread:
-                self._worker._events_in.send_nowait(message)
-            else:  # a Trio channel is not thread-safe: hand it to the Trio thread
-                self._token.run_sync_soon(self._worker._events_in.send_nowait, message)
+            # A Trio channel is not thread-safe: the Trio thread sends it, in
+            # the order records came from every thread (a record of the Trio
+            # thread too: a node's failure comes after what its thread logged).
+            self._token.run_sync_soon(self._worker._events_in.send_nowait, message)
         except trio.RunFinishedError:
             pass  # the Worker is gone
         except Exception:

@@ -710,6 +710,44 @@ async def test_a_log_record_of_several_lines_stays_one_record(tmp_path):
     assert record in (tmp_path / "nodes.log").read_text()
 
 
+async def test_a_burst_of_node_logs_waits_for_a_subscriber_that_reads_afterwards(tmp_path):
+    import pynng
+
+    import chimera as cp
+
+    class Burst(cp.Node):
+        def step(self):
+            for line in range(5000):
+                self.logger.info("line %d", line)
+            raise RuntimeError("done")  # (one step: the node fails, and says so)
+
+    graph = cp.Graph()
+    graph.add_node(Burst("burst"))
+    with trio.fail_after(60):
+        async with AsyncManager(
+            tmp_path, port=0, transport="memory", publish_logs_via_zmq=True
+        ) as manager:
+            # (A subscriber's own queue holds 128 records unless told more.)
+            with pynng.Sub0(
+                dial=manager.logs_address, topics=b"", recv_buffer_size=8192
+            ) as subscriber:
+                async with AsyncWorker("local") as worker:
+                    assert await worker.connect(manager.host, manager.port)
+                    await manager.commit_graph(graph, {"local": ["burst"]})
+                    await manager.start()
+                    await manager.wait_for_node_state("burst", "FAILED")
+                    lines = []
+                    while not lines or "RuntimeError" not in lines[-1]:
+                        lines.append((await subscriber.arecv()).decode())
+                    await manager.stop()
+    said = [line.split(": ", 1)[1] for line in lines if "local/burst: line " in line]
+    assert said == [f"line {i}\n" for i in range(5000)]
+    # The failure too, with the traceback of the node's code.
+    failure = lines[-1].split(" local/burst: ", 1)[1]
+    assert failure.startswith("node 'burst' failed: step raised RuntimeError('done')\n")
+    assert 'raise RuntimeError("done")' in failure
+
+
 @pytest.mark.parametrize(
     ("host", "dialed"),
     [("0.0.0.0", "127.0.0.1"), ("::", "[::1]"), ("10.0.0.5", "10.0.0.5"), ("::1", "[::1]")],
