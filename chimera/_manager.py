@@ -1,6 +1,6 @@
 """The Manager: the cluster's one port (HTTP + WebSocket), where Workers check in.
 
-:class:`AsyncManager` serves, on one port (hypercorn's Trio worker):
+:class:`AsyncManager` serves, on one port (hypercorn, see :mod:`chimera._http`):
 
 - ``/ws/worker``: the control connection of each Worker (see
   :mod:`chimera._protocol`): a ``hello`` registers it, ``clock`` requests are
@@ -27,7 +27,6 @@ import json
 import logging
 import secrets
 import shutil
-import sys
 import time
 import urllib.parse
 import uuid
@@ -40,14 +39,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import hypercorn.config
-import hypercorn.trio
 import msgpack
 import pynng
 import trio
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
-
+from . import _http
 from . import _protocol as protocol
 from ._collect import Incoming, Progress, files_under, read_body, summarize, verify
 from ._data import DataChunk, DecodeError, decode_chunk
@@ -57,7 +53,7 @@ from ._mapping import resolve_mapping, resolve_placement
 from ._node import WORKERS_HERE, Node
 from ._packages import Package, pack
 from ._recording import check_name
-from ._service import Service, run_all, single_exception, unwrapped
+from ._service import Service, run_all, unwrapped
 from ._shipping import pickle_node
 
 __all__ = ["AsyncManager", "WorkerInfo"]
@@ -1211,16 +1207,12 @@ class AsyncManager(Service):
         config.errorlog = logging.getLogger("chimera.manager.http")
         async with trio.open_nursery() as nursery:
             try:
-                binds = await nursery.start(partial(hypercorn.trio.serve, self._app, config))
-            except BaseExceptionGroup as group:
-                error = single_exception(group)
-                if not isinstance(error, OSError):
-                    raise
+                self.port = await nursery.start(_http.serve, self._app, config)
+            except OSError as error:
                 raise OSError(
                     error.errno,
                     f"the manager cannot listen on {self.host}:{self.port}: {error.strerror}",
                 ) from None
-            self.port = int(binds[0].rsplit(":", 1)[1])
             log.info("manager serving on %s:%d", self.host, self.port)
             self._tasks = nursery
             try:
@@ -1234,9 +1226,7 @@ class AsyncManager(Service):
     # --- the ASGI application ----------------------------------------------------
 
     async def _app(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-        elif scope["type"] == "http":
+        if scope["type"] == "http":
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
             if scope["path"] == "/ws/worker":
@@ -1514,16 +1504,6 @@ def _log_time(time_ns: int) -> str:
 def _worker_entry(info: WorkerInfo) -> dict[str, Any]:
     """What :meth:`AsyncManager.state` says of a Worker."""
     return {"id": info.id, "name": info.name, "connected_ns": info.connected_ns}
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        event = await receive()
-        if event["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif event["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def _zip_folder(folder: Path) -> None:

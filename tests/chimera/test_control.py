@@ -49,6 +49,31 @@ async def test_a_worker_checks_in_and_learns_the_managers_clock(tmp_path):
     assert port_is_closed(port)
 
 
+# A WebSocket upgrade with a frame right behind it, unmasked: hypercorn's
+# own server ended at it, every connection with it (pgjones/hypercorn#225).
+MALFORMED_UPGRADE = (
+    b"GET /ws/worker HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    b"\x81\x05hello"
+)
+
+
+async def test_a_malformed_request_ends_only_its_own_connection(tmp_path):
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, token="s3cret") as manager:
+            async with AsyncWorker("lab-pc", token="s3cret") as worker:
+                assert await worker.connect(manager.host, manager.port)
+                for _ in range(5):  # (it broke hypercorn's server 4 times in 5)
+                    async with await trio.open_tcp_stream("127.0.0.1", manager.port) as bad:
+                        await bad.send_all(MALFORMED_UPGRADE)
+                        while await bad.receive_some():  # until the Manager closes it
+                            pass
+                assert worker.connected
+                async with AsyncWorker("other", token="s3cret") as other:
+                    assert await other.connect(manager.host, manager.port)
+                    await manager.wait_for_workers(2)
+
+
 async def test_a_bad_message_gets_an_error_and_the_connection_stays(tmp_path):
     with trio.fail_after(20):
         async with AsyncManager(tmp_path, port=0) as manager:
