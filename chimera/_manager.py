@@ -322,12 +322,29 @@ class AsyncManager(Service):
             when = _log_time(self._clock())
         line = f"{when} {level} {worker}/{message['node']}: {text}\n"
         if self._log_file is not None:
-            self._log_file.write(line)
-            self._log_file.flush()
+            try:
+                self._log_file.write(line)
+                self._log_file.flush()
+            except OSError as exc:  # (a full disk): the nodes go on, their logs go elsewhere
+                self._close_log_file()
+                log.error(
+                    "node logs cannot be written to %s (%s): they are no longer written there",
+                    self.logdir / "nodes.log",
+                    exc,
+                )
         if self._log_publisher is not None:
             try:
                 self._log_publisher.send(line.encode(), block=False)
             except pynng.exceptions.TryAgain:  # nobody keeps up: the line is dropped
+                pass
+
+    def _close_log_file(self) -> None:
+        """Close ``nodes.log``; what it could not write is lost (a full disk)."""
+        log_file, self._log_file = self._log_file, None
+        if log_file is not None:
+            try:
+                log_file.close()
+            except OSError:  # (its last lines could not be written: said already)
                 pass
 
     def _worker_left(self, info: WorkerInfo, silent: bool) -> None:
@@ -1190,7 +1207,7 @@ class AsyncManager(Service):
             async with self._serving():
                 yield self
         finally:
-            self._log_file.close()
+            self._close_log_file()
             if self._log_publisher is not None:
                 self._log_publisher.close()
 

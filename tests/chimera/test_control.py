@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import itertools
 import json
 import logging
@@ -733,6 +735,44 @@ async def test_a_log_record_of_several_lines_stays_one_record(tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", stamp)
     assert abs(datetime.datetime.fromisoformat(stamp).timestamp() - time.time()) < 60
     assert record in (tmp_path / "nodes.log").read_text()
+
+
+#: Set once the Manager says that it cannot write node logs.
+SAID = threading.Event()
+
+
+class _FullDisk(io.StringIO):
+    """``nodes.log`` on a disk that just filled up."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def test_node_logs_that_cannot_be_written_cost_only_the_log_file(tmp_path, caplog):
+    import chimera as cp
+
+    from .nodes import Talker
+
+    graph = cp.Graph()
+    graph.add_node(Talker("talker"))
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("local") as worker:
+                assert await worker.connect(manager.host, manager.port)
+                await manager.commit_graph(graph, {"local": ["talker"]})
+                manager._log_file = _FullDisk()  # (the disk fills up)
+                with on_record("chimera.manager", "cannot be written", SAID.set):
+                    await manager.start()
+                    await trio.to_thread.run_sync(SAID.wait, 20)
+                assert await manager.stop()
+                assert worker.connected
+                assert list(manager.nodes.values()) == ["STOPPED"]
+                assert await manager.collect()
+    said = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert said == [
+        f"node logs cannot be written to {tmp_path / 'nodes.log'} ([Errno 28] No space left "
+        "on device): they are no longer written there"
+    ]
 
 
 async def test_a_burst_of_node_logs_waits_for_a_subscriber_that_reads_afterwards(tmp_path):
