@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import h11  # (trio-websocket's HTTP: what it raises when what answers is not HTTP)
 import httpx
 import msgpack
 import trio
@@ -76,6 +77,8 @@ def _why_unreachable(exc: BaseException, timeout: float) -> str:
         return f"what answers there is not a chimera manager (HTTP {exc.status_code})"
     if isinstance(exc, protocol.ProtocolError):
         return f"what answers there is not a chimera manager of this version ({exc})"
+    if isinstance(exc, h11.ProtocolError):
+        return f"what answers there is not a chimera manager (it does not speak HTTP: {exc})"
     if isinstance(exc, trio_websocket.ConnectionClosed):
         return f"it closed the connection during check-in ({exc.reason})"
     cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
@@ -299,6 +302,7 @@ class AsyncWorker(Service):
             trio_websocket.HandshakeError,
             trio_websocket.ConnectionClosed,
             protocol.ProtocolError,
+            h11.ProtocolError,
         ) as exc:
             log.error(
                 "worker %r: cannot reach the manager at %s:%s: %s",

@@ -323,23 +323,32 @@ async def test_a_worker_says_why_it_cannot_reach_a_manager(caplog):
     async def silent(stream):
         await trio.sleep_forever()
 
+    async def not_http(stream):
+        await stream.send_all(b"\x00\xffGARBAGE\r\n" * 100)
+        await trio.sleep_forever()
+
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = []
-            for handler in (not_a_manager, silent):
+            for handler in (not_a_manager, silent, not_http):
                 listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
                 ports.append(listeners[0].socket.getsockname()[1])
                 nursery.start_soon(trio.serve_listeners, handler, listeners)
             async with AsyncWorker("w") as worker:
                 assert not await worker.connect("127.0.0.1", ports[0], timeout=5)
                 assert not await worker.connect("127.0.0.1", ports[1], timeout=0.5)
+                assert not await worker.connect("127.0.0.1", ports[2], timeout=5)
             nursery.cancel_scope.cancel()
     said = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
-    assert said == [
+    assert said[:2] == [
         f"worker 'w': cannot reach the manager at 127.0.0.1:{ports[0]}: "
         "what answers there is not a chimera manager (HTTP 404)",
         f"worker 'w': cannot reach the manager at 127.0.0.1:{ports[1]}: no answer within 0.5 s",
     ]
+    assert said[2].startswith(
+        f"worker 'w': cannot reach the manager at 127.0.0.1:{ports[2]}: "
+        "what answers there is not a chimera manager (it does not speak HTTP: "
+    )
 
 
 async def test_a_manager_on_a_port_in_use_raises_oserror_naming_it(tmp_path):
