@@ -101,6 +101,18 @@ class _ForwardLogs(logging.Handler):
             self.handleError(record)
 
 
+def _cannot_be_made(exc: Exception) -> str:
+    """Why the node could not be unpickled or given its runtime, in words."""
+    reason = f"the node cannot be made: {exc!r}"
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        package = exc.name.split(".")[0]
+        reason += (
+            f" (install {package!r} where the node runs, or ship it: commit_graph(..., "
+            f"send_packages=[{{'name': {package!r}, 'path': ...}}]))"
+        )
+    return reason
+
+
 def _read_commands(stdin: Any, token: trio.lowlevel.TrioToken, send: Any) -> None:
     """The lifeline: forward each command into the Trio loop; at the end, end the process."""
     try:
@@ -221,9 +233,7 @@ def main(events_fd: int) -> None:
             node = cloudpickle.loads(spec["node"])
             runtime = NodeRuntime(node, **spec["runtime"], on_state=_state_sender(events))
         except Exception as exc:
-            events.send(
-                "failed", "create", f"the node cannot be made: {exc!r}", traceback.format_exc()
-            )
+            events.send("failed", "create", _cannot_be_made(exc), traceback.format_exc())
             return
         try:
             trio.run(_serve, runtime, stdin, events)

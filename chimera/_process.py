@@ -653,6 +653,9 @@ class NodeProcess:
                 elif kind == "done":
                     self._answer(event[1], self._orphan_failure(), event[2])
                 elif kind == "failed":
+                    if event[1] == "create":  # never made: that is why its process ends
+                        crash = event[2]
+                        self._set_state(NodeState.FAILED, crash)
                     self._answer(event[1], event[2:])
                 elif kind == "crashed":
                     crash = event[1]

@@ -377,7 +377,9 @@ async def commit_error(tmp_path, node: cp.Node) -> cp.NodeError:
     return caught.value
 
 
-async def test_a_node_whose_module_its_process_cannot_import_is_a_node_error(tmp_path, monkeypatch):
+async def test_a_node_whose_module_its_process_cannot_import_is_a_node_error(
+    tmp_path, monkeypatch, caplog
+):
     # A node class from a module that this process imported from a folder the
     # node's process does not search (as if the module were on another machine).
     folder = tmp_path / "elsewhere"
@@ -389,7 +391,15 @@ async def test_a_node_whose_module_its_process_cannot_import_is_a_node_error(tmp
     monkeypatch.setitem(sys.modules, "only_here", module)
     error = await commit_error(tmp_path, module.Camera("ghost"))
     assert error.node_name == "ghost"
-    assert "No module named 'only_here'" in str(error)
+    reason = (
+        "the node cannot be made: ModuleNotFoundError(\"No module named 'only_here'\") "
+        "(install 'only_here' where the node runs, or ship it: commit_graph(..., "
+        "send_packages=[{'name': 'only_here', 'path': ...}]))"
+    )
+    assert str(error) == f"node 'ghost': {reason}"
+    # The Manager says the same of the node (not how its process exited).
+    failed = [r.getMessage() for r in caplog.records if r.name == "chimera.manager"]
+    assert f"node 'ghost' on 'local' failed: {reason}" in failed
 
 
 async def test_a_node_shipped_by_value_names_its_file_and_line_in_the_traceback(
