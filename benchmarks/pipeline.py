@@ -39,7 +39,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import os
@@ -249,11 +248,26 @@ async def measure_lifecycle(folder: str, nodes: int, workers: int) -> dict:
     return {"commit": commit, "stop": stop, "shutdown": shutdown, "rss_mb": rss}
 
 
+def lsl_missing() -> str | None:
+    """Why Lab Streaming Layer cannot be measured here; None if it can."""
+    try:
+        import pylsl  # noqa: F401
+    except (ImportError, RuntimeError) as exc:  # (RuntimeError: a pylsl without its liblsl)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 async def measure_lsl(rate: float, seconds: float) -> dict:
-    """Lab Streaming Layer's paced latency, the same measure (``_lsl.py``, in processes)."""
+    """Lab Streaming Layer's paced latency, the same measure (``_lsl.py``, in processes).
+
+    Raises:
+        SystemExit: ``_lsl.py`` failed (what it printed is shown).
+    """
     script = os.path.join(_HERE, "_lsl.py")
     command = [sys.executable, script, "--rate", str(rate), "--seconds", str(seconds)]
-    done = await trio.run_process(command, capture_stdout=True, capture_stderr=True)
+    done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"_lsl.py failed ({done.returncode}):\n{done.stderr.decode()}")
     return json.loads(done.stdout)
 
 
@@ -264,7 +278,9 @@ def _percentile(values: list[float], q: float) -> float:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     streams = ("frames", "frames_copied", "burst", "paced", "paced_async", "paced_lsl")
     results: dict[str, Any] = {key: [] for key in (*streams, "life2", "life20")}
-    lsl = importlib.util.find_spec("pylsl") is not None
+    missing = lsl_missing()
+    if missing is not None:
+        print(f"Lab Streaming Layer is not measured: {missing}", file=sys.stderr)
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
@@ -287,7 +303,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["paced_async"].append(
                 await measure_stream(source, folder, "samples", args.seconds, AsyncTimingSink)
             )
-        if lsl:
+        if missing is None:
             results["paced_lsl"].append(await measure_lsl(1000.0, args.seconds))
         with tempfile.TemporaryDirectory(prefix="chimera-bench-") as folder:
             results["life2"].append(await measure_lifecycle(folder, 2, 1))

@@ -1,7 +1,10 @@
-"""Every test of chimera leaves no Worker's temporary folder behind."""
+"""The tests of chimera run with a temporary folder of their own, and each
+leaves no Worker's temporary folder behind."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,9 +12,29 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # Workers (and the processes the tests start) make their folders in
+    # TMPDIR: not /tmp, where another chimera on this machine makes its own.
+    tmp_path_factory.getbasetemp()  # (pytest's own stays where it is)
+    folder = Path(tempfile.mkdtemp(prefix="chimera-tests-"))
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # (read from TMPDIR again)
+    try:
+        yield folder
+    finally:
+        if before is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = before
+        tempfile.tempdir = None
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _no_worker_folder_left() -> Iterator[None]:
-    # (The default temporary folder: a test that sets TMPDIR checks its own.)
+    # (The tests' temporary folder: a test that sets TMPDIR checks its own.)
     temp = Path(tempfile.gettempdir())
     before = set(temp.glob("chimera-worker-*"))
     yield
