@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import trio
 
+from ._protocol import in_url
 from ._recording import check_name
 from ._version import __version__
 
@@ -247,7 +248,8 @@ async def _run_manager(args: argparse.Namespace, stop: _Stop) -> int:
     try:
         manager = AsyncManager(args.logdir, args.port, host=args.host, token=args.token)
         async with manager:
-            print(f"chimera manager listening on {manager.host}:{manager.port}", flush=True)
+            where = f"{in_url(manager.host)}:{manager.port}"  # ([::1]:9000: as a Worker takes it)
+            print(f"chimera manager listening on {where}", flush=True)
             await stop.requested.wait()
     except OSError as exc:  # the port is taken, or the host is not this machine's
         print(f"chimera manager: {exc}", file=sys.stderr)

@@ -106,6 +106,24 @@ def test_the_manager_takes_its_token_from_chimera_token_unless_given_one(tmp_pat
         stop(from_env, given)
 
 
+def test_the_manager_says_an_ipv6_address_as_a_worker_takes_it(tmp_path):
+    manager = start("manager", "--host", "::1", "--port", "0", "--logdir", str(tmp_path))
+    try:
+        line = manager.stdout.readline()
+        assert line.startswith("chimera manager listening on [::1]:"), line
+        port = int(line.rsplit(":", 1)[1])
+        worker = start("worker", "--name", "lab", "--manager", line.split()[-1])
+        try:
+            said = worker.stdout.readline().strip()
+            assert said == f"chimera worker 'lab' connected to [::1]:{port}"
+            manager.send_signal(signal.SIGINT)  # (the worker then ends by itself)
+            assert worker.wait(timeout=20) == 0, worker.stderr.read()[-3000:]
+        finally:
+            stop(worker)
+    finally:
+        stop(manager)
+
+
 def test_manager_and_worker_commands_connect_and_stop_on_ctrl_c(tmp_path):
     import json
     import signal
