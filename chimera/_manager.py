@@ -385,7 +385,9 @@ class AsyncManager(Service):
     def _set_node_stats(self, stats: dict[str, Any]) -> None:
         """Take a Worker's figures of its nodes (see ``AsyncWorker._node_stats``);
         each node's fps is over the time between two readings of its steps
-        (``at_ns``, where they were read), not between their arrivals here."""
+        (``at_ns``, where they were read), not between their arrivals here.
+        Published (``node_stats``) only if a figure changed."""
+        changed = False
         for node_id, values in stats.items():
             info = self._node_info.get(node_id)
             if info is None or not isinstance(values, dict):
@@ -396,13 +398,17 @@ class AsyncManager(Service):
             if not all(isinstance(value, int) for value in (steps, dropped, waited, now)):
                 continue
             last = self._steps_sampled.get(node_id)
+            fps_before = info.get("fps")
             if info.get("state") != "RUNNING":  # (its last figures, which stop() brings)
                 info["fps"] = 0.0
             elif last is not None and now > last[0]:
                 info["fps"] = round((steps - last[1]) * 1e9 / (now - last[0]), 1)
             self._steps_sampled[node_id] = (now, steps)
+            figures = (info.get("steps"), info.get("dropped"), info.get("writer_wait_ms"))
+            changed = changed or figures != (steps, dropped, waited) or info["fps"] != fps_before
             info["steps"], info["dropped"], info["writer_wait_ms"] = steps, dropped, waited
-        self._publish({"type": "node_stats", "nodes": self.state()["nodes"]})
+        if changed:
+            self._publish({"type": "node_stats", "nodes": self.state()["nodes"]})
 
     # --- the graph ----------------------------------------------------------------
 

@@ -450,6 +450,24 @@ async def test_events_push_every_node_state_and_the_steps(tmp_path):
             await manager.stop()
 
 
+async def test_node_stats_are_pushed_only_when_a_figure_changes(tmp_path):
+    # (A Worker's reports of figures, as the Manager takes them: stop() brings
+    # the last ones, and its next report the same again.)
+    with trio.fail_after(30):
+        async with following_events(tmp_path) as (manager, graph, events):
+            await manager.commit_graph(graph, {"local": ["count", "double"]})
+            ids = [node["id"] for node in manager.state()["nodes"]]
+            for steps in (0, 5, 5, 5, 7):
+                figures = {"steps": steps, "dropped": 0, "writer_wait_ms": 0, "at_ns": steps}
+                manager._set_node_stats(dict.fromkeys(ids, figures))
+            manager._publish({"type": "end"})  # (a mark: every event before it is in)
+            pushed = []
+            while (event := json.loads(await events.get_message()))["type"] != "end":
+                if event["type"] == "node_stats":
+                    pushed.append([node["steps"] for node in event["nodes"]])
+    assert pushed == [[5, 5], [7, 7]]
+
+
 @pytest.fixture
 def log_levels():
     """Puts back the levels of chimera's loggers after the test."""
