@@ -927,18 +927,24 @@ class AsyncManager(Service):
     def session_folder(self) -> Path:
         """This session's folder in the logdir: ``YYYY-MM-DD_HH-MM-SS`` of the
         first start (or of now, if asked before), with a suffix if that
-        exists already."""
+        exists already. Before a graph is committed there is no session:
+        where one would go if it started now (not made)."""
+        if self._session is None and not self._mapping:
+            return self.logdir / self._free_session_name(self._clock())
         if self._session is None:
-            when = self._started_ns or self._clock()
-            stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(when / 1e9))
-            name, suffix = stamp, 1
-            while (self.logdir / name).exists():
-                suffix += 1
-                name = f"{stamp}-{suffix}"
-            self._session = name
+            self._session = self._free_session_name(self._started_ns or self._clock())
         folder = self.logdir / self._session
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    def _free_session_name(self, when_ns: int) -> str:
+        """``YYYY-MM-DD_HH-MM-SS`` of *when_ns*, with a suffix if the logdir has it already."""
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(when_ns / 1e9))
+        name, suffix = stamp, 1
+        while (self.logdir / name).exists():
+            suffix += 1
+            name = f"{stamp}-{suffix}"
+        return name
 
     def _session_meta(self, session: Path, workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """``meta.json`` of a collected session (blocking: the streams of a

@@ -300,6 +300,8 @@ async def test_the_session_folder_is_named_for_the_first_start(tmp_path):
     with trio.fail_after(30):
         async with cluster(tmp_path, "local") as (manager, _):
             manager._clock = lambda: time.time_ns() + later[0]
+            ahead = manager.session_folder()  # (no session yet: where one would go, not made)
+            assert ahead.parent == manager.logdir and not ahead.exists()
             assert await manager.commit_graph(graph, {"local": ["counter", "doubler", "printer"]})
             assert await manager.start()
             await trio.to_thread.run_sync(ENOUGH.wait, 20)
