@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import keyword
+import logging
 import os
 import shutil
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 __all__ = ["Package", "extract", "pack"]
+
+log = logging.getLogger("chimera.manager")
 
 #: Folders not shipped.
 _SKIPPED = frozenset({"__pycache__", ".git", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
@@ -64,6 +67,15 @@ def pack(meta: Mapping[str, Any]) -> Package:
         raise ValueError(f'a package is {{"name": ..., "path": ...}}, not {meta!r}')
     name, path = meta["name"], Path(meta["path"])
     _check_name(name)
+    own = path.resolve().stem if path.suffix == ".py" else path.resolve().name
+    if own != name and path.exists():
+        log.warning(
+            "package %r: its path %s is %r: nodes import it as %r (is the name right?)",
+            name,
+            path,
+            own,
+            name,
+        )
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         if path.is_dir():

@@ -107,6 +107,25 @@ async def test_packages_are_served_only_with_the_token(tmp_path):
     assert missing.status_code == 404
 
 
+def test_a_package_named_otherwise_than_its_path_is_shipped_under_its_name_with_a_warning(
+    tmp_path, caplog
+):
+    (tmp_path / "audpkg").mkdir()
+    (tmp_path / "audpkg" / "__init__.py").write_text("VALUE = 1\n")
+    (tmp_path / "tool.py").write_text("VALUE = 2\n")
+    pack({"name": "audpkg", "path": tmp_path / "audpkg"})
+    pack({"name": "tool", "path": tmp_path / "tool.py"})
+    assert not caplog.records
+    package = pack({"name": "otherpkg", "path": tmp_path / "audpkg"})
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said == (
+        f"package 'otherpkg': its path {tmp_path / 'audpkg'} is 'audpkg': nodes import it as "
+        "'otherpkg' (is the name right?)"
+    )
+    extract("otherpkg", package.data, package.sha256, tmp_path / "out")
+    assert (tmp_path / "out" / "otherpkg" / "__init__.py").read_text() == "VALUE = 1\n"
+
+
 def test_a_module_file_is_a_package_too(tmp_path):
     (tmp_path / "tool.py").write_text("VALUE = 1\n")
     package = pack({"name": "tool", "path": tmp_path / "tool.py"})
