@@ -9,11 +9,13 @@ it estimates the offset from its clock to the Manager's (see
 from __future__ import annotations
 
 import base64
+import errno
 import importlib
 import itertools
 import logging
 import math
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -84,6 +86,17 @@ def _why_unreachable(exc: BaseException, timeout: float) -> str:
     cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
     text = str(cause) if cause is not None else ""
     return f"{text or type(exc).__name__} (is the manager running, on that host and port?)"
+
+
+def _hint(exc: Exception) -> str:
+    """What to do about *exc*, a command's failure, if there is a known remedy."""
+    if isinstance(exc, OSError) and exc.errno == errno.EMFILE:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return (
+            f" (the worker may have {limit} files open, sockets and pipes included, and each "
+            "node takes a few: raise the limit where it starts, e.g. `ulimit -n 4096`)"
+        )
+    return ""
 
 
 def _remove_emptied_folders(folders: list[Path]) -> None:
@@ -531,7 +544,7 @@ class AsyncWorker(Service):
             reply.update(ok=False, error=exc.message, traceback=exc.traceback, node=exc.node_name)
         except Exception as exc:
             log.exception("worker %r: %s failed", self.name, request["command"])
-            reply.update(ok=False, error=f"{request['command']}: {exc!r}")
+            reply.update(ok=False, error=f"{request['command']}: {exc!r}{_hint(exc)}")
         if self._leaving:
             # Its nodes are being closed, whatever the command did: no answer
             # (the Manager hears that the Worker left: WorkerLeftError).

@@ -1,4 +1,5 @@
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -338,6 +339,30 @@ async def test_the_manager_logs_the_nodes_of_a_worker_in_another_process(tmp_pat
                     await manager.shutdown()
                     worker.send_signal(signal.SIGINT)  # (it removes its folder as it leaves)
                     assert await worker.wait() == 0
+
+
+def _few_open_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+async def test_a_worker_out_of_file_descriptors_says_which_limit_to_raise(tmp_path):
+    graph = cp.Graph()
+    graph.add_nodes_from([Counter(f"n{i}", limit=0) for i in range(30)])
+    with trio.fail_after(60):
+        async with cp.AsyncManager(tmp_path / "logs", port=0) as manager:
+            async with cli_worker(
+                manager, "small", stderr=subprocess.DEVNULL, preexec_fn=_few_open_files
+            ) as worker:
+                with pytest.raises(RuntimeError) as caught:
+                    await manager.commit_graph(graph, {"small": [f"n{i}" for i in range(30)]})
+                await manager.shutdown()
+                worker.send_signal(signal.SIGINT)  # (it removes its folder as it leaves)
+                assert await worker.wait() == 0
+    assert "Too many open files" in str(caught.value)
+    assert str(caught.value).endswith(
+        "(the worker may have 64 files open, sockets and pipes included, and each node takes "
+        "a few: raise the limit where it starts, e.g. `ulimit -n 4096`)"
+    )
 
 
 async def read_until(stream: trio.abc.ReceiveStream, text: str) -> str:
