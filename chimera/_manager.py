@@ -34,9 +34,9 @@ import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar, cast
 
 import hypercorn.config
 import msgpack
@@ -111,6 +111,53 @@ class _Pending:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.reply: dict[str, Any] | None = None
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
+
+
+def _one_at_a_time(
+    *, shutdown_ends_it: bool = False, ends_the_others: bool = False
+) -> Callable[[_Method], _Method]:
+    """Run a lifecycle method of :class:`AsyncManager` while no other runs:
+    a call from another task (or thread, through the blocking Manager)
+    waits its turn, in order, and its checks then see what the call before
+    it did (else both pass them, and interleave at their first await).
+
+    A call made by the call under way (``commit_graph`` closing what it
+    made, with ``shutdown``) runs at once. With *shutdown_ends_it*, a call
+    that may wait on the nodes' own code for ever (a ``prep`` or a ``step``
+    that does not return) is ended by :meth:`AsyncManager.shutdown` from
+    another task: it cleans up as on any cancellation, then raises
+    RuntimeError. *ends_the_others*: that is :meth:`AsyncManager.shutdown`.
+    """
+
+    def decorate(method: _Method) -> _Method:
+        @wraps(method)
+        async def in_turn(self: AsyncManager, *args: Any, **kwargs: Any) -> Any:
+            task = trio.lowlevel.current_task()
+            if self._turn_task is task:
+                return await method(self, *args, **kwargs)
+            if ends_the_others and self._turn_scope is not None:
+                self._turn_scope.cancel()
+            try:  # (free: the call begins at once, as it did before it took turns)
+                self._turn.acquire_nowait()
+            except trio.WouldBlock:
+                await self._turn.acquire()
+            try:
+                self._turn_task = task
+                scope = trio.CancelScope()
+                self._turn_scope = scope if shutdown_ends_it else None
+                with scope:
+                    return await method(self, *args, **kwargs)
+                raise RuntimeError(f"{method.__name__}(): ended by shutdown()")
+            finally:
+                self._turn_task = self._turn_scope = None
+                self._turn.release()
+
+        return cast(_Method, in_turn)
+
+    return decorate
 
 
 class AsyncManager(Service):
@@ -209,6 +256,11 @@ class AsyncManager(Service):
         self._collections: dict[str, Incoming] = {}
         #: The session's folder name in the logdir, once there is one.
         self._session: str | None = None
+        #: Held by the lifecycle call under way (see :func:`_one_at_a_time`),
+        #: by its task, and the scope that shutdown() cancels to end it.
+        self._turn = trio.Lock()
+        self._turn_task: trio.lowlevel.Task | None = None
+        self._turn_scope: trio.CancelScope | None = None
         self._started_ns: int | None = None
         self._stopped_ns: int | None = None
         #: Whether collect() ended this session's nodes (they run no more).
@@ -412,6 +464,7 @@ class AsyncManager(Service):
 
     # --- the graph ----------------------------------------------------------------
 
+    @_one_at_a_time(shutdown_ends_it=True)
     async def commit_graph(
         self,
         graph: Graph,
@@ -607,6 +660,7 @@ class AsyncManager(Service):
         }
         self._publish({"type": "graph", "nodes": self.state()["nodes"]})
 
+    @_one_at_a_time(shutdown_ends_it=True)
     async def create_p2p_network(self) -> bool:
         """Create every mapped node on its Worker (each Worker's in parallel). Returns True.
 
@@ -620,6 +674,7 @@ class AsyncManager(Service):
         await self._on_every_worker(self._create_on)
         return True
 
+    @_one_at_a_time(shutdown_ends_it=True)
     async def request_node_creation(self, worker_id: str, node_id: str) -> bool:
         """Create one node of the mapped graph on the Worker it is mapped to
         (each given by its id or its name). Returns True.
@@ -652,6 +707,7 @@ class AsyncManager(Service):
         report it when they are created)."""
         return all(node in self._addresses for node in self._mapping.get(worker_id, []))
 
+    @_one_at_a_time(shutdown_ends_it=True)
     async def setup_p2p_connections(self) -> bool:
         """Connect every node to its inputs, then run every ``prep``. Returns True.
 
@@ -659,12 +715,11 @@ class AsyncManager(Service):
             NodeError: a node's ``prep`` raised.
             RuntimeError: the nodes are not created, or a Worker failed or left.
         """
-        await self._on_every_worker(
-            lambda worker_id, _: self.request_connection_creation(worker_id)
-        )
+        await self._on_every_worker(lambda worker_id, _: self._connect_on(worker_id))
         await self._broadcast("prep_nodes")
         return True
 
+    @_one_at_a_time(shutdown_ends_it=True)
     async def request_connection_creation(self, worker_id: str) -> bool:
         """Connect the nodes of one Worker to their inputs. Returns True.
 
@@ -672,6 +727,11 @@ class AsyncManager(Service):
             RuntimeError: one of them or of their inputs is not created yet, or
                 the Worker failed or left.
         """
+        await self._connect_on(worker_id)
+        return True
+
+    async def _connect_on(self, worker_id: str) -> None:
+        """:meth:`request_connection_creation` (in the turn of the call that runs it)."""
         graph = self._registered()
         wiring = {}
         for node_id in self._mapping.get(worker_id, []):
@@ -681,7 +741,6 @@ class AsyncManager(Service):
                     raise RuntimeError(f"node {self._node_names[src]!r} is not created yet")
             wiring[node_id] = {self._node_names[src]: self._addresses[src] for src in inputs}
         await self._request(worker_id, "connect_nodes", addresses=wiring)
-        return True
 
     def save_meta(self) -> Path:
         """Write ``meta.json`` in the logdir: the graph, the mapping, the Workers
@@ -729,6 +788,7 @@ class AsyncManager(Service):
             raise RuntimeError("no graph is registered: call register_graph (or commit_graph)")
         return self._graph
 
+    @_one_at_a_time(shutdown_ends_it=True)
     async def step(self) -> bool:
         """Step every node once (ChimeraPy's offline mode, instead of :meth:`start`):
         sources step and send, then each node steps on what its inputs sent.
@@ -748,6 +808,7 @@ class AsyncManager(Service):
         await self._broadcast("step_nodes")
         return True
 
+    @_one_at_a_time()
     async def start(self) -> bool:
         """Start every node stepping, and recording (what ``save_*`` saves). Returns True.
 
@@ -756,10 +817,10 @@ class AsyncManager(Service):
                 them down and commit the graph again to run it again).
         """
         self._check_not_started("start()")
-        self._started_ns = self._started_ns or self._clock()
-        await self._broadcast("start_nodes", record=True)
+        await self._start_nodes(record=True)
         return True
 
+    @_one_at_a_time()
     async def preview(self) -> bool:
         """Start every node stepping, without recording (``save_*`` saves nothing
         until :meth:`record`). Returns True.
@@ -768,9 +829,20 @@ class AsyncManager(Service):
             RuntimeError: as :meth:`start`.
         """
         self._check_not_started("preview()")
-        self._started_ns = self._started_ns or self._clock()
-        await self._broadcast("start_nodes", record=False)
+        await self._start_nodes(record=False)
         return True
+
+    async def _start_nodes(self, *, record: bool) -> None:
+        """Start every node: the session starts now (unless it did before).
+        Cancelled before any node runs, it has not started."""
+        started = self._started_ns or self._clock()
+        try:
+            await self._broadcast("start_nodes", record=record)
+        except BaseException:
+            if "RUNNING" in self._mapped_states():
+                self._started_ns = started
+            raise
+        self._started_ns = started
 
     def _mapped_states(self) -> set[str | None]:
         """The states of the nodes of the graph mapped now (those of a graph
@@ -805,6 +877,7 @@ class AsyncManager(Service):
                 "a Manager's shutdown() closes it: make a new one)"
             )
 
+    @_one_at_a_time()
     async def record(self) -> bool:
         """Start recording on a previewing cluster (on a recording one, it
         changes nothing). Returns True.
@@ -822,6 +895,7 @@ class AsyncManager(Service):
         await self._broadcast("record_nodes")
         return True
 
+    @_one_at_a_time(shutdown_ends_it=True)
     async def stop(self) -> bool:
         """Stop the sources; every chunk they sent is stepped downstream before
         each node's ``teardown``. Returns once every node has stopped: True.
@@ -849,6 +923,7 @@ class AsyncManager(Service):
         if self._started_ns is not None and self._stopped_ns is None:
             self._stopped_ns = self._clock()  # (the session's end: a stop after it is none)
 
+    @_one_at_a_time()
     async def collect(self, unzip: bool = True) -> bool:
         """Bring what every node saved into this session's folder,
         ``LOGDIR/SESSION/WORKER/NODE/``, each file verified against the SHA-256
@@ -974,6 +1049,7 @@ class AsyncManager(Service):
         streams = workers.get(worker, {}).get("streams", {}).get(node)
         return streams if streams is not None else summarize(session / worker / node)
 
+    @_one_at_a_time(ends_the_others=True)
     async def shutdown(self) -> None:
         """Close every node on every Worker (stopping those that run).
 
@@ -1065,6 +1141,7 @@ class AsyncManager(Service):
         log.error("broadcast_request %s %s: no answer within %s s", htype, route, timeout)
         return False
 
+    @_one_at_a_time()
     async def _shut_workers_down(self) -> None:
         """Close every node, then have every connected Worker leave; return once all left."""
         await self.shutdown()
@@ -1075,6 +1152,7 @@ class AsyncManager(Service):
 
         await run_all([partial(leave, worker_id) for worker_id in list(self._workers)])
 
+    @_one_at_a_time()
     async def distribute_packages(self, packages_meta: Sequence[Mapping[str, Any]]) -> bool:
         """Ship local packages to every connected Worker, where its nodes import
         them (ChimeraPy's ``send_packages``). Returns True once every Worker has them.

@@ -474,6 +474,63 @@ async def test_a_slow_commit_and_a_slow_stop_say_which_nodes_they_wait_for(
     )
 
 
+async def test_lifecycle_calls_from_several_tasks_take_turns(tmp_path):
+    graph, *_ = counter_doubler_printer()
+    names = ["counter", "doubler", "printer"]
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            outcomes: dict[str, object] = {}
+
+            async def call(name: str, fn, *args) -> None:
+                try:
+                    outcomes[name] = await fn(*args)
+                except RuntimeError as exc:
+                    outcomes[name] = str(exc)
+
+            # Two commits at once: one commits, the other finds it committed.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, "one", manager.commit_graph, graph, {"local": names})
+                nursery.start_soon(call, "other", manager.commit_graph, graph, {"local": names})
+            first, second = sorted(outcomes.values(), key=lambda outcome: outcome is not True)
+            assert first is True
+            assert second.startswith("the 3 nodes of the graph committed before")
+            outcomes.clear()
+            # A step under way, then a start: the step ends, then the nodes start.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, "step", manager.step)
+                await trio.testing.wait_all_tasks_blocked()  # (the step is under way)
+                nursery.start_soon(call, "start", manager.start)
+            assert outcomes == {"step": True, "start": True}
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            assert await manager.stop()
+            assert await manager.collect()
+    assert SEEN["printer"][:3] == [2, 4, 6]  # (one chunk stepped offline, then the run's)
+
+
+async def test_a_start_cancelled_before_the_nodes_run_can_be_called_again(tmp_path, monkeypatch):
+    graph, *_ = counter_doubler_printer()
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            await manager.commit_graph(graph, {"local": ["counter", "doubler", "printer"]})
+            telling = trio.Event()
+
+            async def told_nobody(*args, **kwargs):  # (as if cancelled before the Workers hear)
+                telling.set()
+                await trio.sleep_forever()
+
+            with monkeypatch.context() as patched:
+                patched.setattr(manager, "_broadcast", told_nobody)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(manager.start)
+                    await telling.wait()
+                    nursery.cancel_scope.cancel()
+            assert set(manager.nodes.values()) == {"READY"}
+            assert await manager.start()
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            assert await manager.stop()
+    assert SEEN["printer"] == [2 * i for i in range(1, 31)]
+
+
 async def test_broadcast_request_runs_chimerapys_worker_routes_on_the_cluster(tmp_path):
     graph, *_ = counter_doubler_printer()
     with trio.fail_after(30):

@@ -706,6 +706,33 @@ async def test_a_zygote_killed_during_a_commit_fails_it_and_the_next_commit_work
     assert set(children_of(os.getpid())) <= before
 
 
+async def test_shutdown_from_another_task_ends_a_commit_waiting_on_a_prep(tmp_path, monkeypatch):
+    monkeypatch.setattr(_process, "EXIT_GRACE", 0.5)  # (the prep never returns: it is ended)
+    before = set(children_of(os.getpid()))
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_node(SlowPrep("slow", port, seconds=3600))
+        with trio.fail_after(60):
+            async with one_worker(tmp_path) as (manager, _):
+
+                async def commit() -> None:
+                    with pytest.raises(RuntimeError, match=r"commit_graph\(\): ended by shutdown"):
+                        await manager.commit_graph(graph, {"local": ["slow"]})
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(commit)
+                    assert await notified.receive() == b"prep"
+                    await manager.shutdown()
+                graph = counter_to_sink(tmp_path, port, 3)  # (the Manager goes on)
+                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                assert await manager.stop()
+                await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+    assert set(children_of(os.getpid())) <= before
+
+
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polled"])
 async def test_nodes_that_stopped_before_their_zygote_died_stay_stopped(
