@@ -190,6 +190,8 @@ class AsyncWorker(Service):
         self._clock_changed = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self._connected = False
+        #: Whether a connect() is under way (a second one at once is refused).
+        self._connecting = False
         self._runtimes: dict[str, NodeRuntime | NodeProcess] = {}
         #: Where the Manager serves HTTP, and a client for it while connected.
         self._manager_url: str | None = None
@@ -293,14 +295,17 @@ class AsyncWorker(Service):
                 or missing token, or a Worker of the same name (or id) is
                 connected already, or the name cannot name a folder there.
             RuntimeError: the Worker is not running (use ``async with``), or
-                is connected already.
+                is connected already, or connecting (another call is under way).
         """
         if self._nursery is None:
             raise RuntimeError("the worker is not running: use `async with AsyncWorker(...)`")
         if self._connected:
             raise RuntimeError("the worker is connected already")
+        if self._connecting:
+            raise RuntimeError("the worker is connecting already")
         url = f"ws://{protocol.in_url(host)}:{port}/ws/worker"
         self._manager_url = f"http://{protocol.in_url(host)}:{port}"
+        self._connecting = True
         try:
             with trio.fail_after(timeout):
                 await self._nursery.start(self._session, url)
@@ -325,6 +330,8 @@ class AsyncWorker(Service):
                 _why_unreachable(exc, timeout),
             )
             return False
+        finally:
+            self._connecting = False
         return True
 
     async def wait_for_disconnect(self) -> None:

@@ -306,6 +306,25 @@ async def test_a_second_worker_of_the_same_name_or_id_is_refused(tmp_path):
                 assert first.connected
 
 
+async def test_a_second_connect_while_one_is_under_way_is_refused_clearly(tmp_path):
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0) as manager:
+            async with AsyncWorker("lab-pc") as worker:
+                outcomes = []
+
+                async def connect() -> None:
+                    try:
+                        outcomes.append(await worker.connect(manager.host, manager.port))
+                    except RuntimeError as exc:
+                        outcomes.append(str(exc))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(connect)
+                    nursery.start_soon(connect)
+                assert sorted(outcomes, key=str) == [True, "the worker is connecting already"]
+                assert [w.name for w in manager.workers.values()] == ["lab-pc"]
+
+
 async def test_an_unreachable_manager_is_false_not_an_exception():
     with socket.socket() as spare:
         spare.bind(("127.0.0.1", 0))
