@@ -193,6 +193,9 @@ class AsyncWorker(Service):
         #: Whether a connect() is under way (a second one at once is refused).
         self._connecting = False
         self._runtimes: dict[str, NodeRuntime | NodeProcess] = {}
+        #: Requests making nodes under way, and woken as each ends.
+        self._creating = 0
+        self._created = trio.lowlevel.ParkingLot()
         #: Where the Manager serves HTTP, and a client for it while connected.
         self._manager_url: str | None = None
         self._http: httpx.AsyncClient | None = None
@@ -638,8 +641,13 @@ class AsyncWorker(Service):
                 self.name,
                 self._temp_folder() / "nodes",
             )
-        await run_all([partial(self._create_node, spec) for spec in nodes])
-        return {"addresses": {spec["id"]: self._runtimes[spec["id"]].address for spec in nodes}}
+        self._creating += 1
+        try:
+            await run_all([partial(self._create_node, spec) for spec in nodes])
+            return {"addresses": {spec["id"]: self._runtimes[spec["id"]].address for spec in nodes}}
+        finally:
+            self._creating -= 1
+            self._created.unpark_all()
 
     async def _create_node(self, spec: dict[str, Any]) -> None:
         node_id = spec["id"]
@@ -836,6 +844,10 @@ class AsyncWorker(Service):
                 )
 
     async def _stop_and_close_nodes(self) -> None:
+        # Nodes being made are closed too, once made (a commit cancelled
+        # meanwhile closes what it made: else they are left running, unowned).
+        while self._creating:
+            await self._created.park()
         # Until no run is left: a start request may add runs meanwhile.
         while running := [done for done in self._runs.values() if not done.is_set()]:
             for scope in self._run_scopes:

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 import cloudpickle
 import pytest
 import trio
+import trio.testing
 
 import chimera as cp
 from chimera import _process
@@ -703,6 +704,42 @@ async def test_a_zygote_killed_during_a_commit_fails_it_and_the_next_commit_work
                 assert await manager.stop()
                 await manager.shutdown()
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+    assert set(children_of(os.getpid())) <= before
+
+
+async def test_a_commit_cancelled_while_its_nodes_are_made_closes_them(tmp_path, monkeypatch):
+    before = set(children_of(os.getpid()))
+    starting = trio.Event()  # (the Worker starts its process starter: the first node is made)
+    start_zygote = AsyncWorker._start_zygote
+
+    async def start_zygote_slowly(self):
+        starting.set()
+        await trio.sleep(0.5)
+        return await start_zygote(self)
+
+    monkeypatch.setattr(AsyncWorker, "_start_zygote", start_zygote_slowly)
+    made = trio.Event()  # (the Worker's request to make the nodes has ended)
+    create_nodes = AsyncWorker._do_create_nodes
+
+    async def create_nodes_and_say_so(self, nodes):
+        try:
+            return await create_nodes(self, nodes)
+        finally:
+            made.set()
+
+    monkeypatch.setattr(AsyncWorker, "_do_create_nodes", create_nodes_and_say_so)
+    graph = cp.Graph()
+    graph.add_node(Counter("counter", limit=0))
+    with trio.fail_after(10):  # (the node was left running, until ended at exit: 19 s)
+        async with one_worker(tmp_path) as (manager, worker):
+            with trio.CancelScope() as commit:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(manager.commit_graph, graph, {"local": ["counter"]})
+                    await starting.wait()
+                    commit.cancel()
+            # (The commit's clean-up has ended: the Worker closed what it had made.)
+            await made.wait()
+            assert worker.nodes == {}  # (closed once made, not left running)
     assert set(children_of(os.getpid())) <= before
 
 
