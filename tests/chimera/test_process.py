@@ -677,6 +677,18 @@ async def test_a_zygote_killed_while_nodes_run_fails_them_and_the_worker_goes_on
     assert set(children_of(os.getpid())) <= before
 
 
+async def run_counter_to_sink(manager, tmp_path, port, notified) -> None:
+    """Commit and run counter -> sink (3 chunks) on Worker 'local', then shut it down;
+    check what the sink saw."""
+    graph = counter_to_sink(tmp_path, port, 3)
+    await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+    await manager.start()
+    assert await notified.receive() == b"x"
+    assert await manager.stop()
+    await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+
+
 async def test_a_zygote_killed_during_a_commit_fails_it_and_the_next_commit_works(
     tmp_path, monkeypatch
 ):
@@ -697,13 +709,7 @@ async def test_a_zygote_killed_during_a_commit_fails_it_and_the_next_commit_work
                     nursery.start_soon(commit)
                     assert await notified.receive() == b"prep"
                     os.kill(worker._zygote.pid, signal.SIGKILL)
-                graph = counter_to_sink(tmp_path, port, 3)
-                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
-                await manager.start()
-                assert await notified.receive() == b"x"
-                assert await manager.stop()
-                await manager.shutdown()
-    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+                await run_counter_to_sink(manager, tmp_path, port, notified)
     assert set(children_of(os.getpid())) <= before
 
 
@@ -760,13 +766,7 @@ async def test_shutdown_from_another_task_ends_a_commit_waiting_on_a_prep(tmp_pa
                     nursery.start_soon(commit)
                     assert await notified.receive() == b"prep"
                     await manager.shutdown()
-                graph = counter_to_sink(tmp_path, port, 3)  # (the Manager goes on)
-                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
-                await manager.start()
-                assert await notified.receive() == b"x"
-                assert await manager.stop()
-                await manager.shutdown()
-    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+                await run_counter_to_sink(manager, tmp_path, port, notified)  # (it goes on)
     assert set(children_of(os.getpid())) <= before
 
 
