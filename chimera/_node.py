@@ -131,6 +131,8 @@ class Node:
         #: Where save_* goes (set by the node's runtime), and whether it records now.
         self._recorder: Recorder | None = None
         self._recording = False
+        #: Whether it said that a save was not recorded (once).
+        self._said_unrecorded = False
         #: Whether a runtime runs the node (in a cluster); else it is run by hand.
         self._in_cluster = False
         if debug == "step":
@@ -266,3 +268,12 @@ class Node:
             raise RuntimeError(f"node {self._name!r}: save_* works once the node runs in a cluster")
         if self._recording:
             recorder.save(kind, name, data, **params)
+        elif not self._said_unrecorded:
+            self._said_unrecorded = True
+            self.logger.info(
+                "%s %r is not recorded: saves are recorded in prep, and from start() (or "
+                "record()) until stop(); not after prep until then, while previewing, or in "
+                "step() (said once)",
+                kind,
+                name,
+            )

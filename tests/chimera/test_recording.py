@@ -669,6 +669,17 @@ async def test_preview_saves_nothing_record_does_and_stop_leaves_the_node_saved(
                 counts = read_streams(node_folder(node))
     assert len(set(counts.values())) == 1, counts  # every stream saved every recorded step
     assert 30 <= counts["video"] < previewed + 60
+    # What was not recorded is said, once.
+    said = [
+        line.split("local/recorder: ", 1)[1]
+        for line in (tmp_path / "logs" / "nodes.log").read_text().splitlines()
+        if "is not recorded" in line
+    ]
+    assert said == [
+        "video 'camera' is not recorded: saves are recorded in prep, and from start() (or "
+        "record()) until stop(); not after prep until then, while previewing, or in step() "
+        "(said once)"
+    ]
 
 
 async def test_a_recording_node_killed_with_sigkill_loses_at_most_two_seconds(tmp_path):
