@@ -135,8 +135,7 @@ def _one_at_a_time(
     def decorate(method: _Method) -> _Method:
         @wraps(method)
         async def in_turn(self: AsyncManager, *args: Any, **kwargs: Any) -> Any:
-            task = trio.lowlevel.current_task()
-            if self._turn_task is task:
+            if self._turn.statistics().owner is trio.lowlevel.current_task():
                 return await method(self, *args, **kwargs)
             if ends_the_others and self._turn_scope is not None:
                 self._turn_scope.cancel()
@@ -145,14 +144,13 @@ def _one_at_a_time(
             except trio.WouldBlock:
                 await self._turn.acquire()
             try:
-                self._turn_task = task
                 scope = trio.CancelScope()
                 self._turn_scope = scope if shutdown_ends_it else None
                 with scope:
                     return await method(self, *args, **kwargs)
                 raise RuntimeError(f"{method.__name__}(): ended by shutdown()")
             finally:
-                self._turn_task = self._turn_scope = None
+                self._turn_scope = None
                 self._turn.release()
 
         return cast(_Method, in_turn)
@@ -257,9 +255,8 @@ class AsyncManager(Service):
         #: The session's folder name in the logdir, once there is one.
         self._session: str | None = None
         #: Held by the lifecycle call under way (see :func:`_one_at_a_time`),
-        #: by its task, and the scope that shutdown() cancels to end it.
+        #: and the scope that shutdown() cancels to end it.
         self._turn = trio.Lock()
-        self._turn_task: trio.lowlevel.Task | None = None
         self._turn_scope: trio.CancelScope | None = None
         self._started_ns: int | None = None
         self._stopped_ns: int | None = None
