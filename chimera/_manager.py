@@ -1274,9 +1274,15 @@ class AsyncManager(Service):
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[AsyncManager]:
+        # (Made before listening: an unwritable logdir is said at once. A
+        # Manager that cannot listen removes what it made here, if still empty.)
+        made = _missing_folders(self.logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._url_host = protocol.in_url(self.host)
-        self._log_file = open(self.logdir / "nodes.log", "a", encoding="utf-8")
+        log_path = self.logdir / "nodes.log"
+        new_log = not log_path.exists()
+        self._log_file = open(log_path, "a", encoding="utf-8")
+        started = False
         try:
             if self.publish_logs_via_zmq:
                 # Each subscriber's queue: nng's largest (its default, 16, drops
@@ -1292,11 +1298,14 @@ class AsyncManager(Service):
                 port = str(self._log_publisher.listeners[0].local_address).rsplit(":", 1)[1]
                 self.logs_address = f"tcp://{_dialable(self.host)}:{port}"
             async with self._serving():
+                started = True
                 yield self
         finally:
             self._close_log_file()
             if self._log_publisher is not None:
                 self._log_publisher.close()
+            if not started:
+                _remove_if_empty([log_path] if new_log else [], made)
 
     @asynccontextmanager
     async def _serving(self) -> AsyncIterator[None]:
@@ -1596,6 +1605,30 @@ def _dialable(host: str) -> str:
     *host*: every interface (``0.0.0.0``, ``::``) as loopback, an IPv6
     address in brackets."""
     return protocol.in_url({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host))
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """*folder* and those of its parents that do not exist, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_if_empty(files: list[Path], folders: list[Path]) -> None:
+    """Remove each of *files* that is empty, then each of *folders* (deepest
+    first) that is: what a start that failed made, unless something was put there."""
+    for path in files:
+        with suppress(OSError):
+            if path.stat().st_size == 0:
+                path.unlink()
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # (not empty, or gone): leave it, and its parents
+            return
 
 
 def _log_time(time_ns: int) -> str:

@@ -371,11 +371,22 @@ async def test_a_worker_says_why_it_cannot_reach_a_manager(caplog):
 
 
 async def test_a_manager_on_a_port_in_use_raises_oserror_naming_it(tmp_path):
+    kept = tmp_path / "kept"  # a logdir that was there: kept, with what it holds
+    kept.mkdir()
+    (kept / "nodes.log").write_text("an earlier session's line\n")
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: Address already"):
-            async with AsyncManager(tmp_path, port=port):
-                pass
+        said = f"cannot listen on 127.0.0.1:{port}: Address already"
+        for logdir in (tmp_path / "new" / "logs", kept):
+            with pytest.raises(OSError, match=said):
+                async with AsyncManager(logdir, port=port):
+                    pass
+    # Nothing is left of a Manager that could not start but what was there.
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "kept",
+        "kept/nodes.log",
+    ]
+    assert (kept / "nodes.log").read_text() == "an earlier session's line\n"
 
 
 async def test_unknown_paths_are_404_and_other_methods_on_the_state_405(tmp_path):
