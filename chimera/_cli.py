@@ -117,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)"
     )
     manager.add_argument(
-        "--logdir", default="chimera-logs", help="where sessions are written (default: %(default)s)"
+        "--logdir",
+        default="chimera-sessions",
+        help="where sessions are written (default: %(default)s)",
     )
     manager.add_argument(
         "--token",

@@ -162,8 +162,8 @@ class AsyncManager(Service):
     """The cluster's coordinator, as an async context manager.
 
     Args:
-        logdir: where sessions are written (created if missing); a fresh
-            folder under the current one when None.
+        logdir: where sessions are written (created if missing);
+            ``chimera-sessions`` in the current folder when None.
         port: the port to serve on; 0 picks a free one (see :attr:`port`).
         max_num_of_workers: the most Workers a graph may be mapped to.
         publish_logs_via_zmq: whether to publish node logs on an nng PUB socket
@@ -198,7 +198,7 @@ class AsyncManager(Service):
         allow_objects: bool = False,
         logs_port: int = 0,
     ) -> None:
-        self.logdir = Path(logdir) if logdir is not None else Path.cwd() / "chimera-logs"
+        self.logdir = Path(logdir) if logdir is not None else Path.cwd() / "chimera-sessions"
         self._logs_port = logs_port
         self.host = host
         self.port = port

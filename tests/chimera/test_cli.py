@@ -45,6 +45,16 @@ def test_the_manager_help_shows_the_default_port(capsys):
     assert "default: 9000; 0 picks a free port" in " ".join(capsys.readouterr().out.split())
 
 
+async def test_the_manager_and_the_demo_write_to_the_same_folder_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    async with cp.AsyncManager(port=0) as manager:
+        pass
+    assert manager.logdir == tmp_path / "chimera-sessions"
+    assert (manager.logdir / "nodes.log").exists()
+    for command in ("manager", "demo"):
+        assert _parser().parse_args([command]).logdir == "chimera-sessions"
+
+
 @pytest.mark.parametrize("command", ["manager", "worker", "demo"])
 def test_the_help_of_each_command_says_what_a_second_ctrl_c_does(capsys, command):
     with pytest.raises(SystemExit):
