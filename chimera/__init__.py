@@ -25,7 +25,7 @@ del _error
 if TYPE_CHECKING:
     from ._blocking import Manager, Worker
     from ._graph import Graph
-    from ._manager import AsyncManager
+    from ._manager import AsyncManager, WorkerInfo
     from ._worker import AsyncWorker
 
 #: Public names imported on first use, and their modules.
@@ -35,6 +35,7 @@ _LAZY = {
     "Graph": "._graph",
     "Manager": "._blocking",
     "Worker": "._blocking",
+    "WorkerInfo": "._manager",
 }
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "NodeError",
     "NodeState",
     "Worker",
+    "WorkerInfo",
     "WorkerLeftError",
     "__version__",
     "cluster_time_ns",
@@ -56,14 +58,16 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'chimera' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # (type checkers see the imports above: a misspelt name is an error)
+
+    def __getattr__(name: str) -> Any:
+        try:
+            module = _LAZY[name]
+        except KeyError:
+            raise AttributeError(f"module 'chimera' has no attribute {name!r}") from None
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

@@ -14,10 +14,10 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import trio
 
@@ -254,6 +254,7 @@ class Manager:
 
     Raises:
         TypeError: an argument neither AsyncManager nor ChimeraPy's Manager takes.
+        ValueError: *transport* is none of the known ones.
         OSError: the port (or the log PUB socket's) cannot be listened on.
     """
 
@@ -264,20 +265,39 @@ class Manager:
         max_num_of_workers: int = 50,
         publish_logs_via_zmq: bool = False,
         dashboard_api: bool = True,
-        **kwargs: Any,
+        *,
+        host: str = "127.0.0.1",
+        token: str | None = None,
+        transport: Literal["tcp", "nng", "memory"] = "tcp",
+        allow_objects: bool = False,
+        logs_port: int = 0,
+        publisher_port: int | None = None,
+        publisher_transport: str | None = None,
+        publisher_root_topic: str | None = None,
     ) -> None:
-        if "publisher_port" in kwargs:
-            kwargs.setdefault("logs_port", kwargs.pop("publisher_port"))
-        for option in ("publisher_transport", "publisher_root_topic"):
-            if option in kwargs:
+        if publisher_port is not None and logs_port == 0:
+            logs_port = publisher_port
+        ignored = {"publisher_transport": publisher_transport}
+        ignored["publisher_root_topic"] = publisher_root_topic
+        for option, value in ignored.items():
+            if value is not None:
                 log.warning(
                     "Manager(%s=%r): ChimeraPy's ZMQ setting, ignored: logs are published "
                     "on an nng PUB socket over tcp (manager.logs_address), without a topic",
                     option,
-                    kwargs.pop(option),
+                    value,
                 )
         manager = AsyncManager(
-            logdir, port, max_num_of_workers, publish_logs_via_zmq, dashboard_api, **kwargs
+            logdir,
+            port,
+            max_num_of_workers,
+            publish_logs_via_zmq,
+            dashboard_api,
+            host=host,
+            token=token,
+            transport=transport,
+            allow_objects=allow_objects,
+            logs_port=logs_port,
         )
         self._loop = _LoopThread(manager, "chimera-manager")
         self._manager = manager
@@ -317,7 +337,7 @@ class Manager:
     def commit_graph(
         self,
         graph: Graph,
-        mapping: dict[str, list[str]],
+        mapping: Mapping[str, Sequence[str]],
         send_packages: list[dict[str, Any]] | None = None,
     ) -> bool:
         """See :meth:`chimera.AsyncManager.commit_graph`."""
@@ -341,7 +361,7 @@ class Manager:
         """See :meth:`chimera.AsyncManager.gather`."""
         return self._loop.call(self._manager.gather)
 
-    def distribute_packages(self, packages_meta: list[dict[str, Any]]) -> bool:
+    def distribute_packages(self, packages_meta: Sequence[Mapping[str, Any]]) -> bool:
         """See :meth:`chimera.AsyncManager.distribute_packages`."""
         return self._loop.call(self._manager.distribute_packages, packages_meta)
 
@@ -349,7 +369,7 @@ class Manager:
         """See :meth:`chimera.AsyncManager.register_graph`."""
         self._loop.call_sync(self._manager.register_graph, graph)
 
-    def map_graph(self, worker_graph_map: dict[str, list[str]]) -> None:
+    def map_graph(self, worker_graph_map: Mapping[str, Sequence[str]]) -> None:
         """See :meth:`chimera.AsyncManager.map_graph`."""
         self._loop.call_sync(self._manager.map_graph, worker_graph_map)
 

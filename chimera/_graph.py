@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import networkx as nx
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from ._node import Node
 
 #: The values of an edge's ``delivery``, the first one being the default.
 _DELIVERIES = ("reliable", "latest")
@@ -134,7 +136,7 @@ class Graph:
         src: _NodeLike,
         dst: _NodeLike,
         follow: bool = False,
-        delivery: str = "reliable",
+        delivery: Literal["reliable", "latest"] = "reliable",
     ) -> None:
         """Send the chunks of *src* to *dst*, adding either node if needed.
 
@@ -161,9 +163,7 @@ class Graph:
 
     def add_edges_from(
         self,
-        list_of_edges: Iterable[
-            tuple[_NodeLike, _NodeLike] | tuple[_NodeLike, _NodeLike, Mapping[str, Any]]
-        ],
+        list_of_edges: Iterable[Sequence[Any]],
     ) -> None:
         """Add each edge of *list_of_edges*, in order, as :meth:`add_edge` does.
 
@@ -230,7 +230,7 @@ class Graph:
     # -- looking up -----------------------------------------------------------
 
     @property
-    def nodes(self) -> list[_NodeLike]:
+    def nodes(self) -> list[Node]:
         """The node objects, in the order they were added."""
         return [node for _, node in self.G.nodes(data="object")]
 

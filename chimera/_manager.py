@@ -36,7 +36,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial, wraps
 from pathlib import Path
-from typing import Any, TextIO, TypeVar, cast
+from typing import Any, Literal, TextIO, TypeVar, cast
 
 import hypercorn.config
 import msgpack
@@ -58,6 +58,8 @@ from ._shipping import pickle_node
 
 __all__ = ["AsyncManager", "WorkerInfo"]
 
+#: The data planes a cluster may use (``transport=``).
+TRANSPORTS = ("tcp", "nng", "memory")
 #: How often a commit, or a stop, logs the nodes it still waits for, in seconds.
 PROGRESS_EVERY = 10.0
 #: After how long that log line is a warning, in seconds.
@@ -182,6 +184,9 @@ class AsyncManager(Service):
         allow_objects: whether chunks may carry any Python object, pickled
             (what fits no content type: tuples, sets, dataclasses...). Off by
             default: unpickling a chunk runs code its sender chose.
+
+    Raises:
+        ValueError: *transport* is none of the known ones.
     """
 
     def __init__(
@@ -194,10 +199,13 @@ class AsyncManager(Service):
         *,
         host: str = "127.0.0.1",
         token: str | None = None,
-        transport: str = "tcp",
+        transport: Literal["tcp", "nng", "memory"] = "tcp",
         allow_objects: bool = False,
         logs_port: int = 0,
     ) -> None:
+        if transport not in TRANSPORTS:
+            known = ", ".join(map(repr, TRANSPORTS))
+            raise ValueError(f"transport={transport!r}: the known ones are {known}")
         self.logdir = Path(logdir) if logdir is not None else Path.cwd() / "chimera-sessions"
         self._logs_port = logs_port
         self.host = host

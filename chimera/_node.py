@@ -13,7 +13,7 @@ import enum
 import inspect
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import trio
@@ -156,16 +156,18 @@ class Node:
 
     # --- what users override -------------------------------------------------
 
-    def prep(self) -> None:
+    # (Typed so that every documented override checks: ``def`` or ``async
+    # def``, and ``step`` with or without ``data_chunks``.)
+
+    def prep(self) -> Awaitable[None] | None:
         """Set up: open devices and files, load models. Runs once, before any step."""
 
-    def step(self, data_chunks: dict[str, DataChunk] | None = None) -> Any:
+    def step(self, *args: Any, **kwargs: Any) -> Any:
         """Produce (a source) or process (a node with inputs) one chunk.
 
-        Args:
-            data_chunks: for a node with inputs, the latest chunk of each
-                input, by the input node's name. A source's ``step`` may omit
-                the parameter.
+        A source overrides ``step(self)``; a node with inputs
+        ``step(self, data_chunks)``: ``data_chunks`` maps each input node's
+        name to its latest chunk (a ``dict[str, DataChunk]``).
 
         Returns:
             A :class:`~chimera.DataChunk`, another value (sent as the record
@@ -173,10 +175,10 @@ class Node:
         """
         return None
 
-    def teardown(self) -> None:
+    def teardown(self) -> Awaitable[None] | None:
         """Release what :meth:`prep` opened. Runs once, after the last step."""
 
-    def main(self) -> None:
+    def main(self) -> Awaitable[None] | None:
         """Override to run a loop of your own instead of :meth:`step`.
 
         A node that overrides ``main`` is not stepped: ``main`` runs once, in

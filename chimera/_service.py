@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -13,6 +13,8 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["Service", "run_all", "single_exception", "unwrapped"]
+
+_S = TypeVar("_S", bound="Service")
 
 
 class Service:
@@ -32,10 +34,11 @@ class Service:
     def _running(self) -> AbstractAsyncContextManager[Any]:
         raise NotImplementedError
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self: _S) -> _S:
         self._context = self._running()
         with unwrapped():
-            return await self._context.__aenter__()
+            await self._context.__aenter__()  # (it yields self)
+        return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         context, self._context = self._context, None

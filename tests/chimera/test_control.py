@@ -389,6 +389,12 @@ async def test_a_manager_on_a_port_in_use_raises_oserror_naming_it(tmp_path):
     assert (kept / "nodes.log").read_text() == "an earlier session's line\n"
 
 
+def test_an_unknown_transport_is_refused_when_the_manager_is_made(tmp_path):
+    with pytest.raises(ValueError, match="transport='tpc': the known ones are 'tcp', 'nng', 'me"):
+        AsyncManager(tmp_path, port=0, transport="tpc")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_unknown_paths_are_404_and_other_methods_on_the_state_405(tmp_path):
     with trio.fail_after(20):
         async with AsyncManager(tmp_path, port=0) as manager:
