@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import cloudpickle
 import msgpack
@@ -65,8 +65,9 @@ __all__ = [
 #: The version of the envelope this module writes and reads.
 VERSION = 1
 
-#: The content types a record may have.
-CONTENT_TYPES = frozenset({"image", "audio", "array", "table", "json", "object", "other"})
+#: The content types a record may have (``DataChunk.add``'s *content_type*).
+ContentType = Literal["image", "audio", "array", "table", "json", "object", "other"]
+CONTENT_TYPES = frozenset(get_args(ContentType))
 
 #: Deepest nesting of lists and dicts a ``json`` value may have.
 MAX_JSON_DEPTH = 100
@@ -337,7 +338,7 @@ class DataChunk:
     def __init__(self) -> None:
         self._records: dict[str, dict[str, Any]] = {}
 
-    def add(self, name: str, value: Any, content_type: str = "other") -> None:
+    def add(self, name: str, value: Any, content_type: ContentType = "other") -> None:
         """Store *value* as record *name*, stamped with the current cluster time.
 
         Replaces a record of the same name. ``"other"`` accepts anything; the

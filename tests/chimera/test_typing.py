@@ -51,5 +51,5 @@ def test_a_type_checker_catches_misspelt_names_and_wrong_arguments(reported):
         for number, line in enumerate(lines, 1)
         if (match := re.search(r"# error: ([a-z-]+)$", line))
     ]
-    assert len(expected) == 6
+    assert len(expected) == 7
     assert sorted(error for error in reported if error[0] == "mistakes.py") == expected

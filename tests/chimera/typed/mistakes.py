@@ -16,3 +16,4 @@ async def main() -> None:
     worker = cp.Worker("w", port=0)
     connected: str = worker.connect("127.0.0.1", 9000)  # error: assignment
     del connected
+    cp.DataChunk().add("frame", b"", "imgae")  # error: arg-type
