@@ -158,7 +158,9 @@ class AsyncWorker(Service):
     Args:
         name: the Worker's name (mappings may use it).
         port: kept for ChimeraPy compatibility (a Worker opens no control port).
-        delete_temp: whether its temporary folder goes when it shuts down.
+        delete_temp: whether its temporary folder goes when it shuts down. It
+            stays, and the Worker logs where, while it holds files its nodes
+            saved that were never collected.
         id: its id; a fresh one when None.
         token: what to present to a Manager that asks for one (default: the
             ``CHIMERA_TOKEN`` environment variable; an empty one is none).
@@ -600,33 +602,31 @@ class AsyncWorker(Service):
         return folder
 
     def _remove_temp_folder(self) -> None:
-        """Forget the packages loaded; remove the temporary folder unless kept."""
+        """Forget the packages loaded; remove the temporary folder unless kept,
+        or unless it holds files the nodes saved that were never collected."""
         if self._temp is None:
             return
         packages = str(self._temp / "packages")
         if packages in sys.path:
             sys.path.remove(packages)
         files = files_under(self._temp / "nodes") if self._uncollected else []
-        if self.delete_temp and files and self._manager_gone:
-            # The Manager is gone (crashed, killed, cut off) before collecting:
-            # these files may be the only copy of the session.
+        if files:
+            # Never deleted: they may be the session's only copy (a Ctrl-C, an
+            # exception, a script that ended without collect(), a Manager gone).
+            why = (
+                "the manager left before collecting them"
+                if self._manager_gone
+                else "they were never collected (the Manager's collect() brings them "
+                "into the session folder)"
+            )
             log.warning(
-                "worker %r: the manager left before collecting what its nodes saved: "
-                "%s are kept in %s",
+                "worker %r: %s its nodes saved are kept in %s: %s",
                 self.name,
                 _how_many(files),
                 self._temp,
+                why,
             )
         elif self.delete_temp:
-            if files:
-                log.warning(
-                    "worker %r: %s its nodes saved were never collected, and are deleted "
-                    "with its temporary folder (call the Manager's collect() before "
-                    "shutting down, or keep the folder: Worker(..., delete_temp=False), "
-                    "chimera worker --keep-temp)",
-                    self.name,
-                    _how_many(files),
-                )
             shutil.rmtree(self._temp, ignore_errors=True)
         else:
             log.info("worker %r: its temporary folder %s is kept", self.name, self._temp)
@@ -634,7 +634,7 @@ class AsyncWorker(Service):
 
     async def _do_create_nodes(self, nodes: list[dict[str, Any]]) -> dict[str, Any]:
         """Make every node (in parallel); the address of each one's outlet."""
-        if self._uncollected and not self._runtimes:
+        if self._uncollected and not self._runtimes and files_under(self._temp_folder() / "nodes"):
             log.warning(
                 "worker %r: the files the nodes of the last graph saved were never "
                 "collected; they stay in %s until this Worker shuts down",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,25 @@ def _own_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             os.environ["TMPDIR"] = before
         tempfile.tempdir = None
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def take_worker_folders() -> Iterator[Callable[[], dict[Path, list[str]]]]:
+    """For a test in which a Worker keeps its folder (files never collected):
+    a call removes the Worker folders made since the test began, and returns
+    the files each held (paths relative to it)."""
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("chimera-worker-*"))
+
+    def take() -> dict[Path, list[str]]:
+        taken = {}
+        for folder in sorted(set(temp.glob("chimera-worker-*")) - before):
+            files = (p for p in folder.rglob("*") if p.is_file())
+            taken[folder] = sorted(p.relative_to(folder).as_posix() for p in files)
+            shutil.rmtree(folder)
+        return taken
+
+    yield take
 
 
 @pytest.fixture(autouse=True)

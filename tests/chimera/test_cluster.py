@@ -864,7 +864,7 @@ async def test_collect_takes_what_prep_saved_from_nodes_never_started(tmp_path, 
             assert list(manager.nodes.values()) == ["SAVED"]
 
 
-async def test_what_prep_saved_is_not_deleted_silently(tmp_path, caplog):
+async def test_what_prep_saved_is_not_deleted(tmp_path, caplog, take_worker_folders):
     graph = cp.Graph()
     graph.add_node(SavesInPrep("camera"))
     with trio.fail_after(30):
@@ -873,6 +873,8 @@ async def test_what_prep_saved_is_not_deleted_silently(tmp_path, caplog):
             await worker.shutdown()  # (never collected)
     said = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
     assert len(said) == 1, caplog.messages
+    [(folder, files)] = take_worker_folders().items()
+    assert str(folder) in said[0] and files
 
 
 async def test_a_session_collected_runs_no_more_even_if_every_node_failed(tmp_path):

@@ -59,11 +59,11 @@ async def test_a_second_start_at_once_is_refused(tmp_path):
         async with running(tmp_path) as manager:
             with pytest.raises(RuntimeError, match="the nodes run already"):
                 await manager.start()
-            assert await manager.stop()
+            assert await manager.collect()
 
 
 async def test_files_that_did_not_arrive_whole_are_not_forgotten_by_their_worker(
-    tmp_path, monkeypatch, caplog
+    tmp_path, monkeypatch, caplog, take_worker_folders
 ):
     # Sent, then changed on the way: the Worker does not take them as collected.
     from chimera import _collect
@@ -83,6 +83,8 @@ async def test_files_that_did_not_arrive_whole_are_not_forgotten_by_their_worker
                 await manager.collect()
     said = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
     assert len(said) == 1
+    [(folder, files)] = take_worker_folders().items()  # kept, with its files
+    assert str(folder) in said[0] and files
 
 
 @pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut-short"])

@@ -651,7 +651,9 @@ def read_streams(folder: Path) -> dict[str, int]:
     return {"video": frames, "audio": len(samples) // 1600, "rows": len(rows), "json": len(values)}
 
 
-async def test_preview_saves_nothing_record_does_and_stop_leaves_the_node_saved(tmp_path):
+async def test_preview_saves_nothing_record_does_and_stop_leaves_the_node_saved(
+    tmp_path, take_worker_folders
+):
     async with notifications() as (port, notified):
         node = Recording("recorder", port)
         graph = cp.Graph()
@@ -667,6 +669,7 @@ async def test_preview_saves_nothing_record_does_and_stop_leaves_the_node_saved(
                 assert await manager.stop()
                 assert manager.nodes == {node.id: "SAVED"}
                 counts = read_streams(node_folder(node))
+    assert len(take_worker_folders()) == 1  # (kept: never collected)
     assert len(set(counts.values())) == 1, counts  # every stream saved every recorded step
     assert 30 <= counts["video"] < previewed + 60
     # What was not recorded is said, once.
@@ -819,14 +822,20 @@ async def test_collect_without_unzip_keeps_one_archive_per_worker(tmp_path):
     assert "local/recorder/camera.mp4" in names and "local/recorder/sensor.csv" in names
 
 
-async def test_shutting_down_without_collecting_says_what_is_deleted(tmp_path, caplog):
+async def test_shutting_down_without_collecting_keeps_the_files_and_says_where(
+    tmp_path, caplog, take_worker_folders
+):
     with trio.fail_after(60):
         async with recording_a_second(tmp_path) as manager:
             await manager.stop()
             await manager.shutdown()
+    kept = take_worker_folders()
+    assert len(kept) == 1
+    [(folder, files)] = kept.items()
+    assert any(file.endswith("/camera.mp4") for file in files), files
     warnings = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
     assert len(warnings) == 1
-    assert "delete_temp=False" in warnings[0] and "chimera worker --keep-temp" in warnings[0]
+    assert f"its nodes saved are kept in {folder}: they were never collected" in warnings[0]
 
 
 async def test_a_worker_whose_manager_left_before_collecting_keeps_the_files(tmp_path, caplog):
@@ -880,7 +889,9 @@ async def test_nothing_is_said_of_what_was_collected(tmp_path, caplog, monkeypat
 
 
 @pytest.mark.parametrize("way", ["sent", "moved"])
-async def test_a_file_changed_on_its_way_fails_the_collection_naming_it(tmp_path, monkeypatch, way):
+async def test_a_file_changed_on_its_way_fails_the_collection_naming_it(
+    tmp_path, monkeypatch, way, take_worker_folders
+):
     from chimera import _collect, _worker
 
     if way == "sent":
@@ -911,6 +922,12 @@ async def test_a_file_changed_on_its_way_fails_the_collection_naming_it(tmp_path
             # The session is described all the same, that node not collected.
             meta = json.loads((manager.session_folder() / "meta.json").read_text())
     assert meta["streams"]["local/recorder"]["collected"] is False
+    # Sent (not moved), the files stay with their Worker: the only whole copy.
+    kept = [sorted(files) for files in take_worker_folders().values()]
+    if way == "sent":
+        assert len(kept) == 1 and any(f.endswith("/sensor.csv") for f in kept[0]), kept
+    else:
+        assert kept == []
 
 
 @pytest.mark.parametrize(
