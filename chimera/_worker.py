@@ -637,7 +637,7 @@ class AsyncWorker(Service):
         if self._uncollected and not self._runtimes and files_under(self._temp_folder() / "nodes"):
             log.warning(
                 "worker %r: the files the nodes of the last graph saved were never "
-                "collected; they stay in %s until this Worker shuts down",
+                "collected; they stay in %s (and are kept when this Worker shuts down)",
                 self.name,
                 self._temp_folder() / "nodes",
             )

@@ -877,6 +877,27 @@ async def test_what_prep_saved_is_not_deleted(tmp_path, caplog, take_worker_fold
     assert str(folder) in said[0] and files
 
 
+@pytest.mark.parametrize("saves", [True, False])
+async def test_a_worker_committed_to_again_says_if_files_were_never_collected(
+    tmp_path, caplog, take_worker_folders, saves
+):
+    first = cp.Graph()
+    first.add_node(SavesInPrep("camera") if saves else Main("camera"))
+    second = cp.Graph()
+    second.add_node(Main("other"))
+    with trio.fail_after(30):
+        async with AsyncWorker("local") as worker:
+            for number, graph in enumerate((first, second)):
+                async with AsyncManager(tmp_path / f"m{number}", port=0) as manager:
+                    assert await worker.connect(manager.host, manager.port)
+                    assert await manager.commit_graph(graph, {"local": [graph.nodes[0].name]})
+                    await manager.shutdown()  # (never collected)
+                await worker.wait_for_disconnect()
+    said = [r.getMessage() for r in caplog.records if "last graph saved" in r.getMessage()]
+    assert len(said) == (1 if saves else 0), said
+    assert len(take_worker_folders()) == (1 if saves else 0)
+
+
 async def test_a_session_collected_runs_no_more_even_if_every_node_failed(tmp_path):
     graph = cp.Graph()
     graph.add_node(EveryOther("counter", breaks=True))
