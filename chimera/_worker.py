@@ -130,6 +130,7 @@ class _ForwardNodeLogs(logging.Handler):
         self._token = trio.lowlevel.current_trio_token()
 
     def emit(self, record: logging.LogRecord) -> None:
+        self._as_if_unhandled(record)
         node = record.name.removeprefix(NODE_LOGGER + ".")
         if node not in self._worker._node_names.values() or not self._worker.connected:
             return
@@ -150,6 +151,20 @@ class _ForwardNodeLogs(logging.Handler):
             pass  # the Worker is gone
         except Exception:
             self.handleError(record)
+
+    def _as_if_unhandled(self, record: logging.LogRecord) -> None:
+        """Show *record* as Python does one that no handler takes (WARNING and
+        above, on stderr: :data:`logging.lastResort`), if no other handler
+        takes it: this one must not hide the nodes' warnings, which Python's
+        default shows (those of a Manager's Workers in another process show)."""
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(handler is not self for handler in logger.handlers):
+                return
+            logger = logger.parent if logger.propagate else None
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level:
+            last.handle(record)
 
 
 class AsyncWorker(Service):

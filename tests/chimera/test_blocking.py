@@ -164,6 +164,44 @@ def test_shutdown_from_another_thread_ends_a_connect_under_way():
     assert chimera_threads() == []
 
 
+NODE_THAT_WARNS = """
+import sys
+import chimera as cp
+
+class Warns(cp.Node):
+    def prep(self):
+        self.logger.warning("the camera is warm")
+        self.logger.info("an info line")
+
+graph = cp.Graph()
+graph.add_node(Warns("cam"))
+manager = cp.Manager(sys.argv[1], port=0, transport=sys.argv[2])
+worker = cp.Worker("local", port=0)
+worker.connect(manager.host, manager.port)
+manager.commit_graph(graph, {"local": ["cam"]})
+manager.shutdown()
+worker.shutdown()
+"""
+
+
+@pytest.mark.parametrize("transport", ["tcp", "memory"])
+def test_a_nodes_warning_shows_without_logging_configured(tmp_path, transport):
+    # As Python shows any warning no handler takes: a script that configures no
+    # logging sees its nodes' warnings (the Worker's forwarding must not hide them).
+    script = tmp_path / "script.py"
+    script.write_text(NODE_THAT_WARNS)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "logs"), transport],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, TMPDIR=str(tmp_path)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.splitlines() == ["the camera is warm"]
+    assert "an info line" in (tmp_path / "logs" / "nodes.log").read_text()
+
+
 def test_the_simple_pipeline_example_runs():
     example = Path(__file__).parents[2] / "examples" / "simple_pipeline.py"
     result = subprocess.run(
