@@ -35,6 +35,20 @@ class Service:
         raise NotImplementedError
 
     async def __aenter__(self: _S) -> _S:
+        """Start it.
+
+        Raises:
+            RuntimeError: not under Trio (asyncio: a Jupyter notebook's
+                top-level ``await``), or what the start raised.
+        """
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            raise RuntimeError(
+                f"{type(self).__name__} runs under Trio, not this event loop (asyncio?): use "
+                "trio.run(), or the blocking API (chimera.Manager, chimera.Worker), which runs "
+                "anywhere, Jupyter notebooks included"
+            ) from None
         self._context = self._running()
         with unwrapped():
             await self._context.__aenter__()  # (it yields self)

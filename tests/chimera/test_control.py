@@ -389,6 +389,20 @@ async def test_a_manager_on_a_port_in_use_raises_oserror_naming_it(tmp_path):
     assert (kept / "nodes.log").read_text() == "an earlier session's line\n"
 
 
+@pytest.mark.parametrize("kind", [AsyncManager, AsyncWorker])
+def test_the_async_api_under_asyncio_says_what_to_use(tmp_path, kind):
+    # (A Jupyter notebook's top-level ``await`` runs under asyncio.)
+    import asyncio
+
+    async def main() -> None:
+        async with kind(tmp_path) if kind is AsyncManager else kind("w"):
+            pass
+
+    with pytest.raises(RuntimeError, match=r"runs under Trio, not this .*the blocking API"):
+        asyncio.run(main())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unknown_transport_is_refused_when_the_manager_is_made(tmp_path):
     with pytest.raises(ValueError, match="transport='tpc': the known ones are 'tcp', 'nng', 'me"):
         AsyncManager(tmp_path, port=0, transport="tpc")  # type: ignore[arg-type]
