@@ -54,7 +54,7 @@ from ._node import WORKERS_HERE, Node
 from ._packages import Package, pack
 from ._recording import check_name
 from ._service import Service, run_all, unwrapped
-from ._shipping import pickle_node
+from ._shipping import pickle_node, unpicklable_part
 
 __all__ = ["AsyncManager", "WorkerInfo"]
 
@@ -609,8 +609,9 @@ class AsyncManager(Service):
                 pickled[node_id] = pickle_node(node)
             except Exception as exc:
                 problems.append(
-                    f"node {node.name!r} cannot be pickled to be sent to its worker: {exc} "
-                    "(make what cannot be, such as a lock, a socket or a device, in prep())"
+                    f"node {node.name!r} cannot be pickled to be sent to its worker: {exc}, "
+                    f"in {unpicklable_part(node)} (make what cannot be, such as a lock, a "
+                    "socket or a device, in prep())"
                 )
                 continue
             if len(pickled[node_id]) > MAX_NODE_BYTES:

@@ -19,7 +19,7 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["pickle_node"]
+__all__ = ["pickle_node", "unpicklable_part"]
 
 #: What cloudpickle puts in place of a shipped code object's file name.
 _PLACEHOLDER = "<dynamic-code>"
@@ -50,3 +50,14 @@ def pickle_node(node: Any) -> bytes:
     buffer = io.BytesIO()
     _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(node)
     return buffer.getvalue()
+
+
+def unpicklable_part(node: Any) -> str:
+    """Which part of *node* (that :func:`pickle_node` refused) cannot be
+    pickled, in words: the first attribute that cannot, or else its code."""
+    for name, value in vars(node).items():
+        try:
+            pickle_node(value)
+        except Exception:
+            return f"its attribute {name!r}"
+    return "what its class's code uses (a global of your script or notebook?)"

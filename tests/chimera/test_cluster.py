@@ -369,6 +369,25 @@ async def test_what_is_not_a_graph_of_nodes_is_refused_saying_what_it_is(tmp_pat
             assert manager.graph is None
 
 
+GLOBAL_LOCK = threading.Lock()
+
+
+def a_class_using_a_global_lock() -> type[cp.Node]:
+    """A node class not importable by name (as one of a script's): pickled by value."""
+
+    def step(self):
+        with GLOBAL_LOCK:
+            return 1
+
+    return type("UsesALock", (cp.Node,), {"step": step})
+
+
+def graph_of(*nodes: cp.Node) -> cp.Graph:
+    graph = cp.Graph()
+    graph.add_nodes_from(nodes)
+    return graph
+
+
 async def test_a_node_that_cannot_be_pickled_is_refused_before_anything_starts(tmp_path):
     a, b = cp.Node("a"), cp.Node("b")
     b.lock = threading.Lock()  # made in __init__ rather than in prep
@@ -381,9 +400,18 @@ async def test_a_node_that_cannot_be_pickled_is_refused_before_anything_starts(t
             assert local.nodes == {}
             assert caught.value.problems == [
                 "node 'b' cannot be pickled to be sent to its worker: cannot pickle "
-                "'_thread.lock' object (make what cannot be, such as a lock, a socket "
-                "or a device, in prep())"
+                "'_thread.lock' object, in its attribute 'lock' (make what cannot be, such "
+                "as a lock, a socket or a device, in prep())"
             ]
+            # A class of a script or notebook travels by value, with the globals it uses.
+            c = a_class_using_a_global_lock()("c")
+            with pytest.raises(cp.CommitGraphError) as caught:
+                await manager.commit_graph(graph_of(c), {"local": ["c"]})
+            assert caught.value.problems[0].endswith(
+                "cannot pickle '_thread.lock' object, in what its class's code uses (a global "
+                "of your script or notebook?) (make what cannot be, such as a lock, a socket or "
+                "a device, in prep())"
+            )
             del b.lock
             b.table = np.random.default_rng(0).bytes(9_000_000)  # (random: no compression)
             too_large = r"node 'b' is 9\.0 MB pickled, over 8\.4"
