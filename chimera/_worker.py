@@ -227,6 +227,9 @@ class AsyncWorker(Service):
         self._checked_in = False
         #: The name of each node this Worker runs, by id (their logs go to the Manager).
         self._node_names: dict[str, str] = {}
+        #: The closings of the nodes under way (_close_nodes), and their one timer.
+        self._closings = 0
+        self._closing_timer = trio.CancelScope()
         #: Set once the Worker closes its nodes to leave: it answers no more requests.
         self._leaving = False
         #: Set when the Manager closed the connection, or fell silent, while
@@ -832,13 +835,18 @@ class AsyncWorker(Service):
         # The timer is a task of the Worker's nursery, not of a nursery here
         # (whose exit would let other tasks run before closing returns);
         # shielded, as the closing may be, until closing ends.
-        timer = trio.CancelScope(shield=True)
-        if self._nursery is not None:
-            self._nursery.start_soon(self._log_what_closing_waits_for, timer)
+        # One timer for the closings under way (a commit cancelled, and a shutdown).
+        if not self._closings:
+            self._closing_timer = trio.CancelScope(shield=True)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._log_what_closing_waits_for, self._closing_timer)
+        self._closings += 1
         try:
             await self._stop_and_close_nodes()
         finally:
-            timer.cancel()
+            self._closings -= 1
+            if not self._closings:
+                self._closing_timer.cancel()
 
     async def _log_what_closing_waits_for(self, timer: trio.CancelScope) -> None:
         with timer:

@@ -182,6 +182,16 @@ class Stubborn(cp.Node):
         threading.Event().wait()
 
 
+class SlowTeardown(cp.Node):
+    """A source whose teardown takes a second."""
+
+    def step(self):
+        time.sleep(0.01)
+
+    def teardown(self):
+        time.sleep(1)
+
+
 class StuckInTeardown(cp.Node):
     """A source whose teardown never ends (its process ends on SIGTERM)."""
 

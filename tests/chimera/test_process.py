@@ -39,6 +39,7 @@ from .nodes import (
     Recording,
     Sink,
     SlowPrep,
+    SlowTeardown,
     StampSink,
     Stubborn,
     WithAHelper,
@@ -936,3 +937,26 @@ async def test_nodes_of_one_worker_link_by_tcp_where_a_unix_socket_path_is_too_l
                 await manager.stop()
                 await manager.shutdown()
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+
+
+async def test_closings_at_the_same_time_say_once_what_they_wait_for(tmp_path, monkeypatch, caplog):
+    from chimera import _worker
+
+    monkeypatch.setattr(_worker, "CLOSE_PATIENCE", 0.2)
+    caplog.set_level(logging.INFO, logger="chimera.worker")
+    graph = cp.Graph()
+    graph.add_node(SlowTeardown("slow"))
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path / "logs", port=0, transport="tcp") as manager:
+            async with AsyncWorker("local") as worker:
+                assert await worker.connect(manager.host, manager.port)
+                assert await manager.commit_graph(graph, {"local": ["slow"]})
+                assert await manager.start()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(worker.shutdown)
+                    nursery.start_soon(worker.shutdown)  # (as a Ctrl-C's, during another)
+    said = [m for m in caplog.messages if "still closing" in m]
+    assert said == [
+        "worker 'local': still closing 'slow' after 0.2 s (a teardown gets 10 s, then the "
+        "node's process is ended)"
+    ]
