@@ -421,6 +421,13 @@ class Manager:
         """Close every node, then the Manager itself (its port, its connections)."""
         self._loop.finish(self._manager.shutdown)
 
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Leaving ``with cp.Manager(...) as manager:`` shuts it down."""
+        self.shutdown()
+
 
 class Worker:
     """Runs nodes on this machine, blocking (ChimeraPy's ``Worker``).
@@ -486,3 +493,10 @@ class Worker:
     def shutdown(self, msg: dict[str, Any] | None = None) -> None:
         """Close every node, leave the Manager, and end the Worker."""
         self._loop.finish(self._worker.shutdown)
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Leaving ``with cp.Worker(...) as worker:`` shuts it down."""
+        self.shutdown()

@@ -62,6 +62,21 @@ def test_manager_and_worker_run_a_graph_and_leave_nothing_behind(tmp_path):
         manager.start()
 
 
+def test_leaving_a_with_block_shuts_the_manager_and_the_worker_down(tmp_path):
+    graph = cp.Graph()
+    graph.add_node(Counter("source", limit=1_000_000))
+    with pytest.raises(ZeroDivisionError):  # (an error in the block: it is raised as it is)
+        with cp.Manager(tmp_path / "logs", port=0) as manager, cp.Worker("local") as worker:
+            assert worker.connect(manager.host, manager.port)
+            assert manager.commit_graph(graph, {"local": ["source"]})
+            assert manager.start()
+            raise ZeroDivisionError
+    assert chimera_threads() == []
+    assert children_of(os.getpid()) == []
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", manager.port)) != 0
+
+
 def test_a_worker_presents_the_token_it_is_given(tmp_path, monkeypatch):
     monkeypatch.delenv("CHIMERA_TOKEN", raising=False)
     manager = cp.Manager(logdir=tmp_path, port=0, token="s3cret")
