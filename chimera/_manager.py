@@ -1268,11 +1268,21 @@ class AsyncManager(Service):
         request_id = next(self._request_ids)
         pending = info._pending[request_id] = _Pending()
         text = protocol.make("request", id=request_id, command=command, args=args)
+        sent = time.perf_counter()
+        log.debug("asking worker %r: %s (request %d)", info.name, command, request_id)
         await info._send({"type": "websocket.send", "text": text})
         await pending.done.wait()
         reply = pending.reply
         if reply is None:
             raise WorkerLeftError(f"worker {info.name!r} left before it answered ({command})")
+        log.debug(
+            "worker %r answered %s (request %d) in %.0f ms: %s",
+            info.name,
+            command,
+            request_id,
+            (time.perf_counter() - sent) * 1000,
+            "ok" if reply["ok"] else reply["error"],
+        )
         if not reply["ok"]:
             if reply["node"] is not None:
                 raise NodeError(reply["node"], reply["error"], reply["traceback"] or "")

@@ -567,6 +567,7 @@ class AsyncWorker(Service):
         """Carry out one request and reply to it (a failure is a reply too)."""
         reply: dict[str, Any] = {"result": None, "error": None, "traceback": None, "node": None}
         try:
+            log.debug("worker %r: the manager asks %s", self.name, request["command"])
             handler = getattr(self, f"_do_{request['command']}")
             reply["result"] = await handler(**request["args"])
             reply["ok"] = True
@@ -584,6 +585,13 @@ class AsyncWorker(Service):
         self._events_in.send_nowait(protocol.make("reply", id=request["id"], **reply))
 
     def _report(self, node_id: str, state: NodeState, reason: str | None) -> None:
+        log.debug(
+            "worker %r: node %r is %s%s",
+            self.name,
+            self._node_names.get(node_id, node_id),
+            state.value,
+            f" ({reason})" if reason else "",
+        )
         self._events_in.send_nowait(
             protocol.make("node_state", node_id=node_id, state=state.value, reason=reason)
         )

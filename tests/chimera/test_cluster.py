@@ -1047,3 +1047,20 @@ async def test_the_step_by_step_commit_takes_names_and_says_what_is_missing(tmp_
             await trio.to_thread.run_sync(ENOUGH.wait, 20)
             assert await manager.stop()
     assert SEEN["printer"] == [2 * n for n in range(1, 31)]
+
+
+async def test_debug_logs_show_each_request_its_answer_and_each_node_state(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="chimera")
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph_of(Main("own")), {"local": ["own"]})
+    said = [m for m in caplog.messages if "create_nodes" in m or "node 'own' is" in m]
+    assert said[:2] == [
+        "asking worker 'local': create_nodes (request 1)",
+        "worker 'local': the manager asks create_nodes",
+    ]
+    assert "worker 'local': node 'own' is INITIALIZED" in said
+    assert any(
+        re.fullmatch(r"worker 'local' answered create_nodes \(request 1\) in \d+ ms: ok", m)
+        for m in said
+    )
