@@ -22,6 +22,7 @@ from typing import Any, Generic, Literal, TypeVar
 import trio
 
 from ._data import DataChunk
+from ._errors import SAID_WHOLE
 from ._graph import Graph
 from ._manager import AsyncManager, WorkerInfo
 from ._node import NodeState
@@ -136,6 +137,8 @@ class _LoopThread(Generic[T]):
             return trio.from_thread.run(run, trio_token=token)
         except trio.RunFinishedError:  # (it stopped meanwhile)
             raise RuntimeError("this object has been shut down") from None
+        except SAID_WHOLE as exc:
+            raise exc.with_traceback(None) from exc.__cause__
         except KeyboardInterrupt:
             self._cancelled = (getattr(fn, "__name__", "call"), finished)
             try:  # (if the call has not started yet, it ends as it starts)
@@ -169,6 +172,8 @@ class _LoopThread(Generic[T]):
             return trio.from_thread.run_sync(fn, *args, trio_token=self._running_token())
         except trio.RunFinishedError:  # (it stopped meanwhile)
             raise RuntimeError("this object has been shut down") from None
+        except SAID_WHOLE as exc:
+            raise exc.with_traceback(None) from exc.__cause__
 
     def read(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, which reads the loop's objects: in the loop's thread while

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CommitGraphError", "NodeError", "WorkerLeftError"]
+__all__ = ["SAID_WHOLE", "CommitGraphError", "NodeError", "WorkerLeftError"]
 
 
 class NodeError(Exception):
@@ -55,3 +55,9 @@ class CommitGraphError(ValueError):
 
     def __reduce__(self):
         return (type(self), (self.problems,))
+
+
+#: The errors whose message says all there is for the user (with, for a
+#: NodeError, the node's own traceback): a public call raises them without
+#: the frames of chimera they came through.
+SAID_WHOLE = (CommitGraphError, NodeError, WorkerLeftError)

@@ -47,7 +47,7 @@ from . import _http
 from . import _protocol as protocol
 from ._collect import Incoming, Progress, files_under, read_body, summarize, verify
 from ._data import DataChunk, DecodeError, decode_chunk
-from ._errors import CommitGraphError, NodeError, WorkerLeftError
+from ._errors import SAID_WHOLE, CommitGraphError, NodeError, WorkerLeftError
 from ._graph import Graph
 from ._mapping import resolve_mapping, resolve_placement
 from ._node import WORKERS_HERE, Node
@@ -149,7 +149,10 @@ def _one_at_a_time(
                 scope = trio.CancelScope()
                 self._turn_scope = scope if shutdown_ends_it else None
                 with scope:
-                    return await method(self, *args, **kwargs)
+                    try:
+                        return await method(self, *args, **kwargs)
+                    except SAID_WHOLE as exc:
+                        raise exc.with_traceback(None) from exc.__cause__
                 raise RuntimeError(f"{method.__name__}(): ended by shutdown()")
             finally:
                 self._turn_scope = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 import traceback
 from collections import deque
@@ -34,6 +35,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import trio
@@ -1080,7 +1082,7 @@ class NodeRuntime:
 
     def _raised(self, what: str, exc: BaseException) -> NodeError:
         """The node's *what* (user code) raised *exc*: the node is FAILED; the error to raise."""
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        text = "".join(traceback.format_exception(type(exc), exc, _from_users_code(exc)))
         self._fail(f"{what} raised {exc!r}", text)
         return NodeError(self.node.name, f"{what} raised {exc!r}", text)
 
@@ -1099,3 +1101,20 @@ class NodeRuntime:
         self.node.state = state
         if self._on_state is not None:
             self._on_state(state, reason)
+
+
+#: The folders of chimera's own code (and its data plane's).
+_OURS = tuple(
+    str(Path(module.__file__).parent) + os.sep  # type: ignore[arg-type]
+    for module in (sys.modules[__package__], transports)
+)
+
+
+def _from_users_code(exc: BaseException) -> TracebackType | None:
+    """*exc*'s traceback from its first frame in the user's code on: the
+    frames of chimera that called that code say nothing to its user. The
+    whole traceback if no frame is the user's (an error of chimera's own)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS):
+        tb = tb.tb_next
+    return tb if tb is not None else exc.__traceback__

@@ -6,6 +6,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -14,6 +15,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -366,6 +368,13 @@ async def test_a_prep_that_raises_in_its_process_is_a_node_error(tmp_path):
     assert printed.index("OSError: no such camera") < printed.index(
         "chimera.NodeError: node 'camera'"
     )
+    # The node's traceback begins in the user's code; the error, raised at the
+    # user's call, went through no frame of chimera's but the one raising it.
+    frames = re.findall(r'File "([^"]+)", line \d+, in (\w+)', caught.value.traceback)
+    assert frames == [(str(Path(__file__).with_name("nodes.py")), "prep")]
+    package = str(Path(cp.__file__).parent) + os.sep
+    ours = [f for f in traceback.extract_tb(caught.value.__traceback__) if package in f.filename]
+    assert [(Path(f.filename).name, f.name) for f in ours] == [("_manager.py", "in_turn")]
 
 
 async def commit_error(tmp_path, node: cp.Node) -> cp.NodeError:
