@@ -164,8 +164,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Ctrl-C, SIGTERM or SIGHUP stops the recording and collects it; a second one "
         "stops at once (exit status 128 + the signal's number: 130, 143, 129).",
     )
-    demo.add_argument("--seconds", type=_seconds, default=10.0, help="how long to record")
-    demo.add_argument("--logdir", default="chimera-sessions", help="where the session goes")
+    demo.add_argument(
+        "--seconds", type=_seconds, default=10.0, help="how long to record (default: %(default)g)"
+    )
+    demo.add_argument(
+        "--logdir", default="chimera-sessions", help="where the session goes (default: %(default)s)"
+    )
     demo.add_argument("--camera", type=_camera, default=None, metavar="INDEX", help="a real camera")
     demo.add_argument(
         "--microphone",
