@@ -137,6 +137,7 @@ def _one_at_a_time(
     def decorate(method: _Method) -> _Method:
         @wraps(method)
         async def in_turn(self: AsyncManager, *args: Any, **kwargs: Any) -> Any:
+            self._check_run(method.__name__)
             if self._turn.statistics().owner is trio.lowlevel.current_task():
                 return await method(self, *args, **kwargs)
             if ends_the_others and self._turn_scope is not None:

@@ -30,6 +30,8 @@ class Service:
     """
 
     _context: AbstractAsyncContextManager[Any] | None = None
+    #: The Trio run it was entered in.
+    _trio_token: trio.lowlevel.TrioToken | None = None
 
     def _running(self) -> AbstractAsyncContextManager[Any]:
         raise NotImplementedError
@@ -49,10 +51,29 @@ class Service:
                 "trio.run(), or the blocking API (chimera.Manager, chimera.Worker), which runs "
                 "anywhere, Jupyter notebooks included"
             ) from None
+        self._trio_token = trio.lowlevel.current_trio_token()
         self._context = self._running()
         with unwrapped():
             await self._context.__aenter__()  # (it yields self)
         return self
+
+    def _check_run(self, call: str) -> None:
+        """Raise RuntimeError if this is not the Trio run the object was
+        entered in (a call from another thread's ``trio.run`` would corrupt
+        it, and hang)."""
+        if self._trio_token is None:
+            return  # (not entered: the call says what it needs)
+        try:
+            here = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            here = None
+        if here is not self._trio_token:
+            raise RuntimeError(
+                f"{type(self).__name__}.{call}() called outside the Trio run that entered it "
+                f"(from another thread?): there, use trio.from_thread.run(obj.{call}, ..., "
+                "trio_token=...) with the token of that run, or the blocking API "
+                "(chimera.Manager, chimera.Worker), whose calls work from any thread"
+            )
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         context, self._context = self._context, None

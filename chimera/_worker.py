@@ -291,7 +291,12 @@ class AsyncWorker(Service):
                 nursery.cancel_scope.cancel()
 
     async def shutdown(self) -> None:
-        """Close every node (stopping those that run) and leave the Manager."""
+        """Close every node (stopping those that run) and leave the Manager.
+
+        Raises:
+            RuntimeError: called outside the Trio run that entered the Worker.
+        """
+        self._check_run("shutdown")
         self._leaving = True
         await self._close_nodes()
         await self._flush_events()  # the Manager hears they were closed
@@ -320,6 +325,7 @@ class AsyncWorker(Service):
             RuntimeError: the Worker is not running (use ``async with``), or
                 is connected already, or connecting (another call is under way).
         """
+        self._check_run("connect")
         if self._nursery is None:
             raise RuntimeError("the worker is not running: use `async with AsyncWorker(...)`")
         if self._connected:

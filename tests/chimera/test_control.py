@@ -403,6 +403,17 @@ def test_the_async_api_under_asyncio_says_what_to_use(tmp_path, kind):
     assert list(tmp_path.iterdir()) == []
 
 
+async def test_a_call_from_another_threads_trio_run_is_refused(tmp_path):
+    # (As from a GUI's callback: it would corrupt the Manager's run, and hang.)
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0) as manager, AsyncWorker("w") as worker:
+            assert await worker.connect(manager.host, manager.port)
+            for call in (manager.start, worker.shutdown):
+                with pytest.raises(RuntimeError, match=r"\(\) called outside the Trio run that"):
+                    await trio.to_thread.run_sync(trio.run, call)
+            await manager.wait_for_workers(1)  # (nothing changed)
+
+
 def test_an_unknown_transport_is_refused_when_the_manager_is_made(tmp_path):
     with pytest.raises(ValueError, match="transport='tpc': the known ones are 'tcp', 'nng', 'me"):
         AsyncManager(tmp_path, port=0, transport="tpc")  # type: ignore[arg-type]
