@@ -164,7 +164,11 @@ class _ForwardNodeLogs(logging.Handler):
             logger = logger.parent if logger.propagate else None
         last = logging.lastResort
         if last is not None and record.levelno >= last.level:
-            last.handle(record)
+            # Named as the Manager names the records of its Workers' nodes.
+            node = record.name.removeprefix(NODE_LOGGER + ".")
+            named = logging.makeLogRecord(record.__dict__)
+            named.msg, named.args = f"[{self._worker.name}/{node}] {record.getMessage()}", None
+            last.handle(named)
 
 
 class AsyncWorker(Service):

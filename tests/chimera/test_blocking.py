@@ -213,7 +213,7 @@ def test_a_nodes_warning_shows_without_logging_configured(tmp_path, transport):
         env=dict(os.environ, TMPDIR=str(tmp_path)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.splitlines() == ["the camera is warm"]
+    assert result.stderr.splitlines() == ["[local/cam] the camera is warm"]
     assert "an info line" in (tmp_path / "logs" / "nodes.log").read_text()
 
 
