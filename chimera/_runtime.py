@@ -415,7 +415,11 @@ class NodeRuntime:
             await self._call("teardown", self.node.teardown, abandon=True)
         if waited.cancelled_caught:
             self.node.logger.warning(
-                "its teardown did not return within %.0f s: left running", TEARDOWN_TIMEOUT
+                "node %r: its teardown did not return within %g s, or did not begin, its "
+                "thread being still in an earlier call (a step that does not return): "
+                "its thread is left running",
+                self.node.name,
+                TEARDOWN_TIMEOUT,
             )
 
     def stats(self) -> dict[str, int]:

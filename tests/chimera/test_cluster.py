@@ -1064,3 +1064,35 @@ async def test_debug_logs_show_each_request_its_answer_and_each_node_state(tmp_p
         re.fullmatch(r"worker 'local' answered create_nodes \(request 1\) in \d+ ms: ok", m)
         for m in said
     )
+
+
+RELEASE = threading.Event()
+
+
+class StepNeverReturns(cp.Node):
+    def step(self):
+        RELEASE.wait(30)
+
+
+async def test_a_step_that_never_returns_is_named_when_its_node_is_closed(
+    tmp_path, caplog, monkeypatch
+):
+    from chimera import _runtime
+
+    monkeypatch.setattr(_runtime, "TEARDOWN_TIMEOUT", 0.2)
+    RELEASE.clear()
+    try:
+        with trio.fail_after(30):
+            async with cluster(tmp_path, "local") as (manager, (worker,)):
+                assert await manager.commit_graph(
+                    graph_of(StepNeverReturns("hung")), {"local": ["hung"]}
+                )
+                assert await manager.start()
+                await worker.shutdown()
+    finally:
+        RELEASE.set()
+    said = [m for m in caplog.messages if "teardown did not return" in m]
+    assert said == [
+        "node 'hung': its teardown did not return within 0.2 s, or did not begin, its thread "
+        "being still in an earlier call (a step that does not return): its thread is left running"
+    ]
