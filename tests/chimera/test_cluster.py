@@ -1066,11 +1066,12 @@ async def test_debug_logs_show_each_request_its_answer_and_each_node_state(tmp_p
     )
 
 
-RELEASE = threading.Event()
+STEPPING, RELEASE = threading.Event(), threading.Event()
 
 
 class StepNeverReturns(cp.Node):
     def step(self):
+        STEPPING.set()
         RELEASE.wait(30)
 
 
@@ -1080,6 +1081,7 @@ async def test_a_step_that_never_returns_is_named_when_its_node_is_closed(
     from chimera import _runtime
 
     monkeypatch.setattr(_runtime, "TEARDOWN_TIMEOUT", 0.2)
+    STEPPING.clear()
     RELEASE.clear()
     try:
         with trio.fail_after(30):
@@ -1088,6 +1090,7 @@ async def test_a_step_that_never_returns_is_named_when_its_node_is_closed(
                     graph_of(StepNeverReturns("hung")), {"local": ["hung"]}
                 )
                 assert await manager.start()
+                await trio.to_thread.run_sync(STEPPING.wait)
                 await worker.shutdown()
     finally:
         RELEASE.set()
