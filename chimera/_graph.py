@@ -46,9 +46,12 @@ def _check_node(node: object) -> None:
             kind = type(getattr(node, attribute)).__name__
             wrong.append(f"an {attribute!r} of type {kind}")
     if wrong:
+        # (A chimera.Node whose __init__ did not call Node's has neither.)
+        a_node = any(cls.__module__ == "chimera._node" for cls in type(node).__mro__)
+        hint = " (its __init__ must call super().__init__(name))" if a_node else ""
         raise TypeError(
             f"a node needs a str 'id' and a str 'name'; "
-            f"this {type(node).__name__} has {' and '.join(wrong)}"
+            f"this {type(node).__name__} has {' and '.join(wrong)}{hint}"
         )
 
 

@@ -114,6 +114,21 @@ def test_a_non_node_is_a_type_error_naming_what_is_missing(thing, missing):
     assert len(g) == 0
 
 
+def test_a_node_whose_init_forgot_nodes_says_so():
+    import chimera as cp
+
+    class Camera(cp.Node):
+        def __init__(self, name: str) -> None:
+            self.device = 0  # (no super().__init__(name))
+
+    with pytest.raises(TypeError) as caught:
+        Graph().add_node(Camera("cam"))
+    assert str(caught.value) == (
+        "a node needs a str 'id' and a str 'name'; this Camera has no 'id' attribute and no "
+        "'name' attribute (its __init__ must call super().__init__(name))"
+    )
+
+
 def test_add_nodes_from_adds_nothing_when_one_is_refused():
     a, b = make("a", "b")
     g = Graph()
