@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import inspect
 import itertools
 import json
 import logging
@@ -599,12 +600,15 @@ class AsyncManager(Service):
         problems = graph.problems()
         if not graph.G.nodes:
             problems.append("the graph has no nodes")
-        for node in graph.G.nodes.values():
+        for node_id, node in graph.G.nodes.items():
             if not isinstance(node["object"], Node):
                 problems.append(
                     f"node {node['name']!r} is a {type(node['object']).__name__}, "
                     "not a chimera.Node: a Worker could not run it"
                 )
+            else:
+                inputs = [graph.G.nodes[i]["name"] for i in graph.G.predecessors(node_id)]
+                problems.extend(_step_problems(node["object"], inputs))
         if problems:
             raise CommitGraphError(problems)
         pickled: dict[str, bytes] = {}
@@ -1628,6 +1632,37 @@ def _dialable(host: str) -> str:
     *host*: every interface (``0.0.0.0``, ``::``) as loopback, an IPv6
     address in brackets."""
     return protocol.in_url({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host))
+
+
+def _step_problems(node: Node, inputs: list[str]) -> list[str]:
+    """What is wrong with *node*'s ``step`` for a node with *inputs*: a
+    source's is called with no argument, another's with ``data_chunks``."""
+    if type(node).step is Node.step or type(node).main is not Node.main:
+        return []  # (not stepped, or runs main instead)
+    try:
+        parameters = inspect.signature(node.step).parameters.values()
+    except (TypeError, ValueError):  # (no signature to read: it is called as it is)
+        return []
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in positional if p.default is p.empty]
+    takes_any = any(p.kind is p.VAR_POSITIONAL for p in parameters)
+    if not inputs and required:
+        return [
+            f"node {node.name!r} has no inputs: its step() is called with no argument, "
+            f"but it takes {', '.join(map(repr, required))} (a source's is step(self))"
+        ]
+    if inputs and not positional and not takes_any:
+        names = ", ".join(map(repr, inputs))
+        return [
+            f"node {node.name!r} has inputs ({names}): its step() is called with their "
+            "chunks, but it takes no argument (step(self, data_chunks))"
+        ]
+    if len(required) > 1:
+        return [
+            f"node {node.name!r}: its step() takes {', '.join(map(repr, required))}, but is "
+            "called with data_chunks alone"
+        ]
+    return []
 
 
 def _missing_folders(folder: Path) -> list[Path]:

@@ -1099,3 +1099,36 @@ async def test_a_step_that_never_returns_is_named_when_its_node_is_closed(
         "node 'hung': its teardown did not return within 0.2 s, or did not begin, its thread "
         "being still in an earlier call (a step that does not return): its thread is left running"
     ]
+
+
+class SourceWithInput(cp.Node):
+    def step(self, data_chunks):
+        return 1
+
+
+class SinkWithoutInput(cp.Node):
+    def step(self):
+        return 1
+
+
+class TakesTwo(cp.Node):
+    async def step(self, data_chunks, extra):
+        return 1
+
+
+async def test_a_step_that_cannot_take_what_it_is_given_is_refused_at_commit(tmp_path):
+    source, sink, two = SourceWithInput("source"), SinkWithoutInput("sink"), TakesTwo("two")
+    graph = cp.Graph()
+    graph.add_edges_from([(source, sink), (source, two)])
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, (local,)):
+            with pytest.raises(cp.CommitGraphError) as caught:
+                await manager.commit_graph(graph, {"local": ["source", "sink", "two"]})
+            assert local.nodes == {}
+    assert sorted(caught.value.problems) == [
+        "node 'sink' has inputs ('source'): its step() is called with their chunks, but it "
+        "takes no argument (step(self, data_chunks))",
+        "node 'source' has no inputs: its step() is called with no argument, but it takes "
+        "'data_chunks' (a source's is step(self))",
+        "node 'two': its step() takes 'data_chunks', 'extra', but is called with data_chunks alone",
+    ]
