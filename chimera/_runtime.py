@@ -476,7 +476,7 @@ class NodeRuntime:
                 await run_all([partial(self._read_offline, name) for name in self._inlets])
                 if not self._offline_missing():
                     self._offline_latest[self._follow] = self._offline_pending.popleft()[0]
-                    value = await self._call("step", self.node.step, dict(self._offline_latest))
+                    value = await self._call("step", self.node.step, Inputs(self._offline_latest))
                     await self._send([self._output(value)])
         except Exception as exc:  # (not a cancellation: then the nodes downstream stop too)
             failure = exc
@@ -622,7 +622,7 @@ class NodeRuntime:
             latest: dict[str, DataChunk] = {}
 
             def publish() -> None:
-                self.node.in_bound_data = dict(latest)
+                self.node.in_bound_data = Inputs(latest)
                 self.node.new_data_available = True
 
             def stop_main(exc: NodeError) -> None:
@@ -874,7 +874,7 @@ class NodeRuntime:
                 if missing:
                     self.dropped += 1  # (never stepped on)
                 else:
-                    steps.append((dict(latest),))
+                    steps.append((Inputs(latest),))
             await take(steps)
             if ended:
                 return
@@ -1105,6 +1105,15 @@ class NodeRuntime:
         self.node.state = state
         if self._on_state is not None:
             self._on_state(state, reason)
+
+
+class Inputs(dict[str, DataChunk]):
+    """``data_chunks``: the latest chunk of each input, by the input node's
+    name. A name that is not an input's is a KeyError that lists them."""
+
+    def __missing__(self, key: str) -> DataChunk:
+        names = ", ".join(map(repr, sorted(self))) or "none yet"
+        raise KeyError(f"{key!r} is not an input of this node: its inputs are {names}")
 
 
 #: The folders of chimera's own code (and its data plane's).

@@ -1132,3 +1132,22 @@ async def test_a_step_that_cannot_take_what_it_is_given_is_refused_at_commit(tmp
         "'data_chunks' (a source's is step(self))",
         "node 'two': its step() takes 'data_chunks', 'extra', but is called with data_chunks alone",
     ]
+
+
+class ReadsTheWrongInput(cp.Node):
+    def step(self, data_chunks):
+        return data_chunks["camera"]
+
+
+async def test_reading_an_input_by_a_wrong_name_says_which_inputs_there_are(tmp_path):
+    source, reader = SinkWithoutInput("cam"), ReadsTheWrongInput("reader")
+    graph = cp.Graph()
+    graph.add_edge(source, reader)
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["cam", "reader"]})
+            with pytest.raises(cp.NodeError) as caught:
+                await manager.step()
+    assert caught.value.message == (
+        "step raised KeyError(\"'camera' is not an input of this node: its inputs are 'cam'\")"
+    )
