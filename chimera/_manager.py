@@ -1552,7 +1552,7 @@ class AsyncManager(Service):
                     )
                     if refusal := _hello_refusal(hello, proven, workers):
                         log.warning("worker %r refused: %s", hello["name"], refusal)
-                        await reply("error", error=f"refused: {refusal}", re="auth")
+                        await reply("error", error=refusal, re="auth")
                         await send_locked({"type": "websocket.close", "code": 4403})
                         return
                     info = WorkerInfo(
@@ -1603,7 +1603,7 @@ def _hello_refusal(
     """Why a Worker's ``hello`` is refused, if it is; *proven*: whether it
     proved it knows the token (or the Manager has none)."""
     if not proven:
-        return "wrong or missing token"
+        return protocol.TOKEN_REFUSED
     name = message["name"]
     try:
         check_name(name, "worker name")

@@ -106,6 +106,8 @@ COMMANDS = frozenset(
 #: (a frozen process, a machine asleep, a network cut: nothing closes the
 #: connection). The Worker's clock exchange, every second, keeps both talking.
 SILENCE_TIMEOUT = 15.0
+#: Why the Manager refuses a Worker that did not prove it knows the token.
+TOKEN_REFUSED = "wrong or missing token"
 
 
 def token_or_default(token: str | None) -> str | None:

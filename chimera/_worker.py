@@ -466,7 +466,15 @@ class AsyncWorker(Service):
         """
         answer = protocol.parse(await ws.get_message())
         if answer["type"] == "error":
-            raise PermissionError(f"the manager refused worker {self.name!r}: {answer['error']}")
+            hint = ""
+            if answer["error"] == protocol.TOKEN_REFUSED:
+                hint = (
+                    " (give the Worker the Manager's token: Worker(..., token=...), "
+                    "chimera worker --token, or the CHIMERA_TOKEN environment variable)"
+                )
+            raise PermissionError(
+                f"the manager refused worker {self.name!r}: {answer['error']}{hint}"
+            )
         if answer["type"] != expected:
             raise protocol.ProtocolError(f"expected {expected}, got {answer['type']}")
         return answer

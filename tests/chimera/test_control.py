@@ -150,8 +150,13 @@ async def test_a_worker_without_the_token_is_refused_clearly(tmp_path, monkeypat
     with trio.fail_after(20):
         async with AsyncManager(tmp_path, port=0, token="s3cret") as manager:
             async with AsyncWorker("intruder") as worker:
-                with pytest.raises(PermissionError, match="wrong or missing token"):
+                with pytest.raises(PermissionError) as refused:
                     await worker.connect(manager.host, manager.port)
+            assert str(refused.value) == (
+                "the manager refused worker 'intruder': wrong or missing token (give the Worker "
+                "the Manager's token: Worker(..., token=...), chimera worker --token, or the "
+                "CHIMERA_TOKEN environment variable)"
+            )
             async with AsyncWorker("friend", token="s3cret") as worker:
                 assert await worker.connect(manager.host, manager.port)
             assert all(w.name != "intruder" for w in manager.workers.values())
