@@ -55,7 +55,11 @@ class _LoopThread(Generic[T]):
         resource: AbstractAsyncContextManager[T],
         name: str,
         hurry: Callable[[], None] | None = None,
+        *,
+        shut_down: str,
     ) -> None:
+        #: What a call says once the loop has ended.
+        self._shut_down = shut_down
         self._resource_cm = resource
         self._hurry = hurry
         self._ready = threading.Event()
@@ -136,7 +140,7 @@ class _LoopThread(Generic[T]):
         try:
             return trio.from_thread.run(run, trio_token=token)
         except trio.RunFinishedError:  # (it stopped meanwhile)
-            raise RuntimeError("this object has been shut down") from None
+            raise RuntimeError(self._shut_down) from None
         except SAID_WHOLE as exc:
             raise exc.with_traceback(None) from exc.__cause__
         except KeyboardInterrupt:
@@ -171,7 +175,7 @@ class _LoopThread(Generic[T]):
         try:
             return trio.from_thread.run_sync(fn, *args, trio_token=self._running_token())
         except trio.RunFinishedError:  # (it stopped meanwhile)
-            raise RuntimeError("this object has been shut down") from None
+            raise RuntimeError(self._shut_down) from None
         except SAID_WHOLE as exc:
             raise exc.with_traceback(None) from exc.__cause__
 
@@ -187,7 +191,7 @@ class _LoopThread(Generic[T]):
 
     def _running_token(self) -> trio.lowlevel.TrioToken:
         if self._token is None or not self._alive:
-            raise RuntimeError("this object has been shut down")
+            raise RuntimeError(self._shut_down)
         return self._token
 
     def finish(self, fn: Callable[[], Any]) -> None:
@@ -304,7 +308,13 @@ class Manager:
             allow_objects=allow_objects,
             logs_port=logs_port,
         )
-        self._loop = _LoopThread(manager, "chimera-manager")
+        self._loop = _LoopThread(
+            manager,
+            "chimera-manager",
+            shut_down="this Manager has been shut down: make a new one to run a graph again "
+            "(and collect() before shutdown(): what the nodes saved is collected from a "
+            "running Manager)",
+        )
         self._manager = manager
 
     @property
@@ -453,7 +463,12 @@ class Worker:
         token: str | None = None,
     ) -> None:
         worker = AsyncWorker(name, port, delete_temp, id, token=token)
-        self._loop = _LoopThread(worker, f"chimera-worker-{name}", hurry=worker.kill_nodes)
+        self._loop = _LoopThread(
+            worker,
+            f"chimera-worker-{name}",
+            hurry=worker.kill_nodes,
+            shut_down=f"worker {name!r} has been shut down: make a new one",
+        )
         self._worker = worker
 
     @property

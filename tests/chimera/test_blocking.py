@@ -58,8 +58,10 @@ def test_manager_and_worker_run_a_graph_and_leave_nothing_behind(tmp_path):
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", manager.port)) != 0
     manager.shutdown()  # twice is harmless
-    with pytest.raises(RuntimeError, match="shut down"):
+    with pytest.raises(RuntimeError, match=r"^this Manager has been shut down: make a new one"):
         manager.start()
+    with pytest.raises(RuntimeError, match=r"^worker 'local' has been shut down: make a new one"):
+        worker.connect(manager.host, manager.port)
 
 
 def test_leaving_a_with_block_shuts_the_manager_and_the_worker_down(tmp_path):
