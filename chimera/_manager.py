@@ -541,27 +541,28 @@ class AsyncManager(Service):
             "commit_graph", "ready", lambda info: doing.get(info["state"]), "prep has no time limit"
         )
 
-    async def _log_what_stop_waits_for(self) -> None:
+    async def _log_what_stop_waits_for(self, call: str) -> None:
         def doing(info: dict[str, Any]) -> str | None:
             return f"running, {info['steps']} steps so far" if info["state"] == "RUNNING" else None
 
         await self._log_what_waits(
-            "stop",
+            call,
             "stopped",
             doing,
             "every chunk sent before stop is stepped first; a step that never returns keeps "
-            "stop waiting",
+            f"{call} waiting; shutdown() ends the wait",
         )
 
     async def _log_what_waits(
         self, call: str, done: str, doing: Callable[[dict[str, Any]], str | None], slow: str
     ) -> None:
         """Every :data:`PROGRESS_EVERY` seconds, log the nodes that *call*
-        still waits for (a warning, saying *slow*, once it has waited
+        still waits for (a warning the first time, so that it shows without
+        logging configured, and, saying *slow*, once it has waited
         :data:`SLOW`): each with what *doing* says of its info, those for
         which it says something."""
         started = trio.current_time()
-        while True:
+        for number in itertools.count():
             await trio.sleep(PROGRESS_EVERY)
             waited = trio.current_time() - started
             waiting = [
@@ -570,7 +571,7 @@ class AsyncManager(Service):
                 if (what := doing(info)) is not None
             ]
             log.log(
-                logging.WARNING if waited >= SLOW else logging.INFO,
+                logging.WARNING if waited >= SLOW or number == 0 else logging.INFO,
                 "%s: %d of %d nodes not %s after %.0f s: %s%s",
                 call,
                 len(waiting),
@@ -930,7 +931,7 @@ class AsyncManager(Service):
         :meth:`collect`)."""
         with unwrapped():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._log_what_stop_waits_for)
+                nursery.start_soon(self._log_what_stop_waits_for, "collect" if ending else "stop")
                 await self._broadcast("stop_nodes", without_left=True, ending=ending)
                 nursery.cancel_scope.cancel()
         self._ended = self._ended or ending

@@ -490,6 +490,10 @@ async def test_a_slow_commit_and_a_slow_stop_say_which_nodes_they_wait_for(
             assert await manager.stop()
             await manager.shutdown()
     said = [r.getMessage() for r in caplog.records if r.name == "chimera.manager"]
+    # The first line of each wait is a warning: it shows without logging configured.
+    for waiting in ("not ready", "not stopped"):
+        levels = [r.levelname for r in caplog.records if waiting in r.getMessage()]
+        assert levels[0] == "WARNING" and set(levels[1:]) <= {"INFO"}, levels
     assert re.fullmatch(
         r"commit_graph: 1 of 2 nodes not ready after \d+ s: 'slow' \(in prep\)",
         [line for line in said if "not ready" in line][-1],
