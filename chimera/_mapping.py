@@ -42,6 +42,8 @@ def resolve_mapping(
     by_name = _by_name(workers)
     resolved: dict[str, list[str]] = {}
     placed: dict[str, str] = {}
+    #: The nodes the mapping names (to a worker that exists or not).
+    named: set[str] = set()
     for worker, nodes in mapping.items():
         worker_id = _worker_id(worker, workers, by_name, problems)
         if isinstance(nodes, str) or not isinstance(nodes, Sequence):
@@ -49,6 +51,8 @@ def resolve_mapping(
             continue
         for node in nodes:
             node_id = _node_id(graph, node, problems)
+            if node_id is not None:
+                named.add(node_id)
             if node_id is None or worker_id is None:
                 continue
             if node_id in placed:
@@ -68,7 +72,7 @@ def resolve_mapping(
     unmapped = [
         name
         for node_id, name in graph.G.nodes(data="name")
-        if node_id not in placed and name not in shared
+        if node_id not in placed and node_id not in named and name not in shared
     ]
     if unmapped:
         problems.append(f"nodes not mapped to any worker: {', '.join(map(repr, unmapped))}")
@@ -132,8 +136,12 @@ def _worker_id(
 
 def _node_id(graph: Graph, node: str, problems: list[str]) -> str | None:
     if not isinstance(node, str):
-        problems.append(f"a node is given by its id or name, not {type(node).__name__}")
-        return None
+        name = getattr(node, "name", None)
+        hint = f" (use its name: {name!r})" if isinstance(name, str) else ""
+        problems.append(f"a node is given by its id or name, not {type(node).__name__}{hint}")
+        # (A node of the graph, given as itself: named, so not said to be unmapped too.)
+        node_id = getattr(node, "id", None)
+        return node_id if isinstance(node_id, str) and graph.has_node_by_id(node_id) else None
     if graph.has_node_by_id(node):
         return node
     try:

@@ -83,7 +83,24 @@ def test_every_problem_is_reported_at_once(chain):
     graph = chain[0]
     with pytest.raises(cp.CommitGraphError) as caught:
         resolve_mapping(graph, WORKERS, {"nobody": ["a"], "local": ["z"]})
-    # no worker 'nobody', no node 'z', and so a, b, c are left unmapped
+    # no worker 'nobody', no node 'z', and so b and c are left unmapped
+    assert caught.value.problems[2] == "nodes not mapped to any worker: 'b', 'c'"
     assert len(caught.value.problems) == 3
     copy = pickle.loads(pickle.dumps(caught.value))
     assert copy.problems == caught.value.problems and str(copy) == str(caught.value)
+
+
+def test_nodes_mapped_to_a_worker_that_does_not_exist_are_not_also_unmapped(chain):
+    graph = chain[0]
+    with pytest.raises(cp.CommitGraphError) as caught:
+        resolve_mapping(graph, WORKERS, {"nobody": ["a", "b", "c"]})
+    assert caught.value.problems == ["no worker 'nobody' (connected: ['local', 'remote'])"]
+
+
+def test_nodes_given_as_objects_are_named_and_not_also_unmapped(chain):
+    graph, a, *_ = chain
+    with pytest.raises(cp.CommitGraphError) as caught:
+        resolve_mapping(graph, WORKERS, {"local": [a, "b", "c"]})
+    assert caught.value.problems == [
+        "a node is given by its id or name, not Node (use its name: 'a')"
+    ]
