@@ -264,7 +264,8 @@ class Manager:
     Raises:
         TypeError: an argument neither AsyncManager nor ChimeraPy's Manager takes.
         ValueError: *transport* is none of the known ones.
-        OSError: the port (or the log PUB socket's) cannot be listened on.
+        OSError: the logdir cannot be written in, or the port (or the log PUB
+            socket's) cannot be listened on.
     """
 
     def __init__(

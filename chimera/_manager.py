@@ -1305,11 +1305,16 @@ class AsyncManager(Service):
         # (Made before listening: an unwritable logdir is said at once. A
         # Manager that cannot listen removes what it made here, if still empty.)
         made = _missing_folders(self.logdir)
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        self._url_host = protocol.in_url(self.host)
         log_path = self.logdir / "nodes.log"
-        new_log = not log_path.exists()
-        self._log_file = open(log_path, "a", encoding="utf-8")
+        try:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            new_log = not log_path.exists()
+            self._log_file = open(log_path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"the manager cannot write in its logdir {self.logdir}: {exc.strerror}"
+            ) from None
+        self._url_host = protocol.in_url(self.host)
         started = False
         try:
             if self.publish_logs_via_zmq:

@@ -419,6 +419,16 @@ async def test_a_call_from_another_threads_trio_run_is_refused(tmp_path):
             await manager.wait_for_workers(1)  # (nothing changed)
 
 
+async def test_a_logdir_that_cannot_be_written_in_is_named(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(NotADirectoryError) as caught:
+        async with AsyncManager(tmp_path / "a-file" / "logs", port=0):
+            pass
+    assert str(caught.value) == (
+        f"[Errno 20] the manager cannot write in its logdir {tmp_path}/a-file/logs: Not a directory"
+    )
+
+
 def test_an_unknown_transport_is_refused_when_the_manager_is_made(tmp_path):
     with pytest.raises(ValueError, match="transport='tpc': the known ones are 'tcp', 'nng', 'me"):
         AsyncManager(tmp_path, port=0, transport="tpc")  # type: ignore[arg-type]
