@@ -26,6 +26,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import secrets
 import shutil
 import time
@@ -422,8 +423,10 @@ class AsyncManager(Service):
         self._left[info.id] = info.name
         names = ", ".join(repr(self._node_names.get(node, node)) for node in node_ids)
         ended = all(self.nodes.get(node) in _ENDED for node in node_ids)
+        # (Or the Manager is closing, cancelled: a timeout around its block.)
+        closing = self._tasks is None or trio.current_effective_deadline() == -math.inf
         log.log(  # (news only if some of them were still at work)
-            logging.INFO if ended else logging.WARNING,
+            logging.INFO if ended or closing else logging.WARNING,
             "worker %r left, and with it its nodes %s",
             info.name,
             names,

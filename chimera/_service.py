@@ -83,7 +83,18 @@ class Service:
             raised = exc_info[1]
             if raised is not None and list(group.exceptions) == [raised]:
                 raise raised from raised.__cause__  # (its own cause kept; not the group)
+            cancelled, others = group.split(trio.Cancelled)
+            if cancelled is not None and others is None:
+                # Only cancellations (a timeout around the block): one says it all,
+                # not a tree of every task's, which would be printed under the timeout's.
+                raise _first(cancelled) from None
             raise
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The first exception in *group*, looking into the groups nested in it."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def single_exception(group: BaseExceptionGroup) -> BaseException | None:

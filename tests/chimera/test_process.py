@@ -969,3 +969,27 @@ async def test_closings_at_the_same_time_say_once_what_they_wait_for(tmp_path, m
         "worker 'local': still closing 'slow' after 0.2 s (a teardown gets 10 s, then the "
         "node's process is ended)"
     ]
+
+
+async def test_a_timeout_around_a_cluster_is_one_cancellation_not_a_tree(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(_process, "EXIT_GRACE", 0.5)  # (the prep never returns: it is ended)
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_node(SlowPrep("slow", port, seconds=3600))
+        with pytest.raises(trio.TooSlowError) as caught:
+            with trio.fail_after(60) as scope:
+                async with AsyncManager(tmp_path / "logs", port=0, transport="tcp") as manager:
+                    async with AsyncWorker("local") as worker:
+                        assert await worker.connect(manager.host, manager.port)
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(manager.commit_graph, graph, {"local": ["slow"]})
+                            assert await notified.receive() == b"prep"
+                            scope.deadline = trio.current_time()  # (the timeout, now)
+    # What the user sees under the timeout: one cancellation, not every task's.
+    assert isinstance(caught.value.__context__, trio.Cancelled)
+    # Nor is a Worker that a cancelled Manager closes news.
+    assert [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "left" in r.getMessage()
+    ] == []
