@@ -59,6 +59,10 @@ log = logging.getLogger("chimera.runtime")
 
 #: Longest wait for a node's ``teardown`` when its run is cancelled.
 TEARDOWN_TIMEOUT = 10.0
+#: How often a node with an ``async def step`` checks that its event loop is
+#: not held up, and from how long a hold-up it says so, in seconds.
+LOOP_CHECK = 0.25
+LOOP_HELD = 1.0
 #: Steps a node keeps in flight (queued on its thread, or done and not yet
 #: sent) while its chunks are small: they then travel in batches...
 STEPS_IN_FLIGHT = 64
@@ -349,15 +353,19 @@ class NodeRuntime:
             if not failed:
                 await self._wait_for_outputs()
                 self._set_state(NodeState.RUNNING)
-                try:
-                    if type(self.node).main is not Node.main:
-                        await self._run_main()
-                    elif self._inputs:
-                        await self._step_on_inputs()
-                    else:
-                        await self._step_as_source()
-                except NodeError:
-                    failed = True
+                async with trio.open_nursery() as nursery:
+                    if self._inline:
+                        nursery.start_soon(self._watch_the_loop)
+                    try:
+                        if type(self.node).main is not Node.main:
+                            await self._run_main()
+                        elif self._inputs:
+                            await self._step_on_inputs()
+                        else:
+                            await self._step_as_source()
+                    except NodeError:  # (here, not out of the nursery: no exception group)
+                        failed = True
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 # It takes in nothing more: its inputs' outlets forget it at
@@ -373,6 +381,25 @@ class NodeRuntime:
             self._set_state(NodeState.STOPPED)
             if self.saved:
                 self._set_state(NodeState.SAVED)
+
+    async def _watch_the_loop(self) -> None:
+        """Say (once) when the event loop was held up: an ``async def step``
+        that blocks (``time.sleep``, a blocking read) holds up everything
+        else of the node, its links and its stop included."""
+        while True:
+            before = trio.current_time()
+            await trio.sleep(LOOP_CHECK)
+            held = trio.current_time() - before - LOOP_CHECK
+            if held >= LOOP_HELD:
+                self.node.logger.warning(
+                    "node %r: its event loop was held up for %.1f s: its async def step ran "
+                    "that long without awaiting (time.sleep, or a blocking call?). Await "
+                    "(trio.sleep, trio.to_thread.run_sync), or write a plain def step, "
+                    "which runs on a thread of its own (said once)",
+                    self.node.name,
+                    held,
+                )
+                return
 
     async def set_recording(self, on: bool) -> None:
         """Whether the node's ``save_*`` calls save (they do nothing otherwise)."""

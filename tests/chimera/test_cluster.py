@@ -1155,3 +1155,32 @@ async def test_reading_an_input_by_a_wrong_name_says_which_inputs_there_are(tmp_
     assert caught.value.message == (
         "step raised KeyError(\"'camera' is not an input of this node: its inputs are 'cam'\")"
     )
+
+
+class BlocksItsLoop(cp.Node):
+    async def step(self):
+        time.sleep(0.3)  # (the mistake: not await trio.sleep)
+        return 1
+
+
+async def test_an_async_step_that_blocks_the_loop_is_said_once(tmp_path, caplog, monkeypatch):
+    from chimera import _runtime
+
+    monkeypatch.setattr(_runtime, "LOOP_CHECK", 0.05)
+    monkeypatch.setattr(_runtime, "LOOP_HELD", 0.2)
+    said = trio.Event()
+    with trio.fail_after(30), on_record("chimera.node.blocker", "held up", said.set):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(
+                graph_of(BlocksItsLoop("blocker")), {"local": ["blocker"]}
+            )
+            assert await manager.start()
+            await said.wait()
+            assert await manager.stop()
+    warned = [m for m in caplog.messages if "held up" in m]
+    assert len(warned) == 1
+    assert re.fullmatch(
+        r"node 'blocker': its event loop was held up for 0\.\d s: its async def step ran that "
+        r"long without awaiting \(time\.sleep, or a blocking call\?\)\. .* \(said once\)",
+        warned[0],
+    )
