@@ -165,8 +165,8 @@ def _check_json(value: Any, where: str = "value", depth: int = 0) -> None:
     if kind not in (list, dict):
         name = kind.__qualname__ if kind.__module__ == "builtins" else str(kind)[8:-2]
         raise TypeError(
-            f"{where} is of type {name}; msgpack carries as they are only None, bool, int, "
-            "float, str, bytes, list and dict"
+            f"{where} is of type {name}; only None, bool, int, float, str, bytes, list and "
+            f"dict are sent as they are{numpy_hint(kind)}"
         )
     if depth >= MAX_JSON_DEPTH:
         raise ValueError(f"{where} nests lists and dicts deeper than {MAX_JSON_DEPTH} levels")
@@ -179,6 +179,14 @@ def _check_json(value: Any, where: str = "value", depth: int = 0) -> None:
                 raise TypeError(f"{where} has a key that is a {type(key).__name__}")
             _check_json(key, f"key {key!r} of {where}", depth + 1)
             _check_json(item, f"{where}[{key!r}]", depth + 1)
+
+
+def numpy_hint(kind: type) -> str:
+    """What to do with a value of type *kind* where plain Python values are
+    asked for, if it is numpy's (the commonest case); else ``""``."""
+    return (
+        " (a numpy value: .item(), or .tolist() for an array)" if kind.__module__ == "numpy" else ""
+    )
 
 
 def _check_utf8(text: str, where: str) -> None:

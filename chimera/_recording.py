@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy
 
-from ._data import _check_utf8, cluster_time_ns
+from ._data import _check_utf8, cluster_time_ns, numpy_hint
 from ._manifest import Manifest, stream_summary, written_whole
 from ._wav import WavWriter
 
@@ -804,9 +804,16 @@ class _JsonWriter(_LinesWriter):
 
     def prepare(self, data: Any, **params: Any) -> str:
         try:
-            return json.dumps(data, allow_nan=False) + "\n"
+            return json.dumps(data, allow_nan=False, default=_not_json) + "\n"
         except (TypeError, ValueError) as exc:
             raise ValueError(f"json {self.name!r}: {exc}") from None
+
+
+def _not_json(value: Any) -> Any:
+    """json.dumps's *default*: raise TypeError naming *value*'s type, and what
+    to do with a numpy value (the commonest)."""
+    kind = type(value)
+    raise TypeError(f"a value of type {kind.__name__} is not JSON{numpy_hint(kind)}")
 
 
 class _TextWriter(_LinesWriter):

@@ -277,9 +277,9 @@ def test_round_trip_table_shapes(table):
 
 def test_table_with_unencodable_object_column_is_refused():
     chunk = DataChunk()
-    with pytest.raises(TypeError, match=r"column 'o'\[0\] is of type object; msgpack"):
+    with pytest.raises(TypeError, match=r"column 'o'\[0\] is of type object; only None"):
         chunk.add("t", pd.DataFrame({"o": [object()]}), "table")
-    with pytest.raises(TypeError, match=r"the index\[0\] is of type object; msgpack"):
+    with pytest.raises(TypeError, match=r"the index\[0\] is of type object; only None"):
         chunk.add("t", pd.DataFrame({"x": [1]}, index=pd.Index([object()], dtype=object)), "table")
     # Changed once added: refused as it is sent, naming the record...
     table = pd.DataFrame({"o": ["fine"], "x": [1.5]})
@@ -830,3 +830,13 @@ def test_the_quick_path_decodes_exactly_as_the_checking_path(data):
     quick = decoded(frames)
     with mock.patch("chimera._data._decode_arrays", lambda records, frames: None):
         assert decoded(frames) == quick
+
+
+def test_a_numpy_value_in_a_json_record_says_what_to_do():
+    chunk = DataChunk()
+    with pytest.raises(TypeError) as caught:
+        chunk.add("reading", {"gain": np.float32(2)}, "json")
+    assert str(caught.value) == (
+        "value['gain'] is of type numpy.float32; only None, bool, int, float, str, bytes, list "
+        "and dict are sent as they are (a numpy value: .item(), or .tolist() for an array)"
+    )

@@ -208,6 +208,12 @@ def test_json_values_and_text_come_back_line_by_line(tmp_path):
     recorder.save("text", "notes", "second line\n", suffix="md")
     with pytest.raises(ValueError, match=r"NaN|Out of range"):
         recorder.save("json", "events", float("nan"))
+    with pytest.raises(ValueError) as caught:
+        recorder.save("json", "events", {"gain": np.float32(2)})
+    assert str(caught.value) == (
+        "json 'events': a value of type float32 is not JSON (a numpy value: .item(), or "
+        ".tolist() for an array)"
+    )
     recorder.close()
     lines = (tmp_path / "events.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == values
