@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
 
 import trio
@@ -38,6 +39,23 @@ T = TypeVar("T")
 JOIN_TIMEOUT = 30.0
 #: How long a call waits, without saying so, for a cancelled call's clean-up.
 CANCELLED_QUIET = 0.2
+
+
+def _past_the_hand_over(tb: TracebackType | None) -> TracebackType | None:
+    """*tb* from past its last frame of the hand-over of a call to the loop's
+    thread (Trio's, outcome's, and :meth:`_LoopThread.call`'s ``run``): those
+    frames say nothing to the caller; the call's own, in the loop, follow.
+    *tb* itself if it has none."""
+    past = tb
+    while tb is not None:
+        frame = tb.tb_frame
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith(("trio.", "outcome.")) or (
+            module == __name__ and frame.f_code.co_name == "run"
+        ):
+            past = tb.tb_next
+        tb = tb.tb_next
+    return past
 
 
 class _LoopThread(Generic[T]):
@@ -150,6 +168,8 @@ class _LoopThread(Generic[T]):
             except trio.RunFinishedError:
                 pass
             raise
+        except Exception as exc:
+            raise exc.with_traceback(_past_the_hand_over(exc.__traceback__)) from exc.__cause__
 
     def _wait_for_cancelled(self) -> None:
         """Wait until the call that Ctrl-C cancelled last has cleaned up."""
@@ -178,6 +198,8 @@ class _LoopThread(Generic[T]):
             raise RuntimeError(self._shut_down) from None
         except SAID_WHOLE as exc:
             raise exc.with_traceback(None) from exc.__cause__
+        except Exception as exc:
+            raise exc.with_traceback(_past_the_hand_over(exc.__traceback__)) from exc.__cause__
 
     def read(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, which reads the loop's objects: in the loop's thread while

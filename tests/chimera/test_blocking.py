@@ -79,6 +79,20 @@ def test_leaving_a_with_block_shuts_the_manager_and_the_worker_down(tmp_path):
         assert probe.connect_ex(("127.0.0.1", manager.port)) != 0
 
 
+def test_an_error_of_a_blocking_call_shows_no_frame_of_the_hand_over_between_threads(tmp_path):
+    import traceback
+
+    with cp.Manager(tmp_path / "logs", port=0) as manager:
+        with pytest.raises(RuntimeError, match=r"start\(\): no graph is committed") as caught:
+            manager.start()
+    frames = traceback.extract_tb(caught.value.__traceback__)
+    trio_folder = str(Path(trio.__file__).parent)
+    hand_over = [f for f in frames if f.filename.startswith(trio_folder) or "outcome" in f.filename]
+    assert hand_over == []
+    # The call's own frames, in the Manager, are kept (a bug of chimera's shows where).
+    assert [f.name for f in frames][-2:] == ["_check_not_started", "_check_committed"]
+
+
 def test_a_worker_presents_the_token_it_is_given(tmp_path, monkeypatch):
     monkeypatch.delenv("CHIMERA_TOKEN", raising=False)
     manager = cp.Manager(logdir=tmp_path, port=0, token="s3cret")
