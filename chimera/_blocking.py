@@ -42,20 +42,17 @@ CANCELLED_QUIET = 0.2
 
 
 def _past_the_hand_over(tb: TracebackType | None) -> TracebackType | None:
-    """*tb* from past its last frame of the hand-over of a call to the loop's
-    thread (Trio's, outcome's, and :meth:`_LoopThread.call`'s ``run``): those
-    frames say nothing to the caller; the call's own, in the loop, follow.
-    *tb* itself if it has none."""
-    past = tb
+    """*tb* past its leading frames of the hand-over of a call to the loop's
+    thread (:meth:`_LoopThread.call`'s own, Trio's and outcome's): those say
+    nothing to the caller; the call's own frames, in the loop, follow."""
     while tb is not None:
         frame = tb.tb_frame
         module = frame.f_globals.get("__name__", "")
-        if module.startswith(("trio.", "outcome.")) or (
-            module == __name__ and frame.f_code.co_name == "run"
-        ):
-            past = tb.tb_next
+        ours = module == __name__ and frame.f_code.co_name in ("call", "call_sync", "run")
+        if not (ours or module.startswith(("trio.", "outcome."))):
+            break
         tb = tb.tb_next
-    return past
+    return tb
 
 
 class _LoopThread(Generic[T]):
@@ -160,7 +157,7 @@ class _LoopThread(Generic[T]):
         except trio.RunFinishedError:  # (it stopped meanwhile)
             raise RuntimeError(self._shut_down) from None
         except SAID_WHOLE as exc:
-            raise exc.with_traceback(None) from exc.__cause__
+            raise exc.with_traceback(None)  # noqa: B904 (itself: its cause and context stay)
         except KeyboardInterrupt:
             self._cancelled = (getattr(fn, "__name__", "call"), finished)
             try:  # (if the call has not started yet, it ends as it starts)
@@ -169,7 +166,7 @@ class _LoopThread(Generic[T]):
                 pass
             raise
         except Exception as exc:
-            raise exc.with_traceback(_past_the_hand_over(exc.__traceback__)) from exc.__cause__
+            raise exc.with_traceback(_past_the_hand_over(exc.__traceback__))  # noqa: B904
 
     def _wait_for_cancelled(self) -> None:
         """Wait until the call that Ctrl-C cancelled last has cleaned up."""
@@ -197,9 +194,9 @@ class _LoopThread(Generic[T]):
         except trio.RunFinishedError:  # (it stopped meanwhile)
             raise RuntimeError(self._shut_down) from None
         except SAID_WHOLE as exc:
-            raise exc.with_traceback(None) from exc.__cause__
+            raise exc.with_traceback(None)  # noqa: B904 (itself: its cause and context stay)
         except Exception as exc:
-            raise exc.with_traceback(_past_the_hand_over(exc.__traceback__)) from exc.__cause__
+            raise exc.with_traceback(_past_the_hand_over(exc.__traceback__))  # noqa: B904
 
     def read(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, which reads the loop's objects: in the loop's thread while

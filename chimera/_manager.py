@@ -155,7 +155,7 @@ def _one_at_a_time(
                     try:
                         return await method(self, *args, **kwargs)
                     except SAID_WHOLE as exc:
-                        raise exc.with_traceback(None) from exc.__cause__
+                        raise exc.with_traceback(None)  # noqa: B904 (itself, cause kept)
                 raise RuntimeError(f"{method.__name__}(): ended by shutdown()")
             finally:
                 self._turn_scope = None
@@ -553,7 +553,7 @@ class AsyncManager(Service):
             "stopped",
             doing,
             "every chunk sent before stop is stepped first; a step that never returns keeps "
-            f"{call} waiting; shutdown() ends the wait",
+            f"{call} waiting" + ("; shutdown() ends the wait" if call == "stop" else ""),
         )
 
     async def _log_what_waits(
@@ -1649,7 +1649,8 @@ def _step_problems(node: Node, inputs: list[str]) -> list[str]:
     if type(node).step is Node.step or type(node).main is not Node.main:
         return []  # (not stepped, or runs main instead)
     try:
-        parameters = inspect.signature(node.step).parameters.values()
+        # (What the runtime calls: a decorator's wrapper, not what it wraps.)
+        parameters = inspect.signature(node.step, follow_wrapped=False).parameters.values()
     except (TypeError, ValueError):  # (no signature to read: it is called as it is)
         return []
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

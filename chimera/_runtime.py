@@ -391,11 +391,18 @@ class NodeRuntime:
             await trio.sleep(LOOP_CHECK)
             held = trio.current_time() - before - LOOP_CHECK
             if held >= LOOP_HELD:
+                # (Inline, with the memory transport, the loop is its Worker's, and
+                # every inline node's: the step that held it may be another's.)
+                whose = (
+                    "the event loop it shares with its Worker's nodes (memory transport) was "
+                    "held up for %.1f s: an async def step, its own or another's,"
+                    if self._transport == "memory"
+                    else "its event loop was held up for %.1f s: its async def step"
+                )
                 self.node.logger.warning(
-                    "node %r: its event loop was held up for %.1f s: its async def step ran "
-                    "that long without awaiting (time.sleep, or a blocking call?). Await "
-                    "(trio.sleep, trio.to_thread.run_sync), or write a plain def step, "
-                    "which runs on a thread of its own (said once)",
+                    f"node %r: {whose} ran that long without awaiting (time.sleep, or a "
+                    "blocking call?). Await (trio.sleep, trio.to_thread.run_sync), or write "
+                    "a plain def step, which runs on a thread of its own (said once)",
                     self.node.name,
                     held,
                 )
@@ -503,7 +510,8 @@ class NodeRuntime:
                 await run_all([partial(self._read_offline, name) for name in self._inlets])
                 if not self._offline_missing():
                     self._offline_latest[self._follow] = self._offline_pending.popleft()[0]
-                    value = await self._call("step", self.node.step, Inputs(self._offline_latest))
+                    inputs = Inputs(self._offline_latest, tuple(self._inlets))
+                    value = await self._call("step", self.node.step, inputs)
                     await self._send([self._output(value)])
         except Exception as exc:  # (not a cancellation: then the nodes downstream stop too)
             failure = exc
@@ -649,7 +657,7 @@ class NodeRuntime:
             latest: dict[str, DataChunk] = {}
 
             def publish() -> None:
-                self.node.in_bound_data = Inputs(latest)
+                self.node.in_bound_data = Inputs(latest, tuple(self._inlets))
                 self.node.new_data_available = True
 
             def stop_main(exc: NodeError) -> None:
@@ -901,7 +909,7 @@ class NodeRuntime:
                 if missing:
                     self.dropped += 1  # (never stepped on)
                 else:
-                    steps.append((Inputs(latest),))
+                    steps.append((Inputs(latest, tuple(self._inlets)),))
             await take(steps)
             if ended:
                 return
@@ -1135,11 +1143,18 @@ class NodeRuntime:
 
 
 class Inputs(dict[str, DataChunk]):
-    """``data_chunks``: the latest chunk of each input, by the input node's
-    name. A name that is not an input's is a KeyError that lists them."""
+    """``data_chunks`` (and ``in_bound_data``): the latest chunk of each input
+    of the node, by the input node's name. A missing name is a KeyError that
+    says why: not an input's (and which are), or one that sent nothing yet."""
+
+    def __init__(self, chunks: Mapping[str, DataChunk], inputs: Collection[str]) -> None:
+        super().__init__(chunks)
+        self._inputs = inputs  # (names: it may be pickled, copied, sent on)
 
     def __missing__(self, key: str) -> DataChunk:
-        names = ", ".join(map(repr, sorted(self))) or "none yet"
+        if key in self._inputs:
+            raise KeyError(f"{key!r}: that input has sent no chunk yet")
+        names = ", ".join(map(repr, sorted(self._inputs)))
         raise KeyError(f"{key!r} is not an input of this node: its inputs are {names}")
 
 

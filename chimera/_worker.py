@@ -130,9 +130,11 @@ class _ForwardNodeLogs(logging.Handler):
         self._token = trio.lowlevel.current_trio_token()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self._as_if_unhandled(record)
         node = record.name.removeprefix(NODE_LOGGER + ".")
-        if node not in self._worker._node_names.values() or not self._worker.connected:
+        if node not in self._worker._node_names.values():
+            return  # (another Worker's node, in this process: that one's handler takes it)
+        self._as_if_unhandled(record, node)
+        if not self._worker.connected:
             return
         try:
             message = protocol.make(
@@ -152,20 +154,20 @@ class _ForwardNodeLogs(logging.Handler):
         except Exception:
             self.handleError(record)
 
-    def _as_if_unhandled(self, record: logging.LogRecord) -> None:
-        """Show *record* as Python does one that no handler takes (WARNING and
-        above, on stderr: :data:`logging.lastResort`), if no other handler
-        takes it: this one must not hide the nodes' warnings, which Python's
-        default shows (those of a Manager's Workers in another process show)."""
+    def _as_if_unhandled(self, record: logging.LogRecord, node: str) -> None:
+        """Show *record*, of this Worker's *node*, as Python does one that no
+        handler takes (WARNING and above, on stderr: :data:`logging.lastResort`),
+        if no handler but the Workers' takes it: these must not hide the nodes'
+        warnings, which Python's default shows (those of a Manager's Workers in
+        another process show)."""
         logger: logging.Logger | None = logging.getLogger(record.name)
         while logger is not None:
-            if any(handler is not self for handler in logger.handlers):
+            if any(not isinstance(handler, _ForwardNodeLogs) for handler in logger.handlers):
                 return
             logger = logger.parent if logger.propagate else None
         last = logging.lastResort
         if last is not None and record.levelno >= last.level:
             # Named as the Manager names the records of its Workers' nodes.
-            node = record.name.removeprefix(NODE_LOGGER + ".")
             named = logging.makeLogRecord(record.__dict__)
             named.msg, named.args = f"[{self._worker.name}/{node}] {record.getMessage()}", None
             last.handle(named)

@@ -192,6 +192,14 @@ class SlowTeardown(cp.Node):
         time.sleep(1)
 
 
+class BlocksItsLoop(cp.Node):
+    """An async def step that blocks its event loop (the mistake: time.sleep)."""
+
+    async def step(self):
+        time.sleep(1.3)
+        return 1
+
+
 class StuckInTeardown(cp.Node):
     """A source whose teardown never ends (its process ends on SIGTERM)."""
 

@@ -93,6 +93,38 @@ def test_an_error_of_a_blocking_call_shows_no_frame_of_the_hand_over_between_thr
     assert [f.name for f in frames][-2:] == ["_check_not_started", "_check_committed"]
 
 
+def test_a_blocking_call_keeps_the_context_and_the_frames_of_its_error():
+    import contextlib
+    import traceback
+
+    from chimera._blocking import _LoopThread
+
+    @contextlib.asynccontextmanager
+    async def nothing():
+        yield None
+
+    def fails_in_handling():
+        try:
+            {}["key"]
+        except KeyError:
+            raise ValueError("while handling a KeyError")  # noqa: B904
+
+    async def call_a_thread():  # (Trio's frames inside the call itself are kept)
+        await trio.to_thread.run_sync(fails_in_handling)
+
+    loop = _LoopThread(nothing(), "chimera-test", shut_down="shut down")
+    try:
+        with pytest.raises(ValueError) as caught:
+            loop.call(call_a_thread)
+    finally:
+        loop.finish(trio.lowlevel.checkpoint)
+    assert isinstance(caught.value.__context__, KeyError)
+    assert not caught.value.__suppress_context__
+    names = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+    assert names[1] == "call" and names[-1] == "fails_in_handling"
+    assert "call_a_thread" in names
+
+
 def test_a_worker_presents_the_token_it_is_given(tmp_path, monkeypatch):
     monkeypatch.delenv("CHIMERA_TOKEN", raising=False)
     manager = cp.Manager(logdir=tmp_path, port=0, token="s3cret")
@@ -209,20 +241,23 @@ graph.add_node(Warns("cam"))
 manager = cp.Manager(sys.argv[1], port=0, transport=sys.argv[2])
 worker = cp.Worker("local", port=0)
 worker.connect(manager.host, manager.port)
+others = [cp.Worker(f"other{i}", port=0) for i in range(int(sys.argv[3]))]
+for other in others:
+    other.connect(manager.host, manager.port)
 manager.commit_graph(graph, {"local": ["cam"]})
 manager.shutdown()
 worker.shutdown()
 """
 
 
-@pytest.mark.parametrize("transport", ["tcp", "memory"])
-def test_a_nodes_warning_shows_without_logging_configured(tmp_path, transport):
+@pytest.mark.parametrize(("transport", "others"), [("tcp", 0), ("memory", 0), ("memory", 2)])
+def test_a_nodes_warning_shows_without_logging_configured(tmp_path, transport, others):
     # As Python shows any warning no handler takes: a script that configures no
     # logging sees its nodes' warnings (the Worker's forwarding must not hide them).
     script = tmp_path / "script.py"
     script.write_text(NODE_THAT_WARNS)
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "logs"), transport],
+        [sys.executable, str(script), str(tmp_path / "logs"), transport, str(others)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -5,6 +5,7 @@ Nodes in child processes: test_process.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -1180,7 +1181,35 @@ async def test_an_async_step_that_blocks_the_loop_is_said_once(tmp_path, caplog,
     warned = [m for m in caplog.messages if "held up" in m]
     assert len(warned) == 1
     assert re.fullmatch(
-        r"node 'blocker': its event loop was held up for 0\.\d s: its async def step ran that "
-        r"long without awaiting \(time\.sleep, or a blocking call\?\)\. .* \(said once\)",
+        r"node 'blocker': the event loop it shares with its Worker's nodes \(memory transport\) "
+        r"was held up for 0\.\d s: an async def step, its own or another's, ran that long "
+        r"without awaiting \(time\.sleep, or a blocking call\?\)\. .* \(said once\)",
         warned[0],
     )
+
+
+def checked(step):
+    """A decorator, as users write them: what the runtime calls is the wrapper."""
+
+    @functools.wraps(step)
+    def wrapper(self, data_chunks):
+        return step(self, data_chunks["cam"], len(data_chunks))
+
+    return wrapper
+
+
+class Decorated(cp.Node):
+    @checked
+    def step(self, chunk, count):
+        return count
+
+
+async def test_a_decorated_step_is_checked_as_what_is_called(tmp_path):
+    graph = cp.Graph()
+    graph.add_edge(SinkWithoutInput("cam"), Decorated("decorated"))
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["cam", "decorated"]})
+            assert await manager.step()
+            gathered = await manager.gather()
+    assert [chunk.get("default")["value"] for chunk in gathered.values()] == [1, 1]

@@ -31,6 +31,7 @@ from chimera._worker import AsyncWorker
 from .nodes import (
     AsyncCounter,
     AsyncSink,
+    BlocksItsLoop,
     BrokenPrep,
     Camera,
     Counter,
@@ -46,6 +47,7 @@ from .nodes import (
     Stubborn,
     WithAHelper,
 )
+from .records import on_record
 
 
 @asynccontextmanager
@@ -993,3 +995,21 @@ async def test_a_timeout_around_a_cluster_is_one_cancellation_not_a_tree(
     assert [
         r for r in caplog.records if r.levelno >= logging.WARNING and "left" in r.getMessage()
     ] == []
+
+
+async def test_a_node_whose_async_step_blocks_its_loop_says_so(tmp_path, caplog):
+    said = trio.Event()
+    graph = cp.Graph()
+    graph.add_node(BlocksItsLoop("blocker"))
+    with trio.fail_after(60), on_record("chimera.node.blocker", "held up", said.set):
+        async with cluster(tmp_path, "local") as manager:
+            assert await manager.commit_graph(graph, {"local": ["blocker"]})
+            assert await manager.start()
+            await said.wait()
+            assert await manager.stop()
+    [warned] = [m for m in caplog.messages if "held up" in m]
+    assert re.match(
+        r"node 'blocker': its event loop was held up for 1\.\d s: its async def step ran that "
+        r"long without awaiting",
+        warned,
+    )

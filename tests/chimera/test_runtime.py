@@ -864,3 +864,17 @@ async def test_an_async_source_whose_step_never_awaits_still_stops():
         _, states = await run_pipeline([busy], [], until=started, stop=["busy"])
     assert busy.turns >= 100
     assert states["busy"][-2:] == [cp.NodeState.STOPPED, cp.NodeState.SHUTDOWN]
+
+
+def test_data_chunks_say_why_a_name_is_missing():
+    import pickle
+
+    from chimera._runtime import Inputs
+
+    inputs = Inputs({"cam": cp.DataChunk()}, ("cam", "mic"))
+    with pytest.raises(KeyError, match="'mic': that input has sent no chunk yet"):
+        inputs["mic"]
+    with pytest.raises(KeyError, match="'camera' is not an input of this node: its inputs are"):
+        inputs["camera"]
+    copy = pickle.loads(pickle.dumps(inputs))  # (a node may send it on, or keep it)
+    assert list(copy) == ["cam"] and isinstance(copy, dict)
