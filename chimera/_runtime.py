@@ -50,7 +50,7 @@ from ._data import DataChunk, DecodeError, Frame, decode_chunk, encode_chunk
 from ._errors import NodeError
 from ._node import Node, NodeState
 from ._recording import Recorder, StreamInfo
-from ._service import run_all, single_exception
+from ._service import run_all, single_exception, unwrapped
 from ._user_thread import Result, StepLoop, UserThread
 
 __all__ = ["Input", "NodeRuntime"]
@@ -353,19 +353,21 @@ class NodeRuntime:
             if not failed:
                 await self._wait_for_outputs()
                 self._set_state(NodeState.RUNNING)
-                async with trio.open_nursery() as nursery:
-                    if self._inline:
-                        nursery.start_soon(self._watch_the_loop)
-                    try:
-                        if type(self.node).main is not Node.main:
-                            await self._run_main()
-                        elif self._inputs:
-                            await self._step_on_inputs()
-                        else:
-                            await self._step_as_source()
-                    except NodeError:  # (here, not out of the nursery: no exception group)
-                        failed = True
-                    nursery.cancel_scope.cancel()
+                # (unwrapped: an error of chimera's own comes out as itself)
+                with unwrapped():
+                    async with trio.open_nursery() as nursery:
+                        if self._inline:
+                            nursery.start_soon(self._watch_the_loop)
+                        try:
+                            if type(self.node).main is not Node.main:
+                                await self._run_main()
+                            elif self._inputs:
+                                await self._step_on_inputs()
+                            else:
+                                await self._step_as_source()
+                        except NodeError:  # (here, not out of the nursery: no group)
+                            failed = True
+                        nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 # It takes in nothing more: its inputs' outlets forget it at
