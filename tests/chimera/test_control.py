@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import httpx
@@ -427,6 +428,15 @@ async def test_a_logdir_that_cannot_be_written_in_is_named(tmp_path):
     assert str(caught.value) == (
         f"[Errno 20] the manager cannot write in its logdir {tmp_path}/a-file/logs: Not a directory"
     )
+
+
+async def test_a_worker_used_after_its_block_says_it_is_not_running(tmp_path):
+    async with AsyncWorker("w") as worker:
+        pass
+    connect = partial(worker.connect, "127.0.0.1", 9)
+    for call in (connect, partial(trio.to_thread.run_sync, trio.run, connect)):  # (any run)
+        with pytest.raises(RuntimeError, match=r"the worker is not running: use `async with"):
+            await call()
 
 
 def test_an_unknown_transport_is_refused_when_the_manager_is_made(tmp_path):
