@@ -199,6 +199,8 @@ class NodeRuntime:
         self.node = node
         node._in_cluster = True
         self._inputs = list(inputs)
+        #: The inputs' names, as each step's ``data_chunks`` knows them.
+        self._input_names = tuple(names)
         self._follow = follow if follow is not None else (names[0] if names else None)
         self._outputs = outputs
         self._transport = transport
@@ -512,7 +514,7 @@ class NodeRuntime:
                 await run_all([partial(self._read_offline, name) for name in self._inlets])
                 if not self._offline_missing():
                     self._offline_latest[self._follow] = self._offline_pending.popleft()[0]
-                    inputs = Inputs(self._offline_latest, tuple(self._inlets))
+                    inputs = Inputs(self._offline_latest, self._input_names)
                     value = await self._call("step", self.node.step, inputs)
                     await self._send([self._output(value)])
         except Exception as exc:  # (not a cancellation: then the nodes downstream stop too)
@@ -659,7 +661,7 @@ class NodeRuntime:
             latest: dict[str, DataChunk] = {}
 
             def publish() -> None:
-                self.node.in_bound_data = Inputs(latest, tuple(self._inlets))
+                self.node.in_bound_data = Inputs(latest, self._input_names)
                 self.node.new_data_available = True
 
             def stop_main(exc: NodeError) -> None:
@@ -911,7 +913,7 @@ class NodeRuntime:
                 if missing:
                     self.dropped += 1  # (never stepped on)
                 else:
-                    steps.append((Inputs(latest, tuple(self._inlets)),))
+                    steps.append((Inputs(latest, self._input_names),))
             await take(steps)
             if ended:
                 return
