@@ -18,14 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
 from ._data import DataChunk
 from ._errors import SAID_WHOLE
 from ._graph import Graph
-from ._manager import AsyncManager, WorkerInfo
+from ._manager import AsyncManager, TransportName, WorkerInfo
 from ._node import NodeState
 from ._worker import AsyncWorker
 
@@ -297,7 +297,7 @@ class Manager:
         *,
         host: str = "127.0.0.1",
         token: str | None = None,
-        transport: Literal["tcp", "nng", "memory"] = "tcp",
+        transport: TransportName = "tcp",
         allow_objects: bool = False,
         logs_port: int = 0,
         publisher_port: int | None = None,
@@ -306,8 +306,10 @@ class Manager:
     ) -> None:
         if publisher_port is not None and logs_port == 0:
             logs_port = publisher_port
-        ignored = {"publisher_transport": publisher_transport}
-        ignored["publisher_root_topic"] = publisher_root_topic
+        ignored = {
+            "publisher_transport": publisher_transport,
+            "publisher_root_topic": publisher_root_topic,
+        }
         for option, value in ignored.items():
             if value is not None:
                 log.warning(

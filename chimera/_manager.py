@@ -38,7 +38,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial, wraps
 from pathlib import Path
-from typing import Any, Literal, TextIO, TypeVar, cast
+from typing import Any, Literal, TextIO, TypeVar, cast, get_args
 
 import hypercorn.config
 import msgpack
@@ -61,7 +61,8 @@ from ._shipping import pickle_node, unpicklable_part
 __all__ = ["AsyncManager", "WorkerInfo"]
 
 #: The data planes a cluster may use (``transport=``).
-TRANSPORTS = ("tcp", "nng", "memory")
+TransportName = Literal["tcp", "nng", "memory"]
+TRANSPORTS = get_args(TransportName)
 #: How often a commit, or a stop, logs the nodes it still waits for, in seconds.
 PROGRESS_EVERY = 10.0
 #: After how long that log line is a warning, in seconds.
@@ -205,7 +206,7 @@ class AsyncManager(Service):
         *,
         host: str = "127.0.0.1",
         token: str | None = None,
-        transport: Literal["tcp", "nng", "memory"] = "tcp",
+        transport: TransportName = "tcp",
         allow_objects: bool = False,
         logs_port: int = 0,
     ) -> None:
