@@ -1591,10 +1591,9 @@ class AsyncManager(Service):
                 elif kind == "node_state" and info is not None:
                     if message["node_id"] not in self._mapping.get(info.id, []):
                         continue  # (not its node: an old graph's, or a forgery)
+                    # (Why a node failed is a record of its own, or the
+                    # NodeError of the call that failed it: not said here again.)
                     self._set_node_state(message["node_id"], message["state"], message["reason"])
-                    if message["reason"]:
-                        name = self._node_names.get(message["node_id"], message["node_id"])
-                        log.error("node %r on %r failed: %s", name, info.name, message["reason"])
                 else:
                     await reply("error", error=f"unexpected {kind} message", re=kind)
         finally:

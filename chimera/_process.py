@@ -360,6 +360,10 @@ class NodeProcess:
         }
         self._zygote = zygote
         self._on_state = on_state
+        #: The node's own logger, in this process: what is said here of its
+        #: failure is the node's record (its Worker sends it to the Manager,
+        #: into ``nodes.log``), said once, as its runtime says a raise.
+        self._node_log = logging.getLogger(f"{NODE_LOGGER}.{name}")
         self.state = NodeState.INITIALIZED
         self._address: str | None = None
         self._pid: int | None = None
@@ -539,6 +543,7 @@ class NodeProcess:
         self._orphan = True
         if not self._closing and self.state not in (*_ENDED, NodeState.FAILED):
             self._death = death
+            self._node_log.error("node %r failed: %s", self.name, death)
             self._set_state(NodeState.FAILED, death)
         self._closing = True
         self._kill_scope.cancel()
@@ -575,11 +580,12 @@ class NodeProcess:
         """
         with trio.CancelScope(shield=True):
             crash: str | None = None
+            crashed: str | None = None  # (its traceback)
             async with events, trio.open_nursery() as nursery:
 
                 async def take() -> None:
-                    nonlocal crash
-                    crash = await self._take_events(events)
+                    nonlocal crash, crashed
+                    crash, crashed = await self._take_events(events)
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(take)
@@ -594,18 +600,26 @@ class NodeProcess:
                 # A node whose run had ended (its teardown ran, its files are
                 # closed) stays STOPPED or SAVED: its process ended idle. A
                 # crash fails it even once SHUTDOWN: its runtime says so as
-                # the error leaves it.
+                # the error leaves it. A node FAILED already has said why.
                 ended = crash is None and self.state in _ENDED
-                if ended and not self._closing:
-                    log.warning(
-                        "node %r: %s after it had ended (%s): it stays so",
-                        self.name,
-                        self._death,
-                        self.state.value,
-                    )
-                elif not self._closing:
-                    log.error("node %r: %s", self.name, self._death)
-                if self.state is not NodeState.FAILED and not ended:
+                if ended:
+                    if not self._closing:
+                        log.warning(
+                            "node %r: %s after it had ended (%s): it stays so",
+                            self.name,
+                            self._death,
+                            self.state.value,
+                        )
+                elif self.state is NodeState.FAILED:
+                    if crashed is not None:  # (after its failure: chimera's own error)
+                        log.error("node %r crashed:\n%s", self.name, crashed.rstrip())
+                else:
+                    if crashed is None:
+                        self._node_log.error("node %r failed: %s", self.name, self._death)
+                    else:
+                        self._node_log.error(
+                            "node %r failed: %s\n%s", self.name, self._death, crashed.rstrip()
+                        )
                     self._set_state(NodeState.FAILED, self._death)
             for name in list(self._pending):
                 while name in self._pending:
@@ -633,10 +647,14 @@ class NodeProcess:
         log.error("node %r: its events pipe is still open; it is taken as ended", self.name)
         reading.cancel()
 
-    async def _take_events(self, events: trio.lowlevel.FdStream) -> str | None:
-        """Handle the child's events until the pipe ends; why it crashed, if it said."""
+    async def _take_events(
+        self, events: trio.lowlevel.FdStream
+    ) -> tuple[str | None, str | None]:
+        """Handle the child's events until the pipe ends; why it crashed, if
+        it said, and the traceback of a crash of chimera's own there."""
         reader = _pipe.MessageReader(events)
         crash: str | None = None
+        crashed: str | None = None
         try:
             while (event := await reader.read()) is not None:
                 kind = event[0]
@@ -657,13 +675,12 @@ class NodeProcess:
                         crash = event[2]
                         self._set_state(NodeState.FAILED, crash)
                     self._answer(event[1], event[2:])
-                elif kind == "crashed":
-                    crash = event[1]
-                    log.error("node %r crashed:\n%s", self.name, event[2])
+                elif kind == "crashed":  # (said once it has exited, with how)
+                    crash, crashed = event[1], event[2]
         except _pipe.PipeError as exc:
             log.error("node %r: bad message from its process: %s", self.name, exc)
             self._kill_scope.cancel()
-        return crash
+        return crash, crashed
 
     # --- helpers ---------------------------------------------------------------
 

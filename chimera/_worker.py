@@ -831,7 +831,10 @@ class AsyncWorker(Service):
             with scope:
                 await runtime.run(stopped)
         except NodeError as exc:
-            log.error("worker %r: %s", self.name, exc)
+            # A node FAILED has said why, under its own logger (into the
+            # Manager's nodes.log): said once.
+            level = logging.DEBUG if runtime.state is NodeState.FAILED else logging.ERROR
+            log.log(level, "worker %r: %s", self.name, exc)
         finally:
             done.set()
 

@@ -131,6 +131,13 @@ class Sink(cp.Node):
         Path(self.folder, f"{self.name}.json").write_text(json.dumps(self.seen))
 
 
+class RaisesInTeardown(Sink):
+    """A :class:`Sink` whose ``teardown`` raises."""
+
+    def teardown(self):
+        raise OSError("the device is gone")
+
+
 class WithAHelper(Sink):
     """A :class:`Sink` with a helper process forked by ``multiprocessing`` (as
     device and model libraries start them), which holds every file the node's

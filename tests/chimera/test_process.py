@@ -39,6 +39,7 @@ from .nodes import (
     Interrupted,
     Pairs,
     Raises,
+    RaisesInTeardown,
     Recording,
     Sink,
     SlowPrep,
@@ -340,6 +341,43 @@ async def test_stop_returns_after_a_node_failed_under_a_source_that_runs_on(tmp_
                 await manager.shutdown()
 
 
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("step", "node 'sink' failed: step raised KeyError("),
+        ("teardown", "node 'sink' failed: teardown raised OSError('the device is gone')"),
+        ("killed", "node 'sink' failed: its process was killed by SIGKILL"),
+    ],
+)
+async def test_a_nodes_failure_is_said_once_as_its_own_record(tmp_path, caplog, how, said):
+    # Not again by its Worker or by the Manager; into the Manager's nodes.log.
+    async with notifications() as (port, notified):
+        kind = {"step": Raises, "teardown": RaisesInTeardown, "killed": Sink}[how]
+        sink = Raises("sink") if how == "step" else kind("sink", str(tmp_path), "camera", 3, port)
+        graph = cp.Graph()
+        graph.add_edge(Camera("camera", port, made=3), sink)
+        with trio.fail_after(60):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["camera", "sink"]})
+                await manager.start()
+                if how == "killed":
+                    assert await notified.receive() == b"x"  # (from each node)
+                    assert await notified.receive() == b"x"
+                    os.kill(int((tmp_path / "sink.pid").read_text()), signal.SIGKILL)
+                if how != "teardown":
+                    assert await manager.wait_for_node_state("sink", "FAILED") == "FAILED"
+                assert await manager.stop()
+                assert manager.nodes[sink.id] == "FAILED"
+                await manager.shutdown()
+    failures = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.name, r.getMessage().startswith(said)) for r in failures] == [
+        ("chimera.node.sink", True)
+    ]
+    if how != "killed":
+        assert "\nTraceback (most recent call last):\n" in failures[0].getMessage()
+    assert f"ERROR local/sink: {said}" in (tmp_path / "logs" / "nodes.log").read_text()
+
+
 async def test_a_node_process_ended_by_keyboardinterrupt_is_failed_not_shut_down(tmp_path):
     async with notifications() as (port, _):
         graph = cp.Graph()
@@ -410,9 +448,9 @@ async def test_a_node_whose_module_its_process_cannot_import_is_a_node_error(
         "send_packages=[{'name': 'only_here', 'path': ...}]))"
     )
     assert str(error) == f"node 'ghost': {reason}"
-    # The Manager says the same of the node (not how its process exited).
-    failed = [r.getMessage() for r in caplog.records if r.name == "chimera.manager"]
-    assert f"node 'ghost' on 'local' failed: {reason}" in failed
+    # Raised, it is not said again on the console (nor how its process exited).
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == []
 
 
 async def test_a_node_shipped_by_value_names_its_file_and_line_in_the_traceback(
