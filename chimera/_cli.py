@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import trio
 
-from ._protocol import in_url
+from ._protocol import checked_host, in_url
 from ._recording import check_name
 from ._version import __version__
 
@@ -37,15 +37,33 @@ def _port(text: str) -> int:
 
 
 def _address(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, the port 1 to 65535: the host and the port (an argparse type).
+    """``HOST:PORT``, the port 1 to 65535 (an IPv6 host in brackets, or not):
+    the host, without brackets, and the port (an argparse type).
 
     Raises:
         argparse.ArgumentTypeError: *text* is not such an address (a URL, no port, ...).
     """
     host, _, port = text.rpartition(":")
-    if not host or "/" in host or not port.isdecimal() or not 1 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, a port 1 to 65535, not {text!r}")
-    return host, int(port)
+    try:
+        if not port.isdecimal() or not 1 <= int(port) <= 65535:
+            raise ValueError(port)
+        return checked_host(host), int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT ([::1]:9000 for an IPv6 address), a port 1 to 65535, not {text!r}"
+        ) from None
+
+
+def _host(text: str) -> str:
+    """A host name or IP address, without brackets (an argparse type).
+
+    Raises:
+        argparse.ArgumentTypeError: *text* is neither, saying why.
+    """
+    try:
+        return checked_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(text: str) -> float:
@@ -114,7 +132,10 @@ def _parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=9000, help="default: %(default)s; 0 picks a free port"
     )
     manager.add_argument(
-        "--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)"
+        "--host",
+        type=_host,
+        default="127.0.0.1",
+        help="the address to listen on (default: %(default)s; every interface: 0.0.0.0 or ::)",
     )
     manager.add_argument(
         "--logdir",
@@ -267,7 +288,7 @@ async def _run_worker(args: argparse.Namespace, stop: _Stop) -> int:
     from ._worker import AsyncWorker
 
     host, port = args.manager
-    manager = f"{host}:{port}"
+    manager = f"{in_url(host)}:{port}"
     async with AsyncWorker(args.name, delete_temp=not args.keep_temp, token=args.token) as worker:
         stop.on_force(worker.kill_nodes)
         with stop.until_requested():  # connecting included

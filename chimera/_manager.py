@@ -193,7 +193,8 @@ class AsyncManager(Service):
             default: unpickling a chunk runs code its sender chose.
 
     Raises:
-        ValueError: *transport* is none of the known ones.
+        ValueError: *transport* is none of the known ones, or *host* is not a
+            host name or IP address (an IPv6 one may be in brackets).
     """
 
     def __init__(
@@ -215,7 +216,7 @@ class AsyncManager(Service):
             raise ValueError(f"transport={transport!r}: the known ones are {known}")
         self.logdir = Path(logdir) if logdir is not None else Path.cwd() / "chimera-sessions"
         self._logs_port = logs_port
-        self.host = host
+        self.host = protocol.checked_host(host)
         self.port = port
         self.max_num_of_workers = max_num_of_workers
         self.publish_logs_via_zmq = publish_logs_via_zmq
@@ -1329,7 +1330,8 @@ class AsyncManager(Service):
                     self._log_publisher.listen(f"tcp://{self._url_host}:{self._logs_port}")
                 except pynng.NNGException as exc:
                     raise OSError(
-                        f"the manager cannot publish logs on {self.host}:{self._logs_port}: {exc}"
+                        "the manager cannot publish logs on "
+                        f"{self._url_host}:{self._logs_port}: {exc}"
                     ) from None
                 # pynng 0.9's local_address.port is byte-swapped: read the string form.
                 port = str(self._log_publisher.listeners[0].local_address).rsplit(":", 1)[1]
@@ -1361,9 +1363,9 @@ class AsyncManager(Service):
             except OSError as error:
                 raise OSError(
                     error.errno,
-                    f"the manager cannot listen on {self.host}:{self.port}: {error.strerror}",
+                    f"the manager cannot listen on {self._url_host}:{self.port}: {error.strerror}",
                 ) from None
-            log.info("manager serving on %s:%d", self.host, self.port)
+            log.info("manager serving on %s:%d", self._url_host, self.port)
             self._tasks = nursery
             try:
                 yield

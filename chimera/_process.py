@@ -647,9 +647,7 @@ class NodeProcess:
         log.error("node %r: its events pipe is still open; it is taken as ended", self.name)
         reading.cancel()
 
-    async def _take_events(
-        self, events: trio.lowlevel.FdStream
-    ) -> tuple[str | None, str | None]:
+    async def _take_events(self, events: trio.lowlevel.FdStream) -> tuple[str | None, str | None]:
         """Handle the child's events until the pipe ends; why it crashed, if
         it said, and the traceback of a crash of chimera's own there."""
         reader = _pipe.MessageReader(events)

@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
+import re
 import secrets
 from typing import Any
 
@@ -46,6 +48,7 @@ __all__ = [
     "SILENCE_TIMEOUT",
     "VERSION",
     "ProtocolError",
+    "checked_host",
     "in_url",
     "make",
     "new_nonce",
@@ -116,6 +119,52 @@ def token_or_default(token: str | None) -> str | None:
     if token is None:
         token = os.environ.get("CHIMERA_TOKEN")
     return token or None
+
+
+def checked_host(text: str) -> str:
+    """*text* as a host to listen on or reach: a host name, an IPv4 address, or
+    an IPv6 address, this one with or without brackets; returned without them.
+
+    Raises:
+        ValueError: *text* is none of these (empty, a URL, ``HOST:PORT``,
+            unbalanced brackets, ...), naming it.
+    """
+    host = _host(text)
+    if host is not None:
+        return host
+    head, _, port = text.rpartition(":")
+    if not text:
+        hint = " (every interface is '0.0.0.0', or '::')"
+    elif "/" in text:
+        hint = " (a host, not a URL)"
+    elif port.isdecimal() and _host(head) is not None:
+        hint = " (without its port: the port is given on its own)"
+    elif text.startswith("[") and text.endswith("]") and _host(text[1:-1]) is not None:
+        hint = " (only an IPv6 address goes in brackets)"
+    else:
+        hint = ""
+    raise ValueError(f"not a host name or IP address: {text!r}{hint}")
+
+
+def _host(text: str) -> str | None:
+    """*text* without brackets if it is a host (see :func:`checked_host`), else None."""
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            ipaddress.IPv6Address(text[1:-1])
+        except ValueError:
+            return None
+        return text[1:-1]
+    if ":" in text:
+        try:
+            ipaddress.IPv6Address(text)  # (a scope too: fe80::1%eth0)
+        except ValueError:
+            return None
+        return text
+    return text if _HOST_NAME.fullmatch(text) else None
+
+
+#: A host name or an IPv4 address (labels of letters, digits, ``-`` and ``_``).
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 
 def in_url(host: str) -> str:

@@ -330,8 +330,11 @@ class AsyncWorker(Service):
                 connected already, or the name cannot name a folder there.
             RuntimeError: the Worker is not running (use ``async with``), or
                 is connected already, or connecting (another call is under way).
+            ValueError: *host* is not a host name or IP address (an IPv6 one
+                may be in brackets): a URL, say, or ``HOST:PORT``.
         """
         self._check_run("connect")
+        host = protocol.checked_host(host)
         if self._nursery is None:
             raise RuntimeError("the worker is not running: use `async with AsyncWorker(...)`")
         if self._connected:

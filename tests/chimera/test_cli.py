@@ -198,8 +198,8 @@ def test_a_manager_url_is_not_a_manager_address():
     result = run("worker", "--name", "w", "--manager", "http://127.0.0.1:9000")
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
-        "chimera worker: error: argument --manager: expected HOST:PORT, a port 1 to 65535, "
-        "not 'http://127.0.0.1:9000'"
+        "chimera worker: error: argument --manager: expected HOST:PORT ([::1]:9000 for an IPv6 "
+        "address), a port 1 to 65535, not 'http://127.0.0.1:9000'"
     )
 
 
@@ -215,6 +215,16 @@ BAD_ADDRESS = "argument --manager: expected HOST:PORT"
         (["worker", "--name", "w", "--manager", "127.0.0.1:70000"], BAD_ADDRESS),
         (["worker", "--name", "w", "--manager", "127.0.0.1:0"], BAD_ADDRESS),
         (["worker", "--name", "w", "--manager", "127.0.0.1"], BAD_ADDRESS),
+        (["worker", "--name", "w", "--manager", "::1"], BAD_ADDRESS),  # (no port)
+        (["worker", "--name", "w", "--manager", ":9000"], BAD_ADDRESS),
+        (["worker", "--name", "w", "--manager", "[::1:9000"], BAD_ADDRESS),
+        (["worker", "--name", "w", "--manager", "[127.0.0.1]:9000"], BAD_ADDRESS),
+        (
+            ["manager", "--host", ""],
+            "argument --host: not a host name or IP address: '' (every interface is "
+            "'0.0.0.0', or '::')",
+        ),
+        (["manager", "--host", "[::1"], "argument --host: not a host name or IP address: '[::1'"),
         (
             ["worker", "--name", "", "--manager", "127.0.0.1:9000"],
             "argument --name: worker name '' is not a valid file name: it is empty",
@@ -241,6 +251,20 @@ def test_bad_arguments_are_usage_errors(capsys, argv, error):
         _parser().parse_args(argv)
     assert exit.value.code == 2
     assert f"chimera {argv[0]}: error: {error}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("given", "manager"),
+    [
+        ("lab-pc:9000", ("lab-pc", 9000)),
+        ("[::1]:9000", ("::1", 9000)),
+        ("::1:9000", ("::1", 9000)),  # (as before brackets were taken)
+        ("10.0.0.5:1", ("10.0.0.5", 1)),
+    ],
+)
+def test_a_manager_address_may_be_written_as_users_write_them(given, manager):
+    args = _parser().parse_args(["worker", "--name", "w", "--manager", given])
+    assert args.manager == manager
 
 
 def test_a_bad_port_is_one_line_of_error_not_a_traceback(tmp_path):

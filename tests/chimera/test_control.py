@@ -936,6 +936,54 @@ def test_logs_are_published_at_an_address_a_client_can_dial(host, dialed):
     assert _dialable(host) == dialed
 
 
+BAD_HOSTS = [
+    ("", "'' (every interface is '0.0.0.0', or '::')"),
+    ("localhost:9000", "'localhost:9000' (without its port: the port is given on its own)"),
+    ("[::1]:9000", "'[::1]:9000' (without its port: the port is given on its own)"),
+    ("http://localhost", "'http://localhost' (a host, not a URL)"),
+    ("[127.0.0.1]", "'[127.0.0.1]' (only an IPv6 address goes in brackets)"),
+    ("[::1", "'[::1'"),
+    ("::1]", "'::1]'"),
+    ("lab pc", "'lab pc'"),
+]
+
+
+@pytest.mark.parametrize(("host", "said"), BAD_HOSTS)
+def test_a_manager_refuses_a_host_that_is_not_one(tmp_path, host, said):
+    # (An empty one would listen on every interface, unsaid.)
+    with pytest.raises(ValueError) as raised:
+        AsyncManager(tmp_path, port=0, host=host)
+    assert str(raised.value) == f"not a host name or IP address: {said}"
+
+
+@pytest.mark.parametrize(("host", "said"), BAD_HOSTS)
+async def test_a_worker_refuses_to_connect_to_a_host_that_is_not_one(host, said):
+    async with AsyncWorker("lab-pc") as worker:
+        with pytest.raises(ValueError) as raised:
+            await worker.connect(host, 9000, timeout=5)
+        assert str(raised.value) == f"not a host name or IP address: {said}"
+        assert not worker.connected
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("given", ["::1", "[::1]"])
+async def test_an_ipv6_host_in_brackets_or_not_is_reached_as_the_manager_says(tmp_path, given):
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0, host=given) as manager:
+            assert manager.host == "::1"
+            async with AsyncWorker("lab-pc") as worker:
+                assert await worker.connect(given, manager.port)
+
+
 async def test_a_clock_exchange_that_cannot_be_is_dropped_and_the_worker_stays(caplog):
     # As when a clock steps during an exchange: its answer seems to take less
     # time than the Manager spent on it. Then a good exchange.
