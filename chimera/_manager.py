@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import datetime
 import inspect
+import ipaddress
 import itertools
 import json
 import logging
@@ -104,6 +105,8 @@ class WorkerInfo:
     connected_ns: int
     #: The address it connected from.
     ip: str = ""
+    #: The Manager's address as it reached it (this machine's, as it sees it).
+    reached: str = ""
     #: The state of each of its nodes, by node id (see :attr:`AsyncManager.nodes`).
     nodes: dict[str, str] = field(default_factory=dict)
     _send: Send | None = field(default=None, repr=False)
@@ -717,7 +720,13 @@ class AsyncManager(Service):
         if not node_ids:
             return
         local = set(self._mapping.get(worker_id, []))
-        specs = [self._spec(graph, node_id, self._node_names, local) for node_id in node_ids]
+        specs = [
+            {
+                **self._spec(graph, node_id, self._node_names, local),
+                "bind_host": self._bind_host(graph, worker_id, node_id),
+            }
+            for node_id in node_ids
+        ]
         result = await self._request(worker_id, "create_nodes", nodes=specs)
         # (Only those asked for: a Worker does not say where another's nodes are.)
         self._set_node_addresses({node: result["addresses"].get(node) for node in node_ids})
@@ -1232,6 +1241,28 @@ class AsyncManager(Service):
             "link_key": self._link_key,
         }
 
+    def _bind_host(self, graph: Graph, worker_id: str, node_id: str) -> str | None:
+        """Where the outlet of *node_id*, on *worker_id*, must listen for the
+        Workers it sends to, if not where its Worker reached the Manager (None).
+
+        A Worker that reached the Manager over loopback (it runs on the
+        Manager's machine: ``connect(manager.host, ...)`` with ``host="0.0.0.0"``)
+        would listen on loopback, which a Worker on another machine cannot
+        reach: it listens where such a Worker reached the Manager, an address
+        of this same machine.
+        """
+        info = self._workers.get(worker_id)
+        if info is None or not _is_loopback(info.ip):
+            return None
+        outputs = set(graph.outputs(node_id))
+        for receiver_id, node_ids in self._mapping.items():
+            receiver = self._workers.get(receiver_id)
+            if receiver is None or not outputs.intersection(node_ids):
+                continue
+            if not _is_loopback(receiver.ip) and receiver.reached:
+                return receiver.reached
+        return None
+
     async def _on_every_worker(
         self, fn: Callable[[str, list[str]], Awaitable[Any]], *, without_left: bool = False
     ) -> list[str]:
@@ -1572,6 +1603,7 @@ class AsyncManager(Service):
                         hello["name"],
                         received_ns,
                         ip=(scope.get("client") or ("",))[0],
+                        reached=_unmapped((scope.get("server") or ("",))[0]),
                         _send=send_locked,
                     )
                     self._workers[info.id] = info
@@ -1636,6 +1668,25 @@ def _check_graph(graph: object) -> None:
     """Raise TypeError unless *graph* is a :class:`Graph`."""
     if not isinstance(graph, Graph):
         raise TypeError(f"the graph must be a chimera.Graph, not {type(graph).__name__}")
+
+
+def _unmapped(address: str) -> str:
+    """*address* (an IP address, as a socket's) as IPv4 if it is an IPv4 one
+    mapped into IPv6 (``::ffff:10.0.0.5``, on a Manager listening on ``::``)."""
+    try:
+        mapped = getattr(ipaddress.ip_address(address), "ipv4_mapped", None)
+    except ValueError:
+        return address
+    return str(mapped) if mapped is not None else address
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether *address* (an IP address, as a peer's) is a loopback one
+    (``::ffff:127.0.0.1`` too); False for anything else."""
+    try:
+        return ipaddress.ip_address(_unmapped(address)).is_loopback
+    except ValueError:
+        return False
 
 
 def _dialable(host: str) -> str:

@@ -714,7 +714,9 @@ class AsyncWorker(Service):
             "follow": spec["follow"],
             "outputs": spec["outputs"],
             "transport": spec["transport"],
-            "bind": self._bind_address(spec["transport"], spec.get("local_outputs", False)),
+            "bind": self._bind_address(
+                spec["transport"], spec.get("local_outputs", False), spec.get("bind_host")
+            ),
             "folder": str(folder),
             "allow_objects": spec.get("allow_objects", False),
             "link_key": bytes.fromhex(spec["link_key"]) if spec.get("link_key") else None,
@@ -738,11 +740,13 @@ class AsyncWorker(Service):
             self._runtimes[node_id] = runtime
             await runtime.open(self._nursery)
 
-    def _bind_address(self, transport: str, local: bool) -> str | None:
+    def _bind_address(self, transport: str, local: bool, host: str | None = None) -> str | None:
         """Where a node's outlet listens: a Unix socket in this Worker's temporary
         folder if every node it sends to runs here (*local*; the ``tcp``
         transport), which carries 1080p frames ~35% faster than TCP on loopback;
-        else the address this Worker reached the Manager from."""
+        else on *host* if the Manager gave one (this Worker reached it over
+        loopback, and a Worker on another machine reads the node), else the
+        address this Worker reached the Manager from."""
         if transport == "memory":
             return None
         if transport == "tcp" and local and hasattr(socket, "AF_UNIX"):
@@ -751,10 +755,11 @@ class AsyncWorker(Service):
             if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
                 folder.mkdir(exist_ok=True)
                 return f"unix://{path}"
-        if self._host is None:
+        host = host or self._host
+        if host is None:
             return None
         scheme = "nng+tcp" if transport == "nng" else "tcp"
-        return f"{scheme}://{protocol.in_url(str(self._host))}:0"
+        return f"{scheme}://{protocol.in_url(str(host))}:0"
 
     def _offset_ns(self) -> int:
         estimate = self.clock.estimate()

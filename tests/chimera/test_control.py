@@ -23,6 +23,7 @@ from chimera import _protocol as protocol
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 
+from .network import can_bind
 from .records import on_record
 
 
@@ -965,16 +966,7 @@ async def test_a_worker_refuses_to_connect_to_a_host_that_is_not_one(host, said)
         assert not worker.connected
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not can_bind("::1"), reason="no IPv6 loopback")
 @pytest.mark.parametrize("given", ["::1", "[::1]"])
 async def test_an_ipv6_host_in_brackets_or_not_is_reached_as_the_manager_says(tmp_path, given):
     with trio.fail_after(20):

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from chimera import _protocol as protocol
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 
+from .network import can_bind
 from .nodes import (
     AsyncCounter,
     AsyncSink,
@@ -934,16 +934,7 @@ async def test_cancelling_a_worker_with_running_nodes_ends_them_at_once(tmp_path
     assert set(children_of(os.getpid())) <= before
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not can_bind("::1"), reason="no IPv6 loopback")
 async def test_nodes_listen_where_their_worker_reached_the_manager(tmp_path):
     async with notifications() as (port, notified):
         graph = counter_to_sink(tmp_path, port, 3)
@@ -961,6 +952,37 @@ async def test_nodes_listen_where_their_worker_reached_the_manager(tmp_path):
                 assert meta["mapping"] == {"v6": ["counter"], "other": ["sink"]}
                 addresses = addresses_of(manager)
                 assert addresses["counter"].startswith("tcp://[::1]:")
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+                await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+
+
+@pytest.mark.skipif(not can_bind("127.0.0.2"), reason="only 127.0.0.1 is loopback here")
+async def test_a_node_read_from_another_machine_listens_where_that_one_reached_the_manager(
+    tmp_path,
+):
+    # A Worker on the Manager's machine reached it over loopback (as
+    # connect(manager.host, ...) does with host="0.0.0.0"): its node, read by
+    # a Worker on another machine, cannot listen on loopback, but where that
+    # Worker reached the Manager, an address of this same machine. (Loopback
+    # only here: the other machine is the Manager's record of "there".)
+    async with notifications() as (port, notified):
+        graph = counter_to_sink(tmp_path, port, 3)
+        with trio.fail_after(60):
+            async with (
+                AsyncManager(tmp_path / "logs", port=0) as manager,
+                AsyncWorker("here") as here,
+                AsyncWorker("there") as there,
+            ):
+                assert await here.connect(manager.host, manager.port)
+                assert await there.connect(manager.host, manager.port)
+                await manager.wait_for_workers(2)
+                record = manager._workers[there.id]
+                record.ip, record.reached = "192.0.2.7", "127.0.0.2"
+                await manager.commit_graph(graph, {"here": ["counter"], "there": ["sink"]})
+                assert addresses_of(manager)["counter"].startswith("tcp://127.0.0.2:")
                 await manager.start()
                 assert await notified.receive() == b"x"
                 await manager.stop()
