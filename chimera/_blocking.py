@@ -252,11 +252,12 @@ class _LoopThread(Generic[T]):
         atexit.unregister(self._close_at_exit)
         if not self._alive or self._token is None:
             return
-        hurried = hurried and self._hurry is not None
+        hurry = self._hurry if hurried else None
+        hurried = hurry is not None
         try:
-            if hurried:
+            if hurry is not None:
                 log.warning("%s: Ctrl-C, stopping at once", self._thread.name)
-                trio.from_thread.run_sync(self._hurry, trio_token=self._token)
+                trio.from_thread.run_sync(hurry, trio_token=self._token)
             trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
         except trio.RunFinishedError:
             pass

@@ -159,6 +159,7 @@ async def _run_command(
 ) -> None:
     """Run a command, then say how it ended; *stats_of*: after sending that
     runtime's last statistics (a run's: its Worker reports them once it ends)."""
+    ended: tuple[str | None, ...]
     try:
         await call(*args)
     except NodeError as exc:

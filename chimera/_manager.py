@@ -465,7 +465,12 @@ class AsyncManager(Service):
             steps, dropped = values.get("steps"), values.get("dropped")
             waited = values.get("writer_wait_ms", 0)
             now = values.get("at_ns", self._clock())
-            if not all(isinstance(value, int) for value in (steps, dropped, waited, now)):
+            if not (
+                isinstance(steps, int)
+                and isinstance(dropped, int)
+                and isinstance(waited, int)
+                and isinstance(now, int)
+            ):
                 continue
             last = self._steps_sampled.get(node_id)
             fps_before = info.get("fps")

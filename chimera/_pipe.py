@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+from io import RawIOBase
 from typing import Any, BinaryIO
 
 import trio
@@ -46,8 +47,9 @@ def _decode(data: bytes) -> Any:
         raise PipeError(f"a message that does not unpickle: {exc!r}") from exc
 
 
-def read_blocking(stream: BinaryIO) -> Any | None:
-    """The next message from a blocking binary *stream*; None at end of file.
+def read_blocking(stream: BinaryIO | RawIOBase) -> Any | None:
+    """The next message from a blocking binary *stream* (a file, or a
+    socket's unbuffered ``makefile("rb", buffering=0)``); None at end of file.
 
     Raises:
         PipeError: the stream ended inside a message, or it does not unpickle.
@@ -62,8 +64,8 @@ def read_blocking(stream: BinaryIO) -> Any | None:
     return _decode(data)
 
 
-def _read_exactly(stream: BinaryIO, count: int) -> bytes | None:
-    chunks = []
+def _read_exactly(stream: BinaryIO | RawIOBase, count: int) -> bytes | None:
+    chunks: list[bytes] = []
     while count:
         chunk = stream.read(count)
         if not chunk:

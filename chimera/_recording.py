@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy
 
@@ -321,6 +321,7 @@ class _Stream:
         writer, flushed, opened = self.writer, time.monotonic(), False
         try:
             while True:
+                item: tuple[Any, int] | Literal[False] | None
                 try:
                     item = self._queue.get(timeout=FLUSH_PERIOD)
                 except queue.Empty:
@@ -522,7 +523,7 @@ class _VideoWriter(_Writer):
         #: The timestamp of the last keyframe's frame.
         self._keyframe_ns: int | None = None
 
-    def prepare(self, data: Any, fps: Any = None) -> numpy.ndarray:
+    def prepare(self, data: Any, **params: Any) -> numpy.ndarray:
         frame = self._as_uint8(numpy.asarray(data))
         if (
             frame.dtype != numpy.uint8

@@ -926,7 +926,9 @@ class NodeRuntime:
                 return
             chunks = self._unpack(message, self._follow)
 
-    def _keep_waiting(self, waiting: deque[tuple[DataChunk, int]], message: list[Frame]) -> None:
+    def _keep_waiting(
+        self, waiting: deque[tuple[DataChunk, int]], message: list[memoryview]
+    ) -> None:
         """Add the chunks of *message*, from the followed input, to those
         *waiting* for the other inputs' first (each with its share of its
         message's bytes): at most :data:`WAITING_CHUNKS`, or about

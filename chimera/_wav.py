@@ -93,6 +93,7 @@ class WavWriter:
         if not block.size:
             return
         block = numpy.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
+        data: bytes | memoryview
         if self._bits == 24:
             data = block.view(numpy.uint8).reshape(-1, 4)[:, 1:].tobytes()
         else:

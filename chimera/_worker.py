@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +251,7 @@ class AsyncWorker(Service):
         self._zygote_scopes: list[trio.CancelScope] = []
         self._shared_offset = 0
         #: The address this Worker reached the Manager from, once connected.
-        self._host: str | None = None
+        self._host: IPv4Address | IPv6Address | None = None
         self._zygote_lock = trio.Lock()
         self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
         #: Whether a message is being sent; woken when none is left to send.
@@ -497,7 +498,7 @@ class AsyncWorker(Service):
 
     async def _report_stats(self) -> None:
         """Send the Manager each node's statistics, once a second while they change."""
-        last: dict[str, dict[str, int]] = {}
+        last: dict[str, dict[str, int | None]] = {}
         while True:
             await trio.sleep(STATS_PERIOD)
             stats = self._node_stats()
@@ -722,10 +723,9 @@ class AsyncWorker(Service):
             "link_key": bytes.fromhex(spec["link_key"]) if spec.get("link_key") else None,
         }
         pickled = base64.b64decode(spec["node"])
+        runtime: NodeRuntime | NodeProcess
         if spec["transport"] == "memory":  # in this Trio loop: memory links live here
-            runtime: NodeRuntime | NodeProcess = NodeRuntime(
-                cloudpickle.loads(pickled), **settings, on_state=report
-            )
+            runtime = NodeRuntime(cloudpickle.loads(pickled), **settings, on_state=report)
             self._runtimes[node_id] = runtime
             await runtime.__aenter__()
         else:
@@ -958,7 +958,7 @@ class AsyncWorker(Service):
         )
         sent: list[dict[str, Any]] = []
         whole = True  # (a file the Manager got otherwise stays uncollected: kept, or warned of)
-        if moved:
+        if moved and local is not None:  # (moved: local was given)
             target = Path(local["folder"])
             sent = await trio.to_thread.run_sync(
                 lambda: [

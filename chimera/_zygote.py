@@ -30,7 +30,8 @@ import selectors
 import signal
 import socket
 import sys
-from typing import BinaryIO
+from io import RawIOBase
+from typing import Any
 
 # What every node process needs, imported once here.
 import cloudpickle  # noqa: F401
@@ -47,7 +48,7 @@ def _send(sock: socket.socket, *message: object) -> None:
     sock.sendall(_pipe.encode(message))
 
 
-def _receive(sock: socket.socket, stream: BinaryIO) -> tuple[object, list[int]] | None:
+def _receive(sock: socket.socket, stream: RawIOBase) -> tuple[Any, list[int]] | None:
     """The next request and the file descriptors that follow it; None at end of file.
 
     *stream* reads *sock* without buffering, so it never reads into the byte

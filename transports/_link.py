@@ -98,7 +98,7 @@ class _LinkQueue:
 
     def take(self, limit: int) -> list[tuple[int, list[memoryview], int]]:
         """Take up to *limit* messages that credit allows to transmit now."""
-        batch = []
+        batch: list[tuple[int, list[memoryview], int]] = []
         while len(batch) < limit and self.can_transmit():
             message = self.pending.popleft()
             self.pending_bytes -= message[2]

@@ -138,7 +138,7 @@ async def _send_messages(
 ) -> None:
     for seq, frames, _ in batch:
         inline = _inline([frame.nbytes for frame in frames])
-        first = [encode_message_header(seq, frames)]
+        first: list[bytes | memoryview] = [encode_message_header(seq, frames)]
         first += [frame for frame, in_header in zip(frames, inline, strict=True) if in_header]
         await send(b"".join(first))
         for frame, in_header in zip(frames, inline, strict=True):
