@@ -520,11 +520,12 @@ class _Encoder:
     @staticmethod
     def view(array: numpy.ndarray) -> memoryview:
         """The bytes of *array* (C-contiguous), without a copy."""
+        # (type: ignore: an ndarray is a buffer, which numpy's hints say on Python 3.12+ only)
         try:
-            return memoryview(array).cast("B")
+            return memoryview(array).cast("B")  # type: ignore[arg-type]
         except (TypeError, ValueError):  # memoryview refuses some dtypes (datetime64)
             # and casts of empty arrays: view them as bytes
-            return memoryview(array.reshape(-1).view(numpy.uint8))
+            return memoryview(array.reshape(-1).view(numpy.uint8))  # type: ignore[arg-type]
 
     def pickle(self, name: str, value: Any) -> dict[str, Any]:
         if not self.allow_objects:

@@ -57,7 +57,10 @@ async def serve(
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            await TCPServer(wrapped, config, context, ConnectionState({}), stream)
+            state = ConnectionState({})
+            # (type: ignore: hypercorn's hint says an SSLStream, but it serves a plain
+            # SocketStream too, which its own hypercorn.trio.serve hands it)
+            await TCPServer(wrapped, config, context, state, stream)  # type: ignore[arg-type]
         except Exception as exc:  # that connection broke the protocol: it alone ends
             log.warning("a connection from %s was closed: %r", _peer(stream), exc)
 

@@ -706,7 +706,8 @@ class _ImageWriter(_Writer):
         if not encoded:
             raise OSError(f"cannot encode {path.name} as PNG")
         with written_whole(path) as partial:
-            partial.write_bytes(png)
+            # (type: ignore: an ndarray is a buffer, which numpy's hints say on Python 3.12+ only)
+            partial.write_bytes(png)  # type: ignore[arg-type]
             self._stamp(self.info.count, stamp, at_once=True)
 
 

@@ -254,15 +254,16 @@ class _FramePool:
 
     def get(self, size: int) -> memoryview:
         """A buffer of *size* bytes that nobody else holds."""
+        # (type: ignore: an ndarray is a buffer, which numpy's hints say on Python 3.12+ only)
         if _REFCOUNTS:
             for buffer in self._buffers:
                 if buffer.nbytes == size and sys.getrefcount(buffer) == self._FREE:
-                    return memoryview(buffer)
+                    return memoryview(buffer)  # type: ignore[arg-type]
         buffer = numpy.empty(size, dtype=numpy.uint8)
         if len(self._buffers) >= self.KEEP:
             del self._buffers[0]
         self._buffers.append(buffer)
-        return memoryview(buffer)
+        return memoryview(buffer)  # type: ignore[arg-type]
 
 
 #: Most bytes a reader asks for beyond the record it is reading.

@@ -29,8 +29,9 @@ def _as_frames(message: Message, max_frame_size: int) -> tuple[list[memoryview],
     if isinstance(message, (list, tuple)):  # the usual case: no exception to catch
         parts = message
     else:
-        try:
-            parts = [memoryview(message)]  # one bytes-like object: a single frame
+        try:  # one bytes-like object: a single frame
+            # (type: ignore: a sequence of frames is tried too, and raises TypeError)
+            parts = [memoryview(message)]  # type: ignore[arg-type]
         except TypeError:
             try:
                 parts = list(message)
