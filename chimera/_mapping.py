@@ -96,7 +96,9 @@ def resolve_placement(
     a resolved *mapping* (see :func:`resolve_mapping`).
 
     Raises:
-        CommitGraphError: no such worker or node, or the node is not mapped to the worker.
+        CommitGraphError: no such worker or node, or the node is not mapped to
+            the worker, or two nodes have its name (the graph changed since
+            it was checked).
     """
     problems: list[str] = []
     worker_id = _worker_id(worker, workers, _by_name(workers), problems)
@@ -105,6 +107,8 @@ def resolve_placement(
         problems.append(f"node {node!r} is not mapped to worker {worker!r}")
     if problems:
         raise CommitGraphError(problems)
+    if worker_id is None or node_id is None:  # (a name two nodes share: said by the graph)
+        raise CommitGraphError(graph.problems())
     return worker_id, node_id
 
 

@@ -8,7 +8,7 @@ import traceback
 import pytest
 
 import chimera as cp
-from chimera._mapping import resolve_mapping
+from chimera._mapping import resolve_mapping, resolve_placement
 
 WORKERS = {"w1-id": "local", "w2-id": "remote"}
 
@@ -63,6 +63,17 @@ def test_two_nodes_of_one_name_are_one_problem(chain):
     assert caught.value.problems == ["two nodes named 'a'"]
     with pytest.raises(TypeError, match="must be a dict"):
         resolve_mapping(graph, WORKERS, ["local"])
+
+
+def test_a_node_placed_by_a_name_two_nodes_share_is_refused(chain):
+    # (A graph added to since it was checked: resolve_mapping said it before.)
+    graph, a, *_ = chain
+    mapping = resolve_mapping(graph, WORKERS, {"local": ["a", "b", "c"]})
+    graph.add_node(cp.Node("a"))
+    with pytest.raises(cp.CommitGraphError) as caught:
+        resolve_placement(graph, WORKERS, mapping, "local", "a")
+    assert caught.value.problems == ["two nodes named 'a'"]
+    assert resolve_placement(graph, WORKERS, mapping, "local", a.id) == ("w1-id", a.id)
 
 
 def test_more_workers_than_allowed_is_refused(chain):
