@@ -252,6 +252,7 @@ class _LoopThread(Generic[T]):
         atexit.unregister(self._close_at_exit)
         if not self._alive or self._token is None:
             return
+        assert self._stop is not None  # (set with _token)
         hurry = self._hurry if hurried else None
         hurried = hurry is not None
         try:

@@ -205,8 +205,13 @@ class Manifest:
 def stream_summary(
     stream: str, file: str, count: int, first_ns: int | None, last_ns: int | None, max_gap_ns: Any
 ) -> dict[str, Any]:
-    """A stream's summary in ``meta.json``."""
-    span = (last_ns - first_ns) / 1e9 if count > 1 else 0.0
+    """A stream's summary in ``meta.json``: of *count* saves, the first at
+    *first_ns*, the last at *last_ns* (None if there were none)."""
+    if count > 1:
+        assert first_ns is not None and last_ns is not None
+        span = (last_ns - first_ns) / 1e9
+    else:
+        span = 0.0
     return {
         "stream": stream,
         "file": file,

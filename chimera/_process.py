@@ -214,6 +214,7 @@ class Zygote:
         Raises:
             chimera._pipe.PipeError: it sent something that is not a message.
         """
+        assert self._stream is not None and self._started is not None  # (run set them)
         reader = _pipe.MessageReader(self._stream)
         try:
             while (message := await reader.read()) is not None:
@@ -237,6 +238,7 @@ class Zygote:
     def _died(self, code: int) -> None:
         """Say that the zygote died with *code*; tell its orphans."""
         self.death = _zygote_death(code)
+        assert self._started is not None  # (run set it)
         self._started.close()  # a start() waiting for a pid: it raises ZygoteDied
         orphans = [child for child in self._children.values() if not child.exited.is_set()]
         log.error(
@@ -278,6 +280,7 @@ class Zygote:
         """
         if self._stream is None:
             raise RuntimeError("the zygote is not running")
+        assert self._next_pid is not None  # (run set it before the stream)
         fds = array.array("i", [stdin, events])
         async with self._lock:
             if self.death is not None:
@@ -497,6 +500,7 @@ class NodeProcess:
     def _tell(self, command: tuple[str, tuple]) -> None:
         """Send *command* soon, once the child has its spec (else do nothing)."""
         if self._stdin is not None and not self._exited.is_set():
+            assert self._nursery is not None  # (_open set it before _stdin)
             self._nursery.start_soon(self._send_quietly, command)
 
     def kill(self) -> None:
@@ -518,6 +522,7 @@ class NodeProcess:
             await self._exited.wait()
             self._zygote.forget(self._pid)  # (its exit is known: nothing waits for it)
             _signal_group(self._pid, signal.SIGKILL)  # whatever the node started
+            assert self._stdin is not None  # (_open set it with _pid)
             await self._stdin.aclose()
         if self.state is not NodeState.FAILED:
             self._set_state(NodeState.SHUTDOWN, None)
@@ -526,6 +531,7 @@ class NodeProcess:
 
     async def _supervise(self) -> None:
         """Wait for the child to exit; cancelled first, stop it in steps."""
+        assert self._pid is not None  # (_open starts this task once it has the pid)
         try:
             with self._kill_scope:
                 self._code = await self._zygote.wait(self._pid)
@@ -555,6 +561,7 @@ class NodeProcess:
         seconds to exit; then SIGTERM to its process group and
         :data:`TERM_GRACE` seconds; then SIGKILL.
         """
+        assert self._pid is not None  # (_supervise calls this, once _open has the pid)
         if self._code is not None:
             return
         self._closing = True
@@ -578,6 +585,7 @@ class NodeProcess:
         child, or, if a process it forked holds the pipe (a ``multiprocessing``
         helper), once :meth:`_end_holders` has killed its group.
         """
+        assert self._pid is not None  # (_open starts this task once it has the pid)
         with trio.CancelScope(shield=True):
             crash: str | None = None
             crashed: str | None = None  # (its traceback)
@@ -632,6 +640,7 @@ class NodeProcess:
         its process group (they would keep the node RUNNING for ever, and
         its links open). Cancel *reading* if the pipe stays open even then
         (a process that left the group). Nothing if the zygote died first."""
+        assert self._pid is not None  # (_read_events calls this, once _open has the pid)
         try:
             if await self._zygote.wait(self._pid) is None:
                 return  # the zygote died: the exit is unknown (see _orphaned)
@@ -727,6 +736,7 @@ class NodeProcess:
 
     async def _send_quietly(self, message: Any) -> None:
         """Send *message* to the child; if it is gone, its death is reported elsewhere."""
+        assert self._stdin is not None  # (nothing is sent before _open set it)
         try:
             async with self._write_lock:
                 await self._stdin.send_all(_pipe.encode(message))

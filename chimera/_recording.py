@@ -504,9 +504,11 @@ class _Writer:
         """Add the next timestamp, called before its data is written. *at_once*
         (for media, which their libraries write as it comes): to the file now,
         so that whatever a kill leaves of the stream, the timestamps cover it."""
-        self._stamps.csv.writerow([index, stamp])
+        stamps = self._stamps
+        assert stamps is not None  # (opened by open(), before any write)
+        stamps.csv.writerow([index, stamp])
         if at_once:
-            self._stamps.flush()
+            stamps.flush()
 
 
 class _VideoWriter(_Writer):
@@ -567,6 +569,7 @@ class _VideoWriter(_Writer):
         # (PyAV takes a whole number or a Fraction: 29.97 as 2997/100.)
         rate = fractions.Fraction(self.fps).limit_denominator(1001)
         self._stream = self._container.add_stream("libx264", rate=rate, options=VIDEO_OPTIONS)
+        assert self._size is not None  # (the first frame's, prepared before open)
         self._stream.width, self._stream.height = self._size
         self._stream.pix_fmt = "yuv420p"
         self._open_stamps()
@@ -659,6 +662,7 @@ class _AudioWriter(_Writer):
         return numpy.array(block, copy=True)
 
     def open(self) -> None:
+        assert self._subtype is not None  # (the first block's, prepared before open)
         self._file = WavWriter(
             self.folder / f"{self.name}.wav", self.rate, self.channels, self._subtype
         )
@@ -773,6 +777,7 @@ class _TableWriter(_Writer):
         return rows
 
     def open(self) -> None:
+        assert self._columns is not None  # (the first rows', prepared before open)
         self._file = _AppendFile(self.folder / f"{self.name}.csv", ["timestamp_ns", *self._columns])
 
     def write(self, rows: list[list[Any]], stamp: int) -> None:

@@ -511,6 +511,7 @@ class NodeRuntime:
             elif not self._inputs:
                 await self._send([self._output(await self._call("step", self.node.step))])
             else:
+                assert self._follow is not None  # (a node with inputs follows one)
                 await run_all([partial(self._read_offline, name) for name in self._inlets])
                 if not self._offline_missing():
                     self._offline_latest[self._follow] = self._offline_pending.popleft()[0]
@@ -658,6 +659,7 @@ class NodeRuntime:
             with self._feeding:
                 await trio.sleep_forever()
         else:
+            assert self._follow is not None  # (a node with inputs follows one)
             latest: dict[str, DataChunk] = {}
 
             def publish() -> None:
@@ -898,6 +900,7 @@ class NodeRuntime:
         Its chunks wait until every other input has sent one, or ended
         (*every_input* is cancelled then): see :meth:`_wait_for_every_input`.
         """
+        assert self._follow is not None  # (a node with inputs follows one)
         # The chunks offline mode's steps left (none if it did not step).
         waiting, self._offline_pending = self._offline_pending, deque()
         ended = await self._wait_for_every_input(waiting, every_input)
@@ -940,6 +943,7 @@ class NodeRuntime:
         Raises:
             NodeError: a chunk cannot be decoded (see :meth:`_unpack`).
         """
+        assert self._follow is not None  # (a node with inputs follows one)
         chunks = self._unpack(message, self._follow)
         share = sum(frame.nbytes for frame in message) // max(len(chunks), 1)
         waiting.extend((chunk, share) for chunk in chunks)
@@ -972,6 +976,7 @@ class NodeRuntime:
         :data:`WAITING_CHUNKS` chunks, or :data:`WAITING_BYTES`, wait: beyond,
         the oldest are dropped, counted (``dropped``) and logged once.
         """
+        assert self._follow is not None  # (a node with inputs follows one)
         inlet = self._inlets[self._follow]
         ended = False
         with every_input:

@@ -78,6 +78,7 @@ class Service:
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         context, self._context = self._context, None
         self._trio_token = None  # (a call from now on says the object is not running)
+        assert context is not None  # (async with exits only what __aenter__ entered)
         try:
             return await context.__aexit__(*exc_info)
         except BaseExceptionGroup as group:

@@ -123,9 +123,12 @@ class UserThread:
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        assert self._context is not None  # (set by start(), which starts the thread)
         self._context.run(self._work)
 
     def _work(self) -> None:
+        token = self._token
+        assert token is not None  # (set by start(), which starts the thread)
         while (job := self._jobs.get()) is not None:
             fn, args, done = job
             try:
@@ -133,7 +136,7 @@ class UserThread:
             except BaseException as exc:  # handed to the Trio thread, which raises it
                 outcome = (None, exc)
             try:
-                self._token.run_sync_soon(done, outcome)
+                token.run_sync_soon(done, outcome)
             except trio.RunFinishedError:
                 return
 

@@ -408,6 +408,7 @@ class AsyncWorker(Service):
             # One HTTP client for the session: making one costs ~50 ms (it
             # loads the CA certificates, even for http).
             headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+            assert self._manager_url is not None  # (set by connect, which started the session)
             self._http = httpx.AsyncClient(
                 base_url=self._manager_url, headers=headers, timeout=HTTP_TIMEOUT
             )
@@ -624,6 +625,7 @@ class AsyncWorker(Service):
         """Download each package from the Manager, check it, and put it where
         this Worker and the nodes it creates from now on import from."""
         folder = self._temp_folder() / "packages"
+        assert self._http is not None  # (made at check-in, before any request)
         for package in packages:
             response = await self._http.get(f"/packages/{package['name']}.zip")
             response.raise_for_status()
@@ -738,6 +740,7 @@ class AsyncWorker(Service):
                 on_state=report,
             )
             self._runtimes[node_id] = runtime
+            assert self._nursery is not None  # (requests are answered while it runs)
             await runtime.open(self._nursery)
 
     def _bind_address(self, transport: str, local: bool, host: str | None = None) -> str | None:
@@ -780,6 +783,7 @@ class AsyncWorker(Service):
         async with self._zygote_lock:
             if self._zygote is None or not self._zygote.running:
                 zygote = Zygote(f"worker {self.name!r}")
+                assert self._nursery is not None  # (requests are answered while it runs)
                 await self._nursery.start(self._run_zygote, zygote)
                 self._zygote = zygote
         return self._zygote
@@ -820,6 +824,7 @@ class AsyncWorker(Service):
         self, runtimes: Mapping[str, NodeRuntime | NodeProcess], stopped: bool = False
     ) -> None:
         """Run each of *runtimes*, by id (see :meth:`NodeRuntime.run` for *stopped*)."""
+        assert self._nursery is not None  # (requests are answered while it runs)
         for node_id, runtime in runtimes.items():
             done = self._runs[node_id] = trio.Event()
             # Made here, not in the task: closing the nodes before the task
@@ -968,6 +973,7 @@ class AsyncWorker(Service):
                 ]
             )
         else:
+            assert self._http is not None  # (made at check-in, before any request)
             for folder, name in folders:
                 sent_here, whole_here = await send_folder(self._http, upload, folder, name)
                 sent += sent_here
@@ -1008,6 +1014,7 @@ class AsyncWorker(Service):
         Raises:
             httpx.HTTPError: the Manager could not be reached or refused it.
         """
+        assert self._http is not None  # (made at check-in, before any request)
         response = await self._http.post(path, content=data)
         response.raise_for_status()
 

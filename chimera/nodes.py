@@ -101,6 +101,7 @@ class Camera(_Paced):
             self._capture.release()
 
     def _read(self) -> numpy.ndarray:
+        assert self._capture is not None  # (step reads only from a camera)
         ok, frame = self._capture.read()
         if not ok:
             raise OSError(f"camera {self.index} gave no frame")

@@ -207,6 +207,7 @@ class _Transmitter(_Writer):
     async def _write_next(self) -> bool:
         self._wrote_now = False
         link = self.link
+        assert link is not None  # (set before the task runs)
         if batch := link.take(BATCH):
             await self._conduit.send_messages(batch)
             return True
@@ -236,6 +237,7 @@ class _CreditWriter(_Writer):
 
     async def _write_next(self) -> bool:
         buffer = self.buffer
+        assert buffer is not None  # (set before the task runs)
         if count := buffer.take_credit():
             await self._conduit.send_record(encode_credit(count, buffer.own_dropped))
         elif self.ack_due:
