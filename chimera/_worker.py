@@ -758,11 +758,12 @@ class AsyncWorker(Service):
             if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
                 folder.mkdir(exist_ok=True)
                 return f"unix://{path}"
-        host = host or self._host
+        if host is None and self._host is not None:
+            host = str(self._host)
         if host is None:
             return None
         scheme = "nng+tcp" if transport == "nng" else "tcp"
-        return f"{scheme}://{protocol.in_url(str(host))}:0"
+        return f"{scheme}://{protocol.in_url(host)}:0"
 
     def _offset_ns(self) -> int:
         estimate = self.clock.estimate()
