@@ -41,3 +41,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/transports.py", *session.posargs)
     session.run("python", "benchmarks/pipeline.py", *session.posargs)
     session.run("python", "benchmarks/recording.py", *session.posargs)
+    session.run("python", "benchmarks/scale.py", *session.posargs)
