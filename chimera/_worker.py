@@ -25,7 +25,6 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
-from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from ._process import NodeProcess, Zygote
 from ._recording import check_name
 from ._runtime import TEARDOWN_TIMEOUT, Input, NodeRuntime
 from ._service import Service, run_all
+from ._websocket import HandshakeEnded, open_websocket
 
 __all__ = ["AsyncWorker"]
 
@@ -82,6 +82,8 @@ def _why_unreachable(exc: BaseException, timeout: float) -> str:
         return f"what answers there is not a chimera manager of this version ({exc})"
     if isinstance(exc, h11.ProtocolError):
         return f"what answers there is not a chimera manager (it does not speak HTTP: {exc})"
+    if isinstance(exc, HandshakeEnded):
+        return f"what answers there is not a chimera manager ({exc})"
     if isinstance(exc, trio_websocket.ConnectionClosed):
         return f"it closed the connection during check-in ({exc.reason})"
     cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
@@ -251,7 +253,7 @@ class AsyncWorker(Service):
         self._zygote_scopes: list[trio.CancelScope] = []
         self._shared_offset = 0
         #: The address this Worker reached the Manager from, once connected.
-        self._host: IPv4Address | IPv6Address | None = None
+        self._host: str | None = None
         self._zygote_lock = trio.Lock()
         self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
         #: Whether a message is being sent; woken when none is left to send.
@@ -347,7 +349,7 @@ class AsyncWorker(Service):
         self._connecting = True
         try:
             with trio.fail_after(timeout):
-                await self._nursery.start(self._session, url)
+                await self._nursery.start(self._session, host, port)
         except PermissionError:
             raise
         except _ShutDownWhileConnecting:
@@ -383,28 +385,30 @@ class AsyncWorker(Service):
         while (estimate := self.clock.estimate()) is None or estimate.samples < samples:
             await self._clock_changed.park()
 
-    async def _session(self, url: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _session(
+        self, host: str, port: int, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
         # A new Manager, a new clock to follow: the last one's samples go. The
         # tasks of the session, and the nodes they run inline, stamp with it.
         self.clock.reset()
         use_clock(self.clock.now)
         self._checked_in = False
         with trio.CancelScope() as self._session_scope:
-            await self._talk(url, task_status)
+            await self._talk(host, port, task_status)
         if not self._checked_in:  # (cancelled by shutdown(): connect() still waits)
             raise _ShutDownWhileConnecting
 
-    async def _talk(self, url: str, task_status: Any) -> None:
-        async with trio_websocket.open_websocket_url(
-            url, max_message_size=protocol.MAX_MESSAGE
-        ) as ws:
+    async def _talk(self, host: str, port: int, task_status: Any) -> None:
+        async with open_websocket(
+            host, port, "/ws/worker", max_message_size=protocol.MAX_MESSAGE
+        ) as (ws, local):
             await self._check_in(ws)
             self._connected, self._leaving, self._manager_gone = True, False, False
             # Nodes listen where this machine reached the Manager: other Workers
             # reach it there too (and a cluster on loopback stays on loopback).
-            local = ws.local
-            self._host = local.address if isinstance(local, trio_websocket.Endpoint) else None
-            log.info("worker %r connected to %s", self.name, url)
+            self._host = local
+            where = f"ws://{protocol.in_url(host)}:{port}/ws/worker"
+            log.info("worker %r connected to %s", self.name, where)
             # One HTTP client for the session: making one costs ~50 ms (it
             # loads the CA certificates, even for http).
             headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
@@ -758,8 +762,7 @@ class AsyncWorker(Service):
             if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
                 folder.mkdir(exist_ok=True)
                 return f"unix://{path}"
-        if host is None and self._host is not None:
-            host = str(self._host)
+        host = host or self._host
         if host is None:
             return None
         scheme = "nng+tcp" if transport == "nng" else "tcp"

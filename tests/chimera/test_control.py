@@ -353,10 +353,14 @@ async def test_a_worker_says_why_it_cannot_reach_a_manager(caplog):
         await stream.send_all(b"\x00\xffGARBAGE\r\n" * 100)
         await trio.sleep_forever()
 
+    async def hangs_up(stream):  # (as a service that does not take what it is sent)
+        await stream.receive_some()
+        await stream.aclose()
+
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = []
-            for handler in (not_a_manager, silent, not_http):
+            for handler in (not_a_manager, silent, not_http, hangs_up):
                 listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
                 ports.append(listeners[0].socket.getsockname()[1])
                 nursery.start_soon(trio.serve_listeners, handler, listeners)
@@ -364,6 +368,8 @@ async def test_a_worker_says_why_it_cannot_reach_a_manager(caplog):
                 assert not await worker.connect("127.0.0.1", ports[0], timeout=5)
                 assert not await worker.connect("127.0.0.1", ports[1], timeout=0.5)
                 assert not await worker.connect("127.0.0.1", ports[2], timeout=5)
+                with trio.fail_after(5):  # (said at once, not after its 60 s)
+                    assert not await worker.connect("127.0.0.1", ports[3], timeout=60)
             nursery.cancel_scope.cancel()
     said = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
     assert said[:2] == [
@@ -374,6 +380,11 @@ async def test_a_worker_says_why_it_cannot_reach_a_manager(caplog):
     assert said[2].startswith(
         f"worker 'w': cannot reach the manager at 127.0.0.1:{ports[2]}: "
         "what answers there is not a chimera manager (it does not speak HTTP: "
+    )
+    assert said[3] == (
+        f"worker 'w': cannot reach the manager at 127.0.0.1:{ports[3]}: what answers there "
+        "is not a chimera manager (it ended the connection before it answered the WebSocket "
+        "handshake)"
     )
 
 
