@@ -993,7 +993,7 @@ def _decode_arrays(records: Any, frames: Sequence[Frame]) -> DataChunk | None:
         ):
             return None
         try:
-            array = numpy.ndarray(shape, dtype, view)  # (as the checking path does)
+            array: numpy.ndarray = numpy.ndarray(shape, dtype, view)  # (as the checking path does)
             _check_value(array, content_type)
         except (TypeError, ValueError):
             return None
