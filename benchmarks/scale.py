@@ -251,10 +251,17 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _count(text: str) -> int:
+    """A count from 1 to 200 (an argparse type)."""
+    if not text.isdecimal() or not 1 <= int(text) <= 200:
+        raise argparse.ArgumentTypeError(f"expected a count from 1 to 200, not {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=_sizes, default=[30, 60, 150], help="default: 30,60,150")
-    parser.add_argument("--sinks", type=int, default=25, help="fan-out sinks (default: 25)")
+    parser.add_argument("--sinks", type=_count, default=25, help="fan-out sinks (default: 25)")
     parser.add_argument("--seconds", type=float, default=10.0, help="each run's length")
     parser.add_argument("--quick", action="store_true", help="30 nodes, 5 sinks, 2 s")
     parser.add_argument("--json", metavar="PATH", help="also write the raw results to PATH")

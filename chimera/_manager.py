@@ -1264,7 +1264,7 @@ class AsyncManager(Service):
             receiver = self._workers.get(receiver_id)
             if receiver is None or not outputs.intersection(node_ids):
                 continue
-            if not _is_loopback(receiver.ip) and receiver.reached:
+            if not _is_loopback(receiver.ip) and _bindable_elsewhere(receiver.reached):
                 return receiver.reached
         return None
 
@@ -1683,6 +1683,17 @@ def _unmapped(address: str) -> str:
     except ValueError:
         return address
     return str(mapped) if mapped is not None else address
+
+
+def _bindable_elsewhere(address: str) -> bool:
+    """Whether *address*, the Manager's as a Worker reached it, names this
+    machine to other Workers as it does to that one: an IP address, not
+    link-local (its zone, an interface, is lost, and names another one on
+    each machine)."""
+    try:
+        return not ipaddress.ip_address(address).is_link_local
+    except ValueError:
+        return False
 
 
 def _is_loopback(address: str) -> bool:

@@ -163,8 +163,9 @@ def _host(text: str) -> str | None:
     return text if _HOST_NAME.fullmatch(text) else None
 
 
-#: A host name or an IPv4 address (labels of letters, digits, ``-`` and ``_``).
-_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+#: A host name or an IPv4 address: labels of letters (any script's: an
+#: internationalised name is encoded when it is looked up), digits, ``-`` and ``_``.
+_HOST_NAME = re.compile(r"[\w-]+(\.[\w-]+)*\.?")
 
 
 def in_url(host: str) -> str:

@@ -108,7 +108,8 @@ async def open_websocket(
                 if opening.cancelled_caught:
                     nursery.cancel_scope.cancel()
                     raise HandshakeEnded(
-                        "it ended the connection before it answered the WebSocket handshake"
+                        "what answers there ended the connection before it answered the "
+                        "WebSocket handshake"
                     )
                 try:
                     yield ws, local

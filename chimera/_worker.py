@@ -83,12 +83,22 @@ def _why_unreachable(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, h11.ProtocolError):
         return f"what answers there is not a chimera manager (it does not speak HTTP: {exc})"
     if isinstance(exc, HandshakeEnded):
-        return f"what answers there is not a chimera manager ({exc})"
+        return f"{exc}: not a chimera manager, or a tunnel with no manager behind it"
     if isinstance(exc, trio_websocket.ConnectionClosed):
         return f"it closed the connection during check-in ({exc.reason})"
     cause = exc.__cause__ if isinstance(exc, trio_websocket.HandshakeError) else exc
     text = str(cause) if cause is not None else ""
     return f"{text or type(exc).__name__} (is the manager running, on that host and port?)"
+
+
+def _can_listen_on(host: str) -> bool:
+    """Whether a TCP socket can listen on *host* (an IP address) here."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        return False
+    return True
 
 
 def _hint(exc: Exception) -> str:
@@ -254,6 +264,9 @@ class AsyncWorker(Service):
         self._shared_offset = 0
         #: The address this Worker reached the Manager from, once connected.
         self._host: str | None = None
+        #: The addresses the Manager asked nodes to listen on that are not this
+        #: machine's (said once each).
+        self._not_here: set[str] = set()
         self._zygote_lock = trio.Lock()
         self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
         #: Whether a message is being sent; woken when none is left to send.
@@ -752,8 +765,8 @@ class AsyncWorker(Service):
         folder if every node it sends to runs here (*local*; the ``tcp``
         transport), which carries 1080p frames ~35% faster than TCP on loopback;
         else on *host* if the Manager gave one (this Worker reached it over
-        loopback, and a Worker on another machine reads the node), else the
-        address this Worker reached the Manager from."""
+        loopback, and a Worker on another machine reads the node) and it is
+        this machine's, else the address this Worker reached the Manager from."""
         if transport == "memory":
             return None
         if transport == "tcp" and local and hasattr(socket, "AF_UNIX"):
@@ -762,6 +775,17 @@ class AsyncWorker(Service):
             if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
                 folder.mkdir(exist_ok=True)
                 return f"unix://{path}"
+        if host is not None and (host in self._not_here or not _can_listen_on(host)):
+            if host not in self._not_here:
+                self._not_here.add(host)
+                log.warning(
+                    "worker %r: it reached the manager over loopback, but it is not on the "
+                    "manager's machine (a tunnel?): the nodes it runs that others read listen "
+                    "on %s, which Workers on other machines may not reach",
+                    self.name,
+                    self._host,
+                )
+            host = None
         host = host or self._host
         if host is None:
             return None

@@ -260,6 +260,7 @@ def test_bad_arguments_are_usage_errors(capsys, argv, error):
         ("[::1]:9000", ("::1", 9000)),
         ("::1:9000", ("::1", 9000)),  # (as before brackets were taken)
         ("10.0.0.5:1", ("10.0.0.5", 1)),
+        ("münchen:9000", ("münchen", 9000)),
     ],
 )
 def test_a_manager_address_may_be_written_as_users_write_them(given, manager):

@@ -383,8 +383,8 @@ async def test_a_worker_says_why_it_cannot_reach_a_manager(caplog):
     )
     assert said[3] == (
         f"worker 'w': cannot reach the manager at 127.0.0.1:{ports[3]}: what answers there "
-        "is not a chimera manager (it ended the connection before it answered the WebSocket "
-        "handshake)"
+        "ended the connection before it answered the WebSocket handshake: not a chimera "
+        "manager, or a tunnel with no manager behind it"
     )
 
 
@@ -948,6 +948,11 @@ def test_logs_are_published_at_an_address_a_client_can_dial(host, dialed):
     assert _dialable(host) == dialed
 
 
+@pytest.mark.parametrize("host", ["lab-pc", "LAB-PC.local.", "münchen", "10.0.0.5", "fe80::1%eth0"])
+def test_a_host_is_a_name_of_any_script_or_an_ip_address(tmp_path, host):
+    assert AsyncManager(tmp_path, port=0, host=host).host == host
+
+
 BAD_HOSTS = [
     ("", "'' (every interface is '0.0.0.0', or '::')"),
     ("localhost:9000", "'localhost:9000' (without its port: the port is given on its own)"),
@@ -985,6 +990,8 @@ async def test_an_ipv6_host_in_brackets_or_not_is_reached_as_the_manager_says(tm
             assert manager.host == "::1"
             async with AsyncWorker("lab-pc") as worker:
                 assert await worker.connect(given, manager.port)
+                (info,) = manager.workers.values()
+                assert (info.ip, info.reached) == ("::1", "::1")
 
 
 async def test_a_clock_exchange_that_cannot_be_is_dropped_and_the_worker_stays(caplog):

@@ -990,6 +990,46 @@ async def test_a_node_read_from_another_machine_listens_where_that_one_reached_t
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    ("reached", "said"),
+    [
+        # Not this machine's: the Worker on loopback is not on the Manager's (a tunnel).
+        (
+            "192.0.2.99",
+            "worker 'here': it reached the manager over loopback, but it is not on "
+            "the manager's machine (a tunnel?): the nodes it runs that others read listen on "
+            "127.0.0.1, which Workers on other machines may not reach",
+        ),
+        ("fe80::1", None),  # (link-local: names another interface on each machine)
+    ],
+)
+async def test_a_node_read_from_another_machine_listens_where_its_worker_can(
+    tmp_path, caplog, reached, said
+):
+    async with notifications() as (port, notified):
+        graph = counter_to_sink(tmp_path, port, 3)
+        with trio.fail_after(60):
+            async with (
+                AsyncManager(tmp_path / "logs", port=0) as manager,
+                AsyncWorker("here") as here,
+                AsyncWorker("there") as there,
+            ):
+                assert await here.connect(manager.host, manager.port)
+                assert await there.connect(manager.host, manager.port)
+                await manager.wait_for_workers(2)
+                record = manager._workers[there.id]
+                record.ip, record.reached = "192.0.2.7", reached
+                await manager.commit_graph(graph, {"here": ["counter"], "there": ["sink"]})
+                assert addresses_of(manager)["counter"].startswith("tcp://127.0.0.1:")
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+                await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+    warned = [r.getMessage() for r in caplog.records if "loopback" in r.getMessage()]
+    assert warned == ([said] if said else [])
+
+
 async def test_nodes_of_one_worker_link_by_tcp_where_a_unix_socket_path_is_too_long(
     tmp_path, monkeypatch
 ):
