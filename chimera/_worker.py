@@ -242,8 +242,6 @@ class AsyncWorker(Service):
         self._runs: dict[str, trio.Event] = {}
         self._run_scopes: list[trio.CancelScope] = []
         self._session_scope: trio.CancelScope | None = None
-        #: Whether the current session got past check-in (``connect`` returned).
-        self._checked_in = False
         #: The name of each node this Worker runs, by id (their logs go to the Manager).
         self._node_names: dict[str, str] = {}
         #: The closings of the nodes under way (_close_nodes), and their one timer.
@@ -405,13 +403,17 @@ class AsyncWorker(Service):
         # tasks of the session, and the nodes they run inline, stamp with it.
         self.clock.reset()
         use_clock(self.clock.now)
-        self._checked_in = False
+        # (This session's: a connect() after shutdown() starts the next one
+        # while this one may still be ending.)
+        checked_in = trio.Event()
         with trio.CancelScope() as self._session_scope:
-            await self._talk(host, port, task_status)
-        if not self._checked_in:  # (cancelled by shutdown(): connect() still waits)
+            await self._talk(host, port, task_status, checked_in)
+        if not checked_in.is_set():  # (cancelled by shutdown(): connect() still waits)
             raise _ShutDownWhileConnecting
 
-    async def _talk(self, host: str, port: int, task_status: Any) -> None:
+    async def _talk(self, host: str, port: int, task_status: Any, checked_in: trio.Event) -> None:
+        """Talk with the Manager until either side ends; *checked_in* is set
+        once the Manager has welcomed this Worker (``connect`` returns then)."""
         async with open_websocket(
             host, port, "/ws/worker", max_message_size=protocol.MAX_MESSAGE
         ) as (ws, local):
@@ -429,7 +431,7 @@ class AsyncWorker(Service):
             self._http = httpx.AsyncClient(
                 base_url=self._manager_url, headers=headers, timeout=HTTP_TIMEOUT
             )
-            self._checked_in = True
+            checked_in.set()
             task_status.started()
             try:
                 async with self._http, trio.open_nursery() as nursery:

@@ -332,6 +332,18 @@ async def test_a_second_connect_while_one_is_under_way_is_refused_clearly(tmp_pa
                 assert [w.name for w in manager.workers.values()] == ["lab-pc"]
 
 
+async def test_a_worker_shut_down_connects_again_at_once(tmp_path):
+    # Its last session may still be ending as the next one begins.
+    with trio.fail_after(20):
+        async with AsyncManager(tmp_path, port=0) as manager, AsyncWorker("lab-pc") as worker:
+            assert await worker.connect(manager.host, manager.port)
+            await worker.shutdown()
+            await worker.wait_for_disconnect()
+            await manager.wait_for_workers(0)  # (else it may refuse a second "lab-pc")
+            assert await worker.connect(manager.host, manager.port)
+            assert [w.name for w in manager.workers.values()] == ["lab-pc"]
+
+
 async def test_an_unreachable_manager_is_false_not_an_exception():
     with socket.socket() as spare:
         spare.bind(("127.0.0.1", 0))
