@@ -7,10 +7,12 @@ Imported by ``pipeline.py`` and ``recording.py`` once chimera is imported
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 
 from chimera._manager import AsyncManager
@@ -63,3 +65,13 @@ def children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+def read_result(folder: str, name: str) -> dict[str, Any]:
+    """What node *name* wrote in its teardown: ``NAME.json`` in *folder*."""
+    return json.loads(Path(folder, f"{name}.json").read_text())
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The *q*-th percentile of *values*; NaN if there are none."""
+    return float(np.percentile(values, q)) if values else float("nan")

@@ -60,7 +60,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 import chimera as cp  # noqa: E402
 
 sys.path.append(_HERE)  # now that transports is imported: for _cluster
-from _cluster import Cluster, children  # noqa: E402
+from _cluster import Cluster, children, percentile, read_result  # noqa: E402
 
 # --- the nodes (pickled by value into their processes) ------------------------------
 
@@ -193,10 +193,6 @@ def node_peak_rss_mb() -> list[float]:
     return peaks
 
 
-def _read(folder: str, name: str) -> dict[str, Any]:
-    return json.loads(Path(folder, f"{name}.json").read_text())
-
-
 # --- the measurements ---------------------------------------------------------------
 
 
@@ -213,7 +209,7 @@ async def measure_stream(
         rss = node_peak_rss_mb()
         await manager.stop()
         await manager.shutdown()
-    sent, got = _read(folder, source.name), _read(folder, "sink")
+    sent, got = read_result(folder, source.name), read_result(folder, "sink")
     return {
         "sent": sent["sent"],
         "received": got["received"],
@@ -271,10 +267,6 @@ async def measure_lsl(rate: float, seconds: float) -> dict:
     return json.loads(done.stdout)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     streams = ("frames", "frames_copied", "burst", "paced", "paced_async", "paced_lsl")
     results: dict[str, Any] = {key: [] for key in (*streams, "life2", "life20")}
@@ -318,7 +310,7 @@ def _lsl_rows(lsl: list[dict], paced: list[float], paced_async: list[float]) -> 
         return [("Lab Streaming Layer, paced 1 kHz p50", "not run (no pylsl)", "")]
     p50 = statistics.median(r["p50_us"] for r in lsl)
     p99 = statistics.median(r["p99_us"] for r in lsl)
-    ratios = f"{_percentile(paced, 50) / p50:.2f}x / {_percentile(paced_async, 50) / p50:.2f}x"
+    ratios = f"{percentile(paced, 50) / p50:.2f}x / {percentile(paced_async, 50) / p50:.2f}x"
     return [
         ("Lab Streaming Layer, paced 1 kHz p50 / p99", f"{p50:,.0f} / {p99:,.0f} µs", ""),
         ("1 KB paced p50 / LSL's: def step / async def", ratios, ""),
@@ -340,17 +332,17 @@ def summarize(results: dict[str, Any]) -> tuple[str, list[str]]:
     rss = [mb for key in results for r in results[key] for mb in r.get("rss_mb", ())]
     rows = [
         ("1080p frames delivered", f"{median('frames', 'rate'):,.0f} fps", ">= 300 fps"),
-        ("1080p latency p50", f"{_percentile(frames_lat, 50) / 1e3:.2f} ms", "<= 5 ms"),
-        ("1080p latency p99", f"{_percentile(frames_lat, 99) / 1e3:.2f} ms", ""),
+        ("1080p latency p50", f"{percentile(frames_lat, 50) / 1e3:.2f} ms", "<= 5 ms"),
+        ("1080p latency p99", f"{percentile(frames_lat, 99) / 1e3:.2f} ms", ""),
         ("1080p writeable frames (copied)", f"{median('frames_copied', 'rate'):,.0f} fps", ""),
-        ("the same, latency p50", f"{_percentile(copied_lat, 50) / 1e3:.2f} ms", ""),
+        ("the same, latency p50", f"{percentile(copied_lat, 50) / 1e3:.2f} ms", ""),
         ("chunks lost (all streams)", f"{sum(lost)}", "0"),
         ("1 KB burst", f"{median('burst', 'rate'):,.0f} chunks/s", ">= 30,000/s"),
-        ("1 KB paced 1 kHz p50", f"{_percentile(paced_lat, 50):,.0f} µs", "<= 200 µs"),
-        ("1 KB paced 1 kHz p99", f"{_percentile(paced_lat, 99):,.0f} µs", ""),
-        ("1 KB paced 1 kHz p50, async def", f"{_percentile(async_lat, 50):,.0f} µs", "<= 200 µs"),
-        ("1 KB paced 1 kHz p99, async def", f"{_percentile(async_lat, 99):,.0f} µs", ""),
-        ("1 KB burst latency p50", f"{_percentile(burst_lat, 50):,.0f} µs", ""),
+        ("1 KB paced 1 kHz p50", f"{percentile(paced_lat, 50):,.0f} µs", "<= 200 µs"),
+        ("1 KB paced 1 kHz p99", f"{percentile(paced_lat, 99):,.0f} µs", ""),
+        ("1 KB paced 1 kHz p50, async def", f"{percentile(async_lat, 50):,.0f} µs", "<= 200 µs"),
+        ("1 KB paced 1 kHz p99, async def", f"{percentile(async_lat, 99):,.0f} µs", ""),
+        ("1 KB burst latency p50", f"{percentile(burst_lat, 50):,.0f} µs", ""),
         *_lsl_rows(results["paced_lsl"], paced_lat, async_lat),
         ("commit_graph, 2 nodes", f"{median('life2', 'commit'):.2f} s", "<= 1 s"),
         ("commit_graph, 20 nodes / 2 workers", f"{median('life20', 'commit'):.2f} s", "<= 3 s"),
@@ -367,11 +359,11 @@ def summarize(results: dict[str, Any]) -> tuple[str, list[str]]:
     table += [f"| {name} | {value} | {target} |" for name, value, target in rows]
     checks = [
         ("1080p >= 300 fps", median("frames", "rate") >= 300),
-        ("1080p p50 <= 5 ms", _percentile(frames_lat, 50) <= 5000),
+        ("1080p p50 <= 5 ms", percentile(frames_lat, 50) <= 5000),
         ("nothing lost", sum(lost) == 0),
         ("1 KB burst >= 30k/s", median("burst", "rate") >= 30_000),
-        ("1 KB paced p50 <= 200 µs", _percentile(paced_lat, 50) <= 200),
-        ("1 KB paced p50 <= 200 µs, async def", _percentile(async_lat, 50) <= 200),
+        ("1 KB paced p50 <= 200 µs", percentile(paced_lat, 50) <= 200),
+        ("1 KB paced p50 <= 200 µs, async def", percentile(async_lat, 50) <= 200),
         ("commit 2 nodes <= 1 s", median("life2", "commit") <= 1),
         ("commit 20 nodes <= 3 s", median("life20", "commit") <= 3),
         ("shutdown <= 1 s", median("life20", "shutdown") <= 1),

@@ -73,7 +73,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 import chimera as cp  # noqa: E402
 
 sys.path.append(_HERE)  # now that transports is imported: for _cluster
-from _cluster import Cluster, children  # noqa: E402
+from _cluster import Cluster, children, read_result  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 1920, 1080, 30
 AUDIO_RATE, AUDIO_CHANNELS, AUDIO_BLOCK = 48_000, 2, 480
@@ -219,10 +219,6 @@ class TableSource(PacedSource):
 # --- reading what the nodes wrote -------------------------------------------------------
 
 
-def _read(folder: str, name: str) -> dict[str, Any]:
-    return json.loads(Path(folder, f"{name}.json").read_text())
-
-
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -325,7 +321,7 @@ def measure(folder: str, seconds: float, table_rows: int) -> dict[str, Any]:
     for name, (file, count) in STREAMS.items():
         print(f"reading {name}", file=sys.stderr, flush=True)
         node_folder = worker / name
-        stream = {**_read(folder, name), **count(node_folder / file)}
+        stream = {**read_result(folder, name), **count(node_folder / file)}
         stream["bytes"] = _size(node_folder)
         summaries = meta["streams"][f"w0/{name}"]["streams"]
         stream["meta"] = next((s for s in summaries if s["file"] == file), None)

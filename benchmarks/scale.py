@@ -49,7 +49,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 import chimera as cp  # noqa: E402
 
 sys.path.append(_HERE)  # now that transports is imported: for _cluster
-from _cluster import Cluster  # noqa: E402
+from _cluster import Cluster, percentile, read_result  # noqa: E402
 
 WORKERS = 3
 CHAIN = 15  # a source and its 14 relays
@@ -121,10 +121,6 @@ class End(cp.Node):
 # --- the measurements ---------------------------------------------------------------
 
 
-def _read(folder: str, name: str) -> dict[str, Any]:
-    return json.loads(Path(folder, f"{name}.json").read_text())
-
-
 def _dealt(names: list[str]) -> dict[str, list[str]]:
     """*names* dealt round-robin over the Workers ``w0``, ``w1``, ..."""
     return {f"w{i}": names[i::WORKERS] for i in range(WORKERS)}
@@ -157,8 +153,8 @@ async def measure_size(folder: str, nodes: int, seconds: float) -> dict[str, Any
         started = time.perf_counter()
         await manager.shutdown()
         shutdown = time.perf_counter() - started
-    sent = [_read(folder, f"s{c}")["sent"] for c in range(chains)]
-    ends = [_read(folder, f"s{c}end") for c in range(chains)]
+    sent = [read_result(folder, f"s{c}")["sent"] for c in range(chains)]
+    ends = [read_result(folder, f"s{c}end") for c in range(chains)]
     return {
         "nodes": chains * CHAIN,
         "commit": commit,
@@ -183,19 +179,15 @@ async def measure_fan_out(folder: str, sinks: int, seconds: float) -> dict[str, 
         await trio.sleep(seconds)
         await manager.stop()
         await manager.shutdown()
-    sent = _read(folder, "source")["sent"]
-    got = [_read(folder, end.name) for end in ends]
+    sent = read_result(folder, "source")["sent"]
+    got = [read_result(folder, end.name) for end in ends]
     return {
         "sinks": sinks,
         "sent": sent,
         "lost": sent * sinks - sum(len(end["seqs"]) for end in got),
         "latencies_ns": [lat for end in got for lat in end["latencies_ns"]],
-        "worst_p99_ns": max(_percentile(end["latencies_ns"], 99) for end in got),
+        "worst_p99_ns": max(percentile(end["latencies_ns"], 99) for end in got),
     }
-
-
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -217,8 +209,8 @@ def summarize(results: dict[str, Any]) -> str:
         "|---:|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for size in results["sizes"]:
-        p50 = _percentile(size["latencies_ns"], 50) / 1e6
-        p99 = _percentile(size["latencies_ns"], 99) / 1e6
+        p50 = percentile(size["latencies_ns"], 50) / 1e6
+        p99 = percentile(size["latencies_ns"], 99) / 1e6
         rows.append(
             f"| {size['nodes']} | {size['commit']:.2f} s | {size['stop']:.2f} s | "
             f"{size['shutdown']:.2f} s | {size['sent']:,} / {size['received']:,} | "
@@ -231,8 +223,8 @@ def summarize(results: dict[str, Any]) -> str:
         "| fan-out, 100 KB at 200 Hz | sent | lost | p50 / p99 (all sinks) | worst sink's p99 |",
         "|---|---:|---:|---:|---:|",
         f"| 1 source -> {fan['sinks']} sinks | {fan['sent']:,} | {fan['lost']:,} | "
-        f"{_percentile(fan['latencies_ns'], 50) / 1e6:.1f} / "
-        f"{_percentile(fan['latencies_ns'], 99) / 1e6:.1f} ms | "
+        f"{percentile(fan['latencies_ns'], 50) / 1e6:.1f} / "
+        f"{percentile(fan['latencies_ns'], 99) / 1e6:.1f} ms | "
         f"{fan['worst_p99_ns'] / 1e6:.1f} ms |",
     ]
     return "\n".join(rows)

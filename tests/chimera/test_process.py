@@ -959,53 +959,35 @@ async def test_nodes_listen_where_their_worker_reached_the_manager(tmp_path):
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
 
 
-@pytest.mark.skipif(not can_bind("127.0.0.2"), reason="only 127.0.0.1 is loopback here")
+TUNNEL = (
+    "worker 'here': it reached the manager over loopback, but it is not on the manager's "
+    "machine (a tunnel?): the nodes it runs that others read listen on 127.0.0.1, which "
+    "Workers on other machines may not reach"
+)
+
+
+@pytest.mark.parametrize(
+    ("reached", "listens", "said"),
+    [
+        pytest.param(
+            "127.0.0.2",  # (this machine's, as the other machine reached it)
+            "127.0.0.2",
+            None,
+            marks=pytest.mark.skipif(not can_bind("127.0.0.2"), reason="only 127.0.0.1 here"),
+        ),
+        # Not this machine's: the Worker on loopback is not on the Manager's (a tunnel).
+        ("192.0.2.99", "127.0.0.1", TUNNEL),
+        ("fe80::1", "127.0.0.1", None),  # (link-local: names another interface on each machine)
+    ],
+)
 async def test_a_node_read_from_another_machine_listens_where_that_one_reached_the_manager(
-    tmp_path,
+    tmp_path, caplog, reached, listens, said
 ):
     # A Worker on the Manager's machine reached it over loopback (as
     # connect(manager.host, ...) does with host="0.0.0.0"): its node, read by
     # a Worker on another machine, cannot listen on loopback, but where that
-    # Worker reached the Manager, an address of this same machine. (Loopback
-    # only here: the other machine is the Manager's record of "there".)
-    async with notifications() as (port, notified):
-        graph = counter_to_sink(tmp_path, port, 3)
-        with trio.fail_after(60):
-            async with (
-                AsyncManager(tmp_path / "logs", port=0) as manager,
-                AsyncWorker("here") as here,
-                AsyncWorker("there") as there,
-            ):
-                assert await here.connect(manager.host, manager.port)
-                assert await there.connect(manager.host, manager.port)
-                await manager.wait_for_workers(2)
-                record = manager._workers[there.id]
-                record.ip, record.reached = "192.0.2.7", "127.0.0.2"
-                await manager.commit_graph(graph, {"here": ["counter"], "there": ["sink"]})
-                assert addresses_of(manager)["counter"].startswith("tcp://127.0.0.2:")
-                await manager.start()
-                assert await notified.receive() == b"x"
-                await manager.stop()
-                await manager.shutdown()
-    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
-
-
-@pytest.mark.parametrize(
-    ("reached", "said"),
-    [
-        # Not this machine's: the Worker on loopback is not on the Manager's (a tunnel).
-        (
-            "192.0.2.99",
-            "worker 'here': it reached the manager over loopback, but it is not on "
-            "the manager's machine (a tunnel?): the nodes it runs that others read listen on "
-            "127.0.0.1, which Workers on other machines may not reach",
-        ),
-        ("fe80::1", None),  # (link-local: names another interface on each machine)
-    ],
-)
-async def test_a_node_read_from_another_machine_listens_where_its_worker_can(
-    tmp_path, caplog, reached, said
-):
+    # Worker reached the Manager, an address of this same machine -- if it is.
+    # (Loopback only here: the other machine is the Manager's record of "there".)
     async with notifications() as (port, notified):
         graph = counter_to_sink(tmp_path, port, 3)
         with trio.fail_after(60):
@@ -1020,7 +1002,7 @@ async def test_a_node_read_from_another_machine_listens_where_its_worker_can(
                 record = manager._workers[there.id]
                 record.ip, record.reached = "192.0.2.7", reached
                 await manager.commit_graph(graph, {"here": ["counter"], "there": ["sink"]})
-                assert addresses_of(manager)["counter"].startswith("tcp://127.0.0.1:")
+                assert addresses_of(manager)["counter"].startswith(f"tcp://{listens}:")
                 await manager.start()
                 assert await notified.receive() == b"x"
                 await manager.stop()
