@@ -724,14 +724,7 @@ class AsyncManager(Service):
         node_ids = [node_id for node_id in node_ids if node_id not in self._addresses]
         if not node_ids:
             return
-        local = set(self._mapping.get(worker_id, []))
-        specs = [
-            {
-                **self._spec(graph, node_id, self._node_names, local),
-                "bind_host": self._bind_host(graph, worker_id, node_id),
-            }
-            for node_id in node_ids
-        ]
+        specs = [self._spec(graph, node_id, worker_id) for node_id in node_ids]
         result = await self._request(worker_id, "create_nodes", nodes=specs)
         # (Only those asked for: a Worker does not say where another's nodes are.)
         self._set_node_addresses({node: result["addresses"].get(node) for node in node_ids})
@@ -1221,10 +1214,9 @@ class AsyncManager(Service):
         """The names of the nodes mapped to *worker_id*."""
         return {self._node_names[node] for node in self._mapping.get(worker_id, [])}
 
-    def _spec(
-        self, graph: Graph, node_id: str, names: Mapping[str, str], local: set[str]
-    ) -> dict[str, Any]:
-        """What a Worker needs to make node *node_id*; *local*: the nodes on that Worker."""
+    def _spec(self, graph: Graph, node_id: str, worker_id: str) -> dict[str, Any]:
+        """What Worker *worker_id* needs to make node *node_id*."""
+        names, local = self._node_names, set(self._mapping.get(worker_id, []))
         node = graph.G.nodes[node_id]["object"]
         followed = graph.followed_input(node_id)
         outputs = graph.outputs(node_id)
@@ -1244,6 +1236,8 @@ class AsyncManager(Service):
             # What its inputs' outlets ask of it, and its outlet of its outputs: only
             # the nodes of this graph link to each other (see transports.bind).
             "link_key": self._link_key,
+            # Where its outlet listens, if not where its Worker reached the Manager.
+            "bind_host": self._bind_host(graph, worker_id, node_id),
         }
 
     def _bind_host(self, graph: Graph, worker_id: str, node_id: str) -> str | None:
