@@ -777,7 +777,7 @@ class AsyncWorker(Service):
             if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
                 folder.mkdir(exist_ok=True)
                 return f"unix://{path}"
-        if host is not None and (host in self._not_here or not _can_listen_on(host)):
+        if host is not None and not _can_listen_on(host):
             if host not in self._not_here:
                 self._not_here.add(host)
                 log.warning(
