@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 import trio
 import trio_websocket
 
+from ._protocol import in_url
 from ._service import unwrapped
 
 __all__ = ["HandshakeEnded", "open_websocket"]
@@ -96,7 +97,7 @@ async def open_websocket(
             async with trio.open_nursery() as nursery:  # (the WebSocket's reader)
                 with trio.CancelScope() as opening:
                     said = _EndSaid(stream, opening.cancel)
-                    header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    header = f"{in_url(host)}:{port}"
                     ws = await trio_websocket.wrap_client_stream(
                         nursery,
                         said,  # type: ignore[arg-type]  # (any trio.abc.Stream, its docs say)

@@ -22,8 +22,8 @@ import trio_websocket
 from chimera import _protocol as protocol
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
+from chimera._worker import _can_listen_on as can_bind
 
-from .network import can_bind
 from .records import on_record
 
 

@@ -26,8 +26,8 @@ from chimera import _process
 from chimera import _protocol as protocol
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
+from chimera._worker import _can_listen_on as can_bind
 
-from .network import can_bind
 from .nodes import (
     AsyncCounter,
     AsyncSink,
