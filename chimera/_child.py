@@ -21,7 +21,8 @@ Both carry :mod:`chimera._pipe` messages:
   ``("log", level, logger name, text)`` for each log record at or above the
   Worker's levels (of its root logger, ``chimera`` and ``chimera.node``);
   ``("stats", {"steps": n, "dropped": n})`` twice a second while they change;
-  ``("crashed", message, traceback)`` before the child dies of an error of its own.
+  ``("crashed", message, traceback)`` before the child dies of an error of its own
+  (the traceback None if the node's record said it).
 
 The Trio loop owns the main thread; the node's code runs in worker threads
 (see :class:`~chimera._runtime.NodeRuntime`). A daemon "lifeline" thread
@@ -239,8 +240,10 @@ def main(events_fd: int) -> None:
         try:
             trio.run(_serve, runtime, stdin, events)
         except BaseException as exc:
-            events.send("crashed", f"{exc!r}", traceback.format_exc())
-            raise
+            said = runtime.crash_said  # (by the node's record: its traceback is not sent twice)
+            events.send("crashed", f"{exc!r}", None if said else traceback.format_exc())
+            # The Worker says it (nobody would see a traceback this process prints).
+            raise SystemExit(1) from None
     finally:
         events.close()
         if WORKER_GONE.is_set():

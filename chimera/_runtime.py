@@ -248,6 +248,9 @@ class NodeRuntime:
         self._chunks_sent = 0
         #: The frames of the last chunk a step returned.
         self._latest: list[Frame] | None = None
+        #: Whether the node's record said the error that left its block, with its
+        #: traceback (its process need not say it again).
+        self.crash_said = False
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -270,7 +273,9 @@ class NodeRuntime:
             and not isinstance(exc, trio.Cancelled)
             and self.node.state is not NodeState.FAILED
         ):
-            self._fail(f"crashed: {exc!r}")
+            text = "".join(traceback.format_exception(type(exc), exc, _from_users_code(exc)))
+            self._fail(f"crashed: {exc!r}", text)
+            self.crash_said = True
         await self.aclose()
 
     @property

@@ -347,13 +347,18 @@ async def test_stop_returns_after_a_node_failed_under_a_source_that_runs_on(tmp_
         ("step", "node 'sink' failed: step raised KeyError("),
         ("teardown", "node 'sink' failed: teardown raised OSError('the device is gone')"),
         ("killed", "node 'sink' failed: its process was killed by SIGKILL"),
+        # (a BaseException out of an async def step ends the process: its crash)
+        ("crashed", "node 'sink' failed: crashed: KeyboardInterrupt()"),
     ],
 )
-async def test_a_nodes_failure_is_said_once_as_its_own_record(tmp_path, caplog, how, said):
-    # Not again by its Worker or by the Manager; into the Manager's nodes.log.
+async def test_a_nodes_failure_is_said_once_as_its_own_record(tmp_path, caplog, capfd, how, said):
+    # Not again by its Worker, its process or the Manager; into the Manager's nodes.log.
     async with notifications() as (port, notified):
-        kind = {"step": Raises, "teardown": RaisesInTeardown, "killed": Sink}[how]
-        sink = Raises("sink") if how == "step" else kind("sink", str(tmp_path), "camera", 3, port)
+        if how in ("step", "crashed"):
+            sink = {"step": Raises, "crashed": Interrupted}[how]("sink")
+        else:
+            kind = {"teardown": RaisesInTeardown, "killed": Sink}[how]
+            sink = kind("sink", str(tmp_path), "camera", 3, port)
         graph = cp.Graph()
         graph.add_edge(Camera("camera", port, made=3), sink)
         with trio.fail_after(60):
@@ -376,6 +381,7 @@ async def test_a_nodes_failure_is_said_once_as_its_own_record(tmp_path, caplog, 
     if how != "killed":
         assert "\nTraceback (most recent call last):\n" in failures[0].getMessage()
     assert f"ERROR local/sink: {said}" in (tmp_path / "logs" / "nodes.log").read_text()
+    assert "Traceback" not in capfd.readouterr().err  # (the node's process printed none)
 
 
 async def test_a_node_process_ended_by_keyboardinterrupt_is_failed_not_shut_down(tmp_path):
