@@ -17,6 +17,7 @@ lowest latency).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -1174,16 +1175,20 @@ class Inputs(dict[str, DataChunk]):
         raise KeyError(f"{key!r} is not an input of this node: its inputs are {names}")
 
 
-#: The folders of chimera's own code (and its data plane's).
-_OURS = tuple(
-    str(Path(module.__file__).parent) + os.sep  # type: ignore[arg-type]
-    for module in (sys.modules[__package__], transports)
+#: The folders of chimera's own code (and its data plane's), and the files
+#: of what runs it (Trio, ``with`` blocks): the frames that call the user's code.
+_OURS = (
+    *(
+        str(Path(module.__file__).parent) + os.sep  # type: ignore[arg-type]
+        for module in (sys.modules[__package__], transports, trio)
+    ),
+    contextlib.__file__,
 )
 
 
 def _from_users_code(exc: BaseException) -> TracebackType | None:
     """*exc*'s traceback from its first frame in the user's code on: the
-    frames of chimera that called that code say nothing to its user. The
+    frames of chimera (and Trio) that called that code say nothing to its user. The
     whole traceback if no frame is the user's (an error of chimera's own)."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS):
