@@ -265,12 +265,12 @@ class _NetOutlet(_OutletBase):
     async def _serve_link(self, conduit: _Conduit) -> None:
         """Handshake with a new connection, then run its link until it ends (or is cut)."""
         link = None
+        label = ""
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 delivery, capacity, max_bytes, label_size, key_size = decode_hello(
                     await conduit.receive_handshake(HELLO_SIZE)
                 )
-                label = ""
                 if label_size:
                     label = decode_label(await conduit.receive_handshake(label_size))
                 key = None
@@ -316,9 +316,10 @@ class _NetOutlet(_OutletBase):
             # (While the outlet closes, its inlets may be closing too: no news.)
             log.log(
                 logging.DEBUG if self._closed else logging.WARNING,
-                "%s: link to %s ended: %s",
+                "%s: link to %s%s ended: %s",
                 self._address,
                 conduit.peer,
+                f" ({label!r})" if label else "",
                 exc or repr(exc),
             )
         finally:

@@ -16,7 +16,13 @@ import trio
 import trio.testing
 
 import transports
-from transports._framing import WELCOME_SIZE, ProtocolError, encode_hello, encode_message_header
+from transports._framing import (
+    WELCOME_SIZE,
+    ProtocolError,
+    encode_hello,
+    encode_label,
+    encode_message_header,
+)
 from transports._nng import _read_record
 
 from .conftest import BACKENDS
@@ -139,8 +145,9 @@ async def test_an_inlet_breaking_off_while_the_outlet_closes_is_no_warning(
     with trio.fail_after(10):
         outlet = await transports.bind(BACKENDS[backend].format(dir=short_dir), close_timeout=5)
         early, late = [await open_raw_stream(outlet.address) for _ in range(2)]
-        for raw in (early, late):
-            await raw.send_all(encode_hello(transports.Delivery.RELIABLE, 4))
+        for raw, label in ((early, "early"), (late, "")):
+            hello = encode_hello(transports.Delivery.RELIABLE, 4, label=label)
+            await raw.send_all(hello + encode_label(label))
             await receive_exactly(raw, WELCOME_SIZE)
         await outlet.wait_for_inlets(2)
         await outlet.send(b"unread")
@@ -157,6 +164,7 @@ async def test_an_inlet_breaking_off_while_the_outlet_closes_is_no_warning(
             await break_off(late)
     ended = [r for r in caplog.records if "ended:" in r.getMessage()]
     assert [r.levelname for r in ended] == ["WARNING", "DEBUG"]
+    assert "('early') ended: " in ended[0].getMessage()  # (the inlet's label, if it gave one)
 
 
 @pytest.mark.parametrize("backend", STREAM_BACKENDS)
