@@ -1,10 +1,12 @@
 """The tests of chimera run with a temporary folder of their own, and each
-leaves no Worker's temporary folder behind."""
+leaves no Worker's temporary folder behind. Ctrl-C raises KeyboardInterrupt
+in them, as in a script run from a terminal."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +32,15 @@ def _own_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             os.environ["TMPDIR"] = before
         tempfile.tempdir = None
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_interrupts() -> None:
+    # A shell starts a background job with SIGINT ignored, and Python then
+    # raises no KeyboardInterrupt (nor do the scripts the tests start, which
+    # inherit the ignoring): the tests of Ctrl-C would fail for that alone.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
