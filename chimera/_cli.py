@@ -325,14 +325,15 @@ async def _run_demo(args: argparse.Namespace, stop: _Stop) -> int:
 _STOPPING = {"demo": "stopping the recording, then collecting it"}
 
 
-async def _run(args: argparse.Namespace, early: list[int]) -> int:
-    """Run the command; its exit status. *early*: the signals that came before this run."""
+async def _run(args: argparse.Namespace, taken: list[int], early: list[int]) -> int:
+    """Run the command; its exit status. *taken*: the stop signals it acts on;
+    *early*: those that came before this run."""
     run = {"manager": _run_manager, "worker": _run_worker, "demo": _run_demo}[args.command]
     stop = _Stop(args.command, _STOPPING.get(args.command, "stopping"))
     # Stop signals are received as events (the ones before this run
     # too), so that they end the command by leaving its blocks, never as a
     # KeyboardInterrupt in whatever task happens to run.
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*taken) as signals:
         for signum in early:
             stop.take(signum)
         async with trio.open_nursery() as nursery:
@@ -353,10 +354,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     These signals (:data:`STOP_SIGNALS`) are the command's from the call on, and ignored once
     it returns (for the rest of the process, which is about to exit): they
-    never raise KeyboardInterrupt.
+    never raise KeyboardInterrupt. One ignored when the call begins stays
+    ignored: ``nohup`` ignores SIGHUP (a Worker started with it outlives its
+    terminal), and a shell its background jobs' Ctrl-C.
     """
+    taken = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
     early: list[int] = []
-    for signum in STOP_SIGNALS:
+    for signum in taken:
         signal.signal(signum, lambda signum, frame: early.append(signum))
     try:
         parser = _parser()
@@ -370,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         logging.getLogger("chimera.collect").setLevel(logging.INFO)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # (a line per file collected)
-        return trio.run(_run, args, early)
+        return trio.run(_run, args, taken, early)
     finally:
         # Not a handler: as it finalizes, Python resets the signals it handles
         # to their default (a Ctrl-C then kills the process), but not ignored ones.

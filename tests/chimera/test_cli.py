@@ -1,5 +1,6 @@
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -430,6 +431,31 @@ async def test_a_worker_stops_at_once_on_a_signal_while_it_connects(signum):
                 await worker.wait()
     assert f"chimera worker: {signum.name}, stopping" in said
     assert "Traceback" not in said and "no manager" not in said
+
+
+@pytest.mark.skipif(shutil.which("nohup") is None, reason="needs nohup")
+async def test_a_worker_started_with_nohup_outlives_its_terminal():
+    command = ["nohup", sys.executable, "-m", "chimera", "worker", "--name", "w", "--manager"]
+    with trio.socket.socket() as silent:  # accepts, and never answers
+        await silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        worker = await trio.lowlevel.open_process(
+            [*command, f"127.0.0.1:{silent.getsockname()[1]}"], stderr=subprocess.PIPE
+        )
+        try:
+            with trio.fail_after(30):
+                connection, _ = await silent.accept()
+            with connection, trio.fail_after(5):
+                worker.send_signal(signal.SIGHUP)  # its terminal closed: nothing happens...
+                worker.send_signal(signal.SIGTERM)  # ... and this one stops it
+                assert await worker.wait() == 0
+                said = await read_until(worker.stderr, "(the end)")
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+    assert "chimera worker: SIGTERM, stopping; SIGTERM again stops at once" in said
+    assert "SIGHUP" not in said
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
