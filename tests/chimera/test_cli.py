@@ -409,34 +409,13 @@ async def read_until(stream: trio.abc.ReceiveStream, text: str) -> str:
     return said.decode()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=str)
-async def test_a_worker_stops_at_once_on_a_signal_while_it_connects(signum):
-    command = [sys.executable, "-m", "chimera", "worker", "--name", "w", "--manager"]
-    with trio.socket.socket() as silent:  # accepts, and never answers
-        await silent.bind(("127.0.0.1", 0))
-        silent.listen()
-        worker = await trio.lowlevel.open_process(
-            [*command, f"127.0.0.1:{silent.getsockname()[1]}"], stderr=subprocess.PIPE
-        )
-        try:
-            with trio.fail_after(30):
-                connection, _ = await silent.accept()  # the worker waits for an answer
-            with connection, trio.fail_after(5):  # not the 10 s it waits for one
-                worker.send_signal(signum)
-                assert await worker.wait() == 0
-                said = await read_until(worker.stderr, "(the end)")
-        finally:
-            if worker.returncode is None:
-                worker.kill()
-                await worker.wait()
-    assert f"chimera worker: {signum.name}, stopping" in said
-    assert "Traceback" not in said and "no manager" not in said
-
-
-@pytest.mark.skipif(shutil.which("nohup") is None, reason="needs nohup")
-async def test_a_worker_started_with_nohup_outlives_its_terminal():
-    command = ["nohup", sys.executable, "-m", "chimera", "worker", "--name", "w", "--manager"]
-    with trio.socket.socket() as silent:  # accepts, and never answers
+@asynccontextmanager
+async def worker_waiting_for_an_answer(*before: str) -> AsyncIterator[trio.Process]:
+    """A ``chimera worker`` (its command run by *before*, if given) that
+    connected to something that accepts and never answers: it waits for the
+    answer (10 s). Killed at the end if it has not exited."""
+    command = [*before, sys.executable, "-m", "chimera", "worker", "--name", "w", "--manager"]
+    with trio.socket.socket() as silent:
         await silent.bind(("127.0.0.1", 0))
         silent.listen()
         worker = await trio.lowlevel.open_process(
@@ -445,15 +424,33 @@ async def test_a_worker_started_with_nohup_outlives_its_terminal():
         try:
             with trio.fail_after(30):
                 connection, _ = await silent.accept()
-            with connection, trio.fail_after(5):
-                worker.send_signal(signal.SIGHUP)  # its terminal closed: nothing happens...
-                worker.send_signal(signal.SIGTERM)  # ... and this one stops it
-                assert await worker.wait() == 0
-                said = await read_until(worker.stderr, "(the end)")
+            with connection:
+                yield worker
         finally:
             if worker.returncode is None:
                 worker.kill()
                 await worker.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=str)
+async def test_a_worker_stops_at_once_on_a_signal_while_it_connects(signum):
+    async with worker_waiting_for_an_answer() as worker:
+        with trio.fail_after(5):  # not the 10 s it waits for an answer
+            worker.send_signal(signum)
+            assert await worker.wait() == 0
+            said = await read_until(worker.stderr, "(the end)")
+    assert f"chimera worker: {signum.name}, stopping" in said
+    assert "Traceback" not in said and "no manager" not in said
+
+
+@pytest.mark.skipif(shutil.which("nohup") is None, reason="needs nohup")
+async def test_a_worker_started_with_nohup_outlives_its_terminal():
+    async with worker_waiting_for_an_answer("nohup") as worker:
+        with trio.fail_after(5):
+            worker.send_signal(signal.SIGHUP)  # its terminal closed: nothing happens...
+            worker.send_signal(signal.SIGTERM)  # ... and this one stops it
+            assert await worker.wait() == 0
+            said = await read_until(worker.stderr, "(the end)")
     assert "chimera worker: SIGTERM, stopping; SIGTERM again stops at once" in said
     assert "SIGHUP" not in said
 
