@@ -68,6 +68,8 @@ TRANSPORTS = get_args(TransportName)
 PROGRESS_EVERY = 10.0
 #: After how long that log line is a warning, in seconds.
 SLOW = 60.0
+#: The most nodes that line names (it counts the others).
+PROGRESS_NAMES = 10
 #: Log records queued for each subscriber of the published logs (nng's
 #: largest): beyond, nng drops the newest for that subscriber, uncounted.
 LOG_QUEUE = 8192
@@ -337,6 +339,8 @@ class AsyncManager(Service):
 
     def _publish(self, event: dict[str, Any]) -> None:
         """Push *event* to every ``/ws/events`` subscriber (a slow one is dropped)."""
+        if not self._subscribers:
+            return
         text = json.dumps(event)
         for subscriber in list(self._subscribers):
             try:
@@ -482,7 +486,7 @@ class AsyncManager(Service):
             figures = (info.get("steps"), info.get("dropped"), info.get("writer_wait_ms"))
             changed = changed or figures != (steps, dropped, waited) or info["fps"] != fps_before
             info["steps"], info["dropped"], info["writer_wait_ms"] = steps, dropped, waited
-        if changed:
+        if changed and self._subscribers:  # (the figures of every node: not made for nobody)
             self._publish({"type": "node_stats", "nodes": self.state()["nodes"]})
 
     # --- the graph ----------------------------------------------------------------
@@ -573,7 +577,8 @@ class AsyncManager(Service):
         still waits for (a warning the first time, so that it shows without
         logging configured, and, saying *slow*, once it has waited
         :data:`SLOW`): each with what *doing* says of its info, those for
-        which it says something."""
+        which it says something (the first :data:`PROGRESS_NAMES`; the
+        others counted)."""
         started = trio.current_time()
         for number in itertools.count():
             await trio.sleep(PROGRESS_EVERY)
@@ -585,13 +590,14 @@ class AsyncManager(Service):
             ]
             log.log(
                 logging.WARNING if waited >= SLOW or number == 0 else logging.INFO,
-                "%s: %d of %d nodes not %s after %.0f s: %s%s",
+                "%s: %d of %d nodes not %s after %.0f s: %s%s%s",
                 call,
                 len(waiting),
                 len(self._node_info),
                 done,
                 waited,
-                ", ".join(waiting),
+                ", ".join(waiting[:PROGRESS_NAMES]),
+                f", and {more} more" if (more := len(waiting) - PROGRESS_NAMES) > 0 else "",
                 f" ({slow})" if waited >= SLOW else "",
             )
 
