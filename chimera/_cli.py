@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ignored: ``nohup`` ignores SIGHUP (a Worker started with it outlives its
     terminal), and a shell its background jobs' Ctrl-C.
     """
-    taken = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+    taken: list[int] = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
     early: list[int] = []
     for signum in taken:
         signal.signal(signum, lambda signum, frame: early.append(signum))
