@@ -14,6 +14,7 @@ the Worker's nursery is cancelled, and when the zygote that forked them dies
 from __future__ import annotations
 
 import array
+import contextlib
 import logging
 import os
 import signal
@@ -47,6 +48,9 @@ KILL_GRACE = 5.0
 HELD_GRACE = 1.0
 #: Seconds between looks at whether a process has exited, where there is no pidfd.
 POLL_PERIOD = 0.05
+#: How long the zygote may take to fork a node process (~10 ms): past it, it
+#: is taken as stuck, and killed.
+FORK_TIMEOUT = 10.0
 
 #: The states of a node whose run has ended (not FAILED): its process may end then.
 _ENDED = (NodeState.STOPPED, NodeState.SAVED, NodeState.SHUTDOWN)
@@ -286,16 +290,32 @@ class Zygote:
             if self.death is not None:
                 raise ZygoteDied(self.death)
             self._on_orphaned = on_orphaned
-            try:
-                await self._stream.send_all(_pipe.encode(("start", None)))
-                await self._stream.socket.sendmsg(
-                    [b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
-                )
-                return await self._next_pid.receive()
-            except (trio.BrokenResourceError, trio.EndOfChannel, OSError) as exc:
-                raise ZygoteDied(self.death or _zygote_death(None)) from exc
-            finally:
-                self._on_orphaned = None
+            # The request and its answer are not cancelled halfway: half a
+            # request, or an answer left unread, would put every later one
+            # out of step (a node given its predecessor's pid).
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + FORK_TIMEOUT
+                try:
+                    await self._stream.send_all(_pipe.encode(("start", None)))
+                    await self._stream.socket.sendmsg(
+                        [b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                    )
+                    return await self._next_pid.receive()
+                except (trio.BrokenResourceError, trio.EndOfChannel, OSError) as exc:
+                    raise ZygoteDied(self.death or _zygote_death(None)) from exc
+                finally:
+                    self._on_orphaned = None
+            log.error(
+                "%s: its node process starter (the zygote, pid %d) did not answer in %g s: "
+                "it is killed",
+                self._owner,
+                self.pid,
+                FORK_TIMEOUT,
+            )
+            assert self.pid is not None  # (set with the stream)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            raise ZygoteDied(f"the zygote did not answer in {FORK_TIMEOUT:g} s")
 
     async def wait(self, pid: int) -> int | None:
         """The return code of node process *pid* (forked by :meth:`start`), once
@@ -420,7 +440,12 @@ class NodeProcess:
     async def _open(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         stdin, stdin_ours = os.pipe()
-        events_ours, events = os.pipe()
+        try:
+            events_ours, events = os.pipe()
+        except OSError:  # (too many open files)
+            os.close(stdin)
+            os.close(stdin_ours)
+            raise
         try:
             self._pid = await self._zygote.start(stdin, events, self._orphaned)
         except BaseException as exc:

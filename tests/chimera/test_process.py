@@ -692,6 +692,43 @@ async def test_a_worker_keeps_nothing_of_the_nodes_it_shut_down(tmp_path):
                     assert [node() for node in nodes] == [None, None]
 
 
+async def test_a_node_process_start_cancelled_once_asked_still_gets_its_own_pid():
+    # Cancelled once the zygote has the request: the start completes (an answer
+    # left unread would be the next start's, and that node would be given the
+    # pid of another process).
+    def holds(pid: int, fd: int) -> bool:
+        """Whether process *pid* holds the pipe of *fd* (as its stdin, or about to)."""
+        pipe = f"pipe:[{os.fstat(fd).st_ino}]"
+        return any(
+            os.readlink(f"/proc/{pid}/fd/{n}") == pipe for n in os.listdir(f"/proc/{pid}/fd")
+        )
+
+    zygote = _process.Zygote("test")
+    pipes = [os.pipe() for _ in range(4)]  # (two node processes: stdin, events)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(zygote.run)
+                send_all = zygote._stream.send_all
+                with trio.CancelScope() as scope:
+
+                    async def send_all_then_cancel(data):
+                        await send_all(data)
+                        scope.cancel()
+
+                    zygote._stream.send_all = send_all_then_cancel
+                    first = await zygote.start(pipes[0][0], pipes[1][1])
+                zygote._stream.send_all = send_all
+                second = await zygote.start(pipes[2][0], pipes[3][1])
+                # (each process waits for its node on its stdin: still there)
+                assert holds(first, pipes[0][0]) and not holds(first, pipes[2][0])
+                assert holds(second, pipes[2][0]) and not holds(second, pipes[0][0])
+                nursery.cancel_scope.cancel()
+    finally:
+        for fd in (fd for pipe in pipes for fd in pipe):
+            os.close(fd)
+
+
 async def test_a_zygote_killed_while_nodes_run_fails_them_and_the_worker_goes_on(
     tmp_path, monkeypatch
 ):
