@@ -306,7 +306,8 @@ class AsyncWorker(Service):
                     await self._flush_events()  # the Manager hears they were closed
                 for scope in self._zygote_scopes:
                     scope.cancel()
-                self._remove_temp_folder()
+                with trio.CancelScope(shield=True):
+                    await self._remove_temp_folder()
                 self._nursery = None
                 nursery.cancel_scope.cancel()
 
@@ -672,7 +673,7 @@ class AsyncWorker(Service):
             folder = folder.with_name(f"{node_id}-{number}")
         return folder
 
-    def _remove_temp_folder(self) -> None:
+    async def _remove_temp_folder(self) -> None:
         """Forget the packages loaded; remove the temporary folder unless kept,
         or unless it holds files the nodes saved that were never collected."""
         if self._temp is None:
@@ -698,7 +699,8 @@ class AsyncWorker(Service):
                 why,
             )
         elif self.delete_temp:
-            shutil.rmtree(self._temp, ignore_errors=True)
+            # (On a thread: after an upload, it may hold gigabytes.)
+            await trio.to_thread.run_sync(partial(shutil.rmtree, self._temp, ignore_errors=True))
         else:
             log.info("worker %r: its temporary folder %s is kept", self.name, self._temp)
         self._temp = None
@@ -882,7 +884,11 @@ class AsyncWorker(Service):
             done.set()
 
     async def _do_shutdown_nodes(self) -> None:
-        await self._close_nodes()
+        # Not cancelled halfway when the Manager leaves meanwhile: the nodes
+        # half closed would stay this Worker's, and the next graph's commit
+        # would find them. (Bounded: each teardown is, and each close.)
+        with trio.CancelScope(shield=True):
+            await self._close_nodes()
 
     async def _do_leave(self) -> None:
         # No reply: the Manager hears the Worker left (ChimeraPy's Workers

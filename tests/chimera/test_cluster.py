@@ -932,6 +932,43 @@ async def test_a_worker_committed_to_again_says_if_files_were_never_collected(
     assert len(take_worker_folders()) == (1 if saves else 0)
 
 
+#: Set once HeldInTeardown's teardown runs; it returns once TEARDOWN_GATE is set.
+IN_TEARDOWN, TEARDOWN_GATE = threading.Event(), threading.Event()
+
+
+class HeldInTeardown(cp.Node):
+    def teardown(self):
+        IN_TEARDOWN.set()
+        assert TEARDOWN_GATE.wait(20)
+
+
+async def test_a_worker_whose_manager_left_while_it_closed_its_nodes_serves_the_next(tmp_path):
+    # The Manager's connection ends while the Worker closes the nodes it asked
+    # it to: the closing still ends, and nothing of that graph stays.
+    IN_TEARDOWN.clear()
+    TEARDOWN_GATE.clear()
+    first = cp.Graph()
+    first.add_node(HeldInTeardown("held"))
+    second = cp.Graph()
+    second.add_node(cp.Node("fresh"))
+    with trio.fail_after(30):
+        async with AsyncWorker("local") as worker:
+            async with AsyncManager(tmp_path / "m0", port=0, transport="memory") as manager:
+                assert await worker.connect(manager.host, manager.port)
+                assert await manager.commit_graph(first, {"local": ["held"]})
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(manager.shutdown)
+                    await trio.to_thread.run_sync(IN_TEARDOWN.wait, 20)
+                    nursery.cancel_scope.cancel()  # (the Manager leaves: its connection ends)
+            TEARDOWN_GATE.set()
+            await worker.wait_for_disconnect()
+            async with AsyncManager(tmp_path / "m1", port=0, transport="memory") as manager:
+                assert await worker.connect(manager.host, manager.port)
+                assert await manager.commit_graph(second, {"local": ["fresh"]})
+                assert list(worker.nodes.values()) == [cp.NodeState.READY]
+                await manager.shutdown()
+
+
 async def test_a_session_collected_runs_no_more_even_if_every_node_failed(tmp_path):
     graph = cp.Graph()
     graph.add_node(EveryOther("counter", breaks=True))
