@@ -442,6 +442,18 @@ class AsyncWorker(Service):
                     await self._read(ws, nursery)
                     nursery.cancel_scope.cancel()
             finally:
+                if self._manager_gone and self._runtimes:
+                    # Nobody is left to stop, collect or shut down the nodes of
+                    # its graph: they are closed (their teardown runs; what they
+                    # saved stays, see _remove_temp_folder) before the Worker
+                    # takes another Manager.
+                    log.warning(
+                        "worker %r: the manager left without shutting down its nodes: "
+                        "they are closed",
+                        self.name,
+                    )
+                    with trio.CancelScope(shield=True):
+                        await self._close_nodes()
                 self._connected = False
                 self._clock_changed.unpark_all()  # wakes wait_for_disconnect
                 self._sent_all.unpark_all()  # (and _flush_events: nothing more is sent)

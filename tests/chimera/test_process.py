@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -727,6 +728,68 @@ async def test_a_node_process_start_cancelled_once_asked_still_gets_its_own_pid(
     finally:
         for fd in (fd for pipe in pipes for fd in pipe):
             os.close(fd)
+
+
+#: A Manager's script: it listens at argv[1]'s port (and says so), commits a
+#: graph to the Worker 'w', starts it, and dies. Its source's teardown writes argv[2].
+DIES_AFTER_ITS_COMMIT = """
+import os, sys, time, trio
+import chimera as cp
+
+class Source(cp.Node):
+    def __init__(self, name, path):
+        super().__init__(name)
+        self.path = path
+
+    def step(self):
+        time.sleep(0.01)
+        return 1
+
+    def teardown(self):
+        with open(self.path, "w") as file:
+            file.write("torn down")
+
+async def main():
+    async with cp.AsyncManager(sys.argv[3], port=int(sys.argv[1])) as manager:
+        print("listening", flush=True)
+        await manager.wait_for_workers(1)
+        graph = cp.Graph()
+        graph.add_node(Source("source", sys.argv[2]))
+        await manager.commit_graph(graph, {"w": ["source"]})
+        await manager.start()
+        os._exit(0)
+
+trio.run(main)
+"""
+
+
+async def test_a_worker_closes_the_nodes_of_a_manager_that_died(tmp_path):
+    # Nobody is left to stop them: they would run for ever (and the next
+    # Manager's commit would take them in).
+    with trio.socket.socket() as probe:  # (a free port for the Manager)
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torn_down = tmp_path / "torn-down"
+    script = [DIES_AFTER_ITS_COMMIT, str(port), str(torn_down), str(tmp_path / "logs")]
+    with trio.fail_after(60):
+        async with AsyncWorker("w") as worker:
+            manager = await trio.lowlevel.open_process(
+                [sys.executable, "-c", *script], stdout=subprocess.PIPE
+            )
+            try:
+                said = b""
+                while b"listening" not in said:
+                    said += await manager.stdout.receive_some()
+                assert await worker.connect("127.0.0.1", port)
+                await worker.wait_for_disconnect()  # (its nodes closed)
+                assert await manager.wait() == 0
+            finally:
+                if manager.returncode is None:
+                    manager.kill()
+                    await manager.wait()
+            assert worker.nodes == {}
+            assert torn_down.read_text() == "torn down"
+            assert children_of(os.getpid()) == [worker._zygote.pid]
 
 
 async def test_a_zygote_killed_while_nodes_run_fails_them_and_the_worker_goes_on(
