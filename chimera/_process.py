@@ -305,6 +305,7 @@ class Zygote:
                     raise ZygoteDied(self.death or _zygote_death(None)) from exc
                 finally:
                     self._on_orphaned = None
+            assert self.pid is not None  # (set with the stream)
             log.error(
                 "%s: its node process starter (the zygote, pid %d) did not answer in %g s: "
                 "it is killed",
@@ -312,7 +313,6 @@ class Zygote:
                 self.pid,
                 FORK_TIMEOUT,
             )
-            assert self.pid is not None  # (set with the stream)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             raise ZygoteDied(f"the zygote did not answer in {FORK_TIMEOUT:g} s")
