@@ -38,7 +38,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=False)
 def bench(session: nox.Session) -> None:
     """The benchmarks, in the current environment (pass --quick for a short run)."""
-    session.run("python", "benchmarks/transports.py", *session.posargs)
+    session.run("python", "benchmarks/data_plane.py", *session.posargs)
     session.run("python", "benchmarks/pipeline.py", *session.posargs)
     session.run("python", "benchmarks/recording.py", *session.posargs)
     session.run("python", "benchmarks/scale.py", *session.posargs)

@@ -1,8 +1,8 @@
 """What the cluster benchmarks share: a Manager and Workers in one Trio run,
 and the processes under this one.
 
-Imported by ``pipeline.py`` and ``recording.py`` once chimera is imported
-(see their header: this folder must not be on ``sys.path`` before then).
+Imported by ``pipeline.py``, ``recording.py`` and ``scale.py`` (their folder
+is first on ``sys.path`` when they run).
 """
 
 from __future__ import annotations

@@ -51,16 +51,11 @@ from typing import Any
 
 import numpy as np
 import trio
+from _cluster import Cluster, children, percentile, read_result  # (this script's folder)
 
-# Running this script puts its folder first on sys.path, where
-# benchmarks/transports.py would shadow the transports package chimera imports.
+import chimera as cp
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import chimera as cp  # noqa: E402
-
-sys.path.append(_HERE)  # now that transports is imported: for _cluster
-from _cluster import Cluster, children, percentile, read_result  # noqa: E402
 
 # --- the nodes (pickled by value into their processes) ------------------------------
 

@@ -39,9 +39,9 @@ capacity 8 (``--capacity``).
 
 Usage::
 
-    python benchmarks/transports.py                     # everything (~3 minutes)
-    python benchmarks/transports.py --quick             # a smoke test (~20 s)
-    python benchmarks/transports.py --sizes 1k,6.2m --backends tcp,unix --json out.json
+    python benchmarks/data_plane.py                     # everything (~3 minutes)
+    python benchmarks/data_plane.py --quick             # a smoke test (~20 s)
+    python benchmarks/data_plane.py --sizes 1k,6.2m --backends tcp,unix --json out.json
 """
 
 from __future__ import annotations
@@ -68,12 +68,9 @@ from typing import Any
 import numpy as np
 import trio
 
-# This file is called transports.py, and running it puts its folder first on sys.path,
-# where it would shadow the package it measures.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import transports
 
-import transports  # noqa: E402
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 # --- the messages ----------------------------------------------------------------
 
