@@ -137,6 +137,15 @@ def test_add_nodes_from_adds_nothing_when_one_is_refused():
     assert len(g) == 0
 
 
+def test_add_nodes_from_adds_nothing_when_two_of_them_share_an_id():
+    a, b, impostor = make("a", "b", "impostor")
+    impostor.id = a.id
+    g = Graph()
+    with pytest.raises(ValueError, match=f"two different nodes have the id '{a.id}'"):
+        g.add_nodes_from([a, b, impostor])
+    assert len(g) == 0
+
+
 def test_wrapping_an_existing_digraph():
     a, b = make("a", "b")
     digraph = nx.DiGraph()
@@ -157,6 +166,16 @@ def test_wrapping_a_digraph_without_node_objects_is_refused():
         Graph(digraph)
     with pytest.raises(TypeError, match=r"networkx\.DiGraph"):
         Graph(nx.Graph())
+    with pytest.raises(TypeError, match=r"networkx\.DiGraph, not MultiDiGraph"):
+        Graph(nx.MultiDiGraph())
+
+
+def test_wrapping_a_digraph_keyed_by_another_id_than_its_nodes_is_refused():
+    (a,) = make("a")
+    digraph = nx.DiGraph()
+    digraph.add_node("x", object=a, name="a")
+    with pytest.raises(ValueError, match=f"node 'x' of g holds a node with id '{a.id}'"):
+        Graph(digraph)
 
 
 # -- edges --------------------------------------------------------------------
@@ -254,6 +273,7 @@ def test_add_edges_from_both_item_shapes():
         ((0, 1, {}, 3), ValueError, "not 4 items"),
         ((0, 1, {"colour": "red"}), TypeError, "unknown edge option 'colour'"),
         ((0, 1, {"delivery": "fast"}), ValueError, "delivery must be one of"),
+        ((0, 1, {"follow": "yes"}), TypeError, "follow must be True or False"),
         ((0, 1, ["follow"]), TypeError, "options of an edge are a mapping"),
     ],
 )
@@ -265,6 +285,19 @@ def test_add_edges_from_refuses_bad_items_and_adds_nothing(bad_item, error, mess
     with pytest.raises(error, match=message):
         g.add_edges_from([(a, b), bad_item])
     assert len(g) == 0
+
+
+def test_add_edges_from_adds_nothing_when_a_later_edge_brings_a_node_of_a_taken_id():
+    a, b, c, impostor = make("a", "b", "c", "impostor")
+    impostor.id = a.id
+    g = Graph()
+    with pytest.raises(ValueError, match=f"two different nodes have the id '{a.id}'"):
+        g.add_edges_from([(a, b), (b, c), (c, impostor)])
+    assert len(g) == 0
+    g.add_node(a)
+    with pytest.raises(ValueError, match="already in the graph"):
+        g.add_edges_from([(b, c), (c, impostor)])
+    assert g.nodes == [a]
 
 
 def test_inputs_and_outputs_keep_insertion_order_and_accept_ids():
@@ -415,6 +448,14 @@ def test_two_separate_cycles_are_both_reported():
     a, b, c, d = make("a", "b", "c", "d")
     g = Graph()
     g.add_edges_from([(a, b), (b, a), (c, d), (d, c)])
+    assert g.problems() == ["cycle: a -> b -> a", "cycle: c -> d -> c"]
+
+
+def test_cycles_are_reported_in_the_order_their_nodes_were_added():
+    # (a's cycle leads into c's: a search from a finishes c's cycle first.)
+    a, b, c, d = make("a", "b", "c", "d")
+    g = Graph()
+    g.add_edges_from([(a, b), (b, a), (a, c), (c, d), (d, c)])
     assert g.problems() == ["cycle: a -> b -> a", "cycle: c -> d -> c"]
 
 
