@@ -1177,6 +1177,28 @@ async def test_a_step_that_cannot_take_what_it_is_given_is_refused_at_commit(tmp
     ]
 
 
+class TakesAny(cp.Node):
+    def step(self, *data_chunks):
+        return len(data_chunks)
+
+
+class RunsMain(cp.Node):
+    def step(self):  # (not called: main runs instead)
+        return 1
+
+    def main(self):
+        pass
+
+
+async def test_a_step_of_any_arguments_or_a_node_that_runs_main_is_accepted_at_commit(tmp_path):
+    source, any_, main = SinkWithoutInput("source"), TakesAny("any"), RunsMain("main")
+    graph = cp.Graph()
+    graph.add_edges_from([(source, any_), (source, main)])
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["source", "any", "main"]})
+
+
 class ReadsTheWrongInput(cp.Node):
     def step(self, data_chunks):
         return data_chunks["camera"]

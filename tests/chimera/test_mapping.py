@@ -35,6 +35,7 @@ def test_workers_and_nodes_by_name_or_id(chain):
         ({"local": ["a", "b"], "remote": ["b", "c"]}, "node 'b' is mapped twice"),
         ({"local": ["a", "b"]}, "nodes not mapped to any worker: 'c'"),
         ({"local": "abc"}, "not a list of nodes"),
+        ({"local": 5, "remote": ["a", "b", "c"]}, "worker 'local' is mapped to 5, not a list"),
         ({"local": ["a", "b", 3]}, "not int"),
     ],
 )
@@ -76,10 +77,21 @@ def test_a_node_placed_by_a_name_two_nodes_share_is_refused(chain):
     assert resolve_placement(graph, WORKERS, mapping, "local", a.id) == ("w1-id", a.id)
 
 
+def test_a_node_placed_on_another_worker_than_its_mapping_says_is_refused(chain):
+    graph, a, *_ = chain
+    mapping = resolve_mapping(graph, WORKERS, {"local": ["a", "b"], "remote": ["c"]})
+    with pytest.raises(cp.CommitGraphError) as caught:
+        resolve_placement(graph, WORKERS, mapping, "remote", "a")
+    assert caught.value.problems == ["node 'a' is not mapped to worker 'remote'"]
+    assert resolve_placement(graph, WORKERS, mapping, "w1-id", "a") == ("w1-id", a.id)
+
+
 def test_more_workers_than_allowed_is_refused(chain):
     graph = chain[0]
     with pytest.raises(cp.CommitGraphError, match="more than max_num_of_workers=1"):
         resolve_mapping(graph, WORKERS, {"local": ["a"], "remote": ["b", "c"]}, max_workers=1)
+    # As many as allowed is fine.
+    assert resolve_mapping(graph, WORKERS, {"local": ["a"], "remote": ["b", "c"]}, max_workers=2)
 
 
 def test_two_workers_with_one_name_must_be_mapped_by_id(chain):
