@@ -153,6 +153,11 @@ def test_equality_and_repr():
     b.update("tab", {"value": pd.DataFrame({"x": [1, 2]}), "content-type": "table", "timestamp": 2})
     assert a != b  # the timestamp differs
     assert "'arr': array float64[2]" in repr(a)
+    # A masked array is not the plain array of its data.
+    c, d = DataChunk(), DataChunk()
+    c.add("o", np.ma.array([1, 2], mask=[False, True]))
+    d.add("o", np.array([1, 2]))
+    assert c != d and d != c
     assert "'tab': table DataFrame[2x1]" in repr(a)
 
 
@@ -179,6 +184,17 @@ def test_add_validates(value, content_type, error, match):
     with pytest.raises(error, match=match):
         chunk.add("x", value, content_type)
     assert "x" not in chunk
+
+
+def test_json_nests_100_levels_deep_and_no_deeper():
+    value: list = []
+    for _ in range(99):
+        value = [value]
+    chunk = DataChunk()
+    chunk.add("j", value, "json")  # 100 lists, one in another
+    assert round_trip(chunk).get("j")["value"] == value
+    with pytest.raises(ValueError, match="deeper than 100 levels"):
+        chunk.add("j", [value], "json")
 
 
 def test_add_refuses_a_name_that_is_not_a_str():
@@ -258,6 +274,7 @@ def test_round_trip_table():
     "table",
     [
         pd.DataFrame({"x": [1, 2]}, index=pd.RangeIndex(5, 9, 2)),
+        pd.DataFrame({"x": [1, 2]}, index=pd.RangeIndex(2, name="sample")),
         pd.DataFrame({"x": [1, 2]}, index=pd.Index(["a", "b"], name="key")),
         pd.DataFrame({"x": [1.0]}, index=pd.DatetimeIndex(["2024-05-01"])),
         pd.DataFrame({"a": [1, 2], "b": [3, 4]}).rename(columns={"b": "a"}),  # duplicate names
@@ -604,6 +621,9 @@ TABLE_X = ("records", 1, "value", "columns", 0, "data")
         (_delete(("records",)), "lacks 'records'"),
         (_delete(("records", 0, "timestamp")), "lacks 'timestamp'"),
         (_set(("records", 0, "timestamp"), "now"), "'timestamp' of type str"),
+        (_set(("records", 0, "timestamp"), True), "'timestamp' of type bool"),
+        (_set((*IMAGE, "frame"), True), "'frame' of type bool"),
+        (_set(("records", 1, "value", "rows"), True), "'rows' of type bool"),
         (_set(("records", 0, "type"), "video"), "unknown content type"),
         (_set(("records", 1, "name"), "image"), "twice"),
         (_set((*IMAGE, "frame"), 9), "out of range"),
@@ -649,6 +669,40 @@ def test_malformed_envelope_is_a_decode_error(edit, match):
 def test_malformed_frames_are_a_decode_error(frames, match):
     with pytest.raises(DecodeError, match=match):
         decode_chunk(frames)
+
+
+def forged(chunk: DataChunk, edit) -> list:
+    """The frames of *chunk*, with *edit* applied to its first record's stored value."""
+    frames = [bytes(frame) for frame in encode_chunk(chunk)]
+    envelope = envelope_of(frames)
+    edit(envelope["records"][0]["value"])
+    return with_envelope(frames, envelope)
+
+
+def test_a_scalar_of_more_than_one_value_is_a_decode_error():
+    chunk = DataChunk()
+    chunk.add("s", np.float32(1.5))
+    assert round_trip(chunk).get("s")["value"] == np.float32(1.5)
+    with pytest.raises(DecodeError, match=r"is a scalar of shape \(1,\)"):
+        decode_chunk(forged(chunk, _set(("shape",), [1])))
+
+
+def test_a_str_column_holding_other_values_is_a_decode_error():
+    chunk = DataChunk()
+    chunk.add("t", pd.DataFrame({"s": pd.array(["a", None], dtype="string")}), "table")
+    values = ("columns", 0, "data", "values")
+    assert decode_chunk(forged(chunk, _set(values, ["b", None]))).get("t")["value"]["s"][0] == "b"
+    with pytest.raises(DecodeError, match="a string column holding values that are not str"):
+        decode_chunk(forged(chunk, _set(values, [1, 2])))
+
+
+def test_what_the_checks_do_not_foresee_is_still_a_decode_error():
+    # (A range index too long for pandas: an OverflowError deep inside it.)
+    chunk = DataChunk()
+    chunk.add("t", pd.DataFrame({"x": [1, 2]}, index=pd.RangeIndex(5, 7)), "table")
+    huge = _set(("index", "data"), {"kind": "range", "start": -(2**63), "stop": 2**63 - 1, "step": 1})
+    with pytest.raises(DecodeError, match="malformed chunk: OverflowError"):
+        decode_chunk(forged(chunk, huge))
 
 
 def test_decode_error_is_a_value_error():
