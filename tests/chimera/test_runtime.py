@@ -426,6 +426,10 @@ def _arrays(count: int, size: int) -> cp.DataChunk:
             _arrays(5000, 1),
             "a chunk of 5000 arrays, table columns and pickled values: at most 4094",
         ),
+        (
+            _arrays(4095, 1),
+            "a chunk of 4095 arrays, table columns and pickled values: at most 4094",
+        ),
         (_arrays(1, 4096), "an array or pickled value of 4096 bytes: at most 1000 bytes"),
     ],
 )
@@ -511,6 +515,66 @@ async def test_a_prep_asked_of_a_closed_node_is_refused_not_left_waiting():
     assert node.state is cp.NodeState.SHUTDOWN
 
 
+class Raises(cp.Node):
+    def step(self):
+        raise ValueError("bad frame")
+
+
+async def test_an_error_leaving_a_failed_nodes_block_keeps_the_reason_it_failed_for():
+    said: list[tuple[cp.NodeState, str | None]] = []
+    node = Raises("flaky")
+    with trio.fail_after(10), pytest.raises(KeyError):
+        async with NodeRuntime(node, on_state=lambda *change: said.append(change)) as runtime:
+            await runtime.prep()
+            await runtime.run()
+            raise KeyError("later")
+    failures = [reason for state, reason in said if state is cp.NodeState.FAILED]
+    assert failures == ["step raised ValueError('bad frame')"]
+
+
+class SaysWhenTornDown(Collect):
+    def teardown(self):
+        super().teardown()
+        self.ended.set()
+
+
+class WaitsForDownstreamInTeardown(Count):
+    def teardown(self):
+        self.saw_downstream_end = self.downstream_ended.wait(5)
+
+
+async def test_a_slow_teardown_does_not_hold_up_the_end_of_the_nodes_downstream():
+    # (The end of stream leaves as a node stops stepping, not once its teardown returned.)
+    done, ended = threading.Event(), threading.Event()
+    count, collect = WaitsForDownstreamInTeardown("count", 3), SaysWhenTornDown("collect", 3, done)
+    count.downstream_ended, collect.ended = ended, ended
+    with trio.fail_after(20):
+        await run_pipeline([count, collect], [(count, collect)], until=done, stop=["count"])
+    assert collect.seen == [{"count": 1}, {"count": 2}, {"count": 3}]
+    assert count.saw_downstream_end
+
+
+async def test_a_source_steps_only_once_its_consumers_are_connected():
+    import transports
+
+    count = Count("count", 3)
+    with trio.fail_after(10):
+        async with NodeRuntime(count, outputs=1) as runtime, trio.open_nursery() as nursery:
+            await runtime.prep()
+            nursery.start_soon(runtime.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert count.state is cp.NodeState.READY and count.sent == 0
+            async with await transports.connect(runtime.address, label="late") as inlet:
+                message = await inlet.receive()
+                runtime.request_stop()
+    from chimera._batch import unpack_batch
+    from chimera._data import decode_chunk
+
+    first, batch = unpack_batch(message)
+    assert first == 0
+    assert decode_chunk(batch[0]).get("default")["value"] == 1
+
+
 async def test_cancelling_a_run_still_runs_teardown_once():
     class Slow(cp.Node):
         torn_down = 0
@@ -567,8 +631,9 @@ async def test_a_nodes_code_runs_on_one_thread_of_its_own():
     assert where.state is cp.NodeState.SHUTDOWN
 
 
-async def run_on_garbage(node: cp.Node) -> None:
-    """Run *node* with one input, which sends it what is not a chunk."""
+async def run_on_garbage(node: cp.Node, messages=([b"not a chunk"],)) -> None:
+    """Run *node* with one input, which sends it *messages* (by default, one
+    that is not a chunk), then ends."""
     import transports
 
     with trio.fail_after(20):
@@ -576,8 +641,10 @@ async def run_on_garbage(node: cp.Node) -> None:
             async with NodeRuntime(node, inputs=[Input("source")]) as runtime:
                 await runtime.connect({"source": outlet.address})
                 await runtime.prep()
-                await outlet.send([b"not a chunk"])
-                await runtime.run()  # returns: the node failed
+                for message in messages:
+                    await outlet.send(message)
+                await outlet.aclose()
+                await runtime.run()
 
 
 async def test_a_chunk_that_cannot_be_decoded_fails_the_node_and_teardown_runs():
@@ -595,6 +662,16 @@ def batch_of(value: int):
     chunk = cp.DataChunk()
     chunk.add("default", value)
     return pack_batch([encode_chunk(chunk)], value - 1)
+
+
+async def test_a_chunk_that_comes_again_fails_the_node_and_is_not_stepped_twice(caplog):
+    collect = Collect("collect", 10, threading.Event())
+    await run_on_garbage(collect, [batch_of(1), batch_of(2), batch_of(2), batch_of(3)])
+    # (The steps of what came before may be left undone: the node fails at once.)
+    assert collect.seen in ([], [{"source": 1}], [{"source": 1}, {"source": 2}])
+    assert collect.state is cp.NodeState.FAILED and collect.torn_down == 1
+    (said,) = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert "chunk 1 came after chunk 1" in said
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
