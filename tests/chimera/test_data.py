@@ -700,9 +700,9 @@ def test_what_the_checks_do_not_foresee_is_still_a_decode_error():
     # (A range index too long for pandas: an OverflowError deep inside it.)
     chunk = DataChunk()
     chunk.add("t", pd.DataFrame({"x": [1, 2]}, index=pd.RangeIndex(5, 7)), "table")
-    huge = _set(("index", "data"), {"kind": "range", "start": -(2**63), "stop": 2**63 - 1, "step": 1})
+    huge = {"kind": "range", "start": -(2**63), "stop": 2**63 - 1, "step": 1}
     with pytest.raises(DecodeError, match="malformed chunk: OverflowError"):
-        decode_chunk(forged(chunk, huge))
+        decode_chunk(forged(chunk, _set(("index", "data"), huge)))
 
 
 def test_decode_error_is_a_value_error():
