@@ -107,6 +107,11 @@ def test_reset_forgets_every_sample():
     estimator.add(*exchange(offset=250, out_delay=100, back_delay=100))
     estimator.reset()
     assert estimator.estimate() is None and estimator.now() == 1_000_000
+    # The next reference's sample is the estimate, though the old one was
+    # tighter and would agree with it.
+    estimator.add(*exchange(offset=10_000, out_delay=50_000, back_delay=50_000))
+    estimate = estimator.estimate()
+    assert (estimate.offset_ns, estimate.error_ns, estimate.samples) == (10_000, 50_000, 1)
 
 
 def test_a_window_must_be_positive():

@@ -490,11 +490,28 @@ async def test_unknown_paths_are_404_and_other_methods_on_the_state_405(tmp_path
         ('{"v": 2, "type": "dance"}', "unknown message type"),
         ('{"v": 2, "type": "clock"}', "without 't0'"),
         ('{"v": 2, "type": "clock", "t0": true}', "'t0' of type bool"),
+        ('{"v": 2, "type": "request", "id": 1, "command": "rm", "args": {}}', "command 'rm'"),
     ],
 )
 def test_parse_says_what_is_wrong(text, problem):
     with pytest.raises(protocol.ProtocolError, match=problem):
         protocol.parse(text)
+
+
+def test_parse_refuses_a_message_longer_than_the_longest(monkeypatch):
+    text = '{"v":2,"type":"clock","t0":1}'
+    monkeypatch.setattr(protocol, "MAX_MESSAGE", len(text))
+    assert protocol.parse(text)["t0"] == 1
+    with pytest.raises(protocol.ProtocolError, match=r"message of 30 characters \(at most 29\)"):
+        protocol.parse(text + " ")
+
+
+def test_a_proof_made_by_one_side_is_no_proof_for_the_other():
+    # (Else a Manager's proof, overheard, would serve a Worker for the same nonces.)
+    managers = protocol.proof("s3cret", "manager", "a", "b")
+    assert protocol.proves(managers, "s3cret", "manager", "a", "b")
+    assert not protocol.proves(managers, "s3cret", "worker", "a", "b")
+    assert not protocol.proves(managers, "s3cret", "manager", "b", "a")
 
 
 async def test_an_api_client_without_the_token_is_refused(tmp_path):
