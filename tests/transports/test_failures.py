@@ -17,6 +17,10 @@ import trio.testing
 
 import transports
 from transports._framing import (
+    MAGIC,
+    MAX_CAPACITY,
+    MAX_KEY,
+    VERSION,
     WELCOME_SIZE,
     ProtocolError,
     encode_hello,
@@ -182,20 +186,38 @@ async def test_garbage_from_an_inlet_ends_only_its_link(backend, short_dir, capl
     assert any("not a transports peer" in r.getMessage() for r in caplog.records)
 
 
+def hello_of(version=VERSION, code=0, capacity=4, label=b"", key=b""):
+    """An inlet's HELLO, with any field's value (``max_bytes`` 0: none)."""
+    fixed = struct.pack("<4sHBIQHH", MAGIC, version, code, capacity, 0, len(label), len(key))
+    return fixed + label + key
+
+
+def test_hello_of_makes_what_an_inlet_sends():
+    assert hello_of() == encode_hello(transports.Delivery.RELIABLE, 4)
+
+
 @pytest.mark.parametrize(
-    ("label", "problem"), [(b"\xff\xfe", "not UTF-8"), (bytes(1025), "over 1024")]
+    ("hello", "problem"),
+    [
+        (hello_of(label=b"\xff\xfe"), "not UTF-8"),
+        (hello_of(label=bytes(1025)), "a label of 1025 bytes, over 1024"),
+        (hello_of(capacity=0), f"capacity 0 out of range 1..{MAX_CAPACITY}"),
+        (hello_of(capacity=MAX_CAPACITY + 1), f"capacity {MAX_CAPACITY + 1} out of range"),
+        (hello_of(version=VERSION - 1), f"version {VERSION - 1}, this side speaks {VERSION}"),
+        (hello_of(code=7), "unknown delivery code 7"),
+        (hello_of(key=bytes(MAX_KEY + 1)), f"a key of {MAX_KEY + 1} bytes, over {MAX_KEY}"),
+    ],
+    ids=["label-utf8", "label-size", "capacity-0", "capacity-max", "version", "code", "key"],
 )
 @pytest.mark.parametrize("backend", STREAM_BACKENDS)
-async def test_a_bad_label_in_a_hello_ends_only_its_link(
-    backend, label, problem, short_dir, caplog
+async def test_a_bad_hello_ends_only_its_link_saying_why(
+    backend, hello, problem, short_dir, caplog
 ):
-    hello = bytearray(encode_hello(transports.Delivery.RELIABLE, 4))
-    hello[-4:-2] = len(label).to_bytes(2, "little")  # (the label's size, then the key's)
     with trio.fail_after(10):
         async with await transports.bind(BACKENDS[backend].format(dir=short_dir)) as outlet:
             good = await transports.connect(outlet.address)
             raw = await open_raw_stream(outlet.address)
-            await raw.send_all(bytes(hello) + label)
+            await raw.send_all(hello)
             assert await raw.receive_some(100) == b""  # the outlet hangs up, no WELCOME
             await outlet.send(b"still serving")
             assert await good.receive() == [b"still serving"]

@@ -235,6 +235,13 @@ def test_impossible_frame_counts_are_refused(count, valid_first):
     assert received == good and isinstance(error, trio.BrokenResourceError)
 
 
+def test_a_message_of_the_most_frames_is_read_and_of_one_more_refused():
+    (record,) = trio.run(read_stream, encode([[b"x"] * MAX_FRAMES]), [], 1000)
+    assert len(record[2]) == MAX_FRAMES
+    with pytest.raises(ProtocolError, match=f"message of {MAX_FRAMES + 1} frames"):
+        trio.run(read_stream, encode([[b"x"] * (MAX_FRAMES + 1)]), [], 1000)
+
+
 @fast
 @given(length=st.integers(1001, 2**64 - 1))
 def test_frames_over_the_limit_are_refused_before_reading_them(length):
