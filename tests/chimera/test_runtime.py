@@ -631,7 +631,7 @@ async def test_a_nodes_code_runs_on_one_thread_of_its_own():
     assert where.state is cp.NodeState.SHUTDOWN
 
 
-async def run_on_garbage(node: cp.Node, messages=([b"not a chunk"],)) -> None:
+async def run_on_input(node: cp.Node, messages=([b"not a chunk"],)) -> None:
     """Run *node* with one input, which sends it *messages* (by default, one
     that is not a chunk), then ends."""
     import transports
@@ -649,7 +649,7 @@ async def run_on_garbage(node: cp.Node, messages=([b"not a chunk"],)) -> None:
 
 async def test_a_chunk_that_cannot_be_decoded_fails_the_node_and_teardown_runs():
     collect = Collect("collect", 1, threading.Event())
-    await run_on_garbage(collect)
+    await run_on_input(collect)
     assert collect.state is cp.NodeState.FAILED
     assert collect.seen == [] and collect.torn_down == 1
 
@@ -666,7 +666,7 @@ def batch_of(value: int):
 
 async def test_a_chunk_that_comes_again_fails_the_node_and_is_not_stepped_twice(caplog):
     collect = Collect("collect", 10, threading.Event())
-    await run_on_garbage(collect, [batch_of(1), batch_of(2), batch_of(2), batch_of(3)])
+    await run_on_input(collect, [batch_of(1), batch_of(2), batch_of(2), batch_of(3)])
     # (The steps of what came before may be left undone: the node fails at once.)
     assert collect.seen in ([], [{"source": 1}], [{"source": 1}, {"source": 2}])
     assert collect.state is cp.NodeState.FAILED and collect.torn_down == 1
@@ -828,7 +828,7 @@ async def test_a_main_that_raises_fails_its_node_and_teardown_still_runs():
 
 async def test_a_chunk_that_cannot_be_decoded_ends_a_main_and_fails_its_node():
     watching = Watching("watching")
-    await run_on_garbage(watching)
+    await run_on_input(watching)
     assert watching.state is cp.NodeState.FAILED
     assert watching.values == [] and not watching.running
 
