@@ -329,6 +329,51 @@ def test_a_stream_whose_first_save_is_refused_does_not_begin(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fine.jsonl", "fine.timestamps.csv"]
 
 
+PCM16 = {"channels": 1, "format": 8, "rate": 8000}  # (format 8: pyaudio's paInt16)
+
+
+@pytest.mark.parametrize(
+    ("saves", "error", "problem"),
+    [
+        (
+            [
+                ("audio", np.zeros(8, np.int16), {**PCM16, "format": None}),
+                ("audio", np.zeros(8, np.float32), {**PCM16, "format": None}),
+            ],
+            ValueError,
+            "float32 samples after int16 ones",
+        ),
+        ([("audio", np.array([-40_000], np.int32), PCM16)], ValueError, "out of the format's"),
+        ([("audio", np.zeros(8, np.int16), {**PCM16, "channels": 0})], ValueError, "not 0"),
+        ([("table", {"timestamp_ns": 1}, {})], ValueError, "'timestamp_ns' is the column"),
+        ([("image", np.array([[-1, 3]], np.int16), {})], ValueError, "int16 values from -1 to 3"),
+        ([("video", np.full((4, 4, 3), -1, np.int16), {"fps": 30})], ValueError, "from -1 to -1"),
+        ([("video", np.zeros((4, 4, 3), np.uint8), {"fps": 1001})], ValueError, "not 1001"),
+        ([("text", b"x", {})], TypeError, "a str, not bytes"),
+    ],
+    ids=[
+        "audio-dtype",
+        "audio-range",
+        "audio-channels",
+        "table-column",
+        "image-negative",
+        "video-negative",
+        "video-fps",
+        "text-bytes",
+    ],
+)
+def test_a_save_that_does_not_fit_its_stream_is_refused_at_the_call(
+    tmp_path, saves, error, problem
+):
+    recorder = Recorder(tmp_path)
+    *fine, (kind, data, params) = saves
+    for each_kind, each_data, each_params in fine:
+        recorder.save(each_kind, "s", each_data, **each_params)
+    with pytest.raises(error, match=re.escape(problem)):
+        recorder.save(kind, "s", data, **params)
+    assert [info.count for info in recorder.close()] == [1] * len(fine)
+
+
 @pytest.mark.parametrize("kind", ["video", "image"])
 def test_an_empty_frame_is_refused_at_the_call(tmp_path, kind):
     recorder = Recorder(tmp_path)
