@@ -345,8 +345,8 @@ class _Stream:
                     writer.flush()
                     flushed = time.monotonic()
         except Exception as exc:  # reported to the node at its next save, and at close
-            log.exception("the %s writer of %r failed", writer.kind, writer.info.name)
             self.error = OSError(f"the {writer.kind} writer of {writer.info.name!r} failed: {exc}")
+            log.exception("the %s writer of %r failed", writer.kind, writer.info.name)
             while self._queue.get() is not None:  # unblock the node until it finishes
                 pass
         finally:

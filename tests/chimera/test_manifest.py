@@ -35,8 +35,8 @@ def sha256(path) -> str:
 
 
 def record(folder):
-    """Three saves of a table 10 and 30 ms apart, and one json value."""
-    stamps = iter([1_000_000_000, 1_010_000_000, 1_040_000_000, 2_000_000_000])
+    """Three saves of a table 30 and 10 ms apart, and one json value."""
+    stamps = iter([1_000_000_000, 1_030_000_000, 1_040_000_000, 2_000_000_000])
     set_clock(lambda: next(stamps))
     recorder = Recorder(folder)
     for n in range(3):
@@ -62,7 +62,7 @@ def test_a_closed_recorder_lists_every_file_with_its_hash_and_every_stream(tmp_p
         "first_ns": 1_000_000_000,
         "last_ns": 1_040_000_000,
         "rate": 50.0,
-        "max_gap_ns": 30_000_000,
+        "max_gap_ns": 30_000_000,  # (the largest gap, not the last)
     }
     assert streams["events"]["count"] == 1 and streams["events"]["rate"] is None
 

@@ -6,12 +6,14 @@ import csv
 import errno
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +26,7 @@ import pytest
 import trio
 
 import chimera as cp
-from chimera._recording import Recorder, check_name
+from chimera._recording import _WRITERS, Recorder, check_name
 
 from .nodes import Recording, RecordingWithSetup
 from .test_process import cluster, notifications
@@ -372,6 +374,39 @@ def test_a_save_that_does_not_fit_its_stream_is_refused_at_the_call(
     with pytest.raises(error, match=re.escape(problem)):
         recorder.save(kind, "s", data, **params)
     assert [info.count for info in recorder.close()] == [1] * len(fine)
+
+
+class SaysWhen(logging.Handler):
+    """Sets *event* at the first record it is handed."""
+
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__()
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.event.set()
+
+
+def test_a_save_after_its_writer_failed_raises_the_writers_error(tmp_path, monkeypatch):
+    def no_room(self, data, stamp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_WRITERS["text"], "write", no_room)
+    failed = threading.Event()
+    logger = logging.getLogger("chimera.recording")
+    logger.addHandler(handler := SaysWhen(failed))
+    try:
+        recorder = Recorder(tmp_path)
+        recorder.save("text", "notes", "first\n")
+        assert failed.wait(10)  # (the writer's thread said so)
+    finally:
+        logger.removeHandler(handler)
+    problem = "the text writer of 'notes' failed: [Errno 28] No space left on device"
+    with pytest.raises(OSError, match=re.escape(problem)):
+        recorder.save("text", "notes", "second\n")
+    recorder.save("json", "other", 1)  # (the other streams go on)
+    with pytest.raises(OSError, match=re.escape(problem)):
+        recorder.close()
 
 
 @pytest.mark.parametrize("kind", ["video", "image"])
