@@ -522,6 +522,9 @@ async def test_an_api_client_without_the_token_is_refused(tmp_path):
                 assert (await client.get(base)).status_code == 401
                 assert (await client.get(base, params={"token": "nope"})).status_code == 401
                 assert (await client.get(base, params={"token": "s3cret"})).status_code == 200
+                for twice in (["nope", "s3cret"], ["s3cret", "nope"], ["s3cret", "s3cret"]):
+                    tokens = [("token", token) for token in twice]
+                    assert (await client.get(base, params=tokens)).status_code == 401
                 bearer = {"Authorization": "Bearer s3cret"}
                 assert (await client.get(base, headers=bearer)).status_code == 200
             url = f"ws://127.0.0.1:{manager.port}/ws/events"
