@@ -133,6 +133,27 @@ def test_a_module_file_is_a_package_too(tmp_path):
     assert (tmp_path / "out" / "tool.py").read_text() == "VALUE = 1\n"
 
 
+def test_a_package_shipped_again_replaces_the_earlier_version_whole(tmp_path):
+    # (A module dropped from the package must not stay importable on the Worker.)
+    source = write_package(tmp_path / "src")
+    first = pack({"name": "devpkg", "path": source})
+    extract("devpkg", first.data, first.sha256, tmp_path / "out")
+    (source / "helpers.py").unlink()
+    (source / "__init__.py").write_text("VERSION = 2\n")
+    second = pack({"name": "devpkg", "path": source})
+    extract("devpkg", second.data, second.sha256, tmp_path / "out")
+    files = sorted(p.name for p in (tmp_path / "out" / "devpkg").iterdir())
+    assert files == ["__init__.py"]
+    assert (tmp_path / "out" / "devpkg" / "__init__.py").read_text() == "VERSION = 2\n"
+    # A module file in place of the folder, and back.
+    (tmp_path / "devpkg.py").write_text("VERSION = 3\n")
+    module = pack({"name": "devpkg", "path": tmp_path / "devpkg.py"})
+    extract("devpkg", module.data, module.sha256, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["devpkg.py"]
+    extract("devpkg", second.data, second.sha256, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["devpkg"]
+
+
 def test_links_in_a_package_are_shipped_as_what_they_point_to(tmp_path):
     # A package in development often links to a folder of data or code beside it.
     (tmp_path / "shared").mkdir()
