@@ -46,8 +46,11 @@ async def test_send_packages_lets_node_processes_import_a_package_only_the_manag
     folder = write_package(tmp_path / "src")
     monkeypatch.syspath_prepend(str(folder.parent))
     module = importlib.import_module("devpkg")
-    # The node processes do not search the folder: as if it were on another machine.
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(folder.parent)])
+    # The node processes do not search the folder: as if it were on another machine,
+    # where an older version of the package is installed: the shipped one wins.
+    installed = write_package(tmp_path / "installed").parent
+    search = [p for p in sys.path if p != str(folder.parent)]
+    monkeypatch.setattr(sys, "path", [str(installed), *search])
     monkeypatch.setitem(sys.modules, "devpkg", module)
     monkeypatch.delitem(sys.modules, "devpkg.helpers")
     graph = cp.Graph()
