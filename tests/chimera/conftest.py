@@ -35,12 +35,18 @@ def _own_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _ctrl_c_interrupts() -> None:
+def _stop_signals_as_in_a_terminal() -> None:
     # A shell starts a background job with SIGINT ignored, and Python then
     # raises no KeyboardInterrupt (nor do the scripts the tests start, which
     # inherit the ignoring): the tests of Ctrl-C would fail for that alone.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Under nohup, SIGHUP is ignored, and so it is by the `chimera worker`
+    # the tests start, as it should be: the tests of SIGHUP would fail. A
+    # handler that does nothing keeps the test run alive through a hang-up, as
+    # nohup means it to be, and is not inherited (exec resets it).
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda signum, frame: None)
 
 
 @pytest.fixture
