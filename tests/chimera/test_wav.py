@@ -45,7 +45,27 @@ def test_any_blocks_come_back_from_the_closed_file(tmp_path_factory, subtype, ch
     read, rate = soundfile.read(path, dtype=DTYPES[subtype], always_2d=True)
     assert rate == 8000 and read.shape == (sum(blocks), channels)
     assert np.array_equal(read, np.concatenate(written))
-    assert path.stat().st_size % 2 == 0  # (RIFF chunks are of even size)
+    # Its header holds the sizes a strict reader checks, each chunk padded to an even size.
+    riff_size, chunks = riff_chunks(path.read_bytes())
+    assert riff_size == path.stat().st_size - 8
+    assert len(chunks[b"data"]) == sum(blocks) * channels * SUBTYPES[subtype][1] // 8
+    if subtype in ("FLOAT", "DOUBLE"):  # (a fact chunk: the count of frames)
+        assert int.from_bytes(chunks[b"fact"], "little") == sum(blocks)
+    else:
+        assert b"fact" not in chunks
+
+
+def riff_chunks(data: bytes) -> tuple[int, dict[bytes, bytes]]:
+    """The size a RIFF file gives itself, and its chunks' payloads by name
+    (read as a strict reader does: each chunk where the last one's padded size ends)."""
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    chunks, at = {}, 12
+    while at < len(data):
+        size = int.from_bytes(data[at + 4 : at + 8], "little")
+        chunks[data[at : at + 4]] = data[at + 8 : at + 8 + size]
+        at += 8 + size + size % 2
+    assert at == len(data)
+    return int.from_bytes(data[4:8], "little"), chunks
 
 
 @pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "PCM_32"])
@@ -90,3 +110,16 @@ def test_past_the_riff_limit_the_file_becomes_rf64_and_reads_whole(tmp_path, mon
         assert soundfile.info(tmp_path / name).format == "RF64"
         read, _ = soundfile.read(tmp_path / name, dtype=DTYPES[subtype], always_2d=True)
         assert np.array_equal(read, samples(subtype, 501, 1))
+
+
+def test_a_file_whose_samples_fit_a_riff_field_but_not_the_whole_file_is_rf64(
+    tmp_path, monkeypatch
+):
+    # (The RIFF size counts the header too: near 4 GiB, it overflows first.)
+    monkeypatch.setattr(_wav, "LIMIT", 2 * 500 + 10)
+    writer = WavWriter(tmp_path / "a.wav", 8000, 1, "PCM_16")
+    writer.write(samples("PCM_16", 500, 1))
+    writer.close()
+    assert soundfile.info(tmp_path / "a.wav").format == "RF64"
+    read, _ = soundfile.read(tmp_path / "a.wav", dtype="int16", always_2d=True)
+    assert np.array_equal(read, samples("PCM_16", 500, 1))
