@@ -46,8 +46,9 @@ def test_video_frames_come_back_from_the_mp4_with_their_timestamps(tmp_path):
     import av
 
     recorder = Recorder(tmp_path)
-    for i in range(45):
-        frame = np.full((120, 160, 3), i * 5, dtype=np.uint8)
+    frame = np.empty((120, 160, 3), dtype=np.uint8)
+    for i in range(45):  # (into one buffer, as a camera library fills it: saved as it was)
+        frame[:] = i * 5
         recorder.save("video", "camera", frame, fps=30)
     (info,) = recorder.close()
     with av.open(str(tmp_path / "camera.mp4")) as container:
