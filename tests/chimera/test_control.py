@@ -712,8 +712,12 @@ async def test_fps_is_over_the_time_between_readings_not_between_arrivals(tmp_pa
             manager._set_node_stats({count: {"steps": 0, "dropped": 0, "at_ns": 10**9}})
             manager._set_node_stats({count: {"steps": 300, "dropped": 0, "at_ns": 3 * 10**9}})
             fps = {node["name"]: node["fps"] for node in manager.state()["nodes"]}
+            # A node that fails steps no more, whatever its last figures said.
+            manager._set_node_state(count, "FAILED", "step raised ValueError()")
+            failed = {node["name"]: node["fps"] for node in manager.state()["nodes"]}
             await manager.stop()
     assert fps["count"] == 150.0  # 300 steps in 2 s, whenever they arrived
+    assert failed["count"] == 0.0
 
 
 async def test_a_worker_speaks_only_for_its_own_nodes(tmp_path):
