@@ -670,6 +670,8 @@ async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(
                     await manager.commit_graph(graph, {"local": ["chatty"]})
                     await manager.start()
                     lines = [(await subscriber.arecv()).decode() for _ in range(10)]
+                    # In the file already, as they are published (`tail -f` shows them).
+                    running = (tmp_path / "nodes.log").read_text()
                     await manager.stop()
     # Logged once in this process: by the node's logger (the Manager does
     # not log again what a Worker of this process logged).
@@ -677,7 +679,7 @@ async def test_node_logs_reach_the_manager_its_logdir_and_its_publisher(
     for frame, line in enumerate(lines):
         assert line.endswith(f" INFO local/chatty: frame {frame} is late\n")
         assert logged[frame] == ("chimera.node.chatty", f"frame {frame} is late")
-        assert line in (tmp_path / "nodes.log").read_text()
+        assert line in running
     assert not [name for name, _ in logged if name.startswith("chimera.manager")]
     handlers = logging.getLogger("chimera.node").handlers
     assert not [h for h in handlers if type(h).__name__ == "_ForwardNodeLogs"]
