@@ -189,6 +189,30 @@ class Stubborn(cp.Node):
         threading.Event().wait()
 
 
+class EndsOnSigterm(cp.Node):
+    """A source whose teardown never ends, and whose process, on SIGTERM,
+    writes ``NAME.term`` in *folder* and exits (as a program cleans up)."""
+
+    def __init__(self, name: str, folder: str) -> None:
+        super().__init__(name)
+        self.folder = folder
+
+    def __setstate__(self, state):  # unpickled in its process's main thread
+        self.__dict__.update(state)
+
+        def clean_up(signum, frame):
+            Path(self.folder, f"{self.name}.term").write_text("cleaned up")
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, clean_up)
+
+    def step(self):
+        time.sleep(0.01)
+
+    def teardown(self):
+        threading.Event().wait()
+
+
 class SlowTeardown(cp.Node):
     """A source whose teardown takes a second."""
 

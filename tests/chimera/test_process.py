@@ -38,6 +38,7 @@ from .nodes import (
     Camera,
     Counter,
     Doubler,
+    EndsOnSigterm,
     Interrupted,
     Pairs,
     Raises,
@@ -555,6 +556,20 @@ async def test_a_node_that_ignores_close_and_sigterm_is_killed(tmp_path, monkeyp
             with trio.fail_after(10):
                 await manager.shutdown()
     assert set(children_of(os.getpid())) <= before
+
+
+async def test_a_node_whose_teardown_does_not_end_gets_sigterm_before_sigkill(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_process, "EXIT_GRACE", 0.5)
+    graph = cp.Graph()
+    graph.add_node(EndsOnSigterm("stuck", str(tmp_path)))
+    with trio.fail_after(60):
+        async with cluster(tmp_path, "local") as manager:
+            await manager.commit_graph(graph, {"local": ["stuck"]})
+            await manager.start()
+            await manager.shutdown()
+    assert (tmp_path / "stuck.term").read_text() == "cleaned up"
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
