@@ -10,8 +10,9 @@ import pytest
 import trio
 
 import chimera as cp
-from chimera._collect import Incoming
+from chimera._collect import Incoming, read_body, sees_probe, summarize, verify
 from chimera._manager import AsyncManager
+from chimera._manifest import FileEntry
 from chimera._worker import AsyncWorker
 
 #: Names a save accepts that a URL does not carry as they are.
@@ -105,3 +106,44 @@ async def test_a_file_arrives_under_its_name_only_whole(tmp_path, cut):
     else:
         assert (await incoming.write("w1/cam/cam.mp4", body())).size == 1010
     assert [p.name for p in (tmp_path / "w1" / "cam").iterdir()] == ([] if cut else ["cam.mp4"])
+
+
+def test_a_file_a_worker_sent_that_did_not_arrive_fails_the_collection_naming_it():
+    sent = [
+        {"path": "w1/cam/cam.mp4", "size": 3, "sha256": "a" * 64},
+        {"path": "w1/cam/cam.timestamps.csv", "size": 5, "sha256": "b" * 64},
+    ]
+    received = {"w1/cam/cam.mp4": FileEntry(3, "a" * 64)}
+    with pytest.raises(ValueError, match=r"w1/cam/cam\.timestamps\.csv did not arrive$"):
+        verify("w1", sent, received)
+    verify("w1", sent[:1], received)  # (what came whole is fine)
+
+
+async def test_a_request_whose_sender_went_away_is_no_whole_body():
+    messages = iter(
+        [{"type": "http.request", "body": b"abc", "more_body": True}, {"type": "http.disconnect"}]
+    )
+
+    async def receive():
+        return next(messages)
+
+    got = []
+    with pytest.raises(ConnectionError, match="went away"):
+        async for piece in read_body(receive):
+            got.append(piece)
+    assert got == [b"abc"]
+
+
+def test_a_table_stream_counts_its_saves_not_its_rows(tmp_path):
+    # (A DataFrame saved at once: its rows share their timestamp.)
+    (tmp_path / "imu.csv").write_text("timestamp_ns,x\n10,1\n10,2\n10,3\n30,4\n30,5\n30,6\n")
+    (summary,) = summarize(tmp_path)
+    assert (summary["stream"], summary["count"]) == ("imu", 2)
+    assert (summary["first_ns"], summary["last_ns"]) == (10, 30)
+
+
+def test_a_probe_of_another_managers_key_is_not_this_managers(tmp_path):
+    (tmp_path / ".probe").write_text("key-1")
+    assert sees_probe(str(tmp_path), ".probe", "key-1")
+    assert not sees_probe(str(tmp_path), ".probe", "key-2")
+    assert not sees_probe(str(tmp_path), "missing", "key-1")
