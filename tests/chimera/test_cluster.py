@@ -1273,3 +1273,31 @@ async def test_a_decorated_step_is_checked_as_what_is_called(tmp_path):
             assert await manager.step()
             gathered = await manager.gather()
     assert [chunk.get("default")["value"] for chunk in gathered.values()] == [1, 1]
+
+
+class SaysGoodbye(cp.Node):
+    def step(self):
+        threading.Event().wait(0.01)
+
+    def teardown(self):
+        self.logger.warning("goodbye from %s", self.name)
+
+
+@pytest.mark.parametrize("how", ["shutdown", "block"])
+async def test_what_a_leaving_workers_nodes_say_last_reaches_the_manager(tmp_path, how):
+    graph = cp.Graph()
+    graph.add_nodes_from([SaysGoodbye(f"n{i}") for i in range(5)])
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("local") as local:
+                assert await local.connect(manager.host, manager.port)
+                await manager.wait_for_workers(1)
+                assert await manager.commit_graph(graph, {"local": [f"n{i}" for i in range(5)]})
+                assert await manager.start()
+                if how == "shutdown":
+                    await local.shutdown()
+            await manager.wait_for_workers(0)
+            said = (tmp_path / "nodes.log").read_text()
+            states = set(manager.nodes.values())
+    assert [f"goodbye from n{i}" in said for i in range(5)] == [True] * 5
+    assert states == {"SHUTDOWN"}
