@@ -42,6 +42,7 @@ from ._manifest import (
     stream_summary,
     written_whole,
 )
+from ._protocol import check_answer
 from ._recording import check_name
 
 __all__ = [
@@ -240,7 +241,7 @@ async def send_folder(
         relative = f"{prefix}/{path.relative_to(folder).as_posix()}"
         body = _FileBody(path)
         response = await client.post(f"{url}/{urllib.parse.quote(relative)}", content=body)
-        response.raise_for_status()
+        check_answer(response)
         digest = body.digest.hexdigest()
         whole = whole and response.json().get("sha256") == digest
         sent.append({"path": relative, "size": body.size, "sha256": digest})

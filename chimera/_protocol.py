@@ -43,11 +43,14 @@ import re
 import secrets
 from typing import Any
 
+import httpx
+
 __all__ = [
     "COMMANDS",
     "SILENCE_TIMEOUT",
     "VERSION",
     "ProtocolError",
+    "check_answer",
     "checked_host",
     "in_url",
     "make",
@@ -201,6 +204,26 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 class ProtocolError(ValueError):
     """A control message that is not valid JSON of this protocol."""
+
+
+def check_answer(response: httpx.Response) -> None:
+    """Return if *response*, the Manager's answer over HTTP, is a success.
+
+    Raises:
+        httpx.HTTPStatusError: it is not; its message says what the Manager
+            said (its answer's ``"error"``), as ``raise_for_status`` does not.
+    """
+    if response.is_success:
+        return
+    try:
+        said = response.json().get("error")
+    except (ValueError, AttributeError):  # (not JSON, or not an object)
+        said = None
+    request = response.request
+    text = f"the manager answered {response.status_code} to {request.method} {request.url.path}"
+    raise httpx.HTTPStatusError(
+        f"{text}: {said}" if said else text, request=request, response=response
+    )
 
 
 def make(type_: str, **fields: Any) -> str:

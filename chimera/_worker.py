@@ -660,7 +660,7 @@ class AsyncWorker(Service):
         assert self._http is not None  # (made at check-in, before any request)
         for package in packages:
             response = await self._http.get(f"/packages/{package['name']}.zip")
-            response.raise_for_status()
+            protocol.check_answer(response)
             await trio.to_thread.run_sync(
                 extract, package["name"], response.content, package["sha256"], folder
             )
@@ -1064,7 +1064,7 @@ class AsyncWorker(Service):
         """
         assert self._http is not None  # (made at check-in, before any request)
         response = await self._http.post(path, content=data)
-        response.raise_for_status()
+        protocol.check_answer(response)
 
     async def _do_forget_nodes(self, names: list[str]) -> None:
         """The nodes *names* of another Worker are gone, that Worker silent:
