@@ -1301,3 +1301,23 @@ async def test_what_a_leaving_workers_nodes_say_last_reaches_the_manager(tmp_pat
             states = set(manager.nodes.values())
     assert [f"goodbye from n{i}" in said for i in range(5)] == [True] * 5
     assert states == {"SHUTDOWN"}
+
+
+async def test_a_gathered_upload_over_the_managers_limit_is_refused_saying_so(
+    tmp_path, monkeypatch
+):
+    from chimera import _manager
+
+    graph, *_ = counter_doubler_printer()
+    monkeypatch.setattr(_manager, "MAX_UPLOAD", 10)  # (1 GiB, as a test)
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["counter", "doubler", "printer"]})
+            assert await manager.start()
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            with pytest.raises(RuntimeError) as caught:
+                await manager.gather()
+            assert await manager.stop()
+    # The Worker's upload of the chunks was refused: the Manager says why.
+    assert "the manager answered 413 to POST /uploads/" in str(caught.value)
+    assert ": larger than 10 bytes" in str(caught.value)
