@@ -1,6 +1,7 @@
 """The tests of chimera run with a temporary folder of their own, and each
 leaves no Worker's temporary folder behind. Ctrl-C raises KeyboardInterrupt
-in them, as in a script run from a terminal."""
+in them, and the scripts they start take Ctrl-C and hang-ups, as from a
+terminal (even when the tests run in the background or under nohup)."""
 
 from __future__ import annotations
 

@@ -1306,8 +1306,6 @@ async def test_what_a_leaving_workers_nodes_say_last_reaches_the_manager(tmp_pat
 async def test_a_gathered_upload_over_the_managers_limit_is_refused_saying_so(
     tmp_path, monkeypatch
 ):
-    from chimera import _manager
-
     graph, *_ = counter_doubler_printer()
     monkeypatch.setattr(_manager, "MAX_UPLOAD", 10)  # (1 GiB, as a test)
     with trio.fail_after(30):

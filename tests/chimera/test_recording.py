@@ -6,7 +6,6 @@ import csv
 import errno
 import itertools
 import json
-import logging
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ import chimera as cp
 from chimera._recording import _WRITERS, Recorder, check_name
 
 from .nodes import Recording, RecordingWithSetup
+from .records import on_record
 from .test_process import cluster, notifications
 
 
@@ -377,31 +377,16 @@ def test_a_save_that_does_not_fit_its_stream_is_refused_at_the_call(
     assert [info.count for info in recorder.close()] == [1] * len(fine)
 
 
-class SaysWhen(logging.Handler):
-    """Sets *event* at the first record it is handed."""
-
-    def __init__(self, event: threading.Event) -> None:
-        super().__init__()
-        self.event = event
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.event.set()
-
-
 def test_a_save_after_its_writer_failed_raises_the_writers_error(tmp_path, monkeypatch):
     def no_room(self, data, stamp):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(_WRITERS["text"], "write", no_room)
     failed = threading.Event()
-    logger = logging.getLogger("chimera.recording")
-    logger.addHandler(handler := SaysWhen(failed))
-    try:
+    with on_record("chimera.recording", "the text writer of 'notes' failed", failed.set):
         recorder = Recorder(tmp_path)
         recorder.save("text", "notes", "first\n")
         assert failed.wait(10)  # (the writer's thread said so)
-    finally:
-        logger.removeHandler(handler)
     problem = "the text writer of 'notes' failed: [Errno 28] No space left on device"
     with pytest.raises(OSError, match=re.escape(problem)):
         recorder.save("text", "notes", "second\n")
