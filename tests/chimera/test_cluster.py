@@ -1092,6 +1092,21 @@ async def test_the_step_by_step_commit_takes_names_and_says_what_is_missing(tmp_
     assert SEEN["printer"] == [2 * n for n in range(1, 31)]
 
 
+async def test_a_worker_asked_to_make_a_node_it_has_refuses_and_keeps_the_one_it_has(tmp_path):
+    # (The Manager never asks twice; a Worker does not trust that it will not.)
+    graph, counter, *_ = counter_doubler_printer()
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, [worker]):
+            assert await manager.commit_graph(graph, {"local": ["counter", "doubler", "printer"]})
+            again = manager._spec(graph, counter.id, worker.id)
+            with pytest.raises(RuntimeError, match="node 'counter' exists already on this worker"):
+                await manager._request(worker.id, "create_nodes", nodes=[again])
+            assert await manager.start()
+            await trio.to_thread.run_sync(ENOUGH.wait, 20)
+            assert await manager.stop()
+    assert SEEN["printer"] == [2 * n for n in range(1, 31)]
+
+
 async def test_debug_logs_show_each_request_its_answer_and_each_node_state(tmp_path, caplog):
     caplog.set_level(logging.DEBUG, logger="chimera")
     with trio.fail_after(30):

@@ -122,6 +122,39 @@ def test_a_file_entry_describes_only_the_file_it_hashed(tmp_path):
     assert not entry.describes(copy.stat())  # another inode
 
 
+def test_an_entry_never_vouches_for_bytes_other_than_those_it_hashed(tmp_path, monkeypatch):
+    """A file rewritten in place while it is hashed: the entry's digest is of
+    a mix of old and new bytes, so it must not describe the file as it is now
+    (collect then hashes it again)."""
+    from chimera import _manifest
+
+    path = tmp_path / "f"
+    path.write_bytes(b"old old ")
+    real_sha256 = hashlib.sha256
+
+    class RewrittenAfterFirstRead:
+        def __init__(self):
+            self._digest, self._reads = real_sha256(), 0
+
+        def update(self, data):
+            self._reads += 1
+            if self._reads == 1:  # the writer rewrites the file while it is hashed
+                with open(path, "r+b") as file:
+                    file.write(b"new new ")
+                os.utime(path, ns=(10**18, 10**18))
+            self._digest.update(data)
+
+        def hexdigest(self):
+            return self._digest.hexdigest()
+
+    monkeypatch.setattr(_manifest, "HASH_CHUNK", 4)
+    monkeypatch.setattr(_manifest.hashlib, "sha256", RewrittenAfterFirstRead)
+    entry = hash_file(path)
+    monkeypatch.undo()
+    assert entry.sha256 != sha256(path)  # a digest of "old new " ...
+    assert not entry.describes(path.stat())  # ... said to be of no file as it is
+
+
 def test_every_file_is_hashed_whatever_its_size(tmp_path):
     folder = tmp_path / "node"
     folder.mkdir()

@@ -224,6 +224,32 @@ def test_json_values_and_text_come_back_line_by_line(tmp_path):
     assert stamps(tmp_path / "notes.timestamps.csv")[0] == [0, 1]
 
 
+def test_whenever_a_line_of_text_is_on_disk_so_is_its_timestamp(tmp_path, monkeypatch):
+    """Every time a file of the recording grows (a kill may come right after),
+    each json value or text line in it already has its row in the timestamps."""
+    from chimera import _recording
+
+    seen: list[tuple[int, int]] = []  # (lines of data, rows of timestamps) after each write
+    flush = _recording._AppendFile.flush
+
+    def flush_and_look(self):
+        flush(self)
+        for name, data in (("events", "events.jsonl"), ("notes", "notes.txt")):
+            timestamps = tmp_path / f"{name}.timestamps.csv"
+            if (tmp_path / data).exists() and timestamps.exists():
+                lines = (tmp_path / data).read_text().count("\n")
+                seen.append((lines, len(stamps(timestamps)[0])))
+
+    monkeypatch.setattr(_recording._AppendFile, "flush", flush_and_look)
+    recorder = Recorder(tmp_path)
+    for n in range(5):
+        recorder.save("json", "events", {"n": n})
+        recorder.save("text", "notes", f"line {n}\n")
+    recorder.close()
+    assert (5, 5) in seen  # (it looked at the files whole)
+    assert all(lines <= rows for lines, rows in seen), seen
+
+
 def test_a_str_utf8_cannot_encode_is_refused_at_the_call_and_what_came_before_is_kept(tmp_path):
     # A lone surrogate, as os.fsdecode makes of a file name that is not UTF-8.
     bad = "bad \udcff name"
