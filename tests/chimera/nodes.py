@@ -154,6 +154,19 @@ class WithAHelper(Sink):
         Path(self.folder, f"{self.name}.helper").write_text(str(self.helper.pid))
 
 
+class ExecsAHelper(Counter):
+    """A :class:`Counter` that starts a helper program, as some libraries do,
+    that keeps every file descriptor it may (``close_fds=False``)."""
+
+    def prep(self):
+        import subprocess
+        import sys
+
+        super().prep()
+        command = [sys.executable, "-c", "import time; time.sleep(600)"]
+        self.helper = subprocess.Popen(command, close_fds=False)
+
+
 class AsyncCounter(Counter):
     """:class:`Counter` with ``async def`` methods (on its process's event loop)."""
 

@@ -58,6 +58,17 @@ def test_impossible_headers_are_refused(header):
         unpack_batch([header, b"x"])
 
 
+def test_a_batch_of_the_most_chunks_round_trips_and_one_of_more_is_refused():
+    from chimera._batch import MAX_BATCH
+
+    most = [[b"x"]] * MAX_BATCH
+    message = pack_batch(most, first=7)
+    first, chunks = unpack_batch(message)
+    assert first == 7 and len(chunks) == MAX_BATCH
+    with pytest.raises(cp.DecodeError, match=f"announcing {MAX_BATCH + 1} chunks"):
+        unpack_batch(pack_batch([*most, [b"x"]]))
+
+
 @pytest.mark.parametrize("header", [None, "CHB2", 5, memoryview(b"CHB2" * 8)[::2]])
 def test_a_header_that_is_not_contiguous_bytes_is_refused_with_a_decode_error(header):
     with pytest.raises(cp.DecodeError, match="not a batch"):

@@ -19,7 +19,7 @@ import trio
 
 import chimera as cp
 
-from .nodes import Counter, Sink, StuckInTeardown, Talker
+from .nodes import BrokenPrep, Counter, Sink, StuckInTeardown, Talker
 from .records import on_record
 from .test_cli import read_until
 from .test_process import children_of
@@ -91,6 +91,75 @@ def test_an_error_of_a_blocking_call_shows_no_frame_of_the_hand_over_between_thr
     assert hand_over == []
     # The call's own frames, in the Manager, are kept (a bug of chimera's shows where).
     assert [f.name for f in frames][-2:] == ["_check_not_started", "_check_committed"]
+
+
+def test_a_node_error_of_a_blocking_call_shows_no_frame_of_chimera_but_the_calls(tmp_path):
+    import traceback
+
+    graph = cp.Graph()
+    graph.add_node(BrokenPrep("camera"))
+    with cp.Manager(tmp_path / "logs", port=0) as manager, cp.Worker("local", port=0) as worker:
+        assert worker.connect(manager.host, manager.port)
+        with pytest.raises(cp.NodeError, match="no such camera") as caught:
+            manager.commit_graph(graph, {"local": ["camera"]})
+    # It says it all (the node's own traceback with it): chimera's frames say nothing more.
+    package = str(Path(cp.__file__).parent) + os.sep
+    frames = traceback.extract_tb(caught.value.__traceback__)
+    ours = [(Path(f.filename).name, f.name) for f in frames if package in f.filename]
+    assert ours == [("_blocking.py", "commit_graph"), ("_blocking.py", "call")]
+
+
+def test_what_a_manager_and_a_worker_had_is_read_after_they_shut_down(tmp_path):
+    manager = cp.Manager(tmp_path / "logs", port=0)
+    worker = cp.Worker("local", port=0)
+    try:
+        assert worker.connect(manager.host, manager.port)
+        graph = cp.Graph()
+        graph.add_node(Counter("counter", limit=0))
+        assert manager.commit_graph(graph, {"local": ["counter"]})
+    finally:
+        manager.shutdown()
+        worker.shutdown()
+    assert list(manager.nodes.values()) == ["SHUTDOWN"]
+    assert manager.workers == {} and worker.nodes == {}
+
+
+def test_ctrl_c_while_a_loop_thread_starts_leaves_it_ended(monkeypatch):
+    import contextlib
+
+    from chimera import _blocking
+
+    left = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def resource():
+        try:
+            yield None
+        finally:
+            left.set()
+
+    made: list[threading.Event] = []
+
+    class CtrlCInTheFirstWait(threading.Event):
+        """The first Event made (the constructor's, for the loop to be entered)
+        gets a Ctrl-C as it begins to wait for it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+        def wait(self, timeout: float | None = None) -> bool:
+            if self is made[0] and not getattr(self, "pressed", False):
+                self.pressed = True
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+            return super().wait(timeout)
+
+    monkeypatch.setattr(_blocking.threading, "Event", CtrlCInTheFirstWait)
+    with pytest.raises(KeyboardInterrupt):
+        _blocking._LoopThread(resource(), "chimera-test", shut_down="shut down")
+    monkeypatch.undo()
+    assert left.is_set()  # it was left, and its loop ended, before the Ctrl-C was raised
+    assert "chimera-test" not in chimera_threads()
 
 
 def test_a_blocking_call_keeps_the_context_and_the_frames_of_its_error():
@@ -400,6 +469,7 @@ def test_ctrl_c_in_a_blocking_call_cancels_the_call_and_the_next_starts_clean(tm
             again = cp.Graph()
             again.add_edge(Counter("source", limit=3), cp.Node("sink"))
             assert manager.commit_graph(again, mapping={"local": ["source", "sink"]})
+            assert GATE.is_set()  # (the next call said it waits for that clean-up, and waited)
         # The cancelled commit closed the node it made; the new graph's are READY.
         assert sorted(manager.nodes.values()) == ["READY", "READY"]
         assert len(worker.nodes) == 2

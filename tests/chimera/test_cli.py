@@ -195,6 +195,27 @@ def test_worker_without_a_manager_fails_clearly():
     assert "is the manager running, on that host and port?" in result.stderr
 
 
+async def test_a_worker_whose_token_is_not_its_managers_says_so_in_one_line(tmp_path):
+    command = [sys.executable, "-m", "chimera", "worker", "--name", "w", "--token", "wrong"]
+    environment = {k: v for k, v in os.environ.items() if k != "CHIMERA_TOKEN"}
+    with trio.fail_after(30):
+        async with cp.AsyncManager(tmp_path / "logs", port=0, token="s3cret") as manager:
+            result = await trio.run_process(
+                [*command, "--manager", f"127.0.0.1:{manager.port}"],
+                capture_stderr=True,
+                check=False,
+                env=environment,
+            )
+            port = manager.port
+    said = result.stderr.decode()
+    assert result.returncode == 1
+    assert "Traceback" not in said
+    assert said.splitlines()[-1].startswith(
+        f"chimera worker: the manager at http://127.0.0.1:{port} has another token than worker "
+        "'w' (token= or CHIMERA_TOKEN)"
+    )
+
+
 def test_a_manager_url_is_not_a_manager_address():
     result = run("worker", "--name", "w", "--manager", "http://127.0.0.1:9000")
     assert result.returncode == 2
@@ -267,6 +288,11 @@ def test_bad_arguments_are_usage_errors(capsys, argv, error):
 def test_a_manager_address_may_be_written_as_users_write_them(given, manager):
     args = _parser().parse_args(["worker", "--name", "w", "--manager", given])
     assert args.manager == manager
+
+
+@pytest.mark.parametrize("port", [0, 1, 65535])
+def test_every_port_from_0_to_65535_is_taken(port):
+    assert _parser().parse_args(["manager", "--port", str(port)]).port == port
 
 
 def test_a_bad_port_is_one_line_of_error_not_a_traceback(tmp_path):
@@ -455,6 +481,79 @@ async def test_a_worker_started_with_nohup_outlives_its_terminal():
     assert "SIGHUP" not in said
 
 
+def test_a_third_signal_changes_nothing(capsys):
+    from chimera._cli import _Stop
+
+    stop, killed = _Stop("worker", "stopping"), []
+    stop.on_force(lambda: killed.append(True))
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        stop.take(signum)
+    assert stop.forced == signal.SIGTERM and killed == [True]  # (exit status 143, not 129)
+    assert capsys.readouterr().err.splitlines() == [
+        "chimera worker: SIGINT, stopping; Ctrl-C again stops at once",
+        "chimera worker: SIGTERM again, stopping at once (exit status 143)",
+    ]
+
+
+def test_a_signal_before_the_command_runs_stops_it_before_it_connects():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as free:
+        port = free.getsockname()[1]  # (closed: no manager there)
+    # A SIGTERM while the command starts up, before its event loop runs.
+    script = (
+        "import logging, signal, sys\n"
+        "from chimera import _cli\n"
+        "configure = logging.basicConfig\n"
+        "def basic_config(**options):\n"
+        "    signal.raise_signal(signal.SIGTERM)\n"
+        "    configure(**options)\n"
+        "logging.basicConfig = basic_config\n"
+        "sys.exit(_cli.main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "worker", "--name", "w", "--manager", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "chimera worker: SIGTERM, stopping" in result.stderr
+    assert "no manager" not in result.stderr
+
+
+def test_once_the_command_returns_its_signals_are_ignored(capsys):
+    from chimera._cli import STOP_SIGNALS, main
+
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        assert main([]) == 0  # (the help)
+        after = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert after == dict.fromkeys(STOP_SIGNALS, signal.SIG_IGN)
+    assert "usage: chimera" in capsys.readouterr().out
+
+
+async def test_ctrl_c_in_a_terminal_stops_a_workers_nodes_cleanly(tmp_path):
+    # A terminal's Ctrl-C reaches the whole process group: the Worker's zygote too.
+    graph = cp.Graph()
+    graph.add_node(Counter("counter", limit=0))
+    with trio.fail_after(60):
+        async with cp.AsyncManager(tmp_path / "logs", port=0) as manager:
+            async with cli_worker(
+                manager, "w", stderr=subprocess.PIPE, start_new_session=True
+            ) as worker:
+                await manager.commit_graph(graph, {"w": ["counter"]})
+                await manager.start()
+                os.killpg(worker.pid, signal.SIGINT)
+                assert await worker.wait() == 0
+                said = await read_until(worker.stderr, "(the end)")
+    assert "chimera worker: SIGINT, stopping" in said
+    assert "zygote" not in said and "Traceback" not in said and " ERROR " not in said, said
+
+
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
 async def test_a_second_ctrl_c_stops_a_worker_at_once_killing_its_nodes(tmp_path):
     graph = cp.Graph()
@@ -490,6 +589,9 @@ def test_demo_records_collects_and_sums_up_a_multimodal_session(tmp_path):
     result = run("demo", "--seconds", "2", "--logdir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert " WARNING " not in result.stderr and " ERROR " not in result.stderr, result.stderr
+    # Of the log, only how collecting goes shows below warnings.
+    informed = [line for line in result.stderr.splitlines() if " INFO " in line]
+    assert all(" chimera.collect INFO " in line for line in informed), result.stderr
     (session,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert result.stdout.strip().endswith(f"session: {session}")
     assert "recording" in result.stdout and "collecting" in result.stdout
@@ -511,6 +613,26 @@ def test_demo_records_collects_and_sums_up_a_multimodal_session(tmp_path):
     meta = json.loads((session / "meta.json").read_text())
     counts = {s["stream"]: s["count"] for n in meta["streams"].values() for s in n["streams"]}
     assert counts["video"] == frames and counts["sensor"] == rows
+
+
+@pytest.mark.parametrize(("given", "microphone"), [("3", 3), ("default", "default")])
+def test_demo_takes_a_microphone_by_index_or_by_name(tmp_path, monkeypatch, given, microphone):
+    from chimera import _demo
+    from chimera._cli import STOP_SIGNALS, main
+
+    taken = []
+
+    async def run_demo(seconds, logdir, camera, microphone, enough):
+        taken.append(microphone)
+
+    monkeypatch.setattr(_demo, "run_demo", run_demo)
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        assert main(["demo", "--logdir", str(tmp_path), "--microphone", given]) == 0
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert taken == [microphone]
 
 
 async def test_demo_stopped_before_it_records_records_nothing(tmp_path):

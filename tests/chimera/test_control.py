@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import socket
 import threading
 from collections.abc import AsyncIterator
@@ -398,6 +399,32 @@ async def test_a_worker_says_why_it_cannot_reach_a_manager(caplog):
         "ended the connection before it answered the WebSocket handshake: not a chimera "
         "manager, or a tunnel with no manager behind it"
     )
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+async def test_a_worker_that_cannot_reach_a_manager_keeps_no_socket_open():
+    import gc
+
+    async def hangs_up(stream):
+        await stream.receive_some()
+        await stream.aclose()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, hangs_up, listeners)
+            async with AsyncWorker("w") as worker:
+                assert not await worker.connect("127.0.0.1", port, timeout=5)
+                before = len(os.listdir("/proc/self/fd"))
+                gc.disable()  # (closed by the Worker, not when collected)
+                try:
+                    for _ in range(5):
+                        assert not await worker.connect("127.0.0.1", port, timeout=5)
+                    assert len(os.listdir("/proc/self/fd")) == before
+                finally:
+                    gc.enable()
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_manager_on_a_port_in_use_raises_oserror_naming_it(tmp_path):

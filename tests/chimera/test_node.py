@@ -29,6 +29,7 @@ def test_a_node_has_a_name_a_unique_id_and_starts_initialized():
         ({"name": "a/b"}, ValueError, "is not a valid file name"),
         ({"name": "n", "debug": "verbose"}, ValueError, "debug must be one of"),
         ({"name": "n", "debug_port": "9000"}, TypeError, "debug_port"),
+        ({"name": "n", "debug_port": True}, TypeError, "debug_port"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error, message):
@@ -103,6 +104,13 @@ def test_a_node_run_by_hand_ends_with_shutdown_as_in_chimerapy(node_type, debug)
     node.shutdown({})  # (ChimeraPy's message argument; once is enough)
     assert node.torn_down == 1 and node.running is False
     assert node.state is cp.NodeState.SHUTDOWN
+
+
+def test_shutdown_by_hand_tells_a_main_loop_to_end():
+    node = ByHand("camera", debug="step")
+    node.running = True  # (as a main() run by hand sets it, and loops while it holds)
+    node.shutdown()
+    assert node.running is False and node.torn_down == 1
 
 
 def test_a_node_in_a_cluster_is_not_shut_down_by_hand():

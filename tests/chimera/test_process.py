@@ -39,6 +39,7 @@ from .nodes import (
     Counter,
     Doubler,
     EndsOnSigterm,
+    ExecsAHelper,
     Interrupted,
     Pairs,
     Raises,
@@ -297,6 +298,18 @@ async def test_a_node_whose_helper_process_holds_its_pipes_still_ends(tmp_path, 
     assert set(children_of(os.getpid())) <= before
 
 
+async def test_a_program_a_node_starts_does_not_hold_its_events_pipe(tmp_path, caplog):
+    graph = cp.Graph()
+    graph.add_node(ExecsAHelper("helped", limit=0))
+    with trio.fail_after(60):
+        async with cluster(tmp_path, "local") as manager:
+            await manager.commit_graph(graph, {"local": ["helped"]})
+            await manager.start()
+            assert await manager.stop()
+            await manager.shutdown()
+    assert [m for m in caplog.messages if "hold its pipes" in m] == []
+
+
 async def test_a_node_process_that_dies_after_its_node_stopped_leaves_it_stopped(tmp_path):
     # Killed idle, between stop() and shutdown() (the OOM killer, say): its
     # run had ended, its teardown ran, its files were closed.
@@ -402,6 +415,23 @@ async def test_a_node_process_ended_by_keyboardinterrupt_is_failed_not_shut_down
             async with cluster(tmp_path, "local") as manager:
                 await manager.commit_graph(graph, {"local": ["camera", "sink"]})
                 await manager.start()
+                assert await manager.wait_for_node_state("sink", "FAILED", "SHUTDOWN") == "FAILED"
+                (sink,) = [n for n in manager.state()["nodes"] if n["name"] == "sink"]
+                assert "KeyboardInterrupt" in sink["reason"]
+                assert await manager.stop()
+                await manager.shutdown()
+
+
+async def test_a_sigint_to_a_nodes_process_fails_the_node_with_keyboardinterrupt(tmp_path):
+    # (Its zygote ignores SIGINT; the node's process must not inherit that.)
+    async with notifications() as (port, notified):
+        graph = counter_to_sink(tmp_path, port, 3)
+        with trio.fail_after(30):
+            async with cluster(tmp_path, "local") as manager:
+                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                os.kill(int((tmp_path / "sink.pid").read_text()), signal.SIGINT)
                 assert await manager.wait_for_node_state("sink", "FAILED", "SHUTDOWN") == "FAILED"
                 (sink,) = [n for n in manager.state()["nodes"] if n["name"] == "sink"]
                 assert "KeyboardInterrupt" in sink["reason"]
@@ -605,6 +635,29 @@ async def test_nodes_end_when_their_worker_process_dies(tmp_path):
                     await worker.wait()
     # Its teardown ran before it exited.
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4, 5]
+
+
+async def test_the_zygote_of_a_worker_that_died_without_nodes_ends_too(tmp_path):
+    graph = cp.Graph()
+    graph.add_node(BrokenPrep("camera"))
+    with trio.fail_after(60):
+        async with AsyncManager(tmp_path / "logs", port=0) as manager:
+            command = [sys.executable, "-m", "chimera", "worker", "--name", "doomed"]
+            command += ["--manager", f"{manager.host}:{manager.port}"]
+            # (Killed, it leaves its temporary folder: in tmp_path.)
+            env = {**os.environ, "TMPDIR": str(tmp_path)}
+            worker = await trio.lowlevel.open_process(command, env=env, stderr=subprocess.DEVNULL)
+            try:
+                await manager.wait_for_workers(1)
+                with pytest.raises(cp.NodeError):  # (its node made, then closed: none left)
+                    await manager.commit_graph(graph, {"doomed": ["camera"]})
+                (zygote,) = [os.pidfd_open(pid) for pid in children_of(worker.pid)]
+                worker.kill()
+                await trio.lowlevel.wait_readable(zygote)  # it exited
+                os.close(zygote)
+            finally:
+                worker.kill()
+                await worker.wait()
 
 
 def descendants_of(pid: int) -> list[int]:
@@ -980,6 +1033,18 @@ async def test_nodes_that_stopped_before_their_zygote_died_stay_stopped(
     assert set(children_of(os.getpid())) <= before
 
 
+async def test_a_node_of_a_few_megabytes_travels_to_its_worker(tmp_path):
+    big = Counter("big", limit=0)
+    big.weights = bytes(3_000_000)  # (the largest is 8 MB, pickled)
+    graph = cp.Graph()
+    graph.add_node(big)
+    with trio.fail_after(60):
+        async with cluster(tmp_path, "local") as manager:
+            assert await manager.commit_graph(graph, {"local": ["big"]})
+            assert list(manager.nodes.values()) == ["READY"]
+            await manager.shutdown()
+
+
 async def test_objects_travel_between_node_processes_when_the_cluster_allows_them(tmp_path):
     async with notifications() as (port, notified):
         graph = counter_to_sink(tmp_path, port, 5, source=Pairs)
@@ -1008,6 +1073,32 @@ async def test_chunks_from_node_processes_are_stamped_with_cluster_time(tmp_path
                 await manager.stop()
     for stamp, local_now in json.loads((tmp_path / "stamps.json").read_text()):
         # Stamped in cluster time, received a little later (in local time).
+        assert 0 <= local_now + ahead - stamp < 10**9
+
+
+async def test_node_processes_follow_the_cluster_clock_when_it_steps(tmp_path):
+    ahead = 1000 * 10**9  # the Manager's clock steps 1000 s ahead once the nodes are made
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_edge(
+            Counter("counter", limit=5),
+            StampSink("stamps", str(tmp_path), source="counter", expect=5, port=port),
+        )
+        with trio.fail_after(60):
+            async with (
+                AsyncManager(tmp_path / "logs", port=0) as manager,
+                AsyncWorker("local") as worker,
+            ):
+                assert await worker.connect(manager.host, manager.port)
+                await manager.commit_graph(graph, {"local": ["counter", "stamps"]})
+                manager._clock = lambda: time.time_ns() + ahead
+                while worker.clock.estimate().offset_ns < ahead // 2:  # (its next exchange)
+                    await worker._clock_changed.park()
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+                await manager.shutdown()
+    for stamp, local_now in json.loads((tmp_path / "stamps.json").read_text()):
         assert 0 <= local_now + ahead - stamp < 10**9
 
 
@@ -1081,6 +1172,30 @@ async def test_nodes_listen_where_their_worker_reached_the_manager(tmp_path):
                 assert meta["mapping"] == {"v6": ["counter"], "other": ["sink"]}
                 addresses = addresses_of(manager)
                 assert addresses["counter"].startswith("tcp://[::1]:")
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+                await manager.shutdown()
+    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
+
+
+@pytest.mark.skipif(not can_bind("127.0.0.2"), reason="only 127.0.0.1 here")
+async def test_nodes_listen_on_their_workers_end_of_its_connection_not_the_managers(tmp_path):
+    # (A Manager on 127.0.0.2 is reached from 127.0.0.1, as one on another
+    # machine is reached from this machine's address toward it.)
+    async with notifications() as (port, notified):
+        graph = counter_to_sink(tmp_path, port, 3)
+        with trio.fail_after(60):
+            async with (
+                AsyncManager(tmp_path / "logs", port=0, host="127.0.0.2") as manager,
+                AsyncWorker("here") as worker,
+                AsyncWorker("other") as other,
+            ):
+                assert await worker.connect("127.0.0.2", manager.port)
+                assert await other.connect("127.0.0.2", manager.port)
+                await manager.wait_for_workers(2)
+                await manager.commit_graph(graph, {"here": ["counter"], "other": ["sink"]})
+                assert addresses_of(manager)["counter"].startswith("tcp://127.0.0.1:")
                 await manager.start()
                 assert await notified.receive() == b"x"
                 await manager.stop()
@@ -1224,3 +1339,91 @@ async def test_a_node_whose_async_step_blocks_its_loop_says_so(tmp_path, caplog)
         r"long without awaiting",
         warned,
     )
+
+
+# --- the pipes' messages (chimera._pipe), between a Worker, its zygote and its nodes' processes
+
+
+async def read_each_way(data: bytes) -> list:
+    """What the blocking reader and the Trio one each read from a pipe that
+    carried *data*, then ended: each one's messages, then the error that
+    ended the reading, or None for the pipe's end."""
+    from chimera import _pipe
+
+    async def with_trio() -> list:
+        send, receive = trio.testing.memory_stream_one_way_pair()
+        await send.send_all(data)
+        await send.aclose()
+        reader = _pipe.MessageReader(receive)
+        read = []
+        try:
+            while (message := await reader.read()) is not None:
+                read.append(message)
+        except _pipe.PipeError as exc:
+            return [*read, exc]
+        return [*read, None]
+
+    def blocking() -> list:
+        import io
+
+        stream = io.BytesIO(data)
+        read = []
+        try:
+            while (message := _pipe.read_blocking(stream)) is not None:
+                read.append(message)
+        except _pipe.PipeError as exc:
+            return [*read, exc]
+        return [*read, None]
+
+    return [blocking(), await with_trio()]
+
+
+async def test_a_pipe_that_ends_inside_a_message_is_an_error_not_its_end():
+    from chimera import _pipe
+
+    first, second = _pipe.encode({"a": 1}), _pipe.encode(("stop", ()))
+    assert await read_each_way(first + second) == [[{"a": 1}, ("stop", ()), None]] * 2
+    for cut in range(1, len(second)):  # in its length, right after it, in its body
+        for read in await read_each_way(first + second[:cut]):
+            assert read[0] == {"a": 1}
+            assert isinstance(read[1], _pipe.PipeError), cut
+            assert "ended inside a message" in str(read[1])
+
+
+async def test_a_message_that_does_not_unpickle_is_a_pipe_error():
+    from chimera import _pipe
+
+    garbage = b"\x80\x05not a pickle"
+    for read in await read_each_way(len(garbage).to_bytes(4, "little") + garbage):
+        assert isinstance(read[0], _pipe.PipeError)
+        assert "does not unpickle" in str(read[0])
+
+
+async def test_a_message_longer_than_the_longest_is_refused_before_it_is_read(monkeypatch):
+    from chimera import _pipe
+
+    longest = _pipe.encode("x" * 100)
+    monkeypatch.setattr(_pipe, "MAX_MESSAGE", len(longest) - 4)
+    assert await read_each_way(longest) == [["x" * 100, None]] * 2
+    # One byte more is refused from its length alone (its body never comes).
+    too_long = _pipe.encode("x" * 101)[:4]
+    for read in await read_each_way(too_long):
+        assert isinstance(read[0], _pipe.PipeError)
+        assert str(read[0]) == f"a message of {len(longest) - 3} bytes (at most {len(longest) - 4})"
+
+
+def test_a_message_the_pipe_takes_in_parts_arrives_whole(monkeypatch):
+    # (A write to a pipe may take part of the data: a signal, a full pipe.)
+    from chimera import _pipe
+
+    read_end, write_end = os.pipe()
+    write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, bytes(data[:7])))
+    try:
+        _pipe.write_blocking(write_end, _pipe.encode("x" * 100))
+    finally:
+        monkeypatch.undo()
+        os.close(write_end)
+    with os.fdopen(read_end, "rb", buffering=0) as stream:
+        assert _pipe.read_blocking(stream) == "x" * 100
+        assert _pipe.read_blocking(stream) is None

@@ -54,6 +54,60 @@ async def test_results_come_back_in_order_then_the_end():
     assert open_fds() == before
 
 
+async def test_a_call_to_a_closed_thread_is_refused_not_left_waiting():
+    thread = UserThread("t")
+    thread.start()
+    assert await thread.call(lambda: 1) == 1
+    thread.close()
+    with trio.fail_after(10), pytest.raises(RuntimeError, match="the node is closed"):
+        await thread.call(lambda: 2, abandon=True)  # (abandon: a wait that fails can end)
+    await thread.join()
+
+
+async def test_a_cancelled_call_finishes_first_unless_abandoned():
+    thread = UserThread("t")
+    thread.start()
+    started, go = threading.Event(), threading.Event()
+
+    def block():
+        started.set()
+        go.wait(10)
+        return "done"
+
+    returned: list = []
+    ended = trio.Event()
+
+    async def call(scope: trio.CancelScope, abandon: bool) -> None:
+        with scope:
+            returned.append(await thread.call(block, abandon=abandon))
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        # Abandoned: the cancellation returns at once; the call goes on alone.
+        scope = trio.CancelScope()
+        nursery.start_soon(call, scope, True)
+        await trio.to_thread.run_sync(started.wait, 10)
+        scope.cancel()
+        with trio.fail_after(10):
+            await ended.wait()
+        assert returned == []
+        go.set()
+        # Not abandoned: the cancellation waits for the call, whose value comes back.
+        started.clear()
+        go.clear()
+        ended = trio.Event()
+        scope = trio.CancelScope()
+        nursery.start_soon(call, scope, False)
+        await trio.to_thread.run_sync(started.wait, 10)
+        scope.cancel()
+        go.set()
+        with trio.fail_after(10):
+            await ended.wait()
+        assert returned == ["done"]
+    thread.close()
+    await thread.join()
+
+
 async def test_a_step_that_raises_ends_the_loop():
     thread = UserThread("t")
     thread.start()
