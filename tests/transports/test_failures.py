@@ -17,15 +17,19 @@ import trio.testing
 
 import transports
 from transports._framing import (
+    HELLO_SIZE,
     MAGIC,
     MAX_CAPACITY,
     MAX_KEY,
     VERSION,
     WELCOME_SIZE,
     ProtocolError,
+    encode_ack,
+    encode_end,
     encode_hello,
     encode_label,
     encode_message_header,
+    encode_welcome,
 )
 from transports._nng import _read_record
 
@@ -240,6 +244,46 @@ async def test_credit_beyond_what_was_sent_ends_the_link(backend, short_dir, cap
     assert any("credit for 1000 messages" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("backend", STREAM_BACKENDS)
+async def test_an_acknowledgement_before_the_end_of_stream_ends_the_link(
+    backend, short_dir, caplog
+):
+    with trio.fail_after(10):
+        async with await transports.bind(BACKENDS[backend].format(dir=short_dir)) as outlet:
+            raw = await open_raw_stream(outlet.address)
+            await raw.send_all(encode_hello(transports.Delivery.RELIABLE, 4))
+            await receive_exactly(raw, WELCOME_SIZE)
+            await raw.send_all(encode_ack(0))
+            assert await raw.receive_some(100) == b""
+            await raw.aclose()
+    assert any("unexpected record of kind 4" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_inlet_acknowledges_the_end_of_stream_once():
+    heard = []
+    with trio.fail_after(10):
+        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listener.socket.getsockname()[1]
+
+        async def fake_outlet() -> None:
+            async with await listener.accept() as stream:
+                await receive_exactly(stream, HELLO_SIZE)
+                await stream.send_all(encode_welcome() + encode_end(0))
+                data = b""
+                while chunk := await stream.receive_some(100):  # until the inlet hangs up
+                    data += chunk
+                heard.append(data)
+
+        async with listener, trio.open_nursery() as nursery:
+            nursery.start_soon(fake_outlet)
+            inlet = await transports.connect(f"tcp://127.0.0.1:{port}")
+            with pytest.raises(trio.EndOfChannel):
+                await inlet.receive()
+            await trio.testing.wait_all_tasks_blocked()  # (the acknowledgement has gone)
+            await inlet.aclose()
+    assert heard == [encode_ack(0)]
+
+
 async def test_nng_outlet_ignores_foreign_requests(short_dir):
     with trio.fail_after(10):
         async with await transports.bind("nng+tcp://127.0.0.1:0") as outlet:
@@ -253,6 +297,18 @@ async def test_nng_outlet_ignores_foreign_requests(short_dir):
             await inlet.aclose()
 
 
+async def impostor_listeners(backend: str, short_dir: str) -> tuple[list[trio.SocketListener], str]:
+    """Listeners for a server that is not an outlet, and the address inlets use for it."""
+    if backend == "unix":
+        path = f"{short_dir}/impostor.sock"
+        sock = trio.socket.socket(trio.socket.AF_UNIX)
+        await sock.bind(path)
+        sock.listen()
+        return [trio.SocketListener(sock)], f"unix://{path}"
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    return listeners, f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
 @pytest.mark.parametrize("backend", STREAM_BACKENDS)
 async def test_a_server_that_is_not_an_outlet_is_refused(backend, short_dir):
     answers = [b"SSH-2.0-OpenSSH_9.2\r\n", b""]
@@ -264,20 +320,33 @@ async def test_a_server_that_is_not_an_outlet_is_refused(backend, short_dir):
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            if backend == "unix":
-                path = f"{short_dir}/impostor.sock"
-                sock = trio.socket.socket(trio.socket.AF_UNIX)
-                await sock.bind(path)
-                sock.listen()
-                listeners = [trio.SocketListener(sock)]
-                address = f"unix://{path}"
-            else:
-                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-                address = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            listeners, address = await impostor_listeners(backend, short_dir)
             await nursery.start(trio.serve_listeners, impostor, listeners)
             for answers[0] in (b"SSH-2.0-OpenSSH_9.2\r\n", b""):
                 with pytest.raises(trio.BrokenResourceError):
                     await transports.connect(address)
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("backend", STREAM_BACKENDS)
+async def test_an_inlet_refused_at_the_handshake_hangs_up_before_it_raises(backend, short_dir):
+    hung_up = trio.Event()
+
+    async def impostor(stream: trio.SocketStream) -> None:
+        await stream.receive_some(100)
+        await stream.send_all(b"SSH-2.0-OpenSSH_9.2\r\n")
+        while await stream.receive_some(100):
+            pass
+        hung_up.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners, address = await impostor_listeners(backend, short_dir)
+            await nursery.start(trio.serve_listeners, impostor, listeners)
+            with pytest.raises(trio.BrokenResourceError) as refused:
+                await transports.connect(address)
+            await hung_up.wait()  # (while the error, and all it refers to, is still held)
+            assert "not an outlet" in str(refused.value)
             nursery.cancel_scope.cancel()
 
 
@@ -293,6 +362,20 @@ async def test_nng_server_that_is_not_an_outlet_is_refused():
             nursery.start_soon(answer)
             with pytest.raises(trio.BrokenResourceError):
                 await transports.connect(f"nng+tcp://127.0.0.1:{port}")
+
+
+async def test_an_nng_outlet_offering_a_link_outside_its_path_is_refused(short_dir):
+    path = f"{short_dir}/outlet"
+    with trio.fail_after(10), pynng.Rep0(listen=f"ipc://{path}") as impostor:
+        async with trio.open_nursery() as nursery:
+
+            async def answer():
+                await impostor.arecv()
+                await impostor.asend(MAGIC + b"link=" + f"{short_dir}/elsewhere".encode())
+
+            nursery.start_soon(answer)
+            with pytest.raises(trio.BrokenResourceError, match="outside"):
+                await transports.connect(f"nng+ipc://{path}")
 
 
 @pytest.mark.parametrize("backend", STREAM_BACKENDS)
@@ -317,7 +400,32 @@ async def test_close_gives_up_on_an_inlet_that_never_acknowledges(backend, short
         await silent.aclose()
         await good.aclose()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("did not acknowledge the end of stream within 0.2 s" in w for w in warnings)
+    assert any(
+        ": 1 inlet(s) did not acknowledge the end of stream within 0.2 s" in w for w in warnings
+    )
+
+
+@pytest.mark.parametrize("backend", STREAM_BACKENDS)
+async def test_an_inlet_whose_handshake_ends_while_the_outlet_closes_is_turned_away(
+    backend, short_dir
+):
+    hello = encode_hello(transports.Delivery.RELIABLE, 4)
+    with trio.fail_after(10):
+        outlet = await transports.bind(BACKENDS[backend].format(dir=short_dir))
+        holding = await open_raw_stream(outlet.address)  # holds the close up: never acknowledges
+        await holding.send_all(hello)
+        await receive_exactly(holding, WELCOME_SIZE)
+        await outlet.wait_for_inlets(1)
+        late = await open_raw_stream(outlet.address)
+        await late.send_all(hello[:-1])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outlet.aclose)
+            assert await receive_exactly(holding, 9) == encode_end(0)  # the outlet is closing
+            await late.send_all(hello[-1:])
+            assert await late.receive_some(100) == b""  # hung up, no WELCOME
+            await holding.aclose()  # (lets the close end)
+        await late.aclose()
+    assert len(outlet.stats.links) == 1
 
 
 async def test_cancelled_close_still_closes(address):

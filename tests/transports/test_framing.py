@@ -277,6 +277,19 @@ def test_sequence_numbers_going_back_are_refused():
     assert received == [[b"a"]] and isinstance(error, trio.BrokenResourceError)
 
 
+def test_an_end_of_stream_before_a_message_seen_is_refused():
+    stream = encode_welcome() + encode([[b"a"], [b"b"]]) + encode_end(1)
+    received, error = trio.run(inlet_facing, stream, 1000)
+    assert received == [[b"a"], [b"b"]] and isinstance(error, trio.BrokenResourceError)
+    assert "end of stream at 1 after 2" in str(error)
+
+
+def test_nothing_after_the_end_of_stream_is_received():
+    stream = encode_welcome() + encode_end(0) + encode([[b"late"]])
+    received, error = trio.run(partial(inlet_facing, stream, 1000, pause_after=0))
+    assert received == [] and isinstance(error, trio.EndOfChannel)
+
+
 def test_a_receiver_waits_while_the_inlet_is_midway_through_a_message():
     # The inlet's own task has started reading a large message when the
     # application starts receiving: the application waits for that task to
