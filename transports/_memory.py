@@ -62,6 +62,9 @@ class _Wire:
                     continue
                 if queue.closing and not queue.pending and not queue.done.is_set():
                     self.buffer.end(queue.next_seq)
+                    # What the inlet dropped since its last credit, as the net
+                    # backends' acknowledgement of the end of stream says it.
+                    queue.credit(0, self.buffer.own_dropped)
                     self._outlet._drop_link(queue)
                 break
         finally:
