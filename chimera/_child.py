@@ -115,17 +115,28 @@ def _cannot_be_made(exc: Exception) -> str:
 
 
 def _read_commands(stdin: Any, token: trio.lowlevel.TrioToken, send: Any) -> None:
-    """The lifeline: forward each command into the Trio loop; at the end, end the process."""
+    """The lifeline: forward each command into the Trio loop; at the end, end the process.
+
+    It never waits for the loop (``run_sync_soon``, not ``trio.from_thread``):
+    a loop held up for good (an ``async def step`` blocked in a call that never
+    returns) must not keep it from ending the process."""
+
+    def forward(command: tuple) -> None:
+        try:
+            send.send_nowait(command)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the node no longer reads commands: it is ending
+
     try:
         while (command := _pipe.read_blocking(stdin)) is not None:
-            trio.from_thread.run_sync(send.send_nowait, command, trio_token=token)
+            token.run_sync_soon(forward, command)
     except (_pipe.PipeError, OSError, ValueError):
         pass
     except trio.RunFinishedError:
         return
     WORKER_GONE.set()
     try:
-        trio.from_thread.run_sync(send.close, trio_token=token)
+        token.run_sync_soon(send.close)
     except trio.RunFinishedError:
         return
     time.sleep(ORPHAN_GRACE)

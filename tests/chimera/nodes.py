@@ -254,6 +254,23 @@ class StuckInTeardown(cp.Node):
         threading.Event().wait()
 
 
+class BlocksItsLoopForever(cp.Node):
+    """An ``async def step`` that never gives its event loop back (a blocking
+    call that never returns): notifies the test on *port* as it begins; writes
+    its process's pid in ``NAME.pid``."""
+
+    def __init__(self, name: str, folder: str, port: int) -> None:
+        super().__init__(name)
+        self.folder, self.port = folder, port
+
+    def prep(self):
+        Path(self.folder, f"{self.name}.pid").write_text(str(os.getpid()))
+
+    async def step(self):
+        notify(self.port)
+        threading.Event().wait()
+
+
 class BrokenPrep(cp.Node):
     def prep(self):
         raise OSError("no such camera")

@@ -15,7 +15,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import cloudpickle
@@ -26,6 +26,7 @@ import trio.testing
 import chimera as cp
 from chimera import _process
 from chimera import _protocol as protocol
+from chimera._child import ORPHAN_GRACE
 from chimera._manager import AsyncManager
 from chimera._worker import AsyncWorker
 from chimera._worker import _can_listen_on as can_bind
@@ -34,6 +35,7 @@ from .nodes import (
     AsyncCounter,
     AsyncSink,
     BlocksItsLoop,
+    BlocksItsLoopForever,
     BrokenPrep,
     Camera,
     Counter,
@@ -637,6 +639,38 @@ async def test_nodes_end_when_their_worker_process_dies(tmp_path):
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow  # (~20 s: the grace a node whose Worker died gets to end by itself)
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
+async def test_a_node_whose_worker_died_and_whose_loop_never_comes_back_is_ended(tmp_path):
+    async with notifications() as (port, notified):
+        graph = cp.Graph()
+        graph.add_node(BlocksItsLoopForever("stuck", str(tmp_path), port))
+        with trio.fail_after(ORPHAN_GRACE + 40):
+            async with AsyncManager(tmp_path / "logs", port=0) as manager:
+                command = [sys.executable, "-m", "chimera", "worker", "--name", "doomed"]
+                command += ["--manager", f"{manager.host}:{manager.port}"]
+                # (Killed, it leaves its temporary folder: in tmp_path.)
+                env = {**os.environ, "TMPDIR": str(tmp_path)}
+                worker = await trio.lowlevel.open_process(command, env=env)
+                try:
+                    await manager.wait_for_workers(1)
+                    await manager.commit_graph(graph, {"doomed": ["stuck"]})
+                    await manager.start()
+                    node = os.pidfd_open(int((tmp_path / "stuck.pid").read_text()))
+                    try:
+                        assert await notified.receive() == b"x"  # its loop is stuck from now
+                        worker.kill()
+                        await trio.lowlevel.wait_readable(node)  # the node's process was ended
+                    finally:
+                        with suppress(ProcessLookupError):  # (if it was not)
+                            signal.pidfd_send_signal(node, signal.SIGKILL)
+                        os.close(node)
+                finally:
+                    worker.kill()
+                    await worker.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
 async def test_the_zygote_of_a_worker_that_died_without_nodes_ends_too(tmp_path):
     graph = cp.Graph()
     graph.add_node(BrokenPrep("camera"))
