@@ -161,7 +161,7 @@ class _ForwardNodeLogs(logging.Handler):
             # A Trio channel is not thread-safe: the Trio thread sends it, in
             # the order records came from every thread (a record of the Trio
             # thread too: a node's failure comes after what its thread logged).
-            self._token.run_sync_soon(self._worker._events_in.send_nowait, message)
+            self._token.run_sync_soon(self._worker._tell, message)
         except trio.RunFinishedError:
             pass  # the Worker is gone
         except Exception:
@@ -267,8 +267,11 @@ class AsyncWorker(Service):
         self._not_here: set[str] = set()
         self._zygote_lock = trio.Lock()
         self._events_in, self._events_out = trio.open_memory_channel[str](math.inf)
-        #: Whether a message is being sent; woken when none is left to send.
-        self._sending = False
+        #: The messages told (:meth:`_tell`) and not yet sent, or given up on:
+        #: one taken from the channel counts until its send has ended (a
+        #: waiting sender is handed it at once: the channel's buffer never
+        #: holds it). Woken when it falls to 0.
+        self._unsent = 0
         self._sent_all = trio.lowlevel.ParkingLot()
 
     @property
@@ -551,27 +554,29 @@ class AsyncWorker(Service):
         }
 
     def _send_stats(self, stats: dict[str, dict[str, int]]) -> None:
-        self._events_in.send_nowait(protocol.make("node_stats", stats=stats))
+        self._tell(protocol.make("node_stats", stats=stats))
+
+    def _tell(self, text: str) -> None:
+        """Queue *text* for the Manager (sent in order, by :meth:`_send_events`)."""
+        self._unsent += 1
+        self._events_in.send_nowait(text)
 
     async def _send_events(self, ws: trio_websocket.WebSocketConnection) -> None:
         async for text in self._events_out:
-            self._sending = True
             try:
                 await ws.send_message(text)
             except trio_websocket.ConnectionClosed:
                 return  # (_read says why, and ends the session)
             finally:
-                self._sending = False
-            if not self._events_out.statistics().current_buffer_used:
-                self._sent_all.unpark_all()
+                self._unsent -= 1
+                if not self._unsent:
+                    self._sent_all.unpark_all()
 
     async def _flush_events(self) -> None:
         """Wait until what was queued for the Manager is sent (its nodes' last
         states, say), while connected, for at most :data:`FLUSH_TIMEOUT`."""
         with trio.move_on_after(FLUSH_TIMEOUT):
-            while self._connected and (
-                self._sending or self._events_out.statistics().current_buffer_used
-            ):
+            while self._connected and self._unsent:
                 await self._sent_all.park()
 
     async def _read(self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
@@ -639,7 +644,7 @@ class AsyncWorker(Service):
             return
         # Behind the events this request caused (node states): the Manager
         # sees them before the reply.
-        self._events_in.send_nowait(protocol.make("reply", id=request["id"], **reply))
+        self._tell(protocol.make("reply", id=request["id"], **reply))
 
     def _report(self, node_id: str, state: NodeState, reason: str | None) -> None:
         log.debug(
@@ -649,9 +654,7 @@ class AsyncWorker(Service):
             state.value,
             f" ({reason})" if reason else "",
         )
-        self._events_in.send_nowait(
-            protocol.make("node_state", node_id=node_id, state=state.value, reason=reason)
-        )
+        self._tell(protocol.make("node_state", node_id=node_id, state=state.value, reason=reason))
 
     async def _do_load_packages(self, packages: list[dict[str, str]]) -> None:
         """Download each package from the Manager, check it, and put it where
