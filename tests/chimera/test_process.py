@@ -1188,48 +1188,43 @@ async def test_cancelling_a_worker_with_running_nodes_ends_them_at_once(tmp_path
     assert set(children_of(os.getpid())) <= before
 
 
-@pytest.mark.skipif(not can_bind("::1"), reason="no IPv6 loopback")
-async def test_nodes_listen_where_their_worker_reached_the_manager(tmp_path):
+@pytest.mark.parametrize(
+    ("manager_host", "listens_on"),
+    [
+        pytest.param(
+            "::1",
+            "[::1]",
+            marks=pytest.mark.skipif(not can_bind("::1"), reason="no IPv6 loopback"),
+            id="ipv6",
+        ),
+        # A Manager on 127.0.0.2 is reached from 127.0.0.1, as one on another
+        # machine is reached from this machine's address toward it.
+        pytest.param(
+            "127.0.0.2",
+            "127.0.0.1",
+            marks=pytest.mark.skipif(not can_bind("127.0.0.2"), reason="only 127.0.0.1 here"),
+            id="the-workers-end",
+        ),
+    ],
+)
+async def test_nodes_listen_where_their_worker_reached_the_manager_from(
+    tmp_path, manager_host, listens_on
+):
     async with notifications() as (port, notified):
         graph = counter_to_sink(tmp_path, port, 3)
         with trio.fail_after(60):
             async with (
-                AsyncManager(tmp_path / "logs", port=0, host="::1") as manager,
-                AsyncWorker("v6") as worker,
-                AsyncWorker("other") as other,
-            ):
-                assert await worker.connect("::1", manager.port)
-                assert await other.connect("::1", manager.port)
-                await manager.wait_for_workers(2)
-                await manager.commit_graph(graph, {"v6": ["counter"], "other": ["sink"]})
-                meta = json.loads(manager.save_meta().read_text())
-                assert meta["mapping"] == {"v6": ["counter"], "other": ["sink"]}
-                addresses = addresses_of(manager)
-                assert addresses["counter"].startswith("tcp://[::1]:")
-                await manager.start()
-                assert await notified.receive() == b"x"
-                await manager.stop()
-                await manager.shutdown()
-    assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3]
-
-
-@pytest.mark.skipif(not can_bind("127.0.0.2"), reason="only 127.0.0.1 here")
-async def test_nodes_listen_on_their_workers_end_of_its_connection_not_the_managers(tmp_path):
-    # (A Manager on 127.0.0.2 is reached from 127.0.0.1, as one on another
-    # machine is reached from this machine's address toward it.)
-    async with notifications() as (port, notified):
-        graph = counter_to_sink(tmp_path, port, 3)
-        with trio.fail_after(60):
-            async with (
-                AsyncManager(tmp_path / "logs", port=0, host="127.0.0.2") as manager,
+                AsyncManager(tmp_path / "logs", port=0, host=manager_host) as manager,
                 AsyncWorker("here") as worker,
                 AsyncWorker("other") as other,
             ):
-                assert await worker.connect("127.0.0.2", manager.port)
-                assert await other.connect("127.0.0.2", manager.port)
+                assert await worker.connect(manager_host, manager.port)
+                assert await other.connect(manager_host, manager.port)
                 await manager.wait_for_workers(2)
                 await manager.commit_graph(graph, {"here": ["counter"], "other": ["sink"]})
-                assert addresses_of(manager)["counter"].startswith("tcp://127.0.0.1:")
+                meta = json.loads(manager.save_meta().read_text())
+                assert meta["mapping"] == {"here": ["counter"], "other": ["sink"]}
+                assert addresses_of(manager)["counter"].startswith(f"tcp://{listens_on}:")
                 await manager.start()
                 assert await notified.receive() == b"x"
                 await manager.stop()
