@@ -8,7 +8,6 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
 import trio
@@ -18,7 +17,7 @@ from chimera._cli import _parser
 
 from .nodes import Counter, SaysHello, Stubborn
 from .records import on_record
-from .test_process import children_of
+from .test_process import children_of, cli_worker
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -344,26 +343,6 @@ def test_a_worker_stops_on_ctrl_c_and_the_manager_sees_it_leave(tmp_path):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
-
-
-@asynccontextmanager
-async def cli_worker(
-    manager: cp.AsyncManager, name: str, *options: str, **process: Any
-) -> AsyncIterator[trio.Process]:
-    """``chimera worker --name NAME OPTIONS`` for *manager*, once checked in;
-    killed at the end if it still runs (its temporary folder then stays: stop
-    it in the block). *process*: ``open_process``'s options."""
-    command = [sys.executable, "-m", "chimera", "worker", "--name", name, *options]
-    worker = await trio.lowlevel.open_process(
-        [*command, "--manager", f"127.0.0.1:{manager.port}"], **process
-    )
-    try:
-        await manager.wait_for_workers(1)
-        yield worker
-    finally:
-        if worker.returncode is None:
-            worker.kill()
-            await worker.wait()
 
 
 async def test_a_worker_with_keep_temp_keeps_its_temporary_folder(tmp_path):

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import pytest
@@ -604,6 +605,32 @@ async def test_a_node_whose_teardown_does_not_end_gets_sigterm_before_sigkill(
     assert (tmp_path / "stuck.term").read_text() == "cleaned up"
 
 
+@asynccontextmanager
+async def cli_worker(
+    manager: cp.AsyncManager, name: str, *options: str, **process: Any
+) -> AsyncIterator[trio.Process]:
+    """``chimera worker --name NAME OPTIONS`` for *manager*, once checked in;
+    killed at the end if it still runs (its temporary folder then stays: stop
+    it in the block). *process*: ``open_process``'s options."""
+    command = [sys.executable, "-m", "chimera", "worker", "--name", name, *options]
+    worker = await trio.lowlevel.open_process(
+        [*command, "--manager", f"127.0.0.1:{manager.port}"], **process
+    )
+    try:
+        await manager.wait_for_workers(1)
+        yield worker
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+
+
+def killed_worker_env(tmp_path) -> dict[str, str]:
+    """The environment of a Worker that is killed: it leaves its temporary
+    folder, which is then in *tmp_path*."""
+    return {**os.environ, "TMPDIR": str(tmp_path)}
+
+
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
 async def test_nodes_end_when_their_worker_process_dies(tmp_path):
     # With the processes they started: the sink's helper process too.
@@ -614,27 +641,20 @@ async def test_nodes_end_when_their_worker_process_dies(tmp_path):
             WithAHelper("sink", str(tmp_path), source="counter", expect=5, port=port),
         )
         with trio.fail_after(60):
-            async with AsyncManager(tmp_path / "logs", port=0) as manager:
-                command = [sys.executable, "-m", "chimera", "worker", "--name", "doomed"]
-                command += ["--manager", f"{manager.host}:{manager.port}"]
-                # (Killed, it leaves its temporary folder: in tmp_path.)
-                env = {**os.environ, "TMPDIR": str(tmp_path)}
-                worker = await trio.lowlevel.open_process(command, env=env)
-                try:
-                    await manager.wait_for_workers(1)
-                    await manager.commit_graph(graph, {"doomed": ["counter", "sink"]})
-                    await manager.start()
-                    assert await notified.receive() == b"x"
-                    node = os.pidfd_open(int((tmp_path / "sink.pid").read_text()))
-                    helper = os.pidfd_open(int((tmp_path / "sink.helper").read_text()))
-                    worker.kill()
-                    await trio.lowlevel.wait_readable(node)  # the node's process exited
-                    await trio.lowlevel.wait_readable(helper)  # and its helper
-                    os.close(node)
-                    os.close(helper)
-                finally:
-                    worker.kill()
-                    await worker.wait()
+            async with (
+                AsyncManager(tmp_path / "logs", port=0) as manager,
+                cli_worker(manager, "doomed", env=killed_worker_env(tmp_path)) as worker,
+            ):
+                await manager.commit_graph(graph, {"doomed": ["counter", "sink"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                node = os.pidfd_open(int((tmp_path / "sink.pid").read_text()))
+                helper = os.pidfd_open(int((tmp_path / "sink.helper").read_text()))
+                worker.kill()
+                await trio.lowlevel.wait_readable(node)  # the node's process exited
+                await trio.lowlevel.wait_readable(helper)  # and its helper
+                os.close(node)
+                os.close(helper)
     # Its teardown ran before it exited.
     assert json.loads((tmp_path / "sink.json").read_text()) == [1, 2, 3, 4, 5]
 
@@ -646,28 +666,21 @@ async def test_a_node_whose_worker_died_and_whose_loop_never_comes_back_is_ended
         graph = cp.Graph()
         graph.add_node(BlocksItsLoopForever("stuck", str(tmp_path), port))
         with trio.fail_after(ORPHAN_GRACE + 40):
-            async with AsyncManager(tmp_path / "logs", port=0) as manager:
-                command = [sys.executable, "-m", "chimera", "worker", "--name", "doomed"]
-                command += ["--manager", f"{manager.host}:{manager.port}"]
-                # (Killed, it leaves its temporary folder: in tmp_path.)
-                env = {**os.environ, "TMPDIR": str(tmp_path)}
-                worker = await trio.lowlevel.open_process(command, env=env)
+            async with (
+                AsyncManager(tmp_path / "logs", port=0) as manager,
+                cli_worker(manager, "doomed", env=killed_worker_env(tmp_path)) as worker,
+            ):
+                await manager.commit_graph(graph, {"doomed": ["stuck"]})
+                await manager.start()
+                node = os.pidfd_open(int((tmp_path / "stuck.pid").read_text()))
                 try:
-                    await manager.wait_for_workers(1)
-                    await manager.commit_graph(graph, {"doomed": ["stuck"]})
-                    await manager.start()
-                    node = os.pidfd_open(int((tmp_path / "stuck.pid").read_text()))
-                    try:
-                        assert await notified.receive() == b"x"  # its loop is stuck from now
-                        worker.kill()
-                        await trio.lowlevel.wait_readable(node)  # the node's process was ended
-                    finally:
-                        with suppress(ProcessLookupError):  # (if it was not)
-                            signal.pidfd_send_signal(node, signal.SIGKILL)
-                        os.close(node)
-                finally:
+                    assert await notified.receive() == b"x"  # its loop is stuck from now
                     worker.kill()
-                    await worker.wait()
+                    await trio.lowlevel.wait_readable(node)  # the node's process was ended
+                finally:
+                    with suppress(ProcessLookupError):  # (if it was not)
+                        signal.pidfd_send_signal(node, signal.SIGKILL)
+                    os.close(node)
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
@@ -675,23 +688,18 @@ async def test_the_zygote_of_a_worker_that_died_without_nodes_ends_too(tmp_path)
     graph = cp.Graph()
     graph.add_node(BrokenPrep("camera"))
     with trio.fail_after(60):
-        async with AsyncManager(tmp_path / "logs", port=0) as manager:
-            command = [sys.executable, "-m", "chimera", "worker", "--name", "doomed"]
-            command += ["--manager", f"{manager.host}:{manager.port}"]
-            # (Killed, it leaves its temporary folder: in tmp_path.)
-            env = {**os.environ, "TMPDIR": str(tmp_path)}
-            worker = await trio.lowlevel.open_process(command, env=env, stderr=subprocess.DEVNULL)
-            try:
-                await manager.wait_for_workers(1)
-                with pytest.raises(cp.NodeError):  # (its node made, then closed: none left)
-                    await manager.commit_graph(graph, {"doomed": ["camera"]})
-                (zygote,) = [os.pidfd_open(pid) for pid in children_of(worker.pid)]
-                worker.kill()
-                await trio.lowlevel.wait_readable(zygote)  # it exited
-                os.close(zygote)
-            finally:
-                worker.kill()
-                await worker.wait()
+        async with (
+            AsyncManager(tmp_path / "logs", port=0) as manager,
+            cli_worker(
+                manager, "doomed", env=killed_worker_env(tmp_path), stderr=subprocess.DEVNULL
+            ) as worker,
+        ):
+            with pytest.raises(cp.NodeError):  # (its node made, then closed: none left)
+                await manager.commit_graph(graph, {"doomed": ["camera"]})
+            (zygote,) = [os.pidfd_open(pid) for pid in children_of(worker.pid)]
+            worker.kill()
+            await trio.lowlevel.wait_readable(zygote)  # it exited
+            os.close(zygote)
 
 
 def descendants_of(pid: int) -> list[int]:
