@@ -116,13 +116,12 @@ def children_of(pid: int) -> list[int]:
 
 @asynccontextmanager
 async def cluster(
-    tmp_path, *names: str, ahead_ns: int = 0, allow_objects: bool = False
+    tmp_path, *names: str, allow_objects: bool = False
 ) -> AsyncIterator[AsyncManager]:
-    """A Manager and Workers (nodes in processes); the cluster's clock *ahead_ns* of this one's."""
+    """A Manager and Workers (nodes in processes)."""
     async with AsyncManager(
         tmp_path / "logs", port=0, transport="tcp", allow_objects=allow_objects
     ) as manager:
-        manager._clock = lambda: time.time_ns() + ahead_ns
         async with trio.open_nursery() as nursery:
             workers = []
             for name in names:
@@ -1099,27 +1098,11 @@ async def test_objects_travel_between_node_processes_when_the_cluster_allows_the
     assert json.loads((tmp_path / "sink.json").read_text()) == [[n, -n] for n in range(1, 6)]
 
 
-async def test_chunks_from_node_processes_are_stamped_with_cluster_time(tmp_path):
-    ahead = 1000 * 10**9  # the Manager's clock is 1000 s ahead of this machine's
-    async with notifications() as (port, notified):
-        graph = cp.Graph()
-        graph.add_edge(
-            Counter("counter", limit=5),
-            StampSink("stamps", str(tmp_path), source="counter", expect=5, port=port),
-        )
-        with trio.fail_after(60):
-            async with cluster(tmp_path, "local", ahead_ns=ahead) as manager:
-                await manager.commit_graph(graph, {"local": ["counter", "stamps"]})
-                await manager.start()
-                assert await notified.receive() == b"x"
-                await manager.stop()
-    for stamp, local_now in json.loads((tmp_path / "stamps.json").read_text()):
-        # Stamped in cluster time, received a little later (in local time).
-        assert 0 <= local_now + ahead - stamp < 10**9
-
-
-async def test_node_processes_follow_the_cluster_clock_when_it_steps(tmp_path):
-    ahead = 1000 * 10**9  # the Manager's clock steps 1000 s ahead once the nodes are made
+@pytest.mark.parametrize("steps", [False, True], ids=["from-the-start", "steps-once-made"])
+async def test_chunks_from_node_processes_are_stamped_with_cluster_time(tmp_path, steps):
+    # The Manager's clock is 1000 s ahead of this machine's: from the start, or
+    # from a step once the nodes are made (their processes follow it).
+    ahead = 1000 * 10**9
     async with notifications() as (port, notified):
         graph = cp.Graph()
         graph.add_edge(
@@ -1131,16 +1114,21 @@ async def test_node_processes_follow_the_cluster_clock_when_it_steps(tmp_path):
                 AsyncManager(tmp_path / "logs", port=0) as manager,
                 AsyncWorker("local") as worker,
             ):
+                if not steps:
+                    manager._clock = lambda: time.time_ns() + ahead
                 assert await worker.connect(manager.host, manager.port)
+                await worker.wait_for_clock()
                 await manager.commit_graph(graph, {"local": ["counter", "stamps"]})
-                manager._clock = lambda: time.time_ns() + ahead
-                while worker.clock.estimate().offset_ns < ahead // 2:  # (its next exchange)
-                    await worker._clock_changed.park()
+                if steps:
+                    manager._clock = lambda: time.time_ns() + ahead
+                    while worker.clock.estimate().offset_ns < ahead // 2:  # (its next exchange)
+                        await worker._clock_changed.park()
                 await manager.start()
                 assert await notified.receive() == b"x"
                 await manager.stop()
                 await manager.shutdown()
     for stamp, local_now in json.loads((tmp_path / "stamps.json").read_text()):
+        # Stamped in cluster time, received a little later (in local time).
         assert 0 <= local_now + ahead - stamp < 10**9
 
 
