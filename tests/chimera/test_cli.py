@@ -6,7 +6,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -501,16 +501,23 @@ def test_a_signal_before_the_command_runs_stops_it_before_it_connects():
     assert "no manager" not in result.stderr
 
 
-def test_once_the_command_returns_its_signals_are_ignored(capsys):
-    from chimera._cli import STOP_SIGNALS, main
+@pytest.fixture
+def stop_signals_restored() -> Iterator[None]:
+    """For a test that runs the CLI's ``main`` in this process: the handlers
+    of the signals it takes are as they were once the test ends."""
+    from chimera._cli import STOP_SIGNALS
 
     before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    try:
-        assert main([]) == 0  # (the help)
-        after = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+def test_once_the_command_returns_its_signals_are_ignored(capsys, stop_signals_restored):
+    from chimera._cli import STOP_SIGNALS, main
+
+    assert main([]) == 0  # (the help)
+    after = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     assert after == dict.fromkeys(STOP_SIGNALS, signal.SIG_IGN)
     assert "usage: chimera" in capsys.readouterr().out
 
@@ -595,9 +602,11 @@ def test_demo_records_collects_and_sums_up_a_multimodal_session(tmp_path):
 
 
 @pytest.mark.parametrize(("given", "microphone"), [("3", 3), ("default", "default")])
-def test_demo_takes_a_microphone_by_index_or_by_name(tmp_path, monkeypatch, given, microphone):
+def test_demo_takes_a_microphone_by_index_or_by_name(
+    tmp_path, monkeypatch, stop_signals_restored, given, microphone
+):
     from chimera import _demo
-    from chimera._cli import STOP_SIGNALS, main
+    from chimera._cli import main
 
     taken = []
 
@@ -605,12 +614,7 @@ def test_demo_takes_a_microphone_by_index_or_by_name(tmp_path, monkeypatch, give
         taken.append(microphone)
 
     monkeypatch.setattr(_demo, "run_demo", run_demo)
-    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    try:
-        assert main(["demo", "--logdir", str(tmp_path), "--microphone", given]) == 0
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+    assert main(["demo", "--logdir", str(tmp_path), "--microphone", given]) == 0
     assert taken == [microphone]
 
 
