@@ -409,31 +409,23 @@ async def test_a_nodes_failure_is_said_once_as_its_own_record(tmp_path, caplog, 
     assert "Traceback" not in capfd.readouterr().err  # (the node's process printed none)
 
 
-async def test_a_node_process_ended_by_keyboardinterrupt_is_failed_not_shut_down(tmp_path):
-    async with notifications() as (port, _):
-        graph = cp.Graph()
-        graph.add_edge(Camera("camera", port, made=9), Interrupted("sink"))
-        with trio.fail_after(60):
-            async with cluster(tmp_path, "local") as manager:
-                await manager.commit_graph(graph, {"local": ["camera", "sink"]})
-                await manager.start()
-                assert await manager.wait_for_node_state("sink", "FAILED", "SHUTDOWN") == "FAILED"
-                (sink,) = [n for n in manager.state()["nodes"] if n["name"] == "sink"]
-                assert "KeyboardInterrupt" in sink["reason"]
-                assert await manager.stop()
-                await manager.shutdown()
-
-
-async def test_a_sigint_to_a_nodes_process_fails_the_node_with_keyboardinterrupt(tmp_path):
-    # (Its zygote ignores SIGINT; the node's process must not inherit that.)
+@pytest.mark.parametrize("how", ["raised", "sigint"])
+async def test_a_node_process_ended_by_keyboardinterrupt_is_failed_not_shut_down(tmp_path, how):
+    # Raised by its step, or by a SIGINT to its process (its zygote ignores
+    # SIGINT: the node's process must not inherit that).
     async with notifications() as (port, notified):
-        graph = counter_to_sink(tmp_path, port, 3)
-        with trio.fail_after(30):
+        if how == "raised":
+            graph = cp.Graph()
+            graph.add_edge(Counter("counter", limit=3), Interrupted("sink"))
+        else:
+            graph = counter_to_sink(tmp_path, port, 3)
+        with trio.fail_after(60):
             async with cluster(tmp_path, "local") as manager:
                 await manager.commit_graph(graph, {"local": ["counter", "sink"]})
                 await manager.start()
-                assert await notified.receive() == b"x"
-                os.kill(int((tmp_path / "sink.pid").read_text()), signal.SIGINT)
+                if how == "sigint":
+                    assert await notified.receive() == b"x"
+                    os.kill(int((tmp_path / "sink.pid").read_text()), signal.SIGINT)
                 assert await manager.wait_for_node_state("sink", "FAILED", "SHUTDOWN") == "FAILED"
                 (sink,) = [n for n in manager.state()["nodes"] if n["name"] == "sink"]
                 assert "KeyboardInterrupt" in sink["reason"]
