@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import math
 import os
 import re
 import socket
@@ -15,6 +16,7 @@ import trio
 import trio.testing
 
 import transports
+import transports._link
 from transports import Delivery
 from transports._framing import MAX_CAPACITY, MAX_KEY, MAX_LINK_BYTES
 
@@ -237,7 +239,12 @@ async def test_latest_link_does_not_slow_a_reliable_one(address):
                 await stalled.receive()
 
 
-async def test_reliable_link_applies_backpressure(address):
+@pytest.mark.parametrize("takes", ["slowly", "quickly"])
+async def test_reliable_link_applies_backpressure(address, takes, monkeypatch):
+    # An application that takes messages slowly has each credited at once
+    # while the outlet waits; one that takes them quickly, in batches.
+    monkeypatch.setattr(transports._link, "SLOW_TAKES", 0.0 if takes == "slowly" else math.inf)
+    batch = 1 if takes == "slowly" else 2
     capacity = 4
     sent = 0
     with trio.fail_after(20):
@@ -254,14 +261,11 @@ async def test_reliable_link_applies_backpressure(address):
                 nursery.start_soon(produce)
                 await trio.testing.wait_all_tasks_blocked(0.05)
                 assert sent == capacity  # the link is full: send waits
-                # Room made by receiving reaches the outlet in batches of capacity // 2.
-                received = 0
-                for _batch in range(3):
-                    for _ in range(capacity // 2):
-                        assert await inlet.receive() == [b"%d" % received]
-                        received += 1
+                # Room made by receiving reaches the outlet *batch* messages at a time.
+                for received in range(1, 7):
+                    assert await inlet.receive() == [b"%d" % (received - 1)]
                     await trio.testing.wait_all_tasks_blocked(0.05)
-                    assert sent == capacity + received
+                    assert sent == capacity + received // batch * batch
                 nursery.cancel_scope.cancel()
             await inlet.aclose()
 

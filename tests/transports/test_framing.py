@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import transports
+import transports._link
 from transports._framing import (
     KIND_END,
     KIND_MESSAGE,
@@ -165,9 +167,14 @@ def test_truncation_at_any_byte_is_an_error_never_a_message(messages, data):
 
 
 async def inlet_facing(
-    server_bytes: bytes | list[bytes], max_frame_size: int, *, pause_after: int | None = None
+    server_bytes: bytes | list[bytes],
+    max_frame_size: int,
+    *,
+    pause_after: int | None = None,
+    hang_up: bool = True,
 ) -> tuple[list, BaseException]:
-    """Connect an inlet to a fake outlet that answers *server_bytes* and hangs up.
+    """Connect an inlet to a fake outlet that answers *server_bytes* and
+    hangs up (or, without *hang_up*, keeps the connection open, reading nothing).
 
     *server_bytes* may come in parts, each sent once every task (the
     application's first) has waited after the one before. With
@@ -195,6 +202,8 @@ async def inlet_facing(
                             if i:
                                 await trio.testing.wait_all_tasks_blocked(0.01)
                             await stream.send_all(part)
+                        if not hang_up:
+                            await trio.sleep_forever()
 
             async with trio.open_nursery() as nursery:
                 await nursery.start(fake_outlet)
@@ -209,6 +218,7 @@ async def inlet_facing(
                                 await trio.testing.wait_all_tasks_blocked()
                             received.append([bytes(f) for f in await inlet.receive()])
                 except (trio.BrokenResourceError, trio.EndOfChannel) as exc:
+                    nursery.cancel_scope.cancel()
                     return received, exc
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -302,16 +312,26 @@ def test_a_receiver_waits_while_the_inlet_is_midway_through_a_message():
     assert received == [[b"head", frame]] and isinstance(error, trio.EndOfChannel)
 
 
-@pytest.mark.parametrize("pause_after", [0, 2])
-def test_an_outlet_overflowing_a_reliable_link_is_refused(pause_after):
-    # The outlet sends 9 messages on a link of capacity 8 without waiting for
+@pytest.mark.parametrize(
+    ("pause_after", "takes", "accepted"),
+    [(0, "slowly", 8), (2, "quickly", 8), (2, "slowly", 10)],
+)
+def test_an_outlet_overflowing_a_reliable_link_is_refused(
+    pause_after, takes, accepted, monkeypatch
+):
+    # The outlet sends 11 messages on a link of capacity 8 without waiting for
     # credit. The application receives *pause_after* of them before the rest
-    # arrive: a received message counts as in flight until it is credited
-    # (credit goes back 4 at a time), so the 9th is one too many either way.
-    stream = encode_welcome() + encode([[b"%d" % i] for i in range(9)])
-    received, error = trio.run(partial(inlet_facing, stream, 1000, pause_after=pause_after))
+    # arrive: a received message counts as in flight until it is credited.
+    # Credit goes in batches of 4, or, to an application that takes slowly,
+    # at once when 8 are in flight (the outlet then waits for it). So the 9th
+    # is one too many, or, after 2 taken slowly, the 11th. (The outlet stays
+    # connected: the inlet's credit finds it there.)
+    monkeypatch.setattr(transports._link, "SLOW_TAKES", 0.0 if takes == "slowly" else math.inf)
+    stream = encode_welcome() + encode([[b"%d" % i] for i in range(11)])
+    facing = partial(inlet_facing, stream, 1000, pause_after=pause_after, hang_up=False)
+    received, error = trio.run(facing)
     assert isinstance(error, trio.BrokenResourceError) and "overflowed" in str(error)
-    assert received == [[b"%d" % i] for i in range(8)]
+    assert received == [[b"%d" % i] for i in range(accepted)]
 
 
 @fast
