@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 import sys
+import time
 import traceback
 from collections import deque
 from collections.abc import (
@@ -76,6 +78,19 @@ LARGE_INPUT_STEPS = 4
 #: A node following a LATEST input takes its next chunk once its step is
 #: done: it steps on the newest, not on chunks queued while it stepped.
 LATEST_STEPS = 1
+#: Steps queued on a node's thread only spare it waiting for the event loop
+#: between short steps; behind a slow node they are a backlog. So a node
+#: whose steps take long keeps fewer in flight: about this many seconds of
+#: steps, and at least two (one stepping, one on its way). With 64, a 30 fps
+#: camera feeding a 5 Hz detector stood still ~13 s at a time (its frames
+#: queued at both ends), then made 64 frames at once.
+STEPS_AHEAD_SECONDS = 0.002
+MIN_STEPS_IN_FLIGHT = 2
+#: A node whose sending waited for room in its links for at least this share
+#: of this many seconds says so in its log, once: it steps at the pace of a
+#: slower node it feeds.
+HELD_WINDOW = 5.0
+HELD_SHARE = 0.5
 #: Longest wait for a node's thread to end once the node is closed.
 THREAD_JOIN_TIMEOUT = 5.0
 
@@ -130,6 +145,29 @@ def _batches(chunks: list[list[Frame]]) -> Iterator[list[list[Frame]]]:
         frames += len(chunk)
     if batch:
         yield batch
+
+
+class _Waits:
+    """The share of the time spent waiting, over windows of :data:`HELD_WINDOW` seconds."""
+
+    __slots__ = ("_since", "_waited")
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._waited = 0.0
+
+    def add(self, started: float, ended: float) -> float | None:
+        """Count a wait from *started* to *ended* (``time.perf_counter()``);
+        the share of the window it ends that was spent waiting, if it ends one."""
+        if self._since is None:
+            self._since = started
+        self._waited += ended - started
+        window = ended - self._since
+        if window < HELD_WINDOW:
+            return None
+        share = self._waited / window
+        self._since, self._waited = ended, 0.0
+        return share
 
 
 @dataclass(frozen=True)
@@ -224,9 +262,15 @@ class NodeRuntime:
         #: Whether ``step`` is a coroutine function: it runs on the event loop.
         self._inline = inspect.iscoroutinefunction(node.step)
         self._thread = UserThread(node.name)
-        #: Steps put in the loop and not yet sent on, and the most there may be.
+        #: Steps put in the loop and not yet sent on, and the most there may be
+        #: by the chunks' size and delivery (see :meth:`_most_in_flight`).
         self._in_flight = 0
         self._limit = STEPS_IN_FLIGHT
+        #: The loop the node's steps run in, while they do.
+        self._steps: StepLoop | None = None
+        #: How long sending waited for room in the links.
+        self._held = _Waits()
+        self._said_held = False
         self._room = trio.lowlevel.ParkingLot()
         self._prepped = self._torn_down = False
         self._preparing = trio.Lock()
@@ -727,7 +771,7 @@ class NodeRuntime:
                     # Step once the chunk can leave at once: it is sent fresh, not
                     # aged in a full link (1080p: p50 ~7 -> ~4.3 ms).
                     await self._outlet.wait_send_might_not_block()
-                self._put(loop, [()] * (self._limit - self._in_flight))
+                self._put(loop, [()] * (self._most_in_flight() - self._in_flight))
         # Steps not started yet are not taken: a source stops after its current step.
         loop.close(discard=True)
 
@@ -768,7 +812,7 @@ class NodeRuntime:
                 chunk received could not be decoded.
         """
         failures: list[NodeError] = []
-        loop = StepLoop(self.node.step, self._output)
+        loop = self._steps = StepLoop(self.node.step, self._output)
         self._thread.submit(loop.run, (), _ended)
         try:
             async with trio.open_nursery() as nursery:
@@ -834,7 +878,12 @@ class NodeRuntime:
             if self._outlet is not None:
                 for batch in _batches(chunks):
                     first, self._chunks_sent = self._chunks_sent, self._chunks_sent + len(batch)
+                    started = time.perf_counter()
                     await self._outlet.send(pack_batch(batch, first))
+                    share = self._held.add(started, time.perf_counter())
+                    if share is not None and share >= HELD_SHARE and not self._said_held:
+                        self._said_held = True
+                        self._say_held(share)
         if unsendable is not None:
             reason = f"step returned what cannot be sent: {unsendable.error}"
             self._fail(reason)
@@ -847,9 +896,37 @@ class NodeRuntime:
             self._in_flight += len(steps)
             steps.clear()
 
+    def _most_in_flight(self) -> int:
+        """How many steps may be in flight: :attr:`_limit`, or fewer if the
+        node's steps take long (:data:`STEPS_AHEAD_SECONDS`); until one is
+        done, :data:`MIN_STEPS_IN_FLIGHT`."""
+        seconds = None if self._steps is None else self._steps.seconds
+        if seconds is None:
+            return min(self._limit, MIN_STEPS_IN_FLIGHT)
+        ahead = math.ceil(STEPS_AHEAD_SECONDS / max(seconds, 1e-9))
+        return min(self._limit, max(MIN_STEPS_IN_FLIGHT, ahead))
+
     async def _wait_for_room(self) -> None:
-        while self._in_flight >= self._limit:
+        while self._in_flight >= self._most_in_flight():
             await self._room.park()
+
+    def _say_held(self, share: float) -> None:
+        """Say (in the node's log) that its sending waited *share* of the time
+        for the nodes it feeds on reliable links."""
+        assert self._outlet is not None  # (only a node that sends waits to)
+        reliable = {
+            link.label
+            for link in self._outlet.stats.links
+            if link.delivery is transports.Delivery.RELIABLE and link.label
+        }
+        names = ", ".join(map(repr, sorted(reliable))) or "the nodes it feeds"
+        self.node.logger.warning(
+            "it waited %.0f%% of the time for %s to take its chunks: it steps at "
+            "their pace, so that they miss none (with delivery='latest' on the edge, "
+            "it would keep its own pace, and they would skip chunks)",
+            share * 100,
+            names,
+        )
 
     async def _feed_inputs_to_loop(self, loop: StepLoop, fail: Callable[[NodeError], None]) -> None:
         async def put(steps: list[tuple]) -> None:

@@ -23,6 +23,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -157,7 +158,14 @@ class StepLoop:
     the next step runs, and what it returns is the step's result: the node's
     code may change what it returned once it steps again. A raise in *finish*
     counts as the step's.
+
+    :attr:`seconds` says how long a step takes (with its *finish*), so that
+    the Trio side can put in as many as keep the thread busy, and no more.
     """
+
+    #: How much the steps of each batch count in :attr:`seconds` (the rest is
+    #: the batches' before).
+    _WEIGHT = 0.25
 
     def __init__(
         self, step: Callable[..., Any], finish: Callable[[Any], Any] | None = None
@@ -181,6 +189,10 @@ class StepLoop:
         self._ended = False
         #: Whether the Trio side has been told of results it has not taken yet.
         self._told = False
+        #: About how long a step takes, in seconds (a moving average over the
+        #: batches of steps taken in at once; written by the thread, read by
+        #: the Trio side); None until a batch is done.
+        self.seconds: float | None = None
 
     # --- the Trio side ----------------------------------------------------------
 
@@ -245,7 +257,8 @@ class StepLoop:
                         return
                     taken = list(self._inbox)
                     self._inbox.clear()
-                for args in taken:
+                started = time.perf_counter()
+                for done, args in enumerate(taken, 1):
                     if self._discard:
                         return
                     try:
@@ -255,6 +268,8 @@ class StepLoop:
                         outcome: Result = (value, None)
                     except BaseException as exc:  # handed to the Trio side, which raises it
                         outcome = (None, exc)
+                    if done == len(taken):  # (before the Trio side hears of it)
+                        self._took((time.perf_counter() - started) / done)
                     self._hand_out(outcome)
                     if outcome[1] is not None:
                         return
@@ -262,6 +277,11 @@ class StepLoop:
             with self._lock:
                 self._ended = True
             self._wake_out.close()  # which wakes the Trio side for good
+
+    def _took(self, seconds: float) -> None:
+        """Count a batch whose steps took *seconds* each in :attr:`seconds`."""
+        before = self.seconds
+        self.seconds = seconds if before is None else before + (seconds - before) * self._WEIGHT
 
     def _hand_out(self, outcome: Result) -> None:
         with self._lock:

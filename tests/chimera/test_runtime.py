@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import threading
 from contextlib import AsyncExitStack
 
@@ -12,6 +13,7 @@ import trio
 import trio.testing
 
 import chimera as cp
+import chimera._runtime
 import transports
 from chimera._runtime import Input, NodeRuntime
 
@@ -189,6 +191,78 @@ async def test_a_node_on_a_latest_input_steps_next_on_the_newest_chunk(transport
     seen = [chunks["count"] for chunks in waits.seen]
     assert seen == sorted(set(seen)) and seen[-1] == 300
     assert len(seen) <= 3, seen  # the first, then the newest (maybe one on its way)
+
+
+class Paced(cp.Node):
+    """Sends 1, 2, ... one every *seconds*; keeps how far ahead of *behind*
+    (a :class:`Slow`'s steps) it is at each step."""
+
+    def __init__(self, name, seconds, behind=None):
+        super().__init__(name)
+        self.seconds, self.behind, self.ahead = seconds, behind, []
+
+    def prep(self):
+        self.made = 0
+
+    def step(self):
+        threading.Event().wait(self.seconds)
+        self.made += 1
+        if self.behind is not None:
+            self.ahead.append(self.made - self.behind.stepped)
+        return self.made
+
+
+class Slow(cp.Node):
+    """Takes *seconds* a step (its first, *first* if given); sets *done* after *n* steps."""
+
+    def __init__(self, name, seconds, n, done, first=None):
+        super().__init__(name)
+        self.seconds, self.n, self.done, self.stepped = seconds, n, done, 0
+        self.first = seconds if first is None else first
+
+    def step(self, data_chunks):
+        threading.Event().wait(self.first if self.stepped == 0 else self.seconds)
+        self.stepped += 1
+        if self.stepped == self.n:
+            self.done.set()
+
+
+@pytest.mark.parametrize("first", [None, 0.3])
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_a_source_behind_a_slow_node_keeps_only_a_few_chunks_ahead_of_it(transport, first):
+    # On a reliable edge a slow node slows its source down to its pace. The
+    # chunks between them (on the source's thread, in the link, on the slow
+    # node's thread) stay few: steps that take long are not queued by dozens
+    # (a source 20x as fast ran hundreds of chunks ahead), nor while the
+    # first step, maybe the slowest, is not done.
+    done = threading.Event()
+    slow = Slow("slow", 0.02, 30, done, first=first)
+    source = Paced("source", 0.001, behind=slow)
+    with trio.fail_after(20):
+        await run_pipeline([source, slow], [(source, slow)], until=done, stop=["source"])
+    assert max(source.ahead) <= 30, max(source.ahead)
+    assert slow.stepped == source.made  # (and none was lost)
+
+
+@pytest.mark.parametrize("keeps_up", [False, True])
+async def test_a_node_held_back_by_a_slow_one_it_feeds_says_so_once(keeps_up, caplog, monkeypatch):
+    monkeypatch.setattr(chimera._runtime, "HELD_WINDOW", 0.1)
+    done = threading.Event()
+    slow = Slow("slow", 0 if keeps_up else 0.02, 30, done)
+    source = Paced("source", 0.01 if keeps_up else 0.001)
+    with trio.fail_after(20):
+        await run_pipeline([source, slow], [(source, slow)], until=done, stop=["source"])
+    said = [r.getMessage() for r in caplog.records if r.name == "chimera.node.source"]
+    if keeps_up:
+        assert said == []
+    else:
+        assert len(said) == 1, said
+        assert re.fullmatch(
+            r"it waited \d+% of the time for 'slow' to take its chunks: it steps at their pace, "
+            r"so that they miss none \(with delivery='latest' on the edge, it would keep its "
+            r"own pace, and they would skip chunks\)",
+            said[0],
+        )
 
 
 async def test_a_source_stops_after_its_current_step_and_what_it_made_arrives():

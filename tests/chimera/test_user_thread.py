@@ -154,3 +154,27 @@ async def test_released_while_a_step_runs_the_loop_ends_alone_and_frees_its_sock
     thread.close()
     await thread.join()
     assert open_fds() == before
+
+
+async def test_the_loop_says_about_how_long_a_step_takes():
+    thread = UserThread("t")
+    thread.start()
+    loop = StepLoop(lambda seconds: threading.Event().wait(seconds))
+    ended = await run_loop(loop, thread)
+    assert loop.seconds is None  # no step done yet
+    with trio.fail_after(10):
+        loop.put([(0.01,)] * 4)  # taken in at once: one batch
+        taken = 0
+        while taken < 4:
+            taken += len(await loop.results())
+        first = loop.seconds
+        assert first is not None and 0.01 <= first < 0.03  # each step's, not the batch's
+        loop.put([(0.0,)] * 10)
+        loop.close()
+        await take_all(loop)
+        await ended.wait()
+    # The quicker steps since weigh in, a quarter a batch.
+    assert first * 0.75**10 <= loop.seconds < first
+    loop.release()
+    thread.close()
+    await thread.join()
