@@ -402,16 +402,16 @@ class Graph:
         ``fig.savefig(...)``.
 
         Raises:
-            ImportError: matplotlib is not installed (install the ``plot`` extra:
-                ``pip install 'chimera-trio[plot]'``).
+            ImportError: matplotlib is not installed (``pip install matplotlib``,
+                or the ``plot`` extra: ``pip install '.[plot]'`` in chimera's clone).
             ValueError: the graph has a cycle or a self-loop.
         """
         try:
             import matplotlib.pyplot as plt
         except ImportError as exc:
             raise ImportError(
-                "Graph.plot needs matplotlib: install the 'plot' extra with "
-                "pip install 'chimera-trio[plot]'"
+                "Graph.plot needs matplotlib: pip install matplotlib (or, in chimera's "
+                "clone, pip install '.[plot]')"
             ) from exc
         _, pos = self.get_layers_and_pos()
         fig, ax = plt.subplots()
