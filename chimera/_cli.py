@@ -104,6 +104,17 @@ def _worker_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _ChimeraPysAddress(argparse.Action):
+    """ChimeraPy's ``cp-worker --ip HOST --port PORT``: a usage error saying what to give."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        option = args[-1]
+        parser.error(
+            f"{option} is ChimeraPy's cp-worker's: give the Manager as --manager HOST:PORT "
+            "(for example --manager 127.0.0.1:9000)"
+        )
+
+
 #: What each command's help says of Ctrl-C.
 _SIGNALS_HELP = (
     "Ctrl-C, SIGTERM or SIGHUP stops it cleanly (exit status 0); a second one stops it at "
@@ -167,6 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--token", default=None, help="the Manager's token, if it has one (default: $CHIMERA_TOKEN)"
     )
+    for chimerapys in ("--ip", "--port"):
+        worker.add_argument(chimerapys, action=_ChimeraPysAddress, help=argparse.SUPPRESS)
     worker.add_argument(
         "--keep-temp",
         action="store_true",

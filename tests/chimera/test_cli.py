@@ -265,6 +265,14 @@ BAD_ADDRESS = "argument --manager: expected HOST:PORT"
             ["demo", "--camera", "-5"],
             "argument --camera: expected a camera index, 0 or more, not '-5'",
         ),
+        *[
+            (
+                ["worker", "--name", "w", *chimerapys],  # (ChimeraPy's cp-worker's)
+                f"{chimerapys[0]} is ChimeraPy's cp-worker's: give the Manager as "
+                "--manager HOST:PORT (for example --manager 127.0.0.1:9000)",
+            )
+            for chimerapys in (["--ip", "10.0.0.2", "--port", "9000"], ["--port", "9000"])
+        ],
     ],
 )
 def test_bad_arguments_are_usage_errors(capsys, argv, error):
