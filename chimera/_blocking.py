@@ -41,6 +41,17 @@ JOIN_TIMEOUT = 30.0
 CANCELLED_QUIET = 0.2
 
 
+def _refuse_in_a_trio_run(blocking: str) -> None:
+    """Raises RuntimeError in a Trio run: chimera's *blocking* class (its
+    calls wait) would hold up the run's event loop."""
+    if trio.lowlevel.in_trio_run():
+        raise RuntimeError(
+            f"chimera.{blocking} waits for its calls, which would hold up this Trio run "
+            f"(an async function): use chimera.Async{blocking} here "
+            f"(async with chimera.Async{blocking}(...) as ...)"
+        )
+
+
 def _past_the_hand_over(tb: TracebackType | None) -> TracebackType | None:
     """*tb* past its leading frames of the hand-over of a call to the loop's
     thread (:meth:`_LoopThread.call`'s own, Trio's and outcome's): those say
@@ -283,6 +294,8 @@ class Manager:
     and ignored.
 
     Raises:
+        RuntimeError: made in a Trio run (an ``async`` function): use
+            :class:`~chimera.AsyncManager` there.
         TypeError: an argument neither AsyncManager nor ChimeraPy's Manager takes.
         ValueError: *transport* is none of the known ones.
         OSError: the logdir cannot be written in, or the port (or the log PUB
@@ -306,6 +319,7 @@ class Manager:
         publisher_transport: str | None = None,
         publisher_root_topic: str | None = None,
     ) -> None:
+        _refuse_in_a_trio_run("Manager")
         if publisher_port is not None and logs_port == 0:
             logs_port = publisher_port
         ignored = {
@@ -474,6 +488,8 @@ class Worker:
     Same arguments as :class:`~chimera.AsyncWorker` (``token=`` too).
 
     Raises:
+        RuntimeError: made in a Trio run (an ``async`` function): use
+            :class:`~chimera.AsyncWorker` there.
         ValueError: *name* cannot name a folder (see :class:`~chimera.AsyncWorker`).
     """
 
@@ -486,6 +502,7 @@ class Worker:
         *,
         token: str | None = None,
     ) -> None:
+        _refuse_in_a_trio_run("Worker")
         worker = AsyncWorker(name, port, delete_temp, id, token=token)
         self._loop = _LoopThread(
             worker,

@@ -194,6 +194,22 @@ def test_a_blocking_call_keeps_the_context_and_the_frames_of_its_error():
     assert "call_a_thread" in names
 
 
+@pytest.mark.parametrize("blocking", ["Manager", "Worker"])
+async def test_the_blocking_api_in_a_trio_run_says_to_use_the_async_one(tmp_path, blocking):
+    make = {
+        "Manager": lambda: cp.Manager(logdir=tmp_path, port=0),
+        "Worker": lambda: cp.Worker(name="w", port=0),
+    }[blocking]
+    with pytest.raises(RuntimeError) as caught:
+        make()
+    assert str(caught.value) == (
+        f"chimera.{blocking} waits for its calls, which would hold up this Trio run "
+        f"(an async function): use chimera.Async{blocking} here "
+        f"(async with chimera.Async{blocking}(...) as ...)"
+    )
+    assert not any(t.name.startswith("chimera-") for t in threading.enumerate())  # none started
+
+
 def test_a_worker_presents_the_token_it_is_given(tmp_path, monkeypatch):
     monkeypatch.delenv("CHIMERA_TOKEN", raising=False)
     manager = cp.Manager(logdir=tmp_path, port=0, token="s3cret")
