@@ -1261,6 +1261,8 @@ _OURS = (
     ),
     contextlib.__file__,
 )
+#: The file of chimera's own nodes (``chimera.nodes``): a node's code.
+_NODES = str(Path(__file__).with_name("nodes.py"))
 
 
 def _from_users_code(exc: BaseException) -> TracebackType | None:
@@ -1268,6 +1270,13 @@ def _from_users_code(exc: BaseException) -> TracebackType | None:
     frames of chimera (and Trio) that called that code say nothing to its user. The
     whole traceback if no frame is the user's (an error of chimera's own)."""
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS):
+    while tb is not None and _calls_the_nodes_code(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     return tb if tb is not None else exc.__traceback__
+
+
+def _calls_the_nodes_code(filename: str) -> bool:
+    """Whether a frame of *filename* is one that calls a node's code: chimera's
+    (but its nodes', ``chimera.nodes``, which are a node's code), its data
+    plane's, Trio's, or a ``with`` block's."""
+    return filename.startswith(_OURS) and filename != _NODES

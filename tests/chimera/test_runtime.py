@@ -323,6 +323,22 @@ async def test_prep_that_raises_is_a_node_error_with_the_traceback():
     )
 
 
+@pytest.mark.parametrize("whose", ["the user's", "chimera.nodes"])
+async def test_a_prep_that_raises_shows_the_traceback_of_the_nodes_code_alone(whose):
+    # chimera's frames that call it say nothing to the user; but chimera's own
+    # nodes (chimera.nodes) are a node's code, not chimera's calling it.
+    filename = chimera._runtime._NODES if whose == "chimera.nodes" else __file__
+    code = "class Broken(cp.Node):\n    def prep(self):\n        raise OSError('no camera')\n"
+    namespace = {"cp": cp}
+    exec(compile(code, filename, "exec"), namespace)
+    with trio.fail_after(10):
+        async with NodeRuntime(namespace["Broken"]("cam")) as runtime:
+            with pytest.raises(cp.NodeError) as caught:
+                await runtime.prep()
+    frames = re.findall(r'File "([^"]+)", line \d+, in (\w+)', caught.value.traceback)
+    assert frames == [(filename, "prep")]
+
+
 class Flaky(cp.Node):
     torn_down = 0
 
