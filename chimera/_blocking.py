@@ -37,6 +37,8 @@ T = TypeVar("T")
 
 #: Longest wait for a loop thread to finish its shutdown.
 JOIN_TIMEOUT = 30.0
+#: How long closing waits for the loop to end before it says that it waits.
+CLOSE_QUIET = 1.0
 #: How long a call waits, without saying so, for a cancelled call's clean-up.
 CANCELLED_QUIET = 0.2
 
@@ -273,12 +275,24 @@ class _LoopThread(Generic[T]):
             trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
         except trio.RunFinishedError:
             pass
-        deadline = time.monotonic() + JOIN_TIMEOUT
+        started = time.monotonic()
+        deadline = started + JOIN_TIMEOUT
+        said = hurried  # (a hurried close is said above)
         while True:
             try:
-                if self._ended.wait(max(0.0, deadline - time.monotonic())):
+                until = deadline if said else min(deadline, started + CLOSE_QUIET)
+                if self._ended.wait(max(0.0, until - time.monotonic())):
                     self._thread.join()  # (its loop has ended: at once)
-                return
+                    return
+                if said or time.monotonic() >= deadline:
+                    return
+                said = True
+                log.warning(
+                    "%s: shutting down: waiting for what it runs to end (at most %.0f s "
+                    "more; Ctrl-C stops waiting)",
+                    self._thread.name,
+                    deadline - time.monotonic(),
+                )
             except KeyboardInterrupt:
                 if not hurried:
                     raise

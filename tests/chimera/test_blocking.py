@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import trio
 
 import chimera as cp
+import chimera._blocking
 
 from .nodes import BrokenPrep, Counter, Sink, StuckInTeardown, Talker
 from .records import on_record
@@ -210,6 +212,36 @@ async def test_the_blocking_api_in_a_trio_run_says_to_use_the_async_one(tmp_path
     assert not any(t.name.startswith("chimera-") for t in threading.enumerate())  # none started
 
 
+@pytest.mark.parametrize("slow", [False, True])
+def test_closing_says_when_it_waits_for_the_loop_to_end(slow, monkeypatch, caplog):
+    import contextlib
+
+    from chimera._blocking import _LoopThread
+
+    ending = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def slow_to_end():
+        yield None
+        if slow:  # until what closing says is said
+            await trio.to_thread.run_sync(ending.wait, 10)
+
+    monkeypatch.setattr(chimera._blocking, "CLOSE_QUIET", 0.05)
+    loop = _LoopThread(slow_to_end(), "chimera-test", shut_down="shut down")
+    with on_record("chimera", "shutting down", ending.set):
+        loop.close()
+    said = [r.getMessage() for r in caplog.records if "shutting down" in r.getMessage()]
+    if slow:
+        assert len(said) == 1
+        assert re.fullmatch(
+            r"chimera-test: shutting down: waiting for what it runs to end "
+            r"\(at most \d+ s more; Ctrl-C stops waiting\)",
+            said[0],
+        )
+    else:
+        assert said == []
+
+
 def test_a_worker_presents_the_token_it_is_given(tmp_path, monkeypatch):
     monkeypatch.delenv("CHIMERA_TOKEN", raising=False)
     manager = cp.Manager(logdir=tmp_path, port=0, token="s3cret")
@@ -315,6 +347,7 @@ def test_shutdown_from_another_thread_ends_a_connect_under_way():
 NODE_THAT_WARNS = """
 import sys
 import chimera as cp
+import chimera._blocking
 
 class Warns(cp.Node):
     def prep(self):
@@ -531,6 +564,7 @@ def test_ctrl_c_while_a_worker_shuts_down_stops_it_at_once(tmp_path, monkeypatch
 LEFT_TO_EXIT = """
 import logging, sys
 import chimera as cp
+import chimera._blocking
 from tests.chimera.nodes import StuckInTeardown
 
 logging.basicConfig(level=logging.INFO)
