@@ -171,13 +171,14 @@ class _LoopThread(Generic[T]):
             raise RuntimeError(self._shut_down) from None
         except SAID_WHOLE as exc:
             raise exc.with_traceback(None)  # noqa: B904 (itself: its cause and context stay)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             self._cancelled = (getattr(fn, "__name__", "call"), finished)
             try:  # (if the call has not started yet, it ends as it starts)
                 trio.from_thread.run_sync(scope.cancel, trio_token=token)
             except trio.RunFinishedError:
                 pass
-            raise
+            # From here: the frames of the wait for the loop (Trio's) say nothing.
+            raise exc.with_traceback(None)  # noqa: B904 (itself)
         except Exception as exc:
             raise exc.with_traceback(_past_the_hand_over(exc.__traceback__))  # noqa: B904
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from functools import partial
 from pathlib import Path
 
@@ -511,9 +512,12 @@ def test_ctrl_c_in_a_blocking_call_cancels_the_call_and_the_next_starts_clean(tm
         with on_record("chimera.manager", "that Ctrl-C cancelled to clean up", GATE.set):
             assert worker.connect(host=manager.host, port=manager.port)
             threading.Thread(target=press_ctrl_c).start()
-            with pytest.raises(KeyboardInterrupt):
+            with pytest.raises(KeyboardInterrupt) as caught:
                 manager.commit_graph(graph, mapping={"local": ["model"]})
             assert not GATE.is_set()  # the node is still in prep, its commit cleaning up
+            # Its traceback ends in the call: the wait for the loop's thread says nothing.
+            frames = traceback.extract_tb(caught.value.__traceback__)
+            assert [frame.name for frame in frames[-2:]] == ["commit_graph", "call"]
 
             again = cp.Graph()
             again.add_edge(Counter("source", limit=3), cp.Node("sink"))
