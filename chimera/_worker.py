@@ -255,6 +255,9 @@ class AsyncWorker(Service):
         self._manager_gone = False
         #: The folder each node this Worker runs saves into, by id.
         self._node_folders: dict[str, Path] = {}
+        #: The name of the node of each folder made under ``nodes/`` (folders
+        #: are named by node id): what a warning of kept files says.
+        self._folder_nodes: dict[str, str] = {}
         self._zygote: Zygote | None = None
         #: The scope of each zygote's task (one, and those of zygotes that died
         #: while their node processes have not all exited).
@@ -706,11 +709,16 @@ class AsyncWorker(Service):
                 else "they were never collected (the Manager's collect() brings them "
                 "into the session folder)"
             )
+            inside = (file.relative_to(self._temp / "nodes").parts for file in files)
+            folders = sorted({parts[0] for parts in inside if len(parts) > 1})  # (not manifests)
             log.warning(
-                "worker %r: %s its nodes saved are kept in %s: %s",
+                "worker %r: %s its nodes saved are kept in %s (%s): %s",
                 self.name,
                 _how_many(files),
                 self._temp,
+                ", ".join(
+                    f"nodes/{folder}: {self._folder_nodes.get(folder, '?')!r}" for folder in folders
+                ),
                 why,
             )
         elif self.delete_temp:
@@ -744,6 +752,7 @@ class AsyncWorker(Service):
         check_name(node_id, "node id")  # (it names the node's folder)
         self._node_names[node_id] = spec["name"]
         folder = self._node_folders[node_id] = self._new_node_folder(node_id)
+        self._folder_nodes[folder.name] = spec["name"]
 
         def report(state: NodeState, reason: str | None) -> None:
             self._report(node_id, state, reason)

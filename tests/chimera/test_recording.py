@@ -933,7 +933,11 @@ async def test_shutting_down_without_collecting_keeps_the_files_and_says_where(
     assert any(file.endswith("/camera.mp4") for file in files), files
     warnings = [r.getMessage() for r in caplog.records if "never collected" in r.getMessage()]
     assert len(warnings) == 1
-    assert f"its nodes saved are kept in {folder}: they were never collected" in warnings[0]
+    [node_folder] = {file.split("/")[1] for file in files if file.count("/") == 2}  # (its id)
+    assert (
+        f"its nodes saved are kept in {folder} (nodes/{node_folder}: 'recorder'): "
+        "they were never collected"
+    ) in warnings[0]
 
 
 async def test_a_worker_whose_manager_left_before_collecting_keeps_the_files(tmp_path, caplog):
