@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; its exit status.
 
     0 when the command ends as it should, after a first Ctrl-C, SIGTERM or
-    SIGHUP too (it stops gracefully); 1 when it fails; 2 for bad arguments;
+    SIGHUP too (it stops gracefully); 1 when it fails; 2 for bad arguments (or none);
     after a second one, which stops at once, :data:`FORCED` + the signal's
     number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP, as shells report).
 
@@ -378,9 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = _parser()
         args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 0
+        if args.command is None:  # (a usage error, with the help to say what to give)
+            parser.print_help(sys.stderr)
+            return 2
         # The demo says how it goes itself: only warnings and errors from the
         # log, and how collecting goes.
         level = logging.WARNING if args.command == "demo" else logging.INFO

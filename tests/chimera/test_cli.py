@@ -524,10 +524,10 @@ def stop_signals_restored() -> Iterator[None]:
 def test_once_the_command_returns_its_signals_are_ignored(capsys, stop_signals_restored):
     from chimera._cli import STOP_SIGNALS, main
 
-    assert main([]) == 0  # (the help)
+    assert main([]) == 2  # (no command: a usage error, with the help)
     after = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     assert after == dict.fromkeys(STOP_SIGNALS, signal.SIG_IGN)
-    assert "usage: chimera" in capsys.readouterr().out
+    assert "usage: chimera" in capsys.readouterr().err
 
 
 async def test_ctrl_c_in_a_terminal_stops_a_workers_nodes_cleanly(tmp_path):
