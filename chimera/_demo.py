@@ -62,10 +62,13 @@ async def run_demo(
                 return None
             await manager.start()
             started = time.monotonic()
-            while (elapsed := time.monotonic() - started) < seconds and not enough.is_set():
+            while (elapsed := time.monotonic() - started) < seconds:
                 with trio.move_on_after(min(1.0, seconds - elapsed)):
                     await enough.wait()
                 elapsed = time.monotonic() - started
+                if enough.is_set():  # (not a progress line: that second's was said)
+                    say(f"stopped after {elapsed:.1f} s")
+                    break
                 say(_progress(manager.state()["nodes"], min(elapsed, seconds), seconds))
             await manager.stop()
             say("collecting ...")

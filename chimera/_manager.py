@@ -1379,8 +1379,9 @@ class AsyncManager(Service):
             self._close_log_file()
             if self._log_publisher is not None:
                 self._log_publisher.close()
-            if not started:
-                _remove_if_empty([log_path] if new_log else [], made)
+            # (An empty nodes.log made here says nothing; a start that failed
+            # leaves no folder it made either.)
+            _remove_if_empty([log_path] if new_log else [], [] if started else made)
 
     @asynccontextmanager
     async def _serving(self) -> AsyncIterator[None]:
@@ -1756,7 +1757,7 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 def _remove_if_empty(files: list[Path], folders: list[Path]) -> None:
     """Remove each of *files* that is empty, then each of *folders* (deepest
-    first) that is: what a start that failed made, unless something was put there."""
+    first) that is: what the Manager made, unless something was put there."""
     for path in files:
         with suppress(OSError):
             if path.stat().st_size == 0:

@@ -1,4 +1,5 @@
 import os
+import re
 import resource
 import shutil
 import signal
@@ -50,7 +51,8 @@ async def test_the_manager_and_the_demo_write_to_the_same_folder_by_default(tmp_
     async with cp.AsyncManager(port=0) as manager:
         pass
     assert manager.logdir == tmp_path / "chimera-sessions"
-    assert (manager.logdir / "nodes.log").exists()
+    assert manager.logdir.is_dir()
+    assert not (manager.logdir / "nodes.log").exists()  # (no node logged: not left empty)
     for command in ("manager", "demo"):
         assert _parser().parse_args([command]).logdir == "chimera-sessions"
 
@@ -637,6 +639,26 @@ async def test_demo_stopped_before_it_records_records_nothing(tmp_path):
     assert session is None
     assert said[-1] == "stopped before the recording began: nothing recorded"
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+async def test_demo_stopped_while_it_records_says_when_then_collects(tmp_path):
+    from chimera._demo import run_demo
+
+    said: list[str] = []
+    enough = trio.Event()
+
+    def say(line: str) -> None:
+        said.append(line)
+        if line.startswith("recording"):
+            enough.set()  # (a Ctrl-C after the first second)
+
+    with trio.fail_after(60):
+        session = await run_demo(10, tmp_path, say=say, enough=enough)
+    assert session is not None and (session / "meta.json").exists()
+    recording = [line for line in said if line.startswith("recording")]
+    assert len(recording) == 1  # (no second line for that second)
+    after = said[said.index(recording[0]) + 1 :]
+    assert re.fullmatch(r"stopped after \d+\.\d s", after[0]) and after[1] == "collecting ..."
 
 
 def test_demo_refuses_a_camera_it_cannot_open(tmp_path):
