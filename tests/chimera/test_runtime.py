@@ -249,7 +249,7 @@ async def test_a_node_held_back_by_a_slow_one_it_feeds_says_so_once(keeps_up, ca
     monkeypatch.setattr(chimera._runtime, "HELD_WINDOW", 0.1)
     done = threading.Event()
     slow = Slow("slow", 0 if keeps_up else 0.02, 30, done)
-    source = Paced("source", 0.01 if keeps_up else 0.001)
+    source = Paced("source", 0.02 if keeps_up else 0.001)
     with trio.fail_after(20):
         await run_pipeline([source, slow], [(source, slow)], until=done, stop=["source"])
     said = [r.getMessage() for r in caplog.records if r.name == "chimera.node.source"]
