@@ -244,6 +244,8 @@ class AsyncWorker(Service):
         self._session_scope: trio.CancelScope | None = None
         #: The name of each node this Worker runs, by id (their logs go to the Manager).
         self._node_names: dict[str, str] = {}
+        #: The state last told of each node, with its reason.
+        self._reported: dict[str, tuple[NodeState, str | None]] = {}
         #: The closings of the nodes under way (_close_nodes), and their one timer.
         self._closings = 0
         self._closing_timer = trio.CancelScope()
@@ -650,6 +652,11 @@ class AsyncWorker(Service):
         self._tell(protocol.make("reply", id=request["id"], **reply))
 
     def _report(self, node_id: str, state: NodeState, reason: str | None) -> None:
+        """Tell the Manager a node's state, unless it was the last told (a node
+        in a process ends SHUTDOWN by its runtime's word and by its process's)."""
+        if self._reported.get(node_id) == (state, reason):
+            return
+        self._reported[node_id] = (state, reason)
         log.debug(
             "worker %r: node %r is %s%s",
             self.name,
@@ -992,6 +999,7 @@ class AsyncWorker(Service):
             log.warning("worker %r: cleaning up its node folders: %s", self.name, exc)
         self._runtimes.clear()
         self._node_names.clear()
+        self._reported.clear()
         self._node_folders.clear()
         self._runs.clear()
         self._run_scopes.clear()

@@ -774,6 +774,26 @@ async def one_worker(tmp_path) -> AsyncIterator[tuple[AsyncManager, AsyncWorker]
         yield manager, worker
 
 
+async def test_a_worker_tells_each_state_of_a_node_in_a_process_once(tmp_path, caplog):
+    # Its runtime and its process both say SHUTDOWN at the end: said once.
+    caplog.set_level(logging.DEBUG, logger="chimera.worker")
+    async with notifications() as (port, notified):
+        with trio.fail_after(60):
+            async with one_worker(tmp_path) as (manager, _):
+                graph = counter_to_sink(tmp_path, port, 5)
+                await manager.commit_graph(graph, {"local": ["counter", "sink"]})
+                await manager.start()
+                assert await notified.receive() == b"x"
+                await manager.stop()
+                await manager.shutdown()
+    told = [
+        r.getMessage().removeprefix("worker 'local': node 'sink' is ")
+        for r in caplog.records
+        if r.getMessage().startswith("worker 'local': node 'sink' is ")
+    ]
+    assert told == ["INITIALIZED", "CONNECTED", "READY", "RUNNING", "STOPPED", "SHUTDOWN"]
+
+
 async def test_a_worker_keeps_nothing_of_the_nodes_it_shut_down(tmp_path):
     # A lab script commits graph after graph for hours: the Worker must not grow.
     import gc
