@@ -221,6 +221,7 @@ class Recorder:
             RuntimeError: the recorder is closed.
             OSError: the stream's writer failed earlier (the reason).
         """
+        now = cluster_time_ns()  # (the call's: a stream's first save takes a while to set up)
         if self._closed:
             raise RuntimeError("the recorder is closed: nothing more can be saved")
         check_name(name)
@@ -253,7 +254,7 @@ class Recorder:
                     "save (save under another name for others)"
                 )
             item = stream.writer.prepare(data, **params)
-        stream.put(item, cluster_time_ns())
+        stream.put(item, now)
 
     def close(self) -> list[StreamInfo]:
         """Let every writer finish what is queued, close its files, and write

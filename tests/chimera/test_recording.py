@@ -62,6 +62,29 @@ def test_video_frames_come_back_from_the_mp4_with_their_timestamps(tmp_path):
     assert (info.first_ns, info.last_ns) == (times[0], times[-1])
 
 
+@pytest.mark.parametrize("save", ["first", "next"])
+def test_a_save_is_stamped_with_the_time_of_the_call(tmp_path, monkeypatch, save):
+    # Not once its stream is set up (the first save of a video opens an encoder).
+    from chimera._data import cluster_time_ns
+
+    prepare = _WRITERS["video"].prepare
+
+    def slow_prepare(self, *args, **kwargs):
+        threading.Event().wait(0.5)
+        return prepare(self, *args, **kwargs)
+
+    recorder = Recorder(tmp_path)
+    frame = np.zeros((120, 160, 3), dtype=np.uint8)
+    if save == "next":
+        recorder.save("video", "camera", frame, fps=30)
+    monkeypatch.setattr(_WRITERS["video"], "prepare", slow_prepare)
+    called = cluster_time_ns()
+    recorder.save("video", "camera", frame, fps=30)
+    recorder.close()
+    _, times = stamps(tmp_path / "camera.timestamps.csv")
+    assert times[-1] - called < 0.5e9
+
+
 def test_a_video_frame_of_another_size_is_an_error_naming_both(tmp_path):
     recorder = Recorder(tmp_path)
     recorder.save("video", "camera", np.zeros((120, 160, 3), np.uint8), fps=30)
