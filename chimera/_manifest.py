@@ -46,8 +46,11 @@ __all__ = [
 log = logging.getLogger("chimera.collect")
 
 VERSION = 1
-#: How much of a file is hashed at a time, in bytes.
-HASH_CHUNK = 8 << 20
+#: How much of a file is hashed at a time, in bytes. Reads of 8 MiB were no
+#: quicker (~1.3 GB/s either way), and each hashing thread's buffers stayed in
+#: its process after: hashing 4 files on 2 threads left RSS 32 MB higher with
+#: 8 MiB reads, 4 MB with 1 MiB (a node's RSS grew ~17 MB at stop).
+HASH_CHUNK = 1 << 20
 #: A folder this large takes seconds to hash (~1.4 GB/s a core): it is logged.
 SAY_HASHING_BYTES = 1 << 30
 
