@@ -42,3 +42,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/pipeline.py", *session.posargs)
     session.run("python", "benchmarks/recording.py", *session.posargs)
     session.run("python", "benchmarks/scale.py", *session.posargs)
+    session.run("python", "benchmarks/hand_offs.py", *session.posargs)
