@@ -31,12 +31,16 @@ says when each frame, audio block, image, value or text was saved
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fractions
 import io
+import itertools
 import json
 import logging
+import os
 import queue
+import struct
 import sys
 import threading
 import time
@@ -525,6 +529,8 @@ class _VideoWriter(_Writer):
         self._stream: Any = None
         #: The timestamp of the last keyframe's frame.
         self._keyframe_ns: int | None = None
+        #: Whether a write failed (the file then ends in part of a fragment).
+        self._failed = False
 
     def prepare(self, data: Any, **params: Any) -> numpy.ndarray:
         frame = self._as_uint8(numpy.asarray(data))
@@ -590,15 +596,78 @@ class _VideoWriter(_Writer):
             video_frame.pict_type = PictureType.I  # (libx264 makes it a keyframe)
             self._keyframe_ns = stamp
         self._stamp(self.info.count, stamp, at_once=True)
-        self._container.mux(self._stream.encode(video_frame))
+        try:
+            self._container.mux(self._stream.encode(video_frame))
+        except Exception:
+            self._failed = True
+            raise
 
     def close(self) -> None:
+        """Encode the frames the encoder holds, and close the file; after a
+        write failed (a full disk), cut the file back to its last whole
+        fragment, and count the frames it holds.
+
+        Raises:
+            Exception: what closing raised, unless a write had failed before
+                (that error was raised then).
+        """
         try:
             if self._container is not None:
-                self._container.mux(self._stream.encode(None))
-                self._container.close()
+                failed_before = self._failed
+                try:
+                    if not failed_before:
+                        self._container.mux(self._stream.encode(None))
+                    self._container.close()
+                except Exception:
+                    self._failed = True
+                    with contextlib.suppress(Exception):
+                        self._container.close()  # (it frees the encoder; its file is cut below)
+                    if not failed_before:
+                        raise
+                finally:
+                    if self._failed:
+                        self._count_first(_cut_to_whole_fragments(self.folder / self.info.path))
         finally:
             super().close()
+
+    def _count_first(self, count: int) -> None:
+        """Count only the first *count* frames saved (by their timestamps, in
+        the file at once: see write)."""
+        with open(self.folder / f"{self.name}.timestamps.csv", newline="") as file:
+            stamps = [int(row[1]) for row in itertools.islice(csv.reader(file), 1, count + 1)]
+        info = self.info
+        info.count = len(stamps)
+        info.first_ns, info.last_ns = (stamps[0], stamps[-1]) if stamps else (None, None)
+        info.max_gap_ns = max((b - a for a, b in itertools.pairwise(stamps)), default=None)
+
+
+def _cut_to_whole_fragments(path: Path) -> int:
+    """Cut the fragmented MP4 file at *path* after its last whole fragment
+    (a ``moof`` box and the ``mdat`` after it): a write cut short leaves a
+    part of one, on which readers choke. How many frames the file holds then."""
+    import av
+    from av.error import FFmpegError
+
+    with open(path, "r+b") as file:
+        size = os.fstat(file.fileno()).st_size
+        at = whole = 0
+        while at + 8 <= size:
+            file.seek(at)
+            head = file.read(16)
+            length, kind = struct.unpack(">I4s", head[:8])
+            if length == 1 and len(head) == 16:  # (a 64-bit size follows the type)
+                length = struct.unpack(">Q", head[8:])[0]
+            if length < 8 or at + length > size:  # (0: "to the end", which a cut file is not)
+                break
+            at += length
+            if kind != b"moof":  # (a moof is whole with the mdat after it)
+                whole = at
+        file.truncate(whole)
+    try:
+        with av.open(str(path)) as container:
+            return sum(1 for packet in container.demux(video=0) if packet.size)
+    except (FFmpegError, IndexError):  # (no fragment: no video stream to read)
+        return 0
 
 
 class _AudioWriter(_Writer):

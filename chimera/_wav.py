@@ -75,10 +75,11 @@ class WavWriter:
         #: Where the data chunk's size is; its samples follow.
         self._data_size_at = len(header) + 4
         header += b"data" + _U32.pack(0)
-        self._file = open(path, "wb")  # (closed by close())
+        # Unbuffered: what write() returns from is in the file whole, or not at
+        # all (see _append), so the file never holds part of a block.
+        self._file = open(path, "wb", buffering=0)  # (closed by close())
         try:
-            self._file.write(header)
-            self._file.flush()
+            self._append(header)
         except BaseException:
             self._file.close()
             raise
@@ -88,7 +89,7 @@ class WavWriter:
         (int16, int32 for PCM_24 and PCM_32, float32, float64).
 
         Raises:
-            OSError: it could not be written (a full disk).
+            OSError: it could not be written (a full disk): none of it is in the file.
         """
         if not block.size:
             return
@@ -98,32 +99,51 @@ class WavWriter:
             data = block.view(numpy.uint8).reshape(-1, 4)[:, 1:].tobytes()
         else:
             data = block.data.cast("B")
-        self._file.write(data)
+        self._append(data)
         self._frames += len(block)
 
     def flush(self) -> None:
-        """Put what was written in the file, and its sizes in the header.
+        """Write the sizes of what was written in the header.
 
         Raises:
-            OSError: it could not be written.
+            OSError: they could not be written.
         """
-        self._file.flush()
         self._write_sizes(self._end())
 
     def close(self) -> None:
         """Flush, pad the samples to an even size (as RIFF wants), and close.
 
         Raises:
-            OSError: it could not be written (the file is closed anyway).
+            OSError: it could not be written (the file is closed anyway, and
+                its header says what it holds, unpadded if the pad could not
+                be written).
         """
         try:
             end = self._end()
+            self._write_sizes(end)
             if end % 2:
-                self._file.write(b"\0")
-            self._file.flush()
-            self._write_sizes(end + end % 2)
+                self._append(b"\0")
+                self._write_sizes(end + 1)
         finally:
             self._file.close()
+
+    def _append(self, data: bytes | memoryview) -> None:
+        """Write *data* at the end of the file, whole.
+
+        Raises:
+            OSError: it could not be written whole (a full disk): what was
+                written of it is cut off again.
+        """
+        end = self._file.tell()
+        try:
+            written = 0
+            with memoryview(data) as view:
+                while written < len(view):  # (a write may be short: the disk is full)
+                    written += self._file.write(view[written:])
+        except OSError:
+            self._file.truncate(end)
+            self._file.seek(end)
+            raise
 
     def _end(self) -> int:
         """Where the samples written end (the file's size, but a pad byte)."""

@@ -611,6 +611,62 @@ async def test_a_full_disk_counts_only_what_its_files_hold(tmp_path):
     assert texts < 300 and len(rows) < 300
 
 
+# Saves video frames (a keyframe, so a fragment, nearly every frame) and audio
+# blocks through a Recorder past a file size limit (as on a full disk); prints
+# what it counted (the manifest's streams) once its close raised the error.
+_MEDIA_PAST_THE_LIMIT = """
+import json, resource, sys, time
+import numpy as np
+import chimera._recording as recording
+from chimera._manifest import Manifest
+
+recording.FLUSH_PERIOD = 0.001
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+recorder = recording.Recorder(sys.argv[1])
+noise = np.random.default_rng(0)
+saves = {
+    "cam": lambda i: ("video", noise.integers(0, 256, (120, 160), dtype=np.uint8), {"fps": 30}),
+    "mic": lambda i: ("audio", np.full(4001, i, np.int16), {"channels": 1, "rate": 8000}),
+}
+for i in range(100):
+    for name, make in list(saves.items()):
+        kind, data, params = make(i)
+        try:
+            recorder.save(kind, name, data, **params)
+        except OSError:
+            del saves[name]  # (a save after the writer failed says so)
+    time.sleep(0.002)  # (pacing: some are written before one fails)
+try:
+    recorder.close()
+except OSError as exc:
+    print(json.dumps(Manifest.read(recorder.folder).streams))
+"""
+
+
+async def test_a_full_disk_leaves_media_files_that_read_whole_and_are_counted(tmp_path):
+    import av
+    import soundfile
+
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-c", _MEDIA_PAST_THE_LIMIT, str(tmp_path)], capture_stdout=True
+        )
+    streams = {stream["stream"]: stream for stream in json.loads(done.stdout)}
+    # Every frame the file holds decodes (a fragment cut short raised InvalidDataError).
+    with av.open(str(tmp_path / "cam.mp4")) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    assert 0 < frames < 100 and streams["cam"]["count"] == frames
+    assert streams["cam"]["last_ns"] == stamps(tmp_path / "cam.timestamps.csv")[1][frames - 1]
+    # The WAV holds whole blocks, all the header says, and nothing after them.
+    samples, _ = soundfile.read(tmp_path / "mic.wav", dtype="int16")
+    blocks = len(samples) // 4001
+    assert 0 < blocks < 100 and len(samples) == blocks * 4001
+    assert samples.tolist() == [i for i in range(blocks) for _ in range(4001)]
+    assert streams["mic"]["count"] == blocks
+    riff_size = int.from_bytes((tmp_path / "mic.wav").read_bytes()[4:8], "little")
+    assert (tmp_path / "mic.wav").stat().st_size == riff_size + 8
+
+
 # Saves a small image, then a large one, in a process that the kernel kills
 # (SIGXFSZ, whose default is to end the process) once a file it writes passes
 # 1 MB: in the middle of the large one.
