@@ -296,6 +296,8 @@ class NodeRuntime:
         #: Whether the node's record said the error that left its block, with its
         #: traceback (its process need not say it again).
         self.crash_said = False
+        #: What the node's code raised that made it FAILED, if it did.
+        self._raised_by: BaseException | None = None
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -479,6 +481,8 @@ class NodeRuntime:
             self.saved = await trio.to_thread.run_sync(self._recorder.close)
         except OSError as exc:
             self.saved = self._recorder.streams()
+            if exc is self._raised_by:  # (the save that raised it failed the node: said)
+                return
             self._fail(f"recording failed: {exc}")
             raise NodeError(self.node.name, f"recording failed: {exc}") from exc
 
@@ -1216,6 +1220,7 @@ class NodeRuntime:
     def _raised(self, what: str, exc: BaseException) -> NodeError:
         """The node's *what* (user code) raised *exc*: the node is FAILED; the error to raise."""
         text = "".join(traceback.format_exception(type(exc), exc, _from_users_code(exc)))
+        self._raised_by = exc
         self._fail(f"{what} raised {exc!r}", text)
         return NodeError(self.node.name, f"{what} raised {exc!r}", text)
 

@@ -594,6 +594,32 @@ async def test_a_teardown_that_raises_still_closes_what_its_node_saved(tmp_path)
     assert node.state is cp.NodeState.FAILED
 
 
+async def test_a_node_failed_by_a_full_disk_says_so_once(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from chimera._recording import _WRITERS
+
+    def no_room(self, data, stamp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_WRITERS["text"], "write", no_room)
+
+    class SavesText(cp.Node):
+        def step(self):
+            self.save_text("notes", "a line\n")  # (raises once its writer failed)
+
+    node = SavesText("notes")
+    with trio.fail_after(20):
+        async with NodeRuntime(node, folder=tmp_path / "notes") as runtime:
+            await runtime.prep()
+            await runtime.set_recording(True)
+            await runtime.run()  # (the failure is the node's: no NodeError)
+    assert node.state is cp.NodeState.FAILED
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    said = [text for text in failed if text.startswith("node 'notes' failed")]
+    assert len(said) == 1 and "No space left on device" in said[0]
+
+
 async def test_a_prep_asked_of_a_closed_node_is_refused_not_left_waiting():
     # (A Worker told to prep while it closes its nodes to leave.)
     node = Count("count", 1)
