@@ -626,6 +626,11 @@ class NodeProcess:
             code = None
             with trio.move_on_after(KILL_GRACE):
                 code = await self._zygote.wait(self._pid)
+            if code is not None:
+                # What it started ends with it, now: those that held its pipes
+                # were killed above, but not those that never held them (a
+                # helper of multiprocessing's "spawn" or "forkserver").
+                _signal_group(self._pid, signal.SIGKILL)
             if self._orphan and crash is None:
                 pass  # how it exited is unknown: _orphaned said what it means
             elif not self._closing or code != 0:

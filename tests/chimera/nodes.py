@@ -143,15 +143,25 @@ class WithAHelper(Sink):
     device and model libraries start them), which holds every file the node's
     process had open; writes its pid in ``NAME.helper``."""
 
+    #: How ``multiprocessing`` starts it.
+    start_method = "fork"
+
     def prep(self):
         import multiprocessing
 
         super().prep()
-        self.helper = multiprocessing.get_context("fork").Process(
+        self.helper = multiprocessing.get_context(self.start_method).Process(
             target=time.sleep, args=(600,), daemon=True
         )
         self.helper.start()
         Path(self.folder, f"{self.name}.helper").write_text(str(self.helper.pid))
+
+
+class WithASpawnedHelper(WithAHelper):
+    """A :class:`WithAHelper` whose helper is a fresh Python (``spawn``, as
+    ``forkserver``'s are): it holds none of the node's pipes."""
+
+    start_method = "spawn"
 
 
 class ExecsAHelper(Counter):
