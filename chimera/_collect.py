@@ -184,21 +184,30 @@ def move_folder(
     file, and for a file moved by a rename its ``"ino"`` and ``"mtime_ns"``
     when hashed. The SHA-256 is *manifest*'s (the folder's) for a file
     unchanged since its recorder closed, else computed now. Blocking: run it
-    in a thread."""
+    in a thread.
+
+    Raises:
+        OSError: a file could not be put in *target* (a full disk): the
+            message names the file and *target*; the files not moved yet
+            stay in *folder*.
+    """
     moved = []
     for path in files_under(folder):
         inside = path.relative_to(folder).as_posix()
         entry = manifest.entry_for(inside, path) if manifest is not None else hash_file(path)
         relative = f"{prefix}/{inside}"
         destination = target / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
         item = {"path": relative, "size": entry.size, "sha256": entry.sha256}
         try:
-            os.replace(path, destination)
-            item.update(ino=entry.ino, mtime_ns=entry.mtime_ns)
-        except OSError:  # another file system: the Manager hashes the copy
-            with written_whole(destination) as partial:
-                shutil.copyfile(path, partial)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(path, destination)
+                item.update(ino=entry.ino, mtime_ns=entry.mtime_ns)
+            except OSError:  # another file system: the Manager hashes the copy
+                with written_whole(destination) as partial:
+                    shutil.copyfile(path, partial)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror}: putting {relative} in {target}") from exc
         moved.append(item)
     return moved
 

@@ -978,8 +978,13 @@ class AsyncManager(Service):
             ValueError: a file did not arrive whole (each named). ``meta.json``
                 is written first: the nodes of a Worker whose files did not
                 all arrive whole are ``"collected": false`` there.
-            RuntimeError: a Worker failed; no graph is committed (none yet,
-                or it was shut down: collect before :meth:`shutdown`).
+            RuntimeError: a Worker's files could not be collected (the
+                Manager's disk is full, say; each Worker named, after
+                ``meta.json`` is written, as above: call again once the
+                problem is solved, its files are kept); or no graph is
+                committed (none yet, or it was shut down: collect before
+                :meth:`shutdown`).
+            OSError: ``meta.json`` cannot be written.
         """
         self._check_committed("collect()")
         await self._stop(ending=True)
@@ -988,18 +993,33 @@ class AsyncManager(Service):
         workers: dict[str, dict[str, Any]] = {}
         #: What each Worker sent that did not arrive whole (its nodes count as not collected).
         broken: list[str] = []
+        #: Why each Worker whose collection failed did (its nodes count as not collected).
+        failed: list[str] = []
 
         async def collect_from(worker_id: str, node_ids: list[str]) -> None:
+            try:
+                await collect_files(worker_id)
+            except WorkerLeftError:
+                raise
+            except RuntimeError as exc:  # (the Worker's command failed: it says why)
+                failed.append(str(exc))
+
+        async def collect_files(worker_id: str) -> None:
             name = self._workers[worker_id].name
             key = uuid.uuid4().hex
             root = session / check_name(name, "worker name")
             incoming = self._collections[key] = Incoming(root, progress.update(name))
             # A Worker that can read this probe shares the folder: it moves its files in.
             probe = root / f".chimera-probe-{key}"
-            root.mkdir(parents=True, exist_ok=True)
-            probe.write_text(key)
-            local = {"folder": str(root), "probe": probe.name, "key": key}
             try:
+                try:
+                    root.mkdir(parents=True, exist_ok=True)
+                    probe.write_text(key)
+                except OSError as exc:
+                    raise RuntimeError(
+                        f"worker {name!r}: the manager cannot write in {root}: {exc}"
+                    ) from exc
+                local = {"folder": str(root), "probe": probe.name, "key": key}
                 result = await self._request(
                     worker_id, "collect_nodes", upload=f"/collect/{key}", local=local
                 )
@@ -1024,11 +1044,19 @@ class AsyncManager(Service):
         for name in left:
             log.error("worker %r left: the files of its nodes are not collected", name)
         meta = await trio.to_thread.run_sync(self._session_meta, session, workers)
-        (session / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            (session / "meta.json").write_text(json.dumps(meta, indent=2))
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot write {session / 'meta.json'}: {exc.strerror}"
+            ) from exc
         if not unzip:
             for name in workers:
                 await trio.to_thread.run_sync(_zip_folder, session / name)
-        if broken:  # (after meta.json: what did arrive whole is described)
+        # (After meta.json: what did arrive whole is described.)
+        if failed:
+            raise RuntimeError("; ".join(failed))
+        if broken:
             raise ValueError("; ".join(broken))
         return not left
 

@@ -88,6 +88,45 @@ async def test_files_that_did_not_arrive_whole_are_not_forgotten_by_their_worker
     assert str(folder) in said[0] and files
 
 
+async def test_a_collection_the_managers_full_disk_stops_says_where_and_can_be_done_again(
+    tmp_path, monkeypatch
+):
+    # The Worker moves its files into the Manager's folder (another file
+    # system: by a copy), which is full.
+    import errno
+    import json
+    import os
+
+    class AnotherFileSystem:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def replace(source, destination):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def full(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("chimera._collect.os", AnotherFileSystem())
+    monkeypatch.setattr("chimera._collect.shutil.copyfile", full)
+    with trio.fail_after(60):
+        async with running(tmp_path) as manager:
+            with pytest.raises(RuntimeError) as failed:
+                await manager.collect()
+            session = manager.session_folder()
+            # Said after meta.json was written: the Worker's nodes are not collected.
+            node = json.loads((session / "meta.json").read_text())["streams"]["remote/odd"]
+            assert node["collected"] is False
+            monkeypatch.undo()  # (room made)
+            assert await manager.collect()
+            texts = {path.name for path in (session / "remote" / "odd").glob("*.txt")}
+    said = str(failed.value)
+    assert "worker 'remote'" in said and "No space left on device" in said
+    assert str(session / "remote") in said
+    assert texts == {f"{name}.txt" for name in ODD_NAMES}
+
+
 @pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut-short"])
 async def test_a_file_arrives_under_its_name_only_whole(tmp_path, cut):
     # As a Worker killed while its files are collected over HTTP: what it had
