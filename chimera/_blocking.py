@@ -97,6 +97,8 @@ class _LoopThread(Generic[T]):
         #: The call Ctrl-C cancelled last (its name; set once it has ended)
         #: until the next call has waited for it.
         self._cancelled: tuple[str, threading.Event] | None = None
+        #: Whether closing said that it waits (once is enough).
+        self._said_waiting = False
         self.resource: T | None = None
         #: Set once the loop has ended. (Waited for rather than the thread:
         #: before Python 3.13, a Ctrl-C that interrupts ``Thread.join`` can
@@ -231,11 +233,18 @@ class _LoopThread(Generic[T]):
         """Run ``await fn()`` in the loop unless it has stopped, then :meth:`close` it.
 
         A Ctrl-C meanwhile hurries the rest (see :class:`_LoopThread`), which
-        still ends the loop, and is raised once it has ended.
+        still ends the loop, and is raised once it has ended. If ``fn`` takes
+        more than :data:`CLOSE_QUIET` seconds, the log says that it waits.
         """
         try:
             if self._token is not None and self._alive:
-                self.call(fn)
+                slow = threading.Timer(CLOSE_QUIET, self._say_waiting)
+                slow.daemon = True
+                slow.start()
+                try:
+                    self.call(fn)
+                finally:
+                    slow.cancel()
         except KeyboardInterrupt:
             self._close(hurried=True)
             raise
@@ -253,6 +262,13 @@ class _LoopThread(Generic[T]):
         except KeyboardInterrupt:
             self._close(hurried=True)
             raise
+
+    def _say_waiting(self) -> None:
+        self._said_waiting = True
+        log.warning(
+            "%s: shutting down: waiting for what it runs to end (Ctrl-C stops waiting)",
+            self._thread.name,
+        )
 
     def _close_at_exit(self) -> None:
         try:
@@ -278,7 +294,7 @@ class _LoopThread(Generic[T]):
             pass
         started = time.monotonic()
         deadline = started + JOIN_TIMEOUT
-        said = hurried  # (a hurried close is said above)
+        said = hurried or self._said_waiting  # (a hurried close is said above)
         while True:
             try:
                 until = deadline if said else min(deadline, started + CLOSE_QUIET)

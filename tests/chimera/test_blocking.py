@@ -243,6 +243,36 @@ def test_closing_says_when_it_waits_for_the_loop_to_end(slow, monkeypatch, caplo
         assert said == []
 
 
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_shutdown_that_takes_long_says_that_it_waits(slow, monkeypatch, caplog):
+    # (A Worker closing a node stuck in its prep, after a Ctrl-C: ~12 s.)
+    import contextlib
+
+    from chimera._blocking import _LoopThread
+
+    said_so = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def resource():
+        yield None
+
+    async def shutdown():
+        if slow:  # until it says that it waits
+            await trio.to_thread.run_sync(said_so.wait, 10)
+
+    monkeypatch.setattr(chimera._blocking, "CLOSE_QUIET", 0.05)
+    loop = _LoopThread(resource(), "chimera-test", shut_down="shut down")
+    with on_record("chimera", "shutting down", said_so.set):
+        loop.finish(shutdown)
+    said = [r.getMessage() for r in caplog.records if "shutting down" in r.getMessage()]
+    if slow:
+        assert said == [
+            "chimera-test: shutting down: waiting for what it runs to end (Ctrl-C stops waiting)"
+        ]
+    else:
+        assert said == []
+
+
 def test_a_worker_presents_the_token_it_is_given(tmp_path, monkeypatch):
     monkeypatch.delenv("CHIMERA_TOKEN", raising=False)
     manager = cp.Manager(logdir=tmp_path, port=0, token="s3cret")
