@@ -1092,6 +1092,7 @@ class AsyncManager(Service):
         meta["streams"] = {
             f"{info['worker']}/{info['name']}": {
                 "state": info["state"],
+                "reason": info["reason"],
                 "dropped": info["dropped"],
                 "writer_wait_ms": info["writer_wait_ms"],
                 "collected": info["worker"] in workers,

@@ -983,6 +983,10 @@ async def test_a_session_collected_runs_no_more_even_if_every_node_failed(tmp_pa
             for call in (manager.step, manager.start, manager.preview):
                 with pytest.raises(RuntimeError, match="ran and stopped"):
                     await call()
+            meta = json.loads((manager.session_folder() / "meta.json").read_text())
+    # Why it failed is in meta.json, beside its state.
+    node = meta["streams"]["local/counter"]
+    assert node["state"] == "FAILED" and node["reason"] == "step raised ValueError('no reading')"
 
 
 class Main(cp.Node):
