@@ -283,6 +283,8 @@ class AsyncManager(Service):
         self._stopped_ns: int | None = None
         #: Whether collect() ended this session's nodes (they run no more).
         self._ended = False
+        #: The Workers whose nodes' files collect() took, this session.
+        self._collected_from: set[str] = set()
 
     @property
     def workers(self) -> dict[str, WorkerInfo]:
@@ -434,11 +436,14 @@ class AsyncManager(Service):
         ended = all(self.nodes.get(node) in _ENDED for node in node_ids)
         # (Or the Manager is closing, cancelled: a timeout around its block.)
         closing = self._tasks is None or trio.current_effective_deadline() == -math.inf
-        log.log(  # (news only if some of them were still at work)
-            logging.INFO if ended or closing else logging.WARNING,
-            "worker %r left, and with it its nodes %s",
+        # Files its nodes saved, which it keeps (it said where, in its own log).
+        uncollected = self._started_ns is not None and info.name not in self._collected_from
+        log.log(  # (news only if some of them were still at work, or their files are to collect)
+            logging.INFO if (ended and not uncollected) or closing else logging.WARNING,
+            "worker %r left, and with it its nodes %s%s",
             info.name,
             names,
+            " (what they saved is not collected: the worker keeps it)" if uncollected else "",
         )
         for node_id in node_ids:
             if self.nodes.get(node_id) not in _ENDED:
@@ -674,6 +679,7 @@ class AsyncManager(Service):
         # A graph mapped anew is a new session (its own folder, start and stop).
         self._session, self._started_ns, self._stopped_ns = None, None, None
         self._ended = False
+        self._collected_from = set()
         self._steps_sampled = {}
         self._addresses = {}
         self._link_key = secrets.token_hex(16)
@@ -1033,6 +1039,7 @@ class AsyncManager(Service):
             except ValueError as exc:
                 broken.append(str(exc))
                 return
+            self._collected_from.add(name)
             workers[name] = {
                 "clock": result["clock"],
                 "files": len(result["files"]),

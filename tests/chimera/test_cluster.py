@@ -175,7 +175,7 @@ async def test_stop_returns_after_a_node_failed_under_a_source_that_runs_on(tmp_
             assert await manager.commit_graph(graph, {"local": ["camera", "sink"]})
 
 
-async def test_stop_gather_collect_and_shutdown_go_on_after_a_worker_left(tmp_path):
+async def test_stop_gather_collect_and_shutdown_go_on_after_a_worker_left(tmp_path, caplog):
     graph, _, doubler, printer = counter_doubler_printer()
     with trio.fail_after(30):
         async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
@@ -204,6 +204,13 @@ async def test_stop_gather_collect_and_shutdown_go_on_after_a_worker_left(tmp_pa
         "local/doubler": True,
         "remote/printer": False,
     }
+    # Said as it left (it left cleanly, but with what its node saved), not at collect only.
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        "worker 'remote' left, and with it its nodes 'printer' (what they saved is not "
+        "collected: the worker keeps it)"
+    ) in warned
+    assert not any("worker 'local' left" in text for text in warned)  # (after collect)
 
 
 class Pairs(cp.Node):
