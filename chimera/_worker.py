@@ -686,7 +686,25 @@ class AsyncWorker(Service):
         """This Worker's temporary folder (made on first use; see ``delete_temp``)."""
         if self._temp is None:
             self._temp = Path(tempfile.mkdtemp(prefix="chimera-worker-"))
+            self._say_if_not_where_asked(self._temp.parent)
         return self._temp
+
+    def _say_if_not_where_asked(self, where: Path) -> None:
+        """Warn if the temporary folder is not where ``TMPDIR`` (or ``TEMP``,
+        ``TMP``: the first set) asks: Python goes on to the next candidate, at
+        last ``/tmp``, without a word when that folder cannot be written in."""
+        for variable in ("TMPDIR", "TEMP", "TMP"):
+            if asked := os.environ.get(variable):
+                if os.path.realpath(asked) != os.path.realpath(where):
+                    log.warning(
+                        "worker %r: %s=%s cannot be written in (or does not exist): "
+                        "what its nodes save goes to %s instead",
+                        self.name,
+                        variable,
+                        asked,
+                        where,
+                    )
+                return
 
     def _new_node_folder(self, node_id: str) -> Path:
         """Where a node made now writes what its ``save_*`` calls save: in the

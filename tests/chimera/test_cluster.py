@@ -88,6 +88,26 @@ async def cluster(tmp_path, *names: str) -> AsyncIterator[tuple[AsyncManager, li
             yield manager, workers
 
 
+async def test_a_worker_says_when_tmpdir_is_not_where_its_nodes_save(tmp_path, monkeypatch, caplog):
+    # Python goes on to TEMP (then TMP, then /tmp) without a word.
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    monkeypatch.setenv("TEMP", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (read them again)
+    graph = cp.Graph()
+    graph.add_node(EveryOther("counter"))
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local") as (manager, _):
+            assert await manager.commit_graph(graph, {"local": ["counter"]})
+            assert list(tmp_path.glob("chimera-worker-*"))  # (where it went)
+    said = [r.getMessage() for r in caplog.records if "TMPDIR" in r.getMessage()]
+    assert said == [
+        f"worker 'local': TMPDIR={tmp_path / 'missing'} cannot be written in (or does not "
+        f"exist): what its nodes save goes to {tmp_path} instead"
+    ]
+
+
 async def test_a_pipeline_over_two_workers_delivers_everything_in_order(tmp_path):
     graph, counter, doubler, printer = counter_doubler_printer()
     with trio.fail_after(30):
