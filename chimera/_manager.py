@@ -564,8 +564,20 @@ class AsyncManager(Service):
         )
 
     async def _log_what_stop_waits_for(self, call: str) -> None:
+        #: Each node's steps at the last line.
+        before: dict[str, int] = {}
+
         def doing(info: dict[str, Any]) -> str | None:
-            return f"running, {info['steps']} steps so far" if info["state"] == "RUNNING" else None
+            if info["state"] != "RUNNING":
+                return None
+            steps, last = info["steps"], before.get(info["name"])
+            before[info["name"]] = steps
+            if steps != last:
+                return f"running, {steps} steps so far"
+            return (
+                f"running, {steps} steps so far, none in the last {PROGRESS_EVERY:g} s: "
+                "a step, or its teardown, takes that long"
+            )
 
         await self._log_what_waits(
             call,

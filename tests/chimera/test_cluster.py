@@ -535,6 +535,43 @@ async def test_a_slow_commit_and_a_slow_stop_say_which_nodes_they_wait_for(
     )
 
 
+#: Set once the Manager says that a stop waits for a node that steps no more.
+SAID_NO_STEPS = threading.Event()
+
+
+class StuckInTeardown(cp.Node):
+    """A source whose teardown lasts until the Manager says that it steps no more."""
+
+    def step(self):
+        time.sleep(0.001)
+
+    def teardown(self):
+        assert SAID_NO_STEPS.wait(20)
+
+
+async def test_a_slow_stop_says_which_node_steps_no_more(tmp_path, monkeypatch, caplog):
+    SAID_NO_STEPS.clear()
+    monkeypatch.setattr(_manager, "PROGRESS_EVERY", 0.05)
+    graph = cp.Graph()
+    graph.add_node(StuckInTeardown("stuck"))
+    with (
+        trio.fail_after(30),
+        on_record("chimera.manager", "none in the last", SAID_NO_STEPS.set),
+    ):
+        async with cluster(tmp_path, "local") as (manager, _):
+            caplog.set_level(logging.INFO, logger="chimera.manager")
+            assert await manager.commit_graph(graph, {"local": ["stuck"]})
+            assert await manager.start()
+            assert await manager.stop()  # (once its teardown has ended)
+    said = [r.getMessage() for r in caplog.records if "not stopped" in r.getMessage()]
+    assert "none in the last" not in said[0]  # (nothing to compare with yet)
+    assert re.fullmatch(
+        r"stop: 1 of 1 nodes not stopped after \d+ s: 'stuck' \(running, \d+ steps so far, "
+        r"none in the last 0.05 s: a step, or its teardown, takes that long\)",
+        said[-1],
+    )
+
+
 async def test_lifecycle_calls_from_several_tasks_take_turns(tmp_path):
     graph, *_ = counter_doubler_printer()
     names = ["counter", "doubler", "printer"]
