@@ -19,6 +19,9 @@ Each shape is named sender / receiver:
   writes; the receiver's event loop reads and hands the message to a thread
   (a condition, then it gives up the CPU): the shape of chimera's
   ``def step``.
+- ``socket / thread`` and ``socket / loop``: the thread that paces writes to
+  the socket itself (what a ``def step`` node would do if its thread sent
+  its chunks).
 
 Each message carries ``time.perf_counter_ns()`` (CLOCK_MONOTONIC, one clock for
 every process on Linux) from the moment it is made; the receiving thread (or
@@ -62,6 +65,8 @@ SHAPES = [
     ("thread", "loop"),
     ("loop", "thread"),
     ("thread", "thread"),
+    ("socket", "thread"),
+    ("socket", "loop"),
 ]
 _HERE = os.path.dirname(os.path.abspath(__file__))
 #: Gives up the CPU after a write or a hand-over, as chimera does (see _user_thread.py).
