@@ -894,6 +894,19 @@ class AsyncManager(Service):
                 self._started_ns = started
             raise
         self._started_ns = started
+        await self._write_first_meta()
+
+    async def _write_first_meta(self) -> None:
+        """Write the session's ``meta.json`` as it starts: what runs where, and
+        each node's id, which names the folder its Worker keeps its files in,
+        should this Manager not live to collect them (:meth:`collect` writes
+        it again). A failure is logged: the nodes run on."""
+        path = self.session_folder() / "meta.json"
+        try:
+            meta = await trio.to_thread.run_sync(self._session_meta, path.parent, {})
+            await trio.to_thread.run_sync(path.write_text, json.dumps(meta, indent=2))
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc)
 
     def _mapped_states(self) -> set[str | None]:
         """The states of the nodes of the graph mapped now (those of a graph

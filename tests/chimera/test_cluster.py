@@ -128,6 +128,27 @@ async def test_a_pipeline_over_two_workers_delivers_everything_in_order(tmp_path
     assert gathered[printer.id] is None
 
 
+async def test_a_session_folder_says_what_runs_where_from_its_start(tmp_path):
+    # Should the Manager die before collect: which Worker keeps which node's
+    # files, in a folder named by the node's id.
+    graph, counter, doubler, printer = counter_doubler_printer()
+    with trio.fail_after(30):
+        async with cluster(tmp_path, "local", "remote") as (manager, _):
+            mapping = {"local": ["counter", "doubler"], "remote": ["printer"]}
+            assert await manager.commit_graph(graph, mapping)
+            assert not (manager.session_folder() / "meta.json").exists()  # (no session yet)
+            assert await manager.start()
+            meta = json.loads((manager.session_folder() / "meta.json").read_text())
+            assert await manager.stop()
+    assert meta["mapping"] == mapping
+    assert {node["id"]: node["name"] for node in meta["nodes"]} == {
+        counter.id: "counter",
+        doubler.id: "doubler",
+        printer.id: "printer",
+    }
+    assert not any(node["collected"] for node in meta["streams"].values())
+
+
 async def test_a_prep_that_raises_makes_commit_graph_raise_a_node_error(tmp_path):
     graph = cp.Graph()
     graph.add_edge(BrokenPrep("camera"), cp.Node("fine"))
