@@ -255,6 +255,8 @@ def test_a_shutdown_that_takes_long_says_that_it_waits(slow, monkeypatch, caplog
     @contextlib.asynccontextmanager
     async def resource():
         yield None
+        if slow:  # (what is left to close is slow too: said once all the same)
+            await trio.sleep(0.2)
 
     async def shutdown():
         if slow:  # until it says that it waits

@@ -254,6 +254,24 @@ async def test_stop_gather_collect_and_shutdown_go_on_after_a_worker_left(tmp_pa
     assert not any("worker 'local' left" in text for text in warned)  # (after collect)
 
 
+@pytest.mark.parametrize("started", [True, False], ids=["collected", "never-started"])
+async def test_a_worker_that_leaves_with_no_files_to_collect_is_no_news(tmp_path, caplog, started):
+    caplog.set_level(logging.INFO, logger="chimera.manager")
+    graph = cp.Graph()
+    graph.add_node(EveryOther("counter"))
+    with trio.fail_after(30):
+        async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+            async with AsyncWorker("local") as local:
+                assert await local.connect(manager.host, manager.port)
+                assert await manager.commit_graph(graph, {"local": ["counter"]})
+                if started:
+                    assert await manager.start()
+                    assert await manager.collect()
+            await manager.wait_for_workers(0)  # it left, its node with it
+    said = [r for r in caplog.records if "worker 'local' left" in r.getMessage()]
+    assert said and all(r.levelname == "INFO" for r in said)
+
+
 class Pairs(cp.Node):
     """Sends (n, {"n": array}) tuples: values only pickling carries."""
 

@@ -115,9 +115,10 @@ async def test_a_collection_the_managers_full_disk_stops_says_where_and_can_be_d
             with pytest.raises(RuntimeError) as failed:
                 await manager.collect()
             session = manager.session_folder()
-            # Said after meta.json was written: the Worker's nodes are not collected.
-            node = json.loads((session / "meta.json").read_text())["streams"]["remote/odd"]
-            assert node["collected"] is False
+            # Said after collect wrote meta.json: the Worker's nodes are not collected.
+            meta = json.loads((session / "meta.json").read_text())
+            assert meta["stop_ns"] is not None  # (collect's, not the one written at start)
+            assert meta["streams"]["remote/odd"]["collected"] is False
             monkeypatch.undo()  # (room made)
             assert await manager.collect()
             texts = {path.name for path in (session / "remote" / "odd").glob("*.txt")}
