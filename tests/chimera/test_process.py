@@ -847,9 +847,15 @@ async def test_a_node_process_start_cancelled_once_asked_still_gets_its_own_pid(
     def holds(pid: int, fd: int) -> bool:
         """Whether process *pid* holds the pipe of *fd* (as its stdin, or about to)."""
         pipe = f"pipe:[{os.fstat(fd).st_ino}]"
-        return any(
-            os.readlink(f"/proc/{pid}/fd/{n}") == pipe for n in os.listdir(f"/proc/{pid}/fd")
-        )
+        for n in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{n}") == pipe:
+                    return True
+            except (
+                FileNotFoundError
+            ):  # (closed meanwhile: the new process closes what it inherited)
+                pass
+        return False
 
     zygote = _process.Zygote("test")
     pipes = [os.pipe() for _ in range(4)]  # (two node processes: stdin, events)
