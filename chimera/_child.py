@@ -244,6 +244,7 @@ def main(events_fd: int) -> None:
             logging.getLogger(name).setLevel(level)
         try:
             node = cloudpickle.loads(spec["node"])
+            _name_the_process(node.name)
             runtime = NodeRuntime(node, **spec["runtime"], on_state=_state_sender(events))
         except Exception as exc:
             events.send("failed", "create", _cannot_be_made(exc), traceback.format_exc())
@@ -259,6 +260,18 @@ def main(events_fd: int) -> None:
         events.close()
         if WORKER_GONE.is_set():
             end_group()
+
+
+def _name_the_process(name: str) -> None:
+    """Name this process ``chimera:NAME`` where tools look for a process's
+    name (``top``, ``ps -o comm``, ``pgrep``; Linux keeps its first 15 bytes);
+    its command line stays the zygote's. Nothing where there is no
+    ``/proc/self/comm``."""
+    try:
+        with open("/proc/self/comm", "wb") as comm:
+            comm.write(f"chimera:{name}".encode()[:15])
+    except OSError:
+        pass
 
 
 def _follow_clock(offset_ns: int) -> None:

@@ -265,7 +265,10 @@ async def test_a_killed_node_fails_and_the_others_go_on(tmp_path):
                 await manager.commit_graph(graph, {"local": ["counter", "first", "second"]})
                 await manager.start()
                 assert [await notified.receive() for _ in range(2)] == [b"x", b"x"]
-                os.kill(int((tmp_path / "first.pid").read_text()), signal.SIGKILL)
+                first_pid = int((tmp_path / "first.pid").read_text())
+                # (what top and ps -o comm show: Linux keeps 15 bytes)
+                assert Path(f"/proc/{first_pid}/comm").read_text() == "chimera:first\n"
+                os.kill(first_pid, signal.SIGKILL)
                 assert await manager.wait_for_node_state("first", "FAILED") == "FAILED"
                 assert await manager.stop()
                 gathered = await manager.gather()  # still works, without the dead node
