@@ -283,8 +283,8 @@ class AsyncManager(Service):
         self._stopped_ns: int | None = None
         #: Whether collect() ended this session's nodes (they run no more).
         self._ended = False
-        #: The Workers whose nodes' files collect() took, this session.
-        self._collected_from: set[str] = set()
+        #: What collect() took of each Worker's nodes, this session, by Worker name.
+        self._collected: dict[str, dict[str, Any]] = {}
 
     @property
     def workers(self) -> dict[str, WorkerInfo]:
@@ -437,7 +437,7 @@ class AsyncManager(Service):
         # (Or the Manager is closing, cancelled: a timeout around its block.)
         closing = self._tasks is None or trio.current_effective_deadline() == -math.inf
         # Files its nodes saved, which it keeps (it said where, in its own log).
-        uncollected = self._started_ns is not None and info.name not in self._collected_from
+        uncollected = self._started_ns is not None and info.name not in self._collected
         log.log(  # (news only if some of them were still at work, or their files are to collect)
             logging.INFO if (ended and not uncollected) or closing else logging.WARNING,
             "worker %r left, and with it its nodes %s%s",
@@ -691,7 +691,7 @@ class AsyncManager(Service):
         # A graph mapped anew is a new session (its own folder, start and stop).
         self._session, self._started_ns, self._stopped_ns = None, None, None
         self._ended = False
-        self._collected_from = set()
+        self._collected = {}
         self._steps_sampled = {}
         self._addresses = {}
         self._link_key = secrets.token_hex(16)
@@ -794,14 +794,18 @@ class AsyncManager(Service):
         await self._request(worker_id, "connect_nodes", addresses=wiring)
 
     def save_meta(self) -> Path:
-        """Write ``meta.json`` in the logdir: the graph, the mapping, the Workers
-        and the nodes' states. Returns its path.
+        """Write the session's ``meta.json`` now, in its folder (see
+        :meth:`session_folder`), as :meth:`start` and :meth:`collect` do: the
+        graph, the mapping, the Workers, the nodes' states and what was
+        collected so far. Returns its path. Blocking (a small file).
 
         Raises:
             RuntimeError: no graph is registered.
+            OSError: it cannot be written.
         """
-        path = self.logdir / "meta.json"
-        path.write_text(json.dumps(self._meta(), indent=2))
+        self._registered()
+        path = self.session_folder() / "meta.json"
+        path.write_text(json.dumps(self._session_meta(path.parent, self._collected), indent=2))
         return path
 
     def _meta(self) -> dict[str, Any]:
@@ -903,7 +907,7 @@ class AsyncManager(Service):
         it again). A failure is logged: the nodes run on."""
         path = self.session_folder() / "meta.json"
         try:
-            meta = await trio.to_thread.run_sync(self._session_meta, path.parent, {})
+            meta = await trio.to_thread.run_sync(self._session_meta, path.parent, self._collected)
             await trio.to_thread.run_sync(path.write_text, json.dumps(meta, indent=2))
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc)
@@ -1064,8 +1068,7 @@ class AsyncManager(Service):
             except ValueError as exc:
                 broken.append(str(exc))
                 return
-            self._collected_from.add(name)
-            workers[name] = {
+            workers[name] = self._collected[name] = {
                 "clock": result["clock"],
                 "files": len(result["files"]),
                 "streams": result.get("streams") or {},
@@ -1075,7 +1078,7 @@ class AsyncManager(Service):
         log.info("%s, into %s", progress.line(), session)
         for name in left:
             log.error("worker %r left: the files of its nodes are not collected", name)
-        meta = await trio.to_thread.run_sync(self._session_meta, session, workers)
+        meta = await trio.to_thread.run_sync(self._session_meta, session, self._collected)
         try:
             (session / "meta.json").write_text(json.dumps(meta, indent=2))
         except OSError as exc:
@@ -1115,8 +1118,9 @@ class AsyncManager(Service):
         return name
 
     def _session_meta(self, session: Path, workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """``meta.json`` of a collected session (blocking: the streams of a
-        node whose Worker sent no summaries are summarized from their files)."""
+        """The session's ``meta.json``, *workers* being what was collected of
+        each Worker's nodes (blocking: the streams of a node whose Worker sent
+        no summaries are summarized from its collected files, if any)."""
         meta = self._meta()
         meta["session"] = session.name
         meta["start_ns"], meta["stop_ns"] = self._started_ns, self._stopped_ns

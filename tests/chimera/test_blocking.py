@@ -491,7 +491,9 @@ def test_commit_step_by_step_as_chimerapy_scripts_may(tmp_path):
             lab = manager.workers[worker.id]
             assert lab.nodes == {source.id: "READY", sink.id: "READY"}
             assert lab.ip == "127.0.0.1"
-            meta = json.loads(manager.save_meta().read_text())
+            saved = manager.save_meta()  # (in the session's folder, which one logdir has many of)
+            assert saved == manager.session_folder() / "meta.json"
+            meta = json.loads(saved.read_text())
             assert meta["mapping"] == {"lab": ["source", "sink"]}
             assert meta["edges"] == [
                 {"src": "source", "dst": "sink", "delivery": "reliable", "followed": True}
