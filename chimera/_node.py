@@ -133,6 +133,9 @@ class Node:
         self._recording = False
         #: Whether it said that a save was not recorded (once).
         self._said_unrecorded = False
+        #: Whether it steps offline (``manager.step()``) now: what it saves is not
+        #: recorded, which is said as a warning (a ChimeraPy script may expect it).
+        self._offline = False
         #: Whether a runtime runs the node (in a cluster); else it is run by hand.
         self._in_cluster = False
         if debug == "step":
@@ -272,7 +275,8 @@ class Node:
             recorder.save(kind, name, data, **params)
         elif not self._said_unrecorded:
             self._said_unrecorded = True
-            self.logger.info(
+            self.logger.log(
+                logging.WARNING if self._offline else logging.INFO,
                 "%s %r is not recorded: saves are recorded in prep, and from start() (or "
                 "record()) until stop(); not after prep until then, while previewing, or in "
                 "step() (said once)",

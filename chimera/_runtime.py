@@ -553,6 +553,7 @@ class NodeRuntime:
         await self._wait_for_outputs()
         sent = self._chunks_sent
         failure: Exception | None = None
+        self.node._offline = True
         try:
             if self.state is NodeState.FAILED:
                 pass
@@ -574,6 +575,8 @@ class NodeRuntime:
                     await self._send([self._output(value)])
         except Exception as exc:  # (not a cancellation: then the nodes downstream stop too)
             failure = exc
+        finally:
+            self.node._offline = False
         if self._chunks_sent == sent and self._outlet is not None:
             await self._outlet.send(pack_batch([], sent))
         if self.state is NodeState.FAILED:

@@ -620,6 +620,33 @@ async def test_a_node_failed_by_a_full_disk_says_so_once(tmp_path, monkeypatch, 
     assert len(said) == 1 and "No space left on device" in said[0]
 
 
+async def test_a_save_in_an_offline_step_is_said_not_recorded_as_a_warning(tmp_path, caplog):
+    # (manager.step(): a ChimeraPy script may expect it recorded; it shows without logging set up)
+    class SavesText(cp.Node):
+        def step(self):
+            self.save_text("notes", "a line\n")
+            return 1
+
+    node = SavesText("notes")
+    with trio.fail_after(20):
+        async with NodeRuntime(node, folder=tmp_path / "notes") as runtime:
+            await runtime.prep()
+            for _ in range(2):
+                await runtime.step_once()
+    said = [
+        (r.levelname, r.getMessage()) for r in caplog.records if "not recorded" in r.getMessage()
+    ]
+    assert said == [
+        (
+            "WARNING",
+            "text 'notes' is not recorded: saves are recorded in prep, and from start() (or "
+            "record()) until stop(); not after prep until then, while previewing, or in step() "
+            "(said once)",
+        )
+    ]
+    assert not (tmp_path / "notes" / "notes.txt").exists()
+
+
 async def test_a_prep_asked_of_a_closed_node_is_refused_not_left_waiting():
     # (A Worker told to prep while it closes its nodes to leave.)
     node = Count("count", 1)
