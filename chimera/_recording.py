@@ -73,10 +73,14 @@ _AUDIO_FORMATS = {
     2: ("PCM_32", numpy.int32),  # paInt32
     4: ("PCM_24", numpy.int32),  # paInt24 (as int32 samples, full scale)
     8: ("PCM_16", numpy.int16),  # paInt16
+    16: ("PCM_U8", numpy.int8),  # paInt8 (a WAV file's 8-bit samples are unsigned: shifted by 128)
+    32: ("PCM_U8", numpy.uint8),  # paUInt8
 }
 _PA_INT24 = 4
 #: With ``format=None``: the subtype for the array's dtype.
 _AUDIO_DTYPES = {
+    numpy.dtype(numpy.int8): "PCM_U8",
+    numpy.dtype(numpy.uint8): "PCM_U8",
     numpy.dtype(numpy.int16): "PCM_16",
     numpy.dtype(numpy.int32): "PCM_32",
     numpy.dtype(numpy.float32): "FLOAT",
@@ -141,7 +145,7 @@ def _as_samples(block: numpy.ndarray, dtype: Any, what: str) -> numpy.ndarray:
         return block
     if block.dtype.kind == "f" and dtype.kind == "f":
         return block.astype(dtype)
-    if block.dtype.kind in "iu" and dtype.kind == "i":
+    if block.dtype.kind in "iu" and dtype.kind in "iu":
         info = numpy.iinfo(dtype)
         if block.size == 0 or (info.min <= block.min() and block.max() <= info.max):
             return block.astype(dtype)
@@ -684,7 +688,8 @@ class _AudioWriter(_Writer):
         if format is not None and format not in _AUDIO_FORMATS:
             raise ValueError(
                 f"audio {name!r}: format {format!r} is not one of PyAudio's paFloat32 (1), "
-                "paInt32 (2), paInt24 (4), paInt16 (8), or None (the array's dtype)"
+                "paInt32 (2), paInt24 (4), paInt16 (8), paInt8 (16), paUInt8 (32), or None "
+                "(the array's dtype)"
             )
         self.channels, self.format, self.rate = channels, format, rate
         self._subtype: str | None = None
@@ -711,7 +716,7 @@ class _AudioWriter(_Writer):
         else:
             raise ValueError(
                 f"audio {self.name!r}: samples of {block.dtype}; "
-                "with format=None, int16, int32, float32 or float64"
+                "with format=None, int8, uint8, int16, int32, float32 or float64"
             )
         if block.ndim == 1:
             if block.size % self.channels:
@@ -729,6 +734,8 @@ class _AudioWriter(_Writer):
             self._subtype, self._dtype = subtype, block.dtype
         elif block.dtype != self._dtype:
             raise ValueError(f"audio {self.name!r}: {block.dtype} samples after {self._dtype} ones")
+        if block.dtype == numpy.int8:  # (8-bit WAV samples are unsigned, silence at 128)
+            return (block.astype(numpy.int16) + 128).astype(numpy.uint8)
         return numpy.array(block, copy=True)
 
     def open(self) -> None:

@@ -28,6 +28,7 @@ __all__ = ["SUBTYPES", "WavWriter"]
 
 #: The sample formats, by soundfile's names: (WAV format tag, bits per sample).
 SUBTYPES = {
+    "PCM_U8": (1, 8),  # (unsigned: silence is 128)
     "PCM_16": (1, 16),
     "PCM_24": (1, 24),  # (int32 samples at full scale: their top three bytes)
     "PCM_32": (1, 32),
@@ -86,7 +87,7 @@ class WavWriter:
 
     def write(self, block: numpy.ndarray) -> None:
         """Append *block*, a (frames, channels) array of the file's samples
-        (int16, int32 for PCM_24 and PCM_32, float32, float64).
+        (uint8, int16, int32 for PCM_24 and PCM_32, float32, float64).
 
         Raises:
             OSError: it could not be written (a full disk): none of it is in the file.

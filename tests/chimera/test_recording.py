@@ -173,6 +173,29 @@ def test_audio_as_pyaudio_bytes_is_taken_with_its_format(tmp_path):
         Recorder(tmp_path / "x").save("audio", "mic", block, channels=2, format=3, rate=16000)
 
 
+@pytest.mark.parametrize(
+    ("format", "samples"),
+    [
+        (16, np.array([-128, -1, 0, 1, 127], np.int8)),  # paInt8, as PyAudio's bytes
+        (32, np.array([0, 127, 128, 129, 255], np.uint8)),  # paUInt8, as PyAudio's bytes
+        (None, np.array([-128, -1, 0, 1, 127], np.int8)),  # an int8 array
+    ],
+    ids=["paInt8", "paUInt8", "int8"],
+)
+def test_8_bit_audio_is_saved_as_a_wav_files_unsigned_8_bit_samples(tmp_path, format, samples):
+    import soundfile
+
+    recorder = Recorder(tmp_path)
+    data = samples if format is None else samples.tobytes()
+    recorder.save("audio", "mic", data, channels=1, format=format, rate=8000)
+    recorder.close()
+    info = soundfile.info(tmp_path / "mic.wav")
+    assert (info.subtype, info.frames) == ("PCM_U8", 5)
+    read, _ = soundfile.read(tmp_path / "mic.wav", dtype="int16")  # (8-bit samples, scaled)
+    signed = samples.astype(np.int16) - (128 if samples.dtype == np.uint8 else 0)
+    assert read.tolist() == (signed * 256).tolist()
+
+
 def test_images_come_back_from_their_pngs(tmp_path):
     import cv2
 

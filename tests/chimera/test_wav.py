@@ -14,17 +14,27 @@ from hypothesis import strategies as st
 from chimera import _wav
 from chimera._wav import SUBTYPES, WavWriter
 
-#: soundfile's reading dtype for each sample format (PCM_24 comes back as int32, full scale).
-DTYPES = {"PCM_16": "int16", "PCM_24": "int32", "PCM_32": "int32", "FLOAT": "float32"}
-DTYPES["DOUBLE"] = "float64"
+#: soundfile's reading dtype for each sample format (PCM_24 comes back as int32, full
+#: scale; PCM_U8 as int16, full scale).
+DTYPES = {"PCM_U8": "int16", "PCM_16": "int16", "PCM_24": "int32", "PCM_32": "int32"}
+DTYPES["FLOAT"], DTYPES["DOUBLE"] = "float32", "float64"
 
 
 def samples(subtype: str, frames: int, channels: int, start: int = 0) -> np.ndarray:
-    """Distinct samples: counting up (PCM_24: in the top three bytes of int32)."""
+    """Samples counting up (PCM_24: in the top three bytes of int32; PCM_U8: modulo 256)."""
     values = np.arange(start, start + frames * channels).reshape(frames, channels)
     if subtype == "PCM_24":
         return (values << 8).astype(np.int32)
+    if subtype == "PCM_U8":
+        return (values % 256).astype(np.uint8)
     return values.astype(DTYPES[subtype])
+
+
+def as_read(subtype: str, written: np.ndarray) -> np.ndarray:
+    """What soundfile reads of *written* samples (PCM_U8: signed, full scale)."""
+    if subtype == "PCM_U8":
+        return (written.astype(np.int16) - 128) * 256
+    return written
 
 
 @settings(max_examples=40, deadline=None)
@@ -44,7 +54,7 @@ def test_any_blocks_come_back_from_the_closed_file(tmp_path_factory, subtype, ch
     writer.close()
     read, rate = soundfile.read(path, dtype=DTYPES[subtype], always_2d=True)
     assert rate == 8000 and read.shape == (sum(blocks), channels)
-    assert np.array_equal(read, np.concatenate(written))
+    assert np.array_equal(read, as_read(subtype, np.concatenate(written)))
     # Its header holds the sizes a strict reader checks, each chunk padded to an even size.
     riff_size, chunks = riff_chunks(path.read_bytes())
     assert riff_size == path.stat().st_size - 8
@@ -68,7 +78,7 @@ def riff_chunks(data: bytes) -> tuple[int, dict[bytes, bytes]]:
     return int.from_bytes(data[4:8], "little"), chunks
 
 
-@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "PCM_32"])
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32"])
 def test_pythons_wave_reads_integer_samples(tmp_path, subtype):
     writer = WavWriter(tmp_path / "a.wav", 16000, 2, subtype)
     writer.write(samples(subtype, 101, 2))
@@ -88,7 +98,7 @@ def test_a_file_not_closed_says_what_was_flushed(tmp_path, subtype):
     writer.write(samples(subtype, 10, 2))
     writer.close()
     read, _ = soundfile.read(tmp_path / "left.wav", dtype=DTYPES[subtype])
-    assert np.array_equal(read, samples(subtype, 300, 2))
+    assert np.array_equal(read, as_read(subtype, samples(subtype, 300, 2)))
     if subtype.startswith("PCM"):
         with wave.open(str(tmp_path / "left.wav")) as file:
             assert file.getnframes() == 300
