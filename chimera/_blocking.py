@@ -85,9 +85,12 @@ class _LoopThread(Generic[T]):
         hurry: Callable[[], None] | None = None,
         *,
         shut_down: str,
+        logger: logging.Logger = log,
     ) -> None:
         #: What a call says once the loop has ended.
         self._shut_down = shut_down
+        #: Where what it says about itself goes (its resource's logger).
+        self._log = logger
         self._resource_cm = resource
         self._hurry = hurry
         self._ready = threading.Event()
@@ -190,7 +193,7 @@ class _LoopThread(Generic[T]):
             return
         name, finished = self._cancelled
         if not finished.wait(CANCELLED_QUIET) and self._alive:
-            log.warning(
+            self._log.warning(
                 "%s: waiting for the %s that Ctrl-C cancelled to clean up (at most %.0f s)",
                 self._thread.name,
                 name,
@@ -265,7 +268,7 @@ class _LoopThread(Generic[T]):
 
     def _say_waiting(self) -> None:
         self._said_waiting = True
-        log.warning(
+        self._log.warning(
             "%s: shutting down: waiting for what it runs to end (Ctrl-C stops waiting)",
             self._thread.name,
         )
@@ -287,7 +290,7 @@ class _LoopThread(Generic[T]):
         hurried = hurry is not None
         try:
             if hurry is not None:
-                log.warning("%s: Ctrl-C, stopping at once", self._thread.name)
+                self._log.warning("%s: Ctrl-C, stopping at once", self._thread.name)
                 trio.from_thread.run_sync(hurry, trio_token=self._token)
             trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
         except trio.RunFinishedError:
@@ -304,7 +307,7 @@ class _LoopThread(Generic[T]):
                 if said or time.monotonic() >= deadline:
                     return
                 said = True
-                log.warning(
+                self._log.warning(
                     "%s: shutting down: waiting for what it runs to end (at most %.0f s "
                     "more; Ctrl-C stops waiting)",
                     self._thread.name,
@@ -540,6 +543,7 @@ class Worker:
             f"chimera-worker-{name}",
             hurry=worker.kill_nodes,
             shut_down=f"worker {name!r} has been shut down: make a new one",
+            logger=logging.getLogger("chimera.worker"),
         )
         self._worker = worker
 

@@ -592,6 +592,9 @@ def test_ctrl_c_while_a_worker_shuts_down_stops_it_at_once(tmp_path, monkeypatch
     assert killed == [
         ("chimera.node.stuck", "node 'stuck' failed: its process was killed by SIGKILL")
     ]
+    # Said by the Worker's logger (not the Manager's, as it was).
+    hurried = [r.name for r in caplog.records if "Ctrl-C, stopping at once" in r.getMessage()]
+    assert hurried == ["chimera.worker"]
     assert not list(tmp_path.glob("chimera-worker-*"))
     assert chimera_threads() == []
     assert children_of(os.getpid()) == []
