@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import threading
@@ -645,6 +646,19 @@ async def test_a_save_in_an_offline_step_is_said_not_recorded_as_a_warning(tmp_p
         )
     ]
     assert not (tmp_path / "notes" / "notes.txt").exists()
+
+
+async def test_a_save_not_recorded_after_an_offline_step_is_no_warning(tmp_path, caplog):
+    # (As while previewing: the node is told it does not record; no news.)
+    caplog.set_level(logging.INFO, logger="chimera.node")
+    node = cp.Node("quiet")
+    with trio.fail_after(20):
+        async with NodeRuntime(node, folder=tmp_path / "quiet") as runtime:
+            await runtime.prep()
+            await runtime.step_once()
+            node.save_text("notes", "a line\n")
+    said = [r.levelname for r in caplog.records if "not recorded" in r.getMessage()]
+    assert said == ["INFO"]
 
 
 async def test_a_prep_asked_of_a_closed_node_is_refused_not_left_waiting():
