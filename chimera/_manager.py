@@ -800,12 +800,25 @@ class AsyncManager(Service):
         collected so far. Returns its path. Blocking (a small file).
 
         Raises:
-            RuntimeError: no graph is registered.
+            RuntimeError: no graph is mapped (committed, or ``map_graph``-ed):
+                there is no session yet.
             OSError: it cannot be written.
         """
-        self._registered()
+        self._check_committed("save_meta()")
+        return self._write_session_meta()
+
+    def _write_session_meta(self) -> Path:
+        """Write the session's ``meta.json`` (blocking); its path.
+
+        Raises:
+            OSError: it cannot be written (the message names it).
+        """
         path = self.session_folder() / "meta.json"
-        path.write_text(json.dumps(self._session_meta(path.parent, self._collected), indent=2))
+        meta = self._session_meta(path.parent, self._collected)
+        try:
+            path.write_text(json.dumps(meta, indent=2))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
         return path
 
     def _meta(self) -> dict[str, Any]:
@@ -905,12 +918,10 @@ class AsyncManager(Service):
         each node's id, which names the folder its Worker keeps its files in,
         should this Manager not live to collect them (:meth:`collect` writes
         it again). A failure is logged: the nodes run on."""
-        path = self.session_folder() / "meta.json"
         try:
-            meta = await trio.to_thread.run_sync(self._session_meta, path.parent, self._collected)
-            await trio.to_thread.run_sync(path.write_text, json.dumps(meta, indent=2))
+            await trio.to_thread.run_sync(self._write_session_meta)
         except OSError as exc:
-            log.warning("cannot write %s: %s", path, exc)
+            log.warning("%s", exc)
 
     def _mapped_states(self) -> set[str | None]:
         """The states of the nodes of the graph mapped now (those of a graph
@@ -1078,13 +1089,7 @@ class AsyncManager(Service):
         log.info("%s, into %s", progress.line(), session)
         for name in left:
             log.error("worker %r left: the files of its nodes are not collected", name)
-        meta = await trio.to_thread.run_sync(self._session_meta, session, self._collected)
-        try:
-            (session / "meta.json").write_text(json.dumps(meta, indent=2))
-        except OSError as exc:
-            raise OSError(
-                exc.errno, f"cannot write {session / 'meta.json'}: {exc.strerror}"
-            ) from exc
+        await trio.to_thread.run_sync(self._write_session_meta)
         if not unzip:
             for name in workers:
                 await trio.to_thread.run_sync(_zip_folder, session / name)

@@ -149,6 +149,15 @@ async def test_a_session_folder_says_what_runs_where_from_its_start(tmp_path):
     assert not any(node["collected"] for node in meta["streams"].values())
 
 
+async def test_save_meta_before_a_graph_is_mapped_says_there_is_no_session(tmp_path):
+    graph, *_ = counter_doubler_printer()
+    async with AsyncManager(tmp_path, port=0, transport="memory") as manager:
+        manager.register_graph(graph)
+        with pytest.raises(RuntimeError, match=r"save_meta\(\): no graph is committed"):
+            manager.save_meta()
+    assert not list(tmp_path.glob("*/meta.json"))
+
+
 async def test_a_prep_that_raises_makes_commit_graph_raise_a_node_error(tmp_path):
     graph = cp.Graph()
     graph.add_edge(BrokenPrep("camera"), cp.Node("fine"))
