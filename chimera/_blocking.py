@@ -266,11 +266,15 @@ class _LoopThread(Generic[T]):
             self._close(hurried=True)
             raise
 
-    def _say_waiting(self) -> None:
+    def _say_waiting(self, more: float | None = None) -> None:
+        """Say (once) that shutting down waits for what the loop runs to end,
+        for at most *more* seconds if given."""
         self._said_waiting = True
+        bound = "" if more is None else f"at most {more:.0f} s more; "
         self._log.warning(
-            "%s: shutting down: waiting for what it runs to end (Ctrl-C stops waiting)",
+            "%s: shutting down: waiting for what it runs to end (%sCtrl-C stops waiting)",
             self._thread.name,
+            bound,
         )
 
     def _close_at_exit(self) -> None:
@@ -307,12 +311,7 @@ class _LoopThread(Generic[T]):
                 if said or time.monotonic() >= deadline:
                     return
                 said = True
-                self._log.warning(
-                    "%s: shutting down: waiting for what it runs to end (at most %.0f s "
-                    "more; Ctrl-C stops waiting)",
-                    self._thread.name,
-                    deadline - time.monotonic(),
-                )
+                self._say_waiting(deadline - time.monotonic())
             except KeyboardInterrupt:
                 if not hurried:
                     raise
