@@ -68,7 +68,6 @@ SHAPES = [
     ("socket", "thread"),
     ("socket", "loop"),
 ]
-_HERE = os.path.dirname(os.path.abspath(__file__))
 #: Gives up the CPU after a write or a hand-over, as chimera does (see _user_thread.py).
 _yield = getattr(os, "sched_yield", lambda: None)
 
@@ -272,16 +271,18 @@ def measure(sender: str, receiver: str, seconds: float) -> dict[str, float]:
 
 
 def measure_lsl(seconds: float) -> dict[str, float] | None:
-    """Lab Streaming Layer's paced p50 and p99 in µs (``_lsl.py``); None without pylsl."""
-    try:
-        import pylsl  # noqa: F401
-    except ImportError:
+    """Lab Streaming Layer's paced p50 and p99 in µs, as ``pipeline.py`` measures
+    them; None where it cannot be measured (no pylsl, or no liblsl).
+
+    Raises:
+        SystemExit: ``_lsl.py`` failed.
+    """
+    # (Imported here: pipeline imports chimera, which the measured processes need not.)
+    from pipeline import lsl_missing, measure_lsl  # (this script's folder)
+
+    if lsl_missing() is not None:
         return None
-    command = [sys.executable, os.path.join(_HERE, "_lsl.py"), "--rate", str(RATE)]
-    done = subprocess.run([*command, "--seconds", str(seconds)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"_lsl.py failed ({done.returncode}):\n{done.stderr}")
-    return json.loads(done.stdout)
+    return trio.run(measure_lsl, RATE, seconds)
 
 
 def main() -> None:
