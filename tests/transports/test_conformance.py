@@ -14,6 +14,8 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import transports
 import transports._link
@@ -876,6 +878,45 @@ async def test_max_bytes_bounds_the_bytes_buffered_on_a_link(address, max_bytes)
             assert received == [big] * 3
             assert inlet.stats.links[0].max_bytes == max_bytes
             await inlet.aclose()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=40),
+    capacity=st.integers(1, 6),
+    max_bytes=st.integers(1, 8000),
+    pauses=st.lists(st.integers(0, 3), max_size=40),
+)
+def test_a_link_bounded_in_bytes_never_leaves_its_outlet_waiting(
+    sizes, capacity, max_bytes, pauses
+):
+    # Credit goes back in batches, and at once only when the bytes owed
+    # could hold the outlet up: whatever the sizes and the reader's pace,
+    # everything arrives, in order.
+    messages = [payload(i, size) for i, size in enumerate(sizes)]
+
+    async def main() -> list[bytes]:
+        with trio.fail_after(10):
+            async with await transports.bind("memory://") as outlet:
+                inlet = await transports.connect(
+                    outlet.address, capacity=capacity, max_bytes=max_bytes
+                )
+                received: list[bytes] = []
+
+                async def take() -> None:
+                    for index in range(len(messages)):
+                        for _ in range(pauses[index] if index < len(pauses) else 0):
+                            await trio.lowlevel.checkpoint()
+                        received.append(bytes((await inlet.receive())[0]))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(take)
+                    for message in messages:
+                        await outlet.send(message)
+                await inlet.aclose()
+                return received
+
+    assert trio.run(main) == messages
 
 
 async def test_wait_send_might_not_block_returns_once_a_full_link_has_room(address):
