@@ -99,6 +99,30 @@ class Outlet(trio.abc.AsyncResource):
         """
 
     @abstractmethod
+    def send_now(self, message: Message) -> bool:
+        """Send *message* at once, if it need not wait; whether it was sent.
+
+        Unlike every other method, safe to call from any thread (it never
+        waits, but for a lock the outlet's own tasks hold briefly): a thread
+        that makes messages sends them without handing each to the event
+        loop. The message is sent -- to every link, in order after what was
+        sent before -- when it is small (at most 64 KiB), every link has room
+        and credit for it with nothing queued, and no link's task is writing;
+        what the connection does not take at once, the link's task writes
+        next. Otherwise nothing is sent, and it returns False: :meth:`send` it
+        (from the event loop). Always False with no inlet connected, on a
+        closed outlet, and on backends whose connections only their event
+        loop writes (``memory``, ``nng``).
+
+        Two senders are ordered by the caller: a message sent while a
+        :meth:`send` from another thread waits may go before it.
+
+        Raises:
+            TypeError: a frame is not bytes-like.
+            ValueError: as :meth:`send`.
+        """
+
+    @abstractmethod
     async def wait_send_might_not_block(self) -> None:
         """Return once :meth:`send` might not wait: every ``RELIABLE`` link has room.
 

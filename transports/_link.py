@@ -104,6 +104,31 @@ class _LinkQueue:
             return False
         return self.max_bytes is None or self.in_flight_bytes < self.max_bytes
 
+    def can_take_now(self) -> bool:
+        """Whether a message may skip the queue: nothing is pending, the link
+        is not closing, and :meth:`put` then :meth:`take` would transmit it
+        at once, within the link's bound (so, for ``RELIABLE``, there is room)."""
+        if self.pending or self.closing:
+            return False
+        if not self.in_flight:
+            return True
+        if self.in_flight >= self.capacity:
+            return False
+        return self.max_bytes is None or self.in_flight_bytes < self.max_bytes
+
+    def take_now(self, frames: list[memoryview], nbytes: int) -> tuple[int, list[memoryview], int]:
+        """Put a message on the link and take it to transmit at once, as
+        :meth:`put` then :meth:`take` would (only if :meth:`can_take_now`);
+        *on_change* is not called: nothing waits for what this changes."""
+        message = (self.next_seq, frames, nbytes)
+        self.next_seq += 1
+        self.counters.messages_sent += 1
+        self.counters.bytes_sent += nbytes
+        self.in_flight += 1
+        self.in_flight_bytes += nbytes
+        self._in_flight_sizes.append(nbytes)
+        return message
+
     def take(self, limit: int) -> list[tuple[int, list[memoryview], int]]:
         """Take up to *limit* messages that credit allows to transmit now."""
         batch: list[tuple[int, list[memoryview], int]] = []

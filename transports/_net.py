@@ -12,7 +12,7 @@ from functools import partial
 
 import trio
 
-from ._abc import Delivery, Inlet
+from ._abc import Delivery, Inlet, Message
 from ._background import _Background, first_completed
 from ._framing import (
     HELLO_SIZE,
@@ -33,7 +33,7 @@ from ._framing import (
     encode_welcome,
 )
 from ._link import _InletBuffer, _LinkQueue
-from ._outlet import _OutletBase
+from ._outlet import _as_frames, _OutletBase
 from ._stats import Stats, _Counters, _inlet_stats
 
 log = logging.getLogger("transports")
@@ -183,6 +183,11 @@ class _Transmitter(_Writer):
     messages instead of one each, and wakes the receiver less often
     (measured at 1 KB: a quarter less CPU per message on each side). Larger
     messages, and the end of stream, always go from the task.
+
+    Another thread may write a message at once too (:meth:`write_at_once`),
+    while the task waits. Whatever changes the link, or writes, holds the
+    outlet's lock then: :meth:`poke` is called by the link's changes, which
+    do.
     """
 
     def __init__(self, conduit: _Conduit) -> None:
@@ -190,6 +195,26 @@ class _Transmitter(_Writer):
         self.link: _LinkQueue | None = None
         #: Set by a write at once, until the task has run.
         self._wrote_now = False
+        self._token = trio.lowlevel.current_trio_token()
+
+    @property
+    def writes_at_once(self) -> bool:
+        """Whether :meth:`write_at_once` may write now: the conduit can, and
+        the task waits with nothing left to write."""
+        return self._idle and self._conduit.eager
+
+    def write_at_once(self, message: tuple[int, list[memoryview], int]) -> None:
+        """Write *message* (taken off the link) now, from any thread, if
+        :attr:`writes_at_once`; what the connection does not take, the task
+        writes next."""
+        rest = self._conduit.write_messages_now([message])
+        if rest:
+            self._rest = rest
+            self._idle = False
+            try:
+                self._token.run_sync_soon(self._wake.unpark_all)
+            except trio.RunFinishedError:  # (the link is gone with its event loop)
+                pass
 
     def _write_now(self) -> list[memoryview]:
         link = self.link
@@ -261,6 +286,27 @@ class _NetOutlet(_OutletBase):
     ) -> None:
         super().__init__(address, max_frame_size, close_timeout, key)
         self._background = background
+        #: Each link's transmitter, for :meth:`send_now`.
+        self._transmitters: dict[_LinkQueue, _Transmitter] = {}
+
+    def send_now(self, message: Message) -> bool:
+        frames, nbytes = _as_frames(message, self._max_frame_size)
+        if nbytes > EAGER_LIMIT:
+            return False
+        with self._lock:
+            if self._closed or not self._links:
+                return False
+            writers = []
+            for link in self._links:
+                writer = self._transmitters.get(link)
+                if writer is None or not writer.writes_at_once or not link.can_take_now():
+                    return False
+                writers.append(writer)
+            for link, writer in zip(self._links, writers, strict=True):
+                writer.write_at_once(link.take_now(frames, nbytes))
+            self._messages_sent += 1
+            self._bytes_sent += nbytes
+        return True
 
     async def _serve_link(self, conduit: _Conduit) -> None:
         """Handshake with a new connection, then run its link until it ends (or is cut)."""
@@ -299,6 +345,7 @@ class _NetOutlet(_OutletBase):
                 on_cut=running.cancel,
             )
             transmitter.link = link
+            self._transmitters[link] = transmitter
             with running:
                 await conduit.send_record(encode_welcome())
                 log.debug(
@@ -325,6 +372,7 @@ class _NetOutlet(_OutletBase):
         finally:
             if link is not None:
                 self._drop_link(link)
+                self._transmitters.pop(link, None)
             await _close_conduit(conduit)
 
     async def _take_credit(self, link: _LinkQueue, conduit: _Conduit) -> None:
@@ -335,9 +383,11 @@ class _NetOutlet(_OutletBase):
                 return
             kind, fixed, _ = record
             if kind == KIND_CREDIT:
-                link.credit(*fixed)
+                with self._lock:
+                    link.credit(*fixed)
             elif kind == KIND_ACK and link.closing:
-                link.credit(0, fixed[0])
+                with self._lock:
+                    link.credit(0, fixed[0])
                 return
             else:
                 raise ProtocolError(f"unexpected record of kind {kind} from an inlet")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 from abc import abstractmethod
 from collections.abc import Callable
 
@@ -66,7 +67,12 @@ def _as_frames(message: Message, max_frame_size: int) -> tuple[list[memoryview],
 
 
 class _OutletBase(Outlet):
-    """An outlet's links and the rules of sending; backends add binding and I/O."""
+    """An outlet's links and the rules of sending; backends add binding and I/O.
+
+    Its links change, and are written to, in the Trio thread, except by
+    :meth:`send_now`, which any thread may call: what either side does to
+    the links (and to their writers' state) it does holding :attr:`_lock`.
+    """
 
     def __init__(
         self, address: str, max_frame_size: int, close_timeout: float, key: bytes | None = None
@@ -83,6 +89,9 @@ class _OutletBase(Outlet):
         self._messages_sent = 0
         self._bytes_sent = 0
         self._closed = False
+        #: Held by whatever changes the links or writes to them (reentrant: a
+        #: change calls its link's ``on_change``, which may change more).
+        self._lock = threading.RLock()
         self._schedule = _SchedulePoints()
         #: Woken when a link gets room, a link goes away, or the outlet closes.
         self._room = trio.lowlevel.ParkingLot()
@@ -104,14 +113,26 @@ class _OutletBase(Outlet):
     async def send(self, message: Message) -> None:
         frames, nbytes = _as_frames(message, self._max_frame_size)
         await trio.lowlevel.checkpoint_if_cancelled()
-        if await self._wait_for_room():
+        waited = False
+        while True:
+            waited = await self._wait_for_room() or waited
+            with self._lock:  # (another thread's send_now may have taken the room since)
+                if all(link.has_room() for link in self._links):
+                    # No checkpoint from here on: the message reaches every link, or none.
+                    for link in self._links:
+                        link.put(frames, nbytes)
+                    self._messages_sent += 1
+                    self._bytes_sent += nbytes
+                    break
+        if waited:
             self._schedule.waited()
-        # No checkpoint from here on: the message reaches every link, or none.
-        for link in self._links:
-            link.put(frames, nbytes)
-        self._messages_sent += 1
-        self._bytes_sent += nbytes
         await self._schedule.maybe_yield()
+
+    def send_now(self, message: Message) -> bool:
+        """Always False: only a backend whose links can be written from any
+        thread sends at once (see :meth:`Outlet.send_now`)."""
+        _as_frames(message, self._max_frame_size)
+        return False
 
     async def wait_send_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -169,17 +190,19 @@ class _OutletBase(Outlet):
 
         counters = _Counters(peer, delivery, capacity, max_bytes, label=label)
         link = _LinkQueue(counters, changed)
-        self._on_cut[link] = on_cut
-        self._history.append(counters)
-        self._links.append(link)
+        with self._lock:
+            self._on_cut[link] = on_cut
+            self._history.append(counters)
+            self._links.append(link)
         self._inlets_changed.unpark_all()
         return link
 
     def _drop_link(self, link: _LinkQueue) -> None:
         """Forget a link that ended (acknowledged, closed by its inlet, or broken)."""
-        if link in self._links:
-            self._links.remove(link)
-        self._on_cut.pop(link, None)
+        with self._lock:  # (from here on, send_now leaves its connection alone)
+            if link in self._links:
+                self._links.remove(link)
+            self._on_cut.pop(link, None)
         link.done.set()
         self._room.unpark_all()
 
@@ -201,12 +224,13 @@ class _OutletBase(Outlet):
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            links = list(self._links)
+            for link in links:
+                link.close()
         self._room.unpark_all()
         self._inlets_changed.unpark_all()
-        links = list(self._links)
-        for link in links:
-            link.close()
         try:
             with trio.move_on_after(self._close_timeout) as waiting:
                 for link in links:

@@ -16,6 +16,7 @@ import trio.testing
 import chimera as cp
 import chimera._runtime
 import transports
+from chimera._data import decode_chunk
 from chimera._runtime import Input, NodeRuntime
 
 
@@ -126,6 +127,38 @@ async def test_a_chain_steps_every_chunk_once_in_order_and_ends_cleanly(transpor
         cp.NodeState.SHUTDOWN,
     ]
     assert runtimes["double"].steps == 50
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_chunks_that_come_alone_and_in_bursts_are_stepped_once_each_in_order(transport):
+    # A def step's chunk that comes alone leaves from the node's thread (on
+    # tcp); those of a burst, from the event loop, together: the nodes
+    # downstream see one sequence either way.
+    class Uneven(Count):
+        def step(self):
+            if self.sent % 5 == 0 or self.sent == self.n - 1:
+                threading.Event().wait(0.0005)  # then a burst of five (the last: alone)
+            return super().step()
+
+    done, done_too = threading.Event(), threading.Event()
+    uneven, double = Uneven("count", 300), Double("double")
+    first, second = Collect("first", 300, done), Collect("second", 300, done_too)
+    both = threading.Event()
+    threading.Thread(target=lambda: (done.wait(20), done_too.wait(20), both.set())).start()
+    with trio.fail_after(30):
+        runtimes, states = await run_pipeline(
+            [uneven, double, first, second],
+            [(uneven, double), (uneven, first), (double, second)],
+            until=both,
+            stop=["count"],
+            transport=transport,
+        )
+    assert first.seen == [{"count": i} for i in range(1, 301)]
+    assert second.seen == [{"double": 2 * i} for i in range(1, 301)]
+    assert runtimes["double"].steps == 300
+    assert all(cp.NodeState.FAILED not in history for history in states.values())
+    last = await runtimes["count"].gather()  # (what Manager.gather shows)
+    assert last is not None and decode_chunk(last).get("default")["value"] == 300
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
