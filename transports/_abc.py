@@ -107,7 +107,9 @@ class Outlet(trio.abc.AsyncResource):
         that makes messages sends them without handing each to the event
         loop. The message is sent -- to every link, in order after what was
         sent before -- when it is small (at most 64 KiB), every link has room
-        and credit for it with nothing queued, and no link's task is writing;
+        and credit for it with nothing queued and less than half its
+        capacity in flight (a link fuller than that is better served by the
+        batches its task writes), and no link's task is writing;
         what the connection does not take at once, the link's task writes
         next. Otherwise nothing is sent, and it returns False: :meth:`send` it
         (from the event loop). Always False with no inlet connected, on a

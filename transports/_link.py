@@ -107,12 +107,17 @@ class _LinkQueue:
     def can_take_now(self) -> bool:
         """Whether a message may skip the queue: nothing is pending, the link
         is not closing, and :meth:`put` then :meth:`take` would transmit it
-        at once, within the link's bound (so, for ``RELIABLE``, there is room)."""
+        at once, within the link's bound (so, for ``RELIABLE``, there is
+        room), with less than half the link's capacity in flight. (A link
+        more than half full is under pressure: its room is better spent on
+        the batches its task sends. A source sending 1 KB messages as fast
+        as its sink takes them made ~8% fewer a second when those sent
+        after each wait for credit went alone.)"""
         if self.pending or self.closing:
             return False
         if not self.in_flight:
             return True
-        if self.in_flight >= self.capacity:
+        if 2 * self.in_flight >= self.capacity:
             return False
         return self.max_bytes is None or self.in_flight_bytes < self.max_bytes
 

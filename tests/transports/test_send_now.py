@@ -120,6 +120,26 @@ async def test_send_now_sends_nothing_when_it_would_wait(backend, address):
             await inlet.aclose()
 
 
+async def test_send_now_leaves_a_link_half_full_to_the_batches_of_its_task(backend, address):
+    with trio.fail_after(10):
+        async with await transports.bind(address) as outlet:
+            inlet = await transports.connect(outlet.address, capacity=4)
+            await outlet.wait_for_inlets(1)
+            await outlet.send(b"1")
+            await trio.testing.wait_all_tasks_blocked()
+            assert outlet.send_now(b"2") == (backend in AT_ONCE)  # one in flight of four
+            if backend not in AT_ONCE:
+                await outlet.send(b"2")
+            await trio.testing.wait_all_tasks_blocked()
+            # Room for two more, but half its capacity in flight: a link under
+            # pressure is left to the batches its task writes.
+            assert not outlet.send_now(b"3")
+            await outlet.send(b"3")
+            await outlet.aclose()
+            assert [bytes(frames[0]) async for frames in inlet] == [b"1", b"2", b"3"]
+            await inlet.aclose()
+
+
 async def test_send_now_refuses_what_send_refuses(address):
     async with await transports.bind(address, max_frame_size=100) as outlet:
         with pytest.raises(TypeError, match="bytes-like"):
