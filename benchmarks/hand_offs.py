@@ -18,10 +18,11 @@ Each shape is named sender / receiver:
   loop (a socket pair wakes it, as chimera's ``StepLoop`` does), which
   writes; the receiver's event loop reads and hands the message to a thread
   (a condition, then it gives up the CPU): the shape of chimera's
-  ``def step``.
+  ``def step`` until its 20th session (still that of chunks that come in
+  bursts).
 - ``socket / thread`` and ``socket / loop``: the thread that paces writes to
-  the socket itself (what a ``def step`` node would do if its thread sent
-  its chunks).
+  the socket itself (what a ``def step`` node's thread does with a chunk
+  that comes alone, since the 20th session).
 
 Each message carries ``time.perf_counter_ns()`` (CLOCK_MONOTONIC, one clock for
 every process on Linux) from the moment it is made; the receiving thread (or
