@@ -94,11 +94,11 @@ HELD_WINDOW = 5.0
 HELD_SHARE = 0.5
 #: A ``def step``'s chunk made at least this many seconds after the one
 #: before goes from the node's thread at once, when it can (see
-#: :meth:`NodeRuntime._finish_step`): 1 KB paced at 1 kHz, ~35 µs less from
-#: step to step. Chunks that come faster go through the event loop, which
-#: sends those ready together in one message: a source as fast as it can
-#: go made less than half as many chunks a second when its thread sent
-#: each one alone.
+#: :meth:`NodeRuntime._finish_step`): 1 KB paced at 1 kHz, 16-47 µs less
+#: from step to step, in runs that switched it every 100 ms. Chunks that
+#: come faster go through the event loop, which sends those ready together
+#: in one message: a source as fast as it can go made less than half as
+#: many chunks a second when its thread sent each one alone.
 ALONE_SECONDS = 0.0002
 #: Longest wait for a node's thread to end once the node is closed.
 THREAD_JOIN_TIMEOUT = 5.0
