@@ -1017,8 +1017,10 @@ class AsyncManager(Service):
         and its files are closed (STOPPED, or SAVED).
 
         Nodes that failed are collected like the others. With *unzip* False,
-        each Worker's folder ends as ``WORKER.zip`` instead. Progress (files,
-        MB) goes to the log every few seconds.
+        each Worker's folder ends as ``WORKER.zip`` instead (added to, if an
+        earlier ``collect`` made it); with *unzip*, such an archive is
+        unpacked into the folder. Progress (files, MB) goes to the log every
+        few seconds.
 
         Raises:
             ValueError: a file did not arrive whole (each named). ``meta.json``
@@ -1090,9 +1092,9 @@ class AsyncManager(Service):
         for name in left:
             log.error("worker %r left: the files of its nodes are not collected", name)
         await trio.to_thread.run_sync(self._write_session_meta)
-        if not unzip:
-            for name in workers:
-                await trio.to_thread.run_sync(_zip_folder, session / name)
+        for name in workers:
+            pack = _zip_folder if not unzip else _unzip_archive
+            await trio.to_thread.run_sync(pack, session / name)
         # (After meta.json: what did arrive whole is described.)
         if failed:
             raise RuntimeError("; ".join(failed))
@@ -1863,6 +1865,38 @@ def _zip_folder(folder: Path) -> None:
             if name not in held:
                 archive.write(path, name)
     shutil.rmtree(folder)
+
+
+def _unzip_archive(folder: Path) -> None:
+    """Move the files of ``FOLDER.zip`` (an earlier ``collect(unzip=False)``),
+    if there is one, into *folder*, then remove it. A file *folder* holds
+    already is kept as it is.
+
+    Raises:
+        OSError: a file cannot be written, or a member would land outside
+            *folder* (the archive is then kept).
+    """
+    archive_path = folder.with_suffix(".zip")
+    if not archive_path.exists():
+        return
+    root = folder.parent.resolve()
+    with zipfile.ZipFile(archive_path) as archive:
+        for member in archive.infolist():
+            target = (root / member.filename).resolve()
+            if not target.is_relative_to(folder.resolve()):
+                raise OSError(f"{archive_path}: {member.filename!r} is not in {folder.name}/")
+            if member.is_dir() or target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.part")  # (whole, or not there)
+            try:
+                with archive.open(member) as source, open(partial, "wb") as copy:
+                    shutil.copyfileobj(source, copy, 1 << 20)
+                partial.replace(target)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+    archive_path.unlink()
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

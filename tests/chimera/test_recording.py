@@ -1022,6 +1022,36 @@ async def test_collect_without_unzip_keeps_one_archive_per_worker(tmp_path):
     assert "local/recorder/camera.mp4" in names and "local/recorder/sensor.csv" in names
 
 
+async def test_collect_after_collect_without_unzip_unpacks_the_archive(tmp_path):
+    # The files went into local.zip; collecting again as folders (the
+    # default) takes them out of it, and leaves no archive beside the folder.
+    with trio.fail_after(60):
+        async with recording_a_second(tmp_path) as manager:
+            await manager.stop()
+            assert await manager.collect(unzip=False)
+            assert await manager.collect()
+            session = manager.session_folder()
+    assert sorted(p.name for p in session.iterdir()) == ["local", "meta.json"]
+    recorder = session / "local" / "recorder"
+    assert {"camera.mp4", "sensor.csv"} <= {p.name for p in recorder.iterdir()}
+    import av
+
+    with av.open(str(recorder / "camera.mp4")) as video:
+        assert sum(1 for _ in video.decode(video=0)) >= 20
+
+
+def test_an_archive_whose_files_would_land_outside_its_folder_is_not_unpacked(tmp_path):
+    from chimera._manager import _unzip_archive
+
+    with zipfile.ZipFile(tmp_path / "local.zip", "w") as archive:
+        archive.writestr("local/recorder/sensor.csv", "t,x\n")
+        archive.writestr("local/../outside.txt", "no")
+    with pytest.raises(OSError, match="not in local/"):
+        _unzip_archive(tmp_path / "local")
+    assert not (tmp_path / "outside.txt").exists()
+    assert (tmp_path / "local.zip").exists()
+
+
 async def test_shutting_down_without_collecting_keeps_the_files_and_says_where(
     tmp_path, caplog, take_worker_folders
 ):
