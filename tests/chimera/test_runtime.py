@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import chimera as cp
 import chimera._runtime
@@ -159,6 +161,48 @@ async def test_chunks_that_come_alone_and_in_bursts_are_stepped_once_each_in_ord
     assert all(cp.NodeState.FAILED not in history for history in states.values())
     last = await runtimes["count"].gather()  # (what Manager.gather shows)
     assert last is not None and decode_chunk(last).get("default")["value"] == 300
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pauses=st.lists(st.sampled_from([0.0, 0.0, 0.0003, 0.001]), min_size=1, max_size=60),
+    fan_out=st.integers(1, 3),
+)
+def test_any_pace_keeps_every_chunk_once_in_order_over_tcp(pauses, fan_out):
+    # Whichever chunks leave from the source's thread and whichever from its
+    # event loop, each sink steps on all of them, once, in order.
+    n = len(pauses)
+
+    class Paced(Count):
+        def step(self):
+            if self.sent < self.n and pauses[self.sent]:
+                threading.Event().wait(pauses[self.sent])
+            return super().step()
+
+    async def main():
+        events = [threading.Event() for _ in range(fan_out)]
+        source = Paced("count", n)
+        sinks = [Collect(f"sink{i}", n, events[i]) for i in range(fan_out)]
+        every = threading.Event()
+
+        def all_done():
+            for event in events:
+                event.wait(20)
+            every.set()
+
+        threading.Thread(target=all_done, daemon=True).start()
+        with trio.fail_after(30):
+            await run_pipeline(
+                [source, *sinks],
+                [(source, sink) for sink in sinks],
+                until=every,
+                stop=["count"],
+                transport="tcp",
+            )
+        return [sink.seen for sink in sinks]
+
+    seen = trio.run(main)
+    assert seen == [[{"count": i} for i in range(1, n + 1)]] * fan_out
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
