@@ -191,3 +191,46 @@ def test_send_now_and_credit_from_two_threads_keep_the_links_bound():
                 return got
 
     assert trio.run(main) == messages
+
+
+@pytest.mark.parametrize("how", ["is cut", "leaves", "closes"])
+async def test_links_that_end_while_a_thread_sends_at_once_leave_the_others_whole(net_address, how):
+    # The thread's writes and the links' ends meet under the outlet's lock: a
+    # message goes to every link there is, and an ended link is written no
+    # more (its socket is closed, and its number may be another file's).
+    messages = [[b"%d" % i] for i in range(2000)]
+    with trio.fail_after(60):
+        async with await transports.bind(net_address) as outlet:
+            kept = await transports.connect(outlet.address, capacity=8)
+            doomed = await transports.connect(outlet.address, capacity=8, label="doomed")
+            await outlet.wait_for_inlets(2)
+            async with trio.open_nursery() as nursery:
+                got: list[list[bytes]] = []
+
+                async def take() -> None:
+                    got.extend(await receive_all(kept))
+
+                async def end_the_doomed_one() -> None:
+                    for _ in range(300):
+                        await doomed.receive()
+                    if how == "is cut":
+                        assert outlet.cut("doomed") == 1
+                    elif how == "leaves":
+                        await doomed.aclose()
+                    else:
+                        await outlet.aclose()
+
+                nursery.start_soon(take)
+                nursery.start_soon(end_the_doomed_one)
+                sent = 0
+                try:
+                    for message in messages:
+                        await trio.to_thread.run_sync(send_from_thread, outlet, [message])
+                        sent += 1
+                except trio.ClosedResourceError:
+                    assert how == "closes"
+                await outlet.aclose()
+            await doomed.aclose()
+            await kept.aclose()
+    assert got == messages[:sent]
+    assert sent == len(messages) or how == "closes"
