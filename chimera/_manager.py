@@ -52,6 +52,7 @@ from ._collect import Incoming, Progress, files_under, read_body, summarize, ver
 from ._data import DataChunk, DecodeError, decode_chunk
 from ._errors import SAID_WHOLE, CommitGraphError, NodeError, WorkerLeftError
 from ._graph import Graph
+from ._manifest import written_whole
 from ._mapping import resolve_mapping, resolve_placement
 from ._node import WORKERS_HERE, Node
 from ._packages import Package, pack
@@ -1888,14 +1889,12 @@ def _unzip_archive(folder: Path) -> None:
             if member.is_dir() or target.exists():
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.part")  # (whole, or not there)
-            try:
-                with archive.open(member) as source, open(partial, "wb") as copy:
-                    shutil.copyfileobj(source, copy, 1 << 20)
-                partial.replace(target)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
+            with (
+                written_whole(target) as partial,  # (renamed once the copy is closed)
+                archive.open(member) as source,
+                open(partial, "wb") as copy,
+            ):
+                shutil.copyfileobj(source, copy, 1 << 20)
     archive_path.unlink()
 
 
