@@ -115,15 +115,16 @@ class _OutletBase(Outlet):
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         while True:
-            waited = await self._wait_for_room() or waited
-            with self._lock:  # (another thread's send_now may have taken the room since)
-                if all(link.has_room() for link in self._links):
+            with self._lock:  # (the room checked is the room used: see send_now)
+                if self._has_room():
                     # No checkpoint from here on: the message reaches every link, or none.
                     for link in self._links:
                         link.put(frames, nbytes)
                     self._messages_sent += 1
                     self._bytes_sent += nbytes
                     break
+            await self._room.park()
+            waited = True
         if waited:
             self._schedule.waited()
         await self._schedule.maybe_yield()
@@ -146,13 +147,20 @@ class _OutletBase(Outlet):
             trio.ClosedResourceError: the outlet is closed.
         """
         waited = False
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("the outlet is closed")
-            if all(link.has_room() for link in self._links):
-                return waited
+        while not self._has_room():
             await self._room.park()
             waited = True
+        return waited
+
+    def _has_room(self) -> bool:
+        """Whether every link has room.
+
+        Raises:
+            trio.ClosedResourceError: the outlet is closed.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the outlet is closed")
+        return all(link.has_room() for link in self._links)
 
     async def wait_for_inlets(self, count: int = 1) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
