@@ -279,54 +279,53 @@ async def test_a_killed_node_fails_and_the_others_go_on(tmp_path):
     assert not (tmp_path / "first.json").exists()  # killed: no teardown
 
 
+@asynccontextmanager
+async def running_a_helped_node(tmp_path, node_type: type) -> AsyncIterator[AsyncManager]:
+    """A cluster of one Worker where a counter feeds a *node_type* node,
+    ``helped``, once that node has started its helper process."""
+    async with notifications() as (port, notified):
+        helped = node_type("helped", str(tmp_path), source="counter", expect=5, port=port)
+        graph = cp.Graph()
+        graph.add_edge(Counter("counter", limit=5), helped)
+        async with cluster(tmp_path, "local") as manager:
+            await manager.commit_graph(graph, {"local": ["counter", "helped"]})
+            await manager.start()
+            assert await notified.receive() == b"x"
+            yield manager
+
+
 @pytest.mark.parametrize("kill", [True, False], ids=["killed", "closed"])
 async def test_a_node_whose_helper_process_holds_its_pipes_still_ends(tmp_path, kill):
     # Its helper, forked, holds the node's pipes: the node's end is still seen,
     # the helper killed with it, and the node below ends as its input does.
     before = set(children_of(os.getpid()))
-    async with notifications() as (port, notified):
-        counter = Counter("counter", limit=5)
-        helped = WithAHelper("helped", str(tmp_path), source="counter", expect=5, port=port)
-        graph = cp.Graph()
-        graph.add_edge(counter, helped)
-        with trio.fail_after(60):
-            async with cluster(tmp_path, "local") as manager:
-                await manager.commit_graph(graph, {"local": ["counter", "helped"]})
-                await manager.start()
-                assert await notified.receive() == b"x"
-                helper = int((tmp_path / "helped.helper").read_text())
-                if kill:
-                    os.kill(int((tmp_path / "helped.pid").read_text()), signal.SIGKILL)
-                    assert await manager.wait_for_node_state("helped", "FAILED") == "FAILED"
-                assert await manager.stop()
-                await manager.shutdown()
-            assert not alive(helper)
+    with trio.fail_after(60):
+        async with running_a_helped_node(tmp_path, WithAHelper) as manager:
+            helper = int((tmp_path / "helped.helper").read_text())
+            if kill:
+                os.kill(int((tmp_path / "helped.pid").read_text()), signal.SIGKILL)
+                assert await manager.wait_for_node_state("helped", "FAILED") == "FAILED"
+            assert await manager.stop()
+            await manager.shutdown()
+    assert not alive(helper)
     assert set(children_of(os.getpid())) <= before
 
 
 async def test_a_killed_nodes_helper_process_that_holds_none_of_its_pipes_ends_with_it(tmp_path):
     # Started by "spawn" (or "forkserver"), not forked: it is killed as the node's
     # process exits, not left running until the cluster shuts down.
-    async with notifications() as (port, notified):
-        counter = Counter("counter", limit=5)
-        helped = WithASpawnedHelper("helped", str(tmp_path), source="counter", expect=5, port=port)
-        graph = cp.Graph()
-        graph.add_edge(counter, helped)
-        with trio.fail_after(60):
-            async with cluster(tmp_path, "local") as manager:
-                await manager.commit_graph(graph, {"local": ["counter", "helped"]})
-                await manager.start()
-                assert await notified.receive() == b"x"
-                helper = os.pidfd_open(int((tmp_path / "helped.helper").read_text()))
-                try:
-                    os.kill(int((tmp_path / "helped.pid").read_text()), signal.SIGKILL)
-                    assert await manager.wait_for_node_state("helped", "FAILED") == "FAILED"
-                    with trio.fail_after(20):
-                        await trio.lowlevel.wait_readable(helper)  # it ended
-                finally:
-                    os.close(helper)
-                assert await manager.stop()
-                await manager.shutdown()
+    with trio.fail_after(60):
+        async with running_a_helped_node(tmp_path, WithASpawnedHelper) as manager:
+            helper = os.pidfd_open(int((tmp_path / "helped.helper").read_text()))
+            try:
+                os.kill(int((tmp_path / "helped.pid").read_text()), signal.SIGKILL)
+                assert await manager.wait_for_node_state("helped", "FAILED") == "FAILED"
+                with trio.fail_after(20):
+                    await trio.lowlevel.wait_readable(helper)  # it ended
+            finally:
+                os.close(helper)
+            assert await manager.stop()
+            await manager.shutdown()
 
 
 async def test_a_program_a_node_starts_does_not_hold_its_events_pipe(tmp_path, caplog):

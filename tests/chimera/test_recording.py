@@ -619,12 +619,16 @@ except OSError as exc:
 """
 
 
+async def streams_counted_past_the_limit(script: str, folder) -> dict[str, dict]:
+    """Run *script* (saving in *folder* past a file size limit); the streams
+    its manifest counted, by name."""
+    done = await trio.run_process([sys.executable, "-c", script, str(folder)], capture_stdout=True)
+    return {stream["stream"]: stream for stream in json.loads(done.stdout)}
+
+
 async def test_a_full_disk_counts_only_what_its_files_hold(tmp_path):
     with trio.fail_after(30):
-        done = await trio.run_process(
-            [sys.executable, "-c", _COUNT_PAST_THE_LIMIT, str(tmp_path)], capture_stdout=True
-        )
-    streams = {stream["stream"]: stream for stream in json.loads(done.stdout)}
+        streams = await streams_counted_past_the_limit(_COUNT_PAST_THE_LIMIT, tmp_path)
     rows = pd.read_csv(tmp_path / "tab.csv")
     assert streams["tab"]["count"] == len(rows)  # one row a save
     if len(rows):
@@ -671,10 +675,7 @@ async def test_a_full_disk_leaves_media_files_that_read_whole_and_are_counted(tm
     import soundfile
 
     with trio.fail_after(60):
-        done = await trio.run_process(
-            [sys.executable, "-c", _MEDIA_PAST_THE_LIMIT, str(tmp_path)], capture_stdout=True
-        )
-    streams = {stream["stream"]: stream for stream in json.loads(done.stdout)}
+        streams = await streams_counted_past_the_limit(_MEDIA_PAST_THE_LIMIT, tmp_path)
     # Every frame the file holds decodes (a fragment cut short raised InvalidDataError).
     with av.open(str(tmp_path / "cam.mp4")) as container:
         frames = sum(1 for _ in container.decode(video=0))
