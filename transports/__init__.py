@@ -18,6 +18,7 @@ from ._abc import (
     DEFAULT_MAX_FRAME_SIZE,
     Delivery,
     Inlet,
+    LentInlet,
     Outlet,
     Transport,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_FRAMES",
     "Delivery",
     "Inlet",
+    "LentInlet",
     "LinkStats",
     "Outlet",
     "Stats",

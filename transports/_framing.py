@@ -31,6 +31,7 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Callable
 
 import numpy
 import trio
@@ -357,63 +358,91 @@ class StreamReader:
         await trio.lowlevel.wait_readable(self._sock)
         self._drained = False  # so the next read tries at once
 
-    async def _fill(self, count: int) -> bool:
-        """Have at least *count* bytes buffered; False on end of file before any byte."""
-        if self._end - self._start >= count:
-            return True
+    def _room(self, count: int) -> memoryview:
+        """Where to read bytes into so that, once they come, at least *count*
+        are buffered (made room for first; not more than :data:`READ_AHEAD`
+        past them: the rest of a large frame is better read straight into its
+        own buffer)."""
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._buffer) - self._start < count:
             held = self._end - self._start
             self._view[:held] = self._view[self._start : self._end]
             self._start, self._end = 0, held
-        while self._end - self._start < count:
-            # Not more than READ_AHEAD past what is needed: the rest of a large
-            # frame is better received straight into its own buffer.
-            stop = self._start + max(count, READ_AHEAD)
-            received = await self._recv_into(self._view[self._end : stop])
-            if not received:
-                if self._end == self._start:
-                    return False
-                raise ProtocolError("the stream ended inside a record")
-            self._end += received
-        return True
+        return self._view[self._end : self._start + max(count, READ_AHEAD)]
 
-    async def read_exact(self, count: int) -> memoryview:
-        """The next *count* bytes (``count`` <= buffer size), valid until the next read."""
-        if not await self._fill(count):
-            raise ProtocolError("the stream ended inside a record")
-        start = self._start
-        self._start += count
-        return self._view[start : start + count]
+    def _got(self, received: int) -> bool:
+        """*received* bytes were read into the view :meth:`_next` (or
+        :meth:`_room`) gave; False if none, the stream having ended between
+        records.
 
-    async def _read_large(self, partial: _Partial, count: int) -> memoryview:
-        """The next *count* bytes, in a buffer of their own (kept in
-        *partial* as they come in, in case the call is cancelled)."""
-        if partial.large is None:
-            view = self._frames.get(count)
-            held = min(count, self._end - self._start)
-            view[:held] = self._view[self._start : self._start + held]
-            self._start += held
-            partial.large, partial.got = view, held
-        view = partial.large
-        while partial.got < count:
-            if self._quickack:
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            # Trio's recv_into, which yields after each read: while a large
-            # frame streams in, the application and the credit get to run
-            # (reading it through _recv_into measured 2x slower at 1 MB).
-            received = await self._sock.recv_into(view[partial.got :])
+        Raises:
+            ProtocolError: the stream ended inside a record.
+        """
+        partial = self._partial
+        if partial is not None and partial.large is not None:
             if not received:
                 raise ProtocolError("the stream ended inside a frame")
             partial.got += received
-        partial.large = None
-        return view
+            return True
+        if not received:
+            if partial is None and self._end == self._start:
+                return False
+            raise ProtocolError("the stream ended inside a record")
+        self._end += received
+        return True
+
+    def _next(self) -> tuple[int, tuple[int, ...], list[memoryview]] | memoryview:
+        """The next record, if what was read holds the rest of it; else the
+        view to read more bytes into (then call :meth:`_got`).
+
+        What it took of a record it cannot finish yet is kept (:attr:`_partial`),
+        so a reader may stop waiting for bytes at any time and go on later.
+
+        Raises:
+            ProtocolError: the bytes are not a valid record.
+        """
+        partial = self._partial
+        if partial is None:
+            record = self._parse_buffered()
+            if isinstance(record, tuple):
+                return record
+            if record is not None:
+                return self._room(record)
+            partial = self._partial = self._take_header()  # (a large frame: piece by piece)
+        frames = partial.frames
+        while len(frames) < len(partial.lengths):
+            length = partial.lengths[len(frames)]
+            if length > SMALL_FRAME:  # into a buffer of its own
+                if partial.large is None:
+                    view = self._frames.get(length)
+                    held = min(length, self._end - self._start)
+                    view[:held] = self._view[self._start : self._start + held]
+                    self._start += held
+                    partial.large, partial.got = view, held
+                if partial.got < length:
+                    return partial.large[partial.got :]
+                frames.append(partial.large)
+                partial.large = None
+            elif self._end - self._start < length:
+                return self._room(length)
+            else:
+                frames.append(memoryview(bytes(self._view[self._start : self._start + length])))
+                self._start += length
+        self._partial = None
+        return KIND_MESSAGE, partial.fixed, frames
+
+    def _reading_large(self) -> bool:
+        """Whether the view :meth:`_next` gave is a large frame's own buffer."""
+        return self._partial is not None and self._partial.large is not None
 
     async def read_handshake(self, size: int) -> memoryview:
-        if not await self._fill(size):
-            raise ProtocolError("the peer closed the connection during the handshake")
-        return await self.read_exact(size)
+        while self._end - self._start < size:
+            if not self._got(await self._recv_into(self._room(size))):
+                raise ProtocolError("the peer closed the connection during the handshake")
+        start = self._start
+        self._start += size
+        return self._view[start : start + size]
 
     def _parse_buffered(self) -> tuple[int, tuple[int, ...], list[memoryview]] | int | None:
         """The next record if it is wholly buffered and has no large frame;
@@ -465,26 +494,53 @@ class StreamReader:
         Raises:
             ProtocolError: the bytes are not a valid record.
         """
-        partial = self._partial
-        if partial is None:
+        while True:
+            step = self._next()
+            if isinstance(step, tuple):
+                return step
+            if self._reading_large():
+                if self._quickack:
+                    self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                # Trio's recv_into, which yields after each read: while a large
+                # frame streams in, the application and the credit get to run
+                # (reading it through _recv_into measured 2x slower at 1 MB).
+                received = await self._sock.recv_into(step)
+            else:
+                received = await self._recv_into(step)
+            if not self._got(received):
+                return None
+
+    def read_record_blocking(
+        self, wait: Callable[[], None]
+    ) -> tuple[int, tuple[int, ...], list[memoryview]] | None:
+        """:meth:`read_record` for a thread that is not Trio's, while no task
+        reads: it calls *wait* to wait until the socket is readable. What
+        *wait* raises comes out, and loses nothing: the next read, either
+        kind, goes on with the same record. (POSIX only: ``os.readv``.)
+
+        Raises:
+            ProtocolError: the bytes are not a valid record.
+            OSError: the connection broke.
+        """
+        fd = self._sock.fileno()
+        while True:
+            step = self._next()
+            if isinstance(step, tuple):
+                return step
+            if self._quickack and self._reading_large():
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             while True:
-                record = self._parse_buffered()
-                if record is None:
-                    break  # a large frame: read piece by piece
-                if not isinstance(record, int):
-                    return record
-                if not await self._fill(record):
-                    return None
-            partial = self._partial = self._take_header()
-        frames = partial.frames
-        while len(frames) < len(partial.lengths):
-            length = partial.lengths[len(frames)]
-            if length > SMALL_FRAME:
-                frames.append(await self._read_large(partial, length))
-            else:  # (read_exact takes the bytes only once all are buffered)
-                frames.append(memoryview(bytes(await self.read_exact(length))))
-        self._partial = None
-        return KIND_MESSAGE, partial.fixed, frames
+                if self._drained:  # the last read emptied the socket: wait, do not try first
+                    wait()
+                try:
+                    received = os.readv(fd, [step])
+                except BlockingIOError:
+                    self._drained = True
+                else:
+                    self._drained = 0 < received < len(step)
+                    break
+            if not self._got(received):
+                return None
 
     def _take_header(self) -> _Partial:
         """Take the buffered header of the next record, a MESSAGE (see :meth:`_parse_buffered`)."""

@@ -26,6 +26,7 @@ Nothing here does I/O: a backend moves messages from one half to the other.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -172,6 +173,10 @@ class _InletBuffer:
 
     *on_credit* is called (synchronously) whenever credit is owed to the
     outlet; the backend then calls :meth:`take_credit` and sends it.
+
+    While no task waits in :meth:`receive`, the other methods may be called
+    from a thread that is not Trio's (a lent inlet's: see
+    :meth:`transports.Inlet.lend`): they then call nothing of Trio's.
     """
 
     def __init__(self, counters: _Counters, on_credit: Callable[[], None]) -> None:
@@ -206,9 +211,9 @@ class _InletBuffer:
         latest_in_bytes = self.delivery is Delivery.LATEST and self.max_bytes is not None
         self.credit_batch = 1 if latest_in_bytes else max(1, self.capacity // 2)
         #: When the application last took a message (at first, when the link
-        #: was made; Trio's clock), and whether that was at least SLOW_TAKES
+        #: was made; ``time.perf_counter()``), and whether that was at least SLOW_TAKES
         #: after the one before.
-        self._taken_at = trio.current_time()
+        self._taken_at = time.perf_counter()
         self._taking_slowly = False
         self._ended = False
         self._error: BaseException | None = None
@@ -304,6 +309,42 @@ class _InletBuffer:
 
     # --- the application's side ---------------------------------------------
 
+    def take(self) -> list[memoryview] | None:
+        """The next message if one arrived (then it is counted, and owed
+        credit), else None."""
+        if not self._messages:
+            return None
+        frames, nbytes = self._messages.popleft()
+        self.counters.messages_received += 1
+        self.counters.bytes_received += nbytes
+        if self.delivery is Delivery.RELIABLE:
+            now = time.perf_counter()
+            self._taking_slowly = now - self._taken_at >= SLOW_TAKES
+            self._taken_at = now
+            self._owe_credit(nbytes)
+        return frames
+
+    def raise_if_over(self) -> None:
+        """With no message left to take (see :meth:`take`): raise if none will come.
+
+        Raises:
+            trio.EndOfChannel: the stream ended.
+            trio.BrokenResourceError: the link broke.
+        """
+        if self._ended:
+            raise trio.EndOfChannel
+        if self._error is not None:
+            raise trio.BrokenResourceError(str(self._error)) from self._error
+
+    def flush_before_waiting(self) -> None:
+        """The application is about to wait for a message: what is owed is
+        credited now if its bytes could hold the outlet up. (With fewer bytes
+        owed, the outlet waits only if more messages are on their way here:
+        credit goes once they are taken.)"""
+        if self.max_bytes is not None and self._owed_bytes >= self.max_bytes:
+            self._flush = True
+            self._on_credit()
+
     async def receive(self, read: Callable[[], Awaitable[bool]] | None = None) -> list[memoryview]:
         """The next message.
 
@@ -315,29 +356,14 @@ class _InletBuffer:
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("this inlet is closed")
-            if self._messages:
-                frames, nbytes = self._messages.popleft()
-                self.counters.messages_received += 1
-                self.counters.bytes_received += nbytes
-                if self.delivery is Delivery.RELIABLE:
-                    now = trio.current_time()
-                    self._taking_slowly = now - self._taken_at >= SLOW_TAKES
-                    self._taken_at = now
-                    self._owe_credit(nbytes)
+            frames = self.take()
+            if frames is not None:
                 await self._schedule.maybe_yield()
                 return frames
-            if self._ended:
-                raise trio.EndOfChannel
-            if self._error is not None:
-                raise trio.BrokenResourceError(str(self._error)) from self._error
-            if self.max_bytes is not None and self._owed_bytes >= self.max_bytes:
-                # The outlet may wait for these few messages' bytes: credit them
-                # now. (With fewer bytes owed, it waits only if more messages
-                # are on their way here: credit goes once they are taken.)
-                self._flush = True
-                self._on_credit()
-                if self._messages:  # (the memory backend moves the next one at once)
-                    continue
+            self.raise_if_over()
+            self.flush_before_waiting()
+            if self._messages:  # (the memory backend moves the next one at once)
+                continue
             if read is None or not await read():
                 await self._waiters.park()
                 self._schedule.waited()

@@ -7,12 +7,18 @@ and in how an outlet accepts connections; everything else is here.
 from __future__ import annotations
 
 import logging
+import os
+import select
+import socket
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 
 import trio
 
-from ._abc import Delivery, Inlet, Message
+from ._abc import Delivery, Inlet, LentInlet, Message
 from ._background import _Background, first_completed
 from ._framing import (
     HELLO_SIZE,
@@ -105,6 +111,21 @@ class _Conduit(ABC):
         """Wait until :meth:`receive_record` has bytes to go on with."""
         raise NotImplementedError
 
+    #: Whether :meth:`fileno` and :meth:`receive_record_blocking` are
+    #: available: a thread may read and write the connection while no task
+    #: does (an inlet lent to it).
+    lendable = False
+
+    def fileno(self) -> int:
+        """The connection's file descriptor (-1 once closed)."""
+        raise NotImplementedError
+
+    def receive_record_blocking(self, wait: Callable[[], None]) -> Record | None:
+        """:meth:`receive_record` for a thread that is not Trio's, calling
+        *wait* to wait for the connection to be readable (see
+        :meth:`StreamReader.read_record_blocking`)."""
+        raise NotImplementedError
+
     @abstractmethod
     async def aclose(self) -> None:
         """Close the connection (at once; must not block)."""
@@ -135,6 +156,8 @@ class _Writer(ABC):
         self._idle = False
         self._rest: list[memoryview] = []
         self._wake = trio.lowlevel.ParkingLot()
+        #: Where :meth:`wait_quiet` waits.
+        self._quiet = trio.lowlevel.ParkingLot()
 
     def poke(self) -> None:
         """Something may have become writable: write it now, or wake the task for it."""
@@ -154,10 +177,27 @@ class _Writer(ABC):
                 await self._conduit.send_rest(rest)
             elif not await self._write_next():
                 self._idle = True
+                self._quiet.unpark_all()
                 try:
                     await self._wake.park()
                 finally:
                     self._idle = False
+
+    async def wait_quiet(self) -> None:
+        """Wait until the task waits to be poked with nothing left to write:
+        until it is poked again, someone else may write the conduit."""
+        while not self._idle or self._rest:
+            await self._quiet.park()
+
+    def resume(self, rest: list[memoryview]) -> None:
+        """Go on after someone else wrote the conduit (see :meth:`wait_quiet`),
+        writing *rest*, the end of their last record, first."""
+        if rest:
+            self._rest = rest
+            self._idle = False
+            self._wake.unpark_all()
+        else:
+            self.poke()
 
     @abstractmethod
     def _write_now(self) -> list[memoryview]:
@@ -420,7 +460,7 @@ class _NetInlet(Inlet):
         self._conduit = conduit
         self._background = background
         self._credit = _CreditWriter(conduit)
-        self._buffer = _InletBuffer(counters, self._credit.poke)
+        self._buffer = _InletBuffer(counters, self._credit_due)
         self._credit.buffer = self._buffer
         self._closed = False
         self._direct = conduit.resumable_reads and counters.delivery is Delivery.RELIABLE
@@ -429,8 +469,14 @@ class _NetInlet(Inlet):
         self._background_reads = False
         #: The background task's wait for data, which a receiver cancels.
         self._waiting = trio.CancelScope()
-        #: Where the background task waits while a receiver reads.
+        #: Where the background task waits while a receiver reads, or the inlet is lent.
         self._turn = trio.lowlevel.ParkingLot()
+        #: The thread's side of the loan, while the inlet is lent (see :meth:`lend`).
+        self._loan: _Loan | None = None
+        #: Tasks in :meth:`receive`.
+        self._receivers = 0
+        #: Where :meth:`lend` waits for the background task to finish its record.
+        self._between = trio.lowlevel.ParkingLot()
 
     @classmethod
     async def open(
@@ -479,15 +525,108 @@ class _NetInlet(Inlet):
         return _inlet_stats(self._buffer.counters)
 
     async def receive(self) -> list[memoryview]:
-        return await self._buffer.receive(self._read_record if self._direct else None)
+        if self._loan is not None:
+            raise trio.BusyResourceError("this inlet is lent to a thread")
+        self._receivers += 1
+        try:
+            return await self._buffer.receive(self._read_record if self._direct else None)
+        finally:
+            self._receivers -= 1
+
+    @property
+    def lendable(self) -> bool:
+        return self._direct and self._conduit.lendable
+
+    @asynccontextmanager
+    async def lend(self) -> AsyncIterator[LentInlet]:
+        if not self.lendable:
+            raise NotImplementedError(
+                "only a RELIABLE inlet of the tcp backend can be lent to a thread"
+            )
+        if self._closed:
+            raise trio.ClosedResourceError("this inlet is closed")
+        if self._loan is not None or self._receivers:
+            raise trio.BusyResourceError("this inlet is lent, or a task receives from it")
+        loan = self._loan = _Loan(self)
+        try:
+            self._waiting.cancel()  # (if the background task waits for data, it stops)
+            while self._background_reads:
+                await self._between.park()
+            await self._credit.wait_quiet()
+            yield loan
+        finally:
+            await self._end_loan(loan)
+
+    async def _end_loan(self, loan: _Loan) -> None:
+        """End *loan*, once its thread is out of :meth:`_Loan.receive`, and
+        give the connection back to the inlet's tasks."""
+        if self._loan is not loan:
+            return  # (ended already)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(LOAN_END_TIMEOUT):
+                await loan.end()
+        if not loan.ended:
+            # (Never seen: receive waits for nothing but the connection and
+            # the interruption.) The connection stays the thread's.
+            log.error(
+                "inlet from %s: the thread it was lent to did not give it back",
+                self._buffer.counters.peer,
+            )
+            return
+        self._loan = None
+        self._credit.resume(loan.unwritten)
+        self._turn.unpark_all()
 
     async def aclose(self) -> None:
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        if self._loan is not None:
+            await self._end_loan(self._loan)
         self._buffer.close()
         await self._background.aclose()
+
+    def _credit_due(self) -> None:
+        """Credit is owed (or the end of stream's acknowledgement): for the
+        credit writer to write, or, while the inlet is lent, the thread."""
+        if self._loan is None:
+            self._credit.poke()
+
+    def _receive_lent(self, loan: _Loan) -> list[memoryview] | None:
+        """:meth:`_Loan.receive`, on the thread the inlet is lent to."""
+        buffer = self._buffer
+        try:
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("this inlet is closed")
+                frames = buffer.take()
+                self._write_due(loan)
+                if frames is not None:
+                    return frames
+                buffer.raise_if_over()
+                buffer.flush_before_waiting()
+                self._write_due(loan)
+                try:
+                    self._take(self._conduit.receive_record_blocking(loan.wait_readable))
+                except _LINK_ERRORS as exc:
+                    self._broken(exc)
+        except _Interrupted:
+            if self._closed:
+                raise trio.ClosedResourceError("this inlet is closed") from None
+            return None
+
+    def _write_due(self, loan: _Loan) -> None:
+        """Write the credit and acknowledgement due, on the thread the inlet is lent to."""
+        buffer = self._buffer
+        try:
+            if count := buffer.take_credit():
+                loan.write(encode_credit(count, buffer.own_dropped))
+            if self._credit.ack_due:
+                self._credit.ack_due = False
+                loan.write(encode_ack(buffer.own_dropped))
+        except OSError as exc:
+            self._broken(exc)
 
     async def _run(self) -> None:
         try:
@@ -508,7 +647,7 @@ class _NetInlet(Inlet):
     async def _take_in(self) -> None:
         """Read records until the connection ends (in turns with receivers)."""
         while not self._buffer.failed:
-            if self._receiver_reads:
+            if self._receiver_reads or self._loan is not None:
                 await self._turn.park()
                 continue
             if self._direct:
@@ -521,6 +660,8 @@ class _NetInlet(Inlet):
                 record = await self._conduit.receive_record()
             finally:
                 self._background_reads = False
+                if self._loan is not None:
+                    self._between.unpark_all()
             if not self._take(record):
                 return
 
@@ -558,7 +699,136 @@ class _NetInlet(Inlet):
         elif kind == KIND_END:
             buffer.end(fixed[0])
             self._credit.ack_due = True
-            self._credit.poke()
+            self._credit_due()
         else:
             raise ProtocolError(f"unexpected record of kind {kind} from an outlet")
         return True
+
+
+#: Longest wait, when a loan ends, for the thread to return from receive.
+LOAN_END_TIMEOUT = 5.0
+
+
+class _Interrupted(Exception):
+    """A lent inlet's thread was interrupted while it waited (see :class:`_Loan`)."""
+
+
+class _Loan(LentInlet):
+    """The thread's side of a lent :class:`_NetInlet`: it waits for the
+    connection with ``poll``, alongside a wake-up socket that
+    :meth:`interrupt` writes to."""
+
+    def __init__(self, inlet: _NetInlet) -> None:
+        self._inlet = inlet
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)
+        self._wake_out.setblocking(False)
+        self._lock = threading.Lock()
+        #: Whether the thread is in receive, and whether the loan is over.
+        self._inside = False
+        self._over = False
+        self._interrupted = False
+        #: Set once the thread is out of receive, the loan over.
+        self._left = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        #: Waiting for the connection to be readable, and writable (made on first use).
+        self._readable: select.poll | None = None
+        self._writable: select.poll | None = None
+        #: What the thread, interrupted, did not write of its records (in order).
+        self.unwritten: list[memoryview] = []
+
+    def receive(self) -> list[memoryview] | None:
+        with self._lock:
+            if self._over:
+                if self._inlet._closed:
+                    raise trio.ClosedResourceError("this inlet is closed")
+                return None
+            self._inside = True
+        try:
+            return self._inlet._receive_lent(self)
+        finally:
+            with self._lock:
+                self._inside = False
+                over = self._over
+            if over:
+                try:
+                    self._token.run_sync_soon(self._left.set)
+                except trio.RunFinishedError:  # (nobody waits any more)
+                    pass
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        try:
+            self._wake_out.send(b"\0")
+        except OSError:  # full (so it is readable already), or the loan is over
+            pass
+
+    @property
+    def ended(self) -> bool:
+        """Whether :meth:`end` is done: the thread is out of receive for good."""
+        return self._left.is_set()
+
+    async def end(self) -> None:
+        """End the loan: interrupt the thread, and wait until it is out of receive."""
+        with self._lock:
+            self._over = True
+            inside = self._inside
+        self.interrupt()
+        if not inside:
+            self._left.set()
+        await self._left.wait()
+        self._wake_in.close()
+        self._wake_out.close()
+
+    def wait_readable(self) -> None:
+        """Wait until the connection is readable (on the thread).
+
+        Raises:
+            _Interrupted: :meth:`interrupt` was called.
+        """
+        if self._readable is None:
+            self._readable = self._poll(select.POLLIN)
+        self._wait(self._readable)
+
+    def write(self, data: bytes) -> None:
+        """Write *data*, a record, on the connection, waiting for room if it
+        must (on the thread).
+
+        Raises:
+            _Interrupted: :meth:`interrupt` was called while it waited; the
+                rest is in :attr:`unwritten`.
+            OSError: the connection broke.
+        """
+        view = memoryview(data)
+        if self.unwritten:  # (after what is left of the record before)
+            self.unwritten.append(view)
+            return
+        fd = self._inlet._conduit.fileno()
+        while True:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                pass
+            if not view:
+                return
+            if self._writable is None:
+                self._writable = self._poll(select.POLLOUT)
+            try:
+                self._wait(self._writable)
+            except _Interrupted:
+                self.unwritten.append(view)
+                raise
+
+    def _poll(self, events: int) -> select.poll:
+        poll = select.poll()
+        poll.register(self._inlet._conduit.fileno(), events)
+        poll.register(self._wake_in, select.POLLIN)
+        return poll
+
+    def _wait(self, poll: select.poll) -> None:
+        if self._interrupted:
+            raise _Interrupted
+        wake = self._wake_in.fileno()
+        for fd, _ in poll.poll():
+            if fd == wake:
+                raise _Interrupted

@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import socket as stdlib_socket
+from collections.abc import Callable
 
 import trio
 
@@ -23,8 +24,8 @@ from ._abc import (
 )
 from ._address import Address, check_connect_args, check_key, parse_address
 from ._background import _Background
-from ._framing import StreamReader, encode_messages
-from ._net import _Conduit, _NetInlet, _NetOutlet
+from ._framing import _READV, StreamReader, encode_messages
+from ._net import Record, _Conduit, _NetInlet, _NetOutlet
 
 log = logging.getLogger("transports")
 
@@ -136,11 +137,19 @@ class _StreamConduit(_Conduit):
     async def receive_handshake(self, size: int) -> bytes:
         return bytes(await self._reader.read_handshake(size))
 
-    async def receive_record(self):
+    async def receive_record(self) -> Record | None:
         return await self._reader.read_record()
 
     async def wait_readable(self) -> None:
         await self._reader.wait_readable()
+
+    lendable = _READV
+
+    def fileno(self) -> int:
+        return self._stream.socket.fileno()
+
+    def receive_record_blocking(self, wait: Callable[[], None]) -> Record | None:
+        return self._reader.read_record_blocking(wait)
 
     async def aclose(self) -> None:
         await self._stream.aclose()

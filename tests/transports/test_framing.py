@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import select
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -127,6 +128,70 @@ def test_a_read_cancelled_anywhere_loses_nothing(messages, chunks, cancels):
     # read goes on with the same record.
     data = encode(messages) + encode_end(len(messages))
     records = trio.run(read_stream, data, chunks, 1 << 20, cancels)
+    assert [kind for kind, _, _ in records] == [KIND_MESSAGE] * len(messages) + [KIND_END]
+    assert [[bytes(f) for f in frames] for _, _, frames in records[:-1]] == messages
+
+
+class _Interrupted(Exception):
+    pass
+
+
+async def read_stream_in_turns(
+    data: bytes, chunks: list[int], turns: Sequence[bool], interrupts: Sequence[bool]
+) -> list:
+    """As :func:`read_stream`, each read by Trio or, where the next of
+    *turns* says so, by a thread (``read_record_blocking``), whose waits
+    for the socket are each interrupted where the next of *interrupts* says so."""
+    left, right = trio.socket.socketpair()
+    records = []
+    who, cuts = iter(turns), iter(interrupts)
+
+    def wait() -> None:  # (on the thread)
+        if next(cuts, False):
+            raise _Interrupted
+        select.select([right.fileno()], [], [])
+
+    with left, right:
+
+        async def write():
+            position, sizes = 0, iter(chunks)
+            while position < len(data):
+                size = max(1, next(sizes, len(data)))
+                position += await left.send(data[position : position + size])
+            left.shutdown(trio.socket.SHUT_WR)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            reader = StreamReader(right, 1 << 20, buffer_size=SMALL_FRAME * 2)
+            while True:
+                if next(who, False):
+                    try:
+                        record = await trio.to_thread.run_sync(reader.read_record_blocking, wait)
+                    except _Interrupted:
+                        continue
+                else:
+                    record = await reader.read_record()
+                if record is None:
+                    break
+                records.append(record)
+    return records
+
+
+@fast
+@given(
+    messages=messages_strategy,
+    chunks=st.lists(st.integers(1, 100_000), max_size=30),
+    turns=st.lists(st.booleans(), max_size=30),
+    interrupts=st.lists(st.booleans(), max_size=60),
+)
+def test_reads_by_a_thread_and_by_trio_in_turns_interrupted_anywhere_lose_nothing(
+    messages, chunks, turns, interrupts
+):
+    # An inlet lent to a thread: the thread reads records, and stops where it
+    # waits for the socket when the loan ends, maybe midway through a record
+    # (a large frame's); the inlet's tasks then go on with the same record.
+    data = encode(messages) + encode_end(len(messages))
+    records = trio.run(read_stream_in_turns, data, chunks, turns, interrupts)
     assert [kind for kind, _, _ in records] == [KIND_MESSAGE] * len(messages) + [KIND_END]
     assert [[bytes(f) for f in frames] for _, _, frames in records[:-1]] == messages
 
