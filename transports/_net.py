@@ -454,6 +454,10 @@ class _NetInlet(Inlet):
     (which it then stops doing at once), never while it is midway through a
     record. A ``LATEST`` link is always read by the background task: only a
     reader that keeps taking in knows which messages are the newest.
+
+    Lent to a thread (:meth:`lend`), the inlet's tasks neither read nor
+    write: the thread reads records and writes credit (:meth:`_receive_lent`);
+    the buffer's word that credit is due reaches no task meanwhile.
     """
 
     def __init__(self, conduit: _Conduit, background: _Background, counters: _Counters) -> None:
