@@ -156,8 +156,9 @@ class _Writer(ABC):
         self._idle = False
         self._rest: list[memoryview] = []
         self._wake = trio.lowlevel.ParkingLot()
-        #: Where :meth:`wait_quiet` waits.
+        #: Where :meth:`wait_quiet` waits, and whether the task has ended.
         self._quiet = trio.lowlevel.ParkingLot()
+        self._ended = False
 
     def poke(self) -> None:
         """Something may have become writable: write it now, or wake the task for it."""
@@ -171,22 +172,27 @@ class _Writer(ABC):
 
     async def run(self) -> None:
         """Write until cancelled."""
-        while True:
-            if self._rest:
-                rest, self._rest = self._rest, []
-                await self._conduit.send_rest(rest)
-            elif not await self._write_next():
-                self._idle = True
-                self._quiet.unpark_all()
-                try:
-                    await self._wake.park()
-                finally:
-                    self._idle = False
+        try:
+            while True:
+                if self._rest:
+                    rest, self._rest = self._rest, []
+                    await self._conduit.send_rest(rest)
+                elif not await self._write_next():
+                    self._idle = True
+                    self._quiet.unpark_all()
+                    try:
+                        await self._wake.park()
+                    finally:
+                        self._idle = False
+        finally:
+            self._ended = True
+            self._quiet.unpark_all()
 
     async def wait_quiet(self) -> None:
-        """Wait until the task waits to be poked with nothing left to write:
-        until it is poked again, someone else may write the conduit."""
-        while not self._idle or self._rest:
+        """Wait until the task waits to be poked with nothing left to write,
+        or has ended: until it is poked again, someone else may write the
+        conduit."""
+        while not self._ended and (not self._idle or self._rest):
             await self._quiet.park()
 
     def resume(self, rest: list[memoryview]) -> None:

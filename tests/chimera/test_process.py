@@ -1175,7 +1175,9 @@ async def test_chunks_from_node_processes_are_stamped_with_cluster_time(tmp_path
                 await manager.shutdown()
     for stamp, local_now in json.loads((tmp_path / "stamps.json").read_text()):
         # Stamped in cluster time, received a little later (in local time).
-        assert 0 <= local_now + ahead - stamp < 10**9
+        # (A little: a chunk may take less time to arrive than the error of
+        # the estimated offset, some tens of µs on one machine.)
+        assert -10**7 <= local_now + ahead - stamp < 10**9
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])

@@ -865,14 +865,14 @@ async def test_a_nodes_code_runs_on_one_thread_of_its_own():
     assert where.state is cp.NodeState.SHUTDOWN
 
 
-async def run_on_input(node: cp.Node, messages=([b"not a chunk"],)) -> None:
+async def run_on_input(node: cp.Node, messages=([b"not a chunk"],), transport="memory") -> None:
     """Run *node* with one input, which sends it *messages* (by default, one
     that is not a chunk), then ends."""
     import transports
 
     with trio.fail_after(20):
-        async with await transports.bind("memory://") as outlet:
-            async with NodeRuntime(node, inputs=[Input("source")]) as runtime:
+        async with await transports.bind(BIND[transport]) as outlet:
+            async with NodeRuntime(node, inputs=[Input("source")], transport=transport) as runtime:
                 await runtime.connect({"source": outlet.address})
                 await runtime.prep()
                 for message in messages:
@@ -881,9 +881,14 @@ async def run_on_input(node: cp.Node, messages=([b"not a chunk"],)) -> None:
                 await runtime.run()
 
 
-async def test_a_chunk_that_cannot_be_decoded_fails_the_node_and_teardown_runs():
+#: A bind address on loopback, by transport.
+BIND = {"memory": "memory://", "tcp": "tcp://127.0.0.1:0"}
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])  # (tcp: read on the node's thread)
+async def test_a_chunk_that_cannot_be_decoded_fails_the_node_and_teardown_runs(transport):
     collect = Collect("collect", 1, threading.Event())
-    await run_on_input(collect)
+    await run_on_input(collect, transport=transport)
     assert collect.state is cp.NodeState.FAILED
     assert collect.seen == [] and collect.torn_down == 1
 
@@ -898,9 +903,11 @@ def batch_of(value: int):
     return pack_batch([encode_chunk(chunk)], value - 1)
 
 
-async def test_a_chunk_that_comes_again_fails_the_node_and_is_not_stepped_twice(caplog):
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_a_chunk_that_comes_again_fails_the_node_and_is_not_stepped_twice(transport, caplog):
     collect = Collect("collect", 10, threading.Event())
-    await run_on_input(collect, [batch_of(1), batch_of(2), batch_of(2), batch_of(3)])
+    messages = [batch_of(1), batch_of(2), batch_of(2), batch_of(3)]
+    await run_on_input(collect, messages, transport=transport)
     # (The steps of what came before may be left undone: the node fails at once.)
     assert collect.seen in ([], [{"source": 1}], [{"source": 1}, {"source": 2}])
     assert collect.state is cp.NodeState.FAILED and collect.torn_down == 1
@@ -984,6 +991,114 @@ async def test_a_node_whose_input_froze_ends_once_that_input_is_forgotten(follow
     assert sink.seen == expected + ([] if follow else [{"alive": 2, "frozen": 1}])
     said = [(r.name, r.getMessage()) for r in caplog.records if "gone" in r.getMessage()]
     assert said == [("chimera.node.sink", "input 'frozen' is gone: its stream is taken as ended")]
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])  # (tcp: read on the node's thread)
+async def test_a_node_waiting_on_its_one_input_ends_once_that_input_is_forgotten(transport, caplog):
+    done = threading.Event()
+    sink = Collect("sink", 1, done)
+    with trio.fail_after(20):
+        async with (
+            await transports.bind(BIND[transport]) as frozen,
+            NodeRuntime(sink, inputs=[Input("frozen")], transport=transport) as runtime,
+        ):
+            await runtime.connect({"frozen": frozen.address})
+            await runtime.prep()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(runtime.run)
+                await frozen.send(batch_of(1))
+                await trio.to_thread.run_sync(done.wait, 10)
+                await runtime.forget(["frozen"])  # (its thread waits for the next chunk)
+            assert sink.state is cp.NodeState.STOPPED and sink.torn_down == 1
+    assert sink.seen == [{"frozen": 1}]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == ["input 'frozen' is gone: its stream is taken as ended"]
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_a_node_whose_one_input_broke_ends_saying_so(transport, caplog):
+    done = threading.Event()
+    sink = Collect("sink", 2, done)
+    with trio.fail_after(20):
+        async with (
+            await transports.bind(BIND[transport]) as source,
+            NodeRuntime(sink, inputs=[Input("source")], transport=transport) as runtime,
+        ):
+            await runtime.connect({"source": source.address})
+            await runtime.prep()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(runtime.run)
+                await source.send(batch_of(1))
+                await source.send(batch_of(2))
+                await trio.to_thread.run_sync(done.wait, 10)
+                assert source.cut("sink") == 1  # (the node's inlet is labelled with its name)
+            assert sink.state is cp.NodeState.STOPPED and sink.torn_down == 1
+    assert sink.seen == [{"source": 1}, {"source": 2}]
+    said = [r.getMessage() for r in caplog.records if r.name == "chimera.node.sink"]
+    assert len(said) == 1 and said[0].startswith("input 'source' broke: ")
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_cancelling_a_run_waiting_on_its_input_runs_teardown_once_and_leaves_no_thread(
+    transport,
+):
+    done = threading.Event()
+    sink = Collect("sink", 1, done)
+    with trio.fail_after(20):
+        async with await transports.bind(BIND[transport]) as source:
+            async with NodeRuntime(sink, inputs=[Input("source")], transport=transport) as runtime:
+                await runtime.connect({"source": source.address})
+                await runtime.prep()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(runtime.run)
+                    await source.send(batch_of(1))
+                    await trio.to_thread.run_sync(done.wait, 10)
+                    nursery.cancel_scope.cancel()  # (its thread waits for the next chunk)
+            assert sink.torn_down == 1 and sink.state is cp.NodeState.SHUTDOWN
+            assert not [t for t in threading.enumerate() if t.name == "chimera-node-sink"]
+            await source.send(batch_of(2))  # (nobody listens: it does not wait)
+
+
+async def test_a_def_step_on_one_reliable_input_steps_while_its_event_loop_is_held_up():
+    # Its thread reads the input itself: the event loop, here held up by a
+    # blocking call, is not on the chunks' way in (nor on the chunk's way
+    # out, for one that comes alone: see test_send_now).
+    stepped = threading.Event()
+    sink = Collect("sink", 3, stepped)
+    addresses: list[str] = []
+    bound, go = threading.Event(), threading.Event()
+
+    def source_elsewhere() -> None:  # (another event loop, on a thread of its own)
+        async def main() -> None:
+            async with await transports.bind("tcp://127.0.0.1:0") as outlet:
+                addresses.append(outlet.address)
+                bound.set()
+                await outlet.wait_for_inlets()
+                await trio.to_thread.run_sync(go.wait, 10)
+                for value in (1, 2, 3):
+                    await outlet.send(batch_of(value))
+
+        trio.run(main)
+
+    source = threading.Thread(target=source_elsewhere)
+    source.start()
+    try:
+        with trio.fail_after(20):
+            await trio.to_thread.run_sync(bound.wait, 10)
+            async with NodeRuntime(sink, inputs=[Input("source")], transport="tcp") as runtime:
+                await runtime.connect({"source": addresses[0]})
+                await runtime.prep()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(runtime.run)
+                    await trio.testing.wait_all_tasks_blocked()
+                    go.set()
+                    held_up_for_all_three = stepped.wait(10)  # (blocks the event loop)
+                    nursery.cancel_scope.cancel()
+    finally:
+        go.set()
+        source.join(10)
+    assert held_up_for_all_three
+    assert sink.seen == [{"source": 1}, {"source": 2}, {"source": 3}]
 
 
 class Looping(cp.Node):

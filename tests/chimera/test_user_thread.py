@@ -178,3 +178,34 @@ async def test_the_loop_says_about_how_long_a_step_takes():
     loop.release()
     thread.close()
     await thread.join()
+
+
+async def test_a_loop_that_pulls_its_steps_stays_ahead_of_what_was_sent_by_at_most_ahead():
+    thread = UserThread("t")
+    thread.start()
+    batches = [[(1,), (2,)], [], [(3,)], [(4,), (5,), (6,)], [(7,)], [(8,)]]
+    source = iter(batches)
+    #: Steps unsent each time the loop pulled.
+    unsent_at_pulls: list[int] = []
+
+    def pull() -> list[tuple] | None:
+        unsent_at_pulls.append(loop.unsent)
+        return next(source, None)
+
+    loop = StepLoop(lambda x: x * 10, pull=pull, ahead=lambda: 2)
+    ended = await run_loop(loop, thread)
+    taken = []
+    with trio.fail_after(10):
+        while results := await loop.results():
+            taken.extend(results)
+            loop.sent(len(results))
+        await ended.wait()
+    loop.release()
+    thread.close()
+    await thread.join()
+    assert taken == [(x * 10, None) for x in range(1, 9)]
+    assert len(unsent_at_pulls) == len(batches) + 1  # (the last said: no more)
+    assert max(unsent_at_pulls) < 2
+    assert loop.unsent == 0
+    with pytest.raises(ValueError):
+        StepLoop(print, pull=pull)

@@ -222,3 +222,16 @@ async def test_what_cannot_be_lent_says_so(address, backend):
             with pytest.raises(trio.ClosedResourceError):
                 async with inlet.lend():
                     pass
+
+
+async def test_an_inlet_lent_after_its_stream_ended_gives_what_is_left_then_the_end(lend_address):
+    with trio.fail_after(10):
+        async with await transports.bind(lend_address) as outlet:
+            inlet = await transports.connect(outlet.address)
+            await outlet.wait_for_inlets()
+            await outlet.send(b"1")
+            await outlet.send(b"2")
+            await outlet.aclose()  # (acknowledged: the inlet's tasks took it all in)
+            await trio.testing.wait_all_tasks_blocked()  # (and saw the connection end)
+            async with inlet, inlet.lend() as lent:
+                assert await in_thread(take, lent) == ([[b"1"], [b"2"]], "EndOfChannel")
