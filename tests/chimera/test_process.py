@@ -1177,7 +1177,7 @@ async def test_chunks_from_node_processes_are_stamped_with_cluster_time(tmp_path
         # Stamped in cluster time, received a little later (in local time).
         # (A little: a chunk may take less time to arrive than the error of
         # the estimated offset, some tens of µs on one machine.)
-        assert -10**7 <= local_now + ahead - stamp < 10**9
+        assert -(10**7) <= local_now + ahead - stamp < 10**9
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
