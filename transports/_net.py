@@ -627,7 +627,9 @@ class _NetInlet(Inlet):
             return None
 
     def _write_due(self, loan: _Loan) -> None:
-        """Write the credit and acknowledgement due, on the thread the inlet is lent to."""
+        """Write the credit and acknowledgement due, on the thread the inlet
+        is lent to (or, once it is interrupted, leave them to the credit
+        writer: see :attr:`_Loan.unwritten`)."""
         buffer = self._buffer
         try:
             if count := buffer.take_credit():
@@ -635,6 +637,8 @@ class _NetInlet(Inlet):
             if self._credit.ack_due:
                 self._credit.ack_due = False
                 loan.write(encode_ack(buffer.own_dropped))
+        except _Interrupted:  # (a message taken is still returned)
+            pass
         except OSError as exc:
             self._broken(exc)
 
@@ -812,7 +816,7 @@ class _Loan(LentInlet):
         view = memoryview(data)
         if self.unwritten:  # (after what is left of the record before)
             self.unwritten.append(view)
-            return
+            raise _Interrupted
         fd = self._inlet._conduit.fileno()
         while True:
             try:

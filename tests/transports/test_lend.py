@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 
 import pytest
@@ -235,3 +236,42 @@ async def test_an_inlet_lent_after_its_stream_ended_gives_what_is_left_then_the_
             await trio.testing.wait_all_tasks_blocked()  # (and saw the connection end)
             async with inlet, inlet.lend() as lent:
                 assert await in_thread(take, lent) == ([[b"1"], [b"2"]], "EndOfChannel")
+
+
+async def test_a_thread_interrupted_as_it_waits_to_write_leaves_the_rest_in_order():
+    # (The credit writer writes what the thread left, once the loan is over.)
+    from transports._net import _Interrupted, _Loan
+
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    with left, right:
+        while True:  # the connection takes no more for now
+            try:
+                left.send(bytes(65536))
+            except BlockingIOError:
+                break
+
+        class Inlet:  # (what a loan uses of its inlet)
+            _closed = False
+
+            class _conduit:
+                fileno = left.fileno
+
+        loan = _Loan(Inlet())  # type: ignore[arg-type]
+        raised: list[type] = []
+
+        def write(record: bytes) -> None:
+            try:
+                loan.write(record)
+            except _Interrupted:
+                raised.append(_Interrupted)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(in_thread, write, b"credit")
+                await trio.testing.wait_all_tasks_blocked()
+                loan.interrupt()
+        write(b"ack")  # (after an interruption, nothing more is written)
+        assert raised == [_Interrupted, _Interrupted]
+        assert [bytes(view) for view in loan.unwritten] == [b"credit", b"ack"]
+        await loan.end()
