@@ -851,7 +851,7 @@ class NodeRuntime:
         as many steps ahead of what was sent as with the event loop feeding
         it: a chunk reaches ``step`` without waking the event loop, nor a
         hand-over from it (1 KB paced at 1 kHz between two ``def step``
-        nodes: p50 ~190 -> ~90 µs in interleaved runs). The event loop sends
+        nodes: p50 180-230 -> 90-115 µs in interleaved runs). The event loop sends
         the results on, as ever.
 
         Raises:
