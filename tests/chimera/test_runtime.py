@@ -6,7 +6,8 @@ import logging
 import pickle
 import re
 import threading
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -993,45 +994,62 @@ async def test_a_node_whose_input_froze_ends_once_that_input_is_forgotten(follow
     assert said == [("chimera.node.sink", "input 'frozen' is gone: its stream is taken as ended")]
 
 
+@dataclass
+class Running:
+    """A node running on one input, from :func:`running_on_one_input`."""
+
+    source: transports.Outlet
+    runtime: NodeRuntime
+    #: Set once its run returned; cancelling it cancels the run.
+    ended: trio.Event
+    scope: trio.CancelScope
+
+
+@asynccontextmanager
+async def running_on_one_input(node: Collect, transport: str, values: list[int]):
+    """Run *node* on one input, "source", over *transport*: once the source
+    has sent a chunk of each of *values* and the node stepped on as many
+    (its *done* set), yield them, the run going on."""
+    async with (
+        await transports.bind(BIND[transport]) as source,
+        NodeRuntime(node, inputs=[Input("source")], transport=transport) as runtime,
+    ):
+        await runtime.connect({"source": source.address})
+        await runtime.prep()
+        async with trio.open_nursery() as nursery:
+            ended = trio.Event()
+
+            async def run() -> None:
+                await runtime.run()
+                ended.set()
+
+            nursery.start_soon(run)
+            for value in values:
+                await source.send(batch_of(value))
+            await trio.to_thread.run_sync(node.done.wait, 10)
+            yield Running(source, runtime, ended, nursery.cancel_scope)
+
+
 @pytest.mark.parametrize("transport", ["memory", "tcp"])  # (tcp: read on the node's thread)
 async def test_a_node_waiting_on_its_one_input_ends_once_that_input_is_forgotten(transport, caplog):
-    done = threading.Event()
-    sink = Collect("sink", 1, done)
+    sink = Collect("sink", 1, threading.Event())
     with trio.fail_after(20):
-        async with (
-            await transports.bind(BIND[transport]) as frozen,
-            NodeRuntime(sink, inputs=[Input("frozen")], transport=transport) as runtime,
-        ):
-            await runtime.connect({"frozen": frozen.address})
-            await runtime.prep()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(runtime.run)
-                await frozen.send(batch_of(1))
-                await trio.to_thread.run_sync(done.wait, 10)
-                await runtime.forget(["frozen"])  # (its thread waits for the next chunk)
+        async with running_on_one_input(sink, transport, [1]) as running:
+            await running.runtime.forget(["source"])  # (its thread waits for the next chunk)
+            await running.ended.wait()
             assert sink.state is cp.NodeState.STOPPED and sink.torn_down == 1
-    assert sink.seen == [{"frozen": 1}]
+    assert sink.seen == [{"source": 1}]
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert said == ["input 'frozen' is gone: its stream is taken as ended"]
+    assert said == ["input 'source' is gone: its stream is taken as ended"]
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
 async def test_a_node_whose_one_input_broke_ends_saying_so(transport, caplog):
-    done = threading.Event()
-    sink = Collect("sink", 2, done)
+    sink = Collect("sink", 2, threading.Event())
     with trio.fail_after(20):
-        async with (
-            await transports.bind(BIND[transport]) as source,
-            NodeRuntime(sink, inputs=[Input("source")], transport=transport) as runtime,
-        ):
-            await runtime.connect({"source": source.address})
-            await runtime.prep()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(runtime.run)
-                await source.send(batch_of(1))
-                await source.send(batch_of(2))
-                await trio.to_thread.run_sync(done.wait, 10)
-                assert source.cut("sink") == 1  # (the node's inlet is labelled with its name)
+        async with running_on_one_input(sink, transport, [1, 2]) as running:
+            assert running.source.cut("sink") == 1  # (its inlet is labelled with its name)
+            await running.ended.wait()
             assert sink.state is cp.NodeState.STOPPED and sink.torn_down == 1
     assert sink.seen == [{"source": 1}, {"source": 2}]
     said = [r.getMessage() for r in caplog.records if r.name == "chimera.node.sink"]
@@ -1042,21 +1060,12 @@ async def test_a_node_whose_one_input_broke_ends_saying_so(transport, caplog):
 async def test_cancelling_a_run_waiting_on_its_input_runs_teardown_once_and_leaves_no_thread(
     transport,
 ):
-    done = threading.Event()
-    sink = Collect("sink", 1, done)
+    sink = Collect("sink", 1, threading.Event())
     with trio.fail_after(20):
-        async with await transports.bind(BIND[transport]) as source:
-            async with NodeRuntime(sink, inputs=[Input("source")], transport=transport) as runtime:
-                await runtime.connect({"source": source.address})
-                await runtime.prep()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(runtime.run)
-                    await source.send(batch_of(1))
-                    await trio.to_thread.run_sync(done.wait, 10)
-                    nursery.cancel_scope.cancel()  # (its thread waits for the next chunk)
-            assert sink.torn_down == 1 and sink.state is cp.NodeState.SHUTDOWN
-            assert not [t for t in threading.enumerate() if t.name == "chimera-node-sink"]
-            await source.send(batch_of(2))  # (nobody listens: it does not wait)
+        async with running_on_one_input(sink, transport, [1]) as running:
+            running.scope.cancel()  # (its thread waits for the next chunk)
+    assert sink.torn_down == 1 and sink.state is cp.NodeState.SHUTDOWN
+    assert not [t for t in threading.enumerate() if t.name == "chimera-node-sink"]
 
 
 async def test_a_def_step_on_one_reliable_input_steps_while_its_event_loop_is_held_up():

@@ -28,6 +28,12 @@ async def receive_all(inlet: transports.Inlet) -> list[list[bytes]]:
     return [[bytes(frame) for frame in frames] async for frames in inlet]
 
 
+async def send_all_then_close(outlet: transports.Outlet, messages: list[list[bytes]]) -> None:
+    for message in messages:
+        await outlet.send(message)
+    await outlet.aclose()
+
+
 def payload(index: int, size: int) -> bytes:
     """A frame whose content tells which message it belongs to."""
     stamp = index.to_bytes(4, "little")
@@ -45,13 +51,7 @@ async def test_lossless_in_order_with_mixed_sizes(address):
             await transports.connect(outlet.address, capacity=2) as inlet,
         ):
             async with trio.open_nursery() as nursery:
-
-                async def produce():
-                    for message in messages:
-                        await outlet.send(message)
-                    await outlet.aclose()
-
-                nursery.start_soon(produce)
+                nursery.start_soon(send_all_then_close, outlet, messages)
                 received = await receive_all(inlet)
     assert received == messages
     assert inlet.stats.messages_received == len(messages)

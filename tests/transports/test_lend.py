@@ -13,7 +13,7 @@ import transports
 from transports import Delivery
 
 from .conftest import BACKENDS
-from .test_conformance import payload, receive_all
+from .test_conformance import payload, receive_all, send_all_then_close
 
 #: The backends whose inlets can be lent.
 LENDABLE = ("tcp", "unix")
@@ -60,13 +60,7 @@ async def test_a_lent_inlet_gets_every_message_then_the_end_acknowledged(
         ):
             assert inlet.lendable
             async with trio.open_nursery() as nursery:
-
-                async def produce():
-                    for message in messages:
-                        await outlet.send(message)
-                    await outlet.aclose()
-
-                nursery.start_soon(produce)
+                nursery.start_soon(send_all_then_close, outlet, messages)
                 async with inlet.lend() as lent:
                     received, end = await in_thread(take, lent)
     assert (received, end) == (messages, "EndOfChannel")
