@@ -32,6 +32,10 @@ import trio
 
 __all__ = ["StepLoop", "UserThread"]
 
+#: A pulled step (see :class:`StepLoop`) that takes less than this many
+#: seconds, on average, is quick: its result may wait for the next steps'.
+QUICK_STEP = 0.0001
+
 #: What a call on the thread gives back: (value, None) or (None, exception).
 Result = tuple[Any, BaseException | None]
 
@@ -166,10 +170,12 @@ class StepLoop:
     What it gets thus needs no hand-over from the Trio side. Its steps still
     end up unsent until the Trio side says it sent them (:meth:`sent`), so
     the loop runs at most about ``ahead()`` steps ahead of what was sent.
-    The Trio side is then told of results once per pull's steps, not as soon
-    as the first is ready: it has nothing else to do, and would wake for
-    nearly every step, each time taking the GIL from the loop (1 KB chunks
-    as fast as they come, ~60 a pull: 78k -> ~110k steps a second).
+    While steps are quick (:data:`QUICK_STEP`), the Trio side is then told
+    of results once per pull's steps, not as soon as the first is ready: it
+    has nothing else to do, and would wake for nearly every step, each time
+    taking the GIL from the loop (1 KB chunks as fast as they come, ~60 a
+    pull: 78k -> ~110k steps a second). A result thus waits for the rest of
+    its pull's steps, all quick but maybe one.
 
     :attr:`seconds` says how long a step takes (with its *finish*), so that
     the Trio side can put in as many as keep the thread busy, and no more.
@@ -299,7 +305,7 @@ class StepLoop:
                     last = done == len(taken) or outcome[1] is not None
                     if done == len(taken):  # (before the Trio side hears of it)
                         self._took((time.perf_counter() - started) / done)
-                    self._hand_out(outcome, tell=last or self._pull is None)
+                    self._hand_out(outcome, tell=last or not self._quick())
                     if outcome[1] is not None:
                         return
         finally:
@@ -327,6 +333,12 @@ class StepLoop:
             with self._lock:
                 self._unsent += len(pulled)
         return pulled
+
+    def _quick(self) -> bool:
+        """Whether the Trio side may be told of a result only at the end of
+        its pull's steps: they are pulled, and quick (:data:`QUICK_STEP`)."""
+        seconds = self.seconds
+        return self._pull is not None and seconds is not None and seconds < QUICK_STEP
 
     def _may_pull(self) -> bool:
         return self._ahead is not None and self._unsent < self._ahead()

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from chimera._user_thread import StepLoop, UserThread
 
@@ -209,3 +210,49 @@ async def test_a_loop_that_pulls_its_steps_stays_ahead_of_what_was_sent_by_at_mo
     assert loop.unsent == 0
     with pytest.raises(ValueError):
         StepLoop(print, pull=pull)
+
+
+async def test_a_pulled_steps_result_is_told_at_once_when_its_steps_are_slow():
+    # (Quick steps' results are told once their pull's steps are done.)
+    thread = UserThread("t")
+    thread.start()
+    go, first_seen = threading.Event(), threading.Event()
+    batches = iter([[("slow",)], [("first",), ("second",)]])
+
+    def pull() -> list[tuple] | None:
+        batch = next(batches, None)
+        if batch and batch[0] == ("first",):
+            go.wait(10)  # (until the Trio side waits for results)
+        return batch
+
+    def step(what: str) -> str:
+        if what == "slow":
+            threading.Event().wait(0.002)
+        if what == "second":  # (its result would wait for this step)
+            assert first_seen.wait(5)
+        return what
+
+    loop = StepLoop(step, pull=pull, ahead=lambda: 8)
+    ended = await run_loop(loop, thread)
+    taken = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            some_taken = trio.Event()
+
+            async def take() -> None:
+                while results := await loop.results():
+                    taken.extend(results)
+                    some_taken.set()
+                    if ("first", None) in taken:
+                        first_seen.set()
+                    loop.sent(len(results))
+
+            nursery.start_soon(take)
+            await some_taken.wait()
+            await trio.testing.wait_all_tasks_blocked()  # (it waits for the next results)
+            go.set()
+        await ended.wait()
+    loop.release()
+    thread.close()
+    await thread.join()
+    assert taken == [("slow", None), ("first", None), ("second", None)]
