@@ -403,6 +403,8 @@ class NodeProcess:
         self._made = False
         #: Set once the child has exited and its events are all taken in.
         self._exited = trio.Event()
+        #: Set once :meth:`_supervise` is done, the child ended.
+        self._supervised = trio.Event()
         self._code: int | None = None
         #: What the child last said of its steps (``at_ns`` None: it said nothing yet).
         self._stats: dict[str, Any] = {"steps": 0, "dropped": 0, "at_ns": None}
@@ -545,7 +547,10 @@ class NodeProcess:
         with trio.CancelScope(shield=True):
             self._kill_scope.cancel()
             await self._exited.wait()
-            self._zygote.forget(self._pid)  # (its exit is known: nothing waits for it)
+            # (Its exit is known; nothing waits for it once _supervise is done:
+            # before, its _stop_process could still ask, and found it forgotten.)
+            await self._supervised.wait()
+            self._zygote.forget(self._pid)
             _signal_group(self._pid, signal.SIGKILL)  # whatever the node started
             assert self._stdin is not None  # (_open set it with _pid)
             await self._stdin.aclose()
@@ -561,8 +566,11 @@ class NodeProcess:
             with self._kill_scope:
                 self._code = await self._zygote.wait(self._pid)
         finally:
-            with trio.CancelScope(shield=True):
-                await self._stop_process()
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._stop_process()
+            finally:
+                self._supervised.set()
 
     def _orphaned(self, death: str) -> None:
         """The zygote died (*death* says how) before the child exited: nothing
