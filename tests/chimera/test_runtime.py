@@ -570,6 +570,61 @@ async def test_chunks_of_many_arrays_travel_whole_however_many_go_at_once(transp
     assert [seen["count"] for seen in collect.seen] == list(range(1, 301))
 
 
+class Sized(cp.Node):
+    """Sends n chunks, chunk i an array of ``sizes[i % len(sizes)]`` bytes, each i % 251."""
+
+    def __init__(self, name, n, sizes):
+        super().__init__(name)
+        self.n, self.sizes, self.sent = n, sizes, 0
+
+    def step(self):
+        if self.sent == self.n:
+            threading.Event().wait(0.001)
+            return None
+        chunk = cp.DataChunk()
+        chunk.add("default", self.sent)
+        size = self.sizes[self.sent % len(self.sizes)]
+        chunk.add("data", np.full(size, self.sent % 251, np.uint8), "array")
+        self.sent += 1
+        return chunk
+
+
+class PassOn(cp.Node):
+    """Sends on what its one input sends."""
+
+    def step(self, data_chunks):
+        (chunk,) = data_chunks.values()
+        return chunk
+
+
+class Check(Collect):
+    """Keeps, for each chunk, its number and whether its array is whole."""
+
+    def step(self, data_chunks):
+        (chunk,) = data_chunks.values()
+        index, data = chunk.get("default")["value"], chunk.get("data")["value"]
+        self.seen.append((index, data.nbytes, bool((data == index % 251).all())))
+        if len(self.seen) == self.n:
+            self.done.set()
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])  # (tcp: read on the nodes' threads)
+async def test_chunks_small_and_large_pass_through_a_node_whole_and_in_order(transport):
+    sizes = [10, 70_000, 1 << 20, 1000, 300_000]
+    done = threading.Event()
+    source, middle = Sized("source", 60, sizes), PassOn("middle")
+    check = Check("check", 60, done)
+    with trio.fail_after(30):
+        await run_pipeline(
+            [source, middle, check],
+            [(source, middle), (middle, check)],
+            until=done,
+            stop=["source"],
+            transport=transport,
+        )
+    assert check.seen == [(i, sizes[i % len(sizes)], True) for i in range(60)]
+
+
 class Returns(cp.Node):
     """A source whose every step returns *value*."""
 
