@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket as stdlib_socket
 from collections.abc import Callable
 
@@ -143,7 +144,8 @@ class _StreamConduit(_Conduit):
     async def wait_readable(self) -> None:
         await self._reader.wait_readable()
 
-    lendable = _READV
+    #: (``os.readv`` and ``select.poll``: POSIX.)
+    lendable = _READV and hasattr(select, "poll")
 
     def fileno(self) -> int:
         return self._stream.socket.fileno()
