@@ -674,8 +674,7 @@ class _NetInlet(Inlet):
                 record = await self._conduit.receive_record()
             finally:
                 self._background_reads = False
-                if self._loan is not None:
-                    self._between.unpark_all()
+                self._between.unpark_all()  # (a lend() waits, or the loan it waited for ended)
             if not self._take(record):
                 return
 

@@ -269,3 +269,43 @@ async def test_a_thread_interrupted_as_it_waits_to_write_leaves_the_rest_in_orde
         assert raised == [_Interrupted, _Interrupted]
         assert [bytes(view) for view in loan.unwritten] == [b"credit", b"ack"]
         await loan.end()
+
+
+async def test_an_inlet_closed_while_lend_waits_for_its_record_ends_the_loan(short_dir):
+    # Its task is midway through a record that will not come whole (a
+    # frozen outlet): lend() waits for it, until the inlet is closed.
+    from transports._framing import encode_messages, encode_welcome
+
+    record = b"".join(
+        bytes(b) for b in encode_messages([(0, [memoryview(bytes(200_000))], 200_000)])
+    )
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(f"{short_dir}/frozen.sock")
+    sock.listen()
+    results: list = []
+    with trio.fail_after(10):
+        async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
+
+            async def frozen_outlet() -> None:
+                stream = await listener.accept()
+                await stream.receive_some(100)  # the inlet's hello
+                await stream.send_all(encode_welcome() + record[:1000])
+                await trio.sleep_forever()
+
+            nursery.start_soon(frozen_outlet)
+            inlet = await transports.connect(f"unix://{short_dir}/frozen.sock")
+            await trio.testing.wait_all_tasks_blocked()  # (its task waits inside the record)
+
+            async def lend() -> None:
+                async with inlet.lend() as lent:
+                    try:
+                        await in_thread(lent.receive)
+                    except trio.ClosedResourceError as exc:
+                        results.append(exc)
+
+            async with trio.open_nursery() as lending:
+                lending.start_soon(lend)
+                await trio.testing.wait_all_tasks_blocked()
+                await inlet.aclose()
+            nursery.cancel_scope.cancel()
+    assert [type(exc) for exc in results] == [trio.ClosedResourceError]
