@@ -24,8 +24,8 @@ from chimera._runtime import Input, NodeRuntime
 
 
 class Count(cp.Node):
-    """Sends 1..n, then nothing (a source is stopped from outside); sets
-    *sent_all* (a threading.Event) once it made n."""
+    """Sends 1..n (each as :meth:`made` makes it), then nothing (a source is
+    stopped from outside); sets *sent_all* (a threading.Event) once it made n."""
 
     def __init__(self, name, n, gate=None, sent_all=None):
         super().__init__(name)
@@ -40,7 +40,11 @@ class Count(cp.Node):
         self.sent += 1
         if self.sent == self.n and self.sent_all is not None:
             self.sent_all.set()
-        return self.sent
+        return self.made(self.sent)
+
+    def made(self, number):
+        """What the step that counts *number* returns."""
+        return number
 
 
 class Double(cp.Node):
@@ -538,22 +542,18 @@ async def test_a_followed_chunk_waits_for_an_input_yet_to_send_whatever_others_d
     assert collect.seen == [{"count": n, "late": 1, "once": 1} for n in range(1, 6)]
 
 
-class ManyRecords(cp.Node):
+class ManyRecords(Count):
     """Sends 1..n, each in a chunk of *records* arrays (a frame each)."""
 
     def __init__(self, name, n, records):
-        super().__init__(name)
-        self.n, self.records, self.sent = n, records, 0
+        super().__init__(name, n)
+        self.records = records
 
-    def step(self):
-        if self.sent == self.n:
-            threading.Event().wait(0.001)
-            return None
-        self.sent += 1
+    def made(self, number):
         chunk = cp.DataChunk()
-        chunk.add("default", self.sent)
+        chunk.add("default", number)
         for i in range(self.records):
-            chunk.add(f"r{i}", np.full(4, self.sent), "array")
+            chunk.add(f"r{i}", np.full(4, number), "array")
         return chunk
 
 
@@ -570,22 +570,18 @@ async def test_chunks_of_many_arrays_travel_whole_however_many_go_at_once(transp
     assert [seen["count"] for seen in collect.seen] == list(range(1, 301))
 
 
-class Sized(cp.Node):
-    """Sends n chunks, chunk i an array of ``sizes[i % len(sizes)]`` bytes, each i % 251."""
+class Sized(Count):
+    """Sends 1..n, chunk i with an array of ``sizes[i % len(sizes)]`` bytes, each i % 251."""
 
     def __init__(self, name, n, sizes):
-        super().__init__(name)
-        self.n, self.sizes, self.sent = n, sizes, 0
+        super().__init__(name, n)
+        self.sizes = sizes
 
-    def step(self):
-        if self.sent == self.n:
-            threading.Event().wait(0.001)
-            return None
+    def made(self, number):
         chunk = cp.DataChunk()
-        chunk.add("default", self.sent)
-        size = self.sizes[self.sent % len(self.sizes)]
-        chunk.add("data", np.full(size, self.sent % 251, np.uint8), "array")
-        self.sent += 1
+        chunk.add("default", number)
+        size = self.sizes[number % len(self.sizes)]
+        chunk.add("data", np.full(size, number % 251, np.uint8), "array")
         return chunk
 
 
@@ -622,7 +618,7 @@ async def test_chunks_small_and_large_pass_through_a_node_whole_and_in_order(tra
             stop=["source"],
             transport=transport,
         )
-    assert check.seen == [(i, sizes[i % len(sizes)], True) for i in range(60)]
+    assert check.seen == [(i, sizes[i % len(sizes)], True) for i in range(1, 61)]
 
 
 class Returns(cp.Node):
